@@ -1,0 +1,309 @@
+//! The eBPF map layout of kmesh-rs: the single place where map keys and values are defined.
+//!
+//! The kernel programs (`kmesh-ebpf`), the snapshot codec (`kmesh-snapshot`) and the node agent all
+//! use these records. A snapshot section is an array of exactly these records, and the agent copies
+//! them into maps without translation, so a change here is a change of the wire format too: bump
+//! [`LAYOUT_VERSION`] whenever a record changes.
+//!
+//! Rules every record follows, so that its bytes can be copied as they are:
+//! - `#[repr(C)]`, only integer fields and integer arrays, every padding byte an explicit field
+//!   (checked by the size assertions at the bottom);
+//! - addresses are 16 bytes, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`);
+//! - ports and all other integers are in host byte order (the programs convert at the socket).
+#![no_std]
+
+/// Version of the map layout and of the snapshot records. Part of the snapshot header; the agent
+/// refuses to adopt pinned maps or load snapshots of another layout.
+pub const LAYOUT_VERSION: u16 = 1;
+
+/// An IPv4 or IPv6 address in 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
+pub type Ip16 = [u8; 16];
+
+/// Returns the IPv4-mapped form of an IPv4 address given as its four octets.
+pub const fn ipv4_mapped(octets: [u8; 4]) -> Ip16 {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Returns the four IPv4 octets if `ip` is IPv4-mapped.
+pub const fn as_ipv4(ip: &Ip16) -> Option<[u8; 4]> {
+    if ip[0] == 0
+        && ip[1] == 0
+        && ip[2] == 0
+        && ip[3] == 0
+        && ip[4] == 0
+        && ip[5] == 0
+        && ip[6] == 0
+        && ip[7] == 0
+        && ip[8] == 0
+        && ip[9] == 0
+        && ip[10] == 0xff
+        && ip[11] == 0xff
+    {
+        Some([ip[12], ip[13], ip[14], ip[15]])
+    } else {
+        None
+    }
+}
+
+/// The 16-byte form of an address (IPv4 as IPv4-mapped).
+pub const fn ip16(ip: core::net::IpAddr) -> Ip16 {
+    match ip {
+        core::net::IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// IP protocol number of TCP, the only protocol the programs steer.
+pub const IPPROTO_TCP: u8 = 6;
+
+/// What the programs do on this node. Zero is `Disabled` so that an absent or zeroed record means
+/// "pass everything through".
+pub mod mode {
+    /// Programs stay attached, traffic passes untouched.
+    pub const DISABLED: u32 = 0;
+    /// Everything the kernel can enforce is enforced in the kernel.
+    pub const KERNEL_NATIVE: u32 = 1;
+    /// As kernel-native, plus waypoint redirection for L7 (waypoint support comes later).
+    pub const DUAL_ENGINE: u32 = 2;
+}
+
+/// How an endpoint is chosen inside a backend set.
+pub mod lb_policy {
+    /// Uniform random over the set's endpoints.
+    pub const RANDOM: u32 = 0;
+    /// A hash of the client's workload address: the same client reaches the same endpoint while the
+    /// set is unchanged (DestinationRule `consistentHash.useSourceIp`).
+    pub const SOURCE_IP_HASH: u32 = 1;
+    /// One past the largest valid value.
+    pub const COUNT: u32 = 2;
+}
+
+/// Key of the services table: a mesh service's virtual IP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub ip: Ip16,
+    pub port: u16,
+    pub protocol: u8,
+    pub pad: u8,
+}
+
+/// Value of the services table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceValue {
+    /// Stable service ID (assigned by the operator), for metrics and logs.
+    pub service_id: u32,
+    /// The route that chooses among backend sets for connections to this VIP:port.
+    pub route_id: u32,
+}
+
+/// The most backend sets one route may split over. The programs search the cumulative weights
+/// linearly, so this bounds the search (design invariant 4: kernel code is bounded).
+pub const MAX_ROUTE_DESTINATIONS: usize = 16;
+
+/// Value of the routes table: a weighted list of backend sets.
+///
+/// `cumulative_weight[i]` is the sum of the weights of destinations `0..=i`; a connection draws
+/// `r` in `0..total_weight` and takes the first destination whose cumulative weight exceeds `r`.
+/// Destinations with weight 0 are left out by the compiler, so every weight is positive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteValue {
+    pub destination_count: u32,
+    pub total_weight: u32,
+    pub cumulative_weight: [u32; MAX_ROUTE_DESTINATIONS],
+    pub backend_set: [u32; MAX_ROUTE_DESTINATIONS],
+}
+
+/// Value of the backend sets table: how many endpoints the set has and how to choose one.
+/// The endpoints are `EndpointKey { set_id, index: 0..endpoint_count }`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSetValue {
+    /// Zero means the set has no ready endpoint: a connection routed here is refused at once.
+    pub endpoint_count: u32,
+    /// One of [`lb_policy`].
+    pub lb_policy: u32,
+}
+
+/// Key of the endpoints table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointKey {
+    pub set_id: u32,
+    pub index: u32,
+}
+
+/// Value of the endpoints table: where a connection goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointValue {
+    pub ip: Ip16,
+    /// The target port, resolved per endpoint (named target ports differ between pods).
+    pub port: u16,
+    pub pad: u16,
+    /// Stable ID of the endpoint's identity (service account), assigned by the operator.
+    pub identity: u32,
+}
+
+/// Value of the enrolled map, keyed by network namespace cookie (`u64`). Only sockets of enrolled
+/// network namespaces are steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EnrolledNetns {
+    /// The workload's address; the source for [`lb_policy::SOURCE_IP_HASH`].
+    pub workload_ip: Ip16,
+    pub identity: u32,
+    pub pad: u32,
+}
+
+/// Per-node settings, part of each generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeConfig {
+    /// One of [`mode`].
+    pub mode: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// Which snapshot a generation holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SnapshotMeta {
+    pub generation: u64,
+    pub content_hash: u64,
+}
+
+/// Value of the generation table (one entry, key 0): the settings and identity of a generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GenerationValue {
+    pub meta: SnapshotMeta,
+    pub config: NodeConfig,
+}
+
+// Snapshot records: one per table entry. A snapshot section is an array of these, sorted by key.
+
+/// A services table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRecord {
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+}
+
+/// A routes table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteRecord {
+    pub route_id: u32,
+    pub value: RouteValue,
+}
+
+/// A backend sets table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSetRecord {
+    pub set_id: u32,
+    pub value: BackendSetValue,
+}
+
+/// An endpoints table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointRecord {
+    pub key: EndpointKey,
+    pub value: EndpointValue,
+}
+
+/// A workload of this node that is in the mesh. The agent finds the network namespace holding
+/// `ip` and enrols its cookie with an [`EnrolledNetns`] made from this record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadRecord {
+    pub ip: Ip16,
+    pub identity: u32,
+    pub pad: u32,
+}
+
+/// Names of the maps, as declared by the programs and pinned by the agent.
+pub mod map_names {
+    /// `Array<u32, 1>`: the generation slot the programs read (0 or 1).
+    pub const ACTIVE: &str = "KM_ACTIVE";
+    /// `ArrayOfMaps<HashMap<u32, GenerationValue>>`, key 0.
+    pub const GENERATION: &str = "KM_GENERATION";
+    /// `ArrayOfMaps<HashMap<ServiceKey, ServiceValue>>`.
+    pub const SERVICES: &str = "KM_SERVICES";
+    /// `ArrayOfMaps<HashMap<u32, RouteValue>>`.
+    pub const ROUTES: &str = "KM_ROUTES";
+    /// `ArrayOfMaps<HashMap<u32, BackendSetValue>>`.
+    pub const BACKEND_SETS: &str = "KM_BACKEND_SETS";
+    /// `ArrayOfMaps<HashMap<EndpointKey, EndpointValue>>`.
+    pub const ENDPOINTS: &str = "KM_ENDPOINTS";
+    /// `HashMap<u64, EnrolledNetns>`, not per generation: enrolment follows namespaces, not snapshots.
+    pub const ENROLLED: &str = "KM_ENROLLED";
+    /// `PerCpuArray<u64>` indexed by [`super::counter`].
+    pub const COUNTERS: &str = "KM_COUNTERS";
+}
+
+/// Number of generation slots in every per-generation outer map.
+pub const GENERATION_SLOTS: u32 = 2;
+
+/// Flags of every per-generation inner hash map (template and instances must agree).
+/// `BPF_F_NO_PREALLOC`: a generation costs memory for what it holds, not for its capacity.
+pub const INNER_MAP_FLAGS: u32 = 1;
+
+/// Capacity of the enrolled map: network namespaces on one node.
+pub const MAX_ENROLLED_NETNS: u32 = 16_384;
+
+/// Indexes of the per-CPU counters the programs keep.
+pub mod counter {
+    /// A connect to a service was rewritten to an endpoint.
+    pub const REWRITTEN: u32 = 0;
+    /// A connect to a known service was refused: the chosen backend set has no endpoint.
+    pub const REFUSED_NO_ENDPOINT: u32 = 1;
+    /// A connect was refused because the endpoint's address family cannot serve the socket.
+    pub const REFUSED_FAMILY: u32 = 2;
+    /// The snapshot referenced something missing (cannot happen with a verified snapshot).
+    pub const INCONSISTENT: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+}
+
+// The records' bytes are copied as they are: no implicit padding anywhere.
+const _: () = {
+    assert!(size_of::<ServiceKey>() == 20);
+    assert!(size_of::<ServiceValue>() == 8);
+    assert!(size_of::<RouteValue>() == 8 + 8 * MAX_ROUTE_DESTINATIONS);
+    assert!(size_of::<BackendSetValue>() == 8);
+    assert!(size_of::<EndpointKey>() == 8);
+    assert!(size_of::<EndpointValue>() == 24);
+    assert!(size_of::<EnrolledNetns>() == 24);
+    assert!(size_of::<NodeConfig>() == 8);
+    assert!(size_of::<SnapshotMeta>() == 16);
+    assert!(size_of::<GenerationValue>() == 24);
+    assert!(size_of::<ServiceRecord>() == 28);
+    assert!(size_of::<RouteRecord>() == 4 + size_of::<RouteValue>());
+    assert!(size_of::<BackendSetRecord>() == 12);
+    assert!(size_of::<EndpointRecord>() == 32);
+    assert!(size_of::<WorkloadRecord>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: every record is repr(C), made of integers only, with no implicit padding (see the size
+    // assertions above), so any bit pattern is valid and all bytes are initialized.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for RouteValue {}
+    unsafe impl aya::Pod for BackendSetValue {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for EnrolledNetns {}
+    unsafe impl aya::Pod for GenerationValue {}
+}

@@ -1,0 +1,82 @@
+//! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::{agent::SharedStatus, maps::CounterMap};
+
+/// Serves until the process exits.
+pub async fn serve(listener: TcpListener, status: SharedStatus, counters: Arc<CounterMap>) {
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                continue;
+            }
+        };
+        let status = status.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = route(&req, &status, &counters, peer);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                warn!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn route<B>(
+    req: &Request<B>,
+    status: &SharedStatus,
+    counters: &CounterMap,
+    _peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if status.lock().map(|s| s.ready).unwrap_or(false) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot applied yet\n")
+            }
+        }
+        "/debug/snapshot" => {
+            let mut snapshot = match status.lock() {
+                Ok(s) => s.clone(),
+                Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "status lock poisoned\n"),
+            };
+            match counters.read() {
+                Ok(c) => snapshot.counters = Some(c),
+                Err(e) => warn!(error = %e, "reading counters"),
+            }
+            match serde_json::to_vec_pretty(&snapshot) {
+                Ok(body) => Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp
+}

@@ -1,0 +1,176 @@
+//! `kmesh-agent`: the kmesh-rs node agent.
+//!
+//! With no subcommand it runs the agent; `kmesh-agent uninstall` detaches the programs and removes
+//! every pin.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use kmesh_snapshot::Limits;
+use tracing::error;
+
+mod admin;
+mod agent;
+mod enrol;
+mod loader;
+mod maps;
+mod source;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kmesh-agent",
+    version,
+    about = "kmesh-rs node agent: in-kernel service load balancing from per-node snapshots"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Detach the programs and remove everything pinned under --bpffs-dir.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+    },
+}
+
+const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/kmesh";
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// This node's name; snapshots for other nodes are refused.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A local snapshot file, re-applied whenever it changes.
+    #[arg(long, conflicts_with = "operator_url")]
+    snapshot_file: Option<PathBuf>,
+    /// The operator's snapshot server, long-polled for this node's snapshot.
+    #[arg(long)]
+    operator_url: Option<String>,
+    /// Bearer token for the operator (a projected service-account token file; re-read per request).
+    #[arg(long, requires = "operator_url")]
+    token_file: Option<PathBuf>,
+    /// Where programs, links and maps are pinned (must be on bpffs).
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// The cgroup v2 directory to attach to (default: the root of the cgroup v2 hierarchy).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Address of /healthz, /readyz and /debug/snapshot.
+    #[arg(long, default_value = "127.0.0.1:15200")]
+    admin_addr: SocketAddr,
+    /// Largest snapshot accepted, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_bytes)]
+    max_snapshot_bytes: u64,
+    /// Capacity: services (VIP:port pairs).
+    #[arg(long, default_value_t = Limits::default().max_services)]
+    max_services: u32,
+    /// Capacity: routes.
+    #[arg(long, default_value_t = Limits::default().max_routes)]
+    max_routes: u32,
+    /// Capacity: backend sets.
+    #[arg(long, default_value_t = Limits::default().max_backend_sets)]
+    max_backend_sets: u32,
+    /// Capacity: endpoints.
+    #[arg(long, default_value_t = Limits::default().max_endpoints)]
+    max_endpoints: u32,
+    /// Capacity: workloads of this node.
+    #[arg(long, default_value_t = Limits::default().max_workloads)]
+    max_workloads: u32,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.run.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let result = match cli.command {
+        Some(Command::Uninstall { bpffs_dir }) => {
+            loader::uninstall(&bpffs_dir).map_err(|e| chain(&e))
+        }
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("kmesh-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let node_name = args
+        .node_name
+        .ok_or("--node-name (or NODE_NAME) is required")?;
+    let source = match (args.snapshot_file, args.operator_url) {
+        (Some(path), None) => source::Source::File(path),
+        (None, Some(url)) => source::Source::Operator {
+            url,
+            token_file: args.token_file,
+        },
+        _ => return Err("exactly one of --snapshot-file and --operator-url is required".into()),
+    };
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => cgroup2_root().map_err(|e| format!("finding the cgroup v2 root: {e}"))?,
+    };
+    let config = agent::Config {
+        node_name,
+        source,
+        bpffs_dir: args.bpffs_dir,
+        cgroup,
+        admin_addr: args.admin_addr,
+        limits: Limits {
+            max_bytes: args.max_snapshot_bytes,
+            max_services: args.max_services,
+            max_routes: args.max_routes,
+            max_backend_sets: args.max_backend_sets,
+            max_endpoints: args.max_endpoints,
+            max_workloads: args.max_workloads,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(agent::run(config)).map_err(|e| chain(&e))
+}
+
+/// An error with its causes: "loading: bpf_link_create failed: Invalid argument (os error 22)".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // thiserror's transparent and #[from] wrappers often repeat their source's text.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The mount point of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).
+fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_dev, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(path))
+        })
+        .ok_or_else(|| std::io::Error::other("no cgroup2 filesystem in /proc/mounts"))
+}

@@ -1,0 +1,225 @@
+//! Where snapshots come from: a local file, or the operator's snapshot server.
+//!
+//! Sources only fetch bytes; the data plane thread decodes and verifies them (nothing a source
+//! delivers is trusted).
+//!
+//! # The operator contract
+//! `GET {operator-url}/v1/nodes/{node}/snapshot?wait=30s`
+//! - request header `If-None-Match: <etag>` carries the ETag of the snapshot the agent holds (none
+//!   on the first request); `Authorization: Bearer <token>` when `--token-file` is given;
+//! - `200 OK`: the body is the snapshot (binary, `kmesh-snapshot` format), `ETag` names it;
+//! - `304 Not Modified`: nothing changed within `wait`; the agent asks again at once (long poll);
+//! - anything else, or a transport error: the agent retries with exponential backoff (0.5 s doubling
+//!   to 30 s) and full jitter, keeping the snapshot it has.
+use std::{
+    path::PathBuf,
+    sync::mpsc::Sender,
+    time::{Duration, SystemTime},
+};
+
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::{Request, StatusCode, body::Bytes, header};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use tracing::{debug, info, warn};
+
+/// How the agent gets its snapshot.
+#[derive(Clone, Debug)]
+pub enum Source {
+    File(PathBuf),
+    Operator {
+        url: String,
+        token_file: Option<PathBuf>,
+    },
+}
+
+/// How long the server may hold a long-poll request.
+const LONG_POLL: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const FILE_POLL: Duration = Duration::from_millis(100);
+
+/// Delivers snapshot bytes to `tx` until the receiver is gone.
+pub async fn run(source: Source, node: String, max_bytes: u64, tx: Sender<Vec<u8>>) {
+    match source {
+        Source::File(path) => watch_file(path, tx).await,
+        Source::Operator { url, token_file } => {
+            poll_operator(url, node, token_file, max_bytes, tx).await
+        }
+    }
+}
+
+/// Sends the file's contents now and whenever it changes (size, mtime or inode: an atomic
+/// rename-into-place counts as a change).
+async fn watch_file(path: PathBuf, tx: Sender<Vec<u8>>) {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut last: Option<(u64, i64, i64, u64)> = None;
+    let mut reported_missing = false;
+    loop {
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => {
+                reported_missing = false;
+                let stamp = (m.ino(), m.mtime(), m.mtime_nsec(), m.len());
+                if last != Some(stamp) {
+                    match tokio::fs::read(&path).await {
+                        Ok(bytes) => {
+                            debug!(path = %path.display(), bytes = bytes.len(), "snapshot file changed");
+                            last = Some(stamp);
+                            if tx.send(bytes).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(path = %path.display(), error = %e, "reading snapshot file")
+                        }
+                    }
+                }
+            }
+            Err(e) if !reported_missing => {
+                warn!(path = %path.display(), error = %e, "snapshot file not readable; waiting for it");
+                reported_missing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(FILE_POLL).await;
+    }
+}
+
+#[derive(thiserror::Error, Debug)]
+enum FetchError {
+    #[error("building request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] hyper_util::client::legacy::Error),
+    #[error("reading body: {0}")]
+    Body(String),
+    #[error("server answered {0}")]
+    Status(StatusCode),
+    #[error("reading token file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+enum Fetched {
+    Snapshot {
+        bytes: Vec<u8>,
+        etag: Option<String>,
+    },
+    NotModified,
+}
+
+async fn poll_operator(
+    base: String,
+    node: String,
+    token_file: Option<PathBuf>,
+    max_bytes: u64,
+    tx: Sender<Vec<u8>>,
+) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let url = format!(
+        "{}/v1/nodes/{}/snapshot?wait={}s",
+        base.trim_end_matches('/'),
+        node,
+        LONG_POLL.as_secs()
+    );
+    let mut etag: Option<String> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let fetched = tokio::time::timeout(
+            LONG_POLL + Duration::from_secs(15),
+            fetch(
+                &client,
+                &url,
+                etag.as_deref(),
+                token_file.as_ref(),
+                max_bytes,
+            ),
+        )
+        .await;
+        match fetched {
+            Ok(Ok(Fetched::Snapshot { bytes, etag: new })) => {
+                backoff = BACKOFF_MIN;
+                info!(
+                    bytes = bytes.len(),
+                    etag = new.as_deref().unwrap_or(""),
+                    "snapshot received"
+                );
+                etag = new;
+                if tx.send(bytes).is_err() {
+                    return;
+                }
+            }
+            Ok(Ok(Fetched::NotModified)) => backoff = BACKOFF_MIN,
+            Ok(Err(e)) => {
+                let delay = jitter(backoff);
+                warn!(url, error = %e, retry_in_ms = delay.as_millis() as u64, "fetching snapshot failed");
+                tokio::time::sleep(delay).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(_) => {
+                warn!(url, "snapshot request timed out");
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn fetch(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    etag: Option<&str>,
+    token_file: Option<&PathBuf>,
+    max_bytes: u64,
+) -> Result<Fetched, FetchError> {
+    let mut req = Request::get(url);
+    if let Some(etag) = etag {
+        req = req.header(header::IF_NONE_MATCH, etag);
+    }
+    if let Some(path) = token_file {
+        // Projected tokens rotate: read the file for every request.
+        let token = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|source| FetchError::Token {
+                path: path.clone(),
+                source,
+            })?;
+        req = req.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+    }
+    let resp = client.request(req.body(Empty::new())?).await?;
+    match resp.status() {
+        StatusCode::OK => {
+            let etag = resp
+                .headers()
+                .get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            // Never buffer more than a snapshot may be: the decoder would refuse it anyway.
+            let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+            let body = Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| FetchError::Body(e.to_string()))?;
+            Ok(Fetched::Snapshot {
+                bytes: body.to_bytes().to_vec(),
+                etag,
+            })
+        }
+        StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+        other => Err(FetchError::Status(other)),
+    }
+}
+
+/// Full jitter: a uniform delay in [100 ms, ceiling]; spreads retries of many agents after an outage.
+fn jitter(ceiling: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // Mix the clock's low bits so agents started together still spread out.
+    let mixed =
+        (u64::from(nanos) ^ u64::from(std::process::id())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let fraction = (mixed >> 11) as f64 / (1u64 << 53) as f64;
+    ceiling.mul_f64(fraction).max(Duration::from_millis(100))
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build and run kmesh-rs, and prepares the kernel
+# facilities the agent and the tests use. Idempotent: every step checks before it acts.
+# Needs root (apt, bpffs, cgroups, netns).
+set -euo pipefail
+
+BPF_LINKER_VERSION=0.13.0
+LLVM_VERSION=22
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+log() { echo "setup: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: must run as root (apt-get, bpffs, cgroups and network namespaces need it)" >&2
+  exit 1
+fi
+
+# 1. Debian packages: LLVM for bpf-linker, iproute2 for the netns harness.
+need_pkgs=()
+for p in llvm-${LLVM_VERSION}-dev libpolly-${LLVM_VERSION}-dev libzstd-dev zlib1g-dev iproute2 curl ca-certificates pkg-config build-essential; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# 2. Rust: stable toolchain with rust-src (the eBPF crate rebuilds `core` for bpfel-unknown-none).
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    log "installing rustup + stable toolchain"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+sysroot=$(rustc --print sysroot)
+if [ ! -d "$sysroot/lib/rustlib/src/rust/library/core" ]; then
+  log "adding rust-src"
+  if ! rustup component add rust-src 2>/dev/null; then
+    fallback="$here/../shared/toolchain/rust-src-$(rustc --version | awk '{print $2}').tar.xz"
+    [ -f "$fallback" ] || { echo "setup: rust-src unavailable and no fallback at $fallback" >&2; exit 1; }
+    log "rustup could not add rust-src; unpacking $fallback"
+    tar xJf "$fallback" -C "$sysroot/lib/rustlib/"
+  fi
+fi
+
+# 3. bpf-linker, built against Debian's LLVM (rustc's LLVM is the same major version).
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  log "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM_VERSION (a few minutes)"
+  env LLVM_PREFIX=/usr/lib/llvm-${LLVM_VERSION} "LLVM_SYS_${LLVM_VERSION}1_PREFIX=/usr/lib/llvm-${LLVM_VERSION}" \
+    "PATH=/usr/lib/llvm-${LLVM_VERSION}/bin:$PATH" \
+    cargo install bpf-linker --version "$BPF_LINKER_VERSION" --locked --no-default-features --features llvm-${LLVM_VERSION}
+fi
+
+# 4. Kernel facilities: bpffs for pins; cgroup v2 must be mounted somewhere.
+if ! awk '$3=="bpf"{found=1} END{exit !found}' /proc/mounts; then
+  log "mounting bpffs on /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+if ! awk '$3=="cgroup2"{found=1} END{exit !found}' /proc/mounts; then
+  echo "setup: no cgroup v2 hierarchy is mounted; kmesh-rs attaches its programs to a cgroup v2" >&2
+  exit 1
+fi
+log "ok: $(rustc --version), $(bpf-linker --version)"

@@ -1,0 +1,239 @@
+//! Building snapshots by hand for tests, demos and benchmarks.
+//!
+//! [`SnapshotBuilder`] assigns ids in call order (sets, routes and services each count from 1) and
+//! [`SnapshotBuilder::build`] sorts the tables, so the same calls always give the same snapshot. It
+//! does not validate: a snapshot built from bad input (a port of 0, a missing set, a duplicate
+//! service) is refused by [`Snapshot::encode`], which is what tests of those rules want.
+//!
+//! ```
+//! use std::net::IpAddr;
+//! use kmesh_common::{lb_policy, mode};
+//! use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
+//! use kmesh_snapshot::{Limits, Snapshot};
+//!
+//! let mut b = SnapshotBuilder::new("node-1", 7, mode::KERNEL_NATIVE);
+//! let v1 = b.backend_set(lb_policy::RANDOM, &[Endpoint::new("10.244.1.11".parse().unwrap(), 8080, 1)]);
+//! let v2 = b.backend_set(lb_policy::RANDOM, &[Endpoint::new("10.244.2.12".parse().unwrap(), 8080, 1)]);
+//! b.service("10.96.0.10".parse::<IpAddr>().unwrap(), 80, &[(90, v1), (10, v2)]);
+//! b.workload("10.244.1.20".parse().unwrap(), 3);
+//! let snapshot = b.build();
+//! let bytes = snapshot.encode().unwrap();
+//! assert_eq!(Snapshot::decode(&bytes, &Limits::default()).unwrap().snapshot, snapshot);
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use kmesh_common::{
+    BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
+    MAX_ROUTE_DESTINATIONS, NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord,
+    ServiceValue, WorkloadRecord, ip16, lb_policy,
+};
+
+use crate::Snapshot;
+
+/// An endpoint of a backend set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Stable identity (service account) id.
+    pub identity: u32,
+}
+
+impl Endpoint {
+    pub fn new(ip: IpAddr, port: u16, identity: u32) -> Self {
+        Endpoint { ip, port, identity }
+    }
+}
+
+/// Builds a [`Snapshot`] with deterministic ids. See the [module documentation](self).
+#[derive(Clone, Debug)]
+pub struct SnapshotBuilder {
+    snapshot: Snapshot,
+    next_set_id: u32,
+    next_route_id: u32,
+    next_service_id: u32,
+}
+
+impl SnapshotBuilder {
+    /// An empty snapshot for `node` with `mode` (one of `kmesh_common::mode`).
+    pub fn new(node: &str, generation: u64, mode: u32) -> Self {
+        SnapshotBuilder {
+            snapshot: Snapshot {
+                node_name: node.to_owned(),
+                generation,
+                config: NodeConfig { mode, flags: 0 },
+                services: Vec::new(),
+                routes: Vec::new(),
+                backend_sets: Vec::new(),
+                endpoints: Vec::new(),
+                workloads: Vec::new(),
+            },
+            next_set_id: 1,
+            next_route_id: 1,
+            next_service_id: 1,
+        }
+    }
+
+    /// Adds a backend set with `endpoints` (indexed in the given order) and returns its id.
+    pub fn backend_set(&mut self, lb_policy: u32, endpoints: &[Endpoint]) -> u32 {
+        let set_id = next(&mut self.next_set_id);
+        let s = &mut self.snapshot;
+        s.endpoints.reserve(endpoints.len());
+        let mut count = 0u32;
+        for e in endpoints {
+            s.endpoints.push(EndpointRecord {
+                key: EndpointKey {
+                    set_id,
+                    index: count,
+                },
+                value: EndpointValue {
+                    ip: ip16(e.ip),
+                    port: e.port,
+                    pad: 0,
+                    identity: e.identity,
+                },
+            });
+            count = count.wrapping_add(1);
+        }
+        s.backend_sets.push(BackendSetRecord {
+            set_id,
+            value: BackendSetValue {
+                endpoint_count: count,
+                lb_policy,
+            },
+        });
+        set_id
+    }
+
+    /// Adds a route over `(weight, set_id)` destinations and returns its id. Destinations of weight
+    /// 0 are left out, as the operator's compiler does.
+    ///
+    /// # Panics
+    ///
+    /// If more than `MAX_ROUTE_DESTINATIONS` destinations have a positive weight, or the weights
+    /// add up beyond `u32::MAX`: such a route has no representation.
+    pub fn route(&mut self, destinations: &[(u32, u32)]) -> u32 {
+        let route_id = next(&mut self.next_route_id);
+        let mut value = RouteValue {
+            destination_count: 0,
+            total_weight: 0,
+            cumulative_weight: [0; MAX_ROUTE_DESTINATIONS],
+            backend_set: [0; MAX_ROUTE_DESTINATIONS],
+        };
+        let positive = destinations.iter().filter(|(weight, _)| *weight > 0);
+        for (slot, &(weight, set_id)) in positive.enumerate() {
+            assert!(
+                slot < MAX_ROUTE_DESTINATIONS,
+                "a route has at most {MAX_ROUTE_DESTINATIONS} destinations"
+            );
+            value.total_weight = value
+                .total_weight
+                .checked_add(weight)
+                .expect("route weights add up beyond u32::MAX");
+            value.cumulative_weight[slot] = value.total_weight;
+            value.backend_set[slot] = set_id;
+            value.destination_count += 1;
+        }
+        self.snapshot.routes.push(RouteRecord { route_id, value });
+        route_id
+    }
+
+    /// Adds a TCP service `ip:port` routed by `route_id` and returns its service id.
+    pub fn service_with_route(&mut self, ip: IpAddr, port: u16, route_id: u32) -> u32 {
+        let service_id = next(&mut self.next_service_id);
+        self.snapshot.services.push(ServiceRecord {
+            key: ServiceKey {
+                ip: ip16(ip),
+                port,
+                protocol: IPPROTO_TCP,
+                pad: 0,
+            },
+            value: ServiceValue {
+                service_id,
+                route_id,
+            },
+        });
+        service_id
+    }
+
+    /// Adds a TCP service `ip:port` with a new route over `(weight, set_id)` destinations (see
+    /// [`SnapshotBuilder::route`]) and returns the route id.
+    pub fn service(&mut self, ip: IpAddr, port: u16, destinations: &[(u32, u32)]) -> u32 {
+        let route_id = self.route(destinations);
+        self.service_with_route(ip, port, route_id);
+        route_id
+    }
+
+    /// Adds a workload of this node.
+    pub fn workload(&mut self, ip: IpAddr, identity: u32) {
+        self.snapshot.workloads.push(WorkloadRecord {
+            ip: ip16(ip),
+            identity,
+            pad: 0,
+        });
+    }
+
+    /// The snapshot, with every table sorted.
+    pub fn build(self) -> Snapshot {
+        let mut snapshot = self.snapshot;
+        snapshot.sort();
+        snapshot
+    }
+}
+
+/// Returns the counter's value and advances it.
+fn next(counter: &mut u32) -> u32 {
+    let id = *counter;
+    *counter = counter.wrapping_add(1);
+    id
+}
+
+/// A synthetic snapshot for benchmarks, the same for the same arguments: `services` services, each
+/// with its own route (one destination, weight 1) to its own random-policy backend set of
+/// `endpoints_per_service` endpoints on port 8080, plus up to 100 workloads.
+///
+/// Service `i` listens on the `i`-th address of 10.96.0.0/12 (skipping the network address), port
+/// 80; past the 2^20 - 2 usable addresses the ports count up from 81. Endpoints cycle through
+/// 10.244.0.0/16, so with more than 65,534 endpoints addresses repeat across sets (as pods can be
+/// endpoints of several services).
+pub fn generate(
+    node: &str,
+    generation: u64,
+    services: u32,
+    endpoints_per_service: u32,
+) -> Snapshot {
+    const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 0]);
+    const VIP_HOSTS: u32 = (1 << 20) - 2;
+    const POD_BASE: u32 = u32::from_be_bytes([10, 244, 0, 0]);
+    const POD_HOSTS: u32 = (1 << 16) - 2;
+
+    let mut b = SnapshotBuilder::new(node, generation, kmesh_common::mode::KERNEL_NATIVE);
+    let total_endpoints = services as usize * endpoints_per_service as usize;
+    b.snapshot.services.reserve(services as usize);
+    b.snapshot.routes.reserve(services as usize);
+    b.snapshot.backend_sets.reserve(services as usize);
+    b.snapshot.endpoints.reserve(total_endpoints);
+
+    let mut pod = 0u32;
+    let mut endpoints = Vec::with_capacity(endpoints_per_service as usize);
+    for i in 0..services {
+        endpoints.clear();
+        for _ in 0..endpoints_per_service {
+            let ip = Ipv4Addr::from(POD_BASE + 1 + pod % POD_HOSTS);
+            endpoints.push(Endpoint::new(IpAddr::V4(ip), 8080, i % 1000 + 1));
+            pod = pod.wrapping_add(1);
+        }
+        let set = b.backend_set(lb_policy::RANDOM, &endpoints);
+        let vip = Ipv4Addr::from(VIP_BASE + 1 + i % VIP_HOSTS);
+        // i / VIP_HOSTS is at most 4096, so the port stays far below u16::MAX.
+        let port = 80 + (i / VIP_HOSTS) as u16;
+        b.service(IpAddr::V4(vip), port, &[(1, set)]);
+    }
+    for w in 0..services.min(100) {
+        // Workloads of this node: the first addresses of its pod range.
+        let ip = Ipv4Addr::from(POD_BASE + 1 + w);
+        b.workload(IpAddr::V4(ip), w % 1000 + 1);
+    }
+    b.build()
+}

@@ -1,0 +1,283 @@
+//! The verifying decoder. Nothing in the input is trusted: every length is checked against the bytes
+//! actually present before it is used, all offset arithmetic is checked, and no allocation is larger
+//! than the input itself.
+
+use kmesh_common::{LAYOUT_VERSION, NodeConfig};
+
+use crate::error::DecodeError;
+use crate::format::{
+    FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, OFF_CONTENT_HASH, OFF_FLAGS, OFF_FORMAT_VERSION,
+    OFF_GENERATION, OFF_LAYOUT_VERSION, OFF_TOTAL_LEN, SECTION_HEADER_LEN, WireRecord,
+    padding_after, read_records, record_size,
+};
+use crate::validate::validate_node_name;
+use crate::{Decoded, Header, Limits, Snapshot, content_hash};
+
+/// A cursor over the input that never reads out of bounds.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len().saturating_sub(self.pos)
+    }
+
+    /// Takes the next `len` bytes; `what` names them for the error.
+    fn take(&mut self, len: usize, what: impl FnOnce() -> String) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(len);
+        let taken = end.and_then(|end| Some((end, self.bytes.get(self.pos..end)?)));
+        match taken {
+            Some((end, slice)) => {
+                self.pos = end;
+                Ok(slice)
+            }
+            None => Err(DecodeError::Overrun {
+                what: what(),
+                offset: self.pos as u64,
+                needed: len as u64,
+                remaining: self.remaining() as u64,
+            }),
+        }
+    }
+
+    /// Skips the zero padding that brings the position to a multiple of 8.
+    fn padding(&mut self, what: impl Fn() -> String) -> Result<(), DecodeError> {
+        let offset = self.pos;
+        let pad = self.take(padding_after(offset), || {
+            format!("padding after {}", what())
+        })?;
+        if pad.iter().any(|&b| b != 0) {
+            return Err(DecodeError::NonZeroPadding {
+                what: what(),
+                offset: offset as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn le_u16(bytes: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes(field(bytes, offset))
+}
+
+fn le_u32(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(field(bytes, offset))
+}
+
+fn le_u64(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(field(bytes, offset))
+}
+
+/// N bytes at `offset` of a slice the caller has already length-checked; zeros if out of range (not
+/// reachable, but a wrong value is caught by the checks that follow, a panic would not be).
+fn field<const N: usize>(bytes: &[u8], offset: usize) -> [u8; N] {
+    bytes
+        .get(offset..)
+        .and_then(|rest| rest.first_chunk::<N>())
+        .copied()
+        .unwrap_or([0; N])
+}
+
+/// The fixed header, checked as far as it can be without hashing: magic, length, format version and
+/// flags. The layout version, total length and hash are returned unchecked.
+fn fixed_header(bytes: &[u8]) -> Result<Header, DecodeError> {
+    // Magic first, on whatever prefix exists, so that a file of another kind is named as such.
+    let prefix = bytes.get(..MAGIC.len()).unwrap_or(bytes);
+    if prefix != &MAGIC[..prefix.len()] {
+        return Err(DecodeError::BadMagic {
+            found: prefix.to_vec(),
+        });
+    }
+    if bytes.len() < FIXED_HEADER_LEN {
+        return Err(DecodeError::TooShort {
+            len: bytes.len() as u64,
+            min: FIXED_HEADER_LEN as u64,
+        });
+    }
+    let format_version = le_u16(bytes, OFF_FORMAT_VERSION);
+    if format_version != FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedFormatVersion {
+            found: format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let flags = le_u32(bytes, OFF_FLAGS);
+    if flags != 0 {
+        return Err(DecodeError::HeaderFlags { flags });
+    }
+    Ok(Header {
+        format_version,
+        layout_version: le_u16(bytes, OFF_LAYOUT_VERSION),
+        generation: le_u64(bytes, OFF_GENERATION),
+        content_hash: le_u64(bytes, OFF_CONTENT_HASH),
+        total_len: le_u64(bytes, OFF_TOTAL_LEN),
+        node_name: String::new(),
+    })
+}
+
+/// Reads and checks the node name and its padding; returns it and the reader positioned at the
+/// first section.
+fn node_name(bytes: &[u8]) -> Result<(String, Reader<'_>), DecodeError> {
+    let mut r = Reader {
+        bytes,
+        pos: FIXED_HEADER_LEN,
+    };
+    let len = le_u16(r.take(2, || String::from("node name length"))?, 0);
+    let name = r.take(usize::from(len), || String::from("node name"))?;
+    validate_node_name(name)?;
+    // validate_node_name admits ASCII only, so the conversion is lossless.
+    let name = String::from_utf8_lossy(name).into_owned();
+    r.padding(|| String::from("node name"))?;
+    Ok((name, r))
+}
+
+/// See [`crate::peek_header`].
+pub(crate) fn peek_header(bytes: &[u8]) -> Result<Header, DecodeError> {
+    let mut header = fixed_header(bytes)?;
+    header.node_name = node_name(bytes)?.0;
+    Ok(header)
+}
+
+/// See [`Snapshot::decode`].
+pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
+    let len = bytes.len() as u64;
+    // The size limit comes before any other work, hashing included.
+    if len > limits.max_bytes {
+        return Err(DecodeError::TooLarge {
+            len,
+            max: limits.max_bytes,
+        });
+    }
+    let header = fixed_header(bytes)?;
+    if header.layout_version != LAYOUT_VERSION {
+        return Err(DecodeError::LayoutVersionMismatch {
+            found: header.layout_version,
+            expected: LAYOUT_VERSION,
+        });
+    }
+    if header.total_len > len {
+        return Err(DecodeError::Truncated {
+            expected: header.total_len,
+            got: len,
+        });
+    }
+    if header.total_len < len {
+        return Err(DecodeError::TrailingBytes {
+            expected: header.total_len,
+            got: len,
+        });
+    }
+    let computed = content_hash(bytes.get(FIXED_HEADER_LEN..).unwrap_or_default());
+    if header.content_hash != computed {
+        return Err(DecodeError::HashMismatch {
+            header: header.content_hash,
+            computed,
+        });
+    }
+
+    let (node_name, mut r) = node_name(bytes)?;
+    let config = section::<NodeConfig>(&mut r, None)?;
+    let config = match config.as_slice() {
+        [only] => *only,
+        _ => {
+            return Err(DecodeError::NodeConfigCount {
+                count: u32::try_from(config.len()).unwrap_or(u32::MAX),
+            });
+        }
+    };
+    let services = section(&mut r, Some(limits.max_services))?;
+    let routes = section(&mut r, Some(limits.max_routes))?;
+    let backend_sets = section(&mut r, Some(limits.max_backend_sets))?;
+    let endpoints = section(&mut r, Some(limits.max_endpoints))?;
+    let workloads = section(&mut r, Some(limits.max_workloads))?;
+    if r.remaining() != 0 {
+        return Err(DecodeError::TrailingData {
+            offset: r.pos as u64,
+            len: r.remaining() as u64,
+        });
+    }
+
+    let snapshot = Snapshot {
+        node_name,
+        generation: header.generation,
+        config,
+        services,
+        routes,
+        backend_sets,
+        endpoints,
+        workloads,
+    };
+    snapshot.validate()?;
+    Ok(Decoded {
+        snapshot,
+        content_hash: computed,
+    })
+}
+
+/// Reads one section of `T` records: its header, `count` records and padding. `capacity` is the
+/// node's limit for the table, checked before the records are read.
+fn section<T: WireRecord>(
+    r: &mut Reader<'_>,
+    capacity: Option<u32>,
+) -> Result<Vec<T>, DecodeError> {
+    let table = T::TABLE;
+    let offset = r.pos;
+    let header = r.take(SECTION_HEADER_LEN, || format!("{table} section header"))?;
+    let kind = le_u32(header, 0);
+    let size = le_u32(header, 4);
+    let count = le_u32(header, 8);
+    let reserved = le_u32(header, 12);
+    if kind != T::KIND {
+        return Err(DecodeError::SectionKind {
+            offset: offset as u64,
+            found: kind,
+            expected: T::KIND,
+            table,
+        });
+    }
+    if size != record_size::<T>() {
+        return Err(DecodeError::RecordSize {
+            table,
+            found: size,
+            expected: record_size::<T>(),
+        });
+    }
+    if reserved != 0 {
+        return Err(DecodeError::SectionReserved {
+            table,
+            value: reserved,
+        });
+    }
+    if let Some(capacity) = capacity
+        && count > capacity
+    {
+        return Err(DecodeError::OverCapacity {
+            table,
+            count,
+            capacity,
+        });
+    }
+    // u32 * u32 always fits u64; the comparison with the bytes present comes before any allocation,
+    // so a huge count cannot make us allocate more than the input holds.
+    let needed = u64::from(count) * u64::from(size);
+    let remaining = r.remaining() as u64;
+    let records_offset = r.pos as u64;
+    let overrun = || DecodeError::SectionOverrun {
+        table,
+        count,
+        record_size: size,
+        offset: records_offset,
+        needed,
+        remaining,
+    };
+    if needed > remaining {
+        return Err(overrun());
+    }
+    let needed = usize::try_from(needed).map_err(|_| overrun())?;
+    let bytes = r.take(needed, || format!("{table} records"))?;
+    let records = read_records::<T>(bytes);
+    r.padding(|| format!("{table} section"))?;
+    Ok(records)
+}

@@ -1,0 +1,359 @@
+//! Errors of encoding, decoding and validating snapshots. Every message names the section, the record
+//! index and the field, so that an operator reading an agent's log can find the fault.
+
+use core::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use kmesh_common::{IPPROTO_TCP, Ip16, MAX_ROUTE_DESTINATIONS, ServiceKey};
+
+/// The tables (sections) of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    NodeConfig,
+    Services,
+    Routes,
+    BackendSets,
+    Endpoints,
+    Workloads,
+}
+
+impl Table {
+    /// All tables in wire order.
+    pub const ALL: [Table; 6] = [
+        Table::NodeConfig,
+        Table::Services,
+        Table::Routes,
+        Table::BackendSets,
+        Table::Endpoints,
+        Table::Workloads,
+    ];
+
+    /// The section kind on the wire.
+    pub const fn kind(self) -> u32 {
+        match self {
+            Table::NodeConfig => 1,
+            Table::Services => 2,
+            Table::Routes => 3,
+            Table::BackendSets => 4,
+            Table::Endpoints => 5,
+            Table::Workloads => 6,
+        }
+    }
+
+    /// The name of one record of this table, as used in messages ("route 12 (route_id 7): ...").
+    pub const fn record_name(self) -> &'static str {
+        match self {
+            Table::NodeConfig => "node config",
+            Table::Services => "service",
+            Table::Routes => "route",
+            Table::BackendSets => "backend set",
+            Table::Endpoints => "endpoint",
+            Table::Workloads => "workload",
+        }
+    }
+}
+
+/// The section name: "services section holds ...".
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Table::NodeConfig => "node config",
+            Table::Services => "services",
+            Table::Routes => "routes",
+            Table::BackendSets => "backend sets",
+            Table::Endpoints => "endpoints",
+            Table::Workloads => "workloads",
+        })
+    }
+}
+
+/// A rule of the snapshot's content is broken. Produced by [`crate::Snapshot::validate`], and
+/// therefore by both the encoder and the decoder.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("node name {name:?} {reason}")]
+    InvalidNodeName { name: String, reason: &'static str },
+
+    #[error("node config: mode {mode} is unknown (0 disabled, 1 kernel-native, 2 dual-engine)")]
+    UnknownMode { mode: u32 },
+
+    #[error("node config: flags is {flags:#x}, must be zero")]
+    NodeConfigFlags { flags: u32 },
+
+    /// Two records with the same key. `record` describes the key.
+    #[error(
+        "{} {index} ({record}): same key as the previous record; keys in the {table} section must be unique",
+        .table.record_name()
+    )]
+    DuplicateKey {
+        table: Table,
+        index: usize,
+        record: String,
+    },
+
+    /// A record's key is smaller than the previous record's.
+    #[error(
+        "{} {index} ({record}): key is smaller than the previous record's ({previous}); the {table} section must be sorted by key",
+        .table.record_name()
+    )]
+    OutOfOrder {
+        table: Table,
+        index: usize,
+        record: String,
+        previous: String,
+    },
+
+    #[error("{} {index} ({record}): {field} is {value}, must be zero", .table.record_name())]
+    NonZeroPad {
+        table: Table,
+        index: usize,
+        record: String,
+        field: &'static str,
+        value: u32,
+    },
+
+    #[error("{} {index} ({record}): port is 0", .table.record_name())]
+    ZeroPort {
+        table: Table,
+        index: usize,
+        record: String,
+    },
+
+    #[error(
+        "service {index} ({record}): protocol is {protocol}, only TCP ({IPPROTO_TCP}) is supported"
+    )]
+    ServiceProtocol {
+        index: usize,
+        record: String,
+        protocol: u8,
+    },
+
+    #[error(
+        "service {index} ({record}): route_id {route_id} references a route which does not exist"
+    )]
+    ServiceRouteMissing {
+        index: usize,
+        record: String,
+        route_id: u32,
+    },
+
+    #[error(
+        "route {index} (route_id {route_id}): destination_count is {count}, must be 1..={MAX_ROUTE_DESTINATIONS}"
+    )]
+    RouteDestinationCount {
+        index: usize,
+        route_id: u32,
+        count: u32,
+    },
+
+    /// `cumulative_weight[destination]` is not above the previous one (or is 0 for destination 0):
+    /// the destination's own weight is not positive.
+    #[error(
+        "route {index} (route_id {route_id}): cumulative_weight[{destination}] is {weight}, must be greater than {previous} (every destination weight must be positive)"
+    )]
+    RouteWeightNotIncreasing {
+        index: usize,
+        route_id: u32,
+        destination: usize,
+        weight: u32,
+        previous: u32,
+    },
+
+    #[error(
+        "route {index} (route_id {route_id}): total_weight is {total_weight}, must equal the last cumulative weight {last}"
+    )]
+    RouteTotalWeight {
+        index: usize,
+        route_id: u32,
+        total_weight: u32,
+        last: u32,
+    },
+
+    /// An array entry at or beyond `destination_count` is not zero.
+    #[error(
+        "route {index} (route_id {route_id}): {field}[{slot}] is {value}, must be zero beyond destination_count {count}"
+    )]
+    RouteUnusedSlot {
+        index: usize,
+        route_id: u32,
+        field: &'static str,
+        slot: usize,
+        value: u32,
+        count: u32,
+    },
+
+    #[error(
+        "route {index} (route_id {route_id}): destination {destination} references backend set {set_id} which does not exist"
+    )]
+    RouteBackendSetMissing {
+        index: usize,
+        route_id: u32,
+        destination: usize,
+        set_id: u32,
+    },
+
+    #[error(
+        "backend set {index} (set_id {set_id}): lb_policy is {lb_policy}, unknown (0 random, 1 source-ip-hash)"
+    )]
+    UnknownLbPolicy {
+        index: usize,
+        set_id: u32,
+        lb_policy: u32,
+    },
+
+    #[error(
+        "endpoint {index} (set {set_id}, index {endpoint_index}): references backend set {set_id} which does not exist"
+    )]
+    EndpointSetMissing {
+        index: usize,
+        set_id: u32,
+        endpoint_index: u32,
+    },
+
+    #[error(
+        "endpoint {index} (set {set_id}, index {endpoint_index}): index is not below the set's endpoint_count {endpoint_count}"
+    )]
+    EndpointBeyondCount {
+        index: usize,
+        set_id: u32,
+        endpoint_index: u32,
+        endpoint_count: u32,
+    },
+
+    #[error(
+        "backend set {index} (set_id {set_id}): endpoint_count is {endpoint_count} but endpoint index {missing} is missing"
+    )]
+    EndpointMissing {
+        index: usize,
+        set_id: u32,
+        endpoint_count: u32,
+        missing: u32,
+    },
+}
+
+/// The input is not a valid snapshot, or exceeds the node's limits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Checked before anything else, so an oversized input costs no hashing.
+    #[error("snapshot is {len} bytes, the limit is {max} bytes")]
+    TooLarge { len: u64, max: u64 },
+
+    /// `found` holds the first (up to) eight bytes of the input.
+    #[error(
+        "not a kmesh snapshot: magic is {found:02x?}, expected {:02x?}",
+        crate::MAGIC
+    )]
+    BadMagic { found: Vec<u8> },
+
+    #[error("truncated: {len} bytes, shorter than the {min}-byte fixed header")]
+    TooShort { len: u64, min: u64 },
+
+    #[error("unsupported snapshot format version {found}, this build reads version {supported}")]
+    UnsupportedFormatVersion { found: u16, supported: u16 },
+
+    #[error("snapshot layout version {found} differs from this build's layout version {expected}")]
+    LayoutVersionMismatch { found: u16, expected: u16 },
+
+    #[error("header flags is {flags:#x}, must be zero")]
+    HeaderFlags { flags: u32 },
+
+    #[error("truncated: header says {expected} bytes, got {got}")]
+    Truncated { expected: u64, got: u64 },
+
+    #[error("trailing bytes: header says {expected} bytes, got {got}")]
+    TrailingBytes { expected: u64, got: u64 },
+
+    #[error("content hash mismatch: header {header:#018x}, computed {computed:#018x}")]
+    HashMismatch { header: u64, computed: u64 },
+
+    /// A header, name or padding runs past the end of the input.
+    #[error("{what} at offset {offset} needs {needed} bytes, only {remaining} remain")]
+    Overrun {
+        what: String,
+        offset: u64,
+        needed: u64,
+        remaining: u64,
+    },
+
+    #[error("{what} at offset {offset}: padding is not zero")]
+    NonZeroPadding { what: String, offset: u64 },
+
+    /// Sections are missing, repeated or out of order.
+    #[error("section at offset {offset}: kind is {found}, expected {expected} ({table} section)")]
+    SectionKind {
+        offset: u64,
+        found: u32,
+        expected: u32,
+        table: Table,
+    },
+
+    #[error("{table} section: record_size is {found}, expected {expected}")]
+    RecordSize {
+        table: Table,
+        found: u32,
+        expected: u32,
+    },
+
+    #[error("{table} section: reserved is {value:#x}, must be zero")]
+    SectionReserved { table: Table, value: u32 },
+
+    #[error(
+        "{table} section: {count} records of {record_size} bytes at offset {offset} need {needed} bytes, only {remaining} remain"
+    )]
+    SectionOverrun {
+        table: Table,
+        count: u32,
+        record_size: u32,
+        offset: u64,
+        needed: u64,
+        remaining: u64,
+    },
+
+    #[error("node config section holds {count} records, exactly 1 is required")]
+    NodeConfigCount { count: u32 },
+
+    /// The snapshot is well formed but larger than this node accepts ([`crate::Limits`]).
+    #[error("{table} section holds {count} records, capacity is {capacity}")]
+    OverCapacity {
+        table: Table,
+        count: u32,
+        capacity: u32,
+    },
+
+    #[error("{len} bytes after the last section at offset {offset}")]
+    TrailingData { offset: u64, len: u64 },
+
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+/// A snapshot cannot be encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The snapshot breaks a rule the decoder would refuse it for.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+
+    /// A table has more records than a section's `u32` count holds.
+    #[error(
+        "{table} table holds {count} records, a section holds at most {}",
+        u32::MAX
+    )]
+    TooManyRecords { table: Table, count: usize },
+}
+
+/// An address for messages: dotted quad for IPv4-mapped addresses, IPv6 notation otherwise.
+pub(crate) fn ip_to_addr(ip: &Ip16) -> IpAddr {
+    match kmesh_common::as_ipv4(ip) {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+        None => IpAddr::V6(Ipv6Addr::from(*ip)),
+    }
+}
+
+/// A service key for messages: `10.96.0.10:80/6`, `[fd00::1]:443/6`.
+pub(crate) fn describe_service(key: &ServiceKey) -> String {
+    match ip_to_addr(&key.ip) {
+        IpAddr::V4(v4) => format!("{v4}:{}/{}", key.port, key.protocol),
+        IpAddr::V6(v6) => format!("[{v6}]:{}/{}", key.port, key.protocol),
+    }
+}

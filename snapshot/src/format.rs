@@ -1,0 +1,169 @@
+//! The snapshot wire format. This comment is the normative specification; the encoder and the
+//! decoder implement exactly this and nothing more.
+//!
+//! A snapshot is one byte string. All integers are little-endian. Offsets are in bytes.
+//!
+//! ```text
+//! offset  field
+//! 0       magic           [u8; 8] = b"KMSNAP\r\n"
+//! 8       format_version  u16     = 1 (FORMAT_VERSION)
+//! 10      layout_version  u16     = kmesh_common::LAYOUT_VERSION
+//! 12      flags           u32     = 0 (reserved, must be zero)
+//! 16      generation      u64
+//! 24      content_hash    u64     = FNV-1a 64 (see `content_hash`) over every byte from offset 40
+//!                                   to the end
+//! 32      total_len       u64     = length of the whole snapshot in bytes
+//! 40      node_name_len   u16
+//! 42      node_name       [u8; node_name_len]
+//!         zero padding to the next multiple of 8
+//! then exactly six sections, in this order of kind:
+//!         1 NodeConfig, 2 Services, 3 Routes, 4 BackendSets, 5 Endpoints, 6 Workloads
+//! each section:
+//!         kind            u32
+//!         record_size     u32     = size_of the kmesh_common record of this kind
+//!         count           u32
+//!         reserved        u32     = 0
+//!         count * record_size bytes of records
+//!         zero padding to the next multiple of 8
+//! nothing after the last section
+//! ```
+//!
+//! Each record is exactly the in-memory bytes of the `#[repr(C)]` record of `kmesh_common`
+//! ([`NodeConfig`], [`ServiceRecord`], [`RouteRecord`], [`BackendSetRecord`], [`EndpointRecord`],
+//! [`WorkloadRecord`]) on a little-endian machine. The records have no implicit padding (asserted in
+//! `kmesh_common`), so every byte is a defined field and the encoding is unique.
+//!
+//! Rules a valid snapshot follows (the decoder checks all of them; the encoder refuses to produce a
+//! snapshot that breaks one):
+//!
+//! - header: magic, `format_version == 1`, `layout_version == LAYOUT_VERSION`, `flags == 0`,
+//!   `total_len` equals the length of the input, the hash matches;
+//! - node name: 1..=253 bytes, a DNS subdomain as Kubernetes validates node names: dot-separated
+//!   labels of `a-z`, `0-9` and `-`, each label starting and ending with a letter or digit;
+//! - every reserved field and every padding byte is zero;
+//! - NodeConfig: exactly one record; `mode` is one of `kmesh_common::mode`; `flags == 0`;
+//! - Services: strictly increasing by key (so keys are unique); `protocol == IPPROTO_TCP`;
+//!   `pad == 0`; `port != 0`; `route_id` names an existing route;
+//! - Routes: strictly increasing by `route_id`; `1 <= destination_count <= MAX_ROUTE_DESTINATIONS`;
+//!   `cumulative_weight[0..count]` strictly increasing from a positive first value (every weight is
+//!   positive); `cumulative_weight[count - 1] == total_weight`; both arrays zero from index `count`
+//!   on; every `backend_set[0..count]` names an existing backend set;
+//! - BackendSets: strictly increasing by `set_id`; `lb_policy < lb_policy::COUNT`;
+//! - Endpoints: strictly increasing by `(set_id, index)`; the set exists; the endpoints of a set
+//!   have exactly the indexes `0..endpoint_count`; `port != 0`; `pad == 0`;
+//! - Workloads: strictly increasing by `ip`; `pad == 0`.
+//!
+//! Order means the derived `Ord` of the `kmesh_common` key types: addresses compare as big-endian
+//! byte strings, integers numerically, composite keys field by field.
+
+use crate::error::Table;
+use kmesh_common::{
+    BackendSetRecord, EndpointRecord, NodeConfig, RouteRecord, ServiceRecord, WorkloadRecord,
+};
+
+// The records are copied as their in-memory bytes, which are only the little-endian wire bytes on a
+// little-endian machine. Refuse to build anywhere else rather than produce wrong snapshots.
+#[cfg(target_endian = "big")]
+compile_error!(
+    "kmesh-snapshot copies records as in-memory bytes and supports little-endian targets only"
+);
+
+/// First eight bytes of every snapshot. The `\r\n` catches text-mode transfers that mangle line
+/// ends.
+pub const MAGIC: [u8; 8] = *b"KMSNAP\r\n";
+
+/// Version of the framing described in this module.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Length of the fixed part of the header (magic to `total_len`); the content hash covers every
+/// byte from here to the end.
+pub const FIXED_HEADER_LEN: usize = 40;
+
+/// Longest node name (a DNS subdomain).
+pub const MAX_NODE_NAME_LEN: usize = 253;
+
+/// Length of a section header.
+pub(crate) const SECTION_HEADER_LEN: usize = 16;
+
+/// Sections and the blocks inside the header end on multiples of this.
+pub(crate) const ALIGN: usize = 8;
+
+// Field offsets of the fixed header.
+pub(crate) const OFF_FORMAT_VERSION: usize = 8;
+pub(crate) const OFF_LAYOUT_VERSION: usize = 10;
+pub(crate) const OFF_FLAGS: usize = 12;
+pub(crate) const OFF_GENERATION: usize = 16;
+pub(crate) const OFF_CONTENT_HASH: usize = 24;
+pub(crate) const OFF_TOTAL_LEN: usize = 32;
+
+/// Number of zero bytes that follow `len` bytes to reach the next multiple of [`ALIGN`].
+pub(crate) const fn padding_after(len: usize) -> usize {
+    (ALIGN - len % ALIGN) % ALIGN
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A `kmesh_common` record that is a section of the snapshot.
+///
+/// # Safety
+///
+/// Implementors must be `#[repr(C)]`, made only of integers and integer arrays, with no implicit
+/// padding and a non-zero size: then every byte of a value is initialized (so it can be viewed as
+/// bytes) and every bit pattern is a valid value (so it can be read from arbitrary bytes). The trait
+/// is sealed; the six implementations below are the only ones, and `kmesh_common` asserts their
+/// sizes.
+pub unsafe trait WireRecord: Copy + sealed::Sealed {
+    /// The section kind in the wire format.
+    const KIND: u32;
+    /// The table this record belongs to, for error messages.
+    const TABLE: Table;
+}
+
+macro_rules! wire_record {
+    ($ty:ty, $table:expr) => {
+        impl sealed::Sealed for $ty {}
+        // SAFETY: a kmesh_common record: repr(C), integer fields only, no implicit padding (its size
+        // is asserted in kmesh_common), non-zero size.
+        unsafe impl WireRecord for $ty {
+            const KIND: u32 = $table.kind();
+            const TABLE: Table = $table;
+        }
+    };
+}
+
+wire_record!(NodeConfig, Table::NodeConfig);
+wire_record!(ServiceRecord, Table::Services);
+wire_record!(RouteRecord, Table::Routes);
+wire_record!(BackendSetRecord, Table::BackendSets);
+wire_record!(EndpointRecord, Table::Endpoints);
+wire_record!(WorkloadRecord, Table::Workloads);
+
+/// The wire `record_size` of `T`. Records are at most 140 bytes, so the cast cannot truncate.
+pub(crate) const fn record_size<T: WireRecord>() -> u32 {
+    size_of::<T>() as u32
+}
+
+/// Reads consecutive records from `bytes`; a trailing part shorter than one record is ignored (the
+/// caller passes exactly `count * size_of::<T>()` bytes).
+pub(crate) fn read_records<T: WireRecord>(bytes: &[u8]) -> Vec<T> {
+    // chunks_exact yields slices of exactly size_of::<T>() bytes (size is non-zero per the trait
+    // contract), and its exact size hint makes collect allocate once.
+    bytes
+        .chunks_exact(size_of::<T>())
+        .map(|chunk| {
+            // SAFETY: `chunk` holds size_of::<T>() readable bytes; read_unaligned needs no
+            // alignment; T accepts every bit pattern (WireRecord contract).
+            unsafe { core::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) }
+        })
+        .collect()
+}
+
+/// The in-memory bytes of a slice of records, which are their wire bytes on little-endian targets.
+pub(crate) fn records_as_bytes<T: WireRecord>(records: &[T]) -> &[u8] {
+    // SAFETY: the slice is size_of_val(records) bytes of initialized memory: elements are laid out
+    // back to back and have no padding (WireRecord contract). u8 has alignment 1, and the returned
+    // slice borrows `records`, so it cannot outlive it.
+    unsafe { core::slice::from_raw_parts(records.as_ptr().cast::<u8>(), size_of_val(records)) }
+}

@@ -1,0 +1,155 @@
+//! The per-node policy snapshot of kmesh-rs: a versioned binary format, its encoder and its
+//! verifying decoder.
+//!
+//! The operator compiles the policy that concerns one node into a [`Snapshot`] and encodes it; the
+//! node agent decodes it with [`Snapshot::decode`], which verifies everything, and copies the record
+//! tables into the eBPF maps as they are. The records are the `#[repr(C)]` types of `kmesh_common`,
+//! so the format has no second definition of the layout.
+//!
+//! The wire format is specified in [`format`](mod@format). The encoder is deterministic: equal snapshots give
+//! equal bytes, and the decoder accepts exactly one encoding of each snapshot.
+//!
+//! [`builder`] makes valid snapshots for tests, demos and benchmarks.
+
+pub mod builder;
+mod decode;
+mod encode;
+mod error;
+pub mod format;
+mod hash;
+mod validate;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+use kmesh_common::{
+    BackendSetRecord, EndpointRecord, NodeConfig, RouteRecord, ServiceRecord, WorkloadRecord,
+};
+
+pub use error::{DecodeError, EncodeError, Table, ValidationError};
+pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, MAX_NODE_NAME_LEN};
+pub use hash::content_hash;
+
+/// Everything the agent loads for one node and one generation.
+///
+/// The tables are sorted by key with no duplicates (see [`Snapshot::sort`]); [`Snapshot::encode`]
+/// refuses a snapshot that is not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The Kubernetes node the snapshot is for (a DNS subdomain).
+    pub node_name: String,
+    /// Increases with every snapshot the operator publishes for the node.
+    pub generation: u64,
+    pub config: NodeConfig,
+    /// Sorted by key, unique.
+    pub services: Vec<ServiceRecord>,
+    /// Sorted by `route_id`, unique.
+    pub routes: Vec<RouteRecord>,
+    /// Sorted by `set_id`, unique.
+    pub backend_sets: Vec<BackendSetRecord>,
+    /// Sorted by `(set_id, index)`, unique.
+    pub endpoints: Vec<EndpointRecord>,
+    /// Sorted by `ip`, unique.
+    pub workloads: Vec<WorkloadRecord>,
+}
+
+/// A decoded and verified snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub snapshot: Snapshot,
+    /// The content hash, as in the header and verified against the bytes.
+    pub content_hash: u64,
+}
+
+/// What a node accepts. A snapshot beyond a table's limit is refused with
+/// [`DecodeError::OverCapacity`] before its records are read; one beyond `max_bytes` with
+/// [`DecodeError::TooLarge`] before anything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_services: u32,
+    pub max_routes: u32,
+    pub max_backend_sets: u32,
+    pub max_endpoints: u32,
+    pub max_workloads: u32,
+}
+
+impl Limits {
+    /// No limit beyond what the format can express.
+    pub const UNLIMITED: Limits = Limits {
+        max_bytes: u64::MAX,
+        max_services: u32::MAX,
+        max_routes: u32::MAX,
+        max_backend_sets: u32::MAX,
+        max_endpoints: u32::MAX,
+        max_workloads: u32::MAX,
+    };
+}
+
+/// Defaults for a node: 256 MiB, 100,000 services, 100,000 routes, 200,000 backend sets,
+/// 1,000,000 endpoints, 16,384 workloads (`kmesh_common::MAX_ENROLLED_NETNS`).
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 256 * 1024 * 1024,
+            max_services: 100_000,
+            max_routes: 100_000,
+            max_backend_sets: 200_000,
+            max_endpoints: 1_000_000,
+            max_workloads: kmesh_common::MAX_ENROLLED_NETNS,
+        }
+    }
+}
+
+/// The header of a snapshot, read by [`peek_header`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub format_version: u16,
+    pub layout_version: u16,
+    pub generation: u64,
+    pub content_hash: u64,
+    pub total_len: u64,
+    pub node_name: String,
+}
+
+impl Snapshot {
+    /// The canonical bytes of the snapshot.
+    ///
+    /// Sorts nothing: a snapshot whose tables are not sorted, or that breaks any other rule the
+    /// decoder checks (with [`Limits::UNLIMITED`]), is refused with [`EncodeError::Invalid`], so an
+    /// invalid snapshot is never produced.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode::encode(self)
+    }
+
+    /// Sorts every table into canonical order. Records are ordered by key, then by the rest of the
+    /// record, so the result does not depend on the input order even when keys repeat (which
+    /// [`Snapshot::encode`] then refuses).
+    pub fn sort(&mut self) {
+        // The derived Ord of each record compares its key first: that is the table order.
+        self.services.sort_unstable();
+        self.routes.sort_unstable();
+        self.backend_sets.sort_unstable();
+        self.endpoints.sort_unstable();
+        self.workloads.sort_unstable();
+    }
+
+    /// Decodes and verifies a snapshot: framing, sizes, padding, the content hash, the node's
+    /// `limits` and every content rule. Nothing in `bytes` is trusted; no input makes this panic,
+    /// and it allocates no more than about the size of the input.
+    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeError> {
+        decode::decode(bytes, limits)
+    }
+}
+
+/// Reads the header (magic, versions, generation, content hash, total length, node name) without
+/// hashing or reading sections, for cheap "is this the snapshot I already have?" checks.
+///
+/// Checks the magic, `format_version` (the header layout depends on it), that `flags` is zero and
+/// that the node name is present and valid. Returns `layout_version`, `total_len` and
+/// `content_hash` as found: only [`Snapshot::decode`] verifies them.
+pub fn peek_header(bytes: &[u8]) -> Result<Header, DecodeError> {
+    decode::peek_header(bytes)
+}

@@ -1,0 +1,233 @@
+//! Running the real `kmesh-agent` binary against a test cgroup and a private bpffs directory.
+//!
+//! [`AgentDir`] owns the bpffs directory (`/sys/fs/bpf/kmt-<name>-<pid>`) and removes every pin in
+//! it on drop, which detaches the programs. [`Agent`] is one agent process; dropping it kills the
+//! process but leaves the pins (as a real agent exit does).
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{TestCgroup, names, probe::workspace_bin};
+
+/// Where bpffs is mounted on these machines (scripts/setup.sh mounts it).
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// A private pin directory for one test's agent; unpinned (programs detached) on drop.
+pub struct AgentDir {
+    path: PathBuf,
+}
+
+impl AgentDir {
+    pub fn new(name: &str) -> io::Result<AgentDir> {
+        crate::init();
+        let path =
+            Path::new(BPFFS_ROOT).join(format!("{}{}-{}", names::PREFIX, name, names::my_pid()));
+        if path.exists() {
+            remove_pins(&path)?;
+        }
+        Ok(AgentDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The names pinned in the directory.
+    pub fn pins(&self) -> Vec<String> {
+        fs::read_dir(&self.path)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for AgentDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_pins(&self.path) {
+            eprintln!("kmesh-tests: removing pins in {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Removes every pin under `dir`, then `dir` (what `kmesh-agent uninstall` does, without the binary).
+pub(crate) fn remove_pins(dir: &Path) -> io::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(rd) => {
+            for e in rd.flatten() {
+                fs::remove_file(e.path())?;
+            }
+            fs::remove_dir(dir)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Options of one agent process.
+pub struct AgentOptions<'a> {
+    pub node_name: &'a str,
+    pub snapshot_file: &'a Path,
+    pub dir: &'a AgentDir,
+    pub cgroup: &'a TestCgroup,
+    /// Extra flags (capacities, say).
+    pub extra_args: Vec<String>,
+}
+
+/// A running `kmesh-agent`.
+pub struct Agent {
+    child: Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(opts: &AgentOptions<'_>) -> io::Result<Agent> {
+        let bin = workspace_bin("kmesh-agent")?;
+        let admin = free_local_addr()?;
+        let log = std::env::temp_dir().join(format!(
+            "kmt-agent-{}-{}-{}.log",
+            opts.node_name,
+            names::my_pid(),
+            admin.port()
+        ));
+        let log_file = fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .arg("--node-name")
+            .arg(opts.node_name)
+            .arg("--snapshot-file")
+            .arg(opts.snapshot_file)
+            .arg("--bpffs-dir")
+            .arg(opts.dir.path())
+            .arg("--cgroup")
+            .arg(opts.cgroup.path())
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .args(&opts.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()?;
+        Ok(Agent { child, admin, log })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The agent's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> io::Result<()> {
+        self.wait_for(timeout, "ready", |a| Ok(a.http_get("/readyz")?.0 == 200))
+    }
+
+    /// Polls `cond` every 50 ms until it holds, the agent exits, or `timeout` passes.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut cond: impl FnMut(&mut Agent) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "kmesh-agent exited ({status}) while waiting for {what}; log:\n{}",
+                    self.log()
+                )));
+            }
+            if cond(self).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "kmesh-agent: {what} not reached in {timeout:?}; log:\n{}",
+                        self.log()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `/debug/snapshot` as JSON.
+    pub fn debug_snapshot(&self) -> io::Result<serde_json::Value> {
+        let (code, body) = self.http_get("/debug/snapshot")?;
+        if code != 200 {
+            return Err(io::Error::other(format!(
+                "/debug/snapshot answered {code}: {body}"
+            )));
+        }
+        serde_json::from_str(&body).map_err(io::Error::other)
+    }
+
+    /// A minimal HTTP/1.1 GET on the admin port: (status code, body).
+    pub fn http_get(&self, path: &str) -> io::Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("bad HTTP response: {response:?}")))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up, like a crash or an OOM kill.
+    pub fn kill(&mut self) -> io::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> io::Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename), as a config-management tool would.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_local_addr() -> io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}

@@ -1,0 +1,283 @@
+//! The `kmesh-probe` client: its report, spawning it in a pod netns and a cgroup, and
+//! locating workspace binaries.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::TestCgroup;
+use crate::cmd::describe;
+
+/// What `kmesh-probe` prints (one JSON line) when it is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// Connects tried.
+    pub attempts: u64,
+    /// Connects that got a reply line.
+    pub ok: u64,
+    /// Connects that failed (`attempts == ok + failed`).
+    pub failed: u64,
+    /// Reply line (the answering pod's name) -> count.
+    #[serde(default)]
+    pub by_reply: BTreeMap<String, u64>,
+    /// Failure -> count. Keys are errno names (`ECONNREFUSED`, `ENETUNREACH`, `EPERM`,
+    /// ...) or `connect_timeout`, `read_timeout`, `no_reply` (closed without a line).
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+    /// Wall time of the whole run.
+    #[serde(default)]
+    pub elapsed_ms: u64,
+}
+
+impl ProbeReport {
+    /// How many replies came from `pod`.
+    pub fn replies(&self, pod: &str) -> u64 {
+        self.by_reply.get(pod).copied().unwrap_or(0)
+    }
+
+    /// How many failures had the key `err` (e.g. `"ENETUNREACH"`).
+    pub fn errors_of(&self, err: &str) -> u64 {
+        self.errors.get(err).copied().unwrap_or(0)
+    }
+}
+
+/// Locates a binary of the workspace (`kmesh-probe`, `kmesh-agent`, ...) the way
+/// assert_cmd does: in the target directory of the running test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+///
+/// The environment variable `<NAME>_BIN` (upper case, `-` -> `_`, e.g.
+/// `KMESH_PROBE_BIN`, `KMESH_AGENT_BIN`) overrides it.
+pub fn workspace_bin(name: &str) -> io::Result<PathBuf> {
+    let var = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&var) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{var}={} does not name a file", p.display()),
+        ));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no parent dir", exe.display())))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "kmesh-rs binary `{name}` not found at {}: run `cargo build --workspace --bins` \
+                 first (same CARGO_TARGET_DIR and profile as the tests), or set {var} to its path",
+                p.display()
+            ),
+        ))
+    }
+}
+
+/// A running `kmesh-probe`. Dropping it without [`wait`](Self::wait) kills it.
+#[derive(Debug)]
+pub struct ProbeHandle {
+    child: Option<Child>,
+    desc: String,
+}
+
+pub(crate) fn spawn(netns: &str, cgroup: &TestCgroup, args: &[&str]) -> io::Result<ProbeHandle> {
+    let bin = workspace_bin("kmesh-probe")?;
+    let procs = cgroup.path().join("cgroup.procs");
+    let procs_c = CString::new(procs.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("cgroup path contains NUL"))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure only makes async-signal-safe syscalls (open/write/close) on
+    // memory prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself (cgroup v2 semantics).
+            let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            if r != 1 {
+                return Err(e);
+            }
+            Ok(())
+        });
+    }
+    let desc = format!("{} (cgroup {})", describe(&cmd), cgroup.path().display());
+    let child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("spawn `{desc}` (joining {}): {e}", procs.display()),
+        )
+    })?;
+    Ok(ProbeHandle {
+        child: Some(child),
+        desc,
+    })
+}
+
+impl ProbeHandle {
+    /// Pid of the probe process (`ip netns exec` execs the probe in place, so it is
+    /// the probe's own pid once it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Whether the probe has exited.
+    pub fn has_exited(&mut self) -> io::Result<bool> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?.is_some()),
+            None => Ok(true),
+        }
+    }
+
+    /// SIGKILLs the probe (its report is lost).
+    pub fn kill(&mut self) -> io::Result<()> {
+        match self.child.as_mut() {
+            Some(c) => c.kill(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the probe to finish and parses its report. An unsuccessful exit (or
+    /// a kill) is an error carrying the probe's stderr.
+    pub fn wait(mut self) -> io::Result<ProbeReport> {
+        let child = self.child.take().expect("probe child present until waited");
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "`{}` failed ({}); stderr: {}; stdout: {}",
+                self.desc,
+                out.status,
+                stderr.trim(),
+                stdout.trim()
+            )));
+        }
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        serde_json::from_str(line).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "`{}` printed no valid report ({e}); stdout: {}; stderr: {}",
+                    self.desc,
+                    stdout.trim(),
+                    stderr.trim()
+                ),
+            )
+        })
+    }
+
+    /// Like [`wait`](Self::wait), but kills the probe and fails if it has not finished
+    /// within `timeout`.
+    pub fn wait_timeout(mut self, timeout: Duration) -> io::Result<ProbeReport> {
+        let deadline = Instant::now() + timeout;
+        while !self.has_exited()? {
+            if Instant::now() >= deadline {
+                self.kill()?;
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("`{}` still running after {timeout:?}; killed", self.desc),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.wait()
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A path for `kmesh-probe --until-file` / `--ready-file`: unique, absent at first,
+/// removed on drop.
+#[derive(Debug)]
+pub struct StopFile {
+    path: PathBuf,
+}
+
+impl StopFile {
+    /// A fresh path `<tmp>/kmt-<tag>-<pid>-<n>.flag` (not created).
+    pub fn new(tag: &str) -> StopFile {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("kmt-{tag}-{}-{n}.flag", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        StopFile { path }
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path as a `&str`, to pass as a probe argument.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("temp dir path is UTF-8")
+    }
+
+    /// Creates the file (tells a `--until-file` probe to finish).
+    pub fn signal(&self) -> io::Result<()> {
+        std::fs::write(&self.path, b"")
+    }
+
+    /// Whether the file exists (e.g. a probe's `--ready-file`).
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// Waits until the file exists, up to `timeout`.
+    pub fn wait_exists(&self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.exists() {
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} not created within {timeout:?}", self.path.display()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StopFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,626 @@
+//! End-to-end data plane tests on the real kernel: the real `kmesh-agent` binary loads the real
+//! programs into this machine's kernel, attached to a test cgroup; clients run in test network
+//! namespaces with no route out, so a connect that is not rewritten fails locally (ENETUNREACH).
+//!
+//! Run as root after `cargo build --workspace --bins` (scripts/test.sh does both).
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use kmesh_common::{lb_policy, mode};
+use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
+use kmesh_tests::{
+    Agent, AgentDir, AgentOptions, Pod, ProbeReport, StopFile, TcpServer, TestCgroup, TestNetwork,
+    write_atomically,
+};
+
+const NODE: &str = "node-1";
+const TARGET_PORT: u16 = 8080;
+const VIP_ALL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP_90_10: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const VIP_50_30_20: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const VIP_HASH: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+const READY: Duration = Duration::from_secs(20);
+
+/// One test's node: a client pod (enrolled), backend pods each serving TARGET_PORT, a test cgroup
+/// the programs attach to, a private pin directory and a snapshot file.
+struct World {
+    net: TestNetwork,
+    cgroup: TestCgroup,
+    dir: AgentDir,
+    client: Pod,
+    backends: Vec<(Pod, TcpServer)>,
+    snapshot_file: PathBuf,
+}
+
+impl World {
+    fn new(name: &str, backends: &[&str]) -> World {
+        let net = TestNetwork::new(name).expect("test network");
+        let cgroup = TestCgroup::new(name).expect("test cgroup");
+        let dir = AgentDir::new(name).expect("pin directory");
+        let client = net
+            .add_pod("client", Ipv4Addr::new(10, 244, 1, 10), Some(v6(0x1_0010)))
+            .expect("client pod");
+        let backends = backends
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let i = i as u8 + 1;
+                let p = net
+                    .add_pod(
+                        pod,
+                        Ipv4Addr::new(10, 244, 2, i),
+                        Some(v6(0x2_0000 + u32::from(i))),
+                    )
+                    .expect("backend pod");
+                let server = p.serve_tcp(TARGET_PORT).expect("backend server");
+                (p, server)
+            })
+            .collect();
+        let snapshot_file =
+            std::env::temp_dir().join(format!("kmt-{name}-{}.snap", std::process::id()));
+        World {
+            net,
+            cgroup,
+            dir,
+            client,
+            backends,
+            snapshot_file,
+        }
+    }
+
+    fn backend(&self, name: &str) -> &Pod {
+        &self
+            .backends
+            .iter()
+            .find(|(p, _)| p.name() == name)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+            .0
+    }
+
+    fn endpoints(&self, names: &[&str]) -> Vec<Endpoint> {
+        names
+            .iter()
+            .map(|n| Endpoint::new(IpAddr::V4(self.backend(n).ipv4()), TARGET_PORT, 1))
+            .collect()
+    }
+
+    fn endpoints6(&self, names: &[&str]) -> Vec<Endpoint> {
+        names
+            .iter()
+            .map(|n| {
+                Endpoint::new(
+                    IpAddr::V6(self.backend(n).ipv6().expect("v6")),
+                    TARGET_PORT,
+                    1,
+                )
+            })
+            .collect()
+    }
+
+    fn builder(&self, generation: u64, node_mode: u32) -> SnapshotBuilder {
+        let mut b = SnapshotBuilder::new(NODE, generation, node_mode);
+        b.workload(IpAddr::V4(self.client.ipv4()), 7);
+        b
+    }
+
+    fn write(&self, snapshot: &kmesh_snapshot::Snapshot) {
+        write_atomically(&self.snapshot_file, &snapshot.encode().expect("encode"))
+            .expect("write snapshot");
+    }
+
+    fn start_agent(&self, extra_args: &[&str]) -> Agent {
+        let mut agent = Agent::start(&AgentOptions {
+            node_name: NODE,
+            snapshot_file: &self.snapshot_file,
+            dir: &self.dir,
+            cgroup: &self.cgroup,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        })
+        .expect("start kmesh-agent");
+        agent.wait_ready(READY).expect("agent ready");
+        agent
+    }
+
+    /// `count` connects from the client to `target` (ip:port).
+    fn probe(&self, target: &str, count: u32) -> ProbeReport {
+        self.probe_from(&self.client, target, count)
+    }
+
+    fn probe_from(&self, pod: &Pod, target: &str, count: u32) -> ProbeReport {
+        pod.run_probe(
+            &self.cgroup,
+            &[
+                "--target",
+                target,
+                "--count",
+                &count.to_string(),
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .expect("probe")
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.snapshot_file);
+    }
+}
+
+fn v6(suffix: u32) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x244,
+        0,
+        0,
+        0,
+        0,
+        (suffix >> 16) as u16,
+        suffix as u16,
+    )
+}
+
+fn target(ip: Ipv4Addr) -> String {
+    format!("{ip}:80")
+}
+
+fn live_generation(agent: &Agent) -> Option<u64> {
+    agent.debug_snapshot().ok()?["live"]["generation"].as_u64()
+}
+
+fn wait_generation(agent: &mut Agent, generation: u64) {
+    agent
+        .wait_for(
+            Duration::from_secs(10),
+            &format!("generation {generation} live"),
+            |a| Ok(live_generation(a) == Some(generation)),
+        )
+        .expect("generation applied");
+}
+
+fn wait_enrolled(agent: &mut Agent, n: u64) {
+    agent
+        .wait_for(
+            Duration::from_secs(5),
+            &format!("{n} enrolled netns"),
+            |a| Ok(a.debug_snapshot()?["enrolled_netns"].as_u64() == Some(n)),
+        )
+        .expect("enrolment");
+}
+
+/// Asserts that the share of `pod` in `report` is `expected` within 5 standard deviations of a
+/// binomial proportion (false failure rate below 1e-6 per check).
+fn assert_share(report: &ProbeReport, pod: &str, expected: f64) {
+    let n = report.ok as f64;
+    let observed = report.replies(pod) as f64 / n;
+    let sigma = (expected * (1.0 - expected) / n).sqrt();
+    let tolerance = 5.0 * sigma;
+    println!(
+        "share of {pod}: observed {observed:.4}, expected {expected:.2} ± {tolerance:.4} (n = {n})"
+    );
+    assert!(
+        (observed - expected).abs() <= tolerance,
+        "share of {pod} is {observed:.4}, expected {expected} ± {tolerance:.4}: {report:?}"
+    );
+}
+
+#[test]
+fn load_balancing_reaches_every_endpoint_and_honours_weights() {
+    let w = World::new("lb", &["a", "b", "c"]);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    let all = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a", "b", "c"]));
+    let only_a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
+    let only_b = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["b"]));
+    let only_c = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["c"]));
+    let hashed = b.backend_set(lb_policy::SOURCE_IP_HASH, &w.endpoints(&["a", "b", "c"]));
+    b.service(VIP_ALL.into(), 80, &[(1, all)]);
+    b.service(VIP_90_10.into(), 80, &[(90, only_a), (10, only_b)]);
+    b.service(
+        VIP_50_30_20.into(),
+        80,
+        &[(50, only_a), (30, only_b), (20, only_c)],
+    );
+    b.service(VIP_HASH.into(), 80, &[(1, hashed)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+
+    let every = w.probe(&target(VIP_ALL), 300);
+    println!("uniform over a, b, c: {every:?}");
+    assert_eq!(every.ok, 300, "{every:?}");
+    for pod in ["a", "b", "c"] {
+        assert!(every.replies(pod) > 0, "{pod} never reached: {every:?}");
+    }
+
+    let split = w.probe(&target(VIP_90_10), 2000);
+    assert_eq!(split.ok, 2000, "{split:?}");
+    assert_share(&split, "a", 0.9);
+    assert_share(&split, "b", 0.1);
+
+    let split3 = w.probe(&target(VIP_50_30_20), 3000);
+    assert_eq!(split3.ok, 3000, "{split3:?}");
+    assert_share(&split3, "a", 0.5);
+    assert_share(&split3, "b", 0.3);
+    assert_share(&split3, "c", 0.2);
+
+    // Source-IP hashing: one client always lands on the same endpoint.
+    let hashed = w.probe(&target(VIP_HASH), 200);
+    assert_eq!(hashed.ok, 200, "{hashed:?}");
+    assert_eq!(
+        hashed.by_reply.len(),
+        1,
+        "source hash spread one client over several endpoints: {hashed:?}"
+    );
+
+    // A direct connect to a pod IP is not a service: untouched, and it works.
+    let direct = w.probe(&format!("{}:{TARGET_PORT}", w.backend("c").ipv4()), 20);
+    assert_eq!(direct.replies("c"), 20, "{direct:?}");
+
+    let counters = &agent.debug_snapshot().unwrap()["counters"];
+    assert!(
+        counters["rewritten"].as_u64().unwrap() >= 5500,
+        "{counters}"
+    );
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_sockets_are_rewritten() {
+    let w = World::new("ipv6", &["a", "b"]);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    let v4 = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a", "b"]));
+    let v6set = b.backend_set(lb_policy::RANDOM, &w.endpoints6(&["a", "b"]));
+    b.service(VIP_ALL.into(), 80, &[(1, v4)]);
+    b.service(VIP6.into(), 80, &[(1, v6set)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+
+    let v6report = w.probe(&format!("[{VIP6}]:80"), 200);
+    assert_eq!(v6report.ok, 200, "IPv6 VIP: {v6report:?}");
+    assert!(
+        v6report.replies("a") > 0 && v6report.replies("b") > 0,
+        "{v6report:?}"
+    );
+
+    // An AF_INET6 socket dialing the IPv4 VIP as ::ffff:10.96.0.10.
+    let mapped = w
+        .client
+        .run_probe(
+            &w.cgroup,
+            &[
+                "--target",
+                &target(VIP_ALL),
+                "--socket",
+                "v6",
+                "--count",
+                "200",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .expect("probe");
+    assert_eq!(mapped.ok, 200, "IPv4-mapped on an IPv6 socket: {mapped:?}");
+    assert!(
+        mapped.replies("a") > 0 && mapped.replies("b") > 0,
+        "{mapped:?}"
+    );
+}
+
+#[test]
+fn unenrolled_disabled_and_endpointless_traffic() {
+    let w = World::new("pass", &["a"]);
+    let outsider = w
+        .net
+        .add_pod("outsider", Ipv4Addr::new(10, 244, 1, 20), None)
+        .expect("outsider pod");
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
+    let empty = b.backend_set(lb_policy::RANDOM, &[]);
+    b.service(VIP_ALL.into(), 80, &[(1, a)]);
+    b.service(VIP_EMPTY.into(), 80, &[(1, empty)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+
+    // Enrolled client: rewritten.
+    assert_eq!(w.probe(&target(VIP_ALL), 20).replies("a"), 20);
+
+    // A namespace that is not in the snapshot's workloads is untouched: its connect to the VIP
+    // goes nowhere (no route out).
+    let untouched = w.probe_from(&outsider, &target(VIP_ALL), 20);
+    assert_eq!(
+        untouched.errors_of("ENETUNREACH"),
+        20,
+        "non-enrolled netns was steered: {untouched:?}"
+    );
+
+    // A service without endpoints fails fast with ECONNREFUSED (not a timeout on a dead VIP).
+    let started = Instant::now();
+    let refused = w.probe(&target(VIP_EMPTY), 20);
+    assert_eq!(refused.errors_of("ECONNREFUSED"), 20, "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusals were slow: {:?}",
+        started.elapsed()
+    );
+
+    // Disabled: a new snapshot that says pass; the enrolled client is no longer steered.
+    let mut b = w.builder(2, mode::DISABLED);
+    let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
+    b.service(VIP_ALL.into(), 80, &[(1, a)]);
+    w.write(&b.build());
+    wait_generation(&mut agent, 2);
+    let disabled = w.probe(&target(VIP_ALL), 20);
+    assert_eq!(
+        disabled.errors_of("ENETUNREACH"),
+        20,
+        "Disabled still steered: {disabled:?}"
+    );
+}
+
+/// A workload whose namespace appears after the agent started is enrolled within 2 s, and one
+/// whose namespace disappears is dropped within 2 s.
+#[test]
+fn namespaces_that_appear_and_disappear_are_picked_up() {
+    let w = World::new("enrol", &["a"]);
+    let late_ip = Ipv4Addr::new(10, 244, 1, 30);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    b.workload(late_ip.into(), 8);
+    let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
+    b.service(VIP_ALL.into(), 80, &[(1, a)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+
+    let late = w.net.add_pod("late", late_ip, None).expect("late pod");
+    let appeared = Instant::now();
+    wait_enrolled(&mut agent, 2);
+    println!("new namespace enrolled after {:?}", appeared.elapsed());
+    assert!(appeared.elapsed() < Duration::from_secs(2));
+    assert_eq!(w.probe_from(&late, &target(VIP_ALL), 10).replies("a"), 10);
+
+    w.net.remove_pod("late").expect("remove late pod");
+    let gone = Instant::now();
+    wait_enrolled(&mut agent, 1);
+    println!("removed namespace dropped after {:?}", gone.elapsed());
+    assert!(gone.elapsed() < Duration::from_secs(2));
+}
+
+/// Two endpoint sets for one VIP; each generation moves the service to the other set.
+fn alternating_snapshot(w: &World, generation: u64) -> kmesh_snapshot::Snapshot {
+    let names: &[&str] = if generation.is_multiple_of(2) {
+        &["a", "b"]
+    } else {
+        &["c", "d"]
+    };
+    let mut b = w.builder(generation, mode::KERNEL_NATIVE);
+    let set = b.backend_set(lb_policy::RANDOM, &w.endpoints(names));
+    b.service(VIP_ALL.into(), 80, &[(1, set)]);
+    b.build()
+}
+
+fn start_continuous_probe(w: &World, stop: &StopFile) -> kmesh_tests::ProbeHandle {
+    w.client
+        .spawn_probe(
+            &w.cgroup,
+            &[
+                "--target",
+                &target(VIP_ALL),
+                "--until-file",
+                stop.arg(),
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .expect("continuous probe")
+}
+
+#[test]
+fn swap_under_load_never_mixes_or_fails() {
+    const SWAPS: u64 = 200;
+    let w = World::new("swap", &["a", "b", "c", "d"]);
+    w.write(&alternating_snapshot(&w, 1));
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+
+    let stop = StopFile::new("swap");
+    let probe = start_continuous_probe(&w, &stop);
+    let started = Instant::now();
+    for generation in 2..=SWAPS + 1 {
+        w.write(&alternating_snapshot(&w, generation));
+        wait_generation(&mut agent, generation);
+    }
+    let swap_time = started.elapsed();
+    stop.signal().expect("stop probe");
+    let report = probe
+        .wait_timeout(Duration::from_secs(30))
+        .expect("probe report");
+    let status = agent.debug_snapshot().unwrap();
+    println!(
+        "swap under load: {SWAPS} swaps in {swap_time:?}; connections {} ok {} failed {} by endpoint {:?}; agent applied {}",
+        report.attempts, report.ok, report.failed, report.by_reply, status["applied"]
+    );
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(
+        report.ok >= 1000,
+        "too few connections to mean anything: {report:?}"
+    );
+    let reached: BTreeSet<&str> = report.by_reply.keys().map(String::as_str).collect();
+    assert_eq!(reached, BTreeSet::from(["a", "b", "c", "d"]), "{report:?}");
+    assert_eq!(status["applied"].as_u64(), Some(SWAPS + 1), "{status}");
+    assert_eq!(
+        status["counters"]["inconsistent"].as_u64(),
+        Some(0),
+        "{status}"
+    );
+}
+
+#[test]
+fn sigkill_and_restart_under_load_keep_traffic_flowing() {
+    let w = World::new("restart", &["a", "b"]);
+    let mut b = w.builder(5, mode::KERNEL_NATIVE);
+    let set = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a", "b"]));
+    b.service(VIP_ALL.into(), 80, &[(1, set)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+    let before = agent.debug_snapshot().unwrap();
+    assert_eq!(before["adopted_pins"], false);
+
+    let stop = StopFile::new("restart");
+    let probe = start_continuous_probe(&w, &stop);
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill().expect("SIGKILL agent");
+    // No agent at all for a while: the pinned links and maps carry the traffic.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut restarted = w.start_agent(&[]);
+    let after = restarted.debug_snapshot().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.signal().expect("stop probe");
+    let report = probe
+        .wait_timeout(Duration::from_secs(30))
+        .expect("probe report");
+    println!(
+        "restart under load: connections {} ok {} failed {} by endpoint {:?}",
+        report.attempts, report.ok, report.failed, report.by_reply
+    );
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(
+        report.replies("a") > 0 && report.replies("b") > 0,
+        "{report:?}"
+    );
+    assert_eq!(after["adopted_pins"], true, "{after}");
+    assert_eq!(after["links"], before["links"], "links were re-attached");
+    assert_eq!(
+        after["unchanged"].as_u64(),
+        Some(1),
+        "the same generation was re-applied: {after}"
+    );
+    assert_eq!(after["applied"].as_u64(), Some(0), "{after}");
+    wait_enrolled(&mut restarted, 1);
+}
+
+#[test]
+fn corrupt_truncated_and_oversized_snapshots_are_refused_whole() {
+    let w = World::new("reject", &["a", "b"]);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
+    b.service(VIP_ALL.into(), 80, &[(1, a)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&["--max-services", "2"]);
+    wait_enrolled(&mut agent, 1);
+
+    // The next snapshot would move the VIP to b; every broken form of it must change nothing.
+    let mut b = w.builder(2, mode::KERNEL_NATIVE);
+    let to_b = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["b"]));
+    b.service(VIP_ALL.into(), 80, &[(1, to_b)]);
+    let good = b.build().encode().unwrap();
+
+    let mut corrupt = good.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let truncated = good[..good.len() / 2].to_vec();
+    let mut b = w.builder(2, mode::KERNEL_NATIVE);
+    let to_b = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["b"]));
+    for i in 0..3u8 {
+        b.service(Ipv4Addr::new(10, 96, 1, i).into(), 80, &[(1, to_b)]);
+    }
+    let oversized = b.build().encode().unwrap();
+    let other_node = {
+        let mut b = SnapshotBuilder::new("node-2", 2, mode::KERNEL_NATIVE);
+        let to_b = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["b"]));
+        b.service(VIP_ALL.into(), 80, &[(1, to_b)]);
+        b.build().encode().unwrap()
+    };
+
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("corrupt", corrupt, "hash"),
+        ("truncated", truncated, "truncated"),
+        ("over capacity", oversized, "capacity"),
+        ("another node's", other_node, "node"),
+        ("garbage", b"not a snapshot".to_vec(), "magic"),
+    ];
+    for (i, (what, bytes, reason_word)) in cases.into_iter().enumerate() {
+        write_atomically(&w.snapshot_file, &bytes).unwrap();
+        let rejected = i as u64 + 1;
+        agent
+            .wait_for(
+                Duration::from_secs(5),
+                &format!("{what} snapshot refused"),
+                |a| Ok(a.debug_snapshot()?["rejected"].as_u64() == Some(rejected)),
+            )
+            .expect("refusal");
+        let status = agent.debug_snapshot().unwrap();
+        let reason = status["last_rejection"]["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        println!("{what} snapshot refused: {reason}");
+        assert!(
+            reason.contains(reason_word),
+            "{what}: reason {reason:?} should mention {reason_word:?}"
+        );
+        assert_eq!(
+            status["last_rejection"]["over_capacity"],
+            what == "over capacity"
+        );
+        assert_eq!(
+            status["live"]["generation"], 1,
+            "{what} snapshot changed the live generation"
+        );
+        assert_eq!(
+            w.probe(&target(VIP_ALL), 20).replies("a"),
+            20,
+            "{what} snapshot changed routing"
+        );
+    }
+    // The good one still applies afterwards.
+    write_atomically(&w.snapshot_file, &good).unwrap();
+    wait_generation(&mut agent, 2);
+    assert_eq!(w.probe(&target(VIP_ALL), 20).replies("b"), 20);
+}
+
+#[test]
+fn uninstall_detaches_everything() {
+    let w = World::new("uninstall", &["a"]);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
+    b.service(VIP_ALL.into(), 80, &[(1, a)]);
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+    assert_eq!(w.probe(&target(VIP_ALL), 10).replies("a"), 10);
+    let status = agent.terminate().expect("SIGTERM");
+    assert!(status.success(), "agent exit status {status}");
+    assert_eq!(
+        w.probe(&target(VIP_ALL), 10).replies("a"),
+        10,
+        "programs must survive the agent"
+    );
+    assert!(!w.dir.pins().is_empty());
+
+    let out = std::process::Command::new(kmesh_tests::workspace_bin("kmesh-agent").unwrap())
+        .args(["uninstall", "--bpffs-dir"])
+        .arg(w.dir.path())
+        .output()
+        .expect("kmesh-agent uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(w.dir.pins().is_empty(), "pins left: {:?}", w.dir.pins());
+    let after = w.probe(&target(VIP_ALL), 10);
+    assert_eq!(
+        after.errors_of("ENETUNREACH"),
+        10,
+        "still steered after uninstall: {after:?}"
+    );
+}

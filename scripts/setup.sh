@@ -10,6 +10,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { echo "setup: $*" >&2; }
 
+# --no-kernel: only the build toolchain (image builds, where there is no bpffs or cgroup to prepare).
+kernel=yes
+[ "${1:-}" = "--no-kernel" ] && kernel=no
+
 if [ "$(id -u)" != 0 ]; then
   echo "setup: must run as root (apt-get, bpffs, cgroups and network namespaces need it)" >&2
   exit 1
@@ -56,6 +60,10 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
 fi
 
 # 4. Kernel facilities: bpffs for pins; cgroup v2 must be mounted somewhere.
+if [ "$kernel" = no ]; then
+  log "ok (toolchain only): $(rustc --version), $(bpf-linker --version)"
+  exit 0
+fi
 if ! awk '$3=="bpf"{found=1} END{exit !found}' /proc/mounts; then
   log "mounting bpffs on /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

@@ -5,15 +5,9 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
+use kmesh_agent::{agent, loader, source};
 use kmesh_snapshot::Limits;
 use tracing::error;
-
-mod admin;
-mod agent;
-mod enrol;
-mod loader;
-mod maps;
-mod source;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -35,6 +35,9 @@ pub struct ProbeReport {
     /// Wall time of the whole run.
     #[serde(default)]
     pub elapsed_ms: u64,
+    /// The same, in microseconds (benchmarks divide it by the attempts).
+    #[serde(default)]
+    pub elapsed_us: u64,
 }
 
 impl ProbeReport {

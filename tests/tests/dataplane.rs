@@ -7,6 +7,7 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    sync::atomic::{AtomicU8, Ordering},
     time::{Duration, Instant},
 };
 
@@ -30,6 +31,9 @@ const READY: Duration = Duration::from_secs(20);
 /// One test's node: a client pod (enrolled), backend pods each serving TARGET_PORT, a test cgroup
 /// the programs attach to, a private pin directory and a snapshot file.
 struct World {
+    /// Third octet of this world's pod addresses: tests run in parallel, and every agent scans every
+    /// namespace on the machine, so pod IPs must not repeat across worlds (as on a real node).
+    subnet: u8,
     net: TestNetwork,
     cgroup: TestCgroup,
     dir: AgentDir,
@@ -40,22 +44,28 @@ struct World {
 
 impl World {
     fn new(name: &str, backends: &[&str]) -> World {
+        static NEXT_SUBNET: AtomicU8 = AtomicU8::new(1);
+        let subnet = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
         let net = TestNetwork::new(name).expect("test network");
         let cgroup = TestCgroup::new(name).expect("test cgroup");
         let dir = AgentDir::new(name).expect("pin directory");
         let client = net
-            .add_pod("client", Ipv4Addr::new(10, 244, 1, 10), Some(v6(0x1_0010)))
+            .add_pod(
+                "client",
+                Ipv4Addr::new(10, 244, subnet, 10),
+                Some(v6(subnet, 10)),
+            )
             .expect("client pod");
         let backends = backends
             .iter()
             .enumerate()
             .map(|(i, pod)| {
-                let i = i as u8 + 1;
+                let host = i as u8 + 100;
                 let p = net
                     .add_pod(
                         pod,
-                        Ipv4Addr::new(10, 244, 2, i),
-                        Some(v6(0x2_0000 + u32::from(i))),
+                        Ipv4Addr::new(10, 244, subnet, host),
+                        Some(v6(subnet, host)),
                     )
                     .expect("backend pod");
                 let server = p.serve_tcp(TARGET_PORT).expect("backend server");
@@ -65,6 +75,7 @@ impl World {
         let snapshot_file =
             std::env::temp_dir().join(format!("kmt-{name}-{}.snap", std::process::id()));
         World {
+            subnet,
             net,
             cgroup,
             dir,
@@ -154,7 +165,7 @@ impl Drop for World {
     }
 }
 
-fn v6(suffix: u32) -> Ipv6Addr {
+fn v6(subnet: u8, host: u8) -> Ipv6Addr {
     Ipv6Addr::new(
         0xfd00,
         0x244,
@@ -162,9 +173,16 @@ fn v6(suffix: u32) -> Ipv6Addr {
         0,
         0,
         0,
-        (suffix >> 16) as u16,
-        suffix as u16,
+        u16::from(subnet),
+        u16::from(host),
     )
+}
+
+impl World {
+    /// Another address in this world's subnet.
+    fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.subnet, host)
+    }
 }
 
 fn target(ip: Ipv4Addr) -> String {
@@ -318,7 +336,7 @@ fn unenrolled_disabled_and_endpointless_traffic() {
     let w = World::new("pass", &["a"]);
     let outsider = w
         .net
-        .add_pod("outsider", Ipv4Addr::new(10, 244, 1, 20), None)
+        .add_pod("outsider", w.ip(20), None)
         .expect("outsider pod");
     let mut b = w.builder(1, mode::KERNEL_NATIVE);
     let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
@@ -370,7 +388,7 @@ fn unenrolled_disabled_and_endpointless_traffic() {
 #[test]
 fn namespaces_that_appear_and_disappear_are_picked_up() {
     let w = World::new("enrol", &["a"]);
-    let late_ip = Ipv4Addr::new(10, 244, 1, 30);
+    let late_ip = w.ip(30);
     let mut b = w.builder(1, mode::KERNEL_NATIVE);
     b.workload(late_ip.into(), 8);
     let a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));

@@ -15,7 +15,7 @@ use kmesh_tests::ProbeReport;
 const USAGE: &str = "\
 usage: kmesh-probe --target ADDR:PORT [--count N] [--duration-ms MS] [--until-file PATH]
                    [--timeout-ms T] [--interval-us U] [--socket v4|v6|auto]
-                   [--ready-file PATH]
+                   [--ready-file PATH] [--connect-only]
 
   --target       IPv4 `a.b.c.d:port` or IPv6 `[v6]:port`
   --count        stop after N attempts
@@ -27,6 +27,9 @@ usage: kmesh-probe --target ADDR:PORT [--count N] [--duration-ms MS] [--until-fi
   --socket       socket family (alias --family); `v6` with an IPv4 target dials the
                  IPv4-mapped address ::ffff:a.b.c.d on an AF_INET6 socket (default auto)
   --ready-file   create PATH once the first attempt is done
+  --connect-only connect() then close() with no read, closing with RST (SO_LINGER 0) so that
+                 no TIME_WAIT state piles up; successes count under the reply \"connected\".
+                 For benchmarks of the connect path.
 
 Prints one JSON line: {\"attempts\":N,\"ok\":N,\"failed\":N,\"by_reply\":{..},\"errors\":{..},\"elapsed_ms\":N}
 Error keys: errno names (ECONNREFUSED, ENETUNREACH, EPERM, ...), connect_timeout,
@@ -41,6 +44,7 @@ struct Opts {
     ready_file: Option<PathBuf>,
     timeout: Duration,
     interval: Duration,
+    connect_only: bool,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
@@ -52,6 +56,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
     let mut ready_file = None;
     let mut timeout = Duration::from_millis(1000);
     let mut interval = Duration::ZERO;
+    let mut connect_only = false;
 
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
@@ -72,6 +77,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
             "--timeout-ms" => timeout = Duration::from_millis(num(value()?)?),
             "--interval-us" => interval = Duration::from_micros(num(value()?)?),
             "--socket" | "--family" => socket = value()?,
+            "--connect-only" => connect_only = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -101,6 +107,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
         ready_file,
         timeout,
         interval,
+        connect_only,
     })
 }
 
@@ -190,6 +197,27 @@ fn attempt(target: &SocketAddr, timeout: Duration) -> Result<String, String> {
     Ok(line)
 }
 
+/// A blocking connect() and an immediate close() that sends RST (no TIME_WAIT left behind).
+fn connect_close(target: &SocketAddr) -> Result<String, String> {
+    use std::os::fd::AsRawFd as _;
+    let s = TcpStream::connect(target).map_err(|e| error_key(&e, "connect_timeout"))?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    Ok("connected".to_string())
+}
+
 fn create_ready_file(f: &std::path::Path) {
     if let Err(e) = std::fs::write(f, b"") {
         eprintln!("kmesh-probe: cannot create ready file {}: {e}", f.display());
@@ -207,7 +235,12 @@ fn run(o: &Opts) -> ProbeReport {
             break;
         }
         r.attempts += 1;
-        match attempt(&o.target, o.timeout) {
+        let result = if o.connect_only {
+            connect_close(&o.target)
+        } else {
+            attempt(&o.target, o.timeout)
+        };
+        match result {
             Ok(reply) => {
                 r.ok += 1;
                 *r.by_reply.entry(reply).or_default() += 1;
@@ -225,6 +258,7 @@ fn run(o: &Opts) -> ProbeReport {
         }
     }
     r.elapsed_ms = start.elapsed().as_millis() as u64;
+    r.elapsed_us = start.elapsed().as_micros() as u64;
     r
 }
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every test: set up this machine (scripts/setup.sh), then lint, build, run the unit tests and the
+# real-kernel end-to-end tests, the snapshot codec at full scale in release mode, and a smoke run of
+# the benchmark. Run as root. Exits non-zero on the first failure; the last line counts the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+step() { echo; echo "==> $*"; }
+
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build (the end-to-end tests run the workspace binaries)"
+cargo build --workspace --bins --locked
+
+step "unit and end-to-end tests (real kernel, root)"
+cargo test --workspace --locked 2>&1 | tee -a "$log"
+
+step "snapshot codec at full scale (100,000 services, 1,000,000 endpoints), release"
+cargo test -p kmesh-snapshot --release --locked 2>&1 | tee -a "$log"
+
+step "benchmark smoke run"
+cargo build --release -p kmesh-tests --bins --locked
+cargo bench -p kmesh-agent --bench dataplane --locked -- --smoke
+
+echo
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

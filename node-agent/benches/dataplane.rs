@@ -129,10 +129,20 @@ fn connect_cost(plan: &Plan, client: &Pod, server: &Pod, plain: &TestCgroup, mes
     per_connection_us(client, plain, &pod, plan.connections / 10);
     per_connection_us(client, mesh, &vip, plan.connections / 10);
     let (mut baseline, mut through_vip, mut direct_with_programs) = (vec![], vec![], vec![]);
-    for _ in 0..plan.rounds {
-        baseline.push(per_connection_us(client, plain, &pod, plan.connections));
-        through_vip.push(per_connection_us(client, mesh, &vip, plan.connections));
-        direct_with_programs.push(per_connection_us(client, mesh, &pod, plan.connections));
+    for round in 0..plan.rounds {
+        // Rotate the order so that no variant always runs first (or right after another).
+        for variant in 0..3 {
+            match (round + variant) % 3 {
+                0 => baseline.push(per_connection_us(client, plain, &pod, plan.connections)),
+                1 => through_vip.push(per_connection_us(client, mesh, &vip, plan.connections)),
+                _ => direct_with_programs.push(per_connection_us(
+                    client,
+                    mesh,
+                    &pod,
+                    plan.connections,
+                )),
+            }
+        }
     }
     let (b, v, d) = (
         median(baseline),

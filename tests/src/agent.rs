@@ -71,10 +71,19 @@ pub(crate) fn remove_pins(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Where an agent gets its snapshots.
+pub enum AgentSource<'a> {
+    File(&'a Path),
+    Operator {
+        url: String,
+        token_file: Option<&'a Path>,
+    },
+}
+
 /// Options of one agent process.
 pub struct AgentOptions<'a> {
     pub node_name: &'a str,
-    pub snapshot_file: &'a Path,
+    pub source: AgentSource<'a>,
     pub dir: &'a AgentDir,
     pub cgroup: &'a TestCgroup,
     /// Extra flags (capacities, say).
@@ -99,11 +108,21 @@ impl Agent {
             admin.port()
         ));
         let log_file = fs::File::create(&log)?;
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        match &opts.source {
+            AgentSource::File(path) => {
+                cmd.arg("--snapshot-file").arg(path);
+            }
+            AgentSource::Operator { url, token_file } => {
+                cmd.arg("--operator-url").arg(url);
+                if let Some(token) = token_file {
+                    cmd.arg("--token-file").arg(token);
+                }
+            }
+        }
+        let child = cmd
             .arg("--node-name")
             .arg(opts.node_name)
-            .arg("--snapshot-file")
-            .arg(opts.snapshot_file)
             .arg("--bpffs-dir")
             .arg(opts.dir.path())
             .arg("--cgroup")

@@ -27,13 +27,15 @@ pub mod cmd;
 pub mod names;
 pub mod netns;
 pub mod probe;
+pub mod snapshot_server;
 pub mod sweep;
 
-pub use agent::{Agent, AgentDir, AgentOptions, write_atomically};
+pub use agent::{Agent, AgentDir, AgentOptions, AgentSource, write_atomically};
 pub use cgroup::{TestCgroup, cgroup2_root};
 pub use cmd::{ip, ip_in};
 pub use netns::{Pod, TcpServer, TestNetwork, netns_path, run_in_netns};
 pub use probe::{ProbeHandle, ProbeReport, StopFile, workspace_bin};
+pub use snapshot_server::SnapshotServer;
 pub use sweep::sweep_leftovers;
 
 /// Panics with a clear message unless the process runs as root (euid 0).

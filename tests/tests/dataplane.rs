@@ -14,8 +14,8 @@ use std::{
 use kmesh_common::{lb_policy, mode};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, Pod, ProbeReport, StopFile, TcpServer, TestCgroup, TestNetwork,
-    write_atomically,
+    Agent, AgentDir, AgentOptions, AgentSource, Pod, ProbeReport, StopFile, TcpServer, TestCgroup,
+    TestNetwork, write_atomically,
 };
 
 const NODE: &str = "node-1";
@@ -128,7 +128,7 @@ impl World {
     fn start_agent(&self, extra_args: &[&str]) -> Agent {
         let mut agent = Agent::start(&AgentOptions {
             node_name: NODE,
-            snapshot_file: &self.snapshot_file,
+            source: AgentSource::File(&self.snapshot_file),
             dir: &self.dir,
             cgroup: &self.cgroup,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),

@@ -18,7 +18,8 @@ use kmesh_snapshot::{
     builder::{Endpoint, SnapshotBuilder},
 };
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, Pod, ProbeReport, TestCgroup, TestNetwork, write_atomically,
+    Agent, AgentDir, AgentOptions, AgentSource, Pod, ProbeReport, TestCgroup, TestNetwork,
+    write_atomically,
 };
 
 const NODE: &str = "demo-node";
@@ -142,7 +143,7 @@ fn run() -> Result<(), String> {
     demo.publish(&demo.snapshot(1, steps[0].1, steps[0].2))?;
     let mut agent = Agent::start(&AgentOptions {
         node_name: NODE,
-        snapshot_file: &demo.snapshot_file,
+        source: AgentSource::File(&demo.snapshot_file),
         dir: &dir,
         cgroup: &demo.cgroup,
         extra_args: vec![],

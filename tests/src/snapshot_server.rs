@@ -1,0 +1,199 @@
+//! A loopback HTTP server that speaks the agent's snapshot contract (see
+//! `node-agent/src/source.rs`): `GET /v1/nodes/{node}/snapshot?wait=Ns` with `If-None-Match`,
+//! answering `200` with an `ETag` or, after holding the request, `304`.
+//!
+//! It stands in for the operator's snapshot server, which does not exist yet, so that the agent's
+//! client side of the contract is tested end to end now; when the operator lands, the end-to-end
+//! test moves to the real server and this stays as the contract's reference. It can also fail
+//! requests on purpose, to test the agent's retries.
+use std::{
+    io::{self, BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::Duration,
+};
+
+/// What the server saw of one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenRequest {
+    pub path: String,
+    pub if_none_match: Option<String>,
+    pub authorization: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct State {
+    /// (etag, body) per node.
+    snapshots: std::collections::BTreeMap<String, (String, Vec<u8>)>,
+    /// Requests to answer with 503 before serving again.
+    fail_next: u32,
+    /// When set, requests must carry `Authorization: Bearer <token>`.
+    token: Option<String>,
+    seen: Vec<SeenRequest>,
+    stopped: bool,
+}
+
+/// The server; stops accepting when dropped.
+pub struct SnapshotServer {
+    addr: SocketAddr,
+    state: Arc<(Mutex<State>, Condvar)>,
+}
+
+impl SnapshotServer {
+    /// `hold`: how long a request whose ETag is current is held before `304` (the contract allows
+    /// up to the client's `wait`; tests keep it short).
+    pub fn start(hold: Duration) -> io::Result<SnapshotServer> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        let accept_state = state.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accept_state.0.lock().map(|s| s.stopped).unwrap_or(true) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let state = accept_state.clone();
+                thread::spawn(move || {
+                    let _ = serve(stream, &state, hold);
+                });
+            }
+        });
+        Ok(SnapshotServer { addr, state })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Publishes `bytes` for `node` under `etag`, waking held requests.
+    pub fn publish(&self, node: &str, etag: &str, bytes: Vec<u8>) {
+        let (lock, cv) = &*self.state;
+        lock.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshots
+            .insert(node.to_string(), (format!("\"{etag}\""), bytes));
+        cv.notify_all();
+    }
+
+    pub fn fail_next(&self, n: u32) {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fail_next = n;
+    }
+
+    pub fn require_token(&self, token: &str) {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner()).token = Some(token.to_string());
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .clone()
+    }
+}
+
+impl Drop for SnapshotServer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).stopped = true;
+        cv.notify_all();
+        // Wake the accept loop so it sees `stopped`.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut if_none_match = None;
+    let mut authorization = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.trim_end().split_once(':') {
+            match name.to_ascii_lowercase().as_str() {
+                "if-none-match" => if_none_match = Some(value.trim().to_string()),
+                "authorization" => authorization = Some(value.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    let target = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    let path = target.split('?').next().unwrap_or("").to_string();
+    let node = path
+        .strip_prefix("/v1/nodes/")
+        .and_then(|rest| rest.strip_suffix("/snapshot"))
+        .map(str::to_string);
+
+    let (lock, cv) = state;
+    let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let (status, etag, body): (u16, Option<String>, Vec<u8>) = if st.fail_next > 0 {
+        st.fail_next -= 1;
+        (503, None, b"failing on purpose\n".to_vec())
+    } else if st
+        .token
+        .as_ref()
+        .is_some_and(|t| authorization.as_deref() != Some(&format!("Bearer {t}")))
+    {
+        (401, None, b"bad token\n".to_vec())
+    } else if let Some(node) = node {
+        let current = |st: &State| st.snapshots.get(&node).cloned();
+        // Long poll: hold while the client already has the current snapshot.
+        let (guard, _) = cv
+            .wait_timeout_while(st, hold, |st| {
+                !st.stopped
+                    && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match.as_ref())
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        st = guard;
+        match current(&st) {
+            Some((etag, _)) if Some(&etag) == if_none_match.as_ref() => (304, Some(etag), vec![]),
+            Some((etag, bytes)) => (200, Some(etag), bytes),
+            None => (404, None, b"unknown node\n".to_vec()),
+        }
+    } else {
+        (404, None, b"not found\n".to_vec())
+    };
+    st.seen.push(SeenRequest {
+        path,
+        if_none_match,
+        authorization,
+        status,
+    });
+    drop(st);
+
+    let reason = match status {
+        200 => "OK",
+        304 => "Not Modified",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Service Unavailable",
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    )?;
+    if let Some(etag) = etag {
+        write!(out, "ETag: {etag}\r\n")?;
+    }
+    write!(out, "Content-Type: application/octet-stream\r\n\r\n")?;
+    out.write_all(&body)?;
+    out.flush()
+}

@@ -1,0 +1,168 @@
+//! The agent's operator source, end to end: the real agent long-polls a loopback server that speaks
+//! the snapshot contract (`kmesh_tests::SnapshotServer`), with ETags, 304s, a bearer token and
+//! failures it must ride out, and the kernel steers traffic by what it fetched.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use kmesh_common::{lb_policy, mode};
+use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
+use kmesh_tests::{
+    Agent, AgentDir, AgentOptions, AgentSource, SnapshotServer, TestCgroup, TestNetwork,
+};
+
+const NODE: &str = "node-op";
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PORT: u16 = 8080;
+
+#[test]
+fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
+    let net = TestNetwork::new("opsrc").expect("network");
+    let cgroup = TestCgroup::new("opsrc").expect("cgroup");
+    let dir = AgentDir::new("opsrc").expect("pins");
+    let client = net
+        .add_pod("client", Ipv4Addr::new(10, 244, 200, 10), None)
+        .expect("client");
+    let a = net
+        .add_pod("a", Ipv4Addr::new(10, 244, 200, 101), None)
+        .expect("a");
+    let b = net
+        .add_pod("b", Ipv4Addr::new(10, 244, 200, 102), None)
+        .expect("b");
+    let _servers = (a.serve_tcp(PORT).unwrap(), b.serve_tcp(PORT).unwrap());
+    let snapshot_to = |generation: u64, pod: &kmesh_tests::Pod| {
+        let mut s = SnapshotBuilder::new(NODE, generation, mode::KERNEL_NATIVE);
+        s.workload(IpAddr::V4(client.ipv4()), 1);
+        let set = s.backend_set(
+            lb_policy::RANDOM,
+            &[Endpoint::new(IpAddr::V4(pod.ipv4()), PORT, 1)],
+        );
+        s.service(VIP.into(), 80, &[(1, set)]);
+        s.build().encode().unwrap()
+    };
+    let token_file = std::env::temp_dir().join(format!("kmt-opsrc-{}.token", std::process::id()));
+    std::fs::write(&token_file, "agent-token\n").unwrap();
+
+    let server = SnapshotServer::start(Duration::from_millis(500)).expect("snapshot server");
+    server.require_token("agent-token");
+    server.publish(NODE, "g1", snapshot_to(1, &a));
+    let mut agent = Agent::start(&AgentOptions {
+        node_name: NODE,
+        source: AgentSource::Operator {
+            url: server.url(),
+            token_file: Some(&token_file),
+        },
+        dir: &dir,
+        cgroup: &cgroup,
+        extra_args: vec![],
+    })
+    .expect("agent");
+    agent.wait_ready(Duration::from_secs(20)).expect("ready");
+    agent
+        .wait_for(Duration::from_secs(5), "enrolled", |a| {
+            Ok(a.debug_snapshot()?["enrolled_netns"].as_u64() == Some(1))
+        })
+        .unwrap();
+    let probe = |n: u32| {
+        client
+            .run_probe(
+                &cgroup,
+                &["--target", &format!("{VIP}:80"), "--count", &n.to_string()],
+            )
+            .unwrap()
+    };
+    assert_eq!(probe(10).replies("a"), 10);
+
+    // The first request carried no ETag and the token; later ones present the ETag and get 304s
+    // while nothing changes (held by the server: a long poll, not a busy loop).
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = server.seen();
+    assert_eq!(seen[0].if_none_match, None, "{seen:?}");
+    assert_eq!(seen[0].authorization.as_deref(), Some("Bearer agent-token"));
+    assert!(
+        seen.iter()
+            .any(|r| r.status == 304 && r.if_none_match.as_deref() == Some("\"g1\"")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.len() < 10,
+        "the agent polls too often: {} requests in ~2 s",
+        seen.len()
+    );
+    assert_eq!(agent.debug_snapshot().unwrap()["applied"], 1);
+
+    // A new snapshot wakes the held request: applied well within a second.
+    let published = Instant::now();
+    server.publish(NODE, "g2", snapshot_to(2, &b));
+    agent
+        .wait_for(Duration::from_secs(5), "generation 2", |a| {
+            Ok(a.debug_snapshot()?["live"]["generation"] == 2)
+        })
+        .unwrap();
+    println!(
+        "generation 2 live {:?} after publishing",
+        published.elapsed()
+    );
+    assert!(published.elapsed() < Duration::from_secs(2));
+    assert_eq!(probe(10).replies("b"), 10);
+
+    // The server fails for a while: the agent keeps generation 2 and retries with backoff; once the
+    // server is back it fetches generation 3.
+    server.fail_next(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.seen().iter().filter(|r| r.status == 503).count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent stopped retrying: {:?}",
+            server.seen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        agent.log().contains("fetching snapshot failed"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.debug_snapshot().unwrap()["live"]["generation"], 2);
+    assert_eq!(
+        probe(10).replies("b"),
+        10,
+        "an outage of the server changed routing"
+    );
+    server.publish(NODE, "g3", snapshot_to(3, &a));
+    agent
+        .wait_for(
+            Duration::from_secs(20),
+            "generation 3 after failures",
+            |a| Ok(a.debug_snapshot()?["live"]["generation"] == 3),
+        )
+        .unwrap();
+    assert_eq!(probe(10).replies("a"), 10);
+
+    // A wrong token is refused by the server; the agent keeps what it has.
+    server.require_token("rotated-token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.seen().iter().any(|r| r.status == 401) {
+        assert!(
+            Instant::now() < deadline,
+            "no request after the token change: {:?}",
+            server.seen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.publish(NODE, "g4", snapshot_to(4, &b));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.debug_snapshot().unwrap()["live"]["generation"], 3);
+    // The token file is re-read per request: rotating it lets the agent through.
+    std::fs::write(&token_file, "rotated-token\n").unwrap();
+    agent
+        .wait_for(
+            Duration::from_secs(40),
+            "generation 4 after token rotation",
+            |a| Ok(a.debug_snapshot()?["live"]["generation"] == 4),
+        )
+        .unwrap();
+    assert_eq!(probe(10).replies("b"), 10);
+    let _ = std::fs::remove_file(&token_file);
+}

@@ -15,6 +15,12 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "the agent's dependency tree holds no Kubernetes client"
+if cargo tree -p kmesh-agent -e normal --locked --prefix none | grep -E '^(kube|kube-[a-z-]+|k8s-openapi) '; then
+  echo "kmesh-agent must not depend on a Kubernetes client (design: the agent is small)" >&2
+  exit 1
+fi
+
 step "build (the end-to-end tests run the workspace binaries)"
 cargo build --workspace --bins --locked
 

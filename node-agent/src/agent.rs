@@ -252,23 +252,13 @@ impl DataPlane {
                 && l.value.meta.content_hash == decoded.content_hash
         });
         let hash = format!("{:016x}", decoded.content_hash);
-        if unchanged {
+        let slot = if unchanged {
             info!(
                 generation = snapshot.generation,
                 hash, "live generation already matches; nothing to change"
             );
-            let slot = live.map(|l| l.slot).unwrap_or(0);
-            update(&self.status, |s| {
-                s.ready = true;
-                s.unchanged += 1;
-                s.live = Some(LiveSnapshot {
-                    generation: snapshot.generation,
-                    content_hash: hash,
-                    slot,
-                    mode: snapshot.config.mode,
-                    counts: Some(counts),
-                });
-            });
+            update(&self.status, |s| s.unchanged += 1);
+            live.map(|l| l.slot).unwrap_or(0)
         } else {
             match self.maps.apply(&snapshot, decoded.content_hash) {
                 Ok(stats) => {
@@ -282,25 +272,29 @@ impl DataPlane {
                         flip_us = stats.flip_micros,
                         "snapshot applied"
                     );
+                    let slot = stats.slot;
                     update(&self.status, |s| {
-                        s.ready = true;
                         s.applied += 1;
-                        s.live = Some(LiveSnapshot {
-                            generation: snapshot.generation,
-                            content_hash: hash,
-                            slot: stats.slot,
-                            mode: snapshot.config.mode,
-                            counts: Some(counts),
-                        });
                         s.last_apply = Some(stats);
                     });
+                    slot
                 }
                 // Nothing was flipped: the live generation is untouched.
                 Err(e) => {
                     return self.reject_reason(Some(snapshot.generation), false, e.to_string());
                 }
             }
-        }
+        };
+        update(&self.status, |s| {
+            s.ready = true;
+            s.live = Some(LiveSnapshot {
+                generation: snapshot.generation,
+                content_hash: hash,
+                slot,
+                mode: snapshot.config.mode,
+                counts: Some(counts),
+            });
+        });
         self.workloads = Some(snapshot.workloads);
     }
 

@@ -245,12 +245,12 @@ impl GenerationMaps {
         )?;
         let filled = started.elapsed();
 
-        // 2. Install them in the idle slot.
-        self.generation.set(idle, generation.fd().as_fd())?;
-        self.services.set(idle, services.fd().as_fd())?;
-        self.routes.set(idle, routes.fd().as_fd())?;
-        self.backend_sets.set(idle, backend_sets.fd().as_fd())?;
-        self.endpoints.set(idle, endpoints.fd().as_fd())?;
+        // 2. Install them in the idle slot. Each write waits for a grace period; done on parallel
+        // threads, the waits overlap (concurrent synchronize_rcu callers share grace periods).
+        let inner = [&generation, &services, &routes, &backend_sets, &endpoints];
+        in_parallel(self.outer_maps().into_iter().zip(inner), |(outer, map)| {
+            outer.set(idle, map.fd().as_fd())
+        })?;
 
         // 3. The flip: from here on new connects see the new generation.
         self.active
@@ -259,9 +259,7 @@ impl GenerationMaps {
 
         // 4. Barrier, then free the old slot (reuse rule).
         self.grace_period_barrier()?;
-        for outer in self.outer_maps() {
-            outer.clear(active)?;
-        }
+        in_parallel(self.outer_maps(), |outer| outer.clear(active))?;
         Ok(ApplyStats {
             slot: idle,
             fill_micros: filled.as_micros() as u64,
@@ -281,6 +279,24 @@ impl GenerationMaps {
     }
 }
 
+/// Runs `op` on every item, each on its own thread, and returns the first error.
+fn in_parallel<T: Send>(
+    items: impl IntoIterator<Item = T>,
+    op: impl Fn(T) -> Result<(), MapsError> + Sync,
+) -> Result<(), MapsError> {
+    std::thread::scope(|scope| {
+        let op = &op;
+        let running: Vec<_> = items
+            .into_iter()
+            .map(|item| scope.spawn(move || op(item)))
+            .collect();
+        running.into_iter().try_for_each(|t| {
+            t.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    })
+}
+
 /// A fresh inner hash map holding `entries`, sized to fit them exactly.
 fn fill<K: Pod, V: Pod>(
     name: &'static str,
@@ -294,19 +310,21 @@ fn fill<K: Pod, V: Pod>(
         capacity,
         INNER_MAP_FLAGS,
     );
-    let mut map = Map::HashMap(MapData::create(definition, name, None).map_err(map_err(name))?);
-    {
-        let mut table: HashMap<&mut MapData, K, V> =
-            HashMap::try_from(&mut map).map_err(map_err(name))?;
-        for (k, v) in entries {
-            table.insert(k, v, 0).map_err(map_err(name))?;
-        }
+    let map = MapData::create(definition, name, None).map_err(map_err(name))?;
+    let (keys, values): (Vec<K>, Vec<V>) = entries.unzip();
+    // One syscall per chunk rather than one per entry: filling is most of a large swap's cost.
+    for (k, v) in keys.chunks(FILL_BATCH).zip(values.chunks(FILL_BATCH)) {
+        bpf_map_update_batch(map.fd().as_fd(), k, v).map_err(|source| MapsError::Syscall {
+            map: name,
+            op: "batch update",
+            source,
+        })?;
     }
-    match map {
-        Map::HashMap(data) => Ok(data),
-        _ => unreachable!("constructed as Map::HashMap above"),
-    }
+    Ok(map)
 }
+
+/// Entries per BPF_MAP_UPDATE_BATCH call; bounds the time one syscall holds the CPU.
+const FILL_BATCH: usize = 16_384;
 
 /// The enrolled network namespaces (not per generation).
 pub struct EnrolledMap {
@@ -380,12 +398,13 @@ impl CounterMap {
     }
 }
 
-// aya 0.14 has no delete for ARRAY_OF_MAPS and cannot lookup the inner id without opening it, so
-// the outer maps use the bpf(2) syscall directly.
+// aya 0.14 has no delete for ARRAY_OF_MAPS, cannot look up an inner map's id without opening it,
+// and has no batch update, so these use the bpf(2) syscall directly.
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `union bpf_attr` as used by the map element commands.
 #[repr(C)]
@@ -397,44 +416,81 @@ struct MapElemAttr {
     flags: u64,
 }
 
+/// `union bpf_attr` as used by the batch commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Inserts `keys[i] -> values[i]` for every i in one syscall (Linux 5.6+).
+fn bpf_map_update_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> std::io::Result<()> {
+    debug_assert_eq!(keys.len(), values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    // On success the kernel reports how many it inserted; anything short is a failure.
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "inserted {} of {} entries",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
 fn bpf_map_op<V>(
     cmd: libc::c_long,
     fd: BorrowedFd<'_>,
     key: &u32,
     value: Option<&V>,
 ) -> std::io::Result<()> {
-    let attr = MapElemAttr {
+    let mut attr = MapElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         pad: 0,
         key: key as *const u32 as u64,
         value: value.map_or(0, |v| v as *const V as u64),
         flags: 0,
     };
-    sys_bpf(cmd, &attr)
+    sys_bpf(cmd, &mut attr)
 }
 
 fn bpf_map_lookup(fd: BorrowedFd<'_>, key: &u32, out: &mut u32) -> std::io::Result<()> {
-    let attr = MapElemAttr {
+    let mut attr = MapElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         pad: 0,
         key: key as *const u32 as u64,
         value: out as *mut u32 as u64,
         flags: 0,
     };
-    sys_bpf(BPF_MAP_LOOKUP_ELEM, &attr)
+    sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)
 }
 
-fn sys_bpf(cmd: libc::c_long, attr: &MapElemAttr) -> std::io::Result<()> {
-    // SAFETY: attr points to a live, fully initialized struct of the size we pass; the key and
-    // value pointers in it point to live values of the sizes the map was created with (u32).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const MapElemAttr,
-            std::mem::size_of::<MapElemAttr>(),
-        )
-    };
+/// bpf(2) with one of the attr structs above; the kernel may write results back into `attr`.
+fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    // SAFETY: attr is a live, fully initialized repr(C) prefix of `union bpf_attr` of the size we
+    // pass (the kernel zero-extends the rest); the pointers in it point to live buffers of the
+    // sizes the map was created with.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {

@@ -41,8 +41,10 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         s.service(VIP.into(), 80, &[(1, set)]);
         s.build().encode().unwrap()
     };
-    let token_file = std::env::temp_dir().join(format!("kmt-opsrc-{}.token", std::process::id()));
-    std::fs::write(&token_file, "agent-token\n").unwrap();
+    let token =
+        TokenFile(std::env::temp_dir().join(format!("kmt-opsrc-{}.token", std::process::id())));
+    let token_file = token.0.as_path();
+    std::fs::write(token_file, "agent-token\n").unwrap();
 
     let server = SnapshotServer::start(Duration::from_millis(500)).expect("snapshot server");
     server.require_token("agent-token");
@@ -51,7 +53,7 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         node_name: NODE,
         source: AgentSource::Operator {
             url: server.url(),
-            token_file: Some(&token_file),
+            token_file: Some(token_file),
         },
         dir: &dir,
         cgroup: &cgroup,
@@ -155,7 +157,7 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(agent.debug_snapshot().unwrap()["live"]["generation"], 3);
     // The token file is re-read per request: rotating it lets the agent through.
-    std::fs::write(&token_file, "rotated-token\n").unwrap();
+    std::fs::write(token_file, "rotated-token\n").unwrap();
     agent
         .wait_for(
             Duration::from_secs(40),
@@ -164,5 +166,13 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         )
         .unwrap();
     assert_eq!(probe(10).replies("b"), 10);
-    let _ = std::fs::remove_file(&token_file);
+}
+
+/// The agent's token file, removed even when the test fails.
+struct TokenFile(std::path::PathBuf);
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -1,7 +1,7 @@
 //! Loading, attaching and pinning the kernel programs, and adopting them after a restart.
 //!
 //! Everything lives under one bpffs directory (`--bpffs-dir`): one pin per map (named as in
-//! `kmesh_common::map_names`) and one pin per cgroup link. Pinned links keep the programs attached
+//! `kmesh_common::map_names`), one per program and one per cgroup link. Pinned links keep the programs attached
 //! while no agent runs, so traffic keeps flowing through restarts and upgrades; a starting agent
 //! that finds every pin adopts them and attaches nothing.
 use std::{
@@ -23,10 +23,24 @@ use tracing::info;
 
 static KMESH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh"));
 
-/// The programs we attach, with the name of their link pin.
-const PROGRAMS: [(&str, &str); 2] = [
-    ("kmesh_connect4", "link_connect4"),
-    ("kmesh_connect6", "link_connect6"),
+/// A program we attach, and the names of its pins.
+struct ProgramPins {
+    program: &'static str,
+    program_pin: &'static str,
+    link_pin: &'static str,
+}
+
+const PROGRAMS: [ProgramPins; 2] = [
+    ProgramPins {
+        program: "kmesh_connect4",
+        program_pin: "prog_connect4",
+        link_pin: "link_connect4",
+    },
+    ProgramPins {
+        program: "kmesh_connect6",
+        program_pin: "prog_connect6",
+        link_pin: "link_connect6",
+    },
 ];
 
 /// Every map the programs declare; each is pinned under its own name.
@@ -107,14 +121,17 @@ impl Installation {
 /// `cgroup`, and pins every link.
 pub fn install_or_adopt(dir: &Path, cgroup: &Path) -> Result<Installation, LoaderError> {
     ensure_bpffs_dir(dir)?;
-    let all_pinned = PROGRAMS.iter().all(|(_, link)| dir.join(link).exists())
+    let all_pinned = PROGRAMS
+        .iter()
+        .all(|p| dir.join(p.link_pin).exists() && dir.join(p.program_pin).exists())
         && MAPS.iter().all(|map| dir.join(map).exists());
     if !all_pinned {
         install(dir, cgroup)?;
     }
     let links = PROGRAMS
         .iter()
-        .map(|&(_, name)| {
+        .map(|p| {
+            let name = p.link_pin;
             let path = dir.join(name);
             let link = PinnedLink::from_pin(&path).map_err(|source| LoaderError::Link {
                 path: path.clone(),
@@ -138,18 +155,22 @@ pub fn install_or_adopt(dir: &Path, cgroup: &Path) -> Result<Installation, Loade
 }
 
 fn install(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
+    // Before anything is loaded or pinned: a wrong --cgroup must leave nothing behind.
+    let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
     let mut loader = EbpfLoader::new();
     let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join(m))).collect();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(KMESH_OBJECT).map_err(Box::new)?;
-    let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
-    for (program, link_name) in PROGRAMS {
-        let link_path = dir.join(link_name);
-        if link_path.exists() {
-            continue;
-        }
+    for ProgramPins {
+        program,
+        program_pin,
+        link_pin,
+    } in PROGRAMS
+    {
+        let link_path = dir.join(link_pin);
+        let program_path = dir.join(program_pin);
         let prog_err = |e: ProgramError| LoaderError::Program {
             name: program,
             source: Box::new(e),
@@ -160,6 +181,18 @@ fn install(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
             .try_into()
             .map_err(prog_err)?;
         prog.load().map_err(prog_err)?;
+        // A program pin lets tools (bpftool prog show pinned ...) find the program by name; a stale
+        // one from an earlier, partial install is replaced.
+        if program_path.exists() {
+            fs::remove_file(&program_path).map_err(io_err(&program_path))?;
+        }
+        prog.pin(&program_path).map_err(|source| LoaderError::Pin {
+            path: program_path.clone(),
+            source,
+        })?;
+        if link_path.exists() {
+            continue; // attached already: keep that link (and the traffic it carries)
+        }
         // A bpf_link attachment always coexists with other programs on the cgroup (a CNI's, say);
         // the kernel refuses any flag on link creation, so the mode must be the flag-less one.
         let id = prog
@@ -185,7 +218,8 @@ fn install(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
 /// Detaches the programs and removes every pin in `dir`, then `dir` itself.
 /// Removing a link pin detaches the program once no process holds the link open.
 pub fn uninstall(dir: &Path) -> Result<(), LoaderError> {
-    for name in PROGRAMS.iter().map(|(_, link)| *link).chain(MAPS) {
+    let pins = PROGRAMS.iter().flat_map(|p| [p.link_pin, p.program_pin]);
+    for name in pins.chain(MAPS) {
         let path = dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => info!(pin = %path.display(), "removed"),

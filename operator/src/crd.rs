@@ -1,0 +1,1 @@
+//! KmeshConfig CRD (being written).

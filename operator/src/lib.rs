@@ -1,0 +1,3 @@
+//! The kmesh-rs operator as a library: the `KmeshConfig` CRD ([`crd`]) and the pure compiler from
+//! Kubernetes and Istio objects to per-node snapshots.
+pub mod crd;

@@ -47,6 +47,9 @@ struct RunArgs {
     /// Bearer token for the operator (a projected service-account token file; re-read per request).
     #[arg(long, requires = "operator_url")]
     token_file: Option<PathBuf>,
+    /// PEM CA certificates of the operator's serving certificate (for an https --operator-url).
+    #[arg(long, requires = "operator_url")]
+    operator_ca: Option<PathBuf>,
     /// Where programs, links and maps are pinned (must be on bpffs).
     #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
@@ -110,9 +113,11 @@ fn run(args: RunArgs) -> Result<(), String> {
         (None, Some(url)) => source::Source::Operator {
             url,
             token_file: args.token_file,
+            ca_file: args.operator_ca,
         },
         _ => return Err("exactly one of --snapshot-file and --operator-url is required".into()),
     };
+    source::check(&source)?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup2_root().map_err(|e| format!("finding the cgroup v2 root: {e}"))?,

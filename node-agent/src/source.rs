@@ -29,6 +29,8 @@ pub enum Source {
     Operator {
         url: String,
         token_file: Option<PathBuf>,
+        /// PEM CA certificates that sign the operator's serving certificate (required for https).
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -42,9 +44,15 @@ const FILE_POLL: Duration = Duration::from_millis(100);
 pub async fn run(source: Source, node: String, max_bytes: u64, tx: Sender<Vec<u8>>) {
     match source {
         Source::File(path) => watch_file(path, tx).await,
-        Source::Operator { url, token_file } => {
-            poll_operator(url, node, token_file, max_bytes, tx).await
-        }
+        Source::Operator {
+            url,
+            token_file,
+            ca_file,
+        } => match https_connector(ca_file.as_deref()) {
+            Ok(connector) => poll_operator(url, node, token_file, connector, max_bytes, tx).await,
+            // Checked at start-up (see `check`); reaching here means the file changed since.
+            Err(e) => tracing::error!(error = %e, "cannot set up TLS to the operator"),
+        },
     }
 }
 
@@ -109,14 +117,62 @@ enum Fetched {
     NotModified,
 }
 
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// Plain HTTP always; HTTPS verified against the CA certificates in `ca_file` when given.
+pub fn https_connector(ca_file: Option<&std::path::Path>) -> Result<Connector, String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("{}: no CA certificate in it", path.display()));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .build())
+}
+
+/// Start-up checks of a source, so that a bad flag fails the agent at once with a clear error.
+pub fn check(source: &Source) -> Result<(), String> {
+    if let Source::Operator { url, ca_file, .. } = source {
+        if url.starts_with("https://") && ca_file.is_none() {
+            return Err("an https --operator-url needs --operator-ca (the CA of the operator's certificate)".into());
+        }
+        if !url.starts_with("https://") && !url.starts_with("http://") {
+            return Err(format!(
+                "--operator-url {url:?} must start with http:// or https://"
+            ));
+        }
+        https_connector(ca_file.as_deref())?;
+    }
+    Ok(())
+}
+
 async fn poll_operator(
     base: String,
     node: String,
     token_file: Option<PathBuf>,
+    connector: Connector,
     max_bytes: u64,
     tx: Sender<Vec<u8>>,
 ) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
     let url = format!(
         "{}/v1/nodes/{}/snapshot?wait={}s",
         base.trim_end_matches('/'),
@@ -167,7 +223,7 @@ async fn poll_operator(
 }
 
 async fn fetch(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    client: &Client<Connector, Empty<Bytes>>,
     url: &str,
     etag: Option<&str>,
     token_file: Option<&PathBuf>,

@@ -1,1 +1,384 @@
-//! KmeshConfig CRD (being written).
+//! The `KmeshConfig` custom resource (`kmesh.net/v1alpha1`): the cluster-wide settings the
+//! operator compiles into per-node snapshots, and the status through which it reports what it did.
+//!
+//! The CRD manifest is generated from these types by the `crdgen` binary (see [`crd_yaml`]) and
+//! checked in at `crds/kmesh.net_kmeshconfigs.yaml`; `tests/crd.rs` fails when the two drift.
+//!
+//! Doc comments on the types and fields below become the descriptions in the CRD schema, so they
+//! are written for the cluster operator reading `kubectl explain kmeshconfig.spec`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kmesh_common::mode;
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The command that regenerates the checked-in CRD; quoted in the file header and in the drift
+/// test's failure message so both say the same thing.
+pub const REGENERATE_COMMAND: &str =
+    "cargo run -p kmesh-operator --bin crdgen > crds/kmesh.net_kmeshconfigs.yaml";
+
+/// The only name a `KmeshConfig` may have (enforced by a CEL rule on the CRD).
+pub const SINGLETON_NAME: &str = "default";
+
+/// Cluster-wide configuration of kmesh-rs.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kmesh.net",
+    version = "v1alpha1",
+    kind = "KmeshConfig",
+    shortname = "kmc",
+    status = "KmeshConfigStatus",
+    derive = "PartialEq",
+    doc = "Cluster-wide configuration of kmesh-rs. A singleton: the only accepted name is `default`.",
+    // One object configures the whole mesh, so a second one would be ambiguous. With a
+    // `validation`, kube derives `KubeSchema` (not `JsonSchema`) for the root type and puts the
+    // rule on the root schema, where CEL may read `metadata.name` although the schema does not
+    // declare metadata. `Rule` is brought into scope by the derive's expansion.
+    validation = Rule::new("self.metadata.name == 'default'")
+        .message("KmeshConfig is a singleton named default"),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        description = "The dataplane mode.",
+        json_path = ".spec.mode"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "Status of the Ready condition.",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Snapshot",
+        type_ = "integer",
+        description = "Generation of the snapshots being rolled out.",
+        json_path = ".status.snapshotGeneration"
+    ),
+    printcolumn(
+        name = "Nodes Updated",
+        type_ = "integer",
+        description = "Nodes given the current snapshot generation.",
+        json_path = ".status.rollout.nodesUpdated"
+    ),
+    // Custom columns replace kubectl's default ones, so Age has to be listed explicitly.
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+// Container-level `default`: every field may be omitted and takes its value from
+// `KmeshConfigSpec::default()`; schemars also writes those values into the schema as `default`s,
+// so the apiserver fills them in too.
+#[serde(rename_all = "camelCase", default)]
+pub struct KmeshConfigSpec {
+    /// How the node programs handle enrolled traffic. `KernelNative`: what the kernel can enforce
+    /// (L4 routing and load balancing) is enforced in eBPF; L7 features are listed in
+    /// status.unenforced. `DualEngine`: as KernelNative, plus redirection of L7 traffic to
+    /// waypoints. `Disabled`: the programs stay attached and pass all traffic through.
+    pub mode: Mode,
+    /// Which pods (and namespaces) are part of the mesh.
+    pub enrollment: EnrollmentSpec,
+    /// How a new snapshot generation reaches the nodes.
+    pub rollout: RolloutSpec,
+    /// Emit access logs for the connections the node programs steer.
+    pub access_log: bool,
+    /// Log level of the operator and the node agents: error, warn, info, debug or trace.
+    pub log_level: LogLevel,
+    /// Per-node capacity overrides; an unset field keeps the built-in default. Every node's
+    /// snapshot must fit within them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacitySpec>,
+}
+
+impl Default for KmeshConfigSpec {
+    fn default() -> Self {
+        KmeshConfigSpec {
+            mode: Mode::KernelNative,
+            enrollment: EnrollmentSpec::default(),
+            rollout: RolloutSpec::default(),
+            access_log: false,
+            log_level: LogLevel::Info,
+            capacity: None,
+        }
+    }
+}
+
+impl KmeshConfigSpec {
+    /// The mode as the node programs know it: one of `kmesh_common::mode`.
+    pub fn mode_value(&self) -> u32 {
+        match self.mode {
+            Mode::KernelNative => mode::KERNEL_NATIVE,
+            Mode::DualEngine => mode::DUAL_ENGINE,
+            Mode::Disabled => mode::DISABLED,
+        }
+    }
+}
+
+// The schema shows only the field's doc comment for an enum-typed field (kube folds the variants
+// into a string `enum` and drops their descriptions), so each field using one of these enums
+// spells out what the values mean.
+/// Dataplane mode, as `kmesh_common::mode` (see [`KmeshConfigSpec::mode_value`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    /// Enforce in the kernel whatever the kernel can enforce.
+    #[default]
+    KernelNative,
+    /// Kernel-native plus waypoint redirection for L7.
+    DualEngine,
+    /// Pass all traffic through.
+    Disabled,
+}
+
+/// Which pods are enrolled in the mesh. A pod is enrolled when it, or else its namespace, carries
+/// the label `label` with the value `value` (compared case-insensitively). A pod labelled with
+/// the value `none` is opted out even when its namespace is enrolled.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EnrollmentSpec {
+    /// Label key that enrolls a pod or namespace.
+    #[schemars(length(min = 1))]
+    pub label: String,
+    /// Label value that enrolls a pod or namespace, matched case-insensitively. Pods labelled
+    /// `none` opt out.
+    #[schemars(length(min = 1))]
+    pub value: String,
+}
+
+impl Default for EnrollmentSpec {
+    fn default() -> Self {
+        // The label Istio ambient uses, with kmesh's value, so existing namespaces enroll as-is.
+        EnrollmentSpec {
+            label: "istio.io/dataplane-mode".to_owned(),
+            value: "Kmesh".to_owned(),
+        }
+    }
+}
+
+impl EnrollmentSpec {
+    /// Whether a label value enrolls (ASCII case-insensitive, as documented on `value`). The
+    /// `none` opt-out is the caller's concern: it applies to pod labels only.
+    pub fn matches(&self, value: &str) -> bool {
+        self.value.eq_ignore_ascii_case(value)
+    }
+}
+
+/// How a new snapshot generation reaches the nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RolloutSpec {
+    /// `AllAtOnce` publishes to every node at once; `Rolling` updates at most maxUnavailable
+    /// nodes at a time and waits for them to report ready.
+    pub strategy: RolloutStrategy,
+    /// With the Rolling strategy, how many nodes may be updating at once: a count or a
+    /// percentage of the nodes such as "25%".
+    // kube marks every optional int-or-string property `nullable`, which would let the apiserver
+    // store `null` (skipping the default) and then fail to deserialize here; an explicit
+    // `nullable: false` keeps kube from adding it.
+    #[schemars(extend("nullable" = false))]
+    pub max_unavailable: IntOrString,
+    /// Nodes that get a new snapshot before all others. Unset: no canary stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySpec>,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec {
+            strategy: RolloutStrategy::AllAtOnce,
+            max_unavailable: IntOrString::Int(1),
+            canary: None,
+        }
+    }
+}
+
+/// How a rollout proceeds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutStrategy {
+    /// Every node at once.
+    #[default]
+    AllAtOnce,
+    /// maxUnavailable nodes at a time.
+    Rolling,
+}
+
+/// The canary stage of a rollout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySpec {
+    /// Nodes whose labels match get a new snapshot first; the others follow once these are ready.
+    pub node_selector: LabelSelector,
+}
+
+/// Log level.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The default.
+    #[default]
+    Info,
+    /// Verbose.
+    Debug,
+    /// Very verbose.
+    Trace,
+}
+
+/// Per-node table-size limits. Unset fields keep the defaults: 100000 services, 100000 routes,
+/// 200000 backend sets, 1000000 endpoints, 16384 workloads, 256 MiB per snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacitySpec {
+    /// Most services in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_services: Option<u32>,
+    /// Most routes in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_routes: Option<u32>,
+    /// Most backend sets in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_backend_sets: Option<u32>,
+    /// Most endpoints in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_endpoints: Option<u32>,
+    /// Most enrolled workloads on one node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_workloads: Option<u32>,
+    /// Largest encoded snapshot for one node, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_snapshot_bytes: Option<u64>,
+}
+
+impl CapacitySpec {
+    /// The snapshot limits these overrides describe, unset fields taken from
+    /// `kmesh_snapshot::Limits::default()`.
+    pub fn limits(&self) -> kmesh_snapshot::Limits {
+        let d = kmesh_snapshot::Limits::default();
+        kmesh_snapshot::Limits {
+            max_bytes: self.max_snapshot_bytes.unwrap_or(d.max_bytes),
+            max_services: self.max_services.unwrap_or(d.max_services),
+            max_routes: self.max_routes.unwrap_or(d.max_routes),
+            max_backend_sets: self.max_backend_sets.unwrap_or(d.max_backend_sets),
+            max_endpoints: self.max_endpoints.unwrap_or(d.max_endpoints),
+            max_workloads: self.max_workloads.unwrap_or(d.max_workloads),
+        }
+    }
+}
+
+/// What the operator has done with the configuration and the mesh resources.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KmeshConfigStatus {
+    /// Ready: every node runs the latest snapshot. Progressing: a rollout is under way.
+    /// Degraded: something could not be compiled or delivered; the message says what.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation of this object the status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The generation of the snapshots being rolled out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_generation: Option<u64>,
+    /// Progress of the current rollout.
+    pub rollout: RolloutStatus,
+    /// Every resource that could not be compiled, and why; the rest of the mesh is still enforced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<RejectedResource>,
+    /// Features that are present but not enforced in the current mode (L7 in KernelNative,
+    /// waypoint-bound features in DualEngine).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unenforced: Vec<UnenforcedFeature>,
+}
+
+/// Progress of a rollout, and which node runs which snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RolloutStatus {
+    /// Nodes that should run the snapshot generation.
+    pub nodes_desired: u32,
+    /// Nodes that have been given the snapshot generation.
+    pub nodes_updated: u32,
+    /// Nodes that report the snapshot generation applied.
+    pub nodes_ready: u32,
+    /// One entry per node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeSnapshotStatus>,
+}
+
+/// The snapshot one node runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSnapshotStatus {
+    /// Node name.
+    pub name: String,
+    /// Snapshot generation the node runs.
+    pub generation: u64,
+    /// Whether the node reports that generation applied.
+    pub ready: bool,
+}
+
+/// A resource the operator could not compile.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedResource {
+    /// Kind of the resource, e.g. VirtualService.
+    pub kind: String,
+    /// Namespace of the resource; unset for cluster-scoped resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Name of the resource.
+    pub name: String,
+    /// Path of the offending field, e.g. `spec.http[0].match`.
+    pub field: String,
+    /// Why it could not be compiled.
+    pub reason: String,
+}
+
+/// A feature present in a resource but not enforced in the current mode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnenforcedFeature {
+    /// Kind of the resource, e.g. AuthorizationPolicy.
+    pub kind: String,
+    /// Namespace of the resource.
+    pub namespace: String,
+    /// Name of the resource.
+    pub name: String,
+    /// Path of the unenforced field, e.g. `spec.rules[0].to[0].operation.paths`.
+    pub field: String,
+    /// Why it is not enforced.
+    pub reason: String,
+}
+
+/// The CRD manifest as checked in at `crds/kmesh.net_kmeshconfigs.yaml`: a header naming
+/// [`REGENERATE_COMMAND`], then `KmeshConfig::crd()` as YAML. Both `crdgen` and the drift test
+/// call this, so they cannot disagree.
+pub fn crd_yaml() -> String {
+    let mut crd = serde_json::to_value(KmeshConfig::crd()).expect("a CRD serializes to JSON");
+    // Key order must not depend on whether some crate in the build turns on serde_json's
+    // `preserve_order` (feature unification differs between `cargo run -p` and a workspace-wide
+    // `cargo test`), or the drift check would flap. Sorting makes it the same either way.
+    sort_keys(&mut crd);
+    let yaml = serde_yaml::to_string(&crd).expect("a JSON value serializes to YAML");
+    format!("# Generated by `{REGENERATE_COMMAND}`; do not edit.\n{yaml}")
+}
+
+/// Sorts the keys of every object in `value`, recursively.
+fn sort_keys(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.sort_keys();
+            map.values_mut().for_each(sort_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
+}

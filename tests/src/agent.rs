@@ -77,6 +77,8 @@ pub enum AgentSource<'a> {
     Operator {
         url: String,
         token_file: Option<&'a Path>,
+        /// CA of the operator's certificate, for https URLs.
+        ca_file: Option<&'a Path>,
     },
 }
 
@@ -113,10 +115,17 @@ impl Agent {
             AgentSource::File(path) => {
                 cmd.arg("--snapshot-file").arg(path);
             }
-            AgentSource::Operator { url, token_file } => {
+            AgentSource::Operator {
+                url,
+                token_file,
+                ca_file,
+            } => {
                 cmd.arg("--operator-url").arg(url);
                 if let Some(token) = token_file {
                     cmd.arg("--token-file").arg(token);
+                }
+                if let Some(ca) = ca_file {
+                    cmd.arg("--operator-ca").arg(ca);
                 }
             }
         }

@@ -29,6 +29,7 @@ pub mod netns;
 pub mod probe;
 pub mod snapshot_server;
 pub mod sweep;
+pub mod tls;
 
 pub use agent::{Agent, AgentDir, AgentOptions, AgentSource, write_atomically};
 pub use cgroup::{TestCgroup, cgroup2_root};
@@ -37,6 +38,7 @@ pub use netns::{Pod, TcpServer, TestNetwork, netns_path, run_in_netns};
 pub use probe::{ProbeHandle, ProbeReport, StopFile, workspace_bin};
 pub use snapshot_server::SnapshotServer;
 pub use sweep::sweep_leftovers;
+pub use tls::TestTls;
 
 /// Panics with a clear message unless the process runs as root (euid 0).
 ///

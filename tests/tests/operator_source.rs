@@ -54,6 +54,7 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         source: AgentSource::Operator {
             url: server.url(),
             token_file: Some(token_file),
+            ca_file: None,
         },
         dir: &dir,
         cgroup: &cgroup,

@@ -2,17 +2,13 @@
 //! (files or directories) and prints what the node would get: a human summary, the full snapshot as
 //! JSON, or the exact bytes the agent loads (`-o binary > s.bin; kmesh-agent --snapshot-file s.bin`).
 //! Exits non-zero when an object was rejected; unenforced features are warnings.
-use std::{
-    io::Write as _,
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kmesh_operator::{
     compile::{CompileOptions, compile},
     diagnostics::{Diagnostic, Severity},
-    inputs::Inputs,
+    dir_source::load,
     render::{json, summary},
 };
 
@@ -63,28 +59,13 @@ fn main() -> ExitCode {
         namespace,
         root_namespace,
     } = Cli::parse().command;
-    let mut inputs = Inputs::default();
-    let mut diagnostics = Vec::new();
-    for path in &files {
-        let mut paths = Vec::new();
-        if let Err(e) = yaml_files(path, &mut paths) {
-            eprintln!("kmeshctl: {}: {e}", path.display());
+    let (inputs, diagnostics) = match load(&files, &namespace) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("kmeshctl: {e}");
             return ExitCode::from(2);
         }
-        for file in paths {
-            match std::fs::read_to_string(&file) {
-                Ok(text) => diagnostics.extend(inputs.add_yaml(
-                    &text,
-                    &file.display().to_string(),
-                    &namespace,
-                )),
-                Err(e) => {
-                    eprintln!("kmeshctl: {}: {e}", file.display());
-                    return ExitCode::from(2);
-                }
-            }
-        }
-    }
+    };
     let options = CompileOptions {
         root_namespace,
         ..Default::default()
@@ -130,24 +111,6 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
-}
-
-/// The YAML files under `path`, sorted, so that the output does not depend on directory order.
-fn yaml_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
-        entries.sort();
-        for entry in entries {
-            if entry.is_dir() || entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                yaml_files(&entry, out)?;
-            }
-        }
-    } else {
-        out.push(path.to_path_buf());
-    }
-    Ok(())
 }
 
 fn print_diagnostics(diagnostics: &[Diagnostic]) {

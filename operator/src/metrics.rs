@@ -1,0 +1,139 @@
+//! The operator's Prometheus metrics, served as text on `/metrics`.
+use std::{convert::Infallible, sync::Mutex};
+
+use http_body_util::Full;
+use hyper::{Response, body::Bytes, header, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServedLabels {
+    pub node: String,
+    pub code: u16,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    compile_seconds: Histogram,
+    snapshot_bytes: Family<NodeLabel, Gauge>,
+    served: Family<ServedLabels, Counter>,
+    rejected_objects: Gauge,
+    unenforced_features: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kmesh_operator");
+        let compile_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]);
+        let snapshot_bytes = Family::<NodeLabel, Gauge>::default();
+        let served = Family::<ServedLabels, Counter>::default();
+        let rejected_objects = Gauge::default();
+        let unenforced_features = Gauge::default();
+        registry.register(
+            "compile_duration_seconds",
+            "Time to compile all snapshots",
+            compile_seconds.clone(),
+        );
+        registry.register(
+            "snapshot_bytes",
+            "Size of the node's current snapshot",
+            snapshot_bytes.clone(),
+        );
+        registry.register(
+            "snapshots_served",
+            "Snapshot requests answered, by node and HTTP status",
+            served.clone(),
+        );
+        registry.register(
+            "rejected_objects",
+            "Objects (or fields) left out of the snapshots",
+            rejected_objects.clone(),
+        );
+        registry.register(
+            "unenforced_features",
+            "Features present but not enforced in the current mode",
+            unenforced_features.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            compile_seconds,
+            snapshot_bytes,
+            served,
+            rejected_objects,
+            unenforced_features,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn compiled(&self, seconds: f64, rejected: usize, unenforced: usize) {
+        self.compile_seconds.observe(seconds);
+        self.rejected_objects.set(rejected as i64);
+        self.unenforced_features.set(unenforced as i64);
+    }
+
+    pub fn snapshot_size(&self, node: &str, bytes: usize) {
+        self.snapshot_bytes
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
+            .set(bytes as i64);
+    }
+
+    pub fn served(&self, node: &str, code: u16) {
+        self.served
+            .get_or_create(&ServedLabels {
+                node: node.to_string(),
+                code,
+            })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Serves `/metrics` until the process exits.
+pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req| {
+                let body = metrics.render();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap_or_default(),
+                    )
+                }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                warn!(error = %e, "metrics connection failed");
+            }
+        });
+    }
+}

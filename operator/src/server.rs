@@ -1,0 +1,350 @@
+//! The snapshot server: each node agent long-polls `GET /v1/nodes/{node}/snapshot` for its node's
+//! snapshot (the contract is specified in `node-agent/src/source.rs`).
+//!
+//! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
+//!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
+//!   60 s); `404` for a node the operator has no snapshot for (yet).
+//! - Agents authenticate with a bearer token. With TokenReview, the token must be a service-account
+//!   token of the agent's service account bound to a pod on the node it asks for (the API server
+//!   puts the node name in the review's `authentication.kubernetes.io/node-name` extra): a token of
+//!   node A asking for node B gets `403`.
+//! - TLS when a certificate is given; the agent checks it against `--operator-ca`.
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// The longest a request is held waiting for a change.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// One node's current snapshot.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub generation: u64,
+    pub content_hash: u64,
+    pub bytes: Bytes,
+}
+
+impl Published {
+    pub fn etag(&self) -> String {
+        format!("\"{}-{:016x}\"", self.generation, self.content_hash)
+    }
+}
+
+/// What the server serves: the latest snapshot of every node, with change notification.
+#[derive(Clone, Default)]
+pub struct SnapshotStore {
+    nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
+}
+
+impl SnapshotStore {
+    fn channel(&self, node: &str) -> watch::Sender<Option<Published>> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(None).0)
+            .clone()
+    }
+
+    /// Makes `published` the node's snapshot and wakes its waiting requests.
+    pub fn publish(&self, node: &str, published: Published) {
+        self.channel(node).send_replace(Some(published));
+    }
+
+    pub fn get(&self, node: &str) -> Option<Published> {
+        self.channel(node).borrow().clone()
+    }
+
+    fn subscribe(&self, node: &str) -> watch::Receiver<Option<Published>> {
+        self.channel(node).subscribe()
+    }
+}
+
+/// Who a token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// An agent allowed to fetch this node's snapshot only.
+    Node(String),
+    /// Anyone (authentication is off: local use only).
+    Anyone,
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    #[error("cannot check the token: {0}")]
+    Unavailable(String),
+}
+
+/// Turns a bearer token into a caller.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(
+        &self,
+        token: Option<&str>,
+    ) -> impl std::future::Future<Output = Result<Caller, AuthError>> + Send;
+}
+
+/// No authentication: every caller may fetch every node (local demos, `--source dir:`).
+pub struct NoAuth;
+
+impl Authenticator for NoAuth {
+    async fn authenticate(&self, _token: Option<&str>) -> Result<Caller, AuthError> {
+        Ok(Caller::Anyone)
+    }
+}
+
+/// Fixed tokens, one per node (`token node` per line of a file): for running without a cluster.
+pub struct StaticTokens(pub BTreeMap<String, String>);
+
+impl StaticTokens {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut tokens = BTreeMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            match (fields.next(), fields.next(), fields.next()) {
+                (Some(token), Some(node), None) => {
+                    tokens.insert(token.to_string(), node.to_string());
+                }
+                _ => return Err(format!("line {}: expected `<token> <node>`", i + 1)),
+            }
+        }
+        Ok(StaticTokens(tokens))
+    }
+}
+
+impl Authenticator for StaticTokens {
+    async fn authenticate(&self, token: Option<&str>) -> Result<Caller, AuthError> {
+        let token = token.ok_or(AuthError::Missing)?;
+        self.0
+            .get(token)
+            .map(|node| Caller::Node(node.clone()))
+            .ok_or_else(|| AuthError::Rejected("unknown token".into()))
+    }
+}
+
+/// Serves snapshots on `listener` until the process exits; TLS when `tls` is given.
+pub async fn serve<A: Authenticator>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    store: SnapshotStore,
+    auth: Arc<A>,
+    metrics: Arc<Metrics>,
+) {
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "snapshot server listening");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let (store, auth, metrics, tls) =
+            (store.clone(), auth.clone(), metrics.clone(), tls.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let (store, auth, metrics) = (store.clone(), auth.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(handle(req, &store, &*auth, &metrics, peer).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls_stream) => {
+                        builder
+                            .serve_connection(TokioIo::new(tls_stream), service)
+                            .await
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle<A: Authenticator>(
+    req: Request<Incoming>,
+    store: &SnapshotStore,
+    auth: &A,
+    metrics: &Metrics,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let Some(node) = path
+        .strip_prefix("/v1/nodes/")
+        .and_then(|rest| rest.strip_suffix("/snapshot"))
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .map(str::to_string)
+    else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let response = serve_snapshot(&req, &node, store, auth, peer).await;
+    metrics.served(&node, response.status().as_u16());
+    response
+}
+
+async fn serve_snapshot<A: Authenticator>(
+    req: &Request<Incoming>,
+    node: &str,
+    store: &SnapshotStore,
+    auth: &A,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match auth.authenticate(token).await {
+        Ok(Caller::Anyone) => {}
+        Ok(Caller::Node(allowed)) if allowed == node => {}
+        Ok(Caller::Node(allowed)) => {
+            warn!(%peer, token_node = allowed, requested = node, "agent asked for another node's snapshot");
+            return text(
+                StatusCode::FORBIDDEN,
+                &format!("this token is bound to node {allowed:?}, not {node:?}\n"),
+            );
+        }
+        Err(e @ AuthError::Unavailable(_)) => {
+            warn!(%peer, error = %e, "authentication unavailable");
+            return text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n"));
+        }
+        Err(e) => return text(StatusCode::UNAUTHORIZED, &format!("{e}\n")),
+    }
+    let wait = wait_param(req.uri().query());
+    let if_none_match = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut updates = store.subscribe(node);
+    let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
+    let changed = |p: &Option<Published>| match (p, &if_none_match) {
+        (Some(p), Some(tag)) => p.etag() != *tag,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if !changed(&current(&updates)) && !wait.is_zero() {
+        // Long poll: hold until the snapshot changes or the wait runs out.
+        let _ = tokio::time::timeout(wait, updates.wait_for(|p| changed(p))).await;
+    }
+    match current(&updates) {
+        None => text(
+            StatusCode::NOT_FOUND,
+            &format!("no snapshot for node {node:?} yet\n"),
+        ),
+        Some(p) if !changed(&Some(p.clone())) => {
+            let mut resp = text(StatusCode::NOT_MODIFIED, "");
+            if let Ok(v) = p.etag().parse() {
+                resp.headers_mut().insert(header::ETAG, v);
+            }
+            resp
+        }
+        Some(p) => {
+            let etag = p.etag();
+            Response::builder()
+                .header(header::ETAG, etag)
+                .header(header::CONTENT_TYPE, "application/vnd.kmesh.snapshot")
+                .body(Full::new(p.bytes.clone()))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
+        }
+    }
+}
+
+/// `wait=30s` (or a bare number of seconds), capped at [`MAX_WAIT`]; zero when absent or malformed.
+fn wait_param(query: Option<&str>) -> Duration {
+    let value = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("wait="));
+    let seconds = value
+        .map(|v| v.strip_suffix('s').unwrap_or(v))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_secs(seconds).min(MAX_WAIT)
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A TLS acceptor from PEM files (certificate chain and private key).
+pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("reading the certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("the certificate file holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("reading the private key: {e}"))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_parameter() {
+        assert_eq!(wait_param(Some("wait=30s")), Duration::from_secs(30));
+        assert_eq!(wait_param(Some("x=1&wait=5")), Duration::from_secs(5));
+        assert_eq!(wait_param(Some("wait=999s")), MAX_WAIT);
+        assert_eq!(wait_param(Some("wait=soon")), Duration::ZERO);
+        assert_eq!(wait_param(None), Duration::ZERO);
+    }
+
+    #[test]
+    fn static_tokens() {
+        let t = StaticTokens::parse("# comment\nabc node-1\n\nxyz node-2\n").unwrap();
+        assert_eq!(t.0.get("abc").map(String::as_str), Some("node-1"));
+        assert!(StaticTokens::parse("only-one-field").is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! The whole path with real parts: `kmesh-operator --source dir:` compiles the bookinfo fixture and
+//! Istio's reviews VirtualService, serves node-1's snapshot over TLS to the real agent (bearer token,
+//! CA-verified), and the kernel splits the productpage pod's connections as the VirtualService says.
+//! Changing the YAML reaches the kernel through the long poll; a token of another node gets 403.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kmesh_tests::{
+    Agent, AgentDir, AgentOptions, AgentSource, ProbeReport, TestCgroup, TestNetwork, TestTls,
+    workspace_bin,
+};
+
+const REVIEWS_VIP: &str = "10.96.77.13:9080";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn networking(file: &str) -> PathBuf {
+    let p = repo()
+        .join("../shared/reference/istio/samples/bookinfo/networking")
+        .join(file);
+    assert!(
+        p.exists(),
+        "{} is missing (../shared next to the checkout)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn assert_share(report: &ProbeReport, pod: &str, expected: f64) {
+    let n = report.ok as f64;
+    let observed = report.replies(pod) as f64 / n;
+    let tolerance = 5.0 * (expected * (1.0 - expected) / n).sqrt();
+    println!("{pod}: {observed:.4} (expected {expected} ± {tolerance:.4})");
+    assert!(
+        (observed - expected).abs() <= tolerance,
+        "{pod}: {observed} vs {expected}: {report:?}"
+    );
+}
+
+#[test]
+fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
+    let tls = TestTls::new("operator").expect("certificates");
+    let tokens = tls
+        .file("tokens", "token-node-1 node-1\ntoken-node-2 node-2\n")
+        .unwrap();
+    let token_1 = tls.file("token-1", "token-node-1\n").unwrap();
+    let token_2 = tls.file("token-2", "token-node-2\n").unwrap();
+
+    // The GitOps directory the operator watches.
+    let source = TempDir(std::env::temp_dir().join(format!("kmt-opdir-{}", std::process::id())));
+    std::fs::create_dir_all(&source.0).unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/bookinfo/cluster.yaml"),
+        source.0.join("cluster.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        networking("destination-rule-all.yaml"),
+        source.0.join("destination-rules.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        networking("virtual-service-reviews-90-10.yaml"),
+        source.0.join("reviews.yaml"),
+    )
+    .unwrap();
+
+    let port = free_port();
+    let metrics_port = free_port();
+    let log = std::env::temp_dir().join(format!("kmt-operator-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(workspace_bin("kmesh-operator").expect("kmesh-operator binary"))
+        .arg(format!("--source=dir:{}", source.0.display()))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
+        .arg("--tls-cert")
+        .arg(&tls.cert_file)
+        .arg("--tls-key")
+        .arg(&tls.key_file)
+        .arg(format!("--auth=static:{}", tokens.display()))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("start kmesh-operator");
+    let operator = Operator { child, log };
+
+    let net = TestNetwork::new("opend").expect("network");
+    let cgroup = TestCgroup::new("opend").expect("cgroup");
+    let dir = AgentDir::new("opend").expect("pins");
+    let productpage = net
+        .add_pod("productpage", Ipv4Addr::new(10, 244, 77, 10), None)
+        .unwrap();
+    let mut servers = Vec::new();
+    for (name, host) in [("reviewsv1", 21), ("reviewsv2", 22), ("reviewsv3", 23)] {
+        let pod = net
+            .add_pod(name, Ipv4Addr::new(10, 244, 77, host), None)
+            .unwrap();
+        servers.push(pod.serve_tcp(9080).unwrap());
+    }
+    let url = format!("https://127.0.0.1:{port}");
+    let start_agent = |node: &'static str, token: &Path, dir: &AgentDir| {
+        Agent::start(&AgentOptions {
+            node_name: node,
+            source: AgentSource::Operator {
+                url: url.clone(),
+                token_file: Some(token),
+                ca_file: Some(&tls.ca_file),
+            },
+            dir,
+            cgroup: &cgroup,
+            extra_args: vec![],
+        })
+        .expect("agent")
+    };
+    let mut agent = start_agent("node-1", &token_1, &dir);
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log()));
+    agent
+        .wait_for(Duration::from_secs(5), "4 enrolled", |a| {
+            Ok(a.debug_snapshot()?["enrolled_netns"] == 4)
+        })
+        .unwrap();
+    let probe = || {
+        productpage
+            .run_probe(
+                &cgroup,
+                &[
+                    "--target",
+                    REVIEWS_VIP,
+                    "--count",
+                    "2000",
+                    "--timeout-ms",
+                    "2000",
+                ],
+            )
+            .unwrap()
+    };
+    let report = probe();
+    assert_eq!(report.ok, 2000, "{report:?}");
+    assert_share(&report, "reviewsv1", 0.9);
+    assert_share(&report, "reviewsv2", 0.1);
+    let first_generation = agent.debug_snapshot().unwrap()["live"]["generation"]
+        .as_u64()
+        .unwrap();
+
+    // A GitOps change: the 50/50 v1/v3 VirtualService replaces the canary.
+    let changed = Instant::now();
+    let vs = std::fs::read(networking("virtual-service-reviews-50-v3.yaml")).unwrap();
+    std::fs::write(source.0.join("reviews.yaml.tmp"), vs).unwrap();
+    std::fs::rename(
+        source.0.join("reviews.yaml.tmp"),
+        source.0.join("reviews.yaml"),
+    )
+    .unwrap();
+    agent
+        .wait_for(Duration::from_secs(15), "the next generation", |a| {
+            Ok(a.debug_snapshot()?["live"]["generation"].as_u64() == Some(first_generation + 1))
+        })
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log()));
+    println!(
+        "YAML change live in the kernel after {:?}",
+        changed.elapsed()
+    );
+    let report = probe();
+    assert_share(&report, "reviewsv1", 0.5);
+    assert_share(&report, "reviewsv3", 0.5);
+
+    // A token bound to node-2 cannot fetch node-1's snapshot.
+    let other_dir = AgentDir::new("opendother").expect("pins");
+    let mut intruder = start_agent("node-1", &token_2, &other_dir);
+    intruder
+        .wait_for(Duration::from_secs(10), "a 403 in the log", |a| {
+            Ok(a.log().contains("403"))
+        })
+        .unwrap();
+    assert_eq!(
+        intruder.http_get("/readyz").unwrap().0,
+        503,
+        "an agent with another node's token became ready"
+    );
+    drop(intruder);
+
+    // Metrics name what was served.
+    let mut stream = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).unwrap();
+    assert!(
+        metrics.contains(r#"kmesh_operator_snapshots_served_total{node="node-1",code="200"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"code="403""#), "{metrics}");
+    assert!(
+        metrics.contains("kmesh_operator_compile_duration_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kmesh_operator_snapshot_bytes{node="node-1"}"#),
+        "{metrics}"
+    );
+}

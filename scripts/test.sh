@@ -30,9 +30,10 @@ cargo test --workspace --locked 2>&1 | tee -a "$log"
 step "snapshot codec at full scale (100,000 services, 1,000,000 endpoints), release"
 cargo test -p kmesh-snapshot --release --locked 2>&1 | tee -a "$log"
 
-step "benchmark smoke run"
+step "benchmark smoke runs"
 cargo build --release -p kmesh-tests --bins --locked
 cargo bench -p kmesh-agent --bench dataplane --locked -- --smoke
+cargo bench -p kmesh-operator --bench compile --locked -- --smoke
 
 echo
 awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -11,7 +11,51 @@
 //! - a VirtualService bound to the mesh chooses, per VIP port, a weighted list of destinations
 //!   (host, subset, port); only what is decidable at connect() is compiled, every other feature is
 //!   reported with the resource and field;
-//! - a DestinationRule gives subsets (label selectors over the endpoints) and the load balancer.
+//! - a DestinationRule gives subsets (label selectors over the endpoints) and the load balancer;
+//! - a Gateway API mesh route (GAMMA: an `HTTPRoute` or `TCPRoute` whose `parentRefs` name a core
+//!   Service, `group: ""`, `kind: Service`, optionally one of its ports) chooses the weighted
+//!   backends of that Service's ports, as below.
+//!
+//! Gateway API mesh routes, decided here:
+//! - **Gateway API beats VirtualService.** When an HTTPRoute or TCPRoute is attached to a service
+//!   port, it routes that port and a VirtualService for the same host is ignored there (reported
+//!   with a Note). Istio defines no order between the two (both become routes for the host); ambient
+//!   waypoints honour only Gateway API routes, so the explicit, newer API wins.
+//! - **Which HTTPRoute rule the kernel follows.** HTTPRoute precedence is not first-match
+//!   (semantics §6: exact path, longest prefix, method, headers, query params, then the oldest
+//!   route, `namespace/name`, rule order). connect() sees no request, so only a rule that matches
+//!   every request can be compiled: no `matches`, or a match that is `PathPrefix /` alone. All such
+//!   matches tie on the first five criteria, so the one the kernel follows is the catch-all of the
+//!   oldest route, then by `namespace/name`, then the first in rule order; it is the one Istio
+//!   gives every request no other rule claims. Other catch-all rules never get traffic (Note); the
+//!   matches of the other rules, filters, timeouts and retries need L7 (Unenforced). Several
+//!   HTTPRoutes on one Service port are merged this way, so the oldest route with a catch-all wins.
+//!   A TCPRoute has nothing to match on: the oldest TCPRoute on a port wins (the others get a
+//!   Note), and its first (in v1 its only) rule.
+//! - **HTTP or TCP.** An HTTPRoute applies to Service ports not declared opaque (port name prefix
+//!   or `appProtocol` `tcp`, `tls`, `https`, …), a TCPRoute to ports not declared HTTP; on a port
+//!   declaring neither, Istio tells HTTP from other traffic by sniffing, which connect() cannot, so
+//!   the HTTPRoute wins there and the TCPRoute is reported.
+//! - **Weights.** An omitted backendRef weight is 1 and weight 0 gets no connection (unlike
+//!   VirtualService, a single destination of weight 0 gets nothing either). When every weight is 0
+//!   the rule is Rejected and, as Gateway API requires (Istio answers HTTP 500), connections to the
+//!   port are refused. A backendRef without `port` rejects the rule; the port keeps its default
+//!   routing.
+//! - **Invalid backends.** A backendRef to a Service that does not exist (or lacks the port)
+//!   keeps its weight and gets a backend set with no endpoints: its share of connections is
+//!   refused, the kernel's closest match to Istio's HTTP 500 for that share (and exactly what
+//!   Gateway API asks of a TCPRoute). Reported as a Note. A rule without backendRefs likewise
+//!   refuses every connection.
+//! - **Cross-namespace backendRefs** need a ReferenceGrant in the backend's namespace, as in Istio.
+//!   Without one the reference is Rejected and, like an invalid backend, its share is refused.
+//! - **Not compiled:** consumer routes (a route in another namespace than its parent Service,
+//!   which Istio applies only to clients in the route's namespace: Unenforced), non-Service
+//!   parents (Gateways: a Note, a proxy serves them), `hostnames` (ignored for mesh routes, as
+//!   Istio does: Note).
+//!
+//! Unenforced L7 features are worded after the mode (one helper, `Compiler::l7_unenforced`):
+//! "not enforced in KernelNative", "marked for the waypoint" in DualEngine, and in Disabled mode
+//! that the mesh is disabled.
 //!
 //! IDs are stable: each is a hash of the name of what it identifies, with collisions resolved in
 //! sorted order, so a small change in the cluster is a small change in the snapshot.
@@ -33,6 +77,7 @@ use kmesh_snapshot::Snapshot;
 
 use crate::{
     diagnostics::{Diagnostic, ObjectRef},
+    gateway_api::{self, BackendRef, ParentReference, filter_type},
     inputs::Inputs,
     istio::{DestinationRule, HttpRoute, RouteDestination, TrafficPolicy, VirtualService},
 };
@@ -82,19 +127,42 @@ pub fn compile(
     generation: u64,
     options: &CompileOptions,
 ) -> Compiled {
-    let mut c = Compiler {
-        inputs,
-        options,
-        diagnostics: Vec::new(),
-    };
-    let catalog = c.catalog();
-    let identities = c.identity_ids(&catalog);
-    let tables = c.tables(&catalog, &identities);
     let node_mode = inputs
         .config
         .as_ref()
         .map(|cfg| cfg.spec.mode_value())
         .unwrap_or(mode::KERNEL_NATIVE);
+    let mut pods_by_label: BTreeMap<(&str, &str, &str), Vec<&Pod>> = BTreeMap::new();
+    for pod in inputs.pods.iter().filter(|p| healthy(p)) {
+        for (k, v) in pod.metadata.labels.iter().flatten() {
+            pods_by_label
+                .entry((namespace_of(&pod.metadata), k.as_str(), v.as_str()))
+                .or_default()
+                .push(pod);
+        }
+    }
+    let mut c = Compiler {
+        inputs,
+        options,
+        pods_by_label,
+        mode: node_mode,
+        diagnostics: Vec::new(),
+    };
+    if node_mode == mode::DISABLED {
+        let name = inputs
+            .config
+            .as_ref()
+            .and_then(|cfg| cfg.metadata.name.as_deref())
+            .unwrap_or("default");
+        c.report(Diagnostic::note(
+            ObjectRef::new("KmeshConfig", None, name),
+            "spec.mode",
+            "the mesh is disabled: the node programs pass all traffic through; routes are compiled but not applied",
+        ));
+    }
+    let catalog = c.catalog();
+    let identities = c.identity_ids(&catalog);
+    let tables = c.tables(&catalog, &identities);
     let workloads = c.workloads(&identities);
 
     let mut snapshots = BTreeMap::new();
@@ -117,11 +185,14 @@ pub fn compile(
     }
     let mut diagnostics = c.diagnostics;
     for object in &inputs.not_yet_supported {
-        diagnostics.push(Diagnostic::unenforced(
-            object.clone(),
-            "",
-            "this kind is not compiled yet (it comes in a later issue: authorization policies, Gateway API mesh routes)",
-        ));
+        let reason = match object.kind.as_str() {
+            "GRPCRoute" => "GRPCRoute is not compiled yet (HTTPRoute and TCPRoute are)",
+            "TLSRoute" => {
+                "TLSRoute is not compiled: it matches on SNI, which needs the first payload bytes"
+            }
+            _ => "this kind is not compiled yet (authorization policies come in a later issue)",
+        };
+        diagnostics.push(Diagnostic::unenforced(object.clone(), "", reason));
     }
     diagnostics.sort();
     diagnostics.dedup();
@@ -139,6 +210,93 @@ struct CatalogPort {
     name: Option<String>,
     /// Where the port goes on an endpoint: a number, or a name resolved per endpoint.
     target: TargetPort,
+    /// The declared application protocol, which decides whether HTTPRoutes or TCPRoutes apply.
+    protocol: PortProtocol,
+}
+
+/// A port's application protocol as Istio reads it: `appProtocol` (or a ServiceEntry port's
+/// `protocol`), else the port name's prefix (`http-web` is HTTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortProtocol {
+    /// HTTP, HTTP/2, gRPC: HTTPRoutes apply, TCPRoutes do not.
+    Http,
+    /// TCP, TLS, HTTPS and other opaque protocols: TCPRoutes apply, HTTPRoutes do not.
+    Opaque,
+    /// Not declared: Istio sniffs; both kinds of route apply.
+    Unknown,
+}
+
+impl PortProtocol {
+    fn named(protocol: &str) -> PortProtocol {
+        match protocol.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "http_proxy" | "grpc" | "grpc-web" | "kubernetes.io/h2c"
+            | "kubernetes.io/ws" => PortProtocol::Http,
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => {
+                PortProtocol::Opaque
+            }
+            _ => PortProtocol::Unknown,
+        }
+    }
+
+    fn of_service_port(name: Option<&str>, app_protocol: Option<&str>) -> PortProtocol {
+        match app_protocol.map(PortProtocol::named) {
+            Some(p) if p != PortProtocol::Unknown => p,
+            _ => name
+                .map(|n| PortProtocol::named(n.split('-').next().unwrap_or(n)))
+                .unwrap_or(PortProtocol::Unknown),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            PortProtocol::Http => "HTTP",
+            PortProtocol::Opaque => "opaque (TCP, TLS, …)",
+            PortProtocol::Unknown => "without protocol",
+        }
+    }
+}
+
+/// The two kinds of Gateway API mesh route the compiler reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RouteKind {
+    Http,
+    Tcp,
+}
+
+impl RouteKind {
+    fn name(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Tcp => "TCPRoute",
+        }
+    }
+
+    /// Whether a route of this kind applies to a port of `protocol`.
+    fn accepts(self, protocol: PortProtocol) -> bool {
+        match self {
+            RouteKind::Http => protocol != PortProtocol::Opaque,
+            RouteKind::Tcp => protocol != PortProtocol::Http,
+        }
+    }
+}
+
+/// The Gateway API mesh routes attached to one service port, oldest first (then by
+/// namespace/name).
+#[derive(Default)]
+struct Attached<'a> {
+    http: Vec<&'a gateway_api::HttpRoute>,
+    tcp: Vec<&'a gateway_api::TcpRoute>,
+}
+
+impl Attached<'_> {
+    /// The route that decides (the oldest HTTPRoute, else the oldest TCPRoute), for diagnostics.
+    fn describe(&self) -> String {
+        match (self.http.first(), self.tcp.first()) {
+            (Some(r), _) => format!("HTTPRoute {}/{}", r.namespace(), r.name()),
+            (None, Some(r)) => format!("TCPRoute {}/{}", r.namespace(), r.name()),
+            (None, None) => "no route".to_string(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -186,14 +344,48 @@ struct BackendSetKey {
     port: u16,
     subset: Option<String>,
     v6: bool,
+    origin: SetOrigin,
+}
+
+/// What a backend set stands for. Only `Service` sets have endpoints: the others exist so that a
+/// share of connections is refused, as Istio fails the corresponding requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SetOrigin {
+    /// The endpoints of a known service port (and subset).
+    Service,
+    /// A Gateway API backendRef that resolves to nothing usable (unknown service or port, a
+    /// cross-namespace reference no ReferenceGrant permits): no endpoints.
+    Unresolved,
+    /// A Gateway API rule that sends nothing anywhere (no backendRefs, every weight 0), keyed by
+    /// the routed service port: no endpoints.
+    NoBackends,
 }
 
 impl BackendSetKey {
+    /// The endpoints of `fqdn:port` (no subset).
+    fn service(fqdn: &str, port: u16, v6: bool) -> Self {
+        BackendSetKey {
+            fqdn: fqdn.to_string(),
+            port,
+            subset: None,
+            v6,
+            origin: SetOrigin::Service,
+        }
+    }
+
     fn name(&self) -> String {
         let family = if self.v6 { "v6" } else { "v4" };
-        match &self.subset {
-            Some(s) => format!("{}:{} subset {s} ({family})", self.fqdn, self.port),
-            None => format!("{}:{} ({family})", self.fqdn, self.port),
+        match (&self.subset, self.origin) {
+            (_, SetOrigin::Unresolved) => {
+                format!("{}:{} unresolved ({family})", self.fqdn, self.port)
+            }
+            (_, SetOrigin::NoBackends) => {
+                format!("{}:{} no backends ({family})", self.fqdn, self.port)
+            }
+            (Some(s), SetOrigin::Service) => {
+                format!("{}:{} subset {s} ({family})", self.fqdn, self.port)
+            }
+            (None, SetOrigin::Service) => format!("{}:{} ({family})", self.fqdn, self.port),
         }
     }
 }
@@ -201,6 +393,11 @@ impl BackendSetKey {
 struct Compiler<'a> {
     inputs: &'a Inputs,
     options: &'a CompileOptions,
+    /// Healthy pods by (namespace, label key, label value): selector matching looks up the first
+    /// selector label instead of scanning every pod for every service (which is quadratic).
+    pods_by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
+    /// The node mode (`kmesh_common::mode`), for the wording of unenforced features.
+    mode: u32,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -212,9 +409,39 @@ fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
     meta.namespace.as_deref().unwrap_or("default")
 }
 
+/// Oldest first, then by namespace and name: how Istio breaks ties between routes.
+fn age_order(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> impl Ord + use<> {
+    (
+        meta.creation_timestamp.as_ref().map(|t| t.0),
+        namespace_of(meta).to_string(),
+        name_of(meta).to_string(),
+    )
+}
+
 impl<'a> Compiler<'a> {
     fn report(&mut self, d: Diagnostic) {
         self.diagnostics.push(d);
+    }
+
+    /// The one wording for a feature that needs L7 (an HTTP or TLS proxy), by mode. `feature`
+    /// says what needs L7; `in_kernel`, what connections get instead (left out when the mesh is
+    /// disabled, since then nothing is steered at all).
+    fn l7_unenforced(&self, feature: &str, in_kernel: Option<&str>) -> String {
+        match (self.mode, in_kernel) {
+            (mode::KERNEL_NATIVE, None) => format!("{feature}; not enforced in KernelNative"),
+            (mode::KERNEL_NATIVE, Some(k)) => {
+                format!("{feature}; not enforced in KernelNative; {k}")
+            }
+            (mode::DUAL_ENGINE, None) => format!(
+                "{feature}; marked for the waypoint (L7 waypoint support comes in a later release)"
+            ),
+            (mode::DUAL_ENGINE, Some(k)) => format!(
+                "{feature}; marked for the waypoint (L7 waypoint support comes in a later release); until then {k}"
+            ),
+            _ => format!("{feature}; the mesh is disabled (mode Disabled): nothing is enforced"),
+        }
     }
 
     /// Expands a short host name as Istio does: a name without dots lives in `namespace`.
@@ -332,6 +559,10 @@ impl<'a> Compiler<'a> {
                 port,
                 name: p.name.clone(),
                 target,
+                protocol: PortProtocol::of_service_port(
+                    p.name.as_deref(),
+                    p.app_protocol.as_deref(),
+                ),
             });
         }
         let endpoints = match &spec.selector {
@@ -350,14 +581,23 @@ impl<'a> Compiler<'a> {
 
     fn pod_endpoints(&self, ns: &str, selector: &BTreeMap<String, String>) -> Vec<CatalogEndpoint> {
         let mut out = Vec::new();
-        for pod in &self.inputs.pods {
-            if namespace_of(&pod.metadata) != ns || !healthy(pod) {
+        let Some((key, value)) = selector.iter().next() else {
+            return out;
+        };
+        let candidates = self
+            .pods_by_label
+            .get(&(ns, key.as_str(), value.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for &pod in candidates {
+            let pod_labels = pod.metadata.labels.as_ref();
+            if !selector
+                .iter()
+                .all(|(k, v)| pod_labels.and_then(|l| l.get(k)) == Some(v))
+            {
                 continue;
             }
             let labels = pod.metadata.labels.clone().unwrap_or_default();
-            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-                continue;
-            }
             let ips = pod_ips(pod);
             if ips.is_empty() {
                 continue;
@@ -508,6 +748,10 @@ impl<'a> Compiler<'a> {
                 port,
                 name: p.name.clone(),
                 target: TargetPort::Number(target),
+                protocol: match &p.protocol {
+                    Some(protocol) => PortProtocol::named(protocol),
+                    None => PortProtocol::Unknown,
+                },
             });
         }
         let mut endpoints = Vec::new();
@@ -560,6 +804,7 @@ impl<'a> Compiler<'a> {
         let mut sets: BTreeMap<BackendSetKey, Vec<EndpointValueDraft>> = BTreeMap::new();
         let mut set_lb: BTreeMap<BackendSetKey, u32> = BTreeMap::new();
         let vs_by_host = self.virtual_services_by_host(catalog);
+        let mesh_routes = self.mesh_routes(catalog);
 
         for service in catalog.values() {
             for port in &service.ports {
@@ -579,24 +824,30 @@ impl<'a> Compiler<'a> {
                         port.port,
                         if v6 { "v6" } else { "v4" }
                     );
-                    // Without a (valid) VirtualService: the service's own endpoints.
-                    let default = || {
-                        vec![(
-                            1,
-                            BackendSetKey {
-                                fqdn: service.fqdn.clone(),
-                                port: port.port,
-                                subset: None,
-                                v6,
-                            },
-                        )]
-                    };
-                    let destinations = vs_by_host
-                        .get(&service.fqdn)
-                        .and_then(|vs| {
-                            self.route_from_virtual_service(vs, service, port.port, v6, catalog)
-                        })
-                        .unwrap_or_else(default);
+                    // Without a (valid) route: the service's own endpoints.
+                    let default =
+                        || vec![(1, BackendSetKey::service(&service.fqdn, port.port, v6))];
+                    let vs = vs_by_host.get(&service.fqdn).copied();
+                    let destinations = match mesh_routes.get(&(service.fqdn.clone(), port.port)) {
+                        Some(attached) => {
+                            if let Some(vs) = vs {
+                                let route = attached.describe();
+                                self.report(Diagnostic::note(
+                                    ObjectRef::new("VirtualService", Some(vs.namespace()), vs.name()),
+                                    "spec.hosts",
+                                    format!(
+                                        "{}:{} is routed by {route}: Gateway API routes take precedence over VirtualServices",
+                                        service.fqdn, port.port
+                                    ),
+                                ));
+                            }
+                            self.route_from_gateway_api(attached, service, port, v6, catalog)
+                        }
+                        None => vs.and_then(|vs| {
+                            self.route_from_virtual_service(vs, port.port, v6, catalog)
+                        }),
+                    }
+                    .unwrap_or_else(default);
                     for (_, key) in &destinations {
                         if !sets.contains_key(key) {
                             let (endpoints, lb) = self.backend_set(key, catalog);
@@ -767,17 +1018,20 @@ impl<'a> Compiler<'a> {
     fn route_from_virtual_service(
         &mut self,
         vs: &VirtualService,
-        service: &CatalogService,
         port: u16,
         v6: bool,
         catalog: &BTreeMap<String, CatalogService>,
     ) -> Option<Vec<(u32, BackendSetKey)>> {
         let object = ObjectRef::new("VirtualService", Some(vs.namespace()), vs.name());
         for (i, _) in vs.spec.tls.iter().enumerate() {
+            let reason = self.l7_unenforced(
+                "TLS routes match on SNI, which needs the first payload bytes",
+                None,
+            );
             self.report(Diagnostic::unenforced(
                 object.clone(),
                 &format!("spec.tls[{i}]"),
-                "TLS routes match on SNI, which needs the first payload bytes",
+                reason,
             ));
         }
         // tcp routes first: fully decidable at connect().
@@ -829,25 +1083,33 @@ impl<'a> Compiler<'a> {
             .enumerate()
             .find(|(_, r)| r.is_catch_all())
         else {
-            self.report(Diagnostic::unenforced(
-                object,
-                "spec.http",
-                "every http route matches on request content, which needs L7; connections use the service's default routing",
-            ));
+            let reason = self.l7_unenforced(
+                "every http route matches on request content, which needs L7",
+                Some("connections use the service's default routing"),
+            );
+            self.report(Diagnostic::unenforced(object, "spec.http", reason));
             return None;
         };
         for i in 0..index {
+            let reason = self.l7_unenforced(
+                "request matching needs L7",
+                Some(&format!("all connections follow spec.http[{index}]")),
+            );
             self.report(Diagnostic::unenforced(
                 object.clone(),
                 &format!("spec.http[{i}].match"),
-                format!("request matching needs L7; in the kernel all connections follow spec.http[{index}]"),
+                reason,
             ));
         }
         if route.route.is_empty() {
+            let reason = self.l7_unenforced(
+                "the route has no destinations (redirect, direct response or delegation needs L7)",
+                Some("connections use the service's default routing"),
+            );
             self.report(Diagnostic::unenforced(
                 object,
                 &format!("spec.http[{index}]"),
-                "the route has no destinations (redirect, direct response or delegation needs L7); default routing",
+                reason,
             ));
             return None;
         }
@@ -865,18 +1127,20 @@ impl<'a> Compiler<'a> {
 
     fn report_l7(&mut self, object: &ObjectRef, index: usize, route: &HttpRoute) {
         for field in route.l7_fields() {
+            let reason = self.l7_unenforced("needs L7 (an HTTP proxy)", None);
             self.report(Diagnostic::unenforced(
                 object.clone(),
                 &format!("spec.http[{index}].{field}"),
-                "needs L7 (an HTTP proxy); not enforced in KernelNative",
+                reason,
             ));
         }
         for (i, d) in route.route.iter().enumerate() {
             if d.headers.is_some() {
+                let reason = self.l7_unenforced("header manipulation needs L7", None);
                 self.report(Diagnostic::unenforced(
                     object.clone(),
                     &format!("spec.http[{index}].route[{i}].headers"),
-                    "header manipulation needs L7; not enforced in KernelNative",
+                    reason,
                 ));
             }
         }
@@ -941,18 +1205,17 @@ impl<'a> Compiler<'a> {
                 ));
                 return None;
             };
-            if let Some(subset) = &d.destination.subset {
-                if self
+            if let Some(subset) = &d.destination.subset
+                && self
                     .subset_labels(&fqdn, &target.namespace, subset)
                     .is_none()
-                {
-                    self.report(Diagnostic::rejected(
-                        object.clone(),
-                        &format!("{field}[{i}].destination.subset"),
-                        format!("no DestinationRule for {fqdn} defines subset {subset:?}"),
-                    ));
-                    return None;
-                }
+            {
+                self.report(Diagnostic::rejected(
+                    object.clone(),
+                    &format!("{field}[{i}].destination.subset"),
+                    format!("no DestinationRule for {fqdn} defines subset {subset:?}"),
+                ));
+                return None;
             }
             if weight == 0 {
                 continue; // weight 0 gets no traffic
@@ -964,6 +1227,7 @@ impl<'a> Compiler<'a> {
                     port: dest_port,
                     subset: d.destination.subset.clone(),
                     v6,
+                    origin: SetOrigin::Service,
                 },
             ));
         }
@@ -982,6 +1246,613 @@ impl<'a> Compiler<'a> {
                 "the weights add up to more than 2^32-1",
             ));
             return None;
+        }
+        Some(out)
+    }
+
+    // ---- Gateway API mesh routes ----
+
+    /// The Gateway API mesh routes attached to each service port `(fqdn, port)`. Reports parents
+    /// that are not compiled (Gateways, consumer routes, unknown Services and ports).
+    fn mesh_routes(
+        &mut self,
+        catalog: &BTreeMap<String, CatalogService>,
+    ) -> BTreeMap<(String, u16), Attached<'a>> {
+        let inputs: &'a Inputs = self.inputs;
+        let mut out: BTreeMap<(String, u16), Attached<'a>> = BTreeMap::new();
+        let mut http: Vec<&'a gateway_api::HttpRoute> = inputs.http_routes.iter().collect();
+        http.sort_by_key(|r| age_order(&r.metadata));
+        for route in http {
+            let object = ObjectRef::new("HTTPRoute", Some(route.namespace()), route.name());
+            let ports = self.parent_ports(
+                &object,
+                route.namespace(),
+                &route.spec.parent_refs,
+                RouteKind::Http,
+                catalog,
+            );
+            if !ports.is_empty() && !route.spec.hostnames.is_empty() {
+                self.report(Diagnostic::note(
+                    object.clone(),
+                    "spec.hostnames",
+                    "ignored for Service parents: a mesh route applies to the Service it is attached to, whatever the Host header (as in Istio)",
+                ));
+            }
+            for key in ports {
+                out.entry(key).or_default().http.push(route);
+            }
+        }
+        let mut tcp: Vec<&'a gateway_api::TcpRoute> = inputs.tcp_routes.iter().collect();
+        tcp.sort_by_key(|r| age_order(&r.metadata));
+        for route in tcp {
+            let object = ObjectRef::new("TCPRoute", Some(route.namespace()), route.name());
+            let ports = self.parent_ports(
+                &object,
+                route.namespace(),
+                &route.spec.parent_refs,
+                RouteKind::Tcp,
+                catalog,
+            );
+            for key in ports {
+                out.entry(key).or_default().tcp.push(route);
+            }
+        }
+        out
+    }
+
+    /// The service ports `(fqdn, port)` a route of `kind` in `route_namespace` is attached to.
+    fn parent_ports(
+        &mut self,
+        object: &ObjectRef,
+        route_namespace: &str,
+        parents: &[ParentReference],
+        kind: RouteKind,
+        catalog: &BTreeMap<String, CatalogService>,
+    ) -> BTreeSet<(String, u16)> {
+        let mut out = BTreeSet::new();
+        if parents.is_empty() {
+            self.report(Diagnostic::note(
+                object.clone(),
+                "spec.parentRefs",
+                "no parentRefs: the route is attached to nothing",
+            ));
+        }
+        for (i, parent) in parents.iter().enumerate() {
+            let field = format!("spec.parentRefs[{i}]");
+            let ns = parent.namespace.as_deref().unwrap_or(route_namespace);
+            if !parent.is_service() {
+                if parent.kind() == "Service" {
+                    self.report(Diagnostic::rejected(
+                        object.clone(),
+                        &format!("{field}.group"),
+                        format!(
+                            "kind Service in group {:?} is not a core Service; a mesh route's parent needs group \"\" (an omitted group means {})",
+                            parent.group(),
+                            gateway_api::GROUP
+                        ),
+                    ));
+                } else {
+                    self.report(Diagnostic::note(
+                        object.clone(),
+                        &field,
+                        format!(
+                            "{} {ns}/{} is not a Service: that attachment is served by a gateway proxy, not by the node data plane",
+                            parent.kind(),
+                            parent.name
+                        ),
+                    ));
+                }
+                continue;
+            }
+            let service_ref = format!("Service {ns}/{}", parent.name);
+            if ns != route_namespace {
+                self.report(Diagnostic::unenforced(
+                    object.clone(),
+                    &field,
+                    format!(
+                        "a consumer route: for {service_ref} it applies only to clients in namespace {route_namespace}; per-client routes are not compiled yet (connections keep the Service's own routing)"
+                    ),
+                ));
+                continue;
+            }
+            let fqdn = format!("{}.{ns}.svc.{}", parent.name, self.options.cluster_domain);
+            let Some(service) = catalog.get(&fqdn) else {
+                let exists = self.inputs.services.iter().any(|s| {
+                    namespace_of(&s.metadata) == ns && name_of(&s.metadata) == parent.name
+                });
+                if exists {
+                    self.report(Diagnostic::note(
+                        object.clone(),
+                        &field,
+                        format!("{service_ref} has no cluster IP (headless, ExternalName or not assigned yet): there is no VIP to route"),
+                    ));
+                } else {
+                    self.report(Diagnostic::rejected(
+                        object.clone(),
+                        &field,
+                        format!("no {service_ref}"),
+                    ));
+                }
+                continue;
+            };
+            let selected: Vec<&CatalogPort> = service
+                .ports
+                .iter()
+                .filter(|p| parent.port.is_none_or(|n| i32::from(p.port) == n))
+                .filter(|p| {
+                    parent
+                        .section_name
+                        .as_ref()
+                        .is_none_or(|s| p.name.as_ref() == Some(s))
+                })
+                .collect();
+            let explicit = parent.port.is_some() || parent.section_name.is_some();
+            if selected.is_empty() {
+                let which = match (&parent.port, &parent.section_name) {
+                    (Some(n), Some(s)) => format!("TCP port {n} named {s:?}"),
+                    (Some(n), None) => format!("TCP port {n}"),
+                    (None, Some(s)) => format!("TCP port named {s:?}"),
+                    (None, None) => "TCP port".to_string(),
+                };
+                self.report(Diagnostic::rejected(
+                    object.clone(),
+                    &field,
+                    format!("{service_ref} has no {which}"),
+                ));
+                continue;
+            }
+            let mut accepted = 0;
+            for port in &selected {
+                if kind.accepts(port.protocol) {
+                    out.insert((fqdn.clone(), port.port));
+                    accepted += 1;
+                } else if explicit {
+                    self.report(Diagnostic::note(
+                        object.clone(),
+                        &field,
+                        format!(
+                            "port {} of {service_ref} is declared {}: {}s do not apply to it",
+                            port.port,
+                            port.protocol.describe(),
+                            kind.name()
+                        ),
+                    ));
+                }
+            }
+            if accepted == 0 && !explicit {
+                self.report(Diagnostic::note(
+                    object.clone(),
+                    &field,
+                    format!(
+                        "every port of {service_ref} is declared for another protocol: {}s apply to none of them",
+                        kind.name()
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The weighted destinations the Gateway API routes attached to `port` give its connections,
+    /// or `None` when the port keeps its default routing.
+    fn route_from_gateway_api(
+        &mut self,
+        attached: &Attached<'a>,
+        service: &CatalogService,
+        port: &CatalogPort,
+        v6: bool,
+        catalog: &BTreeMap<String, CatalogService>,
+    ) -> Option<Vec<(u32, BackendSetKey)>> {
+        if attached.http.is_empty() {
+            return self.route_from_tcp_routes(&attached.tcp, service, port.port, v6, catalog);
+        }
+        // Both kinds only meet on a port without declared protocol.
+        let http = attached.describe();
+        for route in &attached.tcp {
+            let reason = self.l7_unenforced(
+                &format!(
+                    "port {} of {} declares no protocol and {http} routes it too: Istio sends HTTP there and other traffic here, telling them apart by the first payload bytes",
+                    port.port, service.fqdn
+                ),
+                Some(&format!("all connections follow {http}")),
+            );
+            self.report(Diagnostic::unenforced(
+                ObjectRef::new("TCPRoute", Some(route.namespace()), route.name()),
+                "spec.parentRefs",
+                reason,
+            ));
+        }
+        self.route_from_http_routes(&attached.http, service, port.port, v6, catalog)
+    }
+
+    /// HTTPRoutes merged as Istio merges them for one service port: the kernel follows the
+    /// catch-all rule with the highest precedence (see the module doc).
+    fn route_from_http_routes(
+        &mut self,
+        routes: &[&'a gateway_api::HttpRoute],
+        service: &CatalogService,
+        port: u16,
+        v6: bool,
+        catalog: &BTreeMap<String, CatalogService>,
+    ) -> Option<Vec<(u32, BackendSetKey)>> {
+        let target = format!("{}:{port}", service.fqdn);
+        // `routes` is sorted oldest first, then by namespace/name; then rule order.
+        let winner: Option<(usize, usize)> = routes.iter().enumerate().find_map(|(r, route)| {
+            route
+                .spec
+                .rules
+                .iter()
+                .position(|rule| rule.has_catch_all())
+                .map(|i| (r, i))
+        });
+        let winner_name = winner.map(|(r, i)| {
+            format!(
+                "HTTPRoute {}/{} spec.rules[{i}]",
+                routes[r].namespace(),
+                routes[r].name()
+            )
+        });
+        for (r, route) in routes.iter().enumerate() {
+            let object = ObjectRef::new("HTTPRoute", Some(route.namespace()), route.name());
+            for (i, rule) in route.spec.rules.iter().enumerate() {
+                self.report_gateway_l7(&object, i, rule);
+                if winner == Some((r, i)) {
+                    continue;
+                }
+                if rule.has_request_match() {
+                    let in_kernel = match &winner_name {
+                        Some(w) => format!("connections to {target} follow {w}"),
+                        None => format!(
+                            "no rule matches every request: connections to {target} keep the service's default routing"
+                        ),
+                    };
+                    let reason = self.l7_unenforced("request matching needs L7", Some(&in_kernel));
+                    self.report(Diagnostic::unenforced(
+                        object.clone(),
+                        &format!("spec.rules[{i}].matches"),
+                        reason,
+                    ));
+                }
+                if let (true, Some(w)) = (rule.has_catch_all(), &winner_name) {
+                    self.report(Diagnostic::note(
+                        object.clone(),
+                        &format!("spec.rules[{i}]"),
+                        format!(
+                            "also matches every request to {target}, but {w} takes precedence (oldest route, then namespace/name, then rule order): this rule gets no traffic, in Istio as in the kernel"
+                        ),
+                    ));
+                }
+            }
+        }
+        let (r, i) = winner?;
+        let route = routes[r];
+        let rule = &route.spec.rules[i];
+        let object = ObjectRef::new("HTTPRoute", Some(route.namespace()), route.name());
+        if rule.backend_refs.is_empty() {
+            if rule
+                .filters
+                .iter()
+                .any(|f| filter_type(f) == "RequestRedirect")
+            {
+                let reason = self.l7_unenforced(
+                    "the rule only redirects, which needs L7",
+                    Some(&format!(
+                        "connections to {target} keep the service's default routing"
+                    )),
+                );
+                self.report(Diagnostic::unenforced(
+                    object,
+                    &format!("spec.rules[{i}]"),
+                    reason,
+                ));
+                return None;
+            }
+            self.report(Diagnostic::note(
+                object,
+                &format!("spec.rules[{i}].backendRefs"),
+                format!(
+                    "no backendRefs: Istio answers every request with HTTP 500; connections to {target} are refused"
+                ),
+            ));
+            return Some(vec![(1, self.no_backends(service, port, v6))]);
+        }
+        self.gateway_backends(
+            &object,
+            RouteKind::Http,
+            &format!("spec.rules[{i}].backendRefs"),
+            &rule.backend_refs,
+            route.namespace(),
+            (service, port, v6),
+            catalog,
+        )
+    }
+
+    /// TCPRoutes for one service port: nothing to match on, so the oldest route's first rule.
+    fn route_from_tcp_routes(
+        &mut self,
+        routes: &[&'a gateway_api::TcpRoute],
+        service: &CatalogService,
+        port: u16,
+        v6: bool,
+        catalog: &BTreeMap<String, CatalogService>,
+    ) -> Option<Vec<(u32, BackendSetKey)>> {
+        let target = format!("{}:{port}", service.fqdn);
+        let route = *routes.first()?;
+        let object = ObjectRef::new("TCPRoute", Some(route.namespace()), route.name());
+        for other in &routes[1..] {
+            self.report(Diagnostic::note(
+                ObjectRef::new("TCPRoute", Some(other.namespace()), other.name()),
+                "spec.parentRefs",
+                format!(
+                    "{target} is also routed by {object}, which takes precedence (oldest, then namespace/name): this route gets no connections"
+                ),
+            ));
+        }
+        let Some(rule) = route.spec.rules.first() else {
+            self.report(Diagnostic::rejected(
+                object,
+                "spec.rules",
+                "no rules (a TCPRoute needs one)",
+            ));
+            return None;
+        };
+        for i in 1..route.spec.rules.len() {
+            self.report(Diagnostic::note(
+                object.clone(),
+                &format!("spec.rules[{i}]"),
+                format!(
+                    "a TCPRoute rule has nothing to match on: connections to {target} follow spec.rules[0]"
+                ),
+            ));
+        }
+        if rule.backend_refs.is_empty() {
+            self.report(Diagnostic::note(
+                object,
+                "spec.rules[0].backendRefs",
+                format!(
+                    "no backendRefs: connections to {target} are refused, as Gateway API requires"
+                ),
+            ));
+            return Some(vec![(1, self.no_backends(service, port, v6))]);
+        }
+        self.gateway_backends(
+            &object,
+            RouteKind::Tcp,
+            "spec.rules[0].backendRefs",
+            &rule.backend_refs,
+            route.namespace(),
+            (service, port, v6),
+            catalog,
+        )
+    }
+
+    /// The set that refuses every connection to a service port whose rule sends nothing anywhere.
+    fn no_backends(&self, service: &CatalogService, port: u16, v6: bool) -> BackendSetKey {
+        BackendSetKey {
+            origin: SetOrigin::NoBackends,
+            ..BackendSetKey::service(&service.fqdn, port, v6)
+        }
+    }
+
+    /// The L7 parts of an HTTPRoute rule: filters (its own and its backendRefs'), timeouts, retry,
+    /// session persistence.
+    fn report_gateway_l7(
+        &mut self,
+        object: &ObjectRef,
+        index: usize,
+        rule: &gateway_api::HttpRouteRule,
+    ) {
+        for (j, filter) in rule.filters.iter().enumerate() {
+            let reason = self.l7_unenforced(
+                &format!("filter {} needs L7 (an HTTP proxy)", filter_type(filter)),
+                None,
+            );
+            self.report(Diagnostic::unenforced(
+                object.clone(),
+                &format!("spec.rules[{index}].filters[{j}]"),
+                reason,
+            ));
+        }
+        for field in rule.l7_fields() {
+            let reason = self.l7_unenforced("needs L7 (an HTTP proxy)", None);
+            self.report(Diagnostic::unenforced(
+                object.clone(),
+                &format!("spec.rules[{index}].{field}"),
+                reason,
+            ));
+        }
+        for (j, backend) in rule.backend_refs.iter().enumerate() {
+            for (k, filter) in backend.filters.iter().enumerate() {
+                let reason = self.l7_unenforced(
+                    &format!("filter {} needs L7 (an HTTP proxy)", filter_type(filter)),
+                    None,
+                );
+                self.report(Diagnostic::unenforced(
+                    object.clone(),
+                    &format!("spec.rules[{index}].backendRefs[{j}].filters[{k}]"),
+                    reason,
+                ));
+            }
+        }
+    }
+
+    /// Whether a ReferenceGrant lets `kind`s in `from_namespace` refer to Service `namespace/name`.
+    fn reference_granted(
+        &self,
+        kind: RouteKind,
+        from_namespace: &str,
+        namespace: &str,
+        name: &str,
+    ) -> bool {
+        self.inputs.reference_grants.iter().any(|g| {
+            g.namespace() == namespace && g.permits_service(kind.name(), from_namespace, name)
+        })
+    }
+
+    /// The weighted backend sets of a rule's `backendRefs`, or `None` when the rule is rejected.
+    #[allow(clippy::too_many_arguments)]
+    fn gateway_backends(
+        &mut self,
+        object: &ObjectRef,
+        kind: RouteKind,
+        field: &str,
+        refs: &[BackendRef],
+        route_namespace: &str,
+        (service, port, v6): (&CatalogService, u16, bool),
+        catalog: &BTreeMap<String, CatalogService>,
+    ) -> Option<Vec<(u32, BackendSetKey)>> {
+        let target = format!("{}:{port}", service.fqdn);
+        if refs.len() > MAX_ROUTE_DESTINATIONS {
+            self.report(Diagnostic::rejected(
+                object.clone(),
+                field,
+                format!(
+                    "{} backendRefs; the kernel route holds at most {MAX_ROUTE_DESTINATIONS}",
+                    refs.len()
+                ),
+            ));
+            return None;
+        }
+        let refused_share = match kind {
+            RouteKind::Http => {
+                "Istio answers its share of requests with HTTP 500; the kernel refuses its share of connections (a backend set with no endpoints)"
+            }
+            RouteKind::Tcp => {
+                "its share of connections is refused, as Gateway API requires (a backend set with no endpoints)"
+            }
+        };
+        let mut out = Vec::new();
+        for (j, backend) in refs.iter().enumerate() {
+            let f = format!("{field}[{j}]");
+            let Some(weight) = u32::try_from(backend.weight())
+                .ok()
+                .filter(|w| *w <= 1_000_000)
+            else {
+                self.report(Diagnostic::rejected(
+                    object.clone(),
+                    &format!("{f}.weight"),
+                    "weight must be between 0 and 1000000",
+                ));
+                return None;
+            };
+            let namespace = backend.namespace.as_deref().unwrap_or(route_namespace);
+            let is_service = match (backend.group(), backend.kind()) {
+                ("", "Service") => true,
+                ("networking.istio.io", "Hostname") => false,
+                (group, kind) => {
+                    self.report(Diagnostic::rejected(
+                        object.clone(),
+                        &format!("{f}.kind"),
+                        format!(
+                            "backend kind {kind} (group {group:?}) is not compiled (core Services and Istio Hostnames are); connections to {target} keep the service's default routing"
+                        ),
+                    ));
+                    return None;
+                }
+            };
+            let Some(backend_port) = backend
+                .port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+            else {
+                self.report(Diagnostic::rejected(
+                    object.clone(),
+                    &format!("{f}.port"),
+                    format!(
+                        "a Service backend needs its port (1-65535); connections to {target} keep the service's default routing"
+                    ),
+                ));
+                return None;
+            };
+            if weight == 0 {
+                continue; // weight 0 gets no connection
+            }
+            let fqdn = if is_service {
+                format!(
+                    "{}.{namespace}.svc.{}",
+                    backend.name, self.options.cluster_domain
+                )
+            } else {
+                backend.name.clone()
+            };
+            let unresolved = BackendSetKey {
+                origin: SetOrigin::Unresolved,
+                ..BackendSetKey::service(&fqdn, backend_port, v6)
+            };
+            let backend_ref = if is_service {
+                format!("Service {namespace}/{}", backend.name)
+            } else {
+                format!("host {}", backend.name)
+            };
+            if is_service
+                && namespace != route_namespace
+                && !self.reference_granted(kind, route_namespace, namespace, &backend.name)
+            {
+                self.report(Diagnostic::rejected(
+                    object.clone(),
+                    &format!("{f}.namespace"),
+                    format!(
+                        "no ReferenceGrant in namespace {namespace} permits {}s in {route_namespace} to refer to {backend_ref}; as in Istio, {refused_share}",
+                        kind.name()
+                    ),
+                ));
+                out.push((weight, unresolved));
+                continue;
+            }
+            match catalog.get(&fqdn) {
+                Some(t) if t.ports.iter().any(|p| p.port == backend_port) => {
+                    out.push((weight, BackendSetKey::service(&fqdn, backend_port, v6)));
+                }
+                Some(_) => {
+                    self.report(Diagnostic::note(
+                        object.clone(),
+                        &f,
+                        format!(
+                            "{backend_ref} has no TCP port {backend_port}, an invalid backend: {refused_share}"
+                        ),
+                    ));
+                    out.push((weight, unresolved));
+                }
+                None => {
+                    let exists = is_service
+                        && self.inputs.services.iter().any(|s| {
+                            namespace_of(&s.metadata) == namespace
+                                && name_of(&s.metadata) == backend.name
+                        });
+                    if exists {
+                        self.report(Diagnostic::unenforced(
+                            object.clone(),
+                            &f,
+                            format!(
+                                "{backend_ref} has no cluster IP (headless or ExternalName): such backends are not compiled yet, and {refused_share}"
+                            ),
+                        ));
+                    } else {
+                        self.report(Diagnostic::note(
+                            object.clone(),
+                            &f,
+                            format!(
+                                "no {backend_ref} with a VIP, an invalid backend: {refused_share}"
+                            ),
+                        ));
+                    }
+                    out.push((weight, unresolved));
+                }
+            }
+        }
+        if out.is_empty() {
+            let istio = match kind {
+                RouteKind::Http => "as Gateway API requires (Istio answers HTTP 500)",
+                RouteKind::Tcp => "as Gateway API requires",
+            };
+            self.report(Diagnostic::rejected(
+                object.clone(),
+                field,
+                format!(
+                    "every backendRef has weight 0: no backend may get traffic, so connections to {target} are refused, {istio}"
+                ),
+            ));
+            return Some(vec![(1, self.no_backends(service, port, v6))]);
         }
         Some(out)
     }
@@ -1045,6 +1916,9 @@ impl<'a> Compiler<'a> {
         key: &BackendSetKey,
         catalog: &BTreeMap<String, CatalogService>,
     ) -> (Vec<EndpointValueDraft>, u32) {
+        if key.origin != SetOrigin::Service {
+            return (Vec::new(), lb_policy::RANDOM); // refuses its share of connections
+        }
         let service = &catalog[&key.fqdn];
         let port = service
             .ports
@@ -1126,10 +2000,14 @@ impl<'a> Compiler<'a> {
             if hash.use_source_ip == Some(true) {
                 return lb_policy::SOURCE_IP_HASH;
             }
+            let reason = self.l7_unenforced(
+                "only useSourceIp hashing is possible at connect(); header, cookie and query hashing need L7",
+                Some("connections are spread at random"),
+            );
             self.report(Diagnostic::unenforced(
                 object.clone(),
                 "spec.trafficPolicy.loadBalancer.consistentHash",
-                "only useSourceIp hashing is possible at connect(); header, cookie and query hashing need L7 (random is used)",
+                reason,
             ));
             return lb_policy::RANDOM;
         }

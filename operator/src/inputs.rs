@@ -9,6 +9,7 @@ use serde::{Deserialize as _, de::DeserializeOwned};
 use crate::{
     crd::KmeshConfig,
     diagnostics::{Diagnostic, ObjectRef},
+    gateway_api::{HttpRoute, ReferenceGrant, TcpRoute},
     istio::{DestinationRule, ServiceEntry, VirtualService},
 };
 
@@ -24,8 +25,14 @@ pub struct Inputs {
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub service_entries: Vec<ServiceEntry>,
-    /// Kinds that are read but not compiled yet (Gateway API mesh routes, say), so that they are
-    /// reported rather than dropped silently.
+    /// Gateway API routes (`gateway.networking.k8s.io`); those with a Service parent are mesh
+    /// routes (GAMMA).
+    pub http_routes: Vec<HttpRoute>,
+    pub tcp_routes: Vec<TcpRoute>,
+    /// Gateway API ReferenceGrants: what permits a route's cross-namespace backendRef.
+    pub reference_grants: Vec<ReferenceGrant>,
+    /// Kinds that are read but not compiled yet (authorization policies, GRPCRoute, TLSRoute), so
+    /// that they are reported rather than dropped silently.
     pub not_yet_supported: Vec<ObjectRef>,
 }
 
@@ -107,6 +114,15 @@ impl Inputs {
         diagnostics
     }
 
+    /// Adds one object read from the API server (a `kube::api::DynamicObject` or a typed object,
+    /// serialized to JSON), dispatched by `apiVersion` and `kind` exactly as a YAML document is.
+    /// `origin` names where it came from, for the diagnostic of an object without kind or name.
+    /// Returns why the object could not be read, if it could not; it is then left out.
+    pub fn add_json(&mut self, value: serde_json::Value, origin: &str) -> Option<Diagnostic> {
+        // Objects from the API server always carry their namespace; the default is never used.
+        self.add_object(value, origin, 0, "default")
+    }
+
     fn add_object(
         &mut self,
         mut value: serde_json::Value,
@@ -126,11 +142,11 @@ impl Inputs {
             .to_string();
         let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
         let cluster_scoped = matches!(kind.as_str(), "Namespace" | "Node" | "KmeshConfig");
-        if !cluster_scoped {
-            if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-                meta.entry("namespace")
-                    .or_insert_with(|| serde_json::Value::String(default_namespace.to_string()));
-            }
+        if !cluster_scoped
+            && let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut())
+        {
+            meta.entry("namespace")
+                .or_insert_with(|| serde_json::Value::String(default_namespace.to_string()));
         }
         let object = ObjectRef::from_value(&value, origin, index);
         let result = match (group, kind.as_str()) {
@@ -151,7 +167,16 @@ impl Inputs {
                 parse(value).map(|o| self.service_entries.push(o))
             }
             ("kmesh.net", "KmeshConfig") => parse(value).map(|o| self.config = Some(o)),
-            ("gateway.networking.k8s.io", "HTTPRoute" | "TCPRoute" | "GRPCRoute" | "TLSRoute")
+            ("gateway.networking.k8s.io", "HTTPRoute") => {
+                parse(value).map(|o| self.http_routes.push(o))
+            }
+            ("gateway.networking.k8s.io", "TCPRoute") => {
+                parse(value).map(|o| self.tcp_routes.push(o))
+            }
+            ("gateway.networking.k8s.io", "ReferenceGrant") => {
+                parse(value).map(|o| self.reference_grants.push(o))
+            }
+            ("gateway.networking.k8s.io", "GRPCRoute" | "TLSRoute")
             | ("security.istio.io", _)
             | ("networking.istio.io", _) => {
                 self.not_yet_supported.push(object.clone());

@@ -3,6 +3,14 @@
 pub mod compile;
 pub mod crd;
 pub mod diagnostics;
+pub mod dir_source;
+pub mod gateway_api;
 pub mod inputs;
 pub mod istio;
+pub mod kube_source;
+pub mod metrics;
+pub mod publish;
+pub mod reconcile;
 pub mod render;
+pub mod server;
+pub mod tokenreview;

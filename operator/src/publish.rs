@@ -59,16 +59,16 @@ impl Publisher {
                     continue;
                 }
             };
-            if let Some(&(generation, last_hash)) = self.last.get(node) {
-                if last_hash == hash {
-                    updates.push(NodeUpdate {
-                        node: node.clone(),
-                        generation,
-                        changed: false,
-                        bytes: 0,
-                    });
-                    continue;
-                }
+            if let Some(&(generation, last_hash)) = self.last.get(node)
+                && last_hash == hash
+            {
+                updates.push(NodeUpdate {
+                    node: node.clone(),
+                    generation,
+                    changed: false,
+                    bytes: 0,
+                });
+                continue;
             }
             let generation = self
                 .last

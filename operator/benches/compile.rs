@@ -1,0 +1,165 @@
+//! Compiler benchmark: compile time and snapshot size for bookinfo and for a generated cluster of
+//! 10,000 services and 100,000 endpoints (10 pods each), against a baseline in the same run: the
+//! time to encode and decode the resulting snapshot (the agent's share of the same data).
+//!
+//! `cargo bench -p kmesh-operator --bench compile` (`-- --smoke` compiles 1,000 services instead).
+use std::{collections::BTreeMap, path::Path, time::Instant};
+
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerPort, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
+        ServicePort, ServiceSpec,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kmesh_operator::{
+    compile::{CompileOptions, compile},
+    inputs::Inputs,
+};
+use kmesh_snapshot::{Limits, Snapshot};
+
+fn main() {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    println!(
+        "kmesh-rs compiler benchmark ({})",
+        if smoke { "smoke run" } else { "full run" }
+    );
+    println!(
+        "  {:<44} {:>9} {:>10} {:>12} {:>11} {:>11}",
+        "input", "services", "endpoints", "snapshot B", "compile ms", "enc+dec ms"
+    );
+    let bookinfo = bookinfo();
+    measure(
+        "bookinfo + destination-rule-all + reviews 90-10",
+        &bookinfo,
+        20,
+    );
+    let services = if smoke { 1_000 } else { 10_000 };
+    let generated = generated(services, 10, 100);
+    measure(
+        &format!("generated: {services} services x 10 pods, 100 nodes"),
+        &generated,
+        3,
+    );
+}
+
+fn measure(label: &str, inputs: &Inputs, rounds: u32) {
+    let node = vec!["node-1".to_string()];
+    let options = CompileOptions::default();
+    let mut best = f64::MAX;
+    let mut compiled = None;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let c = compile(inputs, &node, 1, &options);
+        best = best.min(started.elapsed().as_secs_f64() * 1e3);
+        compiled = Some(c);
+    }
+    let compiled = compiled.expect("at least one round");
+    let snapshot = &compiled.snapshots["node-1"];
+    let started = Instant::now();
+    let bytes = snapshot.encode().expect("valid snapshot");
+    Snapshot::decode(&bytes, &Limits::UNLIMITED).expect("decodes");
+    let codec = started.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "  {:<44} {:>9} {:>10} {:>12} {:>11.1} {:>11.1}",
+        label,
+        snapshot.services.len(),
+        snapshot.endpoints.len(),
+        bytes.len(),
+        best,
+        codec
+    );
+}
+
+fn bookinfo() -> Inputs {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let networking = repo.join("../shared/reference/istio/samples/bookinfo/networking");
+    let mut inputs = Inputs::default();
+    for file in [
+        repo.join("tests/fixtures/bookinfo/cluster.yaml"),
+        networking.join("destination-rule-all.yaml"),
+        networking.join("virtual-service-reviews-90-10.yaml"),
+    ] {
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(inputs.add_yaml(&text, "bench", "default").is_empty());
+    }
+    inputs
+}
+
+/// `services` Services in 100 namespaces, each selecting `pods_per_service` ready pods spread over
+/// `nodes` nodes.
+fn generated(services: u32, pods_per_service: u32, nodes: u32) -> Inputs {
+    let mut inputs = Inputs::default();
+    let mut pod_index: u32 = 0;
+    for s in 0..services {
+        let ns = format!("ns-{}", s % 100);
+        let name = format!("svc-{s}");
+        let selector = BTreeMap::from([("app".to_string(), name.clone())]);
+        inputs.services.push(Service {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(format!(
+                    "10.{}.{}.{}",
+                    96 + (s >> 16),
+                    (s >> 8) & 255,
+                    s & 255
+                )),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    target_port: Some(
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080),
+                    ),
+                    ..Default::default()
+                }]),
+                selector: Some(selector.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        for _ in 0..pods_per_service {
+            let ip = format!(
+                "10.{}.{}.{}",
+                128 + (pod_index >> 16),
+                (pod_index >> 8) & 255,
+                pod_index & 255
+            );
+            inputs.pods.push(Pod {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-{pod_index}")),
+                    namespace: Some(ns.clone()),
+                    labels: Some(selector.clone()),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec {
+                    node_name: Some(format!("node-{}", pod_index % nodes + 1)),
+                    containers: vec![Container {
+                        name: "app".into(),
+                        ports: Some(vec![ContainerPort {
+                            container_port: 8080,
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                status: Some(PodStatus {
+                    pod_ip: Some(ip.clone()),
+                    pod_ips: Some(vec![PodIP { ip }]),
+                    conditions: Some(vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: "True".into(),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            });
+            pod_index += 1;
+        }
+    }
+    inputs
+}

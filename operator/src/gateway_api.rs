@@ -1,0 +1,278 @@
+//! The parts of the Gateway API (`gateway.networking.k8s.io`) the compiler reads, as serde types:
+//! `HTTPRoute` (v1, v1beta1), `TCPRoute` (v1alpha2, v1) and `ReferenceGrant` (v1beta1, v1).
+//!
+//! Only the fields the compiler honours are typed. Fields that only a proxy can enforce (filters,
+//! header and query matches, timeouts, retries) are kept as raw JSON values: the compiler needs to
+//! know that they are present, to report them, not what they hold. Defaults are the CRD's
+//! (`gateway-api` v1.6 standard channel), because objects read from YAML files have not been
+//! through the API server's defaulting: a `parentRef` without `group`/`kind` is a
+//! `gateway.networking.k8s.io` `Gateway`, a `backendRef` without them is a core `Service`, an
+//! omitted weight is 1, an omitted `rules` is one rule matching every request, an omitted `matches`
+//! is `PathPrefix /`.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The API group of the Gateway API.
+pub const GROUP: &str = "gateway.networking.k8s.io";
+
+/// A Gateway API object: metadata plus a typed spec (an object without spec reads as the default).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Object<S> {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: S,
+}
+
+impl<S> Object<S> {
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or("")
+    }
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+pub type HttpRoute = Object<HttpRouteSpec>;
+pub type TcpRoute = Object<TcpRouteSpec>;
+pub type ReferenceGrant = Object<ReferenceGrantSpec>;
+
+/// `spec.parentRefs[]`: what a route attaches to.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentReference {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    /// For a Service parent: the name of a Service port.
+    pub section_name: Option<String>,
+    /// For a Service parent: a Service port (`port`, not `targetPort`).
+    pub port: Option<i32>,
+}
+
+impl ParentReference {
+    /// The group, defaulted as the CRD does (`gateway.networking.k8s.io`).
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or(GROUP)
+    }
+    /// The kind, defaulted as the CRD does (`Gateway`).
+    pub fn kind(&self) -> &str {
+        self.kind.as_deref().unwrap_or("Gateway")
+    }
+    /// A core Service parent (GAMMA): the route is a mesh route for that Service.
+    pub fn is_service(&self) -> bool {
+        self.group().is_empty() && self.kind() == "Service"
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default = "default_http_rules")]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+impl Default for HttpRouteSpec {
+    fn default() -> Self {
+        HttpRouteSpec {
+            parent_refs: Vec::new(),
+            hostnames: Vec::new(),
+            rules: default_http_rules(),
+        }
+    }
+}
+
+/// The CRD's default for an omitted `rules`: one rule matching every request, with no backends.
+fn default_http_rules() -> Vec<HttpRouteRule> {
+    vec![HttpRouteRule::default()]
+}
+
+/// `spec.rules[]` of an HTTPRoute.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    pub name: Option<String>,
+    /// Omitted (or empty) means one match, `PathPrefix /`: every request.
+    pub matches: Option<Vec<HttpRouteMatch>>,
+    #[serde(default)]
+    pub filters: Vec<Value>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    pub timeouts: Option<Value>,
+    /// Experimental channel.
+    pub retry: Option<Value>,
+    /// Experimental channel.
+    pub session_persistence: Option<Value>,
+}
+
+impl HttpRouteRule {
+    /// Whether one of the rule's matches matches every request (what connect() can honour).
+    pub fn has_catch_all(&self) -> bool {
+        match &self.matches {
+            None => true,
+            Some(m) => m.is_empty() || m.iter().any(HttpRouteMatch::is_catch_all),
+        }
+    }
+
+    /// Whether one of the rule's matches looks at request content.
+    pub fn has_request_match(&self) -> bool {
+        self.matches
+            .iter()
+            .flatten()
+            .any(|m| !HttpRouteMatch::is_catch_all(m))
+    }
+
+    /// The L7 settings of the rule other than its matches and filters, by field name.
+    pub fn l7_fields(&self) -> Vec<&'static str> {
+        [
+            ("timeouts", self.timeouts.is_some()),
+            ("retry", self.retry.is_some()),
+            ("sessionPersistence", self.session_persistence.is_some()),
+        ]
+        .iter()
+        .filter(|(_, present)| *present)
+        .map(|(field, _)| *field)
+        .collect()
+    }
+}
+
+/// `spec.rules[].matches[]`: the fields within one match are ANDed, matches are ORed.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    pub path: Option<HttpPathMatch>,
+    #[serde(default)]
+    pub headers: Vec<Value>,
+    #[serde(default)]
+    pub query_params: Vec<Value>,
+    pub method: Option<String>,
+}
+
+impl HttpRouteMatch {
+    /// `PathPrefix /` (the default path) and nothing else: matches every request.
+    pub fn is_catch_all(&self) -> bool {
+        let path_all = self.path.as_ref().is_none_or(|p| {
+            p.type_.as_deref().unwrap_or("PathPrefix") == "PathPrefix"
+                && p.value.as_deref().unwrap_or("/") == "/"
+        });
+        path_all && self.headers.is_empty() && self.query_params.is_empty() && self.method.is_none()
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HttpPathMatch {
+    /// `Exact`, `PathPrefix` (the default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    /// Defaults to `/`.
+    pub value: Option<String>,
+}
+
+/// `backendRefs[]` of an HTTPRoute or TCPRoute rule.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+    /// The backend's Service port; required for a Service backend.
+    pub port: Option<i32>,
+    /// Relative weight, 0 to 1,000,000; omitted means 1.
+    pub weight: Option<i32>,
+    /// HTTPRoute only: filters applied when the request goes to this backend.
+    #[serde(default)]
+    pub filters: Vec<Value>,
+}
+
+impl BackendRef {
+    /// The group, defaulted as the CRD does (core: `""`).
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or("")
+    }
+    /// The kind, defaulted as the CRD does (`Service`).
+    pub fn kind(&self) -> &str {
+        self.kind.as_deref().unwrap_or("Service")
+    }
+    /// The weight, defaulted as the CRD does (1).
+    pub fn weight(&self) -> i32 {
+        self.weight.unwrap_or(1)
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default)]
+    pub rules: Vec<TcpRouteRule>,
+}
+
+/// `spec.rules[]` of a TCPRoute: nothing to match on, only backends.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRouteRule {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ReferenceGrantSpec {
+    #[serde(default)]
+    pub from: Vec<ReferenceGrantFrom>,
+    #[serde(default)]
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ReferenceGrantFrom {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ReferenceGrantTo {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    /// Omitted: every object of the kind in the grant's namespace.
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether this grant lets a `from_kind` route in `from_namespace` refer to the core Service
+    /// `service` in the grant's own namespace.
+    pub fn permits_service(&self, from_kind: &str, from_namespace: &str, service: &str) -> bool {
+        self.spec
+            .from
+            .iter()
+            .any(|f| f.group == GROUP && f.kind == from_kind && f.namespace == from_namespace)
+            && self.spec.to.iter().any(|t| {
+                t.group.is_empty()
+                    && t.kind == "Service"
+                    && t.name.as_deref().is_none_or(|n| n == service)
+            })
+    }
+}
+
+/// The `type` of a filter (`RequestHeaderModifier`, `RequestMirror`, …), for diagnostics.
+pub fn filter_type(filter: &Value) -> &str {
+    filter
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("(no type)")
+}

@@ -6,7 +6,11 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -151,11 +155,15 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         })?;
     tokio::spawn(admin::serve(listener, status.clone(), counters));
 
+    let live_generation = Arc::new(AtomicU64::new(
+        maps.live()?.map_or(0, |l| l.value.meta.generation),
+    ));
     let (tx, rx) = mpsc::channel();
     tokio::spawn(source::run(
         config.source.clone(),
         config.node_name.clone(),
         config.limits.max_bytes,
+        live_generation.clone(),
         tx,
     ));
     let data_plane = DataPlane {
@@ -165,6 +173,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         enroller,
         workloads: None,
         status,
+        live_generation,
     };
     std::thread::Builder::new()
         .name("data-plane".into())
@@ -202,6 +211,8 @@ struct DataPlane {
     /// does not empty the enrolled map before it knows what should be in it.
     workloads: Option<Vec<WorkloadRecord>>,
     status: SharedStatus,
+    /// The live generation, reported to the operator by the source.
+    live_generation: Arc<AtomicU64>,
 }
 
 impl DataPlane {
@@ -285,6 +296,8 @@ impl DataPlane {
                 }
             }
         };
+        self.live_generation
+            .store(snapshot.generation, Ordering::Relaxed);
         update(&self.status, |s| {
             s.ready = true;
             s.live = Some(LiveSnapshot {

@@ -7,13 +7,19 @@
 //! `GET {operator-url}/v1/nodes/{node}/snapshot?wait=30s`
 //! - request header `If-None-Match: <etag>` carries the ETag of the snapshot the agent holds (none
 //!   on the first request); `Authorization: Bearer <token>` when `--token-file` is given;
+//!   `Kmesh-Live-Generation: <n>` the generation live in the kernel (absent before the first), from
+//!   which the operator reports which node runs which snapshot;
 //! - `200 OK`: the body is the snapshot (binary, `kmesh-snapshot` format), `ETag` names it;
 //! - `304 Not Modified`: nothing changed within `wait`; the agent asks again at once (long poll);
 //! - anything else, or a transport error: the agent retries with exponential backoff (0.5 s doubling
 //!   to 30 s) and full jitter, keeping the snapshot it has.
 use std::{
     path::PathBuf,
-    sync::mpsc::Sender,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::Sender,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -40,8 +46,18 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const FILE_POLL: Duration = Duration::from_millis(100);
 
-/// Delivers snapshot bytes to `tx` until the receiver is gone.
-pub async fn run(source: Source, node: String, max_bytes: u64, tx: Sender<Vec<u8>>) {
+/// The request header that reports the generation live in the kernel.
+pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
+
+/// Delivers snapshot bytes to `tx` until the receiver is gone. `live` is the generation the data
+/// plane has live (0: none), reported to the operator.
+pub async fn run(
+    source: Source,
+    node: String,
+    max_bytes: u64,
+    live: Arc<AtomicU64>,
+    tx: Sender<Vec<u8>>,
+) {
     match source {
         Source::File(path) => watch_file(path, tx).await,
         Source::Operator {
@@ -49,7 +65,9 @@ pub async fn run(source: Source, node: String, max_bytes: u64, tx: Sender<Vec<u8
             token_file,
             ca_file,
         } => match https_connector(ca_file.as_deref()) {
-            Ok(connector) => poll_operator(url, node, token_file, connector, max_bytes, tx).await,
+            Ok(connector) => {
+                poll_operator(url, node, token_file, connector, max_bytes, live, tx).await
+            }
             // Checked at start-up (see `check`); reaching here means the file changed since.
             Err(e) => tracing::error!(error = %e, "cannot set up TLS to the operator"),
         },
@@ -170,6 +188,7 @@ async fn poll_operator(
     token_file: Option<PathBuf>,
     connector: Connector,
     max_bytes: u64,
+    live: Arc<AtomicU64>,
     tx: Sender<Vec<u8>>,
 ) {
     let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
@@ -189,6 +208,7 @@ async fn poll_operator(
                 &url,
                 etag.as_deref(),
                 token_file.as_ref(),
+                live.load(Ordering::Relaxed),
                 max_bytes,
             ),
         )
@@ -227,11 +247,15 @@ async fn fetch(
     url: &str,
     etag: Option<&str>,
     token_file: Option<&PathBuf>,
+    live_generation: u64,
     max_bytes: u64,
 ) -> Result<Fetched, FetchError> {
     let mut req = Request::get(url);
     if let Some(etag) = etag {
         req = req.header(header::IF_NONE_MATCH, etag);
+    }
+    if live_generation > 0 {
+        req = req.header(LIVE_GENERATION_HEADER, live_generation);
     }
     if let Some(path) = token_file {
         // Projected tokens rotate: read the file for every request.

@@ -7,13 +7,17 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use clap::Parser;
 use kmesh_operator::{
-    compile::{CompileOptions, compile},
-    diagnostics::Severity,
+    compile::{CompileOptions, Compiled, compile},
+    diagnostics::{Diagnostic, Severity},
     dir_source,
+    inputs::Inputs,
+    kube_source::{DebounceConfig, KubeSource},
     metrics::{self, Metrics},
-    publish::Publisher,
+    publish::{NodeUpdate, Publisher},
+    reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
 };
+use kube::runtime::events::Reporter;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -146,7 +150,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(1);
-    let publisher = Publisher::new(store, metrics.clone(), first_generation);
+    let publisher = Publisher::new(store.clone(), metrics.clone(), first_generation);
     let options = CompileOptions {
         root_namespace: cli.root_namespace.clone(),
         ..Default::default()
@@ -154,7 +158,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.source.strip_prefix("dir:") {
         Some(path) => run_dir(PathBuf::from(path), &cli, options, publisher, metrics).await,
         None if cli.source == "kube" => {
-            Err("--source kube: see kube_source (wired in main once it lands)".into())
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| format!("--source kube needs the API server: {e}"))?;
+            run_kube(client, &cli, options, publisher, store, metrics).await
         }
         None => Err(format!(
             "--source {:?}: expected dir:PATH or kube",
@@ -173,6 +180,63 @@ fn spawn_server<A: Authenticator>(
     tokio::spawn(server::serve(listener, tls, store, Arc::new(auth), metrics));
 }
 
+/// Compiles `inputs` for `nodes`, reports the diagnostics, and publishes what changed.
+fn compile_and_publish(
+    inputs: &Inputs,
+    parse_diagnostics: Vec<Diagnostic>,
+    mut nodes: Vec<String>,
+    options: &CompileOptions,
+    publisher: &mut Publisher,
+    metrics: &Metrics,
+) -> (Compiled, Vec<NodeUpdate>) {
+    nodes.sort();
+    nodes.dedup();
+    let started = std::time::Instant::now();
+    let mut compiled = compile(inputs, &nodes, 1, options);
+    compiled.diagnostics.extend(parse_diagnostics);
+    compiled.diagnostics.sort();
+    let count = |severity| {
+        compiled
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == severity)
+            .count()
+    };
+    let (rejected, unenforced) = (count(Severity::Rejected), count(Severity::Unenforced));
+    metrics.compiled(started.elapsed().as_secs_f64(), rejected, unenforced);
+    for d in &compiled.diagnostics {
+        match d.severity {
+            Severity::Rejected => warn!("{d}"),
+            _ => info!("{d}"),
+        }
+    }
+    let updates = publisher.publish(&compiled);
+    info!(
+        nodes = nodes.len(),
+        changed = updates.iter().filter(|u| u.changed).count(),
+        compile_ms = started.elapsed().as_millis() as u64,
+        rejected,
+        unenforced,
+        "compiled"
+    );
+    (compiled, updates)
+}
+
+/// Which node runs which snapshot: published generations against what the agents report live.
+fn rollout_facts(updates: &[NodeUpdate], store: &SnapshotStore) -> RolloutFacts {
+    RolloutFacts {
+        snapshot_generation: updates.iter().map(|u| u.generation).max().unwrap_or(0),
+        nodes: updates
+            .iter()
+            .map(|u| NodeRollout {
+                name: u.node.clone(),
+                generation: u.generation,
+                ready: store.live_generation(&u.node) == Some(u.generation),
+            })
+            .collect(),
+    }
+}
+
 /// Compiles the directory now and whenever a file in it changes.
 async fn run_dir(
     path: PathBuf,
@@ -188,42 +252,14 @@ async fn run_dir(
         if fingerprint.as_ref().ok() != last_fingerprint.as_ref() {
             match dir_source::load(&paths, &cli.default_namespace) {
                 Ok((inputs, parse_diagnostics)) => {
-                    let mut nodes: Vec<String> = inputs
-                        .nodes
-                        .iter()
-                        .filter_map(|n| n.metadata.name.clone())
-                        .chain(cli.nodes.iter().cloned())
-                        .collect();
-                    nodes.sort();
-                    nodes.dedup();
-                    let started = std::time::Instant::now();
-                    let mut compiled = compile(&inputs, &nodes, 1, &options);
-                    compiled.diagnostics.extend(parse_diagnostics);
-                    let rejected = compiled
-                        .diagnostics
-                        .iter()
-                        .filter(|d| d.severity == Severity::Rejected)
-                        .count();
-                    let unenforced = compiled
-                        .diagnostics
-                        .iter()
-                        .filter(|d| d.severity == Severity::Unenforced)
-                        .count();
-                    metrics.compiled(started.elapsed().as_secs_f64(), rejected, unenforced);
-                    for d in &compiled.diagnostics {
-                        match d.severity {
-                            Severity::Rejected => warn!("{d}"),
-                            _ => info!("{d}"),
-                        }
-                    }
-                    let updates = publisher.publish(&compiled);
-                    info!(
-                        nodes = nodes.len(),
-                        changed = updates.iter().filter(|u| u.changed).count(),
-                        compile_ms = started.elapsed().as_millis() as u64,
-                        rejected,
-                        unenforced,
-                        "compiled"
+                    let nodes = node_names(&inputs, &cli.nodes);
+                    compile_and_publish(
+                        &inputs,
+                        parse_diagnostics,
+                        nodes,
+                        &options,
+                        &mut publisher,
+                        &metrics,
                     );
                 }
                 Err(e) => {
@@ -233,5 +269,74 @@ async fn run_dir(
             last_fingerprint = fingerprint.ok();
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn node_names(inputs: &Inputs, extra: &[String]) -> Vec<String> {
+    inputs
+        .nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .chain(extra.iter().cloned())
+        .collect()
+}
+
+/// Watches the API server, recompiles on (debounced) changes, and keeps the KmeshConfig status
+/// current, also while agents report their rollout progress.
+async fn run_kube(
+    client: kube::Client,
+    cli: &Cli,
+    options: CompileOptions,
+    mut publisher: Publisher,
+    store: SnapshotStore,
+    metrics: Arc<Metrics>,
+) -> Result<(), String> {
+    let source = KubeSource::start(client.clone());
+    if !source.wait_settled(Duration::from_secs(60)).await {
+        warn!("not every watched kind listed within 60 s; compiling with what is there");
+    }
+    let mut changes = source.changes(DebounceConfig::default());
+    let reporter = Reporter {
+        controller: "kmesh-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let mut reconciler = Reconciler::new(client, reporter);
+    loop {
+        let snapshot = source.snapshot();
+        let nodes = node_names(&snapshot.inputs, &cli.nodes);
+        let (compiled, updates) = compile_and_publish(
+            &snapshot.inputs,
+            snapshot.diagnostics.clone(),
+            nodes,
+            &options,
+            &mut publisher,
+            &metrics,
+        );
+        let not_installed = snapshot.not_installed_names();
+        loop {
+            let rollout = rollout_facts(&updates, &store);
+            let stores = source.stores();
+            let uid_of = |o: &kmesh_operator::diagnostics::ObjectRef| stores.uid_of(o);
+            let input = ReconcileInput {
+                config: snapshot.inputs.config.as_ref(),
+                diagnostics: &compiled.diagnostics,
+                rollout: &rollout,
+                not_installed: &not_installed,
+                uid_of: &uid_of,
+            };
+            if let Err(e) = reconciler.reconcile(&input).await {
+                warn!(error = %e, "updating the KmeshConfig status");
+            }
+            // Recompile on a change; meanwhile refresh the status as agents report progress.
+            tokio::select! {
+                more = changes.next() => {
+                    if !more {
+                        return Err("the Kubernetes source stopped".into());
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
     }
 }

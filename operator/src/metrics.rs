@@ -30,6 +30,8 @@ pub struct Metrics {
     served: Family<ServedLabels, Counter>,
     rejected_objects: Gauge,
     unenforced_features: Gauge,
+    published_generation: Family<NodeLabel, Gauge>,
+    live_generation: Family<NodeLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -40,6 +42,18 @@ impl Default for Metrics {
         let served = Family::<ServedLabels, Counter>::default();
         let rejected_objects = Gauge::default();
         let unenforced_features = Gauge::default();
+        let published_generation = Family::<NodeLabel, Gauge>::default();
+        let live_generation = Family::<NodeLabel, Gauge>::default();
+        registry.register(
+            "node_published_generation",
+            "The snapshot generation published for the node",
+            published_generation.clone(),
+        );
+        registry.register(
+            "node_live_generation",
+            "The snapshot generation the node's agent last reported live in its kernel",
+            live_generation.clone(),
+        );
         registry.register(
             "compile_duration_seconds",
             "Time to compile all snapshots",
@@ -72,6 +86,8 @@ impl Default for Metrics {
             served,
             rejected_objects,
             unenforced_features,
+            published_generation,
+            live_generation,
         }
     }
 }
@@ -81,6 +97,22 @@ impl Metrics {
         self.compile_seconds.observe(seconds);
         self.rejected_objects.set(rejected as i64);
         self.unenforced_features.set(unenforced as i64);
+    }
+
+    pub fn published(&self, node: &str, generation: u64) {
+        self.published_generation
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
+            .set(generation as i64);
+    }
+
+    pub fn live(&self, node: &str, generation: u64) {
+        self.live_generation
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
+            .set(generation as i64);
     }
 
     pub fn snapshot_size(&self, node: &str, bytes: usize) {

@@ -90,6 +90,7 @@ impl Publisher {
                 "publishing snapshot"
             );
             self.metrics.snapshot_size(node, bytes.len());
+            self.metrics.published(node, generation);
             updates.push(NodeUpdate {
                 node: node.clone(),
                 generation,

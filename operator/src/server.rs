@@ -30,6 +30,9 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
+/// The request header in which agents report the generation live in their kernel.
+pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
+
 /// The longest a request is held waiting for a change.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -47,10 +50,12 @@ impl Published {
     }
 }
 
-/// What the server serves: the latest snapshot of every node, with change notification.
+/// What the server serves: the latest snapshot of every node, with change notification; and what
+/// each node's agent last reported live.
 #[derive(Clone, Default)]
 pub struct SnapshotStore {
     nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
+    live: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl SnapshotStore {
@@ -73,6 +78,22 @@ impl SnapshotStore {
 
     fn subscribe(&self, node: &str) -> watch::Receiver<Option<Published>> {
         self.channel(node).subscribe()
+    }
+
+    /// The generation a node's agent last reported live in its kernel.
+    pub fn live_generation(&self, node: &str) -> Option<u64> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+    }
+
+    fn report_live(&self, node: &str, generation: u64) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), generation);
     }
 }
 
@@ -212,6 +233,9 @@ async fn handle<A: Authenticator>(
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
     let response = serve_snapshot(&req, &node, store, auth, peer).await;
+    if let Some(live) = store.live_generation(&node) {
+        metrics.live(&node, live);
+    }
     metrics.served(&node, response.status().as_u16());
     response
 }
@@ -247,6 +271,15 @@ async fn serve_snapshot<A: Authenticator>(
             return text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n"));
         }
         Err(e) => return text(StatusCode::UNAUTHORIZED, &format!("{e}\n")),
+    }
+    // Only an authenticated agent of this node may say what runs there.
+    if let Some(live) = req
+        .headers()
+        .get(LIVE_GENERATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        store.report_live(node, live);
     }
     let wait = wait_param(req.uri().query());
     let if_none_match = req

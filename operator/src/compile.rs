@@ -165,6 +165,13 @@ pub fn compile(
     let tables = c.tables(&catalog, &identities);
     let workloads = c.workloads(&identities);
 
+    let limits = inputs
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.spec.capacity.as_ref())
+        .map(|cap| cap.limits())
+        .unwrap_or_default();
+    let config_ref = ObjectRef::new("KmeshConfig", None, crate::crd::SINGLETON_NAME);
     let mut snapshots = BTreeMap::new();
     for node in nodes {
         let mut snapshot = Snapshot {
@@ -181,8 +188,18 @@ pub fn compile(
             workloads: workloads.get(node).cloned().unwrap_or_default(),
         };
         snapshot.sort();
+        // A snapshot over the configured capacity is not produced: the node keeps the one it has.
+        if let Some(reason) = over_capacity(&snapshot, &limits) {
+            c.report(Diagnostic::rejected(
+                config_ref.clone(),
+                "spec.capacity",
+                format!("node {node}'s snapshot {reason}; the node keeps its current snapshot"),
+            ));
+            continue;
+        }
         snapshots.insert(node.clone(), snapshot);
     }
+    c.report_unimplemented_settings();
     let mut diagnostics = c.diagnostics;
     for object in &inputs.not_yet_supported {
         let reason = match object.kind.as_str() {
@@ -450,6 +467,38 @@ impl<'a> Compiler<'a> {
             host.to_string()
         } else {
             format!("{host}.{namespace}.svc.{}", self.options.cluster_domain)
+        }
+    }
+
+    /// KmeshConfig settings the system does not act on yet are reported, never silently ignored.
+    fn report_unimplemented_settings(&mut self) {
+        let Some(config) = self.inputs.config.as_ref() else {
+            return;
+        };
+        let object = ObjectRef::new("KmeshConfig", None, crate::crd::SINGLETON_NAME);
+        let spec = &config.spec;
+        if spec.rollout.strategy != crate::crd::RolloutStrategy::AllAtOnce
+            || spec.rollout.canary.is_some()
+        {
+            self.report(Diagnostic::unenforced(
+                object.clone(),
+                "spec.rollout",
+                "Rolling rollouts and canary nodes are not implemented yet: every node gets its new snapshot at once",
+            ));
+        }
+        if spec.access_log {
+            self.report(Diagnostic::unenforced(
+                object.clone(),
+                "spec.accessLog",
+                "access logs are not produced yet (they come with the observability work)",
+            ));
+        }
+        if spec.log_level != crate::crd::LogLevel::default() {
+            self.report(Diagnostic::unenforced(
+                object,
+                "spec.logLevel",
+                "not propagated to the agents yet; set their --log-level",
+            ));
         }
     }
 
@@ -2174,4 +2223,23 @@ fn assign_ids(names: impl Iterator<Item = String>) -> BTreeMap<String, u32> {
         ids.insert(name, id);
     }
     ids
+}
+
+/// Why `snapshot` does not fit `limits`, if it does not.
+fn over_capacity(snapshot: &Snapshot, limits: &kmesh_snapshot::Limits) -> Option<String> {
+    let tables = [
+        ("services", snapshot.services.len(), limits.max_services),
+        ("routes", snapshot.routes.len(), limits.max_routes),
+        (
+            "backend sets",
+            snapshot.backend_sets.len(),
+            limits.max_backend_sets,
+        ),
+        ("endpoints", snapshot.endpoints.len(), limits.max_endpoints),
+        ("workloads", snapshot.workloads.len(), limits.max_workloads),
+    ];
+    tables
+        .into_iter()
+        .find(|(_, count, capacity)| *count as u64 > u64::from(*capacity))
+        .map(|(table, count, capacity)| format!("holds {count} {table}, capacity is {capacity}"))
 }

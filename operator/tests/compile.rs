@@ -906,3 +906,32 @@ fn unenforced_l7_wording_follows_the_mode() {
         diagnostics_text(&compiled)
     );
 }
+
+#[test]
+fn kmeshconfig_capacity_and_unimplemented_settings_are_reported() {
+    let mut inputs = bookinfo_with(&["destination-rule-all.yaml"]);
+    let config = r#"
+apiVersion: kmesh.net/v1alpha1
+kind: KmeshConfig
+metadata: {name: default}
+spec:
+  mode: KernelNative
+  rollout: {strategy: Rolling, maxUnavailable: 1}
+  accessLog: true
+  capacity: {maxServices: 2}
+"#;
+    assert!(inputs.add_yaml(config, "config.yaml", "default").is_empty());
+    let compiled = compile_node(&inputs);
+    assert!(
+        !compiled.snapshots.contains_key(NODE),
+        "an over-capacity snapshot must not be produced"
+    );
+    let text: Vec<String> = compiled.diagnostics.iter().map(|d| d.to_string()).collect();
+    let has = |needle: &str| text.iter().any(|d| d.contains(needle));
+    assert!(
+        has("spec.capacity: node node-1's snapshot holds 4 services, capacity is 2"),
+        "{text:#?}"
+    );
+    assert!(has("spec.rollout: Rolling rollouts"), "{text:#?}");
+    assert!(has("spec.accessLog"), "{text:#?}");
+}

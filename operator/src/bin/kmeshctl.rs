@@ -73,7 +73,12 @@ fn main() -> ExitCode {
     let mut compiled = compile(&inputs, std::slice::from_ref(&node), generation, &options);
     compiled.diagnostics.extend(diagnostics);
     compiled.diagnostics.sort();
-    let snapshot = &compiled.snapshots[&node];
+    let Some(snapshot) = compiled.snapshots.get(&node) else {
+        // Only a snapshot over the configured capacity is withheld; the diagnostics say why.
+        print_diagnostics(&compiled.diagnostics);
+        eprintln!("kmeshctl: no snapshot for node {node}");
+        return ExitCode::FAILURE;
+    };
     let written = match output {
         Output::Summary => {
             print!("{}", summary(snapshot, &compiled));

@@ -148,6 +148,15 @@ pub fn compile(
         mode: node_mode,
         diagnostics: Vec::new(),
     };
+    for dr in &inputs.destination_rules {
+        if let Err((field, reason)) = crate::validate::destination_rule(&dr.spec) {
+            c.report(Diagnostic::rejected(
+                ObjectRef::new("DestinationRule", Some(dr.namespace()), dr.name()),
+                &field,
+                reason,
+            ));
+        }
+    }
     if node_mode == mode::DISABLED {
         let name = inputs
             .config
@@ -729,6 +738,10 @@ impl<'a> Compiler<'a> {
     fn service_entry(&mut self, se: &crate::istio::ServiceEntry) -> Vec<CatalogService> {
         let ns = se.namespace().to_string();
         let object = ObjectRef::new("ServiceEntry", Some(&ns), se.name());
+        if let Err((field, reason)) = crate::validate::service_entry(&se.spec) {
+            self.report(Diagnostic::rejected(object, &field, reason));
+            return Vec::new();
+        }
         let resolution = se.spec.resolution.as_deref().unwrap_or("NONE");
         match resolution {
             "STATIC" => {}
@@ -1916,7 +1929,9 @@ impl<'a> Compiler<'a> {
             let mut matching: Vec<(&'a DestinationRule, bool)> = inputs
                 .destination_rules
                 .iter()
-                .filter(|dr| dr.namespace() == ns)
+                .filter(|dr| {
+                    dr.namespace() == ns && crate::validate::destination_rule(&dr.spec).is_ok()
+                })
                 .filter_map(|dr| {
                     let host = self.fqdn(&dr.spec.host, dr.namespace());
                     if host == fqdn {

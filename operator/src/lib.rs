@@ -14,3 +14,4 @@ pub mod reconcile;
 pub mod render;
 pub mod server;
 pub mod tokenreview;
+pub mod validate;

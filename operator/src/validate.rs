@@ -22,13 +22,13 @@ pub fn service_entry(spec: &ServiceEntrySpec) -> Result<(), Invalid> {
         return invalid(&format!("spec.hosts[{i}]"), "hostname cannot be wildcard");
     }
     let resolution = spec.resolution.as_deref().unwrap_or("NONE");
-    if let Some(i) = spec.addresses.iter().position(|a| a.contains('/')) {
-        if !matches!(resolution, "NONE" | "STATIC") {
-            return invalid(
-                &format!("spec.addresses[{i}]"),
-                "CIDR addresses are allowed only for NONE/STATIC resolution types",
-            );
-        }
+    if let Some(i) = spec.addresses.iter().position(|a| a.contains('/'))
+        && !matches!(resolution, "NONE" | "STATIC")
+    {
+        return invalid(
+            &format!("spec.addresses[{i}]"),
+            "CIDR addresses are allowed only for NONE/STATIC resolution types",
+        );
     }
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
@@ -51,13 +51,13 @@ pub fn service_entry(spec: &ServiceEntrySpec) -> Result<(), Invalid> {
                 "port number cannot be duplicated",
             );
         }
-        if let Some(name) = &port.name {
-            if !names.insert(name.clone()) {
-                return invalid(
-                    &format!("spec.ports[{i}].name"),
-                    format!("Duplicate value: {name:?}"),
-                );
-            }
+        if let Some(name) = &port.name
+            && !names.insert(name.clone())
+        {
+            return invalid(
+                &format!("spec.ports[{i}].name"),
+                format!("Duplicate value: {name:?}"),
+            );
         }
     }
     if let Some(selector) = &spec.workload_selector {
@@ -125,21 +125,21 @@ fn traffic_policy(field: &str, policy: &TrafficPolicy) -> Result<(), Invalid> {
     if warmup.get("duration").is_none() {
         return invalid(&format!("{field}.duration"), "Required value");
     }
-    if let Some(p) = warmup.get("minimumPercent").and_then(Value::as_f64) {
-        if !(0.0..=100.0).contains(&p) {
-            return invalid(
-                &format!("{field}.minimumPercent"),
-                "Invalid value: must be between 0 and 100",
-            );
-        }
+    if let Some(p) = warmup.get("minimumPercent").and_then(Value::as_f64)
+        && !(0.0..=100.0).contains(&p)
+    {
+        return invalid(
+            &format!("{field}.minimumPercent"),
+            "Invalid value: must be between 0 and 100",
+        );
     }
-    if let Some(a) = warmup.get("aggression").and_then(Value::as_f64) {
-        if a < 1.0 {
-            return invalid(
-                &format!("{field}.aggression"),
-                "Invalid value: must be at least 1",
-            );
-        }
+    if let Some(a) = warmup.get("aggression").and_then(Value::as_f64)
+        && a < 1.0
+    {
+        return invalid(
+            &format!("{field}.aggression"),
+            "Invalid value: must be at least 1",
+        );
     }
     Ok(())
 }

@@ -486,15 +486,6 @@ impl<'a> Compiler<'a> {
         };
         let object = ObjectRef::new("KmeshConfig", None, crate::crd::SINGLETON_NAME);
         let spec = &config.spec;
-        if spec.rollout.strategy != crate::crd::RolloutStrategy::AllAtOnce
-            || spec.rollout.canary.is_some()
-        {
-            self.report(Diagnostic::unenforced(
-                object.clone(),
-                "spec.rollout",
-                "Rolling rollouts and canary nodes are not implemented yet: every node gets its new snapshot at once",
-            ));
-        }
         if spec.access_log {
             self.report(Diagnostic::unenforced(
                 object.clone(),

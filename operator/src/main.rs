@@ -13,7 +13,7 @@ use kmesh_operator::{
     inputs::Inputs,
     kube_source::{DebounceConfig, KubeSource},
     metrics::{self, Metrics},
-    publish::{NodeUpdate, Publisher},
+    publish::{Publisher, RolloutPolicy},
     reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
 };
@@ -156,7 +156,17 @@ async fn run(cli: Cli) -> Result<(), String> {
         ..Default::default()
     };
     match cli.source.strip_prefix("dir:") {
-        Some(path) => run_dir(PathBuf::from(path), &cli, options, publisher, metrics).await,
+        Some(path) => {
+            run_dir(
+                PathBuf::from(path),
+                &cli,
+                options,
+                publisher,
+                store,
+                metrics,
+            )
+            .await
+        }
         None if cli.source == "kube" => {
             let client = kube::Client::try_default()
                 .await
@@ -188,7 +198,7 @@ fn compile_and_publish(
     options: &CompileOptions,
     publisher: &mut Publisher,
     metrics: &Metrics,
-) -> (Compiled, Vec<NodeUpdate>) {
+) -> Compiled {
     nodes.sort();
     nodes.dedup();
     let started = std::time::Instant::now();
@@ -210,28 +220,42 @@ fn compile_and_publish(
             _ => info!("{d}"),
         }
     }
-    let updates = publisher.publish(&compiled);
+    let node_labels: Vec<(String, std::collections::BTreeMap<String, String>)> = inputs
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            Some((
+                n.metadata.name.clone()?,
+                n.metadata.labels.clone().unwrap_or_default(),
+            ))
+        })
+        .collect();
+    publisher.set_policy(RolloutPolicy::from_config(
+        inputs.config.as_ref(),
+        &node_labels,
+    ));
+    publisher.publish(&compiled);
     info!(
         nodes = nodes.len(),
-        changed = updates.iter().filter(|u| u.changed).count(),
         compile_ms = started.elapsed().as_millis() as u64,
         rejected,
         unenforced,
         "compiled"
     );
-    (compiled, updates)
+    compiled
 }
 
 /// Which node runs which snapshot: published generations against what the agents report live.
-fn rollout_facts(updates: &[NodeUpdate], store: &SnapshotStore) -> RolloutFacts {
+fn rollout_facts(publisher: &Publisher, store: &SnapshotStore) -> RolloutFacts {
+    let nodes = publisher.nodes();
     RolloutFacts {
-        snapshot_generation: updates.iter().map(|u| u.generation).max().unwrap_or(0),
-        nodes: updates
-            .iter()
-            .map(|u| NodeRollout {
-                name: u.node.clone(),
-                generation: u.generation,
-                ready: store.live_generation(&u.node) == Some(u.generation),
+        snapshot_generation: nodes.iter().map(|n| n.generation).max().unwrap_or(0),
+        nodes: nodes
+            .into_iter()
+            .map(|n| NodeRollout {
+                ready: !n.pending && store.live_generation(&n.node) == Some(n.generation),
+                name: n.node,
+                generation: n.generation,
             })
             .collect(),
     }
@@ -243,6 +267,7 @@ async fn run_dir(
     cli: &Cli,
     options: CompileOptions,
     mut publisher: Publisher,
+    store: SnapshotStore,
     metrics: Arc<Metrics>,
 ) -> Result<(), String> {
     let paths = vec![path];
@@ -268,6 +293,7 @@ async fn run_dir(
             }
             last_fingerprint = fingerprint.ok();
         }
+        publisher.advance(&|node| store.live_generation(node));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -304,7 +330,7 @@ async fn run_kube(
     loop {
         let snapshot = source.snapshot();
         let nodes = node_names(&snapshot.inputs, &cli.nodes);
-        let (compiled, updates) = compile_and_publish(
+        let compiled = compile_and_publish(
             &snapshot.inputs,
             snapshot.diagnostics.clone(),
             nodes,
@@ -314,7 +340,8 @@ async fn run_kube(
         );
         let not_installed = snapshot.not_installed_names();
         loop {
-            let rollout = rollout_facts(&updates, &store);
+            publisher.advance(&|node| store.live_generation(node));
+            let rollout = rollout_facts(&publisher, &store);
             let stores = source.stores();
             let uid_of = |o: &kmesh_operator::diagnostics::ObjectRef| stores.uid_of(o);
             let input = ReconcileInput {
@@ -335,7 +362,7 @@ async fn run_kube(
                     }
                     break;
                 }
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
     }

@@ -932,6 +932,5 @@ spec:
         has("spec.capacity: node node-1's snapshot holds 4 services, capacity is 2"),
         "{text:#?}"
     );
-    assert!(has("spec.rollout: Rolling rollouts"), "{text:#?}");
     assert!(has("spec.accessLog"), "{text:#?}");
 }

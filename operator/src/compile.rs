@@ -170,6 +170,7 @@ pub fn compile(
         ));
     }
     let catalog = c.catalog();
+    c.report_client_namespace_destination_rules(&catalog);
     let identities = c.identity_ids(&catalog);
     let tables = c.tables(&catalog, &identities);
     let workloads = c.workloads(&identities);
@@ -499,6 +500,33 @@ impl<'a> Compiler<'a> {
                 "spec.logLevel",
                 "not propagated to the agents yet; set their --log-level",
             ));
+        }
+    }
+
+    /// A DestinationRule outside its service's namespace and the root namespace applies, in Istio,
+    /// only to clients in its own namespace. The kernel's tables are per service, not per client, so
+    /// such a rule is not compiled; say so rather than drop it.
+    fn report_client_namespace_destination_rules(
+        &mut self,
+        catalog: &BTreeMap<String, CatalogService>,
+    ) {
+        let inputs: &'a Inputs = self.inputs;
+        for dr in &inputs.destination_rules {
+            let host = self.fqdn(&dr.spec.host, dr.namespace());
+            let Some(service) = catalog.get(&host) else {
+                continue;
+            };
+            if dr.namespace() != service.namespace && dr.namespace() != self.options.root_namespace
+            {
+                self.report(Diagnostic::unenforced(
+                    ObjectRef::new("DestinationRule", Some(dr.namespace()), dr.name()),
+                    "spec.host",
+                    format!(
+                        "applies only to clients in namespace {}; per-client rules are not compiled (the rule of {host}'s own namespace, or the root namespace's, is used)",
+                        dr.namespace()
+                    ),
+                ));
+            }
         }
     }
 

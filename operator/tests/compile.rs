@@ -934,3 +934,28 @@ spec:
     );
     assert!(has("spec.accessLog"), "{text:#?}");
 }
+
+#[test]
+fn a_client_namespace_destination_rule_is_reported_not_dropped() {
+    let mut inputs = bookinfo_with(&["destination-rule-all.yaml"]);
+    let dr = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-for-team-a, namespace: team-a}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+"#;
+    assert!(inputs.add_yaml(dr, "dr.yaml", "default").is_empty());
+    let compiled = compile_node(&inputs);
+    assert!(
+        compiled
+            .diagnostics
+            .iter()
+            .any(|d| d.severity == Severity::Unenforced
+                && d.object.name == "reviews-for-team-a"
+                && d.reason.contains("only to clients in namespace team-a")),
+        "{:#?}",
+        compiled.diagnostics
+    );
+}

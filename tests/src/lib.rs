@@ -22,6 +22,7 @@
 //! Tests must fail, never skip, when a real part is missing: see [`require_root`].
 
 pub mod agent;
+pub mod bookinfo;
 pub mod cgroup;
 pub mod cmd;
 pub mod names;
@@ -29,6 +30,7 @@ pub mod netns;
 pub mod probe;
 pub mod snapshot_server;
 pub mod sweep;
+pub mod temp;
 pub mod tls;
 
 pub use agent::{Agent, AgentDir, AgentOptions, AgentSource, write_atomically};
@@ -38,6 +40,7 @@ pub use netns::{Pod, TcpServer, TestNetwork, netns_path, run_in_netns};
 pub use probe::{ProbeHandle, ProbeReport, StopFile, workspace_bin};
 pub use snapshot_server::SnapshotServer;
 pub use sweep::sweep_leftovers;
+pub use temp::TempPath;
 pub use tls::TestTls;
 
 /// Panics with a clear message unless the process runs as root (euid 0).

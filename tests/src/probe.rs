@@ -47,6 +47,21 @@ impl ProbeReport {
     }
 
     /// How many failures had the key `err` (e.g. `"ENETUNREACH"`).
+    /// Asserts that `pod`'s share of the successful connections is `expected` within 5 standard
+    /// deviations of a binomial proportion (a false failure less than once in a million checks).
+    pub fn assert_share(&self, pod: &str, expected: f64) {
+        let n = self.ok as f64;
+        let observed = self.replies(pod) as f64 / n;
+        let tolerance = 5.0 * (expected * (1.0 - expected) / n).sqrt();
+        println!(
+            "share of {pod}: observed {observed:.4}, expected {expected:.2} ± {tolerance:.4} (n = {n})"
+        );
+        assert!(
+            (observed - expected).abs() <= tolerance,
+            "share of {pod} is {observed:.4}, expected {expected} ± {tolerance:.4}: {self:?}"
+        );
+    }
+
     pub fn errors_of(&self, err: &str) -> u64 {
         self.errors.get(err).copied().unwrap_or(0)
     }

@@ -213,22 +213,6 @@ fn wait_enrolled(agent: &mut Agent, n: u64) {
         .expect("enrolment");
 }
 
-/// Asserts that the share of `pod` in `report` is `expected` within 5 standard deviations of a
-/// binomial proportion (false failure rate below 1e-6 per check).
-fn assert_share(report: &ProbeReport, pod: &str, expected: f64) {
-    let n = report.ok as f64;
-    let observed = report.replies(pod) as f64 / n;
-    let sigma = (expected * (1.0 - expected) / n).sqrt();
-    let tolerance = 5.0 * sigma;
-    println!(
-        "share of {pod}: observed {observed:.4}, expected {expected:.2} ± {tolerance:.4} (n = {n})"
-    );
-    assert!(
-        (observed - expected).abs() <= tolerance,
-        "share of {pod} is {observed:.4}, expected {expected} ± {tolerance:.4}: {report:?}"
-    );
-}
-
 #[test]
 fn load_balancing_reaches_every_endpoint_and_honours_weights() {
     let w = World::new("lb", &["a", "b", "c"]);
@@ -259,14 +243,14 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
 
     let split = w.probe(&target(VIP_90_10), 2000);
     assert_eq!(split.ok, 2000, "{split:?}");
-    assert_share(&split, "a", 0.9);
-    assert_share(&split, "b", 0.1);
+    split.assert_share("a", 0.9);
+    split.assert_share("b", 0.1);
 
     let split3 = w.probe(&target(VIP_50_30_20), 3000);
     assert_eq!(split3.ok, 3000, "{split3:?}");
-    assert_share(&split3, "a", 0.5);
-    assert_share(&split3, "b", 0.3);
-    assert_share(&split3, "c", 0.2);
+    split3.assert_share("a", 0.5);
+    split3.assert_share("b", 0.3);
+    split3.assert_share("c", 0.2);
 
     // Source-IP hashing: one client always lands on the same endpoint.
     let hashed = w.probe(&target(VIP_HASH), 200);

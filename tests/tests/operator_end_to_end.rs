@@ -4,18 +4,16 @@
 //! Changing the YAML reaches the kernel through the long poll; a token of another node gets 403.
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, ProbeReport, TestCgroup, TestNetwork, TestTls,
-    workspace_bin,
+    Agent, AgentDir, AgentOptions, AgentSource, TempPath, TestCgroup, TestNetwork, TestTls,
+    bookinfo::BookinfoPods, workspace_bin,
 };
-
-const REVIEWS_VIP: &str = "10.96.77.13:9080";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -60,25 +58,6 @@ impl Drop for Operator {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn assert_share(report: &ProbeReport, pod: &str, expected: f64) {
-    let n = report.ok as f64;
-    let observed = report.replies(pod) as f64 / n;
-    let tolerance = 5.0 * (expected * (1.0 - expected) / n).sqrt();
-    println!("{pod}: {observed:.4} (expected {expected} ± {tolerance:.4})");
-    assert!(
-        (observed - expected).abs() <= tolerance,
-        "{pod}: {observed} vs {expected}: {report:?}"
-    );
-}
-
 #[test]
 fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     let tls = TestTls::new("operator").expect("certificates");
@@ -89,21 +68,22 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     let token_2 = tls.file("token-2", "token-node-2\n").unwrap();
 
     // The GitOps directory the operator watches.
-    let source = TempDir(std::env::temp_dir().join(format!("kmt-opdir-{}", std::process::id())));
-    std::fs::create_dir_all(&source.0).unwrap();
+    let source = TempPath::new("opdir");
+    let source_dir = source.path();
+    std::fs::create_dir_all(source_dir).unwrap();
     std::fs::copy(
         repo().join("tests/fixtures/bookinfo/cluster.yaml"),
-        source.0.join("cluster.yaml"),
+        source_dir.join("cluster.yaml"),
     )
     .unwrap();
     std::fs::copy(
         networking("destination-rule-all.yaml"),
-        source.0.join("destination-rules.yaml"),
+        source_dir.join("destination-rules.yaml"),
     )
     .unwrap();
     std::fs::copy(
         networking("virtual-service-reviews-90-10.yaml"),
-        source.0.join("reviews.yaml"),
+        source_dir.join("reviews.yaml"),
     )
     .unwrap();
 
@@ -112,7 +92,7 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     let log = std::env::temp_dir().join(format!("kmt-operator-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).unwrap();
     let child = Command::new(workspace_bin("kmesh-operator").expect("kmesh-operator binary"))
-        .arg(format!("--source=dir:{}", source.0.display()))
+        .arg(format!("--source=dir:{}", source_dir.display()))
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
         .arg("--tls-cert")
@@ -130,16 +110,7 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     let net = TestNetwork::new("opend").expect("network");
     let cgroup = TestCgroup::new("opend").expect("cgroup");
     let dir = AgentDir::new("opend").expect("pins");
-    let productpage = net
-        .add_pod("productpage", Ipv4Addr::new(10, 244, 77, 10), None)
-        .unwrap();
-    let mut servers = Vec::new();
-    for (name, host) in [("reviewsv1", 21), ("reviewsv2", 22), ("reviewsv3", 23)] {
-        let pod = net
-            .add_pod(name, Ipv4Addr::new(10, 244, 77, host), None)
-            .unwrap();
-        servers.push(pod.serve_tcp(9080).unwrap());
-    }
+    let pods = BookinfoPods::new(&net).expect("bookinfo pods");
     let url = format!("https://127.0.0.1:{port}");
     let start_agent = |node: &'static str, token: &Path, dir: &AgentDir| {
         Agent::start(&AgentOptions {
@@ -164,25 +135,11 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
             Ok(a.debug_snapshot()?["enrolled_netns"] == 4)
         })
         .unwrap();
-    let probe = || {
-        productpage
-            .run_probe(
-                &cgroup,
-                &[
-                    "--target",
-                    REVIEWS_VIP,
-                    "--count",
-                    "2000",
-                    "--timeout-ms",
-                    "2000",
-                ],
-            )
-            .unwrap()
-    };
+    let probe = || pods.probe_reviews(&cgroup, 2000).unwrap();
     let report = probe();
     assert_eq!(report.ok, 2000, "{report:?}");
-    assert_share(&report, "reviewsv1", 0.9);
-    assert_share(&report, "reviewsv2", 0.1);
+    report.assert_share("reviewsv1", 0.9);
+    report.assert_share("reviewsv2", 0.1);
     let first_generation = agent.debug_snapshot().unwrap()["live"]["generation"]
         .as_u64()
         .unwrap();
@@ -190,10 +147,10 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     // A GitOps change: the 50/50 v1/v3 VirtualService replaces the canary.
     let changed = Instant::now();
     let vs = std::fs::read(networking("virtual-service-reviews-50-v3.yaml")).unwrap();
-    std::fs::write(source.0.join("reviews.yaml.tmp"), vs).unwrap();
+    std::fs::write(source_dir.join("reviews.yaml.tmp"), vs).unwrap();
     std::fs::rename(
-        source.0.join("reviews.yaml.tmp"),
-        source.0.join("reviews.yaml"),
+        source_dir.join("reviews.yaml.tmp"),
+        source_dir.join("reviews.yaml"),
     )
     .unwrap();
     agent
@@ -206,8 +163,8 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
         changed.elapsed()
     );
     let report = probe();
-    assert_share(&report, "reviewsv1", 0.5);
-    assert_share(&report, "reviewsv3", 0.5);
+    report.assert_share("reviewsv1", 0.5);
+    report.assert_share("reviewsv3", 0.5);
 
     // A token bound to node-2 cannot fetch node-1's snapshot.
     let other_dir = AgentDir::new("opendother").expect("pins");

@@ -632,56 +632,52 @@ impl KubeSource {
         let health = SourceHealth::default();
         let signal = Arc::new(watch::channel(0u64).0);
         let config = watcher::Config::default();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(run_watch(
-            Api::<Namespace>::all(client.clone()),
-            config.clone(),
-            KindWatch::new(WatchedKind::Namespace, writers.namespaces, health.clone()),
-            signal.clone(),
-        )));
-        tasks.push(tokio::spawn(run_watch(
-            Api::<Node>::all(client.clone()),
-            config.clone(),
-            KindWatch::new(WatchedKind::Node, writers.nodes, health.clone()),
-            signal.clone(),
-        )));
-        tasks.push(tokio::spawn(run_watch(
-            Api::<Pod>::all(client.clone()),
-            config.clone(),
-            KindWatch::new(WatchedKind::Pod, writers.pods, health.clone()),
-            signal.clone(),
-        )));
-        tasks.push(tokio::spawn(run_watch(
-            Api::<Service>::all(client.clone()),
-            config.clone(),
-            KindWatch::new(WatchedKind::Service, writers.services, health.clone()),
-            signal.clone(),
-        )));
-        tasks.push(tokio::spawn(run_watch(
-            Api::<EndpointSlice>::all(client.clone()),
-            config.clone(),
-            KindWatch::new(
-                WatchedKind::EndpointSlice,
-                writers.endpoint_slices,
-                health.clone(),
-            ),
-            signal.clone(),
-        )));
-        tasks.push(tokio::spawn(run_watch(
-            Api::<KmeshConfig>::all(client.clone()),
-            config
-                .clone()
-                .fields(&format!("metadata.name={SINGLETON_NAME}")),
-            KindWatch::new(WatchedKind::KmeshConfig, writers.configs, health.clone()),
-            signal.clone(),
-        )));
-        for (kind, writer) in writers.dynamic {
-            tasks.push(tokio::spawn(run_watch(
-                Api::<DynamicObject>::all_with(client.clone(), &kind.api_resource()),
+        let watch = |kind: WatchedKind| (kind, health.clone(), signal.clone());
+        let named = config
+            .clone()
+            .fields(&format!("metadata.name={SINGLETON_NAME}"));
+        let mut tasks = vec![
+            spawn_watch(
+                Api::<Namespace>::all(client.clone()),
                 config.clone(),
-                KindWatch::new(kind, writer, health.clone()),
-                signal.clone(),
-            )));
+                writers.namespaces,
+                watch(WatchedKind::Namespace),
+            ),
+            spawn_watch(
+                Api::<Node>::all(client.clone()),
+                config.clone(),
+                writers.nodes,
+                watch(WatchedKind::Node),
+            ),
+            spawn_watch(
+                Api::<Pod>::all(client.clone()),
+                config.clone(),
+                writers.pods,
+                watch(WatchedKind::Pod),
+            ),
+            spawn_watch(
+                Api::<Service>::all(client.clone()),
+                config.clone(),
+                writers.services,
+                watch(WatchedKind::Service),
+            ),
+            spawn_watch(
+                Api::<EndpointSlice>::all(client.clone()),
+                config.clone(),
+                writers.endpoint_slices,
+                watch(WatchedKind::EndpointSlice),
+            ),
+            // Only the singleton is read.
+            spawn_watch(
+                Api::<KmeshConfig>::all(client.clone()),
+                named,
+                writers.configs,
+                watch(WatchedKind::KmeshConfig),
+            ),
+        ];
+        for (kind, writer) in writers.dynamic {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &kind.api_resource());
+            tasks.push(spawn_watch(api, config.clone(), writer, watch(kind)));
         }
         KubeSource {
             stores,
@@ -750,6 +746,25 @@ impl Drop for KubeSource {
 
 /// Runs one kind's watcher forever (its errors are retried with the default backoff: 0.8 s
 /// doubling to 30 s), feeding the store and raising the change signal.
+/// Spawns the watch task of one kind.
+fn spawn_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    (kind, health, signal): (WatchedKind, SourceHealth, Arc<watch::Sender<u64>>),
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    tokio::spawn(run_watch(
+        api,
+        config,
+        KindWatch::new(kind, writer, health),
+        signal,
+    ))
+}
+
 async fn run_watch<K>(
     api: Api<K>,
     config: watcher::Config,

@@ -986,18 +986,13 @@ impl<'a> Compiler<'a> {
                 .insert(service_ids[service], service.clone());
         }
         for (name, destinations) in &routes {
-            let mut value = RouteValue {
-                destination_count: 0,
-                total_weight: 0,
-                cumulative_weight: [0; MAX_ROUTE_DESTINATIONS],
-                backend_set: [0; MAX_ROUTE_DESTINATIONS],
-            };
-            for (i, (weight, key)) in destinations.iter().enumerate() {
-                value.total_weight += weight;
-                value.cumulative_weight[i] = value.total_weight;
-                value.backend_set[i] = set_ids[&key.name()];
-                value.destination_count += 1;
-            }
+            let weighted = destinations
+                .iter()
+                .map(|(weight, key)| (*weight, set_ids[&key.name()]));
+            // The destinations were built with positive weights, at most MAX_ROUTE_DESTINATIONS
+            // of them, adding up to a u32 (see `destinations`).
+            let value = RouteValue::from_weights(weighted)
+                .expect("routes are built with 1..=16 positive weights");
             t.routes.push(RouteRecord {
                 route_id: route_ids[name],
                 value,

@@ -52,11 +52,7 @@ pub fn summary(s: &Snapshot, compiled: &Compiled) -> String {
         let Some(route) = s.routes.iter().find(|r| r.route_id == svc.value.route_id) else {
             continue;
         };
-        let mut previous = 0;
-        for i in 0..route.value.destination_count as usize {
-            let weight = route.value.cumulative_weight[i] - previous;
-            previous = route.value.cumulative_weight[i];
-            let set_id = route.value.backend_set[i];
+        for (weight, set_id) in route.value.weights() {
             let share = 100.0 * f64::from(weight) / f64::from(route.value.total_weight);
             let set = s.backend_sets.iter().find(|b| b.set_id == set_id);
             let endpoints: Vec<String> = s

@@ -25,8 +25,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
-    MAX_ROUTE_DESTINATIONS, NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord,
-    ServiceValue, WorkloadRecord, ip16, lb_policy,
+    NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord,
+    ip16, lb_policy,
 };
 
 use crate::Snapshot;
@@ -115,26 +115,8 @@ impl SnapshotBuilder {
     /// add up beyond `u32::MAX`: such a route has no representation.
     pub fn route(&mut self, destinations: &[(u32, u32)]) -> u32 {
         let route_id = next(&mut self.next_route_id);
-        let mut value = RouteValue {
-            destination_count: 0,
-            total_weight: 0,
-            cumulative_weight: [0; MAX_ROUTE_DESTINATIONS],
-            backend_set: [0; MAX_ROUTE_DESTINATIONS],
-        };
-        let positive = destinations.iter().filter(|(weight, _)| *weight > 0);
-        for (slot, &(weight, set_id)) in positive.enumerate() {
-            assert!(
-                slot < MAX_ROUTE_DESTINATIONS,
-                "a route has at most {MAX_ROUTE_DESTINATIONS} destinations"
-            );
-            value.total_weight = value
-                .total_weight
-                .checked_add(weight)
-                .expect("route weights add up beyond u32::MAX");
-            value.cumulative_weight[slot] = value.total_weight;
-            value.backend_set[slot] = set_id;
-            value.destination_count += 1;
-        }
+        let value = RouteValue::from_weights(destinations.iter().copied())
+            .unwrap_or_else(|e| panic!("a route of {destinations:?} has no representation: {e}"));
         self.snapshot.routes.push(RouteRecord { route_id, value });
         route_id
     }

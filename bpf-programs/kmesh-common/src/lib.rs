@@ -12,6 +12,9 @@
 //! - ports and all other integers are in host byte order (the programs convert at the socket).
 #![no_std]
 
+mod choice;
+pub use choice::{RouteWeightError, source_hash};
+
 /// Version of the map layout and of the snapshot records. Part of the snapshot header; the agent
 /// refuses to adopt pinned maps or load snapshots of another layout.
 pub const LAYOUT_VERSION: u16 = 1;

@@ -21,8 +21,8 @@ mod programs {
     };
     use kmesh_common::{
         BackendSetValue, EndpointKey, EndpointValue, EnrolledNetns, GENERATION_SLOTS,
-        GenerationValue, INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, MAX_ENROLLED_NETNS,
-        MAX_ROUTE_DESTINATIONS, RouteValue, ServiceKey, ServiceValue, counter, lb_policy, mode,
+        GenerationValue, INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, MAX_ENROLLED_NETNS, RouteValue,
+        ServiceKey, ServiceValue, counter, lb_policy, mode, source_hash,
     };
 
     const SLOTS: usize = GENERATION_SLOTS as usize;
@@ -215,22 +215,9 @@ mod programs {
         // the checked values below must be the values we use.
         let route = unsafe { *route };
         // SAFETY: helper without arguments.
-        let draw = unsafe { bpf_get_prandom_u32() }
-            .checked_rem(route.total_weight)
+        let set_id = route
+            .pick(unsafe { bpf_get_prandom_u32() })
             .ok_or(counter::INCONSISTENT)?;
-        let mut set_id = None;
-        let mut i = 0;
-        while i < MAX_ROUTE_DESTINATIONS {
-            if i as u32 >= route.destination_count {
-                break;
-            }
-            if draw < route.cumulative_weight[i] {
-                set_id = Some(route.backend_set[i]);
-                break;
-            }
-            i += 1;
-        }
-        let set_id = set_id.ok_or(counter::INCONSISTENT)?;
         let set = KM_BACKEND_SETS
             .get_value_ptr_mut(slot, &set_id)
             .ok_or(counter::INCONSISTENT)?;
@@ -253,23 +240,6 @@ mod programs {
             .ok_or(counter::INCONSISTENT)?;
         // SAFETY: pointer from a successful lookup; read by copy.
         Ok(unsafe { *ep })
-    }
-
-    /// A stable hash of the client's address (FNV-1a then a murmur3 finalizer for spread).
-    #[inline(always)]
-    fn source_hash(ip: &Ip16) -> u32 {
-        let mut h: u32 = 0x811c_9dc5;
-        let mut i = 0;
-        while i < 16 {
-            h ^= u32::from(ip[i]);
-            h = h.wrapping_mul(0x0100_0193);
-            i += 1;
-        }
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2_ae35);
-        h ^ (h >> 16)
     }
 
     #[inline(always)]

@@ -5,6 +5,7 @@
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
+CARGO_FUZZ_VERSION=0.13.2
 LLVM_VERSION=22
 here=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -59,7 +60,13 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     cargo install bpf-linker --version "$BPF_LINKER_VERSION" --locked --no-default-features --features llvm-${LLVM_VERSION}
 fi
 
-# 4. Kernel facilities: bpffs for pins; cgroup v2 must be mounted somewhere.
+# 4. cargo-fuzz, for scripts/fuzz.sh (tests only: image builds skip it).
+if [ "$kernel" = yes ] && ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  log "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi
+
+# 5. Kernel facilities: bpffs for pins; cgroup v2 must be mounted somewhere.
 if [ "$kernel" = no ]; then
   log "ok (toolchain only): $(rustc --version), $(bpf-linker --version)"
   exit 0

@@ -30,6 +30,9 @@ cargo test --workspace --locked 2>&1 | tee -a "$log"
 step "snapshot codec at full scale (100,000 services, 1,000,000 endpoints), release"
 cargo test -p kmesh-snapshot --release --locked 2>&1 | tee -a "$log"
 
+step "fuzz smoke run (snapshot decoder and encoder, operator input path)"
+bash scripts/fuzz.sh --smoke
+
 step "benchmark smoke runs"
 cargo build --release -p kmesh-tests --bins --locked
 cargo bench -p kmesh-agent --bench dataplane --locked -- --smoke

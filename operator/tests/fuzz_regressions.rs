@@ -20,10 +20,12 @@ fn reproducer(name: &str) -> Vec<u8> {
 }
 
 /// The reproducers of the findings that are not fixed yet.
-const KNOWN: [&str; 3] = [
+const KNOWN: [&str; 5] = [
     "same-named-services.yaml",
     "same-named-virtual-services.yaml",
     "two-kmesh-configs.yaml",
+    "service-without-port.yaml",
+    "named-target-port-of-container-port-0.yaml",
 ];
 
 #[test]
@@ -45,6 +47,21 @@ fn same_named_virtual_services_compile_the_same_in_either_order() {
 #[ignore = "finding 2 in fuzz/README.md: not fixed yet (inputs.rs or compile.rs)"]
 fn two_kmesh_configs_compile_the_same_in_either_order() {
     check_text(&reproducer("two-kmesh-configs.yaml"), Known::Strict);
+}
+
+#[test]
+#[ignore = "finding 3 in fuzz/README.md: not fixed yet (compile.rs)"]
+fn a_service_port_of_0_is_rejected_not_compiled() {
+    check_text(&reproducer("service-without-port.yaml"), Known::Strict);
+}
+
+#[test]
+#[ignore = "finding 3 in fuzz/README.md: not fixed yet (compile.rs)"]
+fn a_named_target_port_of_container_port_0_is_rejected_not_compiled() {
+    check_text(
+        &reproducer("named-target-port-of-container-port-0.yaml"),
+        Known::Strict,
+    );
 }
 
 /// The fuzz target steps around the known findings (`Known::Skipped`), so that it keeps finding

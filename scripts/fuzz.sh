@@ -6,9 +6,9 @@
 #
 #   scripts/fuzz.sh --smoke                  CI: each target for SMOKE_SECONDS (default 20) over its
 #                                            corpus; fails on any crash. No sanitizer (see below).
-#   scripts/fuzz.sh --long [TARGET ...]      RUNS (default 10^7) executions per target, with
-#                                            AddressSanitizer; new inputs go to fuzz/work/<target>,
-#                                            the log to fuzz/work/<target>.log.
+#   scripts/fuzz.sh --long [TARGET ...]      RUNS (default 10^7) executions per target, at nice 10
+#                                            (do not wrap it in another nice); new inputs go to
+#                                            fuzz/work/<target>, the log to fuzz/work/<target>.log.
 #   scripts/fuzz.sh --merge [TARGET ...]     adds to fuzz/corpus what fuzz/work holds that reaches new
 #                                            code (review the size, then commit).
 #   scripts/fuzz.sh --seed                   rebuilds fuzz/corpus and fuzz/dict from their sources
@@ -16,10 +16,11 @@
 #                                            ../shared/reference), minimized with cargo fuzz cmin.
 #   scripts/fuzz.sh --coverage [TARGET ...]  line coverage of the corpus (llvm-cov of LLVM 22).
 #
-# The smoke run is built without a sanitizer: the code is safe Rust apart from the decoder's record
-# copies, the smoke run looks for panics, and an ASan build of the operator's dependency tree costs
-# minutes more. The long runs use ASan, which also checks those unsafe copies. Both builds keep
-# debug assertions and overflow checks on. Crashes are written to fuzz/artifacts/<target>/; keep a
+# The smoke run is an unoptimized build without a sanitizer: the code is safe Rust apart from the
+# decoder's record copies, the smoke run looks for panics, and an optimized or ASan build of the
+# operator's dependency tree costs three times the CPU. The long runs of the snapshot targets use
+# ASan, which also checks those unsafe copies (see long_build). Every build keeps debug assertions
+# and overflow checks on. Crashes are written to fuzz/artifacts/<target>/; keep a
 # reproducer as a test in snapshot/tests/fuzz_regressions.rs or operator/tests/fuzz_regressions.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,12 +52,14 @@ target_options() {
   esac
 }
 
-# Extra options of the long runs: the compiler's target is two orders of magnitude slower than the
-# decoder's (YAML parsing is most of a run), so it runs two worker processes (at nice 10 they take
-# only idle CPU).
-long_options() {
+# The long runs' build: AddressSanitizer for the snapshot targets (the decoder copies records with
+# unsafe code). The compiler's target is two orders of magnitude slower (YAML parsing is most of a
+# run) and safe Rust down to the YAML parser, so it runs without a sanitizer, about twice as fast,
+# from its own target directory (another set of RUSTFLAGS would rebuild everything).
+long_build() {
   case "$1" in
-    operator_compile) echo "-fork=2" ;;
+    operator_compile) echo plain ;;
+    *) echo thorough ;;
   esac
 }
 
@@ -66,11 +69,13 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-malloc_context_size=0:max_malloc_fill_size=0
 
 # cargo fuzz build flags. quick: unoptimized, no sanitizer, for the smoke run, seeding and
 # minimizing (a third of the build time of an optimized build). thorough: optimized, with
-# AddressSanitizer, for long runs. Both keep debug assertions and overflow checks.
+# AddressSanitizer; plain: optimized, no sanitizer (see long_build). All keep debug assertions and
+# overflow checks.
 build_flags() {
   case "$1" in
     quick) echo "--dev --sanitizer none" ;;
     thorough) echo "--release --debug-assertions --sanitizer address" ;;
+    plain) echo "--release --debug-assertions --sanitizer none --target-dir target/plain" ;;
   esac
 }
 
@@ -122,8 +127,8 @@ long() {
   for t in $(targets_or_all "$@"); do
     mkdir -p "fuzz/work/$t"
     log "$t: $RUNS executions, log in fuzz/work/$t.log"
-    if ! (cd fuzz && nice -n 10 cargo fuzz run $(build_flags thorough) "$t" "work/$t" "corpus/$t" -- \
-      $(target_options "$t") $(long_options "$t") -runs="$RUNS" -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
+    if ! (cd fuzz && nice -n 10 cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "work/$t" "corpus/$t" -- \
+      $(target_options "$t") -runs="$RUNS" -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
       tail -n 40 "fuzz/work/$t.log" >&2
       log "$t: FAILED; the input is in fuzz/artifacts/$t"
       exit 1
@@ -136,7 +141,7 @@ merge() {
   local t
   for t in $(targets_or_all "$@"); do
     log "$t: merging fuzz/work/$t into fuzz/corpus/$t"
-    (cd fuzz && cargo fuzz run $(build_flags thorough) "$t" "corpus/$t" "work/$t" -- \
+    (cd fuzz && cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "corpus/$t" "work/$t" -- \
       $(target_options "$t") -merge=1)
     du -sh "fuzz/corpus/$t"
   done
@@ -204,8 +209,11 @@ seed_dictionary() {
       yq -r '.apiVersion // empty, .kind // empty' "$shared"/istio/samples/bookinfo/networking/*.yaml \
         "$shared"/gateway-api/examples/standard/*.yaml tests/fixtures/*/*.yaml fuzz/seeds/operator_compile/*.yaml
     } | grep -E '^[A-Za-z0-9_./-]{2,40}$' | sort -u | sed 's/.*/"&"/'
-    printf '"%s"\n' '---' ': ' '- ' '{}' '[]' '"' 'null' 'true' '0.0.0.0' '10.96.0.1' '::1' '65535' '4294967296'
-  } >"$out"
+    printf '"%s"\n' '---' ': ' '- ' '{}' '[]' '"' 'null' 'true' '0.0.0.0' '10.96.0.1' '::1' 'fd00::1'
+    # Numeric boundaries of the fields the compiler converts (ports, weights, counts).
+    printf '"%s"\n' 0 -1 65535 65536 1000000 1000001 2147483647 2147483648 4294967295 4294967296 \
+      9223372036854775807 18446744073709551615
+  } | awk '!seen[$0]++' >"$out"
   log "$(grep -c '^"' "$out") dictionary entries in $out"
 }
 
@@ -231,15 +239,19 @@ seed() {
   done
 }
 
+# Line coverage of the project's own code (the snapshot codec, kmesh-common, the operator) reached by
+# each target's corpus, with the LLVM 22 tools (rustc's LLVM is the same major version).
 coverage() {
   local t profdata binary
   for t in $(targets_or_all "$@"); do
     log "$t: coverage of fuzz/corpus/$t"
-    (cd fuzz && cargo fuzz coverage -O -a "$t" "corpus/$t" -- $(target_options "$t"))
+    (cd fuzz && cargo fuzz coverage --release --debug-assertions --llvm-path "$LLVM_BIN" "$t" "corpus/$t" -- \
+      $(target_options "$t")) >"$scratch/coverage.log" 2>&1 || { tail -n 20 "$scratch/coverage.log" >&2; exit 1; }
     profdata="fuzz/coverage/$t/coverage.profdata"
     binary=$(find fuzz/target -path "*/coverage/*/release/$t" -type f | head -1)
     "$LLVM_BIN/llvm-cov" report "$binary" -instr-profile="$profdata" \
-      -ignore-filename-regex='/(\.cargo|rustc|\.rustup)/' | tee "fuzz/coverage/$t/report.txt"
+      "$repo/snapshot/src" "$repo/bpf-programs/kmesh-common/src" "$repo/operator/src" \
+      | tee "fuzz/coverage/$t/report.txt"
   done
 }
 

@@ -161,9 +161,16 @@ fn drop_same_names(inputs: &mut Inputs) {
     unique(reference_grants, |o| &o.metadata);
 }
 
-/// Keeps the objects whose namespace and name no other object of `objects` has.
+/// Keeps the objects whose namespace and name no other object of `objects` has. Both as the
+/// compiler reads them: a missing namespace is `default`, a missing name empty.
 fn unique<T>(objects: &mut Vec<T>, meta: impl Fn(&T) -> &ObjectMeta) {
-    let key = |o: &T| (meta(o).namespace.clone(), meta(o).name.clone());
+    let key = |o: &T| {
+        let m = meta(o);
+        (
+            m.namespace.clone().unwrap_or_else(|| "default".to_string()),
+            m.name.clone().unwrap_or_default(),
+        )
+    };
     let mut count = std::collections::BTreeMap::new();
     for o in objects.iter() {
         *count.entry(key(o)).or_insert(0) += 1;

@@ -101,6 +101,18 @@ pub struct Status {
     pub last_rejection: Option<Rejection>,
     pub enrolled_netns: usize,
     pub counters: Option<Counters>,
+    /// The last [`RECENT_FLIPS`] flips, oldest first: which generation went live when.
+    pub recent_flips: std::collections::VecDeque<Flip>,
+}
+
+/// How many flips `Status::recent_flips` keeps.
+pub const RECENT_FLIPS: usize = 256;
+
+/// One flip of `KM_ACTIVE`: `generation` went live between the two CLOCK_MONOTONIC times (ns).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Flip {
+    pub generation: u64,
+    pub between_ns: [u64; 2],
 }
 
 pub type SharedStatus = Arc<Mutex<Status>>;
@@ -286,6 +298,13 @@ impl DataPlane {
                     let slot = stats.slot;
                     update(&self.status, |s| {
                         s.applied += 1;
+                        if s.recent_flips.len() == RECENT_FLIPS {
+                            s.recent_flips.pop_front();
+                        }
+                        s.recent_flips.push_back(Flip {
+                            generation: snapshot.generation,
+                            between_ns: stats.flipped_between_ns,
+                        });
                         s.last_apply = Some(stats);
                     });
                     slot

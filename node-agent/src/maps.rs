@@ -130,6 +130,9 @@ pub struct ApplyStats {
     pub slot: u32,
     pub fill_micros: u64,
     pub flip_micros: u64,
+    /// CLOCK_MONOTONIC in ns just before and just after the `KM_ACTIVE` write: the flip happened
+    /// in between (tests compare it with client-side connect times on the same clock).
+    pub flipped_between_ns: [u64; 2],
 }
 
 /// The generation that is live in the kernel.
@@ -253,9 +256,11 @@ impl GenerationMaps {
         })?;
 
         // 3. The flip: from here on new connects see the new generation.
+        let flip_started_ns = monotonic_ns();
         self.active
             .set(0, idle, 0)
             .map_err(map_err(map_names::ACTIVE))?;
+        let flipped_between_ns = [flip_started_ns, monotonic_ns()];
 
         // 4. Barrier, then free the old slot (reuse rule).
         self.grace_period_barrier()?;
@@ -264,6 +269,7 @@ impl GenerationMaps {
             slot: idle,
             fill_micros: filled.as_micros() as u64,
             flip_micros: (started.elapsed() - filled).as_micros() as u64,
+            flipped_between_ns,
         })
     }
 
@@ -277,6 +283,17 @@ impl GenerationMaps {
         let inner = MapData::from_id(id).map_err(map_err(map_names::GENERATION))?;
         self.generation.set(slot, inner.fd().as_fd())
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock of [`ApplyStats::flipped_between_ns`]).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Runs `op` on every item, each on its own thread, and returns the first error.

@@ -13,7 +13,8 @@ use std::{
 
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
-    RouteRecord, RouteValue, ServiceKey, ServiceRecord, ServiceValue, ip16, lb_policy, mode,
+    RouteRecord, RouteValue, ServiceKey, ServiceRecord, ServiceValue, ip16, ipv4_mapped, lb_policy,
+    mode, source_hash,
 };
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
@@ -226,7 +227,6 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
     let only_a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
     let only_b = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["b"]));
     let only_c = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["c"]));
-    let hashed = b.backend_set(lb_policy::SOURCE_IP_HASH, &w.endpoints(&["a", "b", "c"]));
     b.service(VIP_ALL.into(), 80, &[(1, all)]);
     b.service(VIP_90_10.into(), 80, &[(90, only_a), (10, only_b)]);
     b.service(
@@ -234,7 +234,6 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
         80,
         &[(50, only_a), (30, only_b), (20, only_c)],
     );
-    b.service(VIP_HASH.into(), 80, &[(1, hashed)]);
     w.write(&b.build());
     let mut agent = w.start_agent(&[]);
     wait_enrolled(&mut agent, 1);
@@ -257,23 +256,88 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
     split3.assert_share("b", 0.3);
     split3.assert_share("c", 0.2);
 
-    // Source-IP hashing: one client always lands on the same endpoint.
-    let hashed = w.probe(&target(VIP_HASH), 200);
-    assert_eq!(hashed.ok, 200, "{hashed:?}");
-    assert_eq!(
-        hashed.by_reply.len(),
-        1,
-        "source hash spread one client over several endpoints: {hashed:?}"
-    );
-
     // A direct connect to a pod IP is not a service: untouched, and it works.
     let direct = w.probe(&format!("{}:{TARGET_PORT}", w.backend("c").ipv4()), 20);
     assert_eq!(direct.replies("c"), 20, "{direct:?}");
 
     let counters = &agent.debug_snapshot().unwrap()["counters"];
     assert!(
-        counters["rewritten"].as_u64().unwrap() >= 5500,
+        counters["rewritten"].as_u64().unwrap() >= 5300,
         "{counters}"
+    );
+}
+
+/// Clients of a `consistentHash.useSourceIp` service for which `source_hash(ip) % 3` (the one
+/// definition the kernel runs) names every endpoint of `endpoints` at least twice: the first
+/// such addresses of this world's subnet from .40 on, each with the pod it must always reach.
+fn hash_clients<'a>(w: &World, endpoints: &[&'a str]) -> Vec<(Ipv4Addr, &'a str)> {
+    const PER_ENDPOINT: usize = 2;
+    let mut clients = Vec::new();
+    let mut per_endpoint = vec![0; endpoints.len()];
+    for host in 40..=250 {
+        let ip = w.ip(host);
+        let index = source_hash(&ipv4_mapped(ip.octets())) as usize % endpoints.len();
+        if per_endpoint[index] < PER_ENDPOINT {
+            per_endpoint[index] += 1;
+            clients.push((ip, endpoints[index]));
+        }
+        if per_endpoint.iter().all(|&n| n == PER_ENDPOINT) {
+            return clients;
+        }
+    }
+    panic!(
+        "source_hash over {endpoints:?} leaves an endpoint without two clients in .40-.250: {per_endpoint:?}"
+    );
+}
+
+/// Source-IP hashing: each client always lands on the endpoint `source_hash(its workload IP) % n`
+/// predicts, and clients together reach every endpoint (a constant or different hash fails).
+#[test]
+fn source_ip_hash_pins_each_client_to_its_predicted_endpoint() {
+    const ENDPOINTS: [&str; 3] = ["a", "b", "c"];
+    let w = World::new("hash", &ENDPOINTS);
+    let clients = hash_clients(&w, &ENDPOINTS);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    for (ip, _) in &clients {
+        b.workload(IpAddr::V4(*ip), 9);
+    }
+    let hashed = b.backend_set(lb_policy::SOURCE_IP_HASH, &w.endpoints(&ENDPOINTS));
+    b.service(VIP_HASH.into(), 80, &[(1, hashed)]);
+    w.write(&b.build());
+    let pods: Vec<(Pod, &str)> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, expected))| {
+            let pod = w
+                .net
+                .add_pod(&format!("hash{i}"), *ip, None)
+                .expect("client pod");
+            (pod, *expected)
+        })
+        .collect();
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1 + clients.len() as u64);
+
+    let mut reached = BTreeSet::new();
+    for (pod, expected) in &pods {
+        let report = w.probe_from(pod, &target(VIP_HASH), 50);
+        println!(
+            "client {} (source_hash % 3 -> {expected}): {:?}",
+            pod.ipv4(),
+            report.by_reply
+        );
+        assert_eq!(
+            report.replies(expected),
+            50,
+            "client {} should always reach {expected}, as source_hash predicts: {report:?}",
+            pod.ipv4()
+        );
+        reached.insert(*expected);
+    }
+    assert_eq!(
+        reached,
+        BTreeSet::from(ENDPOINTS),
+        "clients should cover every endpoint"
     );
 }
 

@@ -1,11 +1,12 @@
-//! A loopback HTTP server that speaks the agent's snapshot contract (see
-//! `node-agent/src/source.rs`): `GET /v1/nodes/{node}/snapshot?wait=Ns` with `If-None-Match`,
+//! A loopback HTTP server that speaks the agent–operator snapshot contract
+//! (`kmesh_snapshot::contract`): `GET /v1/nodes/{node}/snapshot?wait=Ns` with `If-None-Match`,
 //! answering `200` with an `ETag` or, after holding the request, `304`.
 //!
-//! It stands in for the operator's snapshot server, which does not exist yet, so that the agent's
-//! client side of the contract is tested end to end now; when the operator lands, the end-to-end
-//! test moves to the real server and this stays as the contract's reference. It can also fail
-//! requests on purpose, to test the agent's retries.
+//! The operator's real server (`kmesh-operator`, tested end to end in `operator_end_to_end.rs`)
+//! serves the same contract. This stand-in is small and controllable: it can fail requests on
+//! purpose, to test the agent's retries, and it records what each request carried (ETag, token,
+//! live generation). Its ETags are whatever a test publishes, which also checks that the agent
+//! treats them as opaque (the operator's are `contract::etag`).
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -14,12 +15,16 @@ use std::{
     time::Duration,
 };
 
+use kmesh_snapshot::contract;
+
 /// What the server saw of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeenRequest {
     pub path: String,
     pub if_none_match: Option<String>,
     pub authorization: Option<String>,
+    /// The `Kmesh-Live-Generation` the agent reported.
+    pub live_generation: Option<u64>,
     pub status: u16,
 }
 
@@ -42,8 +47,8 @@ pub struct SnapshotServer {
 }
 
 impl SnapshotServer {
-    /// `hold`: how long a request whose ETag is current is held before `304` (the contract allows
-    /// up to the client's `wait`; tests keep it short).
+    /// `hold`: how long a request whose ETag is current is held before `304` (at most the
+    /// client's `wait`, as the contract says; tests keep it short).
     pub fn start(hold: Duration) -> io::Result<SnapshotServer> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -116,6 +121,7 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
     reader.read_line(&mut request_line)?;
     let mut if_none_match = None;
     let mut authorization = None;
+    let mut live_generation = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" {
@@ -125,6 +131,9 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
             match name.to_ascii_lowercase().as_str() {
                 "if-none-match" => if_none_match = Some(value.trim().to_string()),
                 "authorization" => authorization = Some(value.trim().to_string()),
+                name if name == contract::LIVE_GENERATION_HEADER => {
+                    live_generation = value.trim().parse().ok()
+                }
                 _ => {}
             }
         }
@@ -134,11 +143,10 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
         .nth(1)
         .unwrap_or("")
         .to_string();
-    let path = target.split('?').next().unwrap_or("").to_string();
-    let node = path
-        .strip_prefix("/v1/nodes/")
-        .and_then(|rest| rest.strip_suffix("/snapshot"))
-        .map(str::to_string);
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let path = path.to_string();
+    let node = contract::node_of_snapshot_path(&path).map(str::to_string);
+    let hold = hold.min(contract::parse_wait(query).unwrap_or(Duration::ZERO));
 
     let (lock, cv) = state;
     let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,6 +181,7 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
         path,
         if_none_match,
         authorization,
+        live_generation,
         status,
     });
     drop(st);
@@ -193,7 +202,7 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
     if let Some(etag) = etag {
         write!(out, "ETag: {etag}\r\n")?;
     }
-    write!(out, "Content-Type: application/octet-stream\r\n\r\n")?;
+    write!(out, "Content-Type: {}\r\n\r\n", contract::MEDIA_TYPE)?;
     out.write_all(&body)?;
     out.flush()
 }

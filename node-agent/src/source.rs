@@ -399,7 +399,7 @@ mod tests {
             .unwrap()
             .port(); // the listener is closed again here
         let e = fetch_from(
-            &format!("http://127.0.0.1:{port}/v1/nodes/n/snapshot"),
+            &contract::snapshot_url(&format!("http://127.0.0.1:{port}"), "n", LONG_POLL),
             None,
         )
         .await;
@@ -449,7 +449,7 @@ mod tests {
         let other_ca = TestTls::new("agent-unit-other").unwrap();
         let port = tls_server(&server_tls);
         let e = fetch_from(
-            &format!("https://127.0.0.1:{port}/v1/nodes/n/snapshot"),
+            &contract::snapshot_url(&format!("https://127.0.0.1:{port}"), "n", LONG_POLL),
             Some(&other_ca.ca_file),
         )
         .await;

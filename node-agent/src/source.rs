@@ -404,6 +404,7 @@ mod tests {
         )
         .await;
         let text = e.to_string();
+        println!("logged as: {text}");
         assert!(
             matches!(
                 e,
@@ -454,6 +455,7 @@ mod tests {
         )
         .await;
         let text = e.to_string();
+        println!("logged as: {text}");
         assert!(
             matches!(
                 e,

@@ -1,4 +1,7 @@
 //! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`.
+//!
+//! `/readyz` answers 200 only while a snapshot is live and the data-plane thread runs; the agent
+//! exits soon after the data plane stops (see `supervise.rs`), and until then it is not ready.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
@@ -9,7 +12,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{agent::SharedStatus, maps::CounterMap};
+use crate::{
+    agent::{DataPlaneState, SharedStatus, Status},
+    maps::CounterMap,
+};
 
 /// Serves until the process exits.
 pub async fn serve(listener: TcpListener, status: SharedStatus, counters: Arc<CounterMap>) {
@@ -47,13 +53,7 @@ fn route<B>(
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
-            if status.lock().map(|s| s.ready).unwrap_or(false) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot applied yet\n")
-            }
-        }
+        "/readyz" => readyz(&status.lock().unwrap_or_else(|p| p.into_inner())),
         "/debug/snapshot" => {
             let mut snapshot = match status.lock() {
                 Ok(s) => s.clone(),
@@ -75,8 +75,43 @@ fn route<B>(
     }
 }
 
+/// 200 while a snapshot is live and the data plane runs; 503 with the reason otherwise.
+fn readyz(status: &Status) -> Response<Full<Bytes>> {
+    match &status.data_plane {
+        _ if status.is_ready() => text(StatusCode::OK, "ready\n"),
+        DataPlaneState::Stopped { reason } => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("data plane stopped: {reason}\n"),
+        ),
+        DataPlaneState::Running => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot applied yet\n")
+        }
+    }
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(status: &Status) -> u16 {
+        readyz(status).status().as_u16()
+    }
+
+    #[test]
+    fn ready_only_with_a_live_snapshot_and_a_running_data_plane() {
+        let mut status = Status::default();
+        assert_eq!(code(&status), 503, "ready before any snapshot");
+        status.ready = true;
+        assert_eq!(code(&status), 200);
+        status.data_plane = DataPlaneState::Stopped {
+            reason: "panicked: boom".into(),
+        };
+        assert_eq!(code(&status), 503, "ready after the data plane stopped");
+    }
 }

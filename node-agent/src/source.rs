@@ -3,30 +3,32 @@
 //! Sources only fetch bytes; the data plane thread decodes and verifies them (nothing a source
 //! delivers is trusted).
 //!
-//! # The operator contract
-//! `GET {operator-url}/v1/nodes/{node}/snapshot?wait=30s`
-//! - request header `If-None-Match: <etag>` carries the ETag of the snapshot the agent holds (none
-//!   on the first request); `Authorization: Bearer <token>` when `--token-file` is given;
-//!   `Kmesh-Live-Generation: <n>` the generation live in the kernel (absent before the first), from
-//!   which the operator reports which node runs which snapshot;
-//! - `200 OK`: the body is the snapshot (binary, `kmesh-snapshot` format), `ETag` names it;
-//! - `304 Not Modified`: nothing changed within `wait`; the agent asks again at once (long poll);
-//! - anything else, or a transport error: the agent retries with exponential backoff (0.5 s doubling
-//!   to 30 s) and full jitter, keeping the snapshot it has.
+//! # The operator
+//! The HTTP contract is defined once, in `kmesh_snapshot::contract`. The agent long-polls its node's
+//! snapshot with the ETag of the one it holds and the generation live in its kernel; a `200`
+//! delivers a snapshot, a `304` means nothing changed within the wait, and anything else — or a
+//! transport error, logged with its whole cause — is retried with exponential backoff (0.5 s
+//! doubling to 30 s) and full jitter, keeping the snapshot it has.
+//!
+//! The operator learns which generation runs on the node from the live generation the agent
+//! reports. So that this is prompt rather than up to a long poll later, the poller watches the live
+//! generation: when it changes while a request is held, the request is abandoned and a new one
+//! carries the new generation at once.
 use std::{
+    fmt,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc::Sender,
-    },
+    sync::mpsc::Sender,
     time::{Duration, SystemTime},
 };
 
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{Request, StatusCode, body::Bytes, header};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use kmesh_snapshot::contract;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+use crate::error_chain;
 
 /// How the agent gets its snapshot.
 #[derive(Clone, Debug)]
@@ -46,16 +48,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const FILE_POLL: Duration = Duration::from_millis(100);
 
-/// The request header that reports the generation live in the kernel.
-pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
-
 /// Delivers snapshot bytes to `tx` until the receiver is gone. `live` is the generation the data
-/// plane has live (0: none), reported to the operator.
+/// plane has live (0: none), reported to the operator as soon as it changes.
 pub async fn run(
     source: Source,
     node: String,
     max_bytes: u64,
-    live: Arc<AtomicU64>,
+    live: watch::Receiver<u64>,
     tx: Sender<Vec<u8>>,
 ) {
     match source {
@@ -110,12 +109,18 @@ async fn watch_file(path: PathBuf, tx: Sender<Vec<u8>>) {
     }
 }
 
+/// Why fetching a snapshot failed.
 #[derive(thiserror::Error, Debug)]
-enum FetchError {
+pub enum FetchError {
     #[error("building request: {0}")]
     Request(#[from] hyper::http::Error),
-    #[error("transport: {0}")]
-    Transport(#[from] hyper_util::client::legacy::Error),
+    /// No HTTP answer: `chain` is the client error with every cause ("... tcp connect error:
+    /// Connection refused (os error 111)"), not just the client's own "client error (Connect)".
+    #[error("{failure}: {chain}")]
+    Transport {
+        failure: TransportFailure,
+        chain: String,
+    },
     #[error("reading body: {0}")]
     Body(String),
     #[error("server answered {0}")]
@@ -125,6 +130,63 @@ enum FetchError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<hyper_util::client::legacy::Error> for FetchError {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        FetchError::Transport {
+            failure: TransportFailure::of(&e),
+            chain: error_chain::chain(&e),
+        }
+    }
+}
+
+/// What kind of transport failure, found among an error's causes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportFailure {
+    /// Nothing listens at the operator's address (or a firewall rejects).
+    ConnectionRefused,
+    /// The server's certificate is not signed by `--operator-ca`, or not for this host, or expired.
+    CertificateRejected,
+    /// Another TLS failure.
+    Tls,
+    Other,
+}
+
+impl TransportFailure {
+    fn of(e: &(dyn std::error::Error + 'static)) -> TransportFailure {
+        let tls = |tls: &rustls::Error| match tls {
+            rustls::Error::InvalidCertificate(_) => TransportFailure::CertificateRejected,
+            _ => TransportFailure::Tls,
+        };
+        let mut cause = Some(e);
+        while let Some(c) = cause {
+            if let Some(t) = c.downcast_ref::<rustls::Error>() {
+                return tls(t);
+            }
+            let io = c.downcast_ref::<std::io::Error>();
+            if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+                return TransportFailure::ConnectionRefused;
+            }
+            // An io::Error's `source` skips the error it wraps (TLS errors arrive wrapped in two).
+            cause = match io.and_then(std::io::Error::get_ref) {
+                Some(wrapped) => Some(wrapped),
+                None => c.source(),
+            };
+        }
+        TransportFailure::Other
+    }
+}
+
+impl fmt::Display for TransportFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportFailure::ConnectionRefused => "connection refused",
+            TransportFailure::CertificateRejected => "server certificate rejected",
+            TransportFailure::Tls => "TLS failed",
+            TransportFailure::Other => "transport failed",
+        })
+    }
 }
 
 enum Fetched {
@@ -188,31 +250,36 @@ async fn poll_operator(
     token_file: Option<PathBuf>,
     connector: Connector,
     max_bytes: u64,
-    live: Arc<AtomicU64>,
+    mut live: watch::Receiver<u64>,
     tx: Sender<Vec<u8>>,
 ) {
     let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
-    let url = format!(
-        "{}/v1/nodes/{}/snapshot?wait={}s",
-        base.trim_end_matches('/'),
-        node,
-        LONG_POLL.as_secs()
-    );
+    let url = contract::snapshot_url(&base, &node, LONG_POLL);
     let mut etag: Option<String> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let fetched = tokio::time::timeout(
+        let live_generation = *live.borrow_and_update();
+        let request = tokio::time::timeout(
             LONG_POLL + Duration::from_secs(15),
             fetch(
                 &client,
                 &url,
                 etag.as_deref(),
                 token_file.as_ref(),
-                live.load(Ordering::Relaxed),
+                live_generation,
                 max_bytes,
             ),
-        )
-        .await;
+        );
+        let fetched = tokio::select! {
+            fetched = request => fetched,
+            changed = live.changed() => {
+                if changed.is_err() {
+                    return; // the data plane is gone
+                }
+                debug!(live = *live.borrow(), "live generation changed; asking again to report it");
+                continue;
+            }
+        };
         match fetched {
             Ok(Ok(Fetched::Snapshot { bytes, etag: new })) => {
                 backoff = BACKOFF_MIN;
@@ -250,12 +317,12 @@ async fn fetch(
     live_generation: u64,
     max_bytes: u64,
 ) -> Result<Fetched, FetchError> {
-    let mut req = Request::get(url);
+    let mut req = Request::get(url).header(header::ACCEPT, contract::MEDIA_TYPE);
     if let Some(etag) = etag {
         req = req.header(header::IF_NONE_MATCH, etag);
     }
     if live_generation > 0 {
-        req = req.header(LIVE_GENERATION_HEADER, live_generation);
+        req = req.header(contract::LIVE_GENERATION_HEADER, live_generation);
     }
     if let Some(path) = token_file {
         // Projected tokens rotate: read the file for every request.
@@ -302,4 +369,103 @@ fn jitter(ceiling: Duration) -> Duration {
         (u64::from(nanos) ^ u64::from(std::process::id())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let fraction = (mixed >> 11) as f64 / (1u64 << 53) as f64;
     ceiling.mul_f64(fraction).max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, sync::Arc};
+
+    use kmesh_tests::TestTls;
+
+    use super::*;
+
+    fn client(ca_file: Option<&std::path::Path>) -> Client<Connector, Empty<Bytes>> {
+        Client::builder(TokioExecutor::new())
+            .build::<_, Empty<Bytes>>(https_connector(ca_file).unwrap())
+    }
+
+    async fn fetch_from(url: &str, ca_file: Option<&std::path::Path>) -> FetchError {
+        match fetch(&client(ca_file), url, None, None, 0, 1 << 20).await {
+            Ok(_) => panic!("fetching {url} succeeded"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_reported_as_a_refused_connection() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(); // the listener is closed again here
+        let e = fetch_from(
+            &contract::snapshot_url(&format!("http://127.0.0.1:{port}"), "n", LONG_POLL),
+            None,
+        )
+        .await;
+        let text = e.to_string();
+        println!("logged as: {text}");
+        assert!(
+            matches!(
+                e,
+                FetchError::Transport {
+                    failure: TransportFailure::ConnectionRefused,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(text.contains("Connection refused"), "{text}");
+    }
+
+    /// Serves TLS with `tls`'s certificate on a loopback port, for one handshake.
+    fn tls_server(tls: &TestTls) -> u16 {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&tls.key_file).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            while conn.is_handshaking() && conn.complete_io(&mut socket).is_ok() {}
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_certificate_the_ca_does_not_sign_is_reported_as_rejected() {
+        let server_tls = TestTls::new("agent-unit-server").unwrap();
+        let other_ca = TestTls::new("agent-unit-other").unwrap();
+        let port = tls_server(&server_tls);
+        let e = fetch_from(
+            &contract::snapshot_url(&format!("https://127.0.0.1:{port}"), "n", LONG_POLL),
+            Some(&other_ca.ca_file),
+        )
+        .await;
+        let text = e.to_string();
+        println!("logged as: {text}");
+        assert!(
+            matches!(
+                e,
+                FetchError::Transport {
+                    failure: TransportFailure::CertificateRejected,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(text.contains("invalid peer certificate"), "{text}");
+    }
 }

@@ -1,5 +1,5 @@
 //! The snapshot server: each node agent long-polls `GET /v1/nodes/{node}/snapshot` for its node's
-//! snapshot (the contract is specified in `node-agent/src/source.rs`).
+//! snapshot (the contract is defined once, in `kmesh_snapshot::contract`).
 //!
 //! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
@@ -25,16 +25,11 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use kmesh_snapshot::contract;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-
-/// The request header in which agents report the generation live in their kernel.
-pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
-
-/// The longest a request is held waiting for a change.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// One node's current snapshot.
 #[derive(Clone, Debug)]
@@ -46,7 +41,7 @@ pub struct Published {
 
 impl Published {
     pub fn etag(&self) -> String {
-        format!("\"{}-{:016x}\"", self.generation, self.content_hash)
+        contract::etag(self.generation, self.content_hash)
     }
 }
 
@@ -223,19 +218,10 @@ async fn handle<A: Authenticator>(
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    let path = req.uri().path().to_string();
-    let Some(node) = path
-        .strip_prefix("/v1/nodes/")
-        .and_then(|rest| rest.strip_suffix("/snapshot"))
-        .filter(|n| !n.is_empty() && !n.contains('/'))
-        .map(str::to_string)
-    else {
+    let Some(node) = contract::node_of_snapshot_path(req.uri().path()).map(str::to_string) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    let response = serve_snapshot(&req, &node, store, auth, peer).await;
-    if let Some(live) = store.live_generation(&node) {
-        metrics.live(&node, live);
-    }
+    let response = serve_snapshot(&req, &node, store, auth, metrics, peer).await;
     metrics.served(&node, response.status().as_u16());
     response
 }
@@ -245,6 +231,7 @@ async fn serve_snapshot<A: Authenticator>(
     node: &str,
     store: &SnapshotStore,
     auth: &A,
+    metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET {
@@ -272,14 +259,16 @@ async fn serve_snapshot<A: Authenticator>(
         }
         Err(e) => return text(StatusCode::UNAUTHORIZED, &format!("{e}\n")),
     }
-    // Only an authenticated agent of this node may say what runs there.
+    // Only an authenticated agent of this node may say what runs there. Reported now, not when
+    // the long poll ends: agents re-poll as soon as their live generation changes.
     if let Some(live) = req
         .headers()
-        .get(LIVE_GENERATION_HEADER)
+        .get(contract::LIVE_GENERATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
         store.report_live(node, live);
+        metrics.live(node, live);
     }
     let wait = wait_param(req.uri().query());
     let if_none_match = req
@@ -314,24 +303,19 @@ async fn serve_snapshot<A: Authenticator>(
             let etag = p.etag();
             Response::builder()
                 .header(header::ETAG, etag)
-                .header(header::CONTENT_TYPE, "application/vnd.kmesh.snapshot")
+                .header(header::CONTENT_TYPE, contract::MEDIA_TYPE)
                 .body(Full::new(p.bytes.clone()))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
     }
 }
 
-/// `wait=30s` (or a bare number of seconds), capped at [`MAX_WAIT`]; zero when absent or malformed.
+/// The contract's `wait`, capped at `contract::MAX_WAIT`; zero when absent or malformed.
 fn wait_param(query: Option<&str>) -> Duration {
-    let value = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|kv| kv.strip_prefix("wait="));
-    let seconds = value
-        .map(|v| v.strip_suffix('s').unwrap_or(v))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    Duration::from_secs(seconds).min(MAX_WAIT)
+    query
+        .and_then(contract::parse_wait)
+        .unwrap_or(Duration::ZERO)
+        .min(contract::MAX_WAIT)
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -369,7 +353,7 @@ mod tests {
     fn wait_parameter() {
         assert_eq!(wait_param(Some("wait=30s")), Duration::from_secs(30));
         assert_eq!(wait_param(Some("x=1&wait=5")), Duration::from_secs(5));
-        assert_eq!(wait_param(Some("wait=999s")), MAX_WAIT);
+        assert_eq!(wait_param(Some("wait=999s")), contract::MAX_WAIT);
         assert_eq!(wait_param(Some("wait=soon")), Duration::ZERO);
         assert_eq!(wait_param(None), Duration::ZERO);
     }

@@ -192,6 +192,26 @@ impl Agent {
         }
     }
 
+    /// Waits until the agent exits on its own (it must within `timeout`), and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "kmesh-agent still runs after {timeout:?}; log:\n{}",
+                        self.log()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `/debug/snapshot` as JSON.
     pub fn debug_snapshot(&self) -> io::Result<serde_json::Value> {
         let (code, body) = self.http_get("/debug/snapshot")?;

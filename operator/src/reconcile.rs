@@ -26,7 +26,6 @@ use crate::{
         SINGLETON_NAME, UnenforcedFeature,
     },
     diagnostics::{Diagnostic, ObjectRef, Severity},
-    kube_source::WatchedKind,
 };
 
 /// The field manager of the status writes (and the Events' reporting controller).
@@ -239,7 +238,7 @@ pub fn compute_status(facts: &StatusFacts<'_>) -> KmeshConfigStatus {
             .iter()
             .take(MAX_LISTED)
             .map(|d| RejectedResource {
-                kind: d.object.kind.clone(),
+                kind: d.object.kind.to_string(),
                 namespace: d.object.namespace.clone(),
                 name: d.object.name.clone(),
                 field: d.field.clone(),
@@ -250,7 +249,7 @@ pub fn compute_status(facts: &StatusFacts<'_>) -> KmeshConfigStatus {
             .iter()
             .take(MAX_LISTED)
             .map(|d| UnenforcedFeature {
-                kind: d.object.kind.clone(),
+                kind: d.object.kind.to_string(),
                 namespace: d.object.namespace.clone().unwrap_or_default(),
                 name: d.object.name.clone(),
                 field: d.field.clone(),
@@ -572,13 +571,13 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
-/// The reference an Event about `object` regards; `None` for kinds the operator does not read
-/// from the API.
+/// The reference an Event about `object` regards; `None` for objects that are not API objects
+/// (a kind missing from the [`kinds`](crate::kinds) table, a YAML document).
 pub fn object_reference(object: &ObjectRef, uid: Option<String>) -> Option<ObjectReference> {
-    let kind = WatchedKind::from_kind(&object.kind)?;
+    let info = object.kind.info()?;
     Some(ObjectReference {
-        api_version: Some(kind.api_version()),
-        kind: Some(object.kind.clone()),
+        api_version: Some(info.api_version(info.watch_version())),
+        kind: Some(object.kind.to_string()),
         name: Some(object.name.clone()),
         namespace: object.namespace.clone(),
         uid,
@@ -612,6 +611,7 @@ pub async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kinds::Kind;
 
     fn at(second: i64) -> Time {
         Time(Timestamp::from_second(second).unwrap())
@@ -626,7 +626,7 @@ mod tests {
     }
 
     fn vs(name: &str) -> ObjectRef {
-        ObjectRef::new("VirtualService", Some("bookinfo"), name)
+        ObjectRef::new(Kind::VirtualService, Some("bookinfo"), name)
     }
 
     fn facts<'a>(
@@ -736,11 +736,11 @@ mod tests {
             Diagnostic::rejected(vs("a"), "spec.http[0].match", "L7 match"),
             Diagnostic::rejected(vs("a"), "spec.http[0].match", "L7 match"),
             Diagnostic::unenforced(
-                ObjectRef::new("AuthorizationPolicy", Some("bookinfo"), "deny"),
+                ObjectRef::new(Kind::AuthorizationPolicy, Some("bookinfo"), "deny"),
                 "",
                 "not compiled yet",
             ),
-            Diagnostic::unenforced(ObjectRef::new("Node", None, "n1"), "", "x"),
+            Diagnostic::unenforced(ObjectRef::new(Kind::Node, None, "n1"), "", "x"),
             Diagnostic::note(vs("c"), "", "just so you know"),
         ];
         let rollout = RolloutFacts::default();

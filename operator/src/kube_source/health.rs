@@ -179,6 +179,19 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_or_starting_kind_keeps_the_source_unsettled() {
+        let health = SourceHealth::default();
+        for kind in Kind::watched() {
+            health.set(kind, KindState::Synced);
+        }
+        assert!(health.settled());
+        health.set(&Kind::Pod, KindState::Failing("pods is forbidden".into()));
+        assert!(!health.settled());
+        health.set(&Kind::Pod, KindState::Starting);
+        assert!(!health.settled());
+    }
+
+    #[test]
     fn watched_kinds() {
         let plan = watch_plan();
         assert_eq!(plan.len(), 14);

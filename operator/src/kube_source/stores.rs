@@ -433,6 +433,14 @@ mod tests {
     }
 
     #[test]
+    fn only_the_singleton_config_is_read() {
+        let (stores, mut writers) = Stores::new(&watch_plan());
+        apply(&mut writers, Kind::KmeshConfig, vec![config("other")]);
+        assert_eq!(stores.count(&Kind::KmeshConfig), 1);
+        assert!(stores.inputs().0.config.is_none());
+    }
+
+    #[test]
     fn uids_are_found_by_kind_namespace_and_name() {
         let stores = filled();
         let uid = |kind, namespace, name| stores.uid_of(&ObjectRef::new(kind, namespace, name));

@@ -8,8 +8,9 @@
 //! [`Kind::Document`] names a YAML document whose kind or name could not be read.
 //!
 //! Promise: kinds order by their name, exactly as the `kind` strings they replace did, so sorted
-//! diagnostics (and the goldens that lock them) keep their order. Adding a kind is one row here;
-//! a compiled kind also needs its field in `Inputs` and its compile logic.
+//! diagnostics (and the goldens that lock them) keep their order. Adding a kind is one row here
+//! (the kube source and the YAML reader follow it); a compiled kind also needs its field and its
+//! arm in `Inputs::add_compiled`, and its compile logic.
 use std::{cmp::Ordering, fmt};
 
 use serde::{Serialize, Serializer};
@@ -212,7 +213,7 @@ impl Kind {
         Kind::of(group_of(api_version), name)
     }
 
-    /// The kind watched by the kube source (see [`KindInfo::watched`]), in table order.
+    /// The kinds the kube source watches (see [`KindInfo::watched`]), in table order.
     pub fn watched() -> impl Iterator<Item = &'static Kind> {
         Kind::KNOWN
             .iter()

@@ -104,10 +104,9 @@ impl SourceHealth {
     /// Every kind of `plan`, starting.
     pub fn new(plan: &[Watched]) -> Self {
         let kinds = plan.iter().map(|watched| {
-            let state = KindState::Starting;
             let health = KindHealth {
                 watched: watched.clone(),
-                state,
+                state: KindState::Starting,
             };
             (watched.kind.clone(), health)
         });

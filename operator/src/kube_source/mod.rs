@@ -4,7 +4,7 @@
 //!
 //! - [`health`]: what is watched ([`watch_plan`]: every kind the [`kinds`](crate::kinds) table
 //!   marks watched, at an API version) and where each watch stands ([`SourceHealth`]).
-//! - [`stores`]: the per-kind stores and how they become [`Inputs`](crate::inputs::Inputs):
+//! - [`stores`]: the per-kind stores and how they become `Inputs`:
 //!   built-in kinds keep their k8s-openapi types, Istio and Gateway API kinds are
 //!   [`DynamicObject`](kube::api::DynamicObject)s read through the same path as YAML.
 //! - [`watch`]: one kind's watch task, and what its errors mean.

@@ -6,7 +6,7 @@
 //! the `KmeshConfig`, [`DynamicObject`] for every Istio and Gateway API kind. Each kind's store
 //! is then held type-erased ([`KindReader`], [`KindWriter`]) in maps keyed by [`Kind`], so the
 //! stores, the writers, the watch start and the uid lookup are written once for all kinds.
-//! [`kind_store`] is the one place that picks the Rust type of a kind; a kind it does not name is
+//! `kind_store` is the one place that picks the Rust type of a kind; a kind it does not name is
 //! kept as a `DynamicObject`, so a new CRD kind needs no edit here.
 //!
 //! Dynamic objects go through [`Inputs::add_json`], the path `kmeshctl compile` takes for YAML,

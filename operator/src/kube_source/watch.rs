@@ -1,6 +1,6 @@
-//! One kind's watch: [`KindWatch`] applies watcher items to the kind's store and health and says
+//! One kind's watch: `KindWatch` applies watcher items to the kind's store and health and says
 //! which of them may change the compiler's inputs (synchronous, so it is unit-tested without an
-//! API server); [`spawn_watch`] runs it on a task against the API server.
+//! API server); `spawn_watch` runs it on a task against the API server.
 //!
 //! A 404 on a CRD kind means "not installed": noted once, its store emptied, retried in the
 //! background. Any other error keeps the store as it was and is retried with backoff.

@@ -71,15 +71,17 @@ use k8s_openapi::{
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
     MAX_ROUTE_DESTINATIONS, NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord,
-    ServiceValue, WorkloadRecord, ip16, lb_policy, mode,
+    ServiceValue, WorkloadRecord, ip16, lb_policy,
 };
 use kmesh_snapshot::Snapshot;
 
 use crate::{
+    crd::Mode,
     diagnostics::{Diagnostic, ObjectRef},
     gateway_api::{self, BackendRef, ParentReference, filter_type},
     inputs::Inputs,
     istio::{DestinationRule, HttpRoute, RouteDestination, TrafficPolicy, VirtualService},
+    kinds::Kind,
 };
 
 /// Settings that are not objects.
@@ -130,8 +132,8 @@ pub fn compile(
     let node_mode = inputs
         .config
         .as_ref()
-        .map(|cfg| cfg.spec.mode_value())
-        .unwrap_or(mode::KERNEL_NATIVE);
+        .map(|cfg| cfg.spec.mode)
+        .unwrap_or_default();
     let mut pods_by_label: BTreeMap<(&str, &str, &str), Vec<&Pod>> = BTreeMap::new();
     for pod in inputs.pods.iter().filter(|p| healthy(p)) {
         for (k, v) in pod.metadata.labels.iter().flatten() {
@@ -151,20 +153,20 @@ pub fn compile(
     for dr in &inputs.destination_rules {
         if let Err((field, reason)) = crate::validate::destination_rule(&dr.spec) {
             c.report(Diagnostic::rejected(
-                ObjectRef::new("DestinationRule", Some(dr.namespace()), dr.name()),
+                ObjectRef::new(Kind::DestinationRule, Some(dr.namespace()), dr.name()),
                 &field,
                 reason,
             ));
         }
     }
-    if node_mode == mode::DISABLED {
+    if node_mode == Mode::Disabled {
         let name = inputs
             .config
             .as_ref()
             .and_then(|cfg| cfg.metadata.name.as_deref())
             .unwrap_or("default");
         c.report(Diagnostic::note(
-            ObjectRef::new("KmeshConfig", None, name),
+            ObjectRef::new(Kind::KmeshConfig, None, name),
             "spec.mode",
             "the mesh is disabled: the node programs pass all traffic through; routes are compiled but not applied",
         ));
@@ -181,14 +183,14 @@ pub fn compile(
         .and_then(|cfg| cfg.spec.capacity.as_ref())
         .map(|cap| cap.limits())
         .unwrap_or_default();
-    let config_ref = ObjectRef::new("KmeshConfig", None, crate::crd::SINGLETON_NAME);
+    let config_ref = ObjectRef::new(Kind::KmeshConfig, None, crate::crd::SINGLETON_NAME);
     let mut snapshots = BTreeMap::new();
     for node in nodes {
         let mut snapshot = Snapshot {
             node_name: node.clone(),
             generation,
             config: NodeConfig {
-                mode: node_mode,
+                mode: node_mode.value(),
                 flags: 0,
             },
             services: tables.services.clone(),
@@ -212,9 +214,9 @@ pub fn compile(
     c.report_unimplemented_settings();
     let mut diagnostics = c.diagnostics;
     for object in &inputs.not_yet_supported {
-        let reason = match object.kind.as_str() {
-            "GRPCRoute" => "GRPCRoute is not compiled yet (HTTPRoute and TCPRoute are)",
-            "TLSRoute" => {
+        let reason = match object.kind {
+            Kind::GrpcRoute => "GRPCRoute is not compiled yet (HTTPRoute and TCPRoute are)",
+            Kind::TlsRoute => {
                 "TLSRoute is not compiled: it matches on SNI, which needs the first payload bytes"
             }
             _ => "this kind is not compiled yet (authorization policies come in a later issue)",
@@ -423,8 +425,8 @@ struct Compiler<'a> {
     /// Healthy pods by (namespace, label key, label value): selector matching looks up the first
     /// selector label instead of scanning every pod for every service (which is quadratic).
     pods_by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
-    /// The node mode (`kmesh_common::mode`), for the wording of unenforced features.
-    mode: u32,
+    /// The node mode, for the wording of unenforced features.
+    mode: Mode,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -457,17 +459,19 @@ impl<'a> Compiler<'a> {
     /// disabled, since then nothing is steered at all).
     fn l7_unenforced(&self, feature: &str, in_kernel: Option<&str>) -> String {
         match (self.mode, in_kernel) {
-            (mode::KERNEL_NATIVE, None) => format!("{feature}; not enforced in KernelNative"),
-            (mode::KERNEL_NATIVE, Some(k)) => {
+            (Mode::KernelNative, None) => format!("{feature}; not enforced in KernelNative"),
+            (Mode::KernelNative, Some(k)) => {
                 format!("{feature}; not enforced in KernelNative; {k}")
             }
-            (mode::DUAL_ENGINE, None) => format!(
+            (Mode::DualEngine, None) => format!(
                 "{feature}; marked for the waypoint (L7 waypoint support comes in a later release)"
             ),
-            (mode::DUAL_ENGINE, Some(k)) => format!(
+            (Mode::DualEngine, Some(k)) => format!(
                 "{feature}; marked for the waypoint (L7 waypoint support comes in a later release); until then {k}"
             ),
-            _ => format!("{feature}; the mesh is disabled (mode Disabled): nothing is enforced"),
+            (Mode::Disabled, _) => {
+                format!("{feature}; the mesh is disabled (mode Disabled): nothing is enforced")
+            }
         }
     }
 
@@ -485,7 +489,7 @@ impl<'a> Compiler<'a> {
         let Some(config) = self.inputs.config.as_ref() else {
             return;
         };
-        let object = ObjectRef::new("KmeshConfig", None, crate::crd::SINGLETON_NAME);
+        let object = ObjectRef::new(Kind::KmeshConfig, None, crate::crd::SINGLETON_NAME);
         let spec = &config.spec;
         if spec.access_log {
             self.report(Diagnostic::unenforced(
@@ -519,7 +523,7 @@ impl<'a> Compiler<'a> {
             if dr.namespace() != service.namespace && dr.namespace() != self.options.root_namespace
             {
                 self.report(Diagnostic::unenforced(
-                    ObjectRef::new("DestinationRule", Some(dr.namespace()), dr.name()),
+                    ObjectRef::new(Kind::DestinationRule, Some(dr.namespace()), dr.name()),
                     "spec.host",
                     format!(
                         "applies only to clients in namespace {}; per-client rules are not compiled (the rule of {host}'s own namespace, or the root namespace's, is used)",
@@ -563,7 +567,7 @@ impl<'a> Compiler<'a> {
     fn kubernetes_service(&mut self, svc: &Service) -> Option<CatalogService> {
         let ns = namespace_of(&svc.metadata).to_string();
         let name = name_of(&svc.metadata).to_string();
-        let object = ObjectRef::new("Service", Some(&ns), &name);
+        let object = ObjectRef::new(Kind::Service, Some(&ns), &name);
         let spec = svc.spec.as_ref()?;
         if spec.type_.as_deref() == Some("ExternalName") {
             return None; // no VIP, no endpoints; out of scope as in ambient
@@ -756,7 +760,7 @@ impl<'a> Compiler<'a> {
 
     fn service_entry(&mut self, se: &crate::istio::ServiceEntry) -> Vec<CatalogService> {
         let ns = se.namespace().to_string();
-        let object = ObjectRef::new("ServiceEntry", Some(&ns), se.name());
+        let object = ObjectRef::new(Kind::ServiceEntry, Some(&ns), se.name());
         if let Err((field, reason)) = crate::validate::service_entry(&se.spec) {
             self.report(Diagnostic::rejected(object, &field, reason));
             return Vec::new();
@@ -914,7 +918,7 @@ impl<'a> Compiler<'a> {
                             if let Some(vs) = vs {
                                 let route = attached.describe();
                                 self.report(Diagnostic::note(
-                                    ObjectRef::new("VirtualService", Some(vs.namespace()), vs.name()),
+                                    ObjectRef::new(Kind::VirtualService, Some(vs.namespace()), vs.name()),
                                     "spec.hosts",
                                     format!(
                                         "{}:{} is routed by {route}: Gateway API routes take precedence over VirtualServices",
@@ -1068,12 +1072,12 @@ impl<'a> Compiler<'a> {
                     match by_host.get(&h) {
                         Some(winner) => {
                             let w = ObjectRef::new(
-                                "VirtualService",
+                                Kind::VirtualService,
                                 Some(winner.namespace()),
                                 winner.name(),
                             );
                             self.report(Diagnostic::note(
-                                ObjectRef::new("VirtualService", Some(vs.namespace()), vs.name()),
+                                ObjectRef::new(Kind::VirtualService, Some(vs.namespace()), vs.name()),
                                 "spec.hosts",
                                 format!("host {h} is also routed by {w}, which wins (older); mesh VirtualServices do not merge"),
                             ));
@@ -1098,7 +1102,7 @@ impl<'a> Compiler<'a> {
         v6: bool,
         catalog: &BTreeMap<String, CatalogService>,
     ) -> Option<Vec<(u32, BackendSetKey)>> {
-        let object = ObjectRef::new("VirtualService", Some(vs.namespace()), vs.name());
+        let object = ObjectRef::new(Kind::VirtualService, Some(vs.namespace()), vs.name());
         for (i, _) in vs.spec.tls.iter().enumerate() {
             let reason = self.l7_unenforced(
                 "TLS routes match on SNI, which needs the first payload bytes",
@@ -1339,7 +1343,7 @@ impl<'a> Compiler<'a> {
         let mut http: Vec<&'a gateway_api::HttpRoute> = inputs.http_routes.iter().collect();
         http.sort_by_key(|r| age_order(&r.metadata));
         for route in http {
-            let object = ObjectRef::new("HTTPRoute", Some(route.namespace()), route.name());
+            let object = ObjectRef::new(Kind::HttpRoute, Some(route.namespace()), route.name());
             let ports = self.parent_ports(
                 &object,
                 route.namespace(),
@@ -1361,7 +1365,7 @@ impl<'a> Compiler<'a> {
         let mut tcp: Vec<&'a gateway_api::TcpRoute> = inputs.tcp_routes.iter().collect();
         tcp.sort_by_key(|r| age_order(&r.metadata));
         for route in tcp {
-            let object = ObjectRef::new("TCPRoute", Some(route.namespace()), route.name());
+            let object = ObjectRef::new(Kind::TcpRoute, Some(route.namespace()), route.name());
             let ports = self.parent_ports(
                 &object,
                 route.namespace(),
@@ -1533,7 +1537,7 @@ impl<'a> Compiler<'a> {
                 Some(&format!("all connections follow {http}")),
             );
             self.report(Diagnostic::unenforced(
-                ObjectRef::new("TCPRoute", Some(route.namespace()), route.name()),
+                ObjectRef::new(Kind::TcpRoute, Some(route.namespace()), route.name()),
                 "spec.parentRefs",
                 reason,
             ));
@@ -1569,7 +1573,7 @@ impl<'a> Compiler<'a> {
             )
         });
         for (r, route) in routes.iter().enumerate() {
-            let object = ObjectRef::new("HTTPRoute", Some(route.namespace()), route.name());
+            let object = ObjectRef::new(Kind::HttpRoute, Some(route.namespace()), route.name());
             for (i, rule) in route.spec.rules.iter().enumerate() {
                 self.report_gateway_l7(&object, i, rule);
                 if winner == Some((r, i)) {
@@ -1603,7 +1607,7 @@ impl<'a> Compiler<'a> {
         let (r, i) = winner?;
         let route = routes[r];
         let rule = &route.spec.rules[i];
-        let object = ObjectRef::new("HTTPRoute", Some(route.namespace()), route.name());
+        let object = ObjectRef::new(Kind::HttpRoute, Some(route.namespace()), route.name());
         if rule.backend_refs.is_empty() {
             if rule
                 .filters
@@ -1654,10 +1658,10 @@ impl<'a> Compiler<'a> {
     ) -> Option<Vec<(u32, BackendSetKey)>> {
         let target = format!("{}:{port}", service.fqdn);
         let route = *routes.first()?;
-        let object = ObjectRef::new("TCPRoute", Some(route.namespace()), route.name());
+        let object = ObjectRef::new(Kind::TcpRoute, Some(route.namespace()), route.name());
         for other in &routes[1..] {
             self.report(Diagnostic::note(
-                ObjectRef::new("TCPRoute", Some(other.namespace()), other.name()),
+                ObjectRef::new(Kind::TcpRoute, Some(other.namespace()), other.name()),
                 "spec.parentRefs",
                 format!(
                     "{target} is also routed by {object}, which takes precedence (oldest, then namespace/name): this route gets no connections"
@@ -2014,7 +2018,7 @@ impl<'a> Compiler<'a> {
             .or_else(|| dr.and_then(|dr| dr.spec.traffic_policy.as_ref()));
         let lb = match (dr, policy) {
             (Some(dr), Some(policy)) => {
-                let object = ObjectRef::new("DestinationRule", Some(dr.namespace()), dr.name());
+                let object = ObjectRef::new(Kind::DestinationRule, Some(dr.namespace()), dr.name());
                 self.load_balancer(&object, policy)
             }
             _ => lb_policy::RANDOM,

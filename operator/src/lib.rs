@@ -1,12 +1,15 @@
 //! The kmesh-rs operator as a library: the `KmeshConfig` CRD ([`crd`]) and the pure compiler from
-//! Kubernetes and Istio objects to per-node snapshots.
+//! Kubernetes and Istio objects to per-node snapshots. Kinds of objects are [`kinds::Kind`]; what
+//! stops the operator is an [`Error`].
 pub mod compile;
 pub mod crd;
 pub mod diagnostics;
 pub mod dir_source;
+pub mod error;
 pub mod gateway_api;
 pub mod inputs;
 pub mod istio;
+pub mod kinds;
 pub mod kube_source;
 pub mod metrics;
 pub mod publish;
@@ -15,3 +18,5 @@ pub mod render;
 pub mod server;
 pub mod tokenreview;
 pub mod validate;
+
+pub use error::{Error, Result};

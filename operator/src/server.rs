@@ -131,8 +131,15 @@ impl Authenticator for NoAuth {
 /// Fixed tokens, one per node (`token node` per line of a file): for running without a cluster.
 pub struct StaticTokens(pub BTreeMap<String, String>);
 
+/// A line of a static token file that is not `<token> <node>`.
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+#[error("line {line}: expected `<token> <node>`")]
+pub struct BadTokenLine {
+    pub line: usize,
+}
+
 impl StaticTokens {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, BadTokenLine> {
         let mut tokens = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -144,7 +151,7 @@ impl StaticTokens {
                 (Some(token), Some(node), None) => {
                     tokens.insert(token.to_string(), node.to_string());
                 }
-                _ => return Err(format!("line {}: expected `<token> <node>`", i + 1)),
+                _ => return Err(BadTokenLine { line: i + 1 }),
             }
         }
         Ok(StaticTokens(tokens))
@@ -325,23 +332,24 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 }
 
 /// A TLS acceptor from PEM files (certificate chain and private key).
-pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> crate::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+
+    use crate::Error;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("reading the certificate: {e}"))?;
+        .map_err(Error::Certificate)?;
     if certs.is_empty() {
-        return Err("the certificate file holds no certificate".into());
+        return Err(Error::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("reading the private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(Error::PrivateKey)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(Error::Tls)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
+        .map_err(Error::CertificateKey)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -362,6 +370,9 @@ mod tests {
     fn static_tokens() {
         let t = StaticTokens::parse("# comment\nabc node-1\n\nxyz node-2\n").unwrap();
         assert_eq!(t.0.get("abc").map(String::as_str), Some("node-1"));
-        assert!(StaticTokens::parse("only-one-field").is_err());
+        assert_eq!(
+            StaticTokens::parse("a n\nonly-one-field").err(),
+            Some(BadTokenLine { line: 2 })
+        );
     }
 }

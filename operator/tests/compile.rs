@@ -11,6 +11,7 @@ use kmesh_operator::{
     compile::{CompileOptions, Compiled, compile},
     diagnostics::Severity,
     inputs::Inputs,
+    kinds::Kind,
     render::summary,
 };
 
@@ -890,7 +891,7 @@ fn unenforced_l7_wording_follows_the_mode() {
         disabled
             .diagnostics
             .iter()
-            .any(|d| d.severity == Severity::Note && d.object.kind == "KmeshConfig"),
+            .any(|d| d.severity == Severity::Note && d.object.kind == Kind::KmeshConfig),
         "{:?}",
         diagnostics_text(&disabled)
     );

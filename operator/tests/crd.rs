@@ -234,7 +234,7 @@ status:
     reason: L7 rule; not enforced in KernelNative mode
 "#;
     let kmc: KmeshConfig = serde_yaml::from_str(yaml).unwrap();
-    assert_eq!(kmc.spec.mode_value(), kmesh_common::mode::DUAL_ENGINE);
+    assert_eq!(kmc.spec.mode.value(), kmesh_common::mode::DUAL_ENGINE);
     assert_eq!(
         kmc.spec.rollout.max_unavailable,
         IntOrString::String("25%".into())
@@ -254,16 +254,10 @@ status:
 #[test]
 fn mode_values_match_the_node_programs() {
     use kmesh_common::mode;
-    let value = |mode| {
-        KmeshConfigSpec {
-            mode,
-            ..Default::default()
-        }
-        .mode_value()
-    };
-    assert_eq!(value(Mode::KernelNative), mode::KERNEL_NATIVE);
-    assert_eq!(value(Mode::DualEngine), mode::DUAL_ENGINE);
-    assert_eq!(value(Mode::Disabled), mode::DISABLED);
+    assert_eq!(Mode::KernelNative.value(), mode::KERNEL_NATIVE);
+    assert_eq!(Mode::DualEngine.value(), mode::DUAL_ENGINE);
+    assert_eq!(Mode::Disabled.value(), mode::DISABLED);
+    assert_eq!(KmeshConfigSpec::default().mode.value(), mode::KERNEL_NATIVE);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use http::{Method, Request, Response, StatusCode};
 use kmesh_operator::{
     crd::{KmeshConfig, KmeshConfigSpec},
     diagnostics::{Diagnostic, ObjectRef},
+    kinds::Kind,
     reconcile::{NodeRollout, ReconcileError, ReconcileInput, Reconciler, RolloutFacts},
 };
 use kube::{Client, client::Body, runtime::events::Reporter};
@@ -127,7 +128,7 @@ fn rollout() -> RolloutFacts {
 
 fn rejected(name: &str) -> Diagnostic {
     Diagnostic::rejected(
-        ObjectRef::new("VirtualService", Some("bookinfo"), name),
+        ObjectRef::new(Kind::VirtualService, Some("bookinfo"), name),
         "spec.http[0].match",
         "matches on HTTP headers cannot be decided at connect()",
     )

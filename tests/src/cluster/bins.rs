@@ -88,6 +88,11 @@ impl Binaries {
                 ))
             }
         };
+        Binaries::at(dir, versions)
+    }
+
+    /// The binaries in `dir`; fails unless all of them are there.
+    pub fn at(dir: PathBuf, versions: Versions) -> io::Result<Binaries> {
         let missing: Vec<&str> = NAMES
             .iter()
             .copied()
@@ -136,5 +141,16 @@ mod tests {
         assert_eq!(Versions::parse("K8S_VERSION=1"), None);
         // And the real script parses.
         Versions::pinned().unwrap();
+    }
+
+    #[test]
+    fn missing_binaries_name_the_script() {
+        let dir = std::env::temp_dir().join("kmt-no-such-control-plane");
+        let err = Binaries::at(dir, Versions::pinned().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("scripts/control-plane-bins.sh"), "{err}");
+        assert!(err.contains("etcd, kube-apiserver"), "{err}");
+        assert!(err.contains(BIN_DIR_VAR), "{err}");
     }
 }

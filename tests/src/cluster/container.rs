@@ -654,7 +654,7 @@ impl ContainerRun {
             self.status.name,
             self.started.elapsed(),
             self.backoff,
-            super::control_plane::tail(&self.log, 15)
+            super::control_plane::tail(&self.log, 6)
         );
         self.status.last_state = Some(ContainerState::Terminated {
             exit_code: exit.code().unwrap_or(128 + 9),

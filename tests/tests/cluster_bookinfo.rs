@@ -171,24 +171,64 @@ fn bookinfo_on_a_real_control_plane_follows_istio_virtual_services() {
 }
 
 fn run_scenario(cluster: &Cluster) {
-    let k = cluster.kubectl();
-    let timings_start = cluster.start_time;
+    install_crds(cluster);
+    let (agents, install_time) = install_kmesh(cluster);
+    deploy_bookinfo(cluster);
+    check_bookinfo_pods(cluster);
+    let client = replace_client(cluster);
+    let target = reviews_target(cluster);
+    wait_until_steered(cluster, &client, &target);
 
-    // Istio's and the Gateway API's CRDs (server-side: some of Istio's are too big for the
-    // last-applied annotation of a client-side apply).
-    k.run(&[
-        "apply",
-        "--server-side",
-        "-f",
-        &reference(&format!(
-            "{ISTIO}/manifests/charts/base/files/crd-all.gen.yaml"
-        )),
-    ])
-    .unwrap();
+    let canary = apply_until_live(
+        cluster,
+        &format!("{ISTIO}/samples/bookinfo/networking/virtual-service-reviews-90-10.yaml"),
+        &agents,
+    );
+    let report = probe(cluster, &client, &target, 2000);
+    assert_eq!(report.ok, 2000, "{report:?}");
+    assert_share(&report, "reviews-v1-", 0.9);
+    assert_share(&report, "reviews-v2-", 0.1);
+
+    let all_v3 = apply_until_live(
+        cluster,
+        &format!("{ISTIO}/samples/bookinfo/networking/virtual-service-reviews-v3.yaml"),
+        &agents,
+    );
+    let report = probe(cluster, &client, &target, 2000);
+    assert_eq!(report.ok, 2000, "{report:?}");
+    assert_eq!(replies_from(&report, "reviews-v3-"), 2000, "{report:?}");
+
+    // The operator, as its own service account with the shipped RBAC, was never refused.
+    let operator_log = cluster.pod_log("kmesh-system_kmesh-operator-");
+    assert!(!operator_log.is_empty(), "no operator log");
+    assert!(
+        !operator_log.contains("forbidden"),
+        "the operator's RBAC refused something:\n{operator_log}"
+    );
+    report_known_defects(cluster, &operator_log);
+    progress!(
+        "timings: cluster start {:.1?}, install to agents ready {install_time:.1?}, apply to \
+         kernel {canary:.2?} (90/10) and {all_v3:.2?} (v3)",
+        cluster.start_time
+    );
+}
+
+/// Istio's and the Gateway API's CRDs (server-side: some of Istio's are too big for the
+/// last-applied annotation of a client-side apply).
+fn install_crds(cluster: &Cluster) {
+    let k = cluster.kubectl();
+    let istio = reference(&format!(
+        "{ISTIO}/manifests/charts/base/files/crd-all.gen.yaml"
+    ));
+    k.run(&["apply", "--server-side", "-f", &istio]).unwrap();
     k.run(&["apply", "--server-side", "-f", &reference(GATEWAY_API_CRDS)])
         .unwrap();
+}
 
-    // The install, as the README says; the operator's TLS Secret as cert-manager would make it.
+/// The install, as the README says, and the operator's TLS Secret as cert-manager would make it;
+/// returns the agents' pod names once every agent is ready, and how long that took.
+fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
+    let k = cluster.kubectl();
     let install = Instant::now();
     let applied = k
         .run_full(&["apply", "-k", "config/default"], None)
@@ -199,86 +239,51 @@ fn run_scenario(cluster: &Cluster) {
             applied.stderr.trim().replace('\n', "; ")
         );
     }
-    k.run(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/kmeshconfigs.kmesh.net",
-        TIMEOUT,
-    ])
-    .unwrap();
+    let crd = "crd/kmeshconfigs.kmesh.net";
+    k.run(&["wait", "--for=condition=Established", crd, TIMEOUT])
+        .unwrap();
     k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
     cluster
         .create_tls_secret("kmesh-system", "kmesh-operator-tls", "kmesh-operator")
         .unwrap();
-    k.run(&[
-        "rollout",
-        "status",
-        "-n",
-        "kmesh-system",
-        "deployment/kmesh-operator",
-        TIMEOUT,
-    ])
-    .unwrap();
-    k.run(&[
-        "rollout",
-        "status",
-        "-n",
-        "kmesh-system",
-        "daemonset/kmesh-agent",
-        TIMEOUT,
-    ])
-    .unwrap();
+    for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
+        k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
+            .unwrap();
+    }
     let install_time = install.elapsed();
     progress!("install to agents ready: {install_time:.1?}");
-    let agents: Vec<String> = pods(cluster, "kmesh-system", "kmesh-agent-")
-        .iter()
-        .map(|p| name(p).to_string())
-        .collect();
-    let agent_nodes: BTreeSet<String> = pods(cluster, "kmesh-system", "kmesh-agent-")
-        .iter()
-        .map(|p| node_of(p).to_string())
-        .collect();
+    let agents = pods(cluster, "kmesh-system", "kmesh-agent-");
+    let agent_nodes: BTreeSet<&str> = agents.iter().map(node_of).collect();
     assert_eq!(
         agent_nodes,
-        BTreeSet::from(["node-a".to_string(), "node-b".to_string()]),
+        BTreeSet::from(["node-a", "node-b"]),
         "one agent per node"
     );
     k.run(&["get", "pods", "-n", "kmesh-system", "-o", "wide"])
         .unwrap();
+    (
+        agents.iter().map(|p| name(p).to_string()).collect(),
+        install_time,
+    )
+}
 
-    // The application: the enrolled namespace, bookinfo, its DestinationRules, a client.
-    k.run(&[
-        "label",
-        "namespace",
-        "default",
-        "istio.io/dataplane-mode=Kmesh",
-    ])
-    .unwrap();
-    k.run(&[
-        "apply",
-        "-f",
-        &reference(&format!(
-            "{ISTIO}/samples/bookinfo/platform/kube/bookinfo.yaml"
-        )),
-    ])
-    .unwrap();
-    k.run(&[
-        "apply",
-        "-f",
-        &reference(&format!(
-            "{ISTIO}/samples/bookinfo/networking/destination-rule-all.yaml"
-        )),
-    ])
-    .unwrap();
-    k.run(&[
-        "apply",
-        "-f",
-        &reference(&format!("{ISTIO}/samples/sleep/sleep.yaml")),
-    ])
-    .unwrap();
+/// The enrolled namespace, bookinfo, its DestinationRules, a client; all available.
+fn deploy_bookinfo(cluster: &Cluster) {
+    let k = cluster.kubectl();
+    let enrol = "istio.io/dataplane-mode=Kmesh";
+    k.run(&["label", "namespace", "default", enrol]).unwrap();
+    for file in [
+        "samples/bookinfo/platform/kube/bookinfo.yaml",
+        "samples/bookinfo/networking/destination-rule-all.yaml",
+        "samples/sleep/sleep.yaml",
+    ] {
+        k.run(&["apply", "-f", &reference(&format!("{ISTIO}/{file}"))])
+            .unwrap();
+    }
+    let available = "--for=condition=Available";
     k.run(&[
         "wait",
-        "--for=condition=Available",
+        available,
         "deployment",
         "--all",
         "-n",
@@ -288,8 +293,11 @@ fn run_scenario(cluster: &Cluster) {
     .unwrap();
     k.run(&["get", "pods", "-n", "default", "-o", "wide"])
         .unwrap();
+}
 
-    // Every bookinfo pod runs on one of the two nodes, its server answering with its name.
+/// Every bookinfo pod runs on one of the two nodes, both nodes are used, and each pod's server
+/// answers with its name.
+fn check_bookinfo_pods(cluster: &Cluster) {
     let mut used_nodes = BTreeSet::new();
     for prefix in [
         "details-",
@@ -316,53 +324,89 @@ fn run_scenario(cluster: &Cluster) {
         BTreeSet::from(["node-a".to_string(), "node-b".to_string()]),
         "bookinfo is spread over both nodes"
     );
+}
 
-    // The client, and the reviews Service's VIP.
-    let sleep = pods(cluster, "default", "sleep-");
-    assert_eq!(sleep.len(), 1, "{sleep:?}");
-    let client = name(&sleep[0]).to_string();
-    progress!("client pod {client} on {}", node_of(&sleep[0]));
-    let vip = k
-        .run(&[
-            "get",
-            "service",
-            "reviews",
-            "-n",
-            "default",
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ])
+/// Deletes the first sleep pod: the kubelet stops it and finalises the deletion (kubectl waits
+/// for that), the Deployment replaces it. Returns the replacement, the client of the scenario.
+fn replace_client(cluster: &Cluster) -> String {
+    let k = cluster.kubectl();
+    let first = pods(cluster, "default", "sleep-");
+    assert_eq!(first.len(), 1, "{first:?}");
+    let first = name(&first[0]).to_string();
+    // A graceful deletion (sleep.yaml's own grace period is 0, which the API server honours by
+    // removing the pod at once): the pod stays Terminating until its kubelet finalises it.
+    let graceful = "--grace-period=30";
+    k.run(&["delete", "pod", "-n", "default", &first, graceful, TIMEOUT])
         .unwrap();
-    let target = format!("{}:9080", vip.trim());
-    let probe = |count: u32| {
-        cluster
-            .run_probe(
-                "default",
-                &client,
-                &[
-                    "--target",
-                    &target,
-                    "--count",
-                    &count.to_string(),
-                    "--timeout-ms",
-                    "2000",
-                ],
-            )
-            .unwrap()
-    };
+    let deleted = Instant::now();
+    while cluster
+        .network()
+        .netns_names()
+        .iter()
+        .any(|n| n.ends_with(&format!("-{first}")))
+    {
+        assert!(
+            deleted.elapsed() < Duration::from_secs(10),
+            "the deleted pod's network namespace is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let available = "--for=condition=Available";
+    k.run(&[
+        "wait",
+        available,
+        "deployment/sleep",
+        "-n",
+        "default",
+        TIMEOUT,
+    ])
+    .unwrap();
+    let sleep: Vec<Pod> = pods(cluster, "default", "sleep-")
+        .into_iter()
+        .filter(|p| name(p) != first)
+        .collect();
+    assert_eq!(sleep.len(), 1, "one replacement sleep pod: {sleep:?}");
+    progress!("client pod {} on {}", name(&sleep[0]), node_of(&sleep[0]));
+    name(&sleep[0]).to_string()
+}
 
-    // With the DestinationRules alone, reviews is one Service over its three versions: wait until
-    // the client's node steers it (the client enrolled, every endpoint ready).
+/// The reviews Service's VIP:port.
+fn reviews_target(cluster: &Cluster) -> String {
+    let jsonpath = "jsonpath={.spec.clusterIP}";
+    let vip = cluster
+        .kubectl()
+        .run(&["get", "service", "reviews", "-n", "default", "-o", jsonpath])
+        .unwrap();
+    format!("{}:9080", vip.trim())
+}
+
+/// `count` connections from pod `client` to `target`.
+fn probe(cluster: &Cluster, client: &str, target: &str, count: u32) -> ProbeReport {
+    let count = count.to_string();
+    let args = [
+        "--target",
+        target,
+        "--count",
+        &count,
+        "--timeout-ms",
+        "2000",
+    ];
+    cluster.run_probe("default", client, &args).unwrap()
+}
+
+/// With the DestinationRules alone, reviews is one Service over its three versions: waits until
+/// the client's node steers it (the client enrolled, every endpoint ready).
+fn wait_until_steered(cluster: &Cluster, client: &str, target: &str) {
     let steady = Instant::now();
     loop {
-        let r = probe(60);
+        let r = probe(cluster, client, target, 60);
         let versions = ["reviews-v1-", "reviews-v2-", "reviews-v3-"]
             .iter()
             .filter(|p| replies_from(&r, p) > 0)
             .count();
         if r.ok == 60 && versions == 3 {
             progress!("reviews VIP {target} steered to all three versions: {r:?}");
-            break;
+            return;
         }
         assert!(
             steady.elapsed() < Duration::from_secs(90),
@@ -370,39 +414,6 @@ fn run_scenario(cluster: &Cluster) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-
-    let canary = apply_until_live(
-        cluster,
-        &format!("{ISTIO}/samples/bookinfo/networking/virtual-service-reviews-90-10.yaml"),
-        &agents,
-    );
-    let report = probe(2000);
-    assert_eq!(report.ok, 2000, "{report:?}");
-    assert_share(&report, "reviews-v1-", 0.9);
-    assert_share(&report, "reviews-v2-", 0.1);
-
-    let all_v3 = apply_until_live(
-        cluster,
-        &format!("{ISTIO}/samples/bookinfo/networking/virtual-service-reviews-v3.yaml"),
-        &agents,
-    );
-    let report = probe(2000);
-    assert_eq!(report.ok, 2000, "{report:?}");
-    assert_eq!(replies_from(&report, "reviews-v3-"), 2000, "{report:?}");
-
-    // The operator, as its own service account with the shipped RBAC, was never refused.
-    let operator_log = cluster.pod_log("kmesh-system_kmesh-operator-");
-    assert!(!operator_log.is_empty(), "no operator log");
-    assert!(
-        !operator_log.contains("forbidden"),
-        "the operator's RBAC refused something:\n{operator_log}"
-    );
-    report_known_defects(cluster, &operator_log);
-
-    progress!(
-        "timings: cluster start {timings_start:.1?}, install to agents ready {install_time:.1?}, \
-         apply to kernel {canary:.2?} (90/10) and {all_v3:.2?} (v3)"
-    );
 }
 
 /// Prints what the run shows of the product defects the lead is to fix (see the report of the

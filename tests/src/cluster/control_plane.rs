@@ -75,42 +75,85 @@ fn write(dir: &Path, name: &str, contents: &str) -> io::Result<PathBuf> {
     Ok(p)
 }
 
+/// The files the components read: certificates, keys, tokens, the admin kubeconfig.
+struct Files {
+    ca: PathBuf,
+    api_cert: PathBuf,
+    api_key: PathBuf,
+    sa_key: PathBuf,
+    sa_pub: PathBuf,
+    tokens: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Files {
+    fn write(dir: &Path, pki: &ClusterPki, api_url: &str) -> io::Result<Files> {
+        let ca = write(dir, "ca.crt", &pki.ca.cert_pem)?;
+        Ok(Files {
+            api_cert: write(dir, "apiserver.crt", &pki.apiserver_cert_pem)?,
+            api_key: write(dir, "apiserver.key", &pki.apiserver_key_pem)?,
+            sa_key: write(dir, "sa.key", &pki.service_account_key_pem)?,
+            sa_pub: write(dir, "sa.pub", &pki.service_account_pub_pem)?,
+            tokens: write(
+                dir,
+                "tokens.csv",
+                &format!("{},admin,admin,system:masters\n", pki.admin_token),
+            )?,
+            kubeconfig: write(
+                dir,
+                "admin.kubeconfig",
+                &kubeconfig_yaml(api_url, &ca, &pki.admin_token),
+            )?,
+            ca,
+        })
+    }
+}
+
+fn arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
 impl ControlPlane {
     /// Starts all four components under `dir` (which must exist) and returns once the API server
     /// serves the `default` namespace. `name` names the cgroup.
     pub async fn start(name: &str, bins: &Binaries, dir: &Path) -> io::Result<(Self, Client)> {
         let started = Instant::now();
         let pki = ClusterPki::new(IpAddr::V4(KUBERNETES_SERVICE_IP))?;
-        let ca = write(dir, "ca.crt", &pki.ca.cert_pem)?;
-        let api_cert = write(dir, "apiserver.crt", &pki.apiserver_cert_pem)?;
-        let api_key = write(dir, "apiserver.key", &pki.apiserver_key_pem)?;
-        let sa_key = write(dir, "sa.key", &pki.service_account_key_pem)?;
-        let sa_pub = write(dir, "sa.pub", &pki.service_account_pub_pem)?;
-        let tokens = write(
-            dir,
-            "tokens.csv",
-            &format!("{},admin,admin,system:masters\n", pki.admin_token),
-        )?;
         let api_port = free_port()?;
         let api_url = format!("https://127.0.0.1:{api_port}");
-        let kubeconfig = write(
-            dir,
-            "admin.kubeconfig",
-            &kubeconfig_yaml(&api_url, &ca, &pki.admin_token),
-        )?;
+        let files = Files::write(dir, &pki, &api_url)?;
         let mut cp = ControlPlane {
             processes: Vec::new(),
             cgroup: TestCgroup::new(&format!("{name}-cp"))?,
-            kubeconfig,
+            kubeconfig: files.kubeconfig.clone(),
             api_url,
             api_port,
             ca_pem: pki.ca.cert_pem.clone(),
         };
+        let etcd_url = cp.start_etcd(bins, dir).await?;
+        progress!("etcd healthy after {:.1?}", started.elapsed());
+        let client = cp.start_apiserver(bins, dir, &files, &etcd_url).await?;
+        progress!(
+            "kube-apiserver ready at {} after {:.1?}",
+            cp.api_url,
+            started.elapsed()
+        );
+        cp.start_controllers(bins, dir, &files)?;
+        progress!(
+            "control plane up (etcd v{}, Kubernetes v{}) after {:.1?}",
+            bins.versions.etcd,
+            bins.versions.kubernetes,
+            started.elapsed()
+        );
+        Ok((cp, client))
+    }
 
+    /// etcd on two free ports, data in `dir/etcd`; returns its client URL once healthy.
+    async fn start_etcd(&mut self, bins: &Binaries, dir: &Path) -> io::Result<String> {
         let (etcd_port, peer_port) = (free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        cp.spawn(
+        self.spawn(
             bins,
             dir,
             "etcd",
@@ -124,11 +167,20 @@ impl ControlPlane {
                 "--unsafe-no-fsync=true".into(),
             ],
         )?;
-        cp.wait("etcd", || etcd_healthy(etcd_port)).await?;
-        progress!("etcd healthy after {:.1?}", started.elapsed());
+        self.wait("etcd", || etcd_healthy(etcd_port)).await?;
+        Ok(etcd_url)
+    }
 
-        let p = |p: &Path| p.display().to_string();
-        cp.spawn(
+    /// kube-apiserver; returns an admin client once the bootstrap made the `default` namespace
+    /// and the `kubernetes` Service.
+    async fn start_apiserver(
+        &mut self,
+        bins: &Binaries,
+        dir: &Path,
+        files: &Files,
+        etcd_url: &str,
+    ) -> io::Result<Client> {
+        self.spawn(
             bins,
             dir,
             "kube-apiserver",
@@ -136,67 +188,58 @@ impl ControlPlane {
                 format!("--etcd-servers={etcd_url}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", p(&api_cert)),
-                format!("--tls-private-key-file={}", p(&api_key)),
+                format!("--secure-port={}", self.api_port),
+                format!("--tls-cert-file={}", arg(&files.api_cert)),
+                format!("--tls-private-key-file={}", arg(&files.api_key)),
                 // The built-in `kubernetes` Endpoints may not name a loopback address.
                 "--endpoint-reconciler-type=none".into(),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--allow-privileged=true".into(),
                 "--authorization-mode=RBAC".into(),
-                format!("--token-auth-file={}", p(&tokens)),
+                format!("--token-auth-file={}", arg(&files.tokens)),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", p(&sa_pub)),
-                format!("--service-account-signing-key-file={}", p(&sa_key)),
+                format!("--service-account-key-file={}", arg(&files.sa_pub)),
+                format!("--service-account-signing-key-file={}", arg(&files.sa_key)),
             ],
         )?;
-        let client = client_for(&cp.kubeconfig).await?;
+        let client = client_for(&self.kubeconfig).await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
-        // Ready once its bootstrap made the `default` namespace and the `kubernetes` Service.
-        cp.wait("kube-apiserver", || {
+        self.wait("kube-apiserver", || {
             let (namespaces, services) = (namespaces.clone(), services.clone());
             async move {
                 namespaces.get("default").await.is_ok() && services.get("kubernetes").await.is_ok()
             }
         })
         .await?;
-        progress!(
-            "kube-apiserver ready at {} after {:.1?}",
-            cp.api_url,
-            started.elapsed()
-        );
+        Ok(client)
+    }
 
-        let kubeconfig = p(&cp.kubeconfig);
-        cp.spawn(
+    /// kube-controller-manager ([`CONTROLLERS`]) and kube-scheduler, with the admin kubeconfig.
+    fn start_controllers(&mut self, bins: &Binaries, dir: &Path, files: &Files) -> io::Result<()> {
+        let kubeconfig = format!("--kubeconfig={}", arg(&files.kubeconfig));
+        self.spawn(
             bins,
             dir,
             "kube-controller-manager",
             &[
-                format!("--kubeconfig={kubeconfig}"),
+                kubeconfig.clone(),
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
                 format!("--controllers={}", CONTROLLERS.join(",")),
-                format!("--root-ca-file={}", p(&ca)),
+                format!("--root-ca-file={}", arg(&files.ca)),
             ],
         )?;
-        cp.spawn(
+        self.spawn(
             bins,
             dir,
             "kube-scheduler",
             &[
-                format!("--kubeconfig={kubeconfig}"),
+                kubeconfig,
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
             ],
-        )?;
-        progress!(
-            "control plane up (etcd v{}, Kubernetes v{}) after {:.1?}",
-            bins.versions.etcd,
-            bins.versions.kubernetes,
-            started.elapsed()
-        );
-        Ok((cp, client))
+        )
     }
 
     fn spawn(

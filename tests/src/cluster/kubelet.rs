@@ -251,33 +251,7 @@ impl Kubelet {
         dir: PathBuf,
         cancel: watch::Receiver<bool>,
     ) -> io::Result<()> {
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        std::fs::create_dir_all(&dir)?;
-        let ip = self.node.allocate_ip()?;
-        let cgroup = self.node.cgroup.path().join(format!("pod{}", uid(&pod)));
-        std::fs::create_dir_all(&cgroup)
-            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", cgroup.display())))?;
-        lock(sandbox).cgroup = Some(cgroup.clone());
-        let network = self.shared.network.clone();
-        let net_name = name.clone();
-        let net_pod =
-            tokio::task::spawn_blocking(move || network.add_pod(&net_name, ip, None)).await??;
-        {
-            let mut sb = lock(sandbox);
-            sb.net_name = Some(name.clone());
-            sb.netns = Some(net_pod.netns_name().to_string());
-            sb.ip = Some(ip);
-        }
-        let ctx = Arc::new(PodContext {
-            shared: self.shared.clone(),
-            node: self.node.clone(),
-            pod,
-            ip,
-            netns: net_pod.netns_path(),
-            cgroup,
-            dir,
-            start_time: status::now(),
-        });
+        let (ctx, net_pod) = self.make_sandbox(pod, sandbox, dir).await?;
         let stages: Result<Vec<Option<Stage>>, String> = ctx
             .spec_containers()
             .iter()
@@ -291,40 +265,12 @@ impl Kubelet {
         let stages = match stages {
             Ok(s) => s,
             Err(message) => {
-                progress!("kubelet {}: pod {}: {message}", self.node.name, ctx.label());
-                let waiting: Vec<ContainerStatus> = ctx
-                    .spec_containers()
-                    .iter()
-                    .map(|c| ContainerStatus {
-                        name: c.name.clone(),
-                        image: c.image.clone().unwrap_or_default(),
-                        ready: false,
-                        restart_count: 0,
-                        state: ContainerState::Waiting {
-                            reason: "ErrImagePull".into(),
-                            message: message.clone(),
-                        },
-                        last_state: None,
-                    })
-                    .collect();
-                report_status(&ctx, &waiting).await;
+                self.report_image_error(&ctx, &message).await;
                 return Ok(());
             }
         };
         if stages.iter().all(Option::is_none) {
-            let pod = ctx.pod.clone();
-            let servers =
-                tokio::task::spawn_blocking(move || app_pod::start_servers(&net_pod, &pod))
-                    .await??;
-            let ports = servers.len();
-            lock(sandbox).servers = servers;
-            report_status(&ctx, &app_pod::statuses(&ctx.pod)).await;
-            progress!(
-                "kubelet {}: pod {} running at {ip} ({ports} port(s) served)",
-                self.node.name,
-                ctx.label()
-            );
-            return Ok(());
+            return self.run_application(&ctx, net_pod, sandbox).await;
         }
         let Some(stages) = stages.into_iter().collect::<Option<Vec<Stage>>>() else {
             return Err(io::Error::other(
@@ -336,12 +282,94 @@ impl Kubelet {
             *self.shared.kubernetes_service.ip(),
         )?;
         progress!(
-            "kubelet {}: pod {} sandbox at {ip}; starting {} container(s)",
+            "kubelet {}: pod {} sandbox at {}; starting {} container(s)",
             self.node.name,
             ctx.label(),
+            ctx.ip,
             stages.len()
         );
         container::run(ctx, stages, cancel).await
+    }
+
+    /// The pod's IP, cgroup and network namespace, recorded in `sandbox` as they are made (so
+    /// that stopping the pod releases whatever exists).
+    async fn make_sandbox(
+        &self,
+        pod: Pod,
+        sandbox: &Arc<Mutex<Sandbox>>,
+        dir: PathBuf,
+    ) -> io::Result<(Arc<PodContext>, crate::Pod)> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        std::fs::create_dir_all(&dir)?;
+        let ip = self.node.allocate_ip()?;
+        let cgroup = self.node.cgroup.path().join(format!("pod{}", uid(&pod)));
+        std::fs::create_dir_all(&cgroup)
+            .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", cgroup.display())))?;
+        lock(sandbox).cgroup = Some(cgroup.clone());
+        let network = self.shared.network.clone();
+        let net_name = name.clone();
+        let net_pod =
+            tokio::task::spawn_blocking(move || network.add_pod(&net_name, ip, None)).await??;
+        {
+            let mut sb = lock(sandbox);
+            sb.net_name = Some(name);
+            sb.netns = Some(net_pod.netns_name().to_string());
+            sb.ip = Some(ip);
+        }
+        let ctx = Arc::new(PodContext {
+            shared: self.shared.clone(),
+            node: self.node.clone(),
+            pod,
+            ip,
+            netns: net_pod.netns_path(),
+            cgroup,
+            dir,
+            start_time: status::now(),
+        });
+        Ok((ctx, net_pod))
+    }
+
+    /// An image that cannot be run: `ErrImagePull`, as for an image that cannot be pulled.
+    async fn report_image_error(&self, ctx: &PodContext, message: &str) {
+        progress!("kubelet {}: pod {}: {message}", self.node.name, ctx.label());
+        let waiting: Vec<ContainerStatus> = ctx
+            .spec_containers()
+            .iter()
+            .map(|c| ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                ready: false,
+                restart_count: 0,
+                state: ContainerState::Waiting {
+                    reason: "ErrImagePull".into(),
+                    message: message.into(),
+                },
+                last_state: None,
+            })
+            .collect();
+        report_status(ctx, &waiting).await;
+    }
+
+    /// An application pod: its servers, then Running and Ready.
+    async fn run_application(
+        &self,
+        ctx: &PodContext,
+        net_pod: crate::Pod,
+        sandbox: &Arc<Mutex<Sandbox>>,
+    ) -> io::Result<()> {
+        let pod = ctx.pod.clone();
+        let servers =
+            tokio::task::spawn_blocking(move || app_pod::start_servers(&net_pod, &pod)).await??;
+        let ports = servers.len();
+        lock(sandbox).servers = servers;
+        report_status(ctx, &app_pod::statuses(&ctx.pod)).await;
+        progress!(
+            "kubelet {}: pod {} running at {} ({ports} port(s) served)",
+            self.node.name,
+            ctx.label(),
+            ctx.ip
+        );
+        Ok(())
     }
 
     /// A pod being deleted: stop it, then finalise the deletion (grace period 0).
@@ -352,7 +380,9 @@ impl Kubelet {
             namespace_of(&pod),
             pod.metadata.name.as_deref().unwrap_or_default()
         );
-        self.stop(&uid).await;
+        if self.stop(&uid).await.is_some() {
+            progress!("kubelet {}: pod {label} deleted; stopped", self.node.name);
+        }
         let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), namespace_of(&pod));
         let params = DeleteParams {
             grace_period_seconds: Some(0),
@@ -367,23 +397,26 @@ impl Kubelet {
             .await
         {
             Ok(_) => progress!(
-                "kubelet {}: pod {label} stopped and deleted",
+                "kubelet {}: pod {label}: deletion finalised (grace period 0)",
                 self.node.name
             ),
+            // Gone already: deleted with grace period 0, or finalised by a concurrent event.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => progress!("kubelet {}: deleting pod {label}: {e}", self.node.name),
         }
     }
 
+    /// A pod gone from the API (deleted at once, or missed while the watch was down).
     async fn stop_owned(self: Arc<Self>, uid: String) {
-        self.stop(&uid).await
+        if let Some(label) = self.stop(&uid).await {
+            progress!("kubelet {}: pod {label} gone; stopped", self.node.name);
+        }
     }
 
-    /// Stops a pod's containers and releases its sandbox; nothing if the pod is unknown.
-    pub async fn stop(&self, uid: &str) {
-        let Some(mut entry) = lock(&self.pods).remove(uid) else {
-            return;
-        };
+    /// Stops a pod's containers and releases its sandbox; returns the pod's `namespace/name`,
+    /// or `None` if the pod is unknown.
+    pub async fn stop(&self, uid: &str) -> Option<String> {
+        let mut entry = lock(&self.pods).remove(uid)?;
         let _ = entry.cancel.send(true);
         if let Some(task) = entry.task.take()
             && tokio::time::timeout(Duration::from_secs(10), task)
@@ -402,12 +435,14 @@ impl Kubelet {
         let sandbox = entry.sandbox.clone();
         let label = format!("{}/{}", entry.namespace, entry.name);
         let node = self.node.name.clone();
+        let pod = label.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for e in release(&mut lock(&sandbox), &network) {
-                progress!("kubelet {node}: pod {label}: cleanup: {e}");
+                progress!("kubelet {node}: pod {pod}: cleanup: {e}");
             }
         })
         .await;
+        Some(label)
     }
 
     /// Stops every pod (the cluster is going away).

@@ -116,69 +116,27 @@ impl Cluster {
             workspace_bin(b)?;
         }
         let images = Catalog::from_repository()?;
-        let dir = TempPath::new(name);
-        std::fs::create_dir_all(dir.path().join("pods"))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let (control_plane, client) =
-            runtime.block_on(ControlPlane::start(name, &bins, dir.path()))?;
-        let kubectl = Kubectl::new(
-            bins.path("kubectl"),
-            control_plane.kubeconfig.clone(),
-            repository(),
-        );
-        let mut cluster = Cluster {
-            runtime: Some(runtime),
-            client: client.clone(),
-            kubectl,
-            kubelets: Vec::new(),
-            tasks: Vec::new(),
-            shared: None,
-            control_plane: Some(control_plane),
-            nodes: Vec::new(),
-            dir: Some(dir),
-            start_time: Duration::ZERO,
-        };
+        let mut cluster = Cluster::start_control_plane(name, &bins)?;
         // From here on, Drop cleans up whatever was made.
         let network = Arc::new(TestNetwork::new(name)?);
-        let kubernetes_service = cluster.block_on(kubernetes_service(&client))?;
-        let api_port = cluster.control_plane().api_port;
+        let kubernetes_service = cluster.block_on(kubernetes_service(&cluster.client))?;
+        let api = SocketAddr::from(([127, 0, 0, 1], cluster.control_plane().api_port));
         let forwarder = cluster.block_on(services::forward_kubernetes_service(
             &network,
             SocketAddr::V4(kubernetes_service),
-            SocketAddr::from(([127, 0, 0, 1], api_port)),
+            api,
         ))?;
         cluster.tasks.push(forwarder);
-        for (i, spec) in nodes.iter().enumerate() {
-            let node = Arc::new(NodeResources::new(
-                &spec.name,
-                spec.subnet,
-                Ipv4Addr::new(192, 0, 2, 1 + i as u8),
-                &format!("{name}-{}", spec.name),
-            )?);
-            cluster.block_on(node.register(&client, &bins.versions.kubernetes))?;
-            cluster.nodes.push(node);
-        }
-        let names = Arc::new(ServiceNames::default());
-        let handle = cluster.runtime().handle().clone();
-        let _guard = handle.enter();
-        cluster.tasks.extend(names.clone().watch(client.clone()));
+        cluster.add_nodes(name, nodes, &bins.versions.kubernetes)?;
         let shared = Arc::new(Shared {
-            client,
+            client: cluster.client(),
             network,
             images,
-            names,
+            names: Arc::new(ServiceNames::default()),
             pods_dir: cluster.dir().join("pods"),
             kubernetes_service,
         });
-        for node in &cluster.nodes {
-            let (kubelet, task) = Kubelet::start(node.clone(), shared.clone());
-            cluster.kubelets.push(kubelet);
-            cluster.tasks.push(task);
-        }
-        drop(_guard);
+        cluster.start_kubelets(&shared);
         cluster.shared = Some(shared);
         cluster.start_time = started.elapsed();
         progress!(
@@ -197,6 +155,63 @@ impl Cluster {
                 .join(", ")
         );
         Ok(cluster)
+    }
+
+    /// The runtime, the temporary directory and the control plane: a cluster without nodes.
+    fn start_control_plane(name: &str, bins: &Binaries) -> io::Result<Cluster> {
+        let dir = TempPath::new(name);
+        std::fs::create_dir_all(dir.path().join("pods"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (control_plane, client) =
+            runtime.block_on(ControlPlane::start(name, bins, dir.path()))?;
+        let kubectl = Kubectl::new(
+            bins.path("kubectl"),
+            control_plane.kubeconfig.clone(),
+            repository(),
+        );
+        Ok(Cluster {
+            runtime: Some(runtime),
+            client,
+            kubectl,
+            kubelets: Vec::new(),
+            tasks: Vec::new(),
+            shared: None,
+            control_plane: Some(control_plane),
+            nodes: Vec::new(),
+            dir: Some(dir),
+            start_time: Duration::ZERO,
+        })
+    }
+
+    /// Each node's cgroup and pin directory, and its Node object (InternalIP 192.0.2.<n>).
+    fn add_nodes(&mut self, name: &str, nodes: &[NodeSpec], version: &str) -> io::Result<()> {
+        for (i, spec) in nodes.iter().enumerate() {
+            let node = Arc::new(NodeResources::new(
+                &spec.name,
+                spec.subnet,
+                Ipv4Addr::new(192, 0, 2, 1 + i as u8),
+                &format!("{name}-{}", spec.name),
+            )?);
+            self.block_on(node.register(&self.client, version))?;
+            self.nodes.push(node);
+        }
+        Ok(())
+    }
+
+    /// The cluster DNS watch and one kubelet per node.
+    fn start_kubelets(&mut self, shared: &Arc<Shared>) {
+        let handle = self.runtime().handle().clone();
+        let _guard = handle.enter();
+        self.tasks
+            .extend(shared.names.clone().watch(self.client.clone()));
+        for node in &self.nodes {
+            let (kubelet, task) = Kubelet::start(node.clone(), shared.clone());
+            self.kubelets.push(kubelet);
+            self.tasks.push(task);
+        }
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {

@@ -67,8 +67,12 @@ pub async fn run(
     write_kubelet_files(&ctx)?;
     let mut runs = Vec::new();
     for (c, stage) in containers.iter().zip(&stages) {
-        match plan(&ctx, c, stage, &volumes).await {
-            Ok(plan) => runs.push(ContainerRun::new(&ctx, c, plan)?),
+        let run = match plan(&ctx, c, stage, &volumes).await {
+            Ok(plan) => ContainerRun::new(&ctx, c, plan),
+            Err(e) => Err(e),
+        };
+        match run {
+            Ok(run) => runs.push(run),
             Err(ConfigError(message)) => {
                 progress!(
                     "kubelet {}: pod {}: container {}: {message}",
@@ -557,21 +561,24 @@ struct ContainerRun {
 }
 
 impl ContainerRun {
-    fn new(ctx: &PodContext, c: &Container, plan: ContainerPlan) -> io::Result<ContainerRun> {
+    fn new(ctx: &PodContext, c: &Container, plan: ContainerPlan) -> Result<Self, ConfigError> {
+        let io_err = |e: io::Error| ConfigError(e.to_string());
         let dir = ctx.dir.join(format!("container-{}", c.name));
         let plan_file = dir.join("plan.json");
-        fs::write(&plan_file, serde_json::to_vec_pretty(&plan)?)?;
+        let json = serde_json::to_vec_pretty(&plan).map_err(|e| ConfigError(e.to_string()))?;
+        fs::write(&plan_file, json).map_err(io_err)?;
         let probe = match &c.readiness_probe {
-            Some(p) => Some(http_probe(c, p).map_err(|ConfigError(e)| io::Error::other(e))?),
+            Some(p) => Some(http_probe(c, p)?),
             None => None,
         };
         if c.liveness_probe.is_some() || c.startup_probe.is_some() {
-            let mut log = log_file(&ctx.log_path(&c.name))?;
+            let mut log = log_file(&ctx.log_path(&c.name)).map_err(io_err)?;
             writeln!(
                 log,
                 "kmesh-tests kubelet: liveness/startup probes of {} are not run",
                 c.name
-            )?;
+            )
+            .map_err(io_err)?;
         }
         Ok(ContainerRun {
             status: waiting(c, "ContainerCreating", ""),

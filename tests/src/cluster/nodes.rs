@@ -89,41 +89,21 @@ impl NodeResources {
     /// * `/run/netns`: the host's, with its namespace mounts;
     /// * anything else: an error, so an unexpected hostPath in a manifest is noticed.
     pub fn host_path(&self, path: &Path) -> io::Result<HostMount> {
-        let path = normalize(path);
-        let cgroup_root = cgroup2_root()?;
-        if path == Path::new(BPFFS_ROOT) {
-            std::fs::create_dir_all(self.bpffs.path())?;
-            return Ok(HostMount::Bind {
+        let mount = map_host_path(
+            path,
+            &cgroup2_root()?,
+            self.cgroup.path(),
+            self.bpffs.path(),
+        )?;
+        if mount
+            == (HostMount::Bind {
                 path: self.bpffs.path().to_path_buf(),
                 recursive: false,
-            });
-        }
-        if path == cgroup_root {
-            return Ok(HostMount::Bind {
-                path: self.cgroup.path().to_path_buf(),
-                recursive: false,
-            });
-        }
-        if let Ok(relative) = cgroup_root.strip_prefix(&path)
-            && !relative.as_os_str().is_empty()
+            })
         {
-            return Ok(HostMount::CgroupParent {
-                relative: relative.to_path_buf(),
-                cgroup: self.cgroup.path().to_path_buf(),
-            });
+            std::fs::create_dir_all(self.bpffs.path())?;
         }
-        if path == Path::new(NETNS_DIR) {
-            return Ok(HostMount::Bind {
-                path: path.clone(),
-                recursive: true,
-            });
-        }
-        Err(io::Error::other(format!(
-            "hostPath {} is not mapped by the test kubelet (mapped: {BPFFS_ROOT}, the cgroup v2 \
-             mount {} and its parents, {NETNS_DIR})",
-            path.display(),
-            cgroup_root.display()
-        )))
+        Ok(mount)
     }
 
     /// Creates the Node object and reports it Ready, schedulable.
@@ -209,6 +189,51 @@ impl NodeResources {
     }
 }
 
+/// [`NodeResources::host_path`] given the host's cgroup v2 mount point and the node's cgroup and
+/// pin directory.
+fn map_host_path(
+    path: &Path,
+    cgroup_root: &Path,
+    node_cgroup: &Path,
+    node_bpffs: &Path,
+) -> io::Result<HostMount> {
+    let path = normalize(path);
+    if path == Path::new(BPFFS_ROOT) {
+        return Ok(HostMount::Bind {
+            path: node_bpffs.to_path_buf(),
+            recursive: false,
+        });
+    }
+    if path == cgroup_root {
+        return Ok(HostMount::Bind {
+            path: node_cgroup.to_path_buf(),
+            recursive: false,
+        });
+    }
+    // Only within /sys/fs: a hostPath of `/` or `/sys` would hide everything else.
+    if let Ok(relative) = cgroup_root.strip_prefix(&path)
+        && !relative.as_os_str().is_empty()
+        && path.starts_with("/sys/fs")
+    {
+        return Ok(HostMount::CgroupParent {
+            relative: relative.to_path_buf(),
+            cgroup: node_cgroup.to_path_buf(),
+        });
+    }
+    if path == Path::new(NETNS_DIR) {
+        return Ok(HostMount::Bind {
+            path: path.clone(),
+            recursive: true,
+        });
+    }
+    Err(io::Error::other(format!(
+        "hostPath {} is not mapped by the test kubelet (mapped: {BPFFS_ROOT}, the cgroup v2 \
+         mount {} and its parents below /sys/fs, {NETNS_DIR})",
+        path.display(),
+        cgroup_root.display()
+    )))
+}
+
 /// `path` without `.`/`..` components or a trailing slash (hostPaths are absolute).
 fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::from("/");
@@ -226,9 +251,54 @@ fn normalize(path: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_are_the_nodes_own() {
+        let (cg, pins) = (Path::new("/cg/node-a"), Path::new("/sys/fs/bpf/node-a"));
+        let map = |p: &str, root: &str| map_host_path(Path::new(p), Path::new(root), cg, pins);
+        let bind = |p: &Path, recursive| HostMount::Bind {
+            path: p.to_path_buf(),
+            recursive,
+        };
+        // A hybrid host (this machine): the parent of the cgroup v2 mount keeps its layout.
+        assert_eq!(
+            map("/sys/fs/cgroup", "/sys/fs/cgroup/unified").unwrap(),
+            HostMount::CgroupParent {
+                relative: "unified".into(),
+                cgroup: cg.into()
+            }
+        );
+        assert_eq!(
+            map("/sys/fs/cgroup/unified/", "/sys/fs/cgroup/unified").unwrap(),
+            bind(cg, false)
+        );
+        // A cgroup v2 host.
+        assert_eq!(
+            map("/sys/fs/cgroup", "/sys/fs/cgroup").unwrap(),
+            bind(cg, false)
+        );
+        assert_eq!(
+            map("/sys/fs/bpf", "/sys/fs/cgroup").unwrap(),
+            bind(pins, false)
+        );
+        assert_eq!(
+            map("/run/netns", "/sys/fs/cgroup").unwrap(),
+            bind(Path::new("/run/netns"), true)
+        );
+        for unmapped in ["/", "/sys", "/etc", "/var/lib/kubelet"] {
+            let e = map(unmapped, "/sys/fs/cgroup/unified")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("not mapped by the test kubelet"),
+                "{unmapped}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn normalize() {
-        use std::path::Path;
         assert_eq!(
             super::normalize(Path::new("/sys/fs/cgroup/")),
             Path::new("/sys/fs/cgroup")

@@ -26,6 +26,7 @@
 pub mod app_pod;
 pub mod bins;
 pub mod container;
+pub mod container_spec;
 pub mod control_plane;
 pub mod http;
 pub mod image;

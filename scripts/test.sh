@@ -41,7 +41,11 @@ fi
 step "build (the end-to-end tests run the workspace binaries)"
 cargo build --workspace --bins --locked
 
-step "unit and end-to-end tests (real kernel, root)"
+step "test control plane (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd from Go modules; versions pinned in scripts/control-plane-bins.sh; built once, then cached)"
+KMESH_CONTROL_PLANE_BIN_DIR=$(bash scripts/control-plane-bins.sh)
+export KMESH_CONTROL_PLANE_BIN_DIR
+
+step "unit and end-to-end tests (real kernel, root; the cluster tests run on the control plane above)"
 cargo test --workspace --locked 2>&1 | tee -a "$log"
 
 step "snapshot codec at full scale (100,000 services, 1,000,000 endpoints), release"

@@ -58,11 +58,17 @@ impl Drop for AgentDir {
 }
 
 /// Removes every pin under `dir`, then `dir` (what `kmesh-agent uninstall` does, without the binary).
+/// Subdirectories are emptied and removed too (a cluster node's directory holds its agent's
+/// `--bpffs-dir` below it).
 pub(crate) fn remove_pins(dir: &Path) -> io::Result<()> {
     match fs::read_dir(dir) {
         Ok(rd) => {
             for e in rd.flatten() {
-                fs::remove_file(e.path())?;
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_pins(&e.path())?;
+                } else {
+                    fs::remove_file(e.path())?;
+                }
             }
             fs::remove_dir(dir)
         }

@@ -147,8 +147,14 @@ pub struct ProbeHandle {
 }
 
 pub(crate) fn spawn(netns: &str, cgroup: &TestCgroup, args: &[&str]) -> io::Result<ProbeHandle> {
+    spawn_in_cgroup_dir(netns, cgroup.path(), args)
+}
+
+/// Starts `kmesh-probe ARGS...` inside the netns named `netns` and the cgroup directory `cgroup`
+/// (any cgroup, e.g. a cluster pod's cgroup below its node's).
+pub fn spawn_in_cgroup_dir(netns: &str, cgroup: &Path, args: &[&str]) -> io::Result<ProbeHandle> {
     let bin = workspace_bin("kmesh-probe")?;
-    let procs = cgroup.path().join("cgroup.procs");
+    let procs = cgroup.join("cgroup.procs");
     let procs_c = CString::new(procs.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("cgroup path contains NUL"))?;
     let mut cmd = Command::new("ip");
@@ -176,7 +182,7 @@ pub(crate) fn spawn(netns: &str, cgroup: &TestCgroup, args: &[&str]) -> io::Resu
             Ok(())
         });
     }
-    let desc = format!("{} (cgroup {})", describe(&cmd), cgroup.path().display());
+    let desc = format!("{} (cgroup {})", describe(&cmd), cgroup.display());
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(
             e.kind(),

@@ -1,0 +1,274 @@
+//! The two Service paths the harness provides in place of kube-proxy and cluster DNS, and nothing
+//! more (application traffic to Service VIPs is the mesh's own job, steered by the node programs):
+//!
+//! * **The `kubernetes` Service** (how in-cluster clients reach the API server): a userspace
+//!   forwarder, as kube-proxy's old userspace mode did, listening on the Service's ClusterIP and
+//!   port (10.96.0.1:443, an address on the cluster network namespace's loopback) and forwarding
+//!   to kube-apiserver on the host's 127.0.0.1. Pods that run real containers get a host route to
+//!   that one address via the bridge; the kubelet sets `KUBERNETES_SERVICE_HOST/PORT` to it.
+//! * **Cluster DNS for [`MAPPED`] only**: each real container's `/etc/hosts` (written by the
+//!   kubelet, as a kubelet does, and bind-mounted) maps `<svc>.<ns>.svc` and
+//!   `<svc>.<ns>.svc.cluster.local` to the Service's ready endpoint address from its
+//!   EndpointSlices, rewritten in place when that changes. The name resolves to the endpoint, not
+//!   to the ClusterIP, because there is no kube-proxy to translate the VIP; this is exact only
+//!   because these Services' ports equal their target ports. Any other name is unresolvable (the
+//!   containers' `resolv.conf` names no server), which fails locally.
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::task::JoinHandle;
+
+use crate::{TestNetwork, progress, run_in_netns};
+
+/// The Services whose names containers can resolve: (namespace, name).
+pub const MAPPED: &[(&str, &str)] = &[("kmesh-system", "kmesh-operator")];
+
+/// Starts the forwarder of the `kubernetes` Service: `service` in the cluster network namespace
+/// to `target` on the host.
+pub async fn forward_kubernetes_service(
+    network: &TestNetwork,
+    service: SocketAddr,
+    target: SocketAddr,
+) -> io::Result<JoinHandle<()>> {
+    let IpAddr::V4(ip) = service.ip() else {
+        return Err(io::Error::other("the kubernetes Service must be IPv4 here"));
+    };
+    network.ip_node(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+    let std_listener = run_in_netns(&network.node_netns_path(), move || {
+        let l = std::net::TcpListener::bind(service)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else {
+                continue;
+            };
+            if let Ok(inbound) = inbound.into_std() {
+                std::thread::spawn(move || relay(inbound, target));
+            }
+        }
+    }))
+}
+
+/// Copies both ways between `inbound` and a new connection to `target` until either side closes.
+/// The thread never left the host's network namespace, so this dials the host.
+fn relay(inbound: std::net::TcpStream, target: SocketAddr) {
+    let Ok(outbound) = std::net::TcpStream::connect(target) else {
+        return;
+    };
+    let _ = inbound.set_nonblocking(false);
+    let (Ok(mut in_read), Ok(mut out_write)) = (inbound.try_clone(), outbound.try_clone()) else {
+        return;
+    };
+    let upstream = std::thread::spawn(move || {
+        let _ = io::copy(&mut in_read, &mut out_write);
+        let _ = out_write.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut out_read, mut in_write) = (outbound, inbound);
+    let _ = io::copy(&mut out_read, &mut in_write);
+    let _ = in_write.shutdown(std::net::Shutdown::Both);
+    let _ = upstream.join();
+}
+
+/// Adds the route to the `kubernetes` Service to a pod's namespace (via the bridge).
+pub fn route_to_kubernetes_service(pod_netns: &str, service_ip: Ipv4Addr) -> io::Result<()> {
+    crate::ip_in(
+        pod_netns,
+        &[
+            "route",
+            "add",
+            &format!("{service_ip}/32"),
+            "via",
+            &TestNetwork::BRIDGE_V4.to_string(),
+        ],
+    )
+    .map(drop)
+}
+
+/// One container's hosts file.
+#[derive(Clone, Debug)]
+struct HostsFile {
+    path: PathBuf,
+    pod_ip: Ipv4Addr,
+    hostname: String,
+}
+
+/// The mapped Services' addresses and the hosts files that show them.
+#[derive(Default)]
+pub struct ServiceNames {
+    state: Mutex<NamesState>,
+}
+
+#[derive(Default)]
+struct NamesState {
+    /// (namespace, name) -> ready endpoint addresses, per EndpointSlice name.
+    addresses: BTreeMap<(String, String), BTreeMap<String, Vec<IpAddr>>>,
+    files: Vec<HostsFile>,
+}
+
+impl ServiceNames {
+    /// Writes a hosts file for a container now, and keeps it current.
+    pub fn add_file(&self, path: &Path, pod_ip: Ipv4Addr, hostname: &str) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let file = HostsFile {
+            path: path.to_path_buf(),
+            pod_ip,
+            hostname: hostname.to_string(),
+        };
+        write_hosts(&file, &st.entries())?;
+        st.files.push(file);
+        Ok(())
+    }
+
+    /// Stops updating the hosts files under `dir` (a pod's directory).
+    pub fn remove_files_under(&self, dir: &Path) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.files.retain(|f| !f.path.starts_with(dir));
+    }
+
+    fn set_slice(&self, service: (String, String), slice: String, ips: Option<Vec<IpAddr>>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let before = st.entries();
+        let slices = st.addresses.entry(service).or_default();
+        match ips {
+            Some(ips) => slices.insert(slice, ips),
+            None => slices.remove(&slice),
+        };
+        let after = st.entries();
+        if after == before {
+            return;
+        }
+        progress!("cluster DNS (hosts files): {}", describe(&after));
+        for f in &st.files {
+            if let Err(e) = write_hosts(f, &after) {
+                progress!("cluster DNS: {}: {e}", f.path.display());
+            }
+        }
+    }
+
+    /// Watches the mapped Services' EndpointSlices until the task is aborted.
+    pub fn watch(self: Arc<Self>, client: Client) -> Vec<JoinHandle<()>> {
+        MAPPED
+            .iter()
+            .map(|(ns, name)| {
+                let names = self.clone();
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+                let config = watcher::Config::default()
+                    .labels(&format!("kubernetes.io/service-name={name}"));
+                let service = (ns.to_string(), name.to_string());
+                tokio::spawn(async move {
+                    let mut events = watcher(api, config).default_backoff().boxed();
+                    while let Some(event) = events.next().await {
+                        let Ok(event) = event else { continue };
+                        match event {
+                            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
+                                let slice = s.metadata.name.clone().unwrap_or_default();
+                                names.set_slice(service.clone(), slice, Some(ready_addresses(&s)));
+                            }
+                            watcher::Event::Delete(s) => {
+                                let slice = s.metadata.name.clone().unwrap_or_default();
+                                names.set_slice(service.clone(), slice, None);
+                            }
+                            watcher::Event::Init | watcher::Event::InitDone => {}
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+impl NamesState {
+    /// (names, address) for each mapped Service with a ready endpoint: the first, in order.
+    fn entries(&self) -> Vec<(Vec<String>, IpAddr)> {
+        self.addresses
+            .iter()
+            .filter_map(|((ns, name), slices)| {
+                let ip = slices.values().flatten().min()?;
+                Some((
+                    vec![
+                        format!("{name}.{ns}.svc"),
+                        format!("{name}.{ns}.svc.cluster.local"),
+                    ],
+                    *ip,
+                ))
+            })
+            .collect()
+    }
+}
+
+fn describe(entries: &[(Vec<String>, IpAddr)]) -> String {
+    if entries.is_empty() {
+        return "no mapped Service has a ready endpoint".into();
+    }
+    entries
+        .iter()
+        .map(|(names, ip)| format!("{} -> {ip}", names[0]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn ready_addresses(slice: &EndpointSlice) -> Vec<IpAddr> {
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+        .collect()
+}
+
+/// The kubelet's hosts file: localhost, the pod's own name, then the mapped Services.
+pub fn render_hosts(pod_ip: Ipv4Addr, hostname: &str, entries: &[(Vec<String>, IpAddr)]) -> String {
+    let mut s = format!(
+        "# Kubernetes-managed hosts file (kmesh-tests kubelet).\n127.0.0.1\tlocalhost\n\
+         ::1\tlocalhost ip6-localhost ip6-loopback\n{pod_ip}\t{hostname}\n"
+    );
+    if !entries.is_empty() {
+        s.push_str("# Services mapped by the harness (no cluster DNS here).\n");
+    }
+    for (names, ip) in entries {
+        s.push_str(&format!("{ip}\t{}\n", names.join(" ")));
+    }
+    s
+}
+
+/// Rewrites the file in place: it is bind-mounted, so a rename would not be seen.
+fn write_hosts(f: &HostsFile, entries: &[(Vec<String>, IpAddr)]) -> io::Result<()> {
+    std::fs::write(&f.path, render_hosts(f.pod_ip, &f.hostname, entries))
+        .map_err(|e| io::Error::new(e.kind(), format!("write {}: {e}", f.path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file_maps_only_what_it_is_given() {
+        let ip: IpAddr = "10.244.161.2".parse().unwrap();
+        let s = render_hosts(
+            Ipv4Addr::new(10, 244, 161, 3),
+            "kmesh-agent-x",
+            &[(vec!["a.b.svc".into(), "a.b.svc.cluster.local".into()], ip)],
+        );
+        assert!(s.contains("10.244.161.3\tkmesh-agent-x\n"), "{s}");
+        assert!(
+            s.contains("10.244.161.2\ta.b.svc a.b.svc.cluster.local\n"),
+            "{s}"
+        );
+        let s = render_hosts(Ipv4Addr::new(10, 244, 161, 3), "x", &[]);
+        assert_eq!(s.lines().filter(|l| !l.starts_with('#')).count(), 3, "{s}");
+    }
+}

@@ -88,7 +88,7 @@ check_config() {
     || fail "the image's Env lacks $EXPECTED_PATH_ENV: $(jq -c '.config.Env' "$config")"
   for label in "${EXPECTED_LABELS[@]}"; do
     value=$(jq -r --arg l "$label" '.config.Labels[$l] // ""' "$config")
-    [ -n "$value" ] && [ "$value" != unknown ] || fail "the image's label $label is '${value:-missing}'"
+    if [ -z "$value" ] || [ "$value" = unknown ]; then fail "the image's label $label is '${value:-missing}'"; fi
   done
   ok "config: linux/amd64, User $EXPECTED_USER, Entrypoint $EXPECTED_ENTRYPOINT, $EXPECTED_PATH_ENV, labels ${EXPECTED_LABELS[*]}"
 }

@@ -63,8 +63,12 @@ build_archive() {
   storage=$(mktemp -d "${TMPDIR:-/tmp}/kmesh-image-buildah.XXXXXX")
   tmp_archive="$archive.tmp.$$"
   local buildah=(buildah --root "$storage/root" --runroot "$storage/run" --storage-driver vfs)
+  # buildah push also writes a blob-info cache to /var/lib/containers/cache whatever --root says;
+  # it is removed (with the directories, if empty) when this run created it.
+  local blob_cache=/var/lib/containers/cache/blob-info-cache-v1.boltdb forget_cache=:
+  [ -e "$blob_cache" ] || forget_cache="rm -f $blob_cache; rmdir /var/lib/containers/cache /var/lib/containers 2>/dev/null"
   # shellcheck disable=SC2064 # expand now: the trap must remove this run's storage.
-  trap "${buildah[*]} rm --all >/dev/null 2>&1 || true; ${buildah[*]} rmi --all --force >/dev/null 2>&1 || true; rm -rf '$storage' '$tmp_archive'" EXIT
+  trap "${buildah[*]} rm --all >/dev/null 2>&1 || true; ${buildah[*]} rmi --all --force >/dev/null 2>&1 || true; rm -rf '$storage' '$tmp_archive'; $forget_cache || true" EXIT
   log "buildah bud (storage $storage)"
   "${buildah[@]}" bud --quiet --layers=false --pull=false --timestamp "$epoch" \
     --build-arg "VERSION=$version" --build-arg "REVISION=$revision" \

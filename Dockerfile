@@ -1,29 +1,28 @@
-# kmesh-rs images, one stage each, named as in config/:
-#   docker build --target kmesh-operator -t kmesh-rs/kmesh-operator .
-#   docker build --target kmesh-agent    -t kmesh-rs/kmesh-agent .    (the default target)
+# The kmesh-rs image: the static (musl) binaries and nothing else: no shell, no libc, no base image.
 #
-# The builder runs the repository's own setup script, so the images are built with exactly the
-# toolchain CI uses (stable Rust with rust-src, bpf-linker against LLVM 22).
-FROM rust:1.95-bookworm AS build
-WORKDIR /src
-COPY . .
-RUN bash scripts/setup.sh --no-kernel \
- && cargo build --release --locked -p kmesh-agent -p kmesh-operator
+# Built by scripts/image.sh, which compiles the binaries on the host first and then runs
+#   buildah --storage-driver vfs bud -f Dockerfile .
+# with the repository as the context, so no Docker engine, registry or base image is needed.
+# .dockerignore lets only these binaries into the context.
+#
+# One image for every component: a pod picks its binary with `command`. The default user is the
+# numeric non-root 65532 (the operator's Deployment sets runAsNonRoot, which needs a numeric user);
+# the agent's DaemonSet runs it as root (runAsUser: 0, privileged) to load eBPF programs.
+FROM scratch
 
-# The operator runs as a non-root user. The user is numeric so that the kubelet can verify the
-# Deployment's runAsNonRoot (a user name cannot be checked: the kubelet refuses to start it).
-FROM debian:bookworm-slim AS kmesh-operator
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/kmesh-operator /usr/local/bin/kmesh-operator
+ARG VERSION=unknown
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="kmesh-rs" \
+      org.opencontainers.image.description="kmesh-rs, a sidecarless eBPF service mesh data plane: kmesh-operator, kmesh-agent and kmeshctl as static binaries" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+
+COPY target/x86_64-unknown-linux-musl/release/kmesh-operator \
+     target/x86_64-unknown-linux-musl/release/kmesh-agent \
+     target/x86_64-unknown-linux-musl/release/kmeshctl \
+     /usr/local/bin/
+
+ENV PATH=/usr/local/bin
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/kmesh-operator"]
-
-# The node agent runs privileged, as root (bpf(), cgroup attachment, setns into pod namespaces).
-FROM debian:bookworm-slim AS kmesh-agent
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/kmesh-agent /usr/local/bin/kmesh-agent
-ENTRYPOINT ["/usr/local/bin/kmesh-agent"]

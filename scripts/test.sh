@@ -56,6 +56,9 @@ cargo build --release -p kmesh-tests --bins --locked
 cargo bench -p kmesh-agent --bench dataplane --locked -- --smoke
 cargo bench -p kmesh-operator --bench compile --locked -- --smoke
 
+step "the OCI image: static musl binaries in a FROM scratch image, unpacked and run from its root"
+bash scripts/image.sh
+
 # Each test is counted once, from the workspace run. The release run repeats kmesh-snapshot's
 # tests (the same tests, one of them at full scale), so it is reported beside the count, not added.
 echo

@@ -55,7 +55,7 @@ pub const MAPS: [&str; 8] = [
     map_names::COUNTERS,
 ];
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 #[derive(thiserror::Error, Debug)]
 pub enum LoaderError {
@@ -244,7 +244,8 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
     if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
         return Err(io_err(dir)(io::Error::last_os_error()));
     }
-    if st.f_type != BPF_FS_MAGIC {
+    // f_type is a signed word with glibc and an unsigned one with musl (the static image build).
+    if u64::try_from(st.f_type) != Ok(BPF_FS_MAGIC) {
         return Err(LoaderError::NotBpffs(dir.to_path_buf()));
     }
     Ok(())

@@ -1,13 +1,18 @@
 //! Which images the fake kubelet runs for real, and how: the repository's `Dockerfile`.
 //!
-//! An image `kmesh-rs/<stage>[:tag]` is what `docker build --target <stage> -t kmesh-rs/<stage>`
-//! makes. From that stage the catalog takes the `ENTRYPOINT`, the `USER`, and each binary the stage
-//! copies out of the build stage (`COPY --from=build /src/target/release/<bin> <path>`): the kubelet
-//! bind-mounts the workspace's `target/<profile>/<bin>` at `<path>` in the container. So the
-//! manifests, the Dockerfile and the binaries are what runs; an image the Dockerfile does not build
-//! is an error (as an image pull would be). Every other image is an application image, which the
-//! kubelet fakes (see `app_pod`).
+//! The project ships one image, `docker.io/kmesh-rs/kmesh-rs:<tag>` (built by `scripts/image.sh`
+//! from the `Dockerfile`: static binaries copied into `FROM scratch`); a pod picks its binary with
+//! `command`. From the Dockerfile the catalog takes the `ENTRYPOINT`, the `USER`, and each binary
+//! it copies (`COPY target/<triple>/release/<bin> ... <dir>/`): the kubelet bind-mounts the
+//! workspace's `target/<profile>/<bin>` at `<dir>/<bin>` in the container. So the manifests, the
+//! Dockerfile and the binaries are what runs; an image of the project's repository that the
+//! Dockerfile does not build is an error (as an image pull would be). Every other image is an
+//! application image, which the kubelet fakes (see `app_pod`).
 use std::{io, path::PathBuf};
+
+/// The project's image, without registry and tag (`scripts/image.sh` names it
+/// `docker.io/kmesh-rs/kmesh-rs:<version>`).
+pub const IMAGE: &str = "kmesh-rs/kmesh-rs";
 
 /// The image repository prefix of the project's images.
 pub const REPOSITORY: &str = "kmesh-rs/";
@@ -47,12 +52,9 @@ impl Catalog {
             let rest: Vec<&str> = words.collect();
             match instruction.to_ascii_uppercase().as_str() {
                 "FROM" => {
-                    let name = match rest.as_slice() {
-                        [_, as_, name] if as_.eq_ignore_ascii_case("as") => name.to_string(),
-                        _ => String::new(),
-                    };
+                    // The image is named after the repository, not the stage: one image.
                     stages.push(Stage {
-                        name,
+                        name: IMAGE.trim_start_matches(REPOSITORY).to_string(),
                         entrypoint: Vec::new(),
                         user: None,
                         binaries: Vec::new(),
@@ -71,14 +73,7 @@ impl Catalog {
                 }
                 "COPY" => {
                     let stage = stages.last_mut().ok_or(format!("line {n}: before FROM"))?;
-                    if let [from, src, dst] = rest.as_slice()
-                        && from.starts_with("--from=")
-                        && let Some(bin) = src
-                            .strip_prefix("/src/target/release/")
-                            .filter(|b| !b.contains('/'))
-                    {
-                        stage.binaries.push((bin.to_string(), PathBuf::from(dst)));
-                    }
+                    copy_binaries(stage, &rest);
                 }
                 _ => {}
             }
@@ -89,7 +84,8 @@ impl Catalog {
     /// The stage building `image`, if it is one of the project's images. An image in the project's
     /// repository that no stage builds is an error.
     pub fn stage_for(&self, image: &str) -> Result<Option<&Stage>, String> {
-        let Some(rest) = image.strip_prefix(REPOSITORY) else {
+        let unqualified = image.strip_prefix("docker.io/").unwrap_or(image);
+        let Some(rest) = unqualified.strip_prefix(REPOSITORY) else {
             return Ok(None);
         };
         let name = rest.split([':', '@']).next().unwrap_or(rest);
@@ -108,6 +104,30 @@ impl Catalog {
                         .join(", ")
                 )
             })
+    }
+}
+
+/// Records the binaries a `COPY target/<triple>/release/<bin>... <dir>/` (or `<path>` for one
+/// source) puts in the image; other copies carry nothing the kubelet needs to map.
+fn copy_binaries(stage: &mut Stage, words: &[&str]) {
+    let Some((dst, sources)) = words.split_last() else {
+        return;
+    };
+    let bins: Vec<&str> = sources
+        .iter()
+        .filter(|w| !w.starts_with("--"))
+        .filter_map(|src| {
+            let (dir, bin) = src.rsplit_once('/')?;
+            (dir.starts_with("target/") && dir.ends_with("/release")).then_some(bin)
+        })
+        .collect();
+    for bin in bins {
+        let path = if dst.ends_with('/') {
+            PathBuf::from(dst).join(bin)
+        } else {
+            PathBuf::from(dst)
+        };
+        stage.binaries.push((bin.to_string(), path));
     }
 }
 
@@ -146,26 +166,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stages_give_entrypoint_user_and_binaries() {
+    fn the_image_gives_entrypoint_user_and_binaries() {
         let c = Catalog::parse(
-            "FROM rust AS build\nRUN a \\\n  && b\n\nFROM debian AS kmesh-operator\n\
-             COPY --from=build /src/target/release/kmesh-operator /usr/local/bin/kmesh-operator\n\
+            "FROM scratch\nARG VERSION=unknown\n\
+             COPY target/x86_64-unknown-linux-musl/release/kmesh-operator \\\n  \
+             target/x86_64-unknown-linux-musl/release/kmesh-agent \\\n  /usr/local/bin/\n\
              # a comment\nUSER 65532:65532\nENTRYPOINT [\"/usr/local/bin/kmesh-operator\"]\n",
         )
         .unwrap();
         let s = c
-            .stage_for("kmesh-rs/kmesh-operator:latest")
+            .stage_for("docker.io/kmesh-rs/kmesh-rs:0.1.0")
             .unwrap()
             .unwrap();
         assert_eq!(s.entrypoint, ["/usr/local/bin/kmesh-operator"]);
         assert_eq!(s.user.as_deref(), Some("65532:65532"));
         assert_eq!(
             s.binaries,
-            [(
-                "kmesh-operator".to_string(),
-                PathBuf::from("/usr/local/bin/kmesh-operator")
-            )]
+            [
+                (
+                    "kmesh-operator".to_string(),
+                    PathBuf::from("/usr/local/bin/kmesh-operator")
+                ),
+                (
+                    "kmesh-agent".to_string(),
+                    PathBuf::from("/usr/local/bin/kmesh-agent")
+                )
+            ]
         );
+        assert!(c.stage_for("kmesh-rs/kmesh-rs").unwrap().is_some());
         assert!(
             c.stage_for("docker.io/curlimages/curl:8")
                 .unwrap()
@@ -176,15 +204,23 @@ mod tests {
     }
 
     #[test]
-    fn the_repository_builds_both_images() {
+    fn the_repository_image_holds_every_binary_the_manifests_run() {
         let c = Catalog::from_repository().unwrap();
-        for image in [
-            "kmesh-rs/kmesh-agent:latest",
-            "kmesh-rs/kmesh-operator:latest",
-        ] {
-            let s = c.stage_for(image).unwrap().unwrap();
-            assert_eq!(s.binaries.len(), 1, "{s:?}");
-            assert_eq!(s.entrypoint[0], s.binaries[0].1.to_str().unwrap(), "{s:?}");
+        let s = c
+            .stage_for("docker.io/kmesh-rs/kmesh-rs:0.1.0")
+            .unwrap()
+            .unwrap();
+        for bin in ["kmesh-operator", "kmesh-agent", "kmeshctl"] {
+            assert!(
+                s.binaries.iter().any(|(b, _)| b == bin),
+                "{bin} missing: {s:?}"
+            );
         }
+        assert!(
+            s.binaries
+                .iter()
+                .any(|(_, path)| path.to_str() == Some(s.entrypoint[0].as_str())),
+            "{s:?}"
+        );
     }
 }

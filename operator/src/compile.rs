@@ -71,11 +71,12 @@ use k8s_openapi::{
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
     MAX_ROUTE_DESTINATIONS, NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord,
-    ServiceValue, WorkloadRecord, ip16, lb_policy, mode,
+    ServiceValue, WorkloadRecord, ip16, lb_policy,
 };
 use kmesh_snapshot::Snapshot;
 
 use crate::{
+    crd::Mode,
     diagnostics::{Diagnostic, ObjectRef},
     gateway_api::{self, BackendRef, ParentReference, filter_type},
     inputs::Inputs,
@@ -130,8 +131,8 @@ pub fn compile(
     let node_mode = inputs
         .config
         .as_ref()
-        .map(|cfg| cfg.spec.mode_value())
-        .unwrap_or(mode::KERNEL_NATIVE);
+        .map(|cfg| cfg.spec.mode)
+        .unwrap_or_default();
     let mut pods_by_label: BTreeMap<(&str, &str, &str), Vec<&Pod>> = BTreeMap::new();
     for pod in inputs.pods.iter().filter(|p| healthy(p)) {
         for (k, v) in pod.metadata.labels.iter().flatten() {
@@ -157,7 +158,7 @@ pub fn compile(
             ));
         }
     }
-    if node_mode == mode::DISABLED {
+    if node_mode == Mode::Disabled {
         let name = inputs
             .config
             .as_ref()
@@ -188,7 +189,7 @@ pub fn compile(
             node_name: node.clone(),
             generation,
             config: NodeConfig {
-                mode: node_mode,
+                mode: node_mode.kernel_value(),
                 flags: 0,
             },
             services: tables.services.clone(),
@@ -423,8 +424,8 @@ struct Compiler<'a> {
     /// Healthy pods by (namespace, label key, label value): selector matching looks up the first
     /// selector label instead of scanning every pod for every service (which is quadratic).
     pods_by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>,
-    /// The node mode (`kmesh_common::mode`), for the wording of unenforced features.
-    mode: u32,
+    /// The node mode, for the wording of unenforced features.
+    mode: Mode,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -457,17 +458,17 @@ impl<'a> Compiler<'a> {
     /// disabled, since then nothing is steered at all).
     fn l7_unenforced(&self, feature: &str, in_kernel: Option<&str>) -> String {
         match (self.mode, in_kernel) {
-            (mode::KERNEL_NATIVE, None) => format!("{feature}; not enforced in KernelNative"),
-            (mode::KERNEL_NATIVE, Some(k)) => {
+            (Mode::KernelNative, None) => format!("{feature}; not enforced in KernelNative"),
+            (Mode::KernelNative, Some(k)) => {
                 format!("{feature}; not enforced in KernelNative; {k}")
             }
-            (mode::DUAL_ENGINE, None) => format!(
+            (Mode::DualEngine, None) => format!(
                 "{feature}; marked for the waypoint (L7 waypoint support comes in a later release)"
             ),
-            (mode::DUAL_ENGINE, Some(k)) => format!(
+            (Mode::DualEngine, Some(k)) => format!(
                 "{feature}; marked for the waypoint (L7 waypoint support comes in a later release); until then {k}"
             ),
-            _ => format!("{feature}; the mesh is disabled (mode Disabled): nothing is enforced"),
+            (Mode::Disabled, _) => format!("{feature}; the mesh is disabled (mode Disabled): nothing is enforced"),
         }
     }
 

@@ -106,18 +106,14 @@ impl Default for KmeshConfigSpec {
 impl KmeshConfigSpec {
     /// The mode as the node programs know it: one of `kmesh_common::mode`.
     pub fn mode_value(&self) -> u32 {
-        match self.mode {
-            Mode::KernelNative => mode::KERNEL_NATIVE,
-            Mode::DualEngine => mode::DUAL_ENGINE,
-            Mode::Disabled => mode::DISABLED,
-        }
+        self.mode.kernel_value()
     }
 }
 
 // The schema shows only the field's doc comment for an enum-typed field (kube folds the variants
 // into a string `enum` and drops their descriptions), so each field using one of these enums
 // spells out what the values mean.
-/// Dataplane mode, as `kmesh_common::mode` (see [`KmeshConfigSpec::mode_value`]).
+/// Dataplane mode, as `kmesh_common::mode` (see [`Mode::kernel_value`]).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Mode {
     /// Enforce in the kernel whatever the kernel can enforce.
@@ -127,6 +123,17 @@ pub enum Mode {
     DualEngine,
     /// Pass all traffic through.
     Disabled,
+}
+
+impl Mode {
+    /// The mode as the node programs know it: one of `kmesh_common::mode`.
+    pub fn kernel_value(self) -> u32 {
+        match self {
+            Mode::KernelNative => mode::KERNEL_NATIVE,
+            Mode::DualEngine => mode::DUAL_ENGINE,
+            Mode::Disabled => mode::DISABLED,
+        }
+    }
 }
 
 /// Which pods are enrolled in the mesh. A pod is enrolled when it, or else its namespace, carries

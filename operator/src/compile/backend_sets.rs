@@ -405,3 +405,85 @@ fn endpoints(
     endpoints.dedup();
     endpoints
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{REVIEWS, compile_yaml, summary};
+
+    /// A DestinationRule for `host`; `hash` gives it `consistentHash.useSourceIp`, which shows in
+    /// the summary as the reviews set's `[source-ip hash]`, so the test sees which rule applied.
+    fn rule(namespace: &str, name: &str, host: &str, created: &str, hash: bool) -> String {
+        let lb = if hash {
+            "{consistentHash: {useSourceIp: true}}"
+        } else {
+            "{simple: RANDOM}"
+        };
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {namespace}, creationTimestamp: \"{created}\"}}\nspec: {{host: \"{host}\", trafficPolicy: {{loadBalancer: {lb}}}}}\n"
+        )
+    }
+
+    /// Whether the rule that applies to reviews is one with source-ip hashing.
+    fn hashed(rules: &[String]) -> bool {
+        let yaml = format!("{REVIEWS}\n---\n{}", rules.join("---\n"));
+        let text = summary(&compile_yaml(&yaml));
+        let line = "reviews.default.svc.cluster.local:9080 (v4) [";
+        assert!(text.contains(line), "{text}");
+        text.contains(&format!("{line}source-ip hash]"))
+    }
+
+    const OLD: &str = "2020-01-01T00:00:00Z";
+    const NEW: &str = "2024-01-01T00:00:00Z";
+
+    #[test]
+    fn an_exact_host_beats_an_older_wildcard() {
+        let wildcard = rule("default", "all", "*.default.svc.cluster.local", OLD, true);
+        assert!(
+            hashed(std::slice::from_ref(&wildcard)),
+            "a wildcard applies"
+        );
+        let exact = rule("default", "reviews", "reviews", NEW, false);
+        assert!(!hashed(&[wildcard, exact]));
+    }
+
+    #[test]
+    fn the_service_namespace_beats_the_root_namespace() {
+        let host = "reviews.default.svc.cluster.local";
+        let root = rule("istio-system", "mesh", host, OLD, true);
+        assert!(
+            hashed(std::slice::from_ref(&root)),
+            "the root namespace's rule applies"
+        );
+        let own = rule("default", "reviews", host, NEW, false);
+        assert!(!hashed(&[root, own]));
+    }
+
+    #[test]
+    fn the_oldest_rule_wins_then_the_first_by_name() {
+        let newer = rule("default", "a-newer", "reviews", NEW, false);
+        let older = rule("default", "b-older", "reviews", OLD, true);
+        assert!(hashed(&[newer, older]));
+        let first = rule("default", "a", "reviews", OLD, true);
+        let second = rule("default", "b", "reviews", OLD, false);
+        assert!(hashed(&[second, first]));
+    }
+
+    #[test]
+    fn an_invalid_rule_is_rejected_and_not_used() {
+        let invalid = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+  subsets: [{name: v1}, {name: v1}]
+"#;
+        assert!(!hashed(&[invalid.to_string()]));
+        let text = summary(&compile_yaml(&format!("{REVIEWS}\n---\n{invalid}")));
+        assert!(
+            text.contains("rejected: DestinationRule default/reviews spec.subsets[1].name"),
+            "{text}"
+        );
+    }
+}

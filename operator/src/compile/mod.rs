@@ -35,6 +35,8 @@ mod mesh_routes;
 mod mesh_rules;
 mod routes;
 mod tables;
+#[cfg(test)]
+mod testing;
 mod virtual_service;
 mod workloads;
 

@@ -247,3 +247,86 @@ impl<'a> Compiler<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{REVIEWS, compile_yaml, diagnostics, summary};
+
+    /// The YAML of a route of one kind, by its weights.
+    type YamlOf = fn(&[u64]) -> String;
+
+    /// A mesh VirtualService sending reviews to reviews once per weight.
+    fn virtual_service(weights: &[u64]) -> String {
+        let route: Vec<String> = weights
+            .iter()
+            .map(|w| format!("{{destination: {{host: reviews}}, weight: {w}}}"))
+            .collect();
+        format!(
+            "{REVIEWS}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec: {{hosts: [reviews], http: [{{route: [{}]}}]}}\n",
+            route.join(", ")
+        )
+    }
+
+    /// An HTTPRoute on Service reviews sending it to reviews once per weight.
+    fn http_route(weights: &[u64]) -> String {
+        let refs: Vec<String> = weights
+            .iter()
+            .map(|w| format!("{{name: reviews, port: 9080, weight: {w}}}"))
+            .collect();
+        format!(
+            "{REVIEWS}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: default}}\nspec: {{parentRefs: [{{group: \"\", kind: Service, name: reviews}}], rules: [{{backendRefs: [{}]}}]}}\n",
+            refs.join(", ")
+        )
+    }
+
+    /// How many destinations the route of reviews has, and the rejections.
+    fn compiled(yaml: &str) -> (usize, Vec<String>) {
+        let compiled = compile_yaml(yaml);
+        let destinations = summary(&compiled)
+            .lines()
+            .filter(|l| l.contains("%  reviews.default.svc.cluster.local:9080 (v4)"))
+            .count();
+        let rejected = diagnostics(&compiled)
+            .into_iter()
+            .filter(|d| d.starts_with("rejected"))
+            .collect();
+        (destinations, rejected)
+    }
+
+    #[test]
+    fn a_route_holds_at_most_sixteen_destinations_of_either_kind() {
+        let kinds: [(YamlOf, &str); 2] = [
+            (
+                virtual_service,
+                "rejected: VirtualService default/reviews spec.http[0].route: 17 destinations",
+            ),
+            (
+                http_route,
+                "rejected: HTTPRoute default/reviews spec.rules[0].backendRefs: 17 backendRefs",
+            ),
+        ];
+        for (yaml, rejection) in kinds {
+            assert_eq!(compiled(&yaml(&[1; 16])), (16, Vec::new()));
+            let (destinations, rejected) = compiled(&yaml(&[1; 17]));
+            assert_eq!(destinations, 1, "the default route");
+            assert_eq!(
+                rejected,
+                [format!("{rejection}; the kernel route holds at most 16")]
+            );
+        }
+    }
+
+    #[test]
+    fn weights_add_up_to_at_most_u32_max() {
+        let max = u64::from(u32::MAX);
+        assert_eq!(compiled(&virtual_service(&[max - 1, 1])), (2, Vec::new()));
+        let (destinations, rejected) = compiled(&virtual_service(&[max, 1]));
+        assert_eq!(destinations, 1, "the default route");
+        assert_eq!(
+            rejected,
+            [
+                "rejected: VirtualService default/reviews spec.http[0].route: the weights add up to more than 2^32-1"
+            ]
+        );
+    }
+}

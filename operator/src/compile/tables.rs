@@ -268,3 +268,48 @@ fn over_capacity(snapshot: &Snapshot, limits: &kmesh_snapshot::Limits) -> Option
         .find(|(_, count, capacity)| *count as u64 > u64::from(*capacity))
         .map(|(table, count, capacity)| format!("holds {count} {table}, capacity is {capacity}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::testing::{compile_yaml, diagnostics, summary};
+    use super::with_ids;
+
+    #[test]
+    fn ids_are_the_low_bits_of_the_name_hash_with_collisions_probed_in_name_order() {
+        // Both names hash to 0x4a38f97f in the low 32 bits of FNV-1a 64.
+        let first = "svc-224191.default.svc.cluster.local";
+        let second = "svc-816080.default.svc.cluster.local";
+        let named = BTreeMap::from([(second.to_string(), ()), (first.to_string(), ())]);
+        let ids: Vec<(u32, String)> = with_ids(named).map(|(id, name, ())| (id, name)).collect();
+        assert_eq!(
+            ids,
+            [
+                (0x4a38_f97f, first.to_string()),
+                (0x4a38_f980, second.to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn of_two_services_on_one_vip_port_the_first_by_host_keeps_it() {
+        let service = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: 10.96.0.50, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let compiled = compile_yaml(&format!("{}---\n{}", service("b"), service("a")));
+        assert!(
+            summary(&compiled).contains("10.96.0.50:80  a.default.svc.cluster.local\n"),
+            "{}",
+            summary(&compiled)
+        );
+        assert_eq!(
+            diagnostics(&compiled),
+            [
+                "rejected: Service default/b spec: VIP 10.96.0.50:80 is already used by another service"
+            ]
+        );
+    }
+}

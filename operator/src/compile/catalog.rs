@@ -506,3 +506,54 @@ fn pod_endpoint(pod: &Pod) -> Option<CatalogEndpoint> {
         named_ports,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{compile_yaml, diagnostics, summary};
+
+    #[test]
+    fn ports_left_out_are_reported_at_their_field_for_both_kinds() {
+        let compiled = compile_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.60
+  ports:
+  - {port: 80, name: http}
+  - {port: 53, name: dns, protocol: UDP}
+  - {port: 70000, name: big}
+  - {port: 81, name: zero-target, targetPort: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [ext.example.com]
+  addresses: [240.0.0.1]
+  resolution: STATIC
+  ports:
+  - {number: 443, name: https, protocol: HTTPS}
+  - {number: 53, name: dns, protocol: UDP}
+  endpoints: [{address: 10.1.1.1}]
+"#,
+        );
+        assert_eq!(
+            diagnostics(&compiled),
+            [
+                "rejected: Service default/web spec.ports[2].port: port out of range",
+                "rejected: Service default/web spec.ports[3].targetPort: port out of range",
+                "not enforced: Service default/web spec.ports[1]: UDP port 53 is not steered (only TCP is; kube-proxy still serves it)",
+                "not enforced: ServiceEntry default/ext spec.ports[1]: UDP is not steered",
+            ]
+        );
+        let text = summary(&compiled);
+        assert!(text.contains("services (2 VIP:port)"), "{text}");
+        assert!(
+            text.contains("10.96.0.60:80  web.default.svc.cluster.local"),
+            "{text}"
+        );
+        assert!(text.contains("240.0.0.1:443  ext.example.com"), "{text}");
+    }
+}

@@ -10,10 +10,7 @@
 //!   connect(); the rest is approximated or reported;
 //! - a backend set that stands for nothing usable (a Gateway API backendRef that resolves to
 //!   nothing, a rule with no backends) has no endpoints: its share of connections is refused.
-use std::{
-    collections::{BTreeMap, btree_map::Entry},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use kmesh_common::lb_policy;
 
@@ -277,8 +274,9 @@ impl<'a> Compiler<'a> {
     ) -> BTreeMap<BackendSetKey, BackendSet> {
         let mut sets = BTreeMap::new();
         for set in routed.iter().flat_map(|r| r.route.sets()) {
-            if let Entry::Vacant(entry) = sets.entry(set.key.clone()) {
-                entry.insert(self.backend_set(set));
+            if !sets.contains_key(&set.key) {
+                let computed = self.backend_set(set);
+                sets.insert(set.key.clone(), computed);
             }
         }
         sets

@@ -252,30 +252,27 @@ impl<'a> Compiler<'a> {
 mod tests {
     use super::super::testing::{REVIEWS, compile_yaml, diagnostics, summary};
 
-    /// The YAML of a route of one kind, by its weights.
-    type YamlOf = fn(&[u64]) -> String;
+    /// A route of reviews as YAML whose destinations are ENTRIES, and one entry, whose weight is
+    /// WEIGHT: a mesh VirtualService, and an HTTPRoute on Service reviews.
+    type RouteYaml = (&'static str, &'static str);
+    const VIRTUAL_SERVICE: RouteYaml = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec: {hosts: [reviews], http: [{route: [ENTRIES]}]}\n",
+        "{destination: {host: reviews}, weight: WEIGHT}",
+    );
+    const HTTP_ROUTE: RouteYaml = (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: default}\nspec: {parentRefs: [{group: \"\", kind: Service, name: reviews}], rules: [{backendRefs: [ENTRIES]}]}\n",
+        "{name: reviews, port: 9080, weight: WEIGHT}",
+    );
 
-    /// A mesh VirtualService sending reviews to reviews once per weight.
-    fn virtual_service(weights: &[u64]) -> String {
-        let route: Vec<String> = weights
+    /// REVIEWS and the route, sending reviews to reviews once per weight.
+    fn yaml((route, entry): RouteYaml, weights: &[u64]) -> String {
+        let entries: Vec<String> = weights
             .iter()
-            .map(|w| format!("{{destination: {{host: reviews}}, weight: {w}}}"))
+            .map(|w| entry.replace("WEIGHT", &w.to_string()))
             .collect();
         format!(
-            "{REVIEWS}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec: {{hosts: [reviews], http: [{{route: [{}]}}]}}\n",
-            route.join(", ")
-        )
-    }
-
-    /// An HTTPRoute on Service reviews sending it to reviews once per weight.
-    fn http_route(weights: &[u64]) -> String {
-        let refs: Vec<String> = weights
-            .iter()
-            .map(|w| format!("{{name: reviews, port: 9080, weight: {w}}}"))
-            .collect();
-        format!(
-            "{REVIEWS}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: default}}\nspec: {{parentRefs: [{{group: \"\", kind: Service, name: reviews}}], rules: [{{backendRefs: [{}]}}]}}\n",
-            refs.join(", ")
+            "{REVIEWS}\n---\n{}",
+            route.replace("ENTRIES", &entries.join(", "))
         )
     }
 
@@ -295,19 +292,19 @@ mod tests {
 
     #[test]
     fn a_route_holds_at_most_sixteen_destinations_of_either_kind() {
-        let kinds: [(YamlOf, &str); 2] = [
+        let kinds = [
             (
-                virtual_service,
+                VIRTUAL_SERVICE,
                 "rejected: VirtualService default/reviews spec.http[0].route: 17 destinations",
             ),
             (
-                http_route,
+                HTTP_ROUTE,
                 "rejected: HTTPRoute default/reviews spec.rules[0].backendRefs: 17 backendRefs",
             ),
         ];
-        for (yaml, rejection) in kinds {
-            assert_eq!(compiled(&yaml(&[1; 16])), (16, Vec::new()));
-            let (destinations, rejected) = compiled(&yaml(&[1; 17]));
+        for (route, rejection) in kinds {
+            assert_eq!(compiled(&yaml(route, &[1; 16])), (16, Vec::new()));
+            let (destinations, rejected) = compiled(&yaml(route, &[1; 17]));
             assert_eq!(destinations, 1, "the default route");
             assert_eq!(
                 rejected,
@@ -319,8 +316,11 @@ mod tests {
     #[test]
     fn weights_add_up_to_at_most_u32_max() {
         let max = u64::from(u32::MAX);
-        assert_eq!(compiled(&virtual_service(&[max - 1, 1])), (2, Vec::new()));
-        let (destinations, rejected) = compiled(&virtual_service(&[max, 1]));
+        assert_eq!(
+            compiled(&yaml(VIRTUAL_SERVICE, &[max - 1, 1])),
+            (2, Vec::new())
+        );
+        let (destinations, rejected) = compiled(&yaml(VIRTUAL_SERVICE, &[max, 1]));
         assert_eq!(destinations, 1, "the default route");
         assert_eq!(
             rejected,

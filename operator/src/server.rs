@@ -31,12 +31,13 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
-/// One node's current snapshot.
+/// One node's current snapshot: the leader's decision, and its bytes when this replica has
+/// compiled that content (`None`: not yet; an agent holding the decision gets `304`, others wait).
 #[derive(Clone, Debug)]
 pub struct Published {
     pub generation: u64,
     pub content_hash: u64,
-    pub bytes: Bytes,
+    pub bytes: Option<Bytes>,
 }
 
 impl Published {
@@ -46,11 +47,30 @@ impl Published {
 }
 
 /// What the server serves: the latest snapshot of every node, with change notification; and what
-/// each node's agent last reported live.
-#[derive(Clone, Default)]
+/// each node's agent last reported live, to this replica or (merged in by
+/// [`replicas`](crate::replicas)) to another.
+#[derive(Clone)]
 pub struct SnapshotStore {
     nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
     live: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Bumped on every change of `live`.
+    live_changed: Arc<watch::Sender<u64>>,
+    /// Reports that reached this replica, not yet recorded for the other replicas.
+    reported_here: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Whether this replica answers snapshot requests (first compile done, TLS ready).
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        SnapshotStore {
+            nodes: Arc::default(),
+            live: Arc::default(),
+            live_changed: Arc::new(watch::channel(0).0),
+            reported_here: Arc::default(),
+            ready: Arc::default(),
+        }
+    }
 }
 
 impl SnapshotStore {
@@ -84,11 +104,52 @@ impl SnapshotStore {
             .copied()
     }
 
+    /// Every node's live generation.
+    pub fn live_generations(&self) -> BTreeMap<String, u64> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a live generation: reported here by an agent, or by another replica through the
+    /// API server. Generations only grow (the leader decides increasing ones), so the highest
+    /// report wins, whatever order reports arrive in. Returns whether it changed anything.
+    pub fn merge_live(&self, node: &str, generation: u64) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live.entry(node.to_string()).or_insert(0);
+        if generation <= *entry {
+            return false;
+        }
+        *entry = generation;
+        drop(live);
+        self.live_changed.send_modify(|n| *n += 1);
+        true
+    }
+
     fn report_live(&self, node: &str, generation: u64) {
-        self.live
+        self.reported_here
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), generation);
+        self.merge_live(node, generation);
+    }
+
+    /// The reports agents made to this replica (cleared by the call): what
+    /// [`replicas`](crate::replicas) records for the others.
+    pub fn take_reported_here(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.reported_here.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A receiver that changes whenever a live generation does.
+    pub fn live_changes(&self) -> watch::Receiver<u64> {
+        self.live_changed.subscribe()
+    }
+
+    /// Marks this replica ready (or not) to serve.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -290,9 +351,11 @@ async fn serve_snapshot<A: Authenticator>(
         (Some(_), None) => true,
         (None, _) => false,
     };
-    if !changed(&current(&updates)) && !wait.is_zero() {
+    // What ends a long poll: a snapshot other than the agent's, with its bytes here.
+    let deliverable = |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
+    if !deliverable(&current(&updates)) && !wait.is_zero() {
         // Long poll: hold until the snapshot changes or the wait runs out.
-        let _ = tokio::time::timeout(wait, updates.wait_for(|p| changed(p))).await;
+        let _ = tokio::time::timeout(wait, updates.wait_for(|p| deliverable(p))).await;
     }
     match current(&updates) {
         None => text(
@@ -306,12 +369,18 @@ async fn serve_snapshot<A: Authenticator>(
             }
             resp
         }
+        Some(Published { bytes: None, .. }) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "this replica has not compiled node {node:?}'s decided snapshot yet; ask again\n"
+            ),
+        ),
         Some(p) => {
             let etag = p.etag();
             Response::builder()
                 .header(header::ETAG, etag)
                 .header(header::CONTENT_TYPE, contract::MEDIA_TYPE)
-                .body(Full::new(p.bytes.clone()))
+                .body(Full::new(p.bytes.clone().unwrap_or_default()))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
     }

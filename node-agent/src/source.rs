@@ -10,6 +10,11 @@
 //! transport error, logged with its whole cause — is retried with exponential backoff (0.5 s
 //! doubling to 30 s) and full jitter, keeping the snapshot it has.
 //!
+//! The operator's CA file (`--operator-ca`, a ConfigMap the operator publishes, updated in place by
+//! the kubelet when the operator changes its CA) is re-read before every request; when its
+//! contents change, the client is rebuilt with the new CAs (a file that does not parse is logged and
+//! the previous CAs kept).
+//!
 //! The operator learns which generation runs on the node from the live generation the agent
 //! reports. So that this is prompt rather than up to a long poll later, the poller watches the live
 //! generation: when it changes while a request is held, the request is abandoned and a new one
@@ -65,7 +70,8 @@ pub async fn run(
             ca_file,
         } => match https_connector(ca_file.as_deref()) {
             Ok(connector) => {
-                poll_operator(url, node, token_file, connector, max_bytes, live, tx).await
+                let ca = TrustedCa::new(ca_file);
+                poll_operator(url, node, token_file, (ca, connector), max_bytes, live, tx).await
             }
             // Checked at start-up (see `check`); reaching here means the file changed since.
             Err(e) => tracing::error!(error = %e, "cannot set up TLS to the operator"),
@@ -244,20 +250,60 @@ pub fn check(source: &Source) -> Result<(), String> {
     Ok(())
 }
 
+/// The operator's CA file and the contents the client was last built with.
+struct TrustedCa {
+    file: Option<PathBuf>,
+    loaded: Option<Vec<u8>>,
+}
+
+impl TrustedCa {
+    fn new(file: Option<PathBuf>) -> TrustedCa {
+        let loaded = file.as_ref().and_then(|f| std::fs::read(f).ok());
+        TrustedCa { file, loaded }
+    }
+
+    /// A connector over the file's CAs if its contents changed since the last call and parse.
+    fn reloaded(&mut self) -> Option<Connector> {
+        let file = self.file.as_ref()?;
+        let now = std::fs::read(file).ok()?;
+        if self.loaded.as_ref() == Some(&now) {
+            return None;
+        }
+        self.loaded = Some(now);
+        match https_connector(Some(file)) {
+            Ok(connector) => {
+                info!(ca = %file.display(), "operator CA file changed; reloaded");
+                Some(connector)
+            }
+            Err(e) => {
+                warn!(ca = %file.display(), error = %e, "operator CA file changed but is unusable; keeping the previous CAs");
+                None
+            }
+        }
+    }
+}
+
+fn client_of(connector: Connector) -> Client<Connector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector)
+}
+
 async fn poll_operator(
     base: String,
     node: String,
     token_file: Option<PathBuf>,
-    connector: Connector,
+    (mut ca, connector): (TrustedCa, Connector),
     max_bytes: u64,
     mut live: watch::Receiver<u64>,
     tx: Sender<Vec<u8>>,
 ) {
-    let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
+    let mut client = client_of(connector);
     let url = contract::snapshot_url(&base, &node, LONG_POLL);
     let mut etag: Option<String> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
+        if let Some(connector) = ca.reloaded() {
+            client = client_of(connector);
+        }
         let live_generation = *live.borrow_and_update();
         let request = tokio::time::timeout(
             LONG_POLL + Duration::from_secs(15),
@@ -389,6 +435,23 @@ mod tests {
             Ok(_) => panic!("fetching {url} succeeded"),
             Err(e) => e,
         }
+    }
+
+    /// A changed CA file rebuilds the client (the operator changed its CA); the same contents or
+    /// an unusable file do not.
+    #[test]
+    fn the_ca_file_is_reloaded_when_its_contents_change() {
+        let first = TestTls::new("agent-unit-ca-1").unwrap();
+        let second = TestTls::new("agent-unit-ca-2").unwrap();
+        let file = first.file("operator-ca.crt", "").unwrap();
+        std::fs::copy(&first.ca_file, &file).unwrap();
+        let mut ca = TrustedCa::new(Some(file.clone()));
+        assert!(ca.reloaded().is_none(), "unchanged since start-up");
+        std::fs::copy(&second.ca_file, &file).unwrap();
+        assert!(ca.reloaded().is_some(), "a new CA is loaded");
+        assert!(ca.reloaded().is_none(), "and only once");
+        std::fs::write(&file, "not a certificate").unwrap();
+        assert!(ca.reloaded().is_none(), "an unusable file keeps the previous CAs");
     }
 
     #[tokio::test]

@@ -295,7 +295,8 @@ fn cluster_ip_and_ports(
     Some((ip, ports))
 }
 
-/// Listens on `vip` at each port and relays to the endpoints.
+/// Listens on `vip` at each port and relays to the endpoints (tasks on the cluster's runtime, so
+/// they end with it; the relays hold only the namespace's path, not the network).
 fn serve_vip(
     network: &Arc<TestNetwork>,
     names: &Arc<ServiceNames>,
@@ -304,15 +305,25 @@ fn serve_vip(
     ports: &[(u16, u16)],
 ) -> io::Result<()> {
     network.ip_node(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+    let netns = network.node_netns_path();
     for &(port, target_port) in ports {
-        let listener = run_in_netns(&network.node_netns_path(), move || {
-            std::net::TcpListener::bind((vip, port))
+        let std_listener = run_in_netns(&netns, move || {
+            let l = std::net::TcpListener::bind((vip, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
         })?;
-        let (network, names, service) = (network.clone(), names.clone(), service.clone());
-        std::thread::spawn(move || {
-            for inbound in listener.incoming().flatten() {
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let (names, service, netns) = (names.clone(), service.clone(), netns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(inbound) = inbound.into_std() else {
+                    continue;
+                };
                 let endpoints = names.endpoints_round_robin(&service);
-                let netns = network.node_netns_path();
+                let netns = netns.clone();
                 std::thread::spawn(move || {
                     let outbound = endpoints.into_iter().find_map(|ip| {
                         let addr = SocketAddr::new(ip, target_port);

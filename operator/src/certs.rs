@@ -518,7 +518,7 @@ async fn self_managed(
             }
         }
         if leadership.is_leader() {
-            let result = match foreign {
+            let round = async { match foreign {
                 // Someone else's (cert-manager): used as it is, never rewritten.
                 Some(s) => match s.data.as_ref().and_then(|d| text(d, CA_KEY)) {
                     Some(bundle) => publish_bundle(&config_maps, &namespace, &bundle).await,
@@ -529,9 +529,12 @@ async fn self_managed(
                     lead(&secrets, &config_maps, &namespace, pki.as_ref(), rv, &names, &lifetimes)
                         .await
                 }
-            };
-            if let Err(e) = result {
-                warn!(error = %e, "keeping the operator's certificates");
+            } };
+            let result = tokio::time::timeout(crate::replicas::API_TIMEOUT, round).await;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "keeping the operator's certificates"),
+                Err(_) => warn!("keeping the operator's certificates: the API server did not answer within 5 s"),
             }
         }
         tokio::select! {

@@ -579,8 +579,10 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                     not_installed: &not_installed,
                     uid_of: &uid_of,
                 };
-                if let Err(e) = reconciler.reconcile(&input).await {
-                    warn!(error = %e, "updating the KmeshConfig status");
+                match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "updating the KmeshConfig status"),
+                    Err(_) => warn!("updating the KmeshConfig status: no answer within 10 s"),
                 }
             }
             // Recompile on a change; meanwhile follow decisions, leadership and agents' progress.

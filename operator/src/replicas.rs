@@ -37,6 +37,9 @@ pub const DECISIONS_CONFIG_MAP: &str = "kmesh-snapshot-decisions";
 /// The ConfigMap of the agents' live generations.
 pub const LIVE_CONFIG_MAP: &str = "kmesh-live-generations";
 
+/// How long a write to the API server may take before it counts as failed.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A ConfigMap's data and resourceVersion as last seen; `None` while it does not exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Seen {
@@ -215,10 +218,16 @@ impl DecisionStore {
             ..ConfigMap::default()
         };
         let pp = PostParams::default();
-        let written = match seen {
-            None => self.api.create(&pp, &config_map).await,
-            Some(_) => self.api.replace(DECISIONS_CONFIG_MAP, &pp, &config_map).await,
+        let write = async {
+            match seen {
+                None => self.api.create(&pp, &config_map).await,
+                Some(_) => self.api.replace(DECISIONS_CONFIG_MAP, &pp, &config_map).await,
+            }
         };
+        // Bounded: a leader whose API server does not answer must not stop serving and following.
+        let written = tokio::time::timeout(API_TIMEOUT, write)
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("the API server did not answer within 5 s".into())));
         match written {
             Ok(_) => Ok(parse_decisions(&data)),
             Err(kube::Error::Api(s)) if s.code == 409 => Err(DecisionWriteError::Conflict),
@@ -260,9 +269,10 @@ pub fn record_live_reports(
             let stored = parse_live(&stored.data);
             unwritten.retain(|node, g| stored.get(node).is_none_or(|s| *s < *g));
             if !unwritten.is_empty() {
-                match write_live(&api, &namespace, &unwritten).await {
-                    Ok(()) => unwritten.clear(),
-                    Err(e) => warn!(error = %e, "recording live generations failed; retrying"),
+                match tokio::time::timeout(API_TIMEOUT, write_live(&api, &namespace, &unwritten)).await {
+                    Ok(Ok(())) => unwritten.clear(),
+                    Ok(Err(e)) => warn!(error = %e, "recording live generations failed; retrying"),
+                    Err(_) => warn!("recording live generations timed out; retrying"),
                 }
             }
             let retry = if unwritten.is_empty() {

@@ -3,7 +3,11 @@
 //!
 //! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
-//!   60 s); `404` for a node the operator has no snapshot for (yet).
+//!   60 s), or names a newer generation than this replica's (it lags behind another replica: it
+//!   never sends an agent back); `404` for a node the operator has no snapshot for (yet); `503`
+//!   when this replica has not compiled the node's decided content yet (see [`Published`]).
+//! - Every replica serves the leader's decisions ([`crate::publish`]), so the ETag of a node's
+//!   snapshot is the same at every replica: an agent that reaches another replica gets `304`.
 //! - Agents authenticate with a bearer token. With TokenReview, the token must be a service-account
 //!   token of the agent's service account bound to a pod on the node it asks for (the API server
 //!   puts the node name in the review's `authentication.kubernetes.io/node-name` extra): a token of
@@ -346,11 +350,7 @@ async fn serve_snapshot<A: Authenticator>(
         .map(str::to_string);
     let mut updates = store.subscribe(node);
     let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
-    let changed = |p: &Option<Published>| match (p, &if_none_match) {
-        (Some(p), Some(tag)) => p.etag() != *tag,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
+    let changed = |p: &Option<Published>| is_news(p.as_ref(), if_none_match.as_deref());
     // What ends a long poll: a snapshot other than the agent's, with its bytes here.
     let deliverable = |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
     if !deliverable(&current(&updates)) && !wait.is_zero() {
@@ -383,6 +383,21 @@ async fn serve_snapshot<A: Authenticator>(
                 .body(Full::new(p.bytes.clone().unwrap_or_default()))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
+    }
+}
+
+/// Whether `published` is news to an agent holding `if_none_match`: a snapshot other than the one
+/// it holds, and not older. An agent holding a newer generation than this replica's decision got it
+/// from a replica that saw a later decision: this one lags (its API view is behind) and must not
+/// send it back.
+fn is_news(published: Option<&Published>, if_none_match: Option<&str>) -> bool {
+    match (published, if_none_match) {
+        (Some(p), Some(tag)) => {
+            let held = contract::parse_etag(tag).map(|(generation, _)| generation);
+            p.etag() != tag && held.is_none_or(|g| g < p.generation)
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
     }
 }
 
@@ -433,6 +448,22 @@ mod tests {
         assert_eq!(wait_param(Some("wait=999s")), contract::MAX_WAIT);
         assert_eq!(wait_param(Some("wait=soon")), Duration::ZERO);
         assert_eq!(wait_param(None), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lagging_replica_never_sends_an_agent_back() {
+        let at = |generation| Published {
+            generation,
+            content_hash: 0xab,
+            bytes: None,
+        };
+        let held = contract::etag(7, 0xab);
+        assert!(!is_news(Some(&at(7)), Some(&held)), "the same snapshot");
+        assert!(is_news(Some(&at(8)), Some(&held)), "a newer one");
+        assert!(!is_news(Some(&at(6)), Some(&held)), "an older one: this replica lags");
+        assert!(is_news(Some(&at(6)), Some("\"something else\"")), "an ETag it did not make");
+        assert!(is_news(Some(&at(6)), None), "a first request");
+        assert!(!is_news(None, None), "nothing to send");
     }
 
     #[test]

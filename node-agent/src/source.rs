@@ -8,7 +8,8 @@
 //! snapshot with the ETag of the one it holds and the generation live in its kernel; a `200`
 //! delivers a snapshot, a `304` means nothing changed within the wait, and anything else — or a
 //! transport error, logged with its whole cause — is retried with exponential backoff (0.5 s
-//! doubling to 30 s) and full jitter, keeping the snapshot it has.
+//! doubling to 30 s; to 2 s when no operator answered at all, so that agents are back within a
+//! couple of seconds of an operator's restart) and full jitter, keeping the snapshot it has.
 //!
 //! The operator's CA file (`--operator-ca`, a ConfigMap the operator publishes, updated in place by
 //! the kubelet when the operator changes its CA) is re-read before every request; when its
@@ -51,6 +52,7 @@ pub enum Source {
 const LONG_POLL: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX_TRANSPORT: Duration = Duration::from_secs(2);
 const FILE_POLL: Duration = Duration::from_millis(100);
 
 /// Delivers snapshot bytes to `tx` until the receiver is gone. `live` is the generation the data
@@ -344,7 +346,7 @@ async fn poll_operator(
                 let delay = jitter(backoff);
                 warn!(url, error = %e, retry_in_ms = delay.as_millis() as u64, "fetching snapshot failed");
                 tokio::time::sleep(delay).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = next_backoff(backoff, &e);
             }
             Err(_) => {
                 warn!(url, "snapshot request timed out");
@@ -404,6 +406,17 @@ async fn fetch(
     }
 }
 
+/// The ceiling of the next retry after `error`: doubling to [`BACKOFF_MAX`]; to
+/// [`BACKOFF_MAX_TRANSPORT`] when no operator answered at all (the operator restarting: a refused or
+/// reset connection costs the operator nothing, and the agent should be back as soon as it is).
+fn next_backoff(backoff: Duration, error: &FetchError) -> Duration {
+    let ceiling = match error {
+        FetchError::Transport { .. } => BACKOFF_MAX_TRANSPORT,
+        _ => BACKOFF_MAX,
+    };
+    (backoff * 2).min(ceiling)
+}
+
 /// Full jitter: a uniform delay in [100 ms, ceiling]; spreads retries of many agents after an outage.
 fn jitter(ceiling: Duration) -> Duration {
     let nanos = SystemTime::now()
@@ -435,6 +448,24 @@ mod tests {
             Ok(_) => panic!("fetching {url} succeeded"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn retries_after_transport_failures_stay_quick() {
+        let refused = FetchError::Transport {
+            failure: TransportFailure::ConnectionRefused,
+            chain: String::new(),
+        };
+        let forbidden = FetchError::Status(StatusCode::FORBIDDEN);
+        let mut b = BACKOFF_MIN;
+        for _ in 0..10 {
+            b = next_backoff(b, &refused);
+        }
+        assert_eq!(b, BACKOFF_MAX_TRANSPORT);
+        for _ in 0..10 {
+            b = next_backoff(b, &forbidden);
+        }
+        assert_eq!(b, BACKOFF_MAX);
     }
 
     /// A changed CA file rebuilds the client (the operator changed its CA); the same contents or

@@ -392,7 +392,9 @@ fn leader_killed_during_rolling_rollout(cluster: &Cluster, agents: &BTreeMap<Str
     assert!(report.by_reply.keys().any(|r| r.starts_with("reviews-v2-")), "90/10 in effect: {report:?}");
 
     // A replacement operator starts; agents reconnect to either replica without reapplying.
+    let replacing = Instant::now();
     k.run(&["rollout", "status", "-n", NS, "deployment/kmesh-operator", TIMEOUT]).unwrap();
+    progress!("replacement operator ready {:.1?} later", replacing.elapsed());
     std::thread::sleep(Duration::from_secs(3));
     // The operators' own Service endpoints are in the snapshots, so the pod replacement is a
     // content change too: each node applies once per decision, never identical content again

@@ -246,6 +246,14 @@ impl Leadership {
         }
     }
 
+    /// A replica that never leads (it only serves).
+    pub fn never() -> Leadership {
+        Leadership {
+            leading_until: Arc::new(Mutex::new(None)),
+            changed: watch::channel(false).1,
+        }
+    }
+
     /// Whether this replica leads now. Checked at the moment of every leader-only write.
     pub fn is_leader(&self) -> bool {
         let until = *self.leading_until.lock().unwrap_or_else(|p| p.into_inner());

@@ -482,7 +482,10 @@ mod tests {
         assert!(ca.reloaded().is_some(), "a new CA is loaded");
         assert!(ca.reloaded().is_none(), "and only once");
         std::fs::write(&file, "not a certificate").unwrap();
-        assert!(ca.reloaded().is_none(), "an unusable file keeps the previous CAs");
+        assert!(
+            ca.reloaded().is_none(),
+            "an unusable file keeps the previous CAs"
+        );
     }
 
     #[tokio::test]

@@ -131,7 +131,9 @@ impl Validity {
 
 /// The validity of the first certificate in `pem`.
 pub fn validity(pem: &str) -> Option<Validity> {
-    let der = CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok()?;
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
     let v = cert.validity();
     Some(Validity {
@@ -298,7 +300,9 @@ fn new_serving(
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(names.to_vec())?;
     if let Some(name) = names.first() {
-        params.distinguished_name.push(DnType::CommonName, name.clone());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.clone());
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -511,30 +515,48 @@ async fn self_managed(
         {
             match cert.load(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes()) {
                 Ok(()) => {
-                    info!(secret = TLS_SECRET, foreign = foreign.is_some(), "serving certificate loaded");
+                    info!(
+                        secret = TLS_SECRET,
+                        foreign = foreign.is_some(),
+                        "serving certificate loaded"
+                    );
                     served = Some(serving);
                 }
                 Err(e) => warn!(error = %e, "the serving certificate in {TLS_SECRET} is unusable"),
             }
         }
         if leadership.is_leader() {
-            let round = async { match foreign {
-                // Someone else's (cert-manager): used as it is, never rewritten.
-                Some(s) => match s.data.as_ref().and_then(|d| text(d, CA_KEY)) {
-                    Some(bundle) => publish_bundle(&config_maps, &namespace, &bundle).await,
-                    None => Ok(()),
-                },
-                None => {
-                    let rv = secret.as_ref().and_then(|s| s.metadata.resource_version.clone());
-                    lead(&secrets, &config_maps, &namespace, pki.as_ref(), rv, &names, &lifetimes)
+            let round = async {
+                match foreign {
+                    // Someone else's (cert-manager): used as it is, never rewritten.
+                    Some(s) => match s.data.as_ref().and_then(|d| text(d, CA_KEY)) {
+                        Some(bundle) => publish_bundle(&config_maps, &namespace, &bundle).await,
+                        None => Ok(()),
+                    },
+                    None => {
+                        let rv = secret
+                            .as_ref()
+                            .and_then(|s| s.metadata.resource_version.clone());
+                        lead(
+                            &secrets,
+                            &config_maps,
+                            &namespace,
+                            pki.as_ref(),
+                            rv,
+                            &names,
+                            &lifetimes,
+                        )
                         .await
+                    }
                 }
-            } };
+            };
             let result = tokio::time::timeout(crate::replicas::API_TIMEOUT, round).await;
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "keeping the operator's certificates"),
-                Err(_) => warn!("keeping the operator's certificates: the API server did not answer within 5 s"),
+                Err(_) => warn!(
+                    "keeping the operator's certificates: the API server did not answer within 5 s"
+                ),
             }
         }
         tokio::select! {
@@ -609,7 +631,10 @@ async fn publish_bundle(
     namespace: &str,
     bundle: &str,
 ) -> Result<(), CertError> {
-    let current = config_maps.get_opt(CA_CONFIG_MAP).await.map_err(CertError::Api)?;
+    let current = config_maps
+        .get_opt(CA_CONFIG_MAP)
+        .await
+        .map_err(CertError::Api)?;
     let stored = current
         .as_ref()
         .and_then(|c| c.data.as_ref())
@@ -621,7 +646,9 @@ async fn publish_bundle(
         metadata: ObjectMeta {
             name: Some(CA_CONFIG_MAP.into()),
             namespace: Some(namespace.into()),
-            resource_version: current.as_ref().and_then(|c| c.metadata.resource_version.clone()),
+            resource_version: current
+                .as_ref()
+                .and_then(|c| c.metadata.resource_version.clone()),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(CA_KEY.to_string(), bundle.to_string())])),
@@ -658,7 +685,9 @@ async fn files(
                         info!(cert = %cert_path.display(), "serving certificate loaded");
                         loaded = Some((c, k));
                     }
-                    Err(e) => warn!(cert = %cert_path.display(), error = %e, "unusable certificate"),
+                    Err(e) => {
+                        warn!(cert = %cert_path.display(), error = %e, "unusable certificate")
+                    }
                 }
             }
             (Err(e), _) | (_, Err(e)) => warn!(error = %e, "reading the serving certificate"),
@@ -681,7 +710,11 @@ async fn files(
 }
 
 /// Reads the certificate and key files once, as the server starts (files mode only).
-pub fn load_files(cert: &CurrentCert, cert_path: &PathBuf, key_path: &PathBuf) -> crate::Result<()> {
+pub fn load_files(
+    cert: &CurrentCert,
+    cert_path: &PathBuf,
+    key_path: &PathBuf,
+) -> crate::Result<()> {
     let read = |p: &PathBuf| std::fs::read(p).map_err(crate::Error::read(p));
     // The same checks as the static acceptor, for the same clear errors at start-up.
     let (c, k) = (read(cert_path)?, read(key_path)?);
@@ -727,10 +760,16 @@ mod tests {
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .unwrap();
-        let leaf = CertificateDer::pem_slice_iter(leaf.as_bytes()).next().unwrap().unwrap();
-        let name = rustls_pki_types::ServerName::try_from("kmesh-operator.kmesh-system.svc").unwrap();
+        let leaf = CertificateDer::pem_slice_iter(leaf.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let name =
+            rustls_pki_types::ServerName::try_from("kmesh-operator.kmesh-system.svc").unwrap();
         let time = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(now));
-        verifier.verify_server_cert(&leaf, &[], &name, &[], time).is_ok()
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], time)
+            .is_ok()
     }
 
     #[test]
@@ -740,7 +779,10 @@ mod tests {
         assert_eq!(action, CertAction::Create);
         let pki = pki.unwrap();
         assert!(trusted(&pki.bundle, &pki.serving.cert_pem, t0));
-        assert_eq!(plan(Some(&pki), t0 + DAY, &lifetimes()), CertAction::Nothing);
+        assert_eq!(
+            plan(Some(&pki), t0 + DAY, &lifetimes()),
+            CertAction::Nothing
+        );
         let v = validity(&pki.serving.cert_pem).unwrap();
         assert_eq!(v.not_after, t0 + 30 * DAY);
         // Round trip through the Secret.
@@ -751,14 +793,24 @@ mod tests {
     fn the_serving_certificate_is_renewed_at_two_thirds_of_its_life() {
         let t0 = 1_700_000_000;
         let pki = step(None, t0).1.unwrap();
-        assert_eq!(plan(Some(&pki), t0 + 19 * DAY, &lifetimes()), CertAction::Nothing);
+        assert_eq!(
+            plan(Some(&pki), t0 + 19 * DAY, &lifetimes()),
+            CertAction::Nothing
+        );
         let (action, renewed) = step(Some(&pki), t0 + 21 * DAY);
         assert_eq!(action, CertAction::RenewServing);
         let renewed = renewed.unwrap();
         assert_ne!(renewed.serving, pki.serving);
         assert_eq!(renewed.signing, pki.signing);
-        assert!(trusted(&renewed.bundle, &renewed.serving.cert_pem, t0 + 40 * DAY));
-        assert!(!trusted(&pki.bundle, &pki.serving.cert_pem, t0 + 31 * DAY), "the old one expired");
+        assert!(trusted(
+            &renewed.bundle,
+            &renewed.serving.cert_pem,
+            t0 + 40 * DAY
+        ));
+        assert!(
+            !trusted(&pki.bundle, &pki.serving.cert_pem, t0 + 31 * DAY),
+            "the old one expired"
+        );
     }
 
     /// The CA changes with an overlap: the next CA is trusted before it signs, so an agent that
@@ -780,9 +832,20 @@ mod tests {
         let (_, introduced) = step(Some(&pki), now);
         let introduced = introduced.unwrap();
         let next = introduced.next.clone().unwrap();
-        assert_eq!(introduced.signing, pki.signing, "the next CA does not sign yet");
-        assert_eq!(bundle_certs(&introduced.bundle).len(), 2, "both CAs are trusted");
-        assert!(trusted(&introduced.bundle, &introduced.serving.cert_pem, now));
+        assert_eq!(
+            introduced.signing, pki.signing,
+            "the next CA does not sign yet"
+        );
+        assert_eq!(
+            bundle_certs(&introduced.bundle).len(),
+            2,
+            "both CAs are trusted"
+        );
+        assert!(trusted(
+            &introduced.bundle,
+            &introduced.serving.cert_pem,
+            now
+        ));
         assert!(
             !matches!(
                 plan(Some(&introduced), now + 3600, &lifetimes()),
@@ -797,10 +860,14 @@ mod tests {
         let promoted = promoted.unwrap();
         assert_eq!(promoted.signing, next);
         assert!(promoted.next.is_none());
-        assert!(trusted(&introduced.bundle, &promoted.serving.cert_pem, later),
-            "an agent holding the bundle of the overlap trusts the new certificate");
-        assert!(!trusted(&old_bundle, &promoted.serving.cert_pem, later),
-            "(the overlap is needed: the bundle before it does not)");
+        assert!(
+            trusted(&introduced.bundle, &promoted.serving.cert_pem, later),
+            "an agent holding the bundle of the overlap trusts the new certificate"
+        );
+        assert!(
+            !trusted(&old_bundle, &promoted.serving.cert_pem, later),
+            "(the overlap is needed: the bundle before it does not)"
+        );
         // The old CA leaves the bundle once it has expired.
         let expired = t0 + 361 * DAY;
         let mut p = promoted;

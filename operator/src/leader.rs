@@ -56,7 +56,9 @@ pub enum ElectionConfigError {
         renew_deadline: Duration,
         lease_duration: Duration,
     },
-    #[error("the retry period ({retry_period:?}) must be shorter than the renew deadline ({renew_deadline:?})")]
+    #[error(
+        "the retry period ({retry_period:?}) must be shorter than the renew deadline ({renew_deadline:?})"
+    )]
     RetryNotShorter {
         retry_period: Duration,
         renew_deadline: Duration,
@@ -294,10 +296,17 @@ async fn run(
 ) {
     let mut elector = Elector::new(config.clone());
     let mut was_leader = false;
-    info!(identity = config.identity, lease = config.lease_name, "leader election started");
+    info!(
+        identity = config.identity,
+        lease = config.lease_name,
+        "leader election started"
+    );
     loop {
         let started = Instant::now();
-        let attempt = tokio::time::timeout(config.retry_period, try_once(&api, &config, &mut elector, started));
+        let attempt = tokio::time::timeout(
+            config.retry_period,
+            try_once(&api, &config, &mut elector, started),
+        );
         if let Err(e) = attempt.await.unwrap_or(Err(kube::Error::Service(
             "the Lease request timed out".into(),
         ))) {
@@ -459,18 +468,33 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Elector::new(config("b"));
         let lease = held(Some("a"), "t1", "10");
-        assert_eq!(e.decide(t0, Some(&lease)), Step::Wait { holder: "a".into() });
-        assert_eq!(e.decide(t0 + 14 * S, Some(&lease)), Step::Wait { holder: "a".into() });
+        assert_eq!(
+            e.decide(t0, Some(&lease)),
+            Step::Wait { holder: "a".into() }
+        );
+        assert_eq!(
+            e.decide(t0 + 14 * S, Some(&lease)),
+            Step::Wait { holder: "a".into() }
+        );
         // The holder renews: the clock starts again from this sighting.
         let renewed = held(Some("a"), "t2", "11");
-        assert_eq!(e.decide(t0 + 14 * S, Some(&renewed)), Step::Wait { holder: "a".into() });
-        assert_eq!(e.decide(t0 + 28 * S, Some(&renewed)), Step::Wait { holder: "a".into() });
+        assert_eq!(
+            e.decide(t0 + 14 * S, Some(&renewed)),
+            Step::Wait { holder: "a".into() }
+        );
+        assert_eq!(
+            e.decide(t0 + 28 * S, Some(&renewed)),
+            Step::Wait { holder: "a".into() }
+        );
         assert_eq!(
             e.decide(t0 + 29 * S, Some(&renewed)),
             Step::Acquire { transitions: 4 },
             "15 s unchanged on this replica's clock"
         );
-        assert!(e.leading_until(t0 + 29 * S).is_none(), "not leading before the write");
+        assert!(
+            e.leading_until(t0 + 29 * S).is_none(),
+            "not leading before the write"
+        );
     }
 
     #[test]
@@ -478,11 +502,17 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Elector::new(config("b"));
         let released = held(None, "t1", "10");
-        assert_eq!(e.decide(t0, Some(&released)), Step::Acquire { transitions: 4 });
+        assert_eq!(
+            e.decide(t0, Some(&released)),
+            Step::Acquire { transitions: 4 }
+        );
         // A restarted process of the same pod finds its own Lease: it renews at once.
         let mut restarted = Elector::new(config("a"));
         let own = held(Some("a"), "t1", "10");
-        assert_eq!(restarted.decide(t0, Some(&own)), Step::Renew { transitions: 3 });
+        assert_eq!(
+            restarted.decide(t0, Some(&own)),
+            Step::Renew { transitions: 3 }
+        );
     }
 
     #[test]
@@ -498,13 +528,22 @@ mod tests {
         let mut other = Elector::new(config("b"));
         let lease = held(Some("a"), "t0", "1");
         assert!(matches!(other.decide(t0, Some(&lease)), Step::Wait { .. }));
-        assert!(matches!(other.decide(t0 + 14 * S, Some(&lease)), Step::Wait { .. }));
-        assert!(matches!(other.decide(t0 + 15 * S, Some(&lease)), Step::Acquire { .. }));
+        assert!(matches!(
+            other.decide(t0 + 14 * S, Some(&lease)),
+            Step::Wait { .. }
+        ));
+        assert!(matches!(
+            other.decide(t0 + 15 * S, Some(&lease)),
+            Step::Acquire { .. }
+        ));
         // A renewal that began at t0 + 8 s extends it to t0 + 18 s.
         e.written(t0 + 8 * S, &held(Some("a"), "t8", "2"));
         assert!(e.leading_until(t0 + 17 * S).is_some());
         e.lost();
-        assert!(e.leading_until(t0 + 9 * S).is_none(), "a lost Lease ends leadership at once");
+        assert!(
+            e.leading_until(t0 + 9 * S).is_none(),
+            "a lost Lease ends leadership at once"
+        );
     }
 
     #[test]
@@ -517,7 +556,11 @@ mod tests {
         assert_eq!(spec.lease_transitions, Some(4));
         let earlier = MicroTime(Timestamp::from_second(1_600_000_000).unwrap());
         let renewal = e.spec(&Step::Renew { transitions: 4 }, at, Some(earlier.clone()));
-        assert_eq!(renewal.acquire_time, Some(earlier), "a renewal keeps the acquire time");
+        assert_eq!(
+            renewal.acquire_time,
+            Some(earlier),
+            "a renewal keeps the acquire time"
+        );
         assert_eq!(renewal.renew_time, Some(MicroTime(at)));
     }
 
@@ -526,9 +569,15 @@ mod tests {
         assert_eq!(config("a").check(), Ok(()));
         let mut c = config("a");
         c.renew_deadline = c.lease_duration;
-        assert!(matches!(c.check(), Err(ElectionConfigError::DeadlineNotShorter { .. })));
+        assert!(matches!(
+            c.check(),
+            Err(ElectionConfigError::DeadlineNotShorter { .. })
+        ));
         let mut c = config("a");
         c.retry_period = c.renew_deadline;
-        assert!(matches!(c.check(), Err(ElectionConfigError::RetryNotShorter { .. })));
+        assert!(matches!(
+            c.check(),
+            Err(ElectionConfigError::RetryNotShorter { .. })
+        ));
     }
 }

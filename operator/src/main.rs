@@ -19,8 +19,8 @@ use kmesh_operator::{
     leader::{self, ElectionConfig, Leadership},
     metrics::{self, Metrics},
     publish::{Publisher, RolloutPolicy},
-    replicas::{self, DecisionStore, DecisionWriteError},
     reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
+    replicas::{self, DecisionStore, DecisionWriteError},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
     tokenreview::TokenReviewAuth,
 };
@@ -292,7 +292,11 @@ fn cert_source(cli: &Cli) -> CertSource {
 }
 
 /// The election, as the flags say: on the Lease, or (`--leader-elect=false`) always leading.
-fn election(cli: &Cli, client: &kube::Client, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<Leadership> {
+fn election(
+    cli: &Cli,
+    client: &kube::Client,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Leadership> {
     if !cli.leader_elect {
         return Ok(Leadership::always());
     }
@@ -317,7 +321,10 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -547,7 +554,12 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
     let cli = operator.cli;
     let shutdown = shutdown_signal();
     let mut leadership = election(cli, &client, shutdown.clone())?;
-    certs::start(client.clone(), cert_source(cli), operator.cert.clone(), leadership.clone());
+    certs::start(
+        client.clone(),
+        cert_source(cli),
+        operator.cert.clone(),
+        leadership.clone(),
+    );
     let mut decisions = DecisionStore::start(&client, &cli.namespace);
     replicas::record_live_reports(&client, &cli.namespace, operator.store.clone());
     let mut live = operator.store.live_changes();
@@ -579,7 +591,9 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                     not_installed: &not_installed,
                     uid_of: &uid_of,
                 };
-                match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input)).await {
+                match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input))
+                    .await
+                {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => warn!(error = %e, "updating the KmeshConfig status"),
                     Err(_) => warn!("updating the KmeshConfig status: no answer within 10 s"),

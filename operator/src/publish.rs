@@ -204,7 +204,10 @@ impl Publisher {
             self.latest.insert(node.clone(), content.clone());
             if let Some(decision) = self.decided.get(node).copied()
                 && decision.content_hash == hash
-                && self.decided_content.get(node).is_none_or(|c| c.hash != hash)
+                && self
+                    .decided_content
+                    .get(node)
+                    .is_none_or(|c| c.hash != hash)
             {
                 self.decided_content.insert(node.clone(), content);
                 self.serve(node, decision);
@@ -219,7 +222,11 @@ impl Publisher {
         let pending: Vec<&String> = self
             .latest
             .iter()
-            .filter(|(node, c)| self.decided.get(*node).is_none_or(|d| d.content_hash != c.hash))
+            .filter(|(node, c)| {
+                self.decided
+                    .get(*node)
+                    .is_none_or(|d| d.content_hash != c.hash)
+            })
             .map(|(node, _)| node)
             .collect();
         let due: Vec<&String> = match &self.policy {
@@ -278,7 +285,10 @@ impl Publisher {
             .collect();
         // Canaries first, then the rest (by name) once every canary runs its new snapshot.
         candidates.sort_by_key(|node| (!canary.contains(*node), (*node).clone()));
-        let first_snapshots = pending.iter().copied().filter(|n| !self.decided.contains_key(*n));
+        let first_snapshots = pending
+            .iter()
+            .copied()
+            .filter(|n| !self.decided.contains_key(*n));
         candidates
             .into_iter()
             .filter(|node| canary.contains(*node) || canaries_done)

@@ -69,7 +69,13 @@ impl Backoff for QuickBackoff {
 /// Watches the object `name` of `api`; the receiver holds it as last seen (`None`: absent).
 pub fn watch_object<K>(api: Api<K>, name: &str) -> (watch::Receiver<Option<K>>, JoinHandle<()>)
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (tx, rx) = watch::channel(None);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -139,7 +145,10 @@ pub fn parse_decisions(data: &BTreeMap<String, String>) -> Decisions {
         .filter_map(|(node, value)| match Decision::parse(value) {
             Some(d) => Some((node.clone(), d)),
             None => {
-                warn!(node, value, "unreadable decision in {DECISIONS_CONFIG_MAP}; ignored");
+                warn!(
+                    node,
+                    value, "unreadable decision in {DECISIONS_CONFIG_MAP}; ignored"
+                );
                 None
             }
         })
@@ -221,13 +230,21 @@ impl DecisionStore {
         let write = async {
             match seen {
                 None => self.api.create(&pp, &config_map).await,
-                Some(_) => self.api.replace(DECISIONS_CONFIG_MAP, &pp, &config_map).await,
+                Some(_) => {
+                    self.api
+                        .replace(DECISIONS_CONFIG_MAP, &pp, &config_map)
+                        .await
+                }
             }
         };
         // Bounded: a leader whose API server does not answer must not stop serving and following.
         let written = tokio::time::timeout(API_TIMEOUT, write)
             .await
-            .unwrap_or_else(|_| Err(kube::Error::Service("the API server did not answer within 5 s".into())));
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    "the API server did not answer within 5 s".into(),
+                ))
+            });
         match written {
             Ok(_) => Ok(parse_decisions(&data)),
             Err(kube::Error::Api(s)) if s.code == 409 => Err(DecisionWriteError::Conflict),
@@ -269,7 +286,9 @@ pub fn record_live_reports(
             let stored = parse_live(&stored.data);
             unwritten.retain(|node, g| stored.get(node).is_none_or(|s| *s < *g));
             if !unwritten.is_empty() {
-                match tokio::time::timeout(API_TIMEOUT, write_live(&api, &namespace, &unwritten)).await {
+                match tokio::time::timeout(API_TIMEOUT, write_live(&api, &namespace, &unwritten))
+                    .await
+                {
                     Ok(Ok(())) => unwritten.clear(),
                     Ok(Err(e)) => warn!(error = %e, "recording live generations failed; retrying"),
                     Err(_) => warn!("recording live generations timed out; retrying"),
@@ -309,7 +328,11 @@ async fn write_live(
         .collect();
     let patch = serde_json::json!({ "data": data });
     match api
-        .patch(LIVE_CONFIG_MAP, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            LIVE_CONFIG_MAP,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         Ok(_) => {
@@ -355,7 +378,10 @@ mod tests {
             ("node-c".to_string(), "x-0000000000000abc".to_string()),
         ]);
         assert_eq!(d.to_string(), "1700000001-0000000000000abc");
-        assert_eq!(parse_decisions(&data), BTreeMap::from([("node-a".to_string(), d)]));
+        assert_eq!(
+            parse_decisions(&data),
+            BTreeMap::from([("node-a".to_string(), d)])
+        );
     }
 
     #[test]

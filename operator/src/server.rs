@@ -149,7 +149,8 @@ impl SnapshotStore {
 
     /// Marks this replica ready (or not) to serve.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, std::sync::atomic::Ordering::Relaxed);
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -352,7 +353,8 @@ async fn serve_snapshot<A: Authenticator>(
     let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
     let changed = |p: &Option<Published>| is_news(p.as_ref(), if_none_match.as_deref());
     // What ends a long poll: a snapshot other than the agent's, with its bytes here.
-    let deliverable = |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
+    let deliverable =
+        |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
     if !deliverable(&current(&updates)) && !wait.is_zero() {
         // Long poll: hold until the snapshot changes or the wait runs out.
         let _ = tokio::time::timeout(wait, updates.wait_for(|p| deliverable(p))).await;
@@ -460,8 +462,14 @@ mod tests {
         let held = contract::etag(7, 0xab);
         assert!(!is_news(Some(&at(7)), Some(&held)), "the same snapshot");
         assert!(is_news(Some(&at(8)), Some(&held)), "a newer one");
-        assert!(!is_news(Some(&at(6)), Some(&held)), "an older one: this replica lags");
-        assert!(is_news(Some(&at(6)), Some("\"something else\"")), "an ETag it did not make");
+        assert!(
+            !is_news(Some(&at(6)), Some(&held)),
+            "an older one: this replica lags"
+        );
+        assert!(
+            is_news(Some(&at(6)), Some("\"something else\"")),
+            "an ETag it did not make"
+        );
         assert!(is_news(Some(&at(6)), None), "a first request");
         assert!(!is_news(None, None), "nothing to send");
     }

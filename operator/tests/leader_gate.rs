@@ -68,7 +68,10 @@ async fn reconcile(leadership: Leadership) -> (Result<(), ReconcileError>, Vec<S
 #[tokio::test]
 async fn a_replica_that_does_not_lead_writes_nothing() {
     let (result, seen) = reconcile(Leadership::never()).await;
-    assert!(matches!(result, Err(ReconcileError::NotLeader)), "{result:?}");
+    assert!(
+        matches!(result, Err(ReconcileError::NotLeader)),
+        "{result:?}"
+    );
     assert!(seen.is_empty(), "a follower wrote: {seen:?}");
 }
 
@@ -76,6 +79,10 @@ async fn a_replica_that_does_not_lead_writes_nothing() {
 async fn the_leader_writes_status_and_events() {
     let (result, seen) = reconcile(Leadership::always()).await;
     assert!(result.is_ok(), "{result:?}");
-    assert!(seen.iter().any(|p| p.ends_with("/kmeshconfigs/default/status")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|p| p.ends_with("/kmeshconfigs/default/status")),
+        "{seen:?}"
+    );
     assert!(seen.iter().any(|p| p.contains("/events")), "{seen:?}");
 }

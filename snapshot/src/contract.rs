@@ -90,7 +90,10 @@ pub fn parse_etag(tag: &str) -> Option<(u64, u64)> {
     if hash.len() != 16 {
         return None;
     }
-    Some((generation.parse().ok()?, u64::from_str_radix(hash, 16).ok()?))
+    Some((
+        generation.parse().ok()?,
+        u64::from_str_radix(hash, 16).ok()?,
+    ))
 }
 
 #[cfg(test)]

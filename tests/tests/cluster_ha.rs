@@ -61,7 +61,11 @@ fn nodes() -> Vec<NodeSpec> {
 
 fn istio(path: &str) -> String {
     let p = cluster::repository().join(ISTIO).join(path);
-    assert!(p.exists(), "{} is missing (../shared next to the checkout)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing (../shared next to the checkout)",
+        p.display()
+    );
     format!("{ISTIO}/{path}")
 }
 
@@ -82,7 +86,10 @@ fn run_scenarios(cluster: &mut Cluster) {
     install(cluster);
     let agents = agents(cluster);
     check_own_certificates(cluster);
-    progress!("install (no TLS Secret given) to agents ready: {:.1?}", installing.elapsed());
+    progress!(
+        "install (no TLS Secret given) to agents ready: {:.1?}",
+        installing.elapsed()
+    );
     deploy_bookinfo(cluster);
     let client = first_pod(cluster, "default", "sleep-");
     let target = reviews_target(cluster);
@@ -101,20 +108,33 @@ fn install(cluster: &Cluster) {
     let crds = istio("manifests/charts/base/files/crd-all.gen.yaml");
     k.run(&["apply", "--server-side", "-f", &crds]).unwrap();
     k.run(&["apply", "-k", "config/default"]).unwrap();
-    k.run(&["wait", "--for=condition=Established", "crd/kmeshconfigs.kmesh.net", TIMEOUT])
-        .unwrap();
+    k.run(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/kmeshconfigs.kmesh.net",
+        TIMEOUT,
+    ])
+    .unwrap();
     k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
     for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
-        k.run(&["rollout", "status", "-n", NS, workload, TIMEOUT]).unwrap();
+        k.run(&["rollout", "status", "-n", NS, workload, TIMEOUT])
+            .unwrap();
     }
 }
 
 fn pods(cluster: &Cluster, namespace: &str, prefix: &str) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(cluster.client(), namespace);
-    let list = cluster.block_on(api.list(&ListParams::default())).expect("list pods");
+    let list = cluster
+        .block_on(api.list(&ListParams::default()))
+        .expect("list pods");
     list.items
         .into_iter()
-        .filter(|p| p.metadata.name.as_deref().is_some_and(|n| n.starts_with(prefix)))
+        .filter(|p| {
+            p.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect()
 }
@@ -124,7 +144,10 @@ fn name(p: &Pod) -> String {
 }
 
 fn node_of(p: &Pod) -> String {
-    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
 }
 
 fn first_pod(cluster: &Cluster, namespace: &str, prefix: &str) -> String {
@@ -144,7 +167,10 @@ fn agents(cluster: &Cluster) -> BTreeMap<String, String> {
 }
 
 fn operators(cluster: &Cluster) -> Vec<String> {
-    pods(cluster, NS, "kmesh-operator-").iter().map(name).collect()
+    pods(cluster, NS, "kmesh-operator-")
+        .iter()
+        .map(name)
+        .collect()
 }
 
 /// An agent's `/debug/snapshot`.
@@ -157,39 +183,69 @@ fn agent_status(cluster: &Cluster, agent: &str) -> serde_json::Value {
 }
 
 fn live_generation(cluster: &Cluster, agent: &str) -> u64 {
-    agent_status(cluster, agent)["live"]["generation"].as_u64().unwrap_or(0)
+    agent_status(cluster, agent)["live"]["generation"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 fn applied(cluster: &Cluster, agent: &str) -> (u64, u64) {
     let s = agent_status(cluster, agent);
-    (s["applied"].as_u64().unwrap_or(0), s["unchanged"].as_u64().unwrap_or(0))
+    (
+        s["applied"].as_u64().unwrap_or(0),
+        s["unchanged"].as_u64().unwrap_or(0),
+    )
 }
 
 /// The operator made its own CA and certificate; the agents trust it (they run a snapshot).
 fn check_own_certificates(cluster: &Cluster) {
     let secrets: Api<Secret> = Api::namespaced(cluster.client(), NS);
-    let secret = cluster.block_on(secrets.get("kmesh-operator-tls")).expect("the operator's Secret");
-    let managed = secret.metadata.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by"));
+    let secret = cluster
+        .block_on(secrets.get("kmesh-operator-tls"))
+        .expect("the operator's Secret");
+    let managed = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/managed-by"));
     assert_eq!(managed.map(String::as_str), Some("kmesh-operator"));
     let data = secret.data.unwrap_or_default();
     for key in ["tls.crt", "tls.key", "ca.crt", "ca-cert.pem", "ca-key.pem"] {
         assert!(data.contains_key(key), "the Secret lacks {key}");
     }
     let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client(), NS);
-    let bundle = cluster.block_on(config_maps.get("kmesh-ca-root-cert")).expect("CA ConfigMap");
-    let bundle = bundle.data.unwrap_or_default().get("ca.crt").cloned().unwrap_or_default();
-    assert_eq!(bundle.as_bytes(), data["ca.crt"].0.as_slice(), "the ConfigMap publishes the Secret's CAs");
-    progress!("the operator made its CA and serving certificate; the CA is published in kmesh-ca-root-cert");
+    let bundle = cluster
+        .block_on(config_maps.get("kmesh-ca-root-cert"))
+        .expect("CA ConfigMap");
+    let bundle = bundle
+        .data
+        .unwrap_or_default()
+        .get("ca.crt")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        bundle.as_bytes(),
+        data["ca.crt"].0.as_slice(),
+        "the ConfigMap publishes the Secret's CAs"
+    );
+    progress!(
+        "the operator made its CA and serving certificate; the CA is published in kmesh-ca-root-cert"
+    );
 }
 
 fn lease_holder(cluster: &Cluster) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(cluster.client(), NS);
-    let lease = cluster.block_on(leases.get_opt("kmesh-operator-leader")).ok()??;
+    let lease = cluster
+        .block_on(leases.get_opt("kmesh-operator-leader"))
+        .ok()??;
     lease.spec?.holder_identity.filter(|h| !h.is_empty())
 }
 
 /// Waits until `holds` holds for the Lease holder; returns it and how long that took.
-fn wait_for_holder(cluster: &Cluster, what: &str, holds: impl Fn(&str) -> bool) -> (String, Duration) {
+fn wait_for_holder(
+    cluster: &Cluster,
+    what: &str,
+    holds: impl Fn(&str) -> bool,
+) -> (String, Duration) {
     let started = Instant::now();
     loop {
         if let Some(h) = lease_holder(cluster)
@@ -197,14 +253,23 @@ fn wait_for_holder(cluster: &Cluster, what: &str, holds: impl Fn(&str) -> bool) 
         {
             return (h, started.elapsed());
         }
-        assert!(started.elapsed() < Duration::from_secs(40), "no Lease holder {what} within 40 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "no Lease holder {what} within 40 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn deploy_bookinfo(cluster: &Cluster) {
     let k = cluster.kubectl();
-    k.run(&["label", "namespace", "default", "istio.io/dataplane-mode=Kmesh"]).unwrap();
+    k.run(&[
+        "label",
+        "namespace",
+        "default",
+        "istio.io/dataplane-mode=Kmesh",
+    ])
+    .unwrap();
     for file in [
         "samples/bookinfo/platform/kube/bookinfo.yaml",
         "samples/bookinfo/networking/destination-rule-all.yaml",
@@ -212,21 +277,44 @@ fn deploy_bookinfo(cluster: &Cluster) {
     ] {
         k.run(&["apply", "-f", &istio(file)]).unwrap();
     }
-    k.run(&["wait", "--for=condition=Available", "deployment", "--all", "-n", "default", TIMEOUT])
-        .unwrap();
+    k.run(&[
+        "wait",
+        "--for=condition=Available",
+        "deployment",
+        "--all",
+        "-n",
+        "default",
+        TIMEOUT,
+    ])
+    .unwrap();
 }
 
 fn reviews_target(cluster: &Cluster) -> String {
     let vip = cluster
         .kubectl()
-        .run(&["get", "service", "reviews", "-n", "default", "-o", "jsonpath={.spec.clusterIP}"])
+        .run(&[
+            "get",
+            "service",
+            "reviews",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
         .unwrap();
     format!("{}:9080", vip.trim())
 }
 
 fn probe(cluster: &Cluster, client: &str, target: &str, count: u32) -> ProbeReport {
     let count = count.to_string();
-    let args = ["--target", target, "--count", &count, "--timeout-ms", "2000"];
+    let args = [
+        "--target",
+        target,
+        "--count",
+        &count,
+        "--timeout-ms",
+        "2000",
+    ];
     cluster.run_probe("default", client, &args).unwrap()
 }
 
@@ -241,7 +329,10 @@ fn wait_until_steered(cluster: &Cluster, client: &str, target: &str) {
         if r.ok == 60 && versions == 3 {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "reviews not steered: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "reviews not steered: {r:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -255,7 +346,16 @@ struct Traffic {
 impl Traffic {
     fn start(cluster: &Cluster, client: &str, target: &str) -> Traffic {
         let stop = StopFile::new("ha-traffic");
-        let args = ["--target", target, "--until-file", stop.arg(), "--timeout-ms", "2000", "--interval-us", "5000"];
+        let args = [
+            "--target",
+            target,
+            "--until-file",
+            stop.arg(),
+            "--timeout-ms",
+            "2000",
+            "--interval-us",
+            "5000",
+        ];
         let handle = cluster.spawn_probe("default", client, &args).unwrap();
         Traffic { handle, stop }
     }
@@ -264,8 +364,15 @@ impl Traffic {
     fn finish(self, what: &str) -> ProbeReport {
         self.stop.signal().unwrap();
         let report = self.handle.wait_timeout(Duration::from_secs(20)).unwrap();
-        progress!("traffic during {what}: {} connections, {} failed", report.attempts, report.failed);
-        assert!(report.attempts > 100, "{what}: too few connections: {report:?}");
+        progress!(
+            "traffic during {what}: {} connections, {} failed",
+            report.attempts,
+            report.failed
+        );
+        assert!(
+            report.attempts > 100,
+            "{what}: too few connections: {report:?}"
+        );
         assert_eq!(report.failed, 0, "{what}: connections failed: {report:?}");
         report
     }
@@ -274,12 +381,20 @@ impl Traffic {
 /// Applies a VirtualService of Istio's samples.
 fn apply(cluster: &Cluster, file: &str) -> Instant {
     let at = Instant::now();
-    cluster.kubectl().run(&["apply", "-f", &istio(file)]).unwrap();
+    cluster
+        .kubectl()
+        .run(&["apply", "-f", &istio(file)])
+        .unwrap();
     at
 }
 
 /// Waits until every agent runs a generation above `before`; returns when.
-fn wait_live_above(cluster: &Cluster, agents: &BTreeMap<String, String>, before: &BTreeMap<String, u64>, limit: Duration) -> Instant {
+fn wait_live_above(
+    cluster: &Cluster,
+    agents: &BTreeMap<String, String>,
+    before: &BTreeMap<String, u64>,
+    limit: Duration,
+) -> Instant {
     let started = Instant::now();
     loop {
         let behind: Vec<&String> = agents
@@ -290,13 +405,19 @@ fn wait_live_above(cluster: &Cluster, agents: &BTreeMap<String, String>, before:
         if behind.is_empty() {
             return Instant::now();
         }
-        assert!(started.elapsed() < limit, "nodes {behind:?} still run generations {before:?} after {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "nodes {behind:?} still run generations {before:?} after {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn live_generations(cluster: &Cluster, agents: &BTreeMap<String, String>) -> BTreeMap<String, u64> {
-    agents.iter().map(|(node, a)| (node.clone(), live_generation(cluster, a))).collect()
+    agents
+        .iter()
+        .map(|(node, a)| (node.clone(), live_generation(cluster, a)))
+        .collect()
 }
 
 fn decisions(cluster: &Cluster) -> BTreeMap<String, String> {
@@ -310,7 +431,11 @@ fn decisions(cluster: &Cluster) -> BTreeMap<String, String> {
 }
 
 fn generation_of(decision: &str) -> u64 {
-    decision.split('-').next().and_then(|g| g.parse().ok()).unwrap_or(0)
+    decision
+        .split('-')
+        .next()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
 }
 
 fn signal(pid: i32, sig: i32) {
@@ -328,22 +453,38 @@ fn patch_rollout(cluster: &Cluster, rollout: &str) {
     let patch = format!("{{\"spec\":{{\"rollout\":{rollout}}}}}");
     cluster
         .kubectl()
-        .run(&["patch", "kmeshconfig", "default", "--type", "merge", "-p", &patch])
+        .run(&[
+            "patch",
+            "kmeshconfig",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ])
         .unwrap();
 }
 
 /// Scenario 2: see the module doc.
-fn leader_killed_during_rolling_rollout(cluster: &Cluster, agents: &BTreeMap<String, String>, client: &str, target: &str) {
+fn leader_killed_during_rolling_rollout(
+    cluster: &Cluster,
+    agents: &BTreeMap<String, String>,
+    client: &str,
+    target: &str,
+) {
     let k = cluster.kubectl();
-    k.run(&["label", "node", "node-a", "kmesh.net/canary=true"]).unwrap();
+    k.run(&["label", "node", "node-a", "kmesh.net/canary=true"])
+        .unwrap();
     patch_rollout(
         cluster,
         r#"{"strategy":"Rolling","maxUnavailable":1,"canary":{"nodeSelector":{"matchLabels":{"kmesh.net/canary":"true"}}}}"#,
     );
     let (leader, _) = wait_for_holder(cluster, "at all", |_| true);
     let before = live_generations(cluster, agents);
-    let counts: BTreeMap<String, (u64, u64)> =
-        agents.iter().map(|(n, a)| (n.clone(), applied(cluster, a))).collect();
+    let counts: BTreeMap<String, (u64, u64)> = agents
+        .iter()
+        .map(|(n, a)| (n.clone(), applied(cluster, a)))
+        .collect();
     let decided_before = decisions(cluster);
     let traffic = Traffic::start(cluster, client, target);
 
@@ -358,7 +499,10 @@ fn leader_killed_during_rolling_rollout(cluster: &Cluster, agents: &BTreeMap<Str
         if d.get("node-a") != decided_before.get("node-a") {
             break d;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "the canary was never decided: {d:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the canary was never decided: {d:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     std::thread::sleep(Duration::from_secs(1));
@@ -367,12 +511,18 @@ fn leader_killed_during_rolling_rollout(cluster: &Cluster, agents: &BTreeMap<Str
         decided_before.get("node-b"),
         "node-b must wait for the canary"
     );
-    progress!("rolling rollout stalled after the canary: decisions {canary_decided:?}; leader {leader}");
+    progress!(
+        "rolling rollout stalled after the canary: decisions {canary_decided:?}; leader {leader}"
+    );
 
     // The leader goes away (its pod deleted: SIGTERM, it releases the Lease).
-    k.run(&["delete", "pod", "-n", NS, &leader, "--wait=false"]).unwrap();
-    let (new_leader, took) = wait_for_holder(cluster, "other than the deleted leader", |h| h != leader);
-    progress!("leadership moved from {leader} to {new_leader} in {took:.2?} after the leader's pod was deleted");
+    k.run(&["delete", "pod", "-n", NS, &leader, "--wait=false"])
+        .unwrap();
+    let (new_leader, took) =
+        wait_for_holder(cluster, "other than the deleted leader", |h| h != leader);
+    progress!(
+        "leadership moved from {leader} to {new_leader} in {took:.2?} after the leader's pod was deleted"
+    );
 
     // The canary runs again, applies its snapshot, reports it (to whichever replica): the new
     // leader moves node-b.
@@ -385,16 +535,34 @@ fn leader_killed_during_rolling_rollout(cluster: &Cluster, agents: &BTreeMap<Str
     let after = live_generations(cluster, agents);
     let stored = decisions(cluster);
     for (node, g) in &after {
-        assert_eq!(generation_of(&stored[node]), *g, "node {node} runs the stored decision");
+        assert_eq!(
+            generation_of(&stored[node]),
+            *g,
+            "node {node} runs the stored decision"
+        );
     }
     traffic.finish("the leader's failover in a rolling rollout");
     let report = probe(cluster, client, target, 400);
-    assert!(report.by_reply.keys().any(|r| r.starts_with("reviews-v2-")), "90/10 in effect: {report:?}");
+    assert!(
+        report.by_reply.keys().any(|r| r.starts_with("reviews-v2-")),
+        "90/10 in effect: {report:?}"
+    );
 
     // A replacement operator starts; agents reconnect to either replica without reapplying.
     let replacing = Instant::now();
-    k.run(&["rollout", "status", "-n", NS, "deployment/kmesh-operator", TIMEOUT]).unwrap();
-    progress!("replacement operator ready {:.1?} later", replacing.elapsed());
+    k.run(&[
+        "rollout",
+        "status",
+        "-n",
+        NS,
+        "deployment/kmesh-operator",
+        TIMEOUT,
+    ])
+    .unwrap();
+    progress!(
+        "replacement operator ready {:.1?} later",
+        replacing.elapsed()
+    );
     std::thread::sleep(Duration::from_secs(3));
     // The operators' own Service endpoints are in the snapshots, so the pod replacement is a
     // content change too: each node applies once per decision, never identical content again
@@ -413,9 +581,16 @@ fn leader_killed_during_rolling_rollout(cluster: &Cluster, agents: &BTreeMap<Str
             "{node} applied {} snapshots for {decided} decisions",
             applied_now - applied_before
         );
-        assert_eq!(unchanged_now, unchanged_before, "{node} was sent content it runs");
+        assert_eq!(
+            unchanged_now, unchanged_before,
+            "{node} was sent content it runs"
+        );
         let live = live_generation(cluster, agent);
-        assert_eq!(live, generation_of(&decided_after[node]), "{node} runs the stored decision");
+        assert_eq!(
+            live,
+            generation_of(&decided_after[node]),
+            "{node} runs the stored decision"
+        );
     }
     assert_replicas_agree(cluster);
     patch_rollout(cluster, r#"{"strategy":"AllAtOnce","canary":null}"#);
@@ -436,11 +611,20 @@ fn assert_replicas_agree(cluster: &Cluster) {
     }
     let distinct: std::collections::BTreeSet<&Vec<String>> = served.values().collect();
     progress!("generations served by each replica: {served:?}");
-    assert_eq!(distinct.len(), 1, "replicas serve different generations: {served:?}");
+    assert_eq!(
+        distinct.len(),
+        1,
+        "replicas serve different generations: {served:?}"
+    );
 }
 
 /// Scenario 3: see the module doc.
-fn apiserver_outage(cluster: &mut Cluster, agents: &BTreeMap<String, String>, client: &str, target: &str) {
+fn apiserver_outage(
+    cluster: &mut Cluster,
+    agents: &BTreeMap<String, String>,
+    client: &str,
+    target: &str,
+) {
     let traffic = Traffic::start(cluster, client, target);
     cluster.stop_apiserver().unwrap();
     // Longer than the leader's renew deadline (10 s): the leader stops leading meanwhile.
@@ -467,7 +651,12 @@ fn apiserver_outage(cluster: &mut Cluster, agents: &BTreeMap<String, String>, cl
 }
 
 /// Scenario 4: see the module doc.
-fn all_operators_killed(cluster: &Cluster, agents: &BTreeMap<String, String>, client: &str, target: &str) {
+fn all_operators_killed(
+    cluster: &Cluster,
+    agents: &BTreeMap<String, String>,
+    client: &str,
+    target: &str,
+) {
     let traffic = Traffic::start(cluster, client, target);
     let operators = operators(cluster);
     let old: BTreeMap<String, i32> = operators
@@ -487,12 +676,17 @@ fn all_operators_killed(cluster: &Cluster, agents: &BTreeMap<String, String>, cl
     apply(cluster, VS_50_50);
     let restarted = loop {
         let back = old.iter().any(|(o, pid)| {
-            cluster.pod_pids(NS, o).is_ok_and(|p| !p.is_empty() && !p.contains(pid))
+            cluster
+                .pod_pids(NS, o)
+                .is_ok_and(|p| !p.is_empty() && !p.contains(pid))
         });
         if back {
             break Instant::now();
         }
-        assert!(killed.elapsed() < Duration::from_secs(30), "no operator restarted");
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no operator restarted"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     let live = wait_live_above(cluster, agents, &before, Duration::from_secs(30));
@@ -501,7 +695,10 @@ fn all_operators_killed(cluster: &Cluster, agents: &BTreeMap<String, String>, cl
         "every operator killed: restarted {:.2?} after the kill; the next change live in every kernel {served_after:.2?} after the restart",
         restarted.duration_since(killed)
     );
-    assert!(served_after < Duration::from_secs(5), "the restarted operator took {served_after:.2?}");
+    assert!(
+        served_after < Duration::from_secs(5),
+        "the restarted operator took {served_after:.2?}"
+    );
     traffic.finish("the operators' restart");
 }
 
@@ -531,12 +728,22 @@ fn another_nodes_token(cluster: &Cluster, agents: &BTreeMap<String, String>) {
         .unwrap()
         .token;
     let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client(), NS);
-    let ca = cluster.block_on(config_maps.get("kmesh-ca-root-cert")).unwrap();
+    let ca = cluster
+        .block_on(config_maps.get("kmesh-ca-root-cert"))
+        .unwrap();
     let ca_file = std::env::temp_dir().join(format!("kmt-ha-ca-{}.crt", std::process::id()));
     std::fs::write(&ca_file, &ca.data.unwrap()["ca.crt"]).unwrap();
     let vip = cluster
         .kubectl()
-        .run(&["get", "service", "kmesh-operator", "-n", NS, "-o", "jsonpath={.spec.clusterIP}"])
+        .run(&[
+            "get",
+            "service",
+            "kmesh-operator",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
         .unwrap();
     let status = |node: &str| -> String {
         let host = "kmesh-operator.kmesh-system.svc";
@@ -587,7 +794,13 @@ fn peak_rss(cluster: &Cluster, agents: &BTreeMap<String, String>) {
         }
     }
     for (node, agent) in agents {
-        figures.push(format!("agent on {node}: {} MiB", vm_hwm(agent_pid(cluster, agent)) / 1024));
+        figures.push(format!(
+            "agent on {node}: {} MiB",
+            vm_hwm(agent_pid(cluster, agent)) / 1024
+        ));
     }
-    progress!("peak RSS (VmHWM from /proc/PID/status at the end of the scenario): {}", figures.join(", "));
+    progress!(
+        "peak RSS (VmHWM from /proc/PID/status at the end of the scenario): {}",
+        figures.join(", ")
+    );
 }

@@ -184,24 +184,28 @@ impl ControlPlane {
         etcd_url: &str,
     ) -> io::Result<Client> {
         let args = [
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={}", self.api_port),
-                format!("--tls-cert-file={}", arg(&files.api_cert)),
-                format!("--tls-private-key-file={}", arg(&files.api_key)),
-                // The built-in `kubernetes` Endpoints may not name a loopback address.
-                "--endpoint-reconciler-type=none".into(),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--allow-privileged=true".into(),
-                "--authorization-mode=RBAC".into(),
-                format!("--token-auth-file={}", arg(&files.tokens)),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", arg(&files.sa_pub)),
-                format!("--service-account-signing-key-file={}", arg(&files.sa_key)),
-            ];
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.api_port),
+            format!("--tls-cert-file={}", arg(&files.api_cert)),
+            format!("--tls-private-key-file={}", arg(&files.api_key)),
+            // The built-in `kubernetes` Endpoints may not name a loopback address.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--allow-privileged=true".into(),
+            "--authorization-mode=RBAC".into(),
+            format!("--token-auth-file={}", arg(&files.tokens)),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", arg(&files.sa_pub)),
+            format!("--service-account-signing-key-file={}", arg(&files.sa_key)),
+        ];
         self.spawn(bins, dir, "kube-apiserver", &args)?;
-        self.apiserver = Some((bins.path("kube-apiserver"), args.to_vec(), dir.to_path_buf()));
+        self.apiserver = Some((
+            bins.path("kube-apiserver"),
+            args.to_vec(),
+            dir.to_path_buf(),
+        ));
         let client = client_for(&self.kubeconfig).await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -309,7 +313,10 @@ impl ControlPlane {
             .clone()
             .ok_or_else(|| io::Error::other("kube-apiserver was never started"))?;
         let log = dir.join("kube-apiserver.log");
-        let out = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut cmd = Command::new(bin);
         cmd.args(&args)
             .stdin(Stdio::null())

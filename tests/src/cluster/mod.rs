@@ -275,7 +275,10 @@ impl Cluster {
     /// Starts kube-apiserver again on the same etcd, port and certificates; returns once it
     /// serves.
     pub fn restart_apiserver(&mut self) -> io::Result<()> {
-        let mut cp = self.control_plane.take().expect("control plane lives until drop");
+        let mut cp = self
+            .control_plane
+            .take()
+            .expect("control plane lives until drop");
         let result = self.block_on(cp.restart_apiserver());
         self.control_plane = Some(cp);
         result
@@ -286,7 +289,10 @@ impl Cluster {
     pub fn pod_pids(&self, namespace: &str, name: &str) -> io::Result<Vec<i32>> {
         let (_, cgroup, _) = self.sandbox(namespace, name)?;
         let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
-        Ok(procs.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        Ok(procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
     }
 
     /// The cluster network's namespace (`/run/netns/...`), where Service VIPs and pods are

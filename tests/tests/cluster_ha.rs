@@ -602,11 +602,12 @@ fn assert_replicas_agree(cluster: &Cluster) {
     for operator in operators(cluster) {
         let (code, body) = cluster.pod_get(NS, &operator, 15301, "/metrics").unwrap();
         assert_eq!(code, 200);
-        let generations: Vec<String> = body
+        let mut generations: Vec<String> = body
             .lines()
             .filter(|l| l.starts_with("kmesh_operator_node_published_generation{"))
             .map(str::to_string)
             .collect();
+        generations.sort();
         served.insert(operator, generations);
     }
     let distinct: std::collections::BTreeSet<&Vec<String>> = served.values().collect();

@@ -8,7 +8,13 @@
 //! snapshot with the ETag of the one it holds and the generation live in its kernel; a `200`
 //! delivers a snapshot, a `304` means nothing changed within the wait, and anything else — or a
 //! transport error, logged with its whole cause — is retried with exponential backoff (0.5 s
-//! doubling to 30 s) and full jitter, keeping the snapshot it has.
+//! doubling to 30 s; to 2 s when no operator answered at all, so that agents are back within a
+//! couple of seconds of an operator's restart) and full jitter, keeping the snapshot it has.
+//!
+//! The operator's CA file (`--operator-ca`, a ConfigMap the operator publishes, updated in place by
+//! the kubelet when the operator changes its CA) is re-read before every request; when its
+//! contents change, the client is rebuilt with the new CAs (a file that does not parse is logged and
+//! the previous CAs kept).
 //!
 //! The operator learns which generation runs on the node from the live generation the agent
 //! reports. So that this is prompt rather than up to a long poll later, the poller watches the live
@@ -46,6 +52,7 @@ pub enum Source {
 const LONG_POLL: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX_TRANSPORT: Duration = Duration::from_secs(2);
 const FILE_POLL: Duration = Duration::from_millis(100);
 
 /// Delivers snapshot bytes to `tx` until the receiver is gone. `live` is the generation the data
@@ -65,7 +72,8 @@ pub async fn run(
             ca_file,
         } => match https_connector(ca_file.as_deref()) {
             Ok(connector) => {
-                poll_operator(url, node, token_file, connector, max_bytes, live, tx).await
+                let ca = TrustedCa::new(ca_file);
+                poll_operator(url, node, token_file, (ca, connector), max_bytes, live, tx).await
             }
             // Checked at start-up (see `check`); reaching here means the file changed since.
             Err(e) => tracing::error!(error = %e, "cannot set up TLS to the operator"),
@@ -244,20 +252,60 @@ pub fn check(source: &Source) -> Result<(), String> {
     Ok(())
 }
 
+/// The operator's CA file and the contents the client was last built with.
+struct TrustedCa {
+    file: Option<PathBuf>,
+    loaded: Option<Vec<u8>>,
+}
+
+impl TrustedCa {
+    fn new(file: Option<PathBuf>) -> TrustedCa {
+        let loaded = file.as_ref().and_then(|f| std::fs::read(f).ok());
+        TrustedCa { file, loaded }
+    }
+
+    /// A connector over the file's CAs if its contents changed since the last call and parse.
+    fn reloaded(&mut self) -> Option<Connector> {
+        let file = self.file.as_ref()?;
+        let now = std::fs::read(file).ok()?;
+        if self.loaded.as_ref() == Some(&now) {
+            return None;
+        }
+        self.loaded = Some(now);
+        match https_connector(Some(file)) {
+            Ok(connector) => {
+                info!(ca = %file.display(), "operator CA file changed; reloaded");
+                Some(connector)
+            }
+            Err(e) => {
+                warn!(ca = %file.display(), error = %e, "operator CA file changed but is unusable; keeping the previous CAs");
+                None
+            }
+        }
+    }
+}
+
+fn client_of(connector: Connector) -> Client<Connector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector)
+}
+
 async fn poll_operator(
     base: String,
     node: String,
     token_file: Option<PathBuf>,
-    connector: Connector,
+    (mut ca, connector): (TrustedCa, Connector),
     max_bytes: u64,
     mut live: watch::Receiver<u64>,
     tx: Sender<Vec<u8>>,
 ) {
-    let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
+    let mut client = client_of(connector);
     let url = contract::snapshot_url(&base, &node, LONG_POLL);
     let mut etag: Option<String> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
+        if let Some(connector) = ca.reloaded() {
+            client = client_of(connector);
+        }
         let live_generation = *live.borrow_and_update();
         let request = tokio::time::timeout(
             LONG_POLL + Duration::from_secs(15),
@@ -298,7 +346,7 @@ async fn poll_operator(
                 let delay = jitter(backoff);
                 warn!(url, error = %e, retry_in_ms = delay.as_millis() as u64, "fetching snapshot failed");
                 tokio::time::sleep(delay).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = next_backoff(backoff, &e);
             }
             Err(_) => {
                 warn!(url, "snapshot request timed out");
@@ -358,6 +406,17 @@ async fn fetch(
     }
 }
 
+/// The ceiling of the next retry after `error`: doubling to [`BACKOFF_MAX`]; to
+/// [`BACKOFF_MAX_TRANSPORT`] when no operator answered at all (the operator restarting: a refused or
+/// reset connection costs the operator nothing, and the agent should be back as soon as it is).
+fn next_backoff(backoff: Duration, error: &FetchError) -> Duration {
+    let ceiling = match error {
+        FetchError::Transport { .. } => BACKOFF_MAX_TRANSPORT,
+        _ => BACKOFF_MAX,
+    };
+    (backoff * 2).min(ceiling)
+}
+
 /// Full jitter: a uniform delay in [100 ms, ceiling]; spreads retries of many agents after an outage.
 fn jitter(ceiling: Duration) -> Duration {
     let nanos = SystemTime::now()
@@ -389,6 +448,44 @@ mod tests {
             Ok(_) => panic!("fetching {url} succeeded"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn retries_after_transport_failures_stay_quick() {
+        let refused = FetchError::Transport {
+            failure: TransportFailure::ConnectionRefused,
+            chain: String::new(),
+        };
+        let forbidden = FetchError::Status(StatusCode::FORBIDDEN);
+        let mut b = BACKOFF_MIN;
+        for _ in 0..10 {
+            b = next_backoff(b, &refused);
+        }
+        assert_eq!(b, BACKOFF_MAX_TRANSPORT);
+        for _ in 0..10 {
+            b = next_backoff(b, &forbidden);
+        }
+        assert_eq!(b, BACKOFF_MAX);
+    }
+
+    /// A changed CA file rebuilds the client (the operator changed its CA); the same contents or
+    /// an unusable file do not.
+    #[test]
+    fn the_ca_file_is_reloaded_when_its_contents_change() {
+        let first = TestTls::new("agent-unit-ca-1").unwrap();
+        let second = TestTls::new("agent-unit-ca-2").unwrap();
+        let file = first.file("operator-ca.crt", "").unwrap();
+        std::fs::copy(&first.ca_file, &file).unwrap();
+        let mut ca = TrustedCa::new(Some(file.clone()));
+        assert!(ca.reloaded().is_none(), "unchanged since start-up");
+        std::fs::copy(&second.ca_file, &file).unwrap();
+        assert!(ca.reloaded().is_some(), "a new CA is loaded");
+        assert!(ca.reloaded().is_none(), "and only once");
+        std::fs::write(&file, "not a certificate").unwrap();
+        assert!(
+            ca.reloaded().is_none(),
+            "an unusable file keeps the previous CAs"
+        );
     }
 
     #[tokio::test]

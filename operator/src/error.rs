@@ -41,6 +41,12 @@ pub enum Error {
     /// The certificate does not belong to the private key (or rustls cannot use them).
     #[error("certificate and key do not fit: {0}")]
     CertificateKey(#[source] tokio_rustls::rustls::Error),
+    /// The operator's own certificates could not be loaded.
+    #[error("{0}")]
+    Certificates(#[source] crate::certs::CertError),
+    /// The leader election flags would allow two leaders.
+    #[error("leader election: {0}")]
+    Election(#[source] crate::leader::ElectionConfigError),
     /// A listening socket could not be bound.
     #[error("listening on {addr}: {source}")]
     Listen {

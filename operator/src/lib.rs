@@ -1,6 +1,7 @@
 //! The kmesh-rs operator as a library: the `KmeshConfig` CRD ([`crd`]) and the pure compiler from
 //! Kubernetes and Istio objects to per-node snapshots. Kinds of objects are [`kinds::Kind`]; what
 //! stops the operator is an [`Error`].
+pub mod certs;
 pub mod compile;
 pub mod crd;
 pub mod diagnostics;
@@ -11,10 +12,12 @@ pub mod inputs;
 pub mod istio;
 pub mod kinds;
 pub mod kube_source;
+pub mod leader;
 pub mod metrics;
 pub mod publish;
 pub mod reconcile;
 pub mod render;
+pub mod replicas;
 pub mod server;
 pub mod tokenreview;
 pub mod validate;

@@ -10,14 +10,17 @@ use std::{
 use clap::Parser;
 use kmesh_operator::{
     Error, Result,
+    certs::{self, CertSource, CurrentCert, Lifetimes},
     compile::{CompileOptions, Compiled, compile},
     diagnostics::{Diagnostic, ObjectRef, Severity},
     dir_source,
     inputs::Inputs,
     kube_source::{DebounceConfig, KubeSource},
+    leader::{self, ElectionConfig, Leadership},
     metrics::{self, Metrics},
     publish::{Publisher, RolloutPolicy},
     reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
+    replicas::{self, DecisionStore, DecisionWriteError},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
     tokenreview::TokenReviewAuth,
 };
@@ -40,11 +43,47 @@ struct Cli {
     /// Address of the snapshot server.
     #[arg(long, default_value = "0.0.0.0:15300")]
     listen: SocketAddr,
-    /// PEM certificate chain of the snapshot server; with --tls-key, the server speaks TLS.
+    /// PEM certificate chain of the snapshot server (cert-manager, say); with --tls-key, the
+    /// server speaks TLS with it, re-read when it changes. Without it, `--source kube` makes and
+    /// rotates its own CA and certificate in the Secret `kmesh-operator-tls`.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA that signs it, published for the agents in the ConfigMap
+    /// `kmesh-ca-root-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca_file: Option<PathBuf>,
+    /// Lifetime of the operator's own serving certificate, in seconds (renewed at 2/3).
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    tls_serving_seconds: u64,
+    /// Lifetime of the operator's own CA, in seconds (a next CA is trusted from 2/3, and signs
+    /// after --tls-ca-overlap-seconds).
+    #[arg(long, default_value_t = 365 * 24 * 3600)]
+    tls_ca_seconds: u64,
+    #[arg(long, default_value_t = 24 * 3600)]
+    tls_ca_overlap_seconds: u64,
+    /// The operator's namespace (its Lease, Secret and ConfigMaps).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kmesh-system")]
+    namespace: String,
+    /// The operator's Service (the names of its serving certificate).
+    #[arg(long, default_value = "kmesh-operator")]
+    service_name: String,
+    /// This replica's identity in the leader election.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Elect a leader among replicas on the Lease `kmesh-operator-leader` (`--source kube`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Seconds a leader's Lease holds without renewal.
+    #[arg(long, default_value_t = 15)]
+    leader_lease_seconds: u64,
+    /// Seconds a leader keeps leading without a successful renewal.
+    #[arg(long, default_value_t = 10)]
+    leader_renew_deadline_seconds: u64,
+    /// Seconds between election attempts and renewals.
+    #[arg(long, default_value_t = 2)]
+    leader_retry_seconds: u64,
     /// How agents authenticate: `tokenreview` (service-account tokens checked with the API server),
     /// `static:FILE` (lines of `<token> <node>`), or `none` (anyone may fetch any node; local use).
     #[arg(long, default_value = "tokenreview")]
@@ -182,16 +221,19 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let store = SnapshotStore::default();
     let metrics = Arc::new(Metrics::default());
-    let tls = tls_acceptor(&cli)?;
+    let cert = Arc::new(CurrentCert::default());
+    let tls = tls_acceptor(&cli, &cert)?;
     let server = Server {
         listener: bind(cli.listen).await?,
         tls,
         store: store.clone(),
         metrics: metrics.clone(),
     };
+    let ready_store = store.clone();
     tokio::spawn(metrics::serve(
         bind(cli.metrics_addr).await?,
         metrics.clone(),
+        Arc::new(move || ready_store.is_ready()),
     ));
     start_server(&cli, server).await?;
     let first_generation = std::time::SystemTime::now()
@@ -209,6 +251,7 @@ async fn run(cli: Cli) -> Result<()> {
         publisher,
         store,
         metrics,
+        cert,
     };
     match &cli.source {
         Source::Dir(path) => run_dir(path.clone(), operator).await,
@@ -216,13 +259,82 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The TLS acceptor of `--tls-cert` and `--tls-key`, if given.
-fn tls_acceptor(cli: &Cli) -> Result<Option<tokio_rustls::TlsAcceptor>> {
-    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
-        return Ok(None);
+/// The TLS acceptor: over the given files, or (`--source kube` without them) over the operator's
+/// own certificate, loaded once the Secret holds it. `None`: plain HTTP (`dir:` without files).
+fn tls_acceptor(cli: &Cli, cert: &Arc<CurrentCert>) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    match (&cli.tls_cert, &cli.tls_key, &cli.source) {
+        (Some(c), Some(k), _) => certs::load_files(cert, c, k)?,
+        (_, _, Source::Kube) => {}
+        _ => return Ok(None),
+    }
+    certs::acceptor(cert.clone()).map(Some)
+}
+
+/// Where `--source kube` takes its certificate from.
+fn cert_source(cli: &Cli) -> CertSource {
+    match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: cli.tls_ca_file.clone(),
+            namespace: cli.namespace.clone(),
+        },
+        _ => CertSource::SelfManaged {
+            namespace: cli.namespace.clone(),
+            service: cli.service_name.clone(),
+            lifetimes: Lifetimes {
+                serving: Duration::from_secs(cli.tls_serving_seconds),
+                ca: Duration::from_secs(cli.tls_ca_seconds),
+                ca_overlap: Duration::from_secs(cli.tls_ca_overlap_seconds),
+            },
+        },
+    }
+}
+
+/// The election, as the flags say: on the Lease, or (`--leader-elect=false`) always leading.
+fn election(
+    cli: &Cli,
+    client: &kube::Client,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Leadership> {
+    if !cli.leader_elect {
+        return Ok(Leadership::always());
+    }
+    let identity = cli.pod_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let config = ElectionConfig {
+        namespace: cli.namespace.clone(),
+        lease_name: "kmesh-operator-leader".into(),
+        identity,
+        lease_duration: Duration::from_secs(cli.leader_lease_seconds),
+        renew_deadline: Duration::from_secs(cli.leader_renew_deadline_seconds),
+        retry_period: Duration::from_secs(cli.leader_retry_seconds),
     };
-    let read = |p: &PathBuf| std::fs::read(p).map_err(Error::read(p));
-    server::tls_acceptor(&read(cert)?, &read(key)?).map(Some)
+    config.check().map_err(Error::Election)?;
+    Ok(leader::start(client.clone(), config, shutdown).0)
+}
+
+/// A receiver that turns true on SIGTERM or SIGINT (the leader then releases its Lease).
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!("shutting down");
+        tx.send_replace(true);
+    });
+    rx
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
@@ -292,6 +404,8 @@ struct Operator<'a> {
     publisher: Publisher,
     store: SnapshotStore,
     metrics: Arc<Metrics>,
+    /// The serving certificate (TLS is ready once it is loaded).
+    cert: Arc<CurrentCert>,
 }
 
 impl Operator<'_> {
@@ -333,10 +447,40 @@ impl Operator<'_> {
         compiled
     }
 
-    /// Publishes the pending snapshots the rollout allows now, given what agents report live.
+    /// Publishes the pending snapshots the rollout allows now, given what agents report live (a
+    /// replica that decides alone).
     fn advance(&mut self) {
         let store = &self.store;
         self.publisher.advance(&|node| store.live_generation(node));
+        self.mark_ready();
+    }
+
+    /// Serves the stored decisions; while leading, first stores the decisions the rollout allows
+    /// now. A decision is served only once stored, so every replica serves the same.
+    async fn decide(&mut self, decisions: &DecisionStore, leadership: &Leadership) {
+        self.publisher.adopt(&decisions.current());
+        if leadership.is_leader() {
+            let store = &self.store;
+            let proposed = self.publisher.propose(&|node| store.live_generation(node));
+            if !proposed.is_empty() {
+                match decisions.write(leadership, &proposed).await {
+                    Ok(stored) => {
+                        self.publisher.adopt(&stored);
+                    }
+                    Err(DecisionWriteError::NotLeader) => {}
+                    Err(e) => warn!(error = %e, "decisions not stored; retrying"),
+                }
+            }
+        }
+        self.mark_ready();
+    }
+
+    /// Ready once it has compiled and can speak TLS (if it does).
+    fn mark_ready(&self) {
+        let tls_ready = self.cli.tls_cert.is_some()
+            || matches!(self.cli.source, Source::Dir(_))
+            || self.cert.is_loaded();
+        self.store.set_ready(tls_ready);
     }
 
     /// Which node runs which snapshot: published generations against what the agents report
@@ -403,9 +547,22 @@ async fn run_dir(path: PathBuf, mut operator: Operator<'_>) -> Result<()> {
     }
 }
 
-/// Watches the API server, recompiles on (debounced) changes, and keeps the KmeshConfig status
-/// current, also while agents report their rollout progress.
+/// Watches the API server, recompiles on (debounced) changes, serves the leader's decisions, and
+/// (leader only) decides, keeps the certificates and the KmeshConfig status current, also while
+/// agents report their rollout progress.
 async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()> {
+    let cli = operator.cli;
+    let shutdown = shutdown_signal();
+    let mut leadership = election(cli, &client, shutdown.clone())?;
+    certs::start(
+        client.clone(),
+        cert_source(cli),
+        operator.cert.clone(),
+        leadership.clone(),
+    );
+    let mut decisions = DecisionStore::start(&client, &cli.namespace);
+    replicas::record_live_reports(&client, &cli.namespace, operator.store.clone());
+    let mut live = operator.store.live_changes();
     let source = KubeSource::start(client.clone());
     if !source.wait_settled(Duration::from_secs(60)).await {
         warn!("not every watched kind listed within 60 s; compiling with what is there");
@@ -413,35 +570,50 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
     let mut changes = source.changes(DebounceConfig::default());
     let reporter = Reporter {
         controller: "kmesh-operator".into(),
-        instance: std::env::var("POD_NAME").ok(),
+        instance: cli.pod_name.clone(),
     };
-    let mut reconciler = Reconciler::new(client, reporter);
+    let mut reconciler = Reconciler::new(client, reporter).gated_by(leadership.clone());
+    let mut stopping = shutdown.clone();
     loop {
         let snapshot = source.snapshot();
         let compiled = operator.compile_and_publish(&snapshot.inputs, snapshot.diagnostics.clone());
         let not_installed = snapshot.not_installed_names();
         loop {
-            operator.advance();
-            let rollout = operator.rollout_facts();
-            let stores = source.stores();
-            let uid_of = |o: &ObjectRef| stores.uid_of(o);
-            let input = ReconcileInput {
-                config: snapshot.inputs.config.as_ref(),
-                diagnostics: &compiled.diagnostics,
-                rollout: &rollout,
-                not_installed: &not_installed,
-                uid_of: &uid_of,
-            };
-            if let Err(e) = reconciler.reconcile(&input).await {
-                warn!(error = %e, "updating the KmeshConfig status");
+            operator.decide(&decisions, &leadership).await;
+            if leadership.is_leader() {
+                let rollout = operator.rollout_facts();
+                let stores = source.stores();
+                let uid_of = |o: &ObjectRef| stores.uid_of(o);
+                let input = ReconcileInput {
+                    config: snapshot.inputs.config.as_ref(),
+                    diagnostics: &compiled.diagnostics,
+                    rollout: &rollout,
+                    not_installed: &not_installed,
+                    uid_of: &uid_of,
+                };
+                match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "updating the KmeshConfig status"),
+                    Err(_) => warn!("updating the KmeshConfig status: no answer within 10 s"),
+                }
             }
-            // Recompile on a change; meanwhile refresh the status as agents report progress.
+            // Recompile on a change; meanwhile follow decisions, leadership and agents' progress.
             tokio::select! {
                 more = changes.next() => {
                     if !more {
                         return Err(Error::SourceStopped);
                     }
                     break;
+                }
+                _ = decisions.changed() => {}
+                _ = leadership.changed() => {}
+                _ = live.changed() => {}
+                _ = stopping.changed() => {
+                    // Give the election a moment to release the Lease.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Ok(());
                 }
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }

@@ -3,7 +3,11 @@
 //!
 //! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
-//!   60 s); `404` for a node the operator has no snapshot for (yet).
+//!   60 s), or names a newer generation than this replica's (it lags behind another replica: it
+//!   never sends an agent back); `404` for a node the operator has no snapshot for (yet); `503`
+//!   when this replica has not compiled the node's decided content yet (see [`Published`]).
+//! - Every replica serves the leader's decisions ([`crate::publish`]), so the ETag of a node's
+//!   snapshot is the same at every replica: an agent that reaches another replica gets `304`.
 //! - Agents authenticate with a bearer token. With TokenReview, the token must be a service-account
 //!   token of the agent's service account bound to a pod on the node it asks for (the API server
 //!   puts the node name in the review's `authentication.kubernetes.io/node-name` extra): a token of
@@ -31,12 +35,13 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
-/// One node's current snapshot.
+/// One node's current snapshot: the leader's decision, and its bytes when this replica has
+/// compiled that content (`None`: not yet; an agent holding the decision gets `304`, others wait).
 #[derive(Clone, Debug)]
 pub struct Published {
     pub generation: u64,
     pub content_hash: u64,
-    pub bytes: Bytes,
+    pub bytes: Option<Bytes>,
 }
 
 impl Published {
@@ -46,11 +51,30 @@ impl Published {
 }
 
 /// What the server serves: the latest snapshot of every node, with change notification; and what
-/// each node's agent last reported live.
-#[derive(Clone, Default)]
+/// each node's agent last reported live, to this replica or (merged in by
+/// [`replicas`](crate::replicas)) to another.
+#[derive(Clone)]
 pub struct SnapshotStore {
     nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
     live: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Bumped on every change of `live`.
+    live_changed: Arc<watch::Sender<u64>>,
+    /// Reports that reached this replica, not yet recorded for the other replicas.
+    reported_here: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Whether this replica answers snapshot requests (first compile done, TLS ready).
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        SnapshotStore {
+            nodes: Arc::default(),
+            live: Arc::default(),
+            live_changed: Arc::new(watch::channel(0).0),
+            reported_here: Arc::default(),
+            ready: Arc::default(),
+        }
+    }
 }
 
 impl SnapshotStore {
@@ -84,11 +108,53 @@ impl SnapshotStore {
             .copied()
     }
 
+    /// Every node's live generation.
+    pub fn live_generations(&self) -> BTreeMap<String, u64> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a live generation: reported here by an agent, or by another replica through the
+    /// API server. Generations only grow (the leader decides increasing ones), so the highest
+    /// report wins, whatever order reports arrive in. Returns whether it changed anything.
+    pub fn merge_live(&self, node: &str, generation: u64) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live.entry(node.to_string()).or_insert(0);
+        if generation <= *entry {
+            return false;
+        }
+        *entry = generation;
+        drop(live);
+        self.live_changed.send_modify(|n| *n += 1);
+        true
+    }
+
     fn report_live(&self, node: &str, generation: u64) {
-        self.live
+        self.reported_here
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), generation);
+        self.merge_live(node, generation);
+    }
+
+    /// The reports agents made to this replica (cleared by the call): what
+    /// [`replicas`](crate::replicas) records for the others.
+    pub fn take_reported_here(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.reported_here.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A receiver that changes whenever a live generation does.
+    pub fn live_changes(&self) -> watch::Receiver<u64> {
+        self.live_changed.subscribe()
+    }
+
+    /// Marks this replica ready (or not) to serve.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -285,14 +351,13 @@ async fn serve_snapshot<A: Authenticator>(
         .map(str::to_string);
     let mut updates = store.subscribe(node);
     let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
-    let changed = |p: &Option<Published>| match (p, &if_none_match) {
-        (Some(p), Some(tag)) => p.etag() != *tag,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    if !changed(&current(&updates)) && !wait.is_zero() {
+    let changed = |p: &Option<Published>| is_news(p.as_ref(), if_none_match.as_deref());
+    // What ends a long poll: a snapshot other than the agent's, with its bytes here.
+    let deliverable =
+        |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
+    if !deliverable(&current(&updates)) && !wait.is_zero() {
         // Long poll: hold until the snapshot changes or the wait runs out.
-        let _ = tokio::time::timeout(wait, updates.wait_for(|p| changed(p))).await;
+        let _ = tokio::time::timeout(wait, updates.wait_for(|p| deliverable(p))).await;
     }
     match current(&updates) {
         None => text(
@@ -306,14 +371,35 @@ async fn serve_snapshot<A: Authenticator>(
             }
             resp
         }
+        Some(Published { bytes: None, .. }) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "this replica has not compiled node {node:?}'s decided snapshot yet; ask again\n"
+            ),
+        ),
         Some(p) => {
             let etag = p.etag();
             Response::builder()
                 .header(header::ETAG, etag)
                 .header(header::CONTENT_TYPE, contract::MEDIA_TYPE)
-                .body(Full::new(p.bytes.clone()))
+                .body(Full::new(p.bytes.clone().unwrap_or_default()))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
+    }
+}
+
+/// Whether `published` is news to an agent holding `if_none_match`: a snapshot other than the one
+/// it holds, and not older. An agent holding a newer generation than this replica's decision got it
+/// from a replica that saw a later decision: this one lags (its API view is behind) and must not
+/// send it back.
+fn is_news(published: Option<&Published>, if_none_match: Option<&str>) -> bool {
+    match (published, if_none_match) {
+        (Some(p), Some(tag)) => {
+            let held = contract::parse_etag(tag).map(|(generation, _)| generation);
+            p.etag() != tag && held.is_none_or(|g| g < p.generation)
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
     }
 }
 
@@ -364,6 +450,28 @@ mod tests {
         assert_eq!(wait_param(Some("wait=999s")), contract::MAX_WAIT);
         assert_eq!(wait_param(Some("wait=soon")), Duration::ZERO);
         assert_eq!(wait_param(None), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lagging_replica_never_sends_an_agent_back() {
+        let at = |generation| Published {
+            generation,
+            content_hash: 0xab,
+            bytes: None,
+        };
+        let held = contract::etag(7, 0xab);
+        assert!(!is_news(Some(&at(7)), Some(&held)), "the same snapshot");
+        assert!(is_news(Some(&at(8)), Some(&held)), "a newer one");
+        assert!(
+            !is_news(Some(&at(6)), Some(&held)),
+            "an older one: this replica lags"
+        );
+        assert!(
+            is_news(Some(&at(6)), Some("\"something else\"")),
+            "an ETag it did not make"
+        );
+        assert!(is_news(Some(&at(6)), None), "a first request");
+        assert!(!is_news(None, None), "nothing to send");
     }
 
     #[test]

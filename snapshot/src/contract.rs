@@ -83,6 +83,19 @@ pub fn etag(generation: u64, content_hash: u64) -> String {
     format!("\"{generation}-{content_hash:016x}\"")
 }
 
+/// The generation and content hash an ETag of [`etag`] names; `None` for any other text.
+pub fn parse_etag(tag: &str) -> Option<(u64, u64)> {
+    let inner = tag.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let (generation, hash) = inner.split_once('-')?;
+    if hash.len() != 16 {
+        return None;
+    }
+    Some((
+        generation.parse().ok()?,
+        u64::from_str_radix(hash, 16).ok()?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +134,8 @@ mod tests {
     #[test]
     fn etags_name_generation_and_hash() {
         assert_eq!(etag(7, 0xabc), "\"7-0000000000000abc\"");
+        assert_eq!(parse_etag(&etag(7, 0xabc)), Some((7, 0xabc)));
+        assert_eq!(parse_etag("7-0000000000000abc"), None, "unquoted");
+        assert_eq!(parse_etag("\"x-0000000000000abc\""), None);
     }
 }

@@ -225,8 +225,7 @@ fn install_crds(cluster: &Cluster) {
         .unwrap();
 }
 
-/// The install, as the README says, and the operator's TLS Secret as cert-manager would make it;
-/// returns the agents' pod names once every agent is ready, and how long that took.
+/// The install, as the README says; returns the agents' pod names once every agent is ready, and how long that took.
 fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
     let k = cluster.kubectl();
     let install = Instant::now();
@@ -243,9 +242,7 @@ fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
     k.run(&["wait", "--for=condition=Established", crd, TIMEOUT])
         .unwrap();
     k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
-    cluster
-        .create_tls_secret("kmesh-system", "kmesh-operator-tls", "kmesh-operator")
-        .unwrap();
+    // No TLS Secret: the operator makes its own CA and certificate.
     for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
         k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
             .unwrap();

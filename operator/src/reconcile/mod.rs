@@ -26,6 +26,7 @@ pub use status::{MAX_LISTED, NodeRollout, RolloutFacts, StatusFacts, compute_sta
 use crate::{
     crd::{KmeshConfig, KmeshConfigStatus, SINGLETON_NAME},
     diagnostics::{Diagnostic, ObjectRef},
+    leader::Leadership,
 };
 
 /// The field manager of the status writes (and the Events' reporting controller).
@@ -57,6 +58,9 @@ pub enum ReconcileError {
     /// The API server could not be reached, or its answer could not be read.
     #[error("status write of KmeshConfig \"{SINGLETON_NAME}\" failed: {0}")]
     StatusTransport(#[source] kube::Error),
+    /// This replica does not lead: only the leader writes status and Events.
+    #[error("not the leader: status and Events are the leader's to write")]
+    NotLeader,
 }
 
 impl ReconcileError {
@@ -64,7 +68,7 @@ impl ReconcileError {
     /// missing KmeshConfig or a refusal such as 403/422 needs a change in the cluster first.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReconcileError::ConfigNotFound => false,
+            ReconcileError::ConfigNotFound | ReconcileError::NotLeader => false,
             ReconcileError::StatusConflict { .. } | ReconcileError::StatusTransport(_) => true,
             ReconcileError::StatusRefused { code, .. } => *code >= 500 || *code == 429,
         }
@@ -122,6 +126,8 @@ pub struct Reconciler {
     announced: BTreeSet<Rejection>,
     /// Whether the missing KmeshConfig has been logged (once per absence, not per compile).
     config_missing_logged: bool,
+    /// The gate: only the leader writes (see [`Reconciler::gated_by`]).
+    leadership: Leadership,
 }
 
 impl Reconciler {
@@ -131,7 +137,16 @@ impl Reconciler {
             reporter,
             announced: BTreeSet::new(),
             config_missing_logged: false,
+            leadership: Leadership::always(),
         }
+    }
+
+    /// Writes only while `leadership` leads: a reconcile of a replica that does not lead writes
+    /// nothing and returns [`ReconcileError::NotLeader`]. (A new leader announces the rejections
+    /// current when it takes over once more: it cannot know which Events the old one published.)
+    pub fn gated_by(mut self, leadership: Leadership) -> Self {
+        self.leadership = leadership;
+        self
     }
 
     /// Publishes Events for new rejections, then writes the status if it changed. Event
@@ -142,6 +157,9 @@ impl Reconciler {
         &mut self,
         input: &ReconcileInput<'_>,
     ) -> Result<ReconcileOutcome, ReconcileError> {
+        if !self.leadership.is_leader() {
+            return Err(ReconcileError::NotLeader);
+        }
         let events = self.publish_events(input).await;
         let Some(config) = input.config else {
             let error = ReconcileError::ConfigNotFound;

@@ -54,6 +54,8 @@ struct Process {
 
 pub struct ControlPlane {
     processes: Vec<Process>,
+    /// How kube-apiserver was started, to start it again ([`ControlPlane::restart_apiserver`]).
+    apiserver: Option<(PathBuf, Vec<String>, PathBuf)>,
     cgroup: TestCgroup,
     /// The admin kubeconfig (token user, CA file).
     pub kubeconfig: PathBuf,
@@ -124,6 +126,7 @@ impl ControlPlane {
         let files = Files::write(dir, &pki, &api_url)?;
         let mut cp = ControlPlane {
             processes: Vec::new(),
+            apiserver: None,
             cgroup: TestCgroup::new(&format!("{name}-cp"))?,
             kubeconfig: files.kubeconfig.clone(),
             api_url,
@@ -180,28 +183,29 @@ impl ControlPlane {
         files: &Files,
         etcd_url: &str,
     ) -> io::Result<Client> {
-        self.spawn(
-            bins,
-            dir,
-            "kube-apiserver",
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={}", self.api_port),
-                format!("--tls-cert-file={}", arg(&files.api_cert)),
-                format!("--tls-private-key-file={}", arg(&files.api_key)),
-                // The built-in `kubernetes` Endpoints may not name a loopback address.
-                "--endpoint-reconciler-type=none".into(),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--allow-privileged=true".into(),
-                "--authorization-mode=RBAC".into(),
-                format!("--token-auth-file={}", arg(&files.tokens)),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", arg(&files.sa_pub)),
-                format!("--service-account-signing-key-file={}", arg(&files.sa_key)),
-            ],
-        )?;
+        let args = [
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.api_port),
+            format!("--tls-cert-file={}", arg(&files.api_cert)),
+            format!("--tls-private-key-file={}", arg(&files.api_key)),
+            // The built-in `kubernetes` Endpoints may not name a loopback address.
+            "--endpoint-reconciler-type=none".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--allow-privileged=true".into(),
+            "--authorization-mode=RBAC".into(),
+            format!("--token-auth-file={}", arg(&files.tokens)),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", arg(&files.sa_pub)),
+            format!("--service-account-signing-key-file={}", arg(&files.sa_key)),
+        ];
+        self.spawn(bins, dir, "kube-apiserver", &args)?;
+        self.apiserver = Some((
+            bins.path("kube-apiserver"),
+            args.to_vec(),
+            dir.to_path_buf(),
+        ));
         let client = client_for(&self.kubeconfig).await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -284,6 +288,55 @@ impl ControlPlane {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Stops kube-apiserver (SIGKILL), as an outage of the API server: etcd and the other
+    /// components keep running.
+    pub fn stop_apiserver(&mut self) -> io::Result<()> {
+        let p = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == "kube-apiserver")
+            .ok_or_else(|| io::Error::other("no kube-apiserver running"))?;
+        p.child.kill()?;
+        p.child.wait()?;
+        self.processes.retain(|p| p.name != "kube-apiserver");
+        progress!("kube-apiserver stopped");
+        Ok(())
+    }
+
+    /// Starts kube-apiserver again with the same flags (port, certificates, etcd), and waits
+    /// until it serves the `default` namespace.
+    pub async fn restart_apiserver(&mut self) -> io::Result<()> {
+        let (bin, args, dir) = self
+            .apiserver
+            .clone()
+            .ok_or_else(|| io::Error::other("kube-apiserver was never started"))?;
+        let log = dir.join("kube-apiserver.log");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = process::spawn_in_cgroup(&mut cmd, self.cgroup.path())?;
+        self.processes.push(Process {
+            name: "kube-apiserver",
+            child,
+            log,
+        });
+        let client = client_for(&self.kubeconfig).await?;
+        let namespaces: Api<Namespace> = Api::all(client);
+        self.wait("kube-apiserver (restarted)", || {
+            let namespaces = namespaces.clone();
+            async move { namespaces.get("default").await.is_ok() }
+        })
+        .await?;
+        progress!("kube-apiserver serving again");
+        Ok(())
     }
 
     /// An error naming the first component that exited, with its log.

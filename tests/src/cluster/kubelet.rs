@@ -277,10 +277,8 @@ impl Kubelet {
                 "mixes the project's images with others (not supported by the test kubelet)",
             ));
         };
-        services::route_to_kubernetes_service(
-            net_pod.netns_name(),
-            *self.shared.kubernetes_service.ip(),
-        )?;
+        // The kubernetes Service and the forwarded mapped Services are all in the Service range.
+        services::route_to_service_range(net_pod.netns_name())?;
         progress!(
             "kubelet {}: pod {} sandbox at {}; starting {} container(s)",
             self.node.name,

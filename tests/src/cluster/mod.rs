@@ -16,8 +16,9 @@
 //! | the project's containers | the real binaries, with the spec's command, env, volumes, user ([`container`], [`runtime`]) |
 //! | `kubectl exec` | [`Cluster::spawn_probe`]: `kmesh-probe` in the pod's namespace and cgroup |
 //! | kube-proxy for the `kubernetes` Service | a userspace forwarder ([`services`]) |
-//! | cluster DNS | `/etc/hosts` entries for `kmesh-operator.kmesh-system.svc` only ([`services::MAPPED`]) |
-//! | cert-manager | [`Cluster::create_tls_secret`]: a CA and a leaf, in a `kubernetes.io/tls` Secret |
+//! | kube-proxy for the operator's Service | a forwarder on its ClusterIP, relaying each connection to a ready endpoint in turn ([`services::forward_mapped_services`]) |
+//! | cluster DNS | `/etc/hosts` entries for `kmesh-operator.kmesh-system.svc` only ([`services::MAPPED`]), to its ClusterIP |
+//! | cert-manager | [`Cluster::create_tls_secret`]: a CA and a leaf, in a `kubernetes.io/tls` Secret (optional: the operator makes its own) |
 //!
 //! Everything is named `kmt-<name>[-<node>][-<pid>]` and removed when the [`Cluster`] is dropped,
 //! also when a test panics (the pods' logs and the control plane's are printed first); what a
@@ -208,6 +209,11 @@ impl Cluster {
         let _guard = handle.enter();
         self.tasks
             .extend(shared.names.clone().watch(self.client.clone()));
+        self.tasks.push(services::forward_mapped_services(
+            shared.network.clone(),
+            self.client.clone(),
+            shared.names.clone(),
+        ));
         for node in &self.nodes {
             let (kubelet, task) = Kubelet::start(node.clone(), shared.clone());
             self.kubelets.push(kubelet);
@@ -256,6 +262,43 @@ impl Cluster {
     /// The node `name`'s resources (cgroup, bpffs directory).
     pub fn node(&self, name: &str) -> Option<&NodeResources> {
         self.nodes.iter().find(|n| n.name == name).map(|n| &**n)
+    }
+
+    /// Stops kube-apiserver (etcd and everything else keep running): an API server outage.
+    pub fn stop_apiserver(&mut self) -> io::Result<()> {
+        self.control_plane
+            .as_mut()
+            .expect("control plane lives until drop")
+            .stop_apiserver()
+    }
+
+    /// Starts kube-apiserver again on the same etcd, port and certificates; returns once it
+    /// serves.
+    pub fn restart_apiserver(&mut self) -> io::Result<()> {
+        let mut cp = self
+            .control_plane
+            .take()
+            .expect("control plane lives until drop");
+        let result = self.block_on(cp.restart_apiserver());
+        self.control_plane = Some(cp);
+        result
+    }
+
+    /// The processes of pod `namespace/name` (its cgroup's), as `crictl` would list them: for a
+    /// pod of the project's images, its containers' own processes.
+    pub fn pod_pids(&self, namespace: &str, name: &str) -> io::Result<Vec<i32>> {
+        let (_, cgroup, _) = self.sandbox(namespace, name)?;
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+        Ok(procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
+    }
+
+    /// The cluster network's namespace (`/run/netns/...`), where Service VIPs and pods are
+    /// reachable, as from a node.
+    pub fn cluster_netns(&self) -> PathBuf {
+        self.network().node_netns_path()
     }
 
     /// Creates Secret `namespace/name` of type `kubernetes.io/tls` for Service `service`, as

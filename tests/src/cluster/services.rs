@@ -8,11 +8,11 @@
 //!   that one address via the bridge; the kubelet sets `KUBERNETES_SERVICE_HOST/PORT` to it.
 //! * **Cluster DNS for [`MAPPED`] only**: each real container's `/etc/hosts` (written by the
 //!   kubelet, as a kubelet does, and bind-mounted) maps `<svc>.<ns>.svc` and
-//!   `<svc>.<ns>.svc.cluster.local` to the Service's ready endpoint address from its
-//!   EndpointSlices, rewritten in place when that changes. The name resolves to the endpoint, not
-//!   to the ClusterIP, because there is no kube-proxy to translate the VIP; this is exact only
-//!   because these Services' ports equal their target ports. Any other name is unresolvable (the
-//!   containers' `resolv.conf` names no server), which fails locally.
+//!   `<svc>.<ns>.svc.cluster.local` to the Service's ClusterIP once the VIP forwarder
+//!   ([`forward_mapped_services`]) serves it (which relays each connection to a ready endpoint in
+//!   turn, as kube-proxy), and until then to a ready endpoint address from its EndpointSlices;
+//!   rewritten in place when that changes. Any other name is unresolvable (the containers'
+//!   `resolv.conf` names no server), which fails locally.
 use std::{
     collections::BTreeMap,
     io,
@@ -69,6 +69,11 @@ fn relay(inbound: std::net::TcpStream, target: SocketAddr) {
     let Ok(outbound) = std::net::TcpStream::connect(target) else {
         return;
     };
+    relay_streams(inbound, outbound);
+}
+
+/// Copies both ways between two connected streams until either side closes.
+fn relay_streams(inbound: std::net::TcpStream, outbound: std::net::TcpStream) {
     let _ = inbound.set_nonblocking(false);
     let (Ok(mut in_read), Ok(mut out_write)) = (inbound.try_clone(), outbound.try_clone()) else {
         return;
@@ -81,21 +86,6 @@ fn relay(inbound: std::net::TcpStream, target: SocketAddr) {
     let _ = io::copy(&mut out_read, &mut in_write);
     let _ = in_write.shutdown(std::net::Shutdown::Both);
     let _ = upstream.join();
-}
-
-/// Adds the route to the `kubernetes` Service to a pod's namespace (via the bridge).
-pub fn route_to_kubernetes_service(pod_netns: &str, service_ip: Ipv4Addr) -> io::Result<()> {
-    crate::ip_in(
-        pod_netns,
-        &[
-            "route",
-            "add",
-            &format!("{service_ip}/32"),
-            "via",
-            &TestNetwork::BRIDGE_V4.to_string(),
-        ],
-    )
-    .map(drop)
 }
 
 /// One container's hosts file.
@@ -116,6 +106,11 @@ pub struct ServiceNames {
 struct NamesState {
     /// (namespace, name) -> ready endpoint addresses, per EndpointSlice name.
     addresses: BTreeMap<(String, String), BTreeMap<String, Vec<IpAddr>>>,
+    /// (namespace, name) -> the ClusterIP a forwarder serves ([`forward_mapped_services`]); the
+    /// hosts files then map the name to it instead of to one endpoint.
+    vips: BTreeMap<(String, String), IpAddr>,
+    /// Connections forwarded per Service, for the round robin.
+    forwarded: BTreeMap<(String, String), usize>,
     files: Vec<HostsFile>,
 }
 
@@ -159,6 +154,39 @@ impl ServiceNames {
         }
     }
 
+    /// Makes `vip` the address of Service `service` in the hosts files.
+    fn set_vip(&self, service: (String, String), vip: IpAddr) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.vips.insert(service, vip);
+        let entries = st.entries();
+        progress!("cluster DNS (hosts files): {}", describe(&entries));
+        for f in &st.files {
+            if let Err(e) = write_hosts(f, &entries) {
+                progress!("cluster DNS: {}: {e}", f.path.display());
+            }
+        }
+    }
+
+    /// The Service's ready endpoints in round-robin order from the next one: each call starts one
+    /// further, as kube-proxy spreads connections.
+    fn endpoints_round_robin(&self, service: &(String, String)) -> Vec<IpAddr> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<IpAddr> = st
+            .addresses
+            .get(service)
+            .map(|slices| slices.values().flatten().copied().collect())
+            .unwrap_or_default();
+        all.sort();
+        all.dedup();
+        let turn = st.forwarded.entry(service.clone()).or_insert(0);
+        *turn += 1;
+        if !all.is_empty() {
+            let n = all.len();
+            all.rotate_left(*turn % n);
+        }
+        all
+    }
+
     /// Watches the mapped Services' EndpointSlices until the task is aborted.
     pub fn watch(self: Arc<Self>, client: Client) -> Vec<JoinHandle<()>> {
         MAPPED
@@ -197,7 +225,8 @@ impl NamesState {
         self.addresses
             .iter()
             .filter_map(|((ns, name), slices)| {
-                let ip = slices.values().flatten().min()?;
+                let vip = self.vips.get(&(ns.clone(), name.clone()));
+                let ip = vip.or_else(|| slices.values().flatten().min())?;
                 Some((
                     vec![
                         format!("{name}.{ns}.svc"),
@@ -208,6 +237,133 @@ impl NamesState {
             })
             .collect()
     }
+}
+
+/// The VIP forwarder of the mapped Services: once a mapped Service has a ClusterIP, the harness
+/// listens on it (in the cluster network namespace, as for the `kubernetes` Service) on each of its
+/// ports, and relays each connection to one of its ready endpoints, in turn (the next one if that
+/// one refuses), as kube-proxy would; the hosts files then map the Service's name to the ClusterIP.
+/// A connection stays with its endpoint until either side closes it. Pods running the project's
+/// images reach the ClusterIPs through their route to the Service range
+/// ([`route_to_service_range`]).
+pub fn forward_mapped_services(
+    network: Arc<TestNetwork>,
+    client: Client,
+    names: Arc<ServiceNames>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        for (ns, name) in MAPPED {
+            let service = (ns.to_string(), name.to_string());
+            let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
+            let (vip, ports) = loop {
+                if let Ok(Some(svc)) = api.get_opt(name).await
+                    && let Some(found) = cluster_ip_and_ports(&svc)
+                {
+                    break found;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            };
+            if let Err(e) = serve_vip(&network, &names, &service, vip, &ports) {
+                progress!("service forwarder {ns}/{name}: {e}");
+                continue;
+            }
+            names.set_vip(service, IpAddr::V4(vip));
+        }
+    })
+}
+
+/// The Service's ClusterIP and its (port, target port) pairs; numeric target ports only (a named
+/// one is taken to equal the port, as in the shipped manifests).
+fn cluster_ip_and_ports(
+    svc: &k8s_openapi::api::core::v1::Service,
+) -> Option<(Ipv4Addr, Vec<(u16, u16)>)> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = svc.spec.as_ref()?;
+    let ip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let target = match &p.target_port {
+                Some(IntOrString::Int(t)) => *t as u16,
+                _ => p.port as u16,
+            };
+            (p.port as u16, target)
+        })
+        .collect();
+    Some((ip, ports))
+}
+
+/// Listens on `vip` at each port and relays to the endpoints (tasks on the cluster's runtime, so
+/// they end with it; the relays hold only the namespace's path, not the network).
+fn serve_vip(
+    network: &Arc<TestNetwork>,
+    names: &Arc<ServiceNames>,
+    service: &(String, String),
+    vip: Ipv4Addr,
+    ports: &[(u16, u16)],
+) -> io::Result<()> {
+    network.ip_node(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+    let netns = network.node_netns_path();
+    for &(port, target_port) in ports {
+        let std_listener = run_in_netns(&netns, move || {
+            let l = std::net::TcpListener::bind((vip, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let (names, service, netns) = (names.clone(), service.clone(), netns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(inbound) = inbound.into_std() else {
+                    continue;
+                };
+                let endpoints = names.endpoints_round_robin(&service);
+                let netns = netns.clone();
+                std::thread::spawn(move || {
+                    let outbound = endpoints.into_iter().find_map(|ip| {
+                        let addr = SocketAddr::new(ip, target_port);
+                        run_in_netns(&netns, move || {
+                            std::net::TcpStream::connect_timeout(
+                                &addr,
+                                std::time::Duration::from_secs(2),
+                            )
+                        })
+                        .ok()
+                    });
+                    if let Some(outbound) = outbound {
+                        relay_streams(inbound, outbound);
+                    }
+                });
+            }
+        });
+    }
+    progress!(
+        "service forwarder: {}/{} at {vip} (ports {ports:?}) to its ready endpoints, in turn",
+        service.0,
+        service.1
+    );
+    Ok(())
+}
+
+/// Routes the whole Service range via the bridge, so that a pod reaches every forwarded ClusterIP
+/// (the `kubernetes` Service's and the mapped Services').
+pub fn route_to_service_range(pod_netns: &str) -> io::Result<()> {
+    crate::ip_in(
+        pod_netns,
+        &[
+            "route",
+            "add",
+            super::control_plane::SERVICE_CIDR,
+            "via",
+            &TestNetwork::BRIDGE_V4.to_string(),
+        ],
+    )
+    .map(drop)
 }
 
 fn describe(entries: &[(Vec<String>, IpAddr)]) -> String {

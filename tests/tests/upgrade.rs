@@ -293,6 +293,8 @@ fn the_old_layout_steers_until_the_new_maps_hold_a_snapshot() {
         })
         .expect("upgrade waiting");
     std::thread::sleep(Duration::from_secs(2));
+    let meanwhile = node.probe(50);
+    assert_eq!(meanwhile.replies("a"), 50, "the old layout stopped steering: {meanwhile:?}");
     let waiting = variant.debug_snapshot().unwrap();
     let (code, body) = variant.http_get("/readyz").unwrap();
     assert_eq!(code, 503, "ready before the switch: {body}");
@@ -303,8 +305,6 @@ fn the_old_layout_steers_until_the_new_maps_hold_a_snapshot() {
         pins.contains(&layout(&installed)) && pins.contains(&layout(&waiting)),
         "both layouts are pinned while the upgrade waits: {pins:?}"
     );
-    let meanwhile = node.probe(50);
-    assert_eq!(meanwhile.replies("a"), 50, "the old layout stopped steering: {meanwhile:?}");
 
     node.write(&new_file, 2, &["b"]);
     variant.wait_ready(READY).expect("upgraded agent ready");

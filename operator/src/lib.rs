@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod render;
 pub mod server;
 pub mod tokenreview;
+pub mod uninstall;
 pub mod validate;
 
 pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use kmesh_operator::{
     reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
     tokenreview::TokenReviewAuth,
+    uninstall::{self, AgentDaemonSet},
 };
 use kube::runtime::events::Reporter;
 use tracing::{error, info, warn};
@@ -55,6 +56,10 @@ struct Cli {
     /// The audience of the agents' projected tokens (tokenreview).
     #[arg(long, default_value = "kmesh-operator")]
     token_audience: String,
+    /// The agents' DaemonSet, `namespace/name` (kube): when it or its namespace is deleted, every
+    /// agent is told to remove its programs and pins (`410 Gone`).
+    #[arg(long, default_value = "kmesh-system/kmesh-agent")]
+    agent_daemonset: AgentDaemonSet,
     /// Address of /metrics.
     #[arg(long, default_value = "0.0.0.0:15301")]
     metrics_addr: SocketAddr,
@@ -210,9 +215,21 @@ async fn run(cli: Cli) -> Result<()> {
         store,
         metrics,
     };
-    match &cli.source {
-        Source::Dir(path) => run_dir(path.clone(), operator).await,
-        Source::Kube => run_kube(api_client("--source kube").await?, operator).await,
+    let shutdown = uninstall::shutdown_signal(operator.store.clone());
+    let running = async {
+        match &cli.source {
+            Source::Dir(path) => run_dir(path.clone(), operator).await,
+            Source::Kube => {
+                let client = api_client("--source kube").await?;
+                let agents = cli.agent_daemonset.clone();
+                uninstall::watch(client.clone(), agents, operator.store.clone());
+                run_kube(client, operator).await
+            }
+        }
+    };
+    tokio::select! {
+        result = running => result,
+        () = shutdown => Ok(()),
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
-//!   60 s); `404` for a node the operator has no snapshot for (yet).
+//!   60 s); `404` for a node the operator has no snapshot for (yet); `410 Gone` to every agent
+//!   while the agents are being removed (`uninstall.rs`), held requests at once.
 //! - Agents authenticate with a bearer token. With TokenReview, the token must be a service-account
 //!   token of the agent's service account bound to a pod on the node it asks for (the API server
 //!   puts the node name in the review's `authentication.kubernetes.io/node-name` extra): a token of
@@ -51,9 +52,20 @@ impl Published {
 pub struct SnapshotStore {
     nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
     live: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// The agents are being removed: every request is answered `410 Gone` (see `uninstall.rs`).
+    uninstalling: Arc<watch::Sender<bool>>,
 }
 
 impl SnapshotStore {
+    /// Starts (`true`) or ends answering every snapshot request `410 Gone`; wakes held requests.
+    pub fn set_uninstalling(&self, uninstalling: bool) {
+        self.uninstalling.send_replace(uninstalling);
+    }
+
+    pub fn uninstalling(&self) -> bool {
+        *self.uninstalling.borrow()
+    }
+
     fn channel(&self, node: &str) -> watch::Sender<Option<Published>> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
@@ -283,7 +295,11 @@ async fn serve_snapshot<A: Authenticator>(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if store.uninstalling() {
+        return gone();
+    }
     let mut updates = store.subscribe(node);
+    let mut uninstalling = store.uninstalling.subscribe();
     let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
     let changed = |p: &Option<Published>| match (p, &if_none_match) {
         (Some(p), Some(tag)) => p.etag() != *tag,
@@ -291,8 +307,17 @@ async fn serve_snapshot<A: Authenticator>(
         (None, _) => false,
     };
     if !changed(&current(&updates)) && !wait.is_zero() {
-        // Long poll: hold until the snapshot changes or the wait runs out.
-        let _ = tokio::time::timeout(wait, updates.wait_for(|p| changed(p))).await;
+        // Long poll: hold until the snapshot changes, an uninstall starts, or the wait runs out.
+        let held = async {
+            tokio::select! {
+                _ = updates.wait_for(|p| changed(p)) => {}
+                _ = uninstalling.wait_for(|u| *u) => {}
+            }
+        };
+        let _ = tokio::time::timeout(wait, held).await;
+    }
+    if store.uninstalling() {
+        return gone();
     }
     match current(&updates) {
         None => text(
@@ -323,6 +348,14 @@ fn wait_param(query: Option<&str>) -> Duration {
         .and_then(contract::parse_wait)
         .unwrap_or(Duration::ZERO)
         .min(contract::MAX_WAIT)
+}
+
+/// The contract's uninstall.
+fn gone() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::from_u16(contract::UNINSTALL_STATUS).unwrap_or(StatusCode::GONE),
+        "the node agents are being removed: detach the programs and remove every pin\n",
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -162,3 +162,58 @@ fn the_old_layout_steers_until_the_new_maps_hold_a_snapshot() {
     assert_eq!(report.failed, 0, "{report:?}");
     assert!(report.replies("a") > 0 && report.replies("b") > 0, "{report:?}");
 }
+
+/// The pins of an agent from before layout directories — maps and programs at the top of
+/// `--bpffs-dir`, beside the links, as the previous release pinned them — count as another layout:
+/// the agent fills maps of its own, switches the links and removes the loose pins, under load.
+/// The flat layout is made by renaming a fresh install's pins to the top (bpffs renames pins
+/// within one file system; they stay the same kernel objects).
+#[test]
+fn the_flat_layout_before_versioning_is_upgraded_under_load() {
+    let mut node = Node::new("upgflat", 175, &["a", "b"]);
+    let file = node.file("snapshot");
+    node.write(&file, 1, &["a"]);
+    let mut first = node.start_agent(&file, &[]);
+    first.wait_ready(READY).expect("agent ready");
+    wait_enrolled(&mut first);
+    let installed = first.debug_snapshot().unwrap();
+    assert!(first.terminate().expect("SIGTERM").success());
+    let layout_dir = node.dir.path().join(layout(&installed));
+    for entry in std::fs::read_dir(&layout_dir).expect("layout directory") {
+        let entry = entry.expect("pin");
+        std::fs::rename(entry.path(), node.dir.path().join(entry.file_name()))
+            .expect("rename a pin to the top");
+    }
+    std::fs::remove_dir(&layout_dir).expect("remove the emptied layout directory");
+    let flat = node.pins();
+    assert!(flat.contains("KM_ACTIVE") && flat.contains("prog_connect4"), "{flat:?}");
+
+    let stop = StopFile::new("upgflat");
+    let load = node.continuous_probe(&stop);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut agent = node.start_agent(&file, &[]);
+    agent.wait_ready(READY).expect("upgraded agent ready");
+    let upgraded = agent.debug_snapshot().unwrap();
+    assert_eq!(layout(&upgraded), layout(&installed), "{upgraded}");
+    assert_switched(&node, &installed, &upgraded);
+    node.write(&file, 2, &["b"]);
+    wait_generation(&mut agent, 2);
+    let after = node.probe(50);
+    assert_eq!(after.replies("b"), 50, "{after:?}");
+
+    stop.signal().expect("stop probe");
+    let report = load
+        .wait_timeout(Duration::from_secs(30))
+        .expect("probe report");
+    println!(
+        "upgrade from the flat layout: pins {flat:?} -> {:?}; connections {} ok {} failed {} by endpoint {:?} errors {:?}",
+        node.pins(),
+        report.attempts,
+        report.ok,
+        report.failed,
+        report.by_reply,
+        report.errors
+    );
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.replies("a") > 0 && report.replies("b") > 0, "{report:?}");
+}

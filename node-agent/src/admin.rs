@@ -129,7 +129,11 @@ mod tests {
             }),
             ..Status::default()
         };
-        assert_eq!(code(&status), 503, "ready while the links run the old layout");
+        assert_eq!(
+            code(&status),
+            503,
+            "ready while the links run the old layout"
+        );
         status.upgrade.as_mut().unwrap().state = UpgradeState::Switched { at_unix_ms: 1 };
         assert_eq!(code(&status), 200);
         status.uninstalled = Some(Uninstalled {

@@ -267,7 +267,12 @@ const UNINSTALL_WAIT: Duration = Duration::from_secs(3);
 /// On SIGTERM: keep the pins, unless the operator says this node's agents are being removed; then
 /// have the data plane (the only writer of pins) uninstall, and wait for it.
 async fn shut_down(config: &Config, status: &SharedStatus, tx: &mpsc::Sender<Delivery>) {
-    let uninstalled = || status.lock().map(|s| s.uninstalled.is_some()).unwrap_or(false);
+    let uninstalled = || {
+        status
+            .lock()
+            .map(|s| s.uninstalled.is_some())
+            .unwrap_or(false)
+    };
     if uninstalled() {
         info!("shutting down; already uninstalled");
         return;
@@ -279,7 +284,9 @@ async fn shut_down(config: &Config, status: &SharedStatus, tx: &mpsc::Sender<Del
             info!(%why, "shutting down; programs stay attached through their pinned links");
         }
         ShutdownVerdict::Uninstall => {
-            warn!("shutting down: the operator says this node's agents are being removed; uninstalling");
+            warn!(
+                "shutting down: the operator says this node's agents are being removed; uninstalling"
+            );
             let _ = tx.send(Delivery::Uninstall);
             let asked = Instant::now();
             while !uninstalled() && asked.elapsed() < UNINSTALL_WAIT {

@@ -335,7 +335,10 @@ mod tests {
             "vx-0123456789abcdef",
             "v1-0123456789abcdef0",
         ] {
-            assert!(!LayoutId::is_layout_dir_name(not_a_layout), "{not_a_layout}");
+            assert!(
+                !LayoutId::is_layout_dir_name(not_a_layout),
+                "{not_a_layout}"
+            );
         }
     }
 

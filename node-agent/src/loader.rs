@@ -285,7 +285,9 @@ pub fn uninstall(dir: &Path) -> Result<(), LoaderError> {
         // worth a warning, not a stop.
         match sys::obj_get(&path).and_then(|link| sys::link_detach(link.as_fd())) {
             Ok(()) => info!(link = %path.display(), "detached"),
-            Err(e) => warn!(link = %path.display(), error = %e, "detaching the link failed; removing its pin"),
+            Err(e) => {
+                warn!(link = %path.display(), error = %e, "detaching the link failed; removing its pin")
+            }
         }
     }
     let names: Vec<String> = match fs::read_dir(dir) {

@@ -315,7 +315,10 @@ async fn poll_operator(
             Ok(Ok(Fetched::NotModified)) => backoff = BACKOFF_MIN,
             Ok(Ok(Fetched::Gone)) => {
                 if !gone {
-                    warn!(url, "the operator answered 410 Gone: this node's agents are being removed; uninstalling");
+                    warn!(
+                        url,
+                        "the operator answered 410 Gone: this node's agents are being removed; uninstalling"
+                    );
                     gone = true;
                     if tx.send(Delivery::Uninstall).is_err() {
                         return;

@@ -129,19 +129,47 @@ pub fn removal(seen: &Sightings) -> Option<Removal> {
     }
 }
 
-/// The DaemonSet as one watch event shows it: present (`Some(object)`) or deleted (`None`).
-pub fn daemonset_seen(before: DaemonSetSeen, now: Option<&DaemonSet>) -> DaemonSetSeen {
-    match now {
-        Some(ds) if ds.meta().deletion_timestamp.is_none() => DaemonSetSeen::Present,
-        Some(ds) => {
-            let finalizers = ds.meta().finalizers.as_deref().unwrap_or_default();
-            if finalizers.iter().any(|f| f == "orphan") {
-                DaemonSetSeen::Orphaning
-            } else {
-                DaemonSetSeen::Deleting
-            }
+/// What one watch event shows of an object, as far as an uninstall is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    Present,
+    /// Being deleted; `orphan`: its dependents stay (`--cascade=orphan`).
+    Deleting {
+        orphan: bool,
+    },
+    Gone,
+}
+
+impl Observed {
+    /// The DaemonSet `ds`: present, or being deleted (with or without its pods).
+    pub fn daemonset(ds: &DaemonSet) -> Observed {
+        if ds.meta().deletion_timestamp.is_none() {
+            return Observed::Present;
         }
-        None => match before {
+        let finalizers = ds.meta().finalizers.as_deref().unwrap_or_default();
+        Observed::Deleting {
+            orphan: finalizers.iter().any(|f| f == "orphan"),
+        }
+    }
+
+    /// The namespace `ns`: present, or terminating.
+    pub fn namespace(ns: &Namespace) -> Observed {
+        let phase = ns.status.as_ref().and_then(|s| s.phase.as_deref());
+        if ns.meta().deletion_timestamp.is_some() || phase == Some("Terminating") {
+            Observed::Deleting { orphan: false }
+        } else {
+            Observed::Present
+        }
+    }
+}
+
+/// What is known of the DaemonSet after an event that shows it `now`.
+pub fn daemonset_seen(before: DaemonSetSeen, now: Observed) -> DaemonSetSeen {
+    match now {
+        Observed::Present => DaemonSetSeen::Present,
+        Observed::Deleting { orphan: true } => DaemonSetSeen::Orphaning,
+        Observed::Deleting { orphan: false } => DaemonSetSeen::Deleting,
+        Observed::Gone => match before {
             DaemonSetSeen::Orphaning | DaemonSetSeen::Orphaned => DaemonSetSeen::Orphaned,
             DaemonSetSeen::NotSeen => DaemonSetSeen::NotSeen,
             _ => DaemonSetSeen::Deleted,
@@ -161,25 +189,20 @@ pub enum NamespaceSeen {
     Terminating,
 }
 
-/// The namespace as one watch event shows it: present (`Some(object)`) or deleted (`None`).
-pub fn namespace_seen(before: NamespaceSeen, now: Option<&Namespace>) -> NamespaceSeen {
+/// What is known of the namespace after an event that shows it `now`.
+pub fn namespace_seen(before: NamespaceSeen, now: Observed) -> NamespaceSeen {
     match now {
-        Some(ns)
-            if ns.meta().deletion_timestamp.is_some()
-                || ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating") =>
-        {
-            NamespaceSeen::Terminating
-        }
-        Some(_) => NamespaceSeen::Present,
-        None if before == NamespaceSeen::NotSeen => NamespaceSeen::NotSeen,
-        None => NamespaceSeen::Terminating,
+        Observed::Present => NamespaceSeen::Present,
+        Observed::Deleting { .. } => NamespaceSeen::Terminating,
+        Observed::Gone if before == NamespaceSeen::NotSeen => NamespaceSeen::NotSeen,
+        Observed::Gone => NamespaceSeen::Terminating,
     }
 }
 
 /// One change seen by the watches.
 enum Seen {
-    Namespace(Option<Namespace>),
-    DaemonSet(Option<DaemonSet>),
+    Namespace(Observed),
+    DaemonSet(Observed),
     /// A watch error (retried by the watcher with backoff).
     Error(String),
 }
@@ -190,12 +213,17 @@ pub fn watch(client: Client, agents: AgentDaemonSet, store: SnapshotStore) -> Jo
     let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let namespace = agents.namespace.clone();
     let mut relist = Relist::default();
-    let namespaces = watcher(Api::<Namespace>::all(client.clone()), by_name(&agents.namespace))
-        .default_backoff()
-        .map(move |e| match e {
-            Ok(e) => relist.seen(e, Seen::Namespace),
-            Err(e) => vec![Seen::Error(format!("namespace {namespace}: {e}"))],
-        });
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        by_name(&agents.namespace),
+    )
+    .default_backoff()
+    .map(move |e| match e {
+        Ok(e) => relist.seen(e, |ns| {
+            Seen::Namespace(ns.map_or(Observed::Gone, |ns| Observed::namespace(&ns)))
+        }),
+        Err(e) => vec![Seen::Error(format!("namespace {namespace}: {e}"))],
+    });
     let name = agents.name.clone();
     let mut relist = Relist::default();
     let daemonsets = watcher(
@@ -204,7 +232,9 @@ pub fn watch(client: Client, agents: AgentDaemonSet, store: SnapshotStore) -> Jo
     )
     .default_backoff()
     .map(move |e| match e {
-        Ok(e) => relist.seen(e, Seen::DaemonSet),
+        Ok(e) => relist.seen(e, |ds| {
+            Seen::DaemonSet(ds.map_or(Observed::Gone, |ds| Observed::daemonset(&ds)))
+        }),
         Err(e) => vec![Seen::Error(format!("daemonset {name}: {e}"))],
     });
     let mut changes = stream::select(namespaces, daemonsets)
@@ -216,11 +246,11 @@ pub fn watch(client: Client, agents: AgentDaemonSet, store: SnapshotStore) -> Jo
         let mut current: Option<Removal> = None;
         while let Some(change) = changes.next().await {
             match change {
-                Seen::Namespace(ns) => {
-                    sightings.namespace = namespace_seen(sightings.namespace, ns.as_ref())
+                Seen::Namespace(now) => {
+                    sightings.namespace = namespace_seen(sightings.namespace, now)
                 }
-                Seen::DaemonSet(ds) => {
-                    sightings.daemonset = daemonset_seen(sightings.daemonset, ds.as_ref())
+                Seen::DaemonSet(now) => {
+                    sightings.daemonset = daemonset_seen(sightings.daemonset, now)
                 }
                 Seen::Error(e) => warn!(error = %e, "watching the agents for an uninstall"),
             }
@@ -309,9 +339,9 @@ mod tests {
     }
 
     fn after(events: &[Option<DaemonSet>]) -> Option<Removal> {
-        let daemonset = events
-            .iter()
-            .fold(DaemonSetSeen::NotSeen, |seen, e| daemonset_seen(seen, e.as_ref()));
+        let daemonset = events.iter().fold(DaemonSetSeen::NotSeen, |seen, e| {
+            daemonset_seen(seen, e.as_ref().map_or(Observed::Gone, Observed::daemonset))
+        });
         removal(&Sightings {
             namespace: NamespaceSeen::Present,
             daemonset,
@@ -351,17 +381,20 @@ mod tests {
     fn a_terminating_namespace_is_an_uninstall_an_unseen_one_is_not() {
         let mut ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": "kmesh-system"}})).unwrap();
-        let present = namespace_seen(NamespaceSeen::NotSeen, Some(&ns));
+        let present = namespace_seen(NamespaceSeen::NotSeen, Observed::namespace(&ns));
         assert_eq!(present, NamespaceSeen::Present);
         ns.metadata.deletion_timestamp = Some(Time(Default::default()));
         assert_eq!(
-            namespace_seen(present, Some(&ns)),
+            namespace_seen(present, Observed::namespace(&ns)),
             NamespaceSeen::Terminating
         );
-        assert_eq!(namespace_seen(present, None), NamespaceSeen::Terminating);
+        assert_eq!(
+            namespace_seen(present, Observed::Gone),
+            NamespaceSeen::Terminating
+        );
         // A namespace never seen (a wrong --agent-daemonset): no uninstall.
         assert_eq!(
-            namespace_seen(NamespaceSeen::NotSeen, None),
+            namespace_seen(NamespaceSeen::NotSeen, Observed::Gone),
             NamespaceSeen::NotSeen
         );
         let seen = |namespace| Sightings {
@@ -384,7 +417,11 @@ mod tests {
         assert!(events(watcher::Event::InitDone).is_empty());
         assert_eq!(events(watcher::Event::Delete(1)), [None]);
         assert!(events(watcher::Event::Init).is_empty());
-        assert_eq!(events(watcher::Event::InitDone), [None], "relisted, not found");
+        assert_eq!(
+            events(watcher::Event::InitDone),
+            [None],
+            "relisted, not found"
+        );
     }
 
     #[test]
@@ -392,7 +429,11 @@ mod tests {
         let ds: AgentDaemonSet = "kmesh-system/kmesh-agent".parse().unwrap();
         assert_eq!(ds.to_string(), "kmesh-system/kmesh-agent");
         for bad in ["kmesh-agent", "/x", "x/", "a/b/c"] {
-            assert_eq!(bad.parse::<AgentDaemonSet>(), Err(BadAgentDaemonSet), "{bad}");
+            assert_eq!(
+                bad.parse::<AgentDaemonSet>(),
+                Err(BadAgentDaemonSet),
+                "{bad}"
+            );
         }
     }
 }

@@ -202,9 +202,8 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
         if !st.gone {
             let (guard, _) = cv
                 .wait_timeout_while(st, hold, |st| {
-                    !st.stopped
-                        && !(st.gone && st.gone_wakes)
-                        && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match)
+                    let ends = st.stopped || (st.gone && st.gone_wakes);
+                    !ends && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match)
                 })
                 .unwrap_or_else(|p| p.into_inner());
             st = guard;

@@ -83,7 +83,14 @@ fn run_scenario(cluster: &Cluster) {
 
     let variant = r#"[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--test-layout-variant"}]"#;
     let patch = [
-        "patch", "-n", "kmesh-system", AGENTS, "--type", "json", "-p", variant,
+        "patch",
+        "-n",
+        "kmesh-system",
+        AGENTS,
+        "--type",
+        "json",
+        "-p",
+        variant,
     ];
     let upgraded = roll(cluster, "rolling update to another map layout", &patch);
     for (node, after) in &upgraded {
@@ -102,7 +109,10 @@ fn run_scenario(cluster: &Cluster) {
             report.errors
         );
         assert_eq!(report.failed, 0, "{client}: {report:?}");
-        assert!(report.ok >= 200, "{client}: too few connections: {report:?}");
+        assert!(
+            report.ok >= 200,
+            "{client}: too few connections: {report:?}"
+        );
     }
     // Before the uninstall: `kubectl delete -k` removes the operator's RBAC while it still runs.
     let operator_log = cluster.pod_log("kmesh-system_kmesh-operator-");
@@ -145,8 +155,13 @@ fn install(cluster: &Cluster) {
 /// steered to both versions.
 fn deploy_app(cluster: &Cluster) -> String {
     let k = cluster.kubectl();
-    k.run(&["label", "namespace", "default", "istio.io/dataplane-mode=Kmesh"])
-        .unwrap();
+    k.run(&[
+        "label",
+        "namespace",
+        "default",
+        "istio.io/dataplane-mode=Kmesh",
+    ])
+    .unwrap();
     let helloworld = format!("{ISTIO}/samples/helloworld/helloworld.yaml");
     k.run(&["apply", "-f", &helloworld]).unwrap();
     let clients: String = NODES
@@ -156,14 +171,39 @@ fn deploy_app(cluster: &Cluster) -> String {
         .join("---\n");
     k.run_stdin(&["apply", "-f", "-"], &clients).unwrap();
     let available = "--for=condition=Available";
-    k.run(&["wait", available, "deployment", "--all", "-n", "default", TIMEOUT])
-        .unwrap();
+    k.run(&[
+        "wait",
+        available,
+        "deployment",
+        "--all",
+        "-n",
+        "default",
+        TIMEOUT,
+    ])
+    .unwrap();
     let ready = "--for=condition=Ready";
-    k.run(&["wait", ready, "pod", "-l", "app=life-client", "-n", "default", TIMEOUT])
-        .unwrap();
+    k.run(&[
+        "wait",
+        ready,
+        "pod",
+        "-l",
+        "app=life-client",
+        "-n",
+        "default",
+        TIMEOUT,
+    ])
+    .unwrap();
     let jsonpath = "jsonpath={.spec.clusterIP}";
     let vip = k
-        .run(&["get", "service", "helloworld", "-n", "default", "-o", jsonpath])
+        .run(&[
+            "get",
+            "service",
+            "helloworld",
+            "-n",
+            "default",
+            "-o",
+            jsonpath,
+        ])
         .unwrap();
     let target = format!("{}:5000", vip.trim());
     for (node, _) in NODES {
@@ -201,7 +241,14 @@ spec:
 /// `count` connections from pod `client` to `target`.
 fn probe(cluster: &Cluster, client: &str, target: &str, count: u32) -> ProbeReport {
     let count = count.to_string();
-    let args = ["--target", target, "--count", &count, "--timeout-ms", "2000"];
+    let args = [
+        "--target",
+        target,
+        "--count",
+        &count,
+        "--timeout-ms",
+        "2000",
+    ];
     cluster.run_probe("default", client, &args).unwrap()
 }
 
@@ -365,7 +412,10 @@ fn assert_switched(cluster: &Cluster, node: &str, before: &Value, after: &Value)
         ids(before, "link_id"),
         "{node}: BPF_LINK_UPDATE keeps the links"
     );
-    for (old, new) in ids(before, "program_id").iter().zip(ids(after, "program_id")) {
+    for (old, new) in ids(before, "program_id")
+        .iter()
+        .zip(ids(after, "program_id"))
+    {
         assert_ne!(*old, new, "{node}: a link still runs the old program");
     }
     let layout = after["layout"].as_str().unwrap_or_default().to_string();
@@ -382,7 +432,12 @@ fn assert_switched(cluster: &Cluster, node: &str, before: &Value, after: &Value)
 /// Peak RSS (VmHWM) of every agent process, found in the nodes' cgroups.
 fn print_peak_rss(cluster: &Cluster) {
     for (node, _) in NODES {
-        let cgroup = cluster.node(node).expect("node").cgroup.path().to_path_buf();
+        let cgroup = cluster
+            .node(node)
+            .expect("node")
+            .cgroup
+            .path()
+            .to_path_buf();
         let pids = std::fs::read_dir(&cgroup)
             .into_iter()
             .flatten()
@@ -404,7 +459,10 @@ fn print_peak_rss(cluster: &Cluster) {
                 .lines()
                 .find(|l| l.starts_with("VmHWM:"))
                 .unwrap_or("VmHWM: ?");
-            progress!("{node}: agent pid {pid} peak RSS {}", hwm.trim_start_matches("VmHWM:").trim());
+            progress!(
+                "{node}: agent pid {pid} peak RSS {}",
+                hwm.trim_start_matches("VmHWM:").trim()
+            );
         }
     }
 }
@@ -417,7 +475,10 @@ fn uninstall(cluster: &Cluster, target: &str) {
         .map(|(node, _)| (node.to_string(), pin_dir(cluster, node)))
         .collect();
     for (node, dir) in &dirs {
-        assert!(!pins(dir).is_empty(), "{node}: no pins before the uninstall");
+        assert!(
+            !pins(dir).is_empty(),
+            "{node}: no pins before the uninstall"
+        );
     }
     let watch = PinWatch::start(dirs.clone());
     let started = Instant::now();
@@ -440,7 +501,12 @@ fn uninstall(cluster: &Cluster, target: &str) {
         other => panic!("the namespace is still there: {other:?}"),
     }
     for (node, dir) in &dirs {
-        assert_eq!(pins(dir), Vec::<String>::new(), "{node}: pins left in {}", dir.display());
+        assert_eq!(
+            pins(dir),
+            Vec::<String>::new(),
+            "{node}: pins left in {}",
+            dir.display()
+        );
     }
     for (node, _) in NODES {
         let r = probe(cluster, &client_name(node), target, 20);

@@ -111,7 +111,13 @@ fn a_stopped_agent_keeps_its_pins_unless_its_operator_answers_410() {
     assert!(second.terminate().expect("SIGTERM").success());
     println!(
         "stopping agent's log ends: {}",
-        second.log().lines().rev().take(4).collect::<Vec<_>>().join(" | ")
+        second
+            .log()
+            .lines()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     assert!(
         node.pins().is_empty(),

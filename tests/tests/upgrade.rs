@@ -24,11 +24,13 @@ fn assert_switched(node: &Node, before: &Value, after: &Value) {
     let (old, new) = (links(before), links(after));
     assert_eq!(old.len(), 2, "{before}");
     assert_eq!(new.len(), 2, "{after}");
-    for ((name, old_link, old_program), (new_name, new_link, new_program)) in old.iter().zip(&new)
-    {
+    for ((name, old_link, old_program), (new_name, new_link, new_program)) in old.iter().zip(&new) {
         assert_eq!(name, new_name);
         assert_eq!(old_link, new_link, "{name}: BPF_LINK_UPDATE keeps the link");
-        assert_ne!(old_program, new_program, "{name}: the program was not replaced");
+        assert_ne!(
+            old_program, new_program,
+            "{name}: the program was not replaced"
+        );
     }
     assert_eq!(after["adopted_pins"], false, "{after}");
     assert_eq!(after["upgrade"]["state"], "switched", "{after}");
@@ -101,7 +103,10 @@ fn upgrades_across_a_layout_change_under_load_fail_no_connection() {
         report.errors
     );
     assert_eq!(report.failed, 0, "{report:?}");
-    assert!(report.ok >= 500, "too few connections to mean anything: {report:?}");
+    assert!(
+        report.ok >= 500,
+        "too few connections to mean anything: {report:?}"
+    );
     for pod in ["a", "b", "c"] {
         assert!(report.replies(pod) > 0, "no reply from {pod}: {report:?}");
     }
@@ -132,12 +137,20 @@ fn the_old_layout_steers_until_the_new_maps_hold_a_snapshot() {
         .expect("upgrade waiting");
     std::thread::sleep(Duration::from_secs(2));
     let meanwhile = node.probe(50);
-    assert_eq!(meanwhile.replies("a"), 50, "the old layout stopped steering: {meanwhile:?}");
+    assert_eq!(
+        meanwhile.replies("a"),
+        50,
+        "the old layout stopped steering: {meanwhile:?}"
+    );
     let waiting = variant.debug_snapshot().unwrap();
     let (code, body) = variant.http_get("/readyz").unwrap();
     assert_eq!(code, 503, "ready before the switch: {body}");
     assert!(body.contains("upgrading"), "{body}");
-    assert_eq!(links(&waiting), links(&installed), "switched before a snapshot was live");
+    assert_eq!(
+        links(&waiting),
+        links(&installed),
+        "switched before a snapshot was live"
+    );
     let pins = node.pins();
     assert!(
         pins.contains(&layout(&installed)) && pins.contains(&layout(&waiting)),
@@ -160,7 +173,10 @@ fn the_old_layout_steers_until_the_new_maps_hold_a_snapshot() {
         report.attempts, report.ok, report.failed, report.by_reply, report.errors
     );
     assert_eq!(report.failed, 0, "{report:?}");
-    assert!(report.replies("a") > 0 && report.replies("b") > 0, "{report:?}");
+    assert!(
+        report.replies("a") > 0 && report.replies("b") > 0,
+        "{report:?}"
+    );
 }
 
 /// The pins of an agent from before layout directories — maps and programs at the top of
@@ -186,7 +202,10 @@ fn the_flat_layout_before_versioning_is_upgraded_under_load() {
     }
     std::fs::remove_dir(&layout_dir).expect("remove the emptied layout directory");
     let flat = node.pins();
-    assert!(flat.contains("KM_ACTIVE") && flat.contains("prog_connect4"), "{flat:?}");
+    assert!(
+        flat.contains("KM_ACTIVE") && flat.contains("prog_connect4"),
+        "{flat:?}"
+    );
 
     let stop = StopFile::new("upgflat");
     let load = node.continuous_probe(&stop);
@@ -215,5 +234,8 @@ fn the_flat_layout_before_versioning_is_upgraded_under_load() {
         report.errors
     );
     assert_eq!(report.failed, 0, "{report:?}");
-    assert!(report.replies("a") > 0 && report.replies("b") > 0, "{report:?}");
+    assert!(
+        report.replies("a") > 0 && report.replies("b") > 0,
+        "{report:?}"
+    );
 }

@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use kmesh_common::{
-    BackendSetValue, EndpointKey, EndpointValue, EnrolledNetns, GENERATION_SLOTS,
-    GenerationValue, INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, RouteValue,
-    ServiceKey, ServiceValue, counter, lb_policy, mode, source_hash,
+    BackendSetValue, EndpointKey, EndpointValue, EnrolledNetns, GENERATION_SLOTS, GenerationValue,
+    INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, RouteValue, ServiceKey, ServiceValue, counter, lb_policy,
+    mode, source_hash,
 };
 
 const SLOTS: usize = GENERATION_SLOTS as usize;
@@ -143,9 +143,8 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
                 count(counter::REFUSED_FAMILY);
                 return refuse();
             }
-            let w = |i: usize| {
-                u32::from_ne_bytes([ep.ip[i], ep.ip[i + 1], ep.ip[i + 2], ep.ip[i + 3]])
-            };
+            let w =
+                |i: usize| u32::from_ne_bytes([ep.ip[i], ep.ip[i + 1], ep.ip[i + 2], ep.ip[i + 3]]);
             sa.user_ip6[0] = w(0);
             sa.user_ip6[1] = w(4);
             sa.user_ip6[2] = w(8);

@@ -14,8 +14,8 @@ use std::{
 use kmesh_common::{lb_policy, mode};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, Pod, ProbeHandle, ProbeReport, StopFile,
-    TcpServer, TestCgroup, TestNetwork, write_atomically,
+    Agent, AgentDir, AgentOptions, AgentSource, Pod, ProbeHandle, ProbeReport, StopFile, TcpServer,
+    TestCgroup, TestNetwork, write_atomically,
 };
 use serde_json::Value;
 
@@ -121,14 +121,28 @@ impl Node {
     pub fn probe(&self, count: u32) -> ProbeReport {
         let target = format!("{VIP}:80");
         let count = count.to_string();
-        let args = ["--target", &target, "--count", &count, "--timeout-ms", "2000"];
+        let args = [
+            "--target",
+            &target,
+            "--count",
+            &count,
+            "--timeout-ms",
+            "2000",
+        ];
         self.client.run_probe(&self.cgroup, &args).expect("probe")
     }
 
     /// Connects from the client to the VIP without pause until `stop` is signalled.
     pub fn continuous_probe(&self, stop: &StopFile) -> ProbeHandle {
         let target = format!("{VIP}:80");
-        let args = ["--target", &target, "--until-file", stop.arg(), "--timeout-ms", "2000"];
+        let args = [
+            "--target",
+            &target,
+            "--until-file",
+            stop.arg(),
+            "--timeout-ms",
+            "2000",
+        ];
         self.client
             .spawn_probe(&self.cgroup, &args)
             .expect("continuous probe")
@@ -183,4 +197,3 @@ pub fn links(status: &Value) -> Vec<(String, u64, u64)> {
 pub fn layout(status: &Value) -> String {
     status["layout"].as_str().expect("layout").to_string()
 }
-

@@ -132,7 +132,7 @@ pub struct Found {
 /// When the links are to run this layout's programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwitchWhen {
-    /// No link is pinned: nothing is steered, attach now.
+    /// No pinned link steers (none is pinned, or they are detached): switch now.
     Now,
     /// Links run other programs, which keep steering with their own maps until this layout's maps
     /// hold a live snapshot and the enrolled namespaces.
@@ -171,7 +171,9 @@ pub fn plan(found: &Found) -> Plan {
             .collect();
         return Plan::Adopt { missing, retire };
     }
-    let when = if found.links.iter().any(Option::is_some) {
+    // A detached link (program 0) steers nothing.
+    let steering = found.links.iter().any(|l| l.is_some_and(|prog| prog != 0));
+    let when = if steering {
         SwitchWhen::AfterFirstSnapshot
     } else {
         SwitchWhen::Now
@@ -298,6 +300,25 @@ mod tests {
         partial.own_programs = [Some(7), Some(8)];
         assert_eq!(
             plan(&partial),
+            Plan::Load {
+                when: SwitchWhen::AfterFirstSnapshot,
+                retire: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn detached_links_steer_nothing_and_are_switched_at_once() {
+        // An uninstall that stopped half-way: links pinned but detached (program 0).
+        assert_eq!(
+            plan(&found([Some(0), Some(0)], Some([7, 8]), &[])),
+            Plan::Load {
+                when: SwitchWhen::Now,
+                retire: vec![]
+            }
+        );
+        assert_eq!(
+            plan(&found([Some(0), Some(8)], Some([7, 8]), &[])),
             Plan::Load {
                 when: SwitchWhen::AfterFirstSnapshot,
                 retire: vec![]

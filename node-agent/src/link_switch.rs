@@ -8,7 +8,7 @@
 //! the other layouts' pins removed, which frees their maps.
 use std::{
     fs::File,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -92,22 +92,18 @@ impl LinkSwitch {
             sys::prog_id(program.as_fd()).map_err(bpf_err(PinOp::ReadIds, &program_path))?;
         let link_path = self.dir.join(hook.link_pin());
         if !link_path.exists() {
-            let cgroup = self.cgroup.as_ref().ok_or_else(|| LoaderError::Bpf {
-                op: PinOp::Attach,
-                path: link_path.clone(),
-                source: std::io::Error::other("no cgroup was opened for a missing link"),
-            })?;
-            let link = sys::link_create(program.as_fd(), cgroup.as_fd(), hook.cgroup_hook())
-                .map_err(bpf_err(PinOp::Attach, &link_path))?;
-            sys::obj_pin(link.as_fd(), &link_path).map_err(bpf_err(PinOp::Pin, &link_path))?;
-            info!(link = %link_path.display(), program_id, "attached");
-            return Ok(HookSwitch::Attached);
+            return self.attach(hook, program.as_fd(), &link_path);
         }
         let link = sys::obj_get(&link_path).map_err(bpf_err(PinOp::Open, &link_path))?;
         let (link_id, running) =
             sys::link_ids(link.as_fd()).map_err(bpf_err(PinOp::ReadIds, &link_path))?;
         if running == program_id {
             return Ok(HookSwitch::Kept);
+        }
+        if running == 0 {
+            // A detached link (an uninstall that stopped half-way) attaches nothing: replace it.
+            remove_pins(&link_path)?;
+            return self.attach(hook, program.as_fd(), &link_path);
         }
         let old = sys::prog_by_id(running).map_err(bpf_err(PinOp::FindRunning, &link_path))?;
         sys::link_update(link.as_fd(), program.as_fd(), old.as_fd())
@@ -120,6 +116,25 @@ impl LinkSwitch {
             "link switched to this layout's program"
         );
         Ok(HookSwitch::Replaced { from: running })
+    }
+
+    /// Attaches `program` to the cgroup at `hook` with a new link, pinned at `link_path`.
+    fn attach(
+        &self,
+        hook: Hook,
+        program: BorrowedFd<'_>,
+        link_path: &Path,
+    ) -> Result<HookSwitch, LoaderError> {
+        let cgroup = self.cgroup.as_ref().ok_or_else(|| LoaderError::Bpf {
+            op: PinOp::Attach,
+            path: link_path.to_path_buf(),
+            source: std::io::Error::other("no cgroup was opened for a missing link"),
+        })?;
+        let link = sys::link_create(program, cgroup.as_fd(), hook.cgroup_hook())
+            .map_err(bpf_err(PinOp::Attach, link_path))?;
+        sys::obj_pin(link.as_fd(), link_path).map_err(bpf_err(PinOp::Pin, link_path))?;
+        info!(link = %link_path.display(), "attached");
+        Ok(HookSwitch::Attached)
     }
 }
 

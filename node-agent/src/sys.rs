@@ -184,13 +184,18 @@ struct OneFdAttr {
     open_flags: u32,
 }
 
-/// The head of `struct bpf_link_info`: its type, its id and the program it runs.
+/// The head of `struct bpf_link_info` for a cgroup link: its type, its id, the program it runs and
+/// the cgroup it is attached to (0 once detached).
 #[repr(C)]
 #[derive(Default)]
-struct LinkInfoHead {
+struct CgroupLinkInfo {
     link_type: u32,
     id: u32,
     prog_id: u32,
+    pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    pad2: u32,
 }
 
 /// The head of `struct bpf_prog_info`: its type and its id.
@@ -271,11 +276,13 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     sys_bpf(BpfCommand::LinkDetach, &mut attr)
 }
 
-/// A link's id and the id of the program it runs (0 once detached).
+/// A cgroup link's id, and the id of the program it runs — 0 once the link is detached (the kernel
+/// keeps reporting the program of a detached link, and a zero cgroup).
 pub fn link_ids(link: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    let mut info = LinkInfoHead::default();
+    let mut info = CgroupLinkInfo::default();
     obj_info(link, &mut info)?;
-    Ok((info.id, info.prog_id))
+    let program = if info.cgroup_id == 0 { 0 } else { info.prog_id };
+    Ok((info.id, program))
 }
 
 /// A program's id.

@@ -239,3 +239,36 @@ fn the_flat_layout_before_versioning_is_upgraded_under_load() {
         "{report:?}"
     );
 }
+
+/// A link that is still pinned but detached (an uninstall that stopped half-way) steers nothing: a
+/// starting agent replaces it with a new link rather than waiting on it forever.
+#[test]
+fn a_detached_pinned_link_is_replaced() {
+    use std::os::fd::AsFd as _;
+    let mut node = Node::new("upgdetached", 176, &["a"]);
+    let file = node.file("snapshot");
+    node.write(&file, 1, &["a"]);
+    let mut first = node.start_agent(&file, &[]);
+    first.wait_ready(READY).expect("agent ready");
+    wait_enrolled(&mut first);
+    let installed = first.debug_snapshot().unwrap();
+    assert!(first.terminate().expect("SIGTERM").success());
+    for link in ["link_connect4", "link_connect6"] {
+        let pin = kmesh_agent::sys::obj_get(&node.dir.path().join(link)).expect("open link pin");
+        kmesh_agent::sys::link_detach(pin.as_fd()).expect("BPF_LINK_DETACH");
+    }
+    let detached = node.probe(10);
+    assert_eq!(detached.errors_of("ENETUNREACH"), 10, "{detached:?}");
+
+    let mut agent = node.start_agent(&file, &[]);
+    agent.wait_ready(READY).expect("agent ready again");
+    let replaced = agent.debug_snapshot().unwrap();
+    let after = node.probe(20);
+    assert_eq!(after.replies("a"), 20, "{after:?}");
+    for ((name, old_link, _), (_, new_link, new_program)) in
+        links(&installed).iter().zip(links(&replaced))
+    {
+        assert_ne!(*old_link, new_link, "{name}: the detached link was kept");
+        assert_ne!(new_program, 0, "{name}: {replaced}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`.
 //!
-//! `/readyz` answers 200 only while a snapshot is live and the data-plane thread runs; the agent
-//! exits soon after the data plane stops (see `supervise.rs`), and until then it is not ready.
+//! `/readyz` answers 200 only while a snapshot is live, the links run this agent's programs (no
+//! upgrade pending), the agent has not uninstalled, and the data-plane thread runs; the agent exits
+//! soon after the data plane stops (see `supervise.rs`), and until then it is not ready.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
@@ -75,17 +76,19 @@ fn route<B>(
     }
 }
 
-/// 200 while a snapshot is live and the data plane runs; 503 with the reason otherwise.
+/// 200 while ready (see [`Status::is_ready`]); 503 with the reason otherwise.
 fn readyz(status: &Status) -> Response<Full<Bytes>> {
+    let unavailable = |reason: &str| text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n"));
     match &status.data_plane {
         _ if status.is_ready() => text(StatusCode::OK, "ready\n"),
-        DataPlaneState::Stopped { reason } => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("data plane stopped: {reason}\n"),
-        ),
-        DataPlaneState::Running => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot applied yet\n")
-        }
+        DataPlaneState::Stopped { reason } => unavailable(&format!("data plane stopped: {reason}")),
+        DataPlaneState::Running => match &status.uninstalled {
+            Some(u) => unavailable(&format!("uninstalled: {}", u.outcome)),
+            None if status.upgrade_pending() => unavailable(
+                "upgrading: the links run another layout's programs until a snapshot is live in this layout's maps",
+            ),
+            None => unavailable("no snapshot applied yet"),
+        },
     }
 }
 
@@ -113,5 +116,31 @@ mod tests {
             reason: "panicked: boom".into(),
         };
         assert_eq!(code(&status), 503, "ready after the data plane stopped");
+    }
+
+    #[test]
+    fn not_ready_while_an_upgrade_waits_or_after_an_uninstall() {
+        use crate::lifecycle::{Uninstalled, Upgrade, UpgradeState};
+        let mut status = Status {
+            ready: true,
+            upgrade: Some(Upgrade {
+                retiring: vec!["/sys/fs/bpf/kmesh/v1-0000000000000000".into()],
+                state: UpgradeState::WaitingForSnapshot { last_error: None },
+            }),
+            ..Status::default()
+        };
+        assert_eq!(
+            code(&status),
+            503,
+            "ready while the links run the old layout"
+        );
+        status.upgrade.as_mut().unwrap().state = UpgradeState::Switched { at_unix_ms: 1 };
+        assert_eq!(code(&status), 200);
+        status.uninstalled = Some(Uninstalled {
+            at_unix_ms: 2,
+            outcome: "every pin removed".into(),
+        });
+        let response = readyz(&status);
+        assert_eq!(response.status().as_u16(), 503, "ready after uninstalling");
     }
 }

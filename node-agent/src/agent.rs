@@ -1,5 +1,8 @@
-//! The agent: install or adopt the programs, start the admin server, the snapshot source and the
-//! data-plane thread, and run until a signal — or until the data plane stops, which is an error.
+//! The agent: install, adopt or upgrade the programs, start the admin server, the snapshot source
+//! and the data-plane thread, and run until a signal — or until the data plane stops, which is an
+//! error. On SIGTERM it keeps the pins (a restart or an upgrade must not interrupt traffic) unless
+//! the operator says the node's agents are being removed (`source::ask_on_shutdown`): then it
+//! uninstalls before it exits.
 //!
 //! Map writes happen on one thread (the data plane, `data_plane.rs`), so there is no locking around
 //! them: sources hand it bytes over a channel, it reports what it did in [`Status`] and the live
@@ -8,6 +11,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
 };
 
 use kmesh_snapshot::Limits;
@@ -18,10 +22,11 @@ use crate::{
     admin,
     data_plane::{Applier, DataPlane},
     enrol::Enroller,
-    loader::{self, AttachedLink, LoaderError},
+    lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
+    loader::{self, AttachedLink, BpfObject, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
     refusal::RefusalKind,
-    source::{self, Source},
+    source::{self, Delivery, ShutdownVerdict, Source},
     supervise::{self, ThreadExit},
 };
 
@@ -32,6 +37,9 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub admin_addr: SocketAddr,
     pub limits: Limits,
+    /// The eBPF object to load: the shipped one, or the upgrade tests' variant of another layout
+    /// (hidden flag `--test-layout-variant`).
+    pub object: BpfObject,
     /// Test hook: the data-plane thread panics on receiving this many snapshots, so that tests can
     /// check the supervision of the real binary (hidden flag `--test-panic-at-snapshot`).
     pub test_panic_at_snapshot: Option<u64>,
@@ -110,7 +118,13 @@ pub struct Status {
     pub data_plane: DataPlaneState,
     /// The programs were found attached and pinned at start; nothing was re-attached.
     pub adopted_pins: bool,
+    /// This agent's layout (its pin directory below `--bpffs-dir`).
+    pub layout: String,
     pub links: Vec<AttachedLink>,
+    /// An upgrade from another layout's pins, if this agent found some.
+    pub upgrade: Option<Upgrade>,
+    /// Set once the agent uninstalled (the operator said this node's agents are being removed).
+    pub uninstalled: Option<Uninstalled>,
     pub live: Option<LiveSnapshot>,
     pub applied: u64,
     pub unchanged: u64,
@@ -134,9 +148,20 @@ pub struct Flip {
 }
 
 impl Status {
-    /// What `/readyz` answers: a snapshot is live and the data plane still runs to follow changes.
+    /// What `/readyz` answers: a snapshot is live, the links run this agent's programs, and the
+    /// data plane still runs to follow changes.
     pub fn is_ready(&self) -> bool {
-        self.ready && self.data_plane == DataPlaneState::Running
+        self.ready
+            && self.data_plane == DataPlaneState::Running
+            && !self.upgrade_pending()
+            && self.uninstalled.is_none()
+    }
+
+    /// The links still run another layout's programs.
+    pub fn upgrade_pending(&self) -> bool {
+        self.upgrade
+            .as_ref()
+            .is_some_and(|u| matches!(u.state, UpgradeState::WaitingForSnapshot { .. }))
     }
 }
 
@@ -148,12 +173,16 @@ pub(crate) fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
     f(&mut guard);
 }
 
-/// Runs the agent until SIGINT or SIGTERM. Pins stay in place on exit: traffic keeps flowing.
+/// Runs the agent until SIGINT or SIGTERM. Pins stay in place on exit, so that traffic keeps
+/// flowing, unless the operator says the node's agents are being removed.
 pub async fn run(config: Config) -> Result<(), AgentError> {
-    let installation = loader::install_or_adopt(&config.bpffs_dir, &config.cgroup)?;
+    let mut installation =
+        loader::install_or_adopt(&config.bpffs_dir, &config.cgroup, config.object)?;
     info!(
         dir = %installation.dir.display(),
+        layout = %installation.layout,
         adopted = installation.adopted,
+        upgrading = installation.switch.is_some(),
         links = ?installation.links,
         "programs ready"
     );
@@ -164,9 +193,15 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node_name: config.node_name.clone(),
         adopted_pins: installation.adopted,
+        layout: installation.layout.to_string(),
         links: installation.links.clone(),
         ..Default::default()
     }));
+    let lifecycle = Lifecycle::new(
+        installation.dir.clone(),
+        installation.switch.take(),
+        status.clone(),
+    );
     let live = maps.live()?;
     if let Some(live) = live {
         info!(
@@ -200,28 +235,66 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         config.node_name.clone(),
         config.limits.max_bytes,
         live_rx,
-        tx,
+        tx.clone(),
     ));
     let applier = Applier::new(
-        config.node_name,
+        config.node_name.clone(),
         config.limits,
         maps,
         status.clone(),
         live_tx,
     );
-    let data_plane = DataPlane::new(applier, enroller, status.clone())
+    let data_plane = DataPlane::new(applier, enroller, lifecycle, status.clone())
         .with_test_panic_at_snapshot(config.test_panic_at_snapshot);
-    let data_plane = supervise::spawn("data-plane", status, move || data_plane.run(rx))
+    let data_plane = supervise::spawn("data-plane", status.clone(), move || data_plane.run(rx))
         .map_err(AgentError::Thread)?;
 
     tokio::select! {
         () = shutdown_signal() => {
-            info!("shutting down; programs stay attached through their pinned links");
+            shut_down(&config, &status, &tx).await;
             Ok(())
         }
         exit = data_plane.exited() => {
             error!(%exit, "the data plane thread stopped; exiting");
             Err(AgentError::DataPlaneStopped(exit))
+        }
+    }
+}
+
+/// How long a stopping agent waits for the data plane to finish an uninstall.
+const UNINSTALL_WAIT: Duration = Duration::from_secs(3);
+
+/// On SIGTERM: keep the pins, unless the operator says this node's agents are being removed; then
+/// have the data plane (the only writer of pins) uninstall, and wait for it.
+async fn shut_down(config: &Config, status: &SharedStatus, tx: &mpsc::Sender<Delivery>) {
+    let uninstalled = || {
+        status
+            .lock()
+            .map(|s| s.uninstalled.is_some())
+            .unwrap_or(false)
+    };
+    if uninstalled() {
+        info!("shutting down; already uninstalled");
+        return;
+    }
+    let verdict =
+        source::ask_on_shutdown(&config.source, &config.node_name, config.limits.max_bytes).await;
+    match verdict {
+        ShutdownVerdict::Keep { why } => {
+            info!(%why, "shutting down; programs stay attached through their pinned links");
+        }
+        ShutdownVerdict::Uninstall => {
+            warn!(
+                "shutting down: the operator says this node's agents are being removed; uninstalling"
+            );
+            let _ = tx.send(Delivery::Uninstall);
+            let asked = Instant::now();
+            while !uninstalled() && asked.elapsed() < UNINSTALL_WAIT {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !uninstalled() {
+                error!(waited = ?UNINSTALL_WAIT, "the data plane did not uninstall in time; pins may remain (kmesh-agent uninstall removes them)");
+            }
         }
     }
 }

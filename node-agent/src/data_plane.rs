@@ -1,8 +1,9 @@
 //! The data plane thread: the only writer of the maps. [`Applier`] decides what a snapshot's bytes
 //! do — refused, unchanged, or applied — and records it in the status and the live-generation
 //! channel; it is generic over the slot operations so that this decision is unit tested with the
-//! fake slots. [`DataPlane`] runs it on every snapshot the source delivers and keeps enrolment in
-//! step with the node's namespaces between snapshots.
+//! fake slots. [`DataPlane`] runs it on every snapshot the source delivers, keeps enrolment in
+//! step with the node's namespaces between snapshots, and drives the pins' lifecycle
+//! (`lifecycle.rs`: an upgrade's link switch, the uninstall).
 use std::{
     sync::mpsc,
     time::{Duration, SystemTime},
@@ -16,8 +17,10 @@ use tracing::{error, info, warn};
 use crate::{
     agent::{Counts, Flip, LiveSnapshot, RECENT_FLIPS, Rejection, SharedStatus, update},
     enrol::{EnrolError, Enroller},
+    lifecycle::Lifecycle,
     maps::{ApplyStats, GenerationMaps, KernelSlots, Slot, SlotMaps},
     refusal::{Refusal, RefusalKind},
+    source::Delivery,
 };
 
 /// How often namespaces are rescanned (the issue allows 2 s to pick up a change).
@@ -243,20 +246,27 @@ impl<M: SlotMaps> Applier<M> {
     }
 }
 
-/// The data-plane thread's state: the applier and the enroller.
+/// The data-plane thread's state: the applier, the enroller and the pins' lifecycle.
 pub struct DataPlane {
     applier: Applier<KernelSlots>,
     enroller: Enroller,
+    lifecycle: Lifecycle,
     status: SharedStatus,
     snapshots_received: u64,
     test_panic_at_snapshot: Option<u64>,
 }
 
 impl DataPlane {
-    pub fn new(applier: Applier<KernelSlots>, enroller: Enroller, status: SharedStatus) -> Self {
+    pub fn new(
+        applier: Applier<KernelSlots>,
+        enroller: Enroller,
+        lifecycle: Lifecycle,
+        status: SharedStatus,
+    ) -> Self {
         Self {
             applier,
             enroller,
+            lifecycle,
             status,
             snapshots_received: 0,
             test_panic_at_snapshot: None,
@@ -269,39 +279,59 @@ impl DataPlane {
         self
     }
 
-    /// Applies every snapshot from `rx`, and rescans namespaces every [`ENROL_INTERVAL`]. Returns
+    /// Applies every snapshot from `rx`, and rescans namespaces every [`ENROL_INTERVAL`]; after a
+    /// round with a live snapshot and the namespaces synced, finishes a pending upgrade. Returns
     /// when the source is gone (which the supervisor reports as the data plane stopping).
-    pub fn run(mut self, rx: mpsc::Receiver<Vec<u8>>) {
+    pub fn run(mut self, rx: mpsc::Receiver<Delivery>) {
         loop {
             match rx.recv_timeout(ENROL_INTERVAL) {
-                Ok(bytes) => {
-                    self.snapshots_received += 1;
-                    if self.test_panic_at_snapshot == Some(self.snapshots_received) {
-                        panic!(
-                            "test hook: --test-panic-at-snapshot {}",
-                            self.snapshots_received
-                        );
-                    }
-                    self.applier.on_snapshot(&bytes);
-                }
+                Ok(Delivery::Snapshot(bytes)) => self.on_snapshot(&bytes),
+                Ok(Delivery::Uninstall) => self.lifecycle.uninstall(),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     error!("the snapshot source ended");
                     return;
                 }
             }
-            self.enrol();
+            if !self.lifecycle.uninstalled() && self.enrol() {
+                self.lifecycle.on_synced();
+            }
         }
     }
 
-    fn enrol(&mut self) {
-        let Some(workloads) = self.applier.workloads() else {
+    fn on_snapshot(&mut self, bytes: &[u8]) {
+        self.snapshots_received += 1;
+        if self.test_panic_at_snapshot == Some(self.snapshots_received) {
+            panic!(
+                "test hook: --test-panic-at-snapshot {}",
+                self.snapshots_received
+            );
+        }
+        if self.lifecycle.uninstalled() {
+            warn!("snapshot ignored: this agent uninstalled; restart it to install again");
             return;
+        }
+        self.applier.on_snapshot(bytes);
+    }
+
+    /// Syncs the enrolled map with the live snapshot's workloads; true when it is in step.
+    fn enrol(&mut self) -> bool {
+        let Some(workloads) = self.applier.workloads() else {
+            return false;
         };
         match self.enroller.sync(workloads) {
-            Ok(stats) => update(&self.status, |s| s.enrolled_netns = stats.enrolled),
-            Err(EnrolError::Scan(e)) => warn!(error = %e, "namespace scan failed; will retry"),
-            Err(e) => error!(error = %e, "updating the enrolled map failed; will retry"),
+            Ok(stats) => {
+                update(&self.status, |s| s.enrolled_netns = stats.enrolled);
+                true
+            }
+            Err(EnrolError::Scan(e)) => {
+                warn!(error = %e, "namespace scan failed; will retry");
+                false
+            }
+            Err(e) => {
+                error!(error = %e, "updating the enrolled map failed; will retry");
+                false
+            }
         }
     }
 }

@@ -84,6 +84,11 @@ struct RunArgs {
     /// check that the agent then stops being ready and exits non-zero. Not for production use.
     #[arg(long, hide = true)]
     test_panic_at_snapshot: Option<u64>,
+    /// Test hook: load the test variant of the eBPF object, the same programs over another map
+    /// layout (a larger enrolled map), so that a test can upgrade across a layout change with one
+    /// binary. Not for production use.
+    #[arg(long, hide = true)]
+    test_layout_variant: bool,
 }
 
 fn main() -> ExitCode {
@@ -139,6 +144,11 @@ fn run(args: RunArgs) -> Result<(), String> {
             max_backend_sets: args.max_backend_sets,
             max_endpoints: args.max_endpoints,
             max_workloads: args.max_workloads,
+        },
+        object: if args.test_layout_variant {
+            loader::BpfObject::TestLayout
+        } else {
+            loader::BpfObject::Shipped
         },
         test_panic_at_snapshot: args.test_panic_at_snapshot,
     };

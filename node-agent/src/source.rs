@@ -20,6 +20,11 @@
 //! reports. So that this is prompt rather than up to a long poll later, the poller watches the live
 //! generation: when it changes while a request is held, the request is abandoned and a new one
 //! carries the new generation at once.
+//!
+//! A `410 Gone` means the node's agents are being removed for good (the contract's uninstall): the
+//! poller hands the data plane [`Delivery::Uninstall`] once, and keeps asking, slowly. When the
+//! agent is stopped, [`ask_on_shutdown`] asks once more, without waiting, so that an agent stopped
+//! by an uninstall before its long poll heard of it still removes its pins.
 use std::{
     fmt,
     path::PathBuf,
@@ -48,6 +53,16 @@ pub enum Source {
     },
 }
 
+/// What a source hands the data plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// A snapshot's bytes, not yet verified.
+    Snapshot(Vec<u8>),
+    /// The operator answered `410 Gone`: the agents of this node are being removed, so the
+    /// programs must be detached and every pin removed.
+    Uninstall,
+}
+
 /// How long the server may hold a long-poll request.
 const LONG_POLL: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -62,7 +77,7 @@ pub async fn run(
     node: String,
     max_bytes: u64,
     live: watch::Receiver<u64>,
-    tx: Sender<Vec<u8>>,
+    tx: Sender<Delivery>,
 ) {
     match source {
         Source::File(path) => watch_file(path, tx).await,
@@ -83,7 +98,7 @@ pub async fn run(
 
 /// Sends the file's contents now and whenever it changes (size, mtime or inode: an atomic
 /// rename-into-place counts as a change).
-async fn watch_file(path: PathBuf, tx: Sender<Vec<u8>>) {
+async fn watch_file(path: PathBuf, tx: Sender<Delivery>) {
     use std::os::unix::fs::MetadataExt as _;
     let mut last: Option<(u64, i64, i64, u64)> = None;
     let mut reported_missing = false;
@@ -97,7 +112,7 @@ async fn watch_file(path: PathBuf, tx: Sender<Vec<u8>>) {
                         Ok(bytes) => {
                             debug!(path = %path.display(), bytes = bytes.len(), "snapshot file changed");
                             last = Some(stamp);
-                            if tx.send(bytes).is_err() {
+                            if tx.send(Delivery::Snapshot(bytes)).is_err() {
                                 return;
                             }
                         }
@@ -203,6 +218,8 @@ enum Fetched {
         etag: Option<String>,
     },
     NotModified,
+    /// `410 Gone`: uninstall.
+    Gone,
 }
 
 type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
@@ -296,12 +313,13 @@ async fn poll_operator(
     (mut ca, connector): (TrustedCa, Connector),
     max_bytes: u64,
     mut live: watch::Receiver<u64>,
-    tx: Sender<Vec<u8>>,
+    tx: Sender<Delivery>,
 ) {
     let mut client = client_of(connector);
     let url = contract::snapshot_url(&base, &node, LONG_POLL);
     let mut etag: Option<String> = None;
     let mut backoff = BACKOFF_MIN;
+    let mut gone = false;
     loop {
         if let Some(connector) = ca.reloaded() {
             client = client_of(connector);
@@ -337,11 +355,26 @@ async fn poll_operator(
                     "snapshot received"
                 );
                 etag = new;
-                if tx.send(bytes).is_err() {
+                gone = false;
+                if tx.send(Delivery::Snapshot(bytes)).is_err() {
                     return;
                 }
             }
             Ok(Ok(Fetched::NotModified)) => backoff = BACKOFF_MIN,
+            Ok(Ok(Fetched::Gone)) => {
+                if !gone {
+                    warn!(
+                        url,
+                        "the operator answered 410 Gone: this node's agents are being removed; uninstalling"
+                    );
+                    gone = true;
+                    if tx.send(Delivery::Uninstall).is_err() {
+                        return;
+                    }
+                }
+                // Nothing to follow any more; ask now and then in case the removal is undone.
+                tokio::time::sleep(jitter(BACKOFF_MAX)).await;
+            }
             Ok(Err(e)) => {
                 let delay = jitter(backoff);
                 warn!(url, error = %e, retry_in_ms = delay.as_millis() as u64, "fetching snapshot failed");
@@ -402,6 +435,7 @@ async fn fetch(
             })
         }
         StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+        status if status.as_u16() == contract::UNINSTALL_STATUS => Ok(Fetched::Gone),
         other => Err(FetchError::Status(other)),
     }
 }
@@ -415,6 +449,53 @@ fn next_backoff(backoff: Duration, error: &FetchError) -> Duration {
         _ => BACKOFF_MAX,
     };
     (backoff * 2).min(ceiling)
+}
+
+/// What an agent that is being stopped does with its pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShutdownVerdict {
+    /// The operator says the node's agents are being removed: uninstall.
+    Uninstall,
+    /// A restart or an upgrade: keep the pins, so that traffic keeps flowing. `why` says how
+    /// this was decided.
+    Keep { why: String },
+}
+
+/// How long a stopping agent waits for the operator's answer.
+pub const SHUTDOWN_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the operator once, without a long poll, whether this node's agents are being removed.
+/// Anything but a `410 Gone` — another answer, no answer, a file source — keeps the pins.
+pub async fn ask_on_shutdown(source: &Source, node: &str, max_bytes: u64) -> ShutdownVerdict {
+    let Source::Operator {
+        url,
+        token_file,
+        ca_file,
+    } = source
+    else {
+        return ShutdownVerdict::Keep {
+            why: "the snapshot file source never uninstalls".into(),
+        };
+    };
+    let connector = match https_connector(ca_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return ShutdownVerdict::Keep { why: e },
+    };
+    let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
+    let url = contract::snapshot_url(url, node, Duration::ZERO);
+    let asked = fetch(&client, &url, None, token_file.as_ref(), 0, max_bytes);
+    match tokio::time::timeout(SHUTDOWN_ASK_TIMEOUT, asked).await {
+        Ok(Ok(Fetched::Gone)) => ShutdownVerdict::Uninstall,
+        Ok(Ok(_)) => ShutdownVerdict::Keep {
+            why: "the operator serves this node: a restart or an upgrade".into(),
+        },
+        Ok(Err(e)) => ShutdownVerdict::Keep {
+            why: format!("the operator could not be asked ({e})"),
+        },
+        Err(_) => ShutdownVerdict::Keep {
+            why: format!("the operator did not answer within {SHUTDOWN_ASK_TIMEOUT:?}"),
+        },
+    }
 }
 
 /// Full jitter: a uniform delay in [100 ms, ceiling]; spreads retries of many agents after an outage.

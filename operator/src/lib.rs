@@ -20,6 +20,7 @@ pub mod render;
 pub mod replicas;
 pub mod server;
 pub mod tokenreview;
+pub mod uninstall;
 pub mod validate;
 
 pub use error::{Error, Result};

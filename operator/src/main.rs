@@ -23,6 +23,7 @@ use kmesh_operator::{
     replicas::{self, DecisionStore, DecisionWriteError},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
     tokenreview::TokenReviewAuth,
+    uninstall::{self, AgentDaemonSet},
 };
 use kube::runtime::events::Reporter;
 use tracing::{error, info, warn};
@@ -94,6 +95,10 @@ struct Cli {
     /// The audience of the agents' projected tokens (tokenreview).
     #[arg(long, default_value = "kmesh-operator")]
     token_audience: String,
+    /// The agents' DaemonSet, `namespace/name` (kube): when it or its namespace is deleted, every
+    /// agent is told to remove its programs and pins (`410 Gone`).
+    #[arg(long, default_value = "kmesh-system/kmesh-agent")]
+    agent_daemonset: AgentDaemonSet,
     /// Address of /metrics.
     #[arg(long, default_value = "0.0.0.0:15301")]
     metrics_addr: SocketAddr,
@@ -254,8 +259,21 @@ async fn run(cli: Cli) -> Result<()> {
         cert,
     };
     match &cli.source {
-        Source::Dir(path) => run_dir(path.clone(), operator).await,
-        Source::Kube => run_kube(api_client("--source kube").await?, operator).await,
+        Source::Dir(path) => {
+            let shutdown = uninstall::shutdown_signal(operator.store.clone());
+            tokio::select! {
+                result = run_dir(path.clone(), operator) => result,
+                () = shutdown => Ok(()),
+            }
+        }
+        // Stops by itself on a signal, after the leader released its Lease (and, during an
+        // uninstall, after answering stopping agents a little longer).
+        Source::Kube => {
+            let client = api_client("--source kube").await?;
+            let agents = cli.agent_daemonset.clone();
+            uninstall::watch(client.clone(), agents, operator.store.clone());
+            run_kube(client, operator).await
+        }
     }
 }
 
@@ -314,6 +332,14 @@ fn election(
     };
     config.check().map_err(Error::Election)?;
     Ok(leader::start(client.clone(), config, shutdown).0)
+}
+
+/// The end of `run_kube` after a stop signal: the election (which saw the same signal) gets a
+/// moment to release the Lease, and an uninstall's stopping agents get their `410`s.
+async fn stop(store: &SnapshotStore) -> Result<()> {
+    let release = tokio::time::sleep(Duration::from_millis(500));
+    tokio::join!(release, uninstall::drain(store));
+    Ok(())
 }
 
 /// A receiver that turns true on SIGTERM or SIGINT (the leader then releases its Lease).
@@ -564,8 +590,12 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
     replicas::record_live_reports(&client, &cli.namespace, operator.store.clone());
     let mut live = operator.store.live_changes();
     let source = KubeSource::start(client.clone());
-    if !source.wait_settled(Duration::from_secs(60)).await {
-        warn!("not every watched kind listed within 60 s; compiling with what is there");
+    let mut stopping = shutdown.clone();
+    tokio::select! {
+        settled = source.wait_settled(Duration::from_secs(60)) => if !settled {
+            warn!("not every watched kind listed within 60 s; compiling with what is there");
+        },
+        _ = stopping.wait_for(|stop| *stop) => return stop(&operator.store).await,
     }
     let mut changes = source.changes(DebounceConfig::default());
     let reporter = Reporter {
@@ -573,7 +603,6 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
         instance: cli.pod_name.clone(),
     };
     let mut reconciler = Reconciler::new(client, reporter).gated_by(leadership.clone());
-    let mut stopping = shutdown.clone();
     loop {
         let snapshot = source.snapshot();
         let compiled = operator.compile_and_publish(&snapshot.inputs, snapshot.diagnostics.clone());
@@ -610,11 +639,7 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                 _ = decisions.changed() => {}
                 _ = leadership.changed() => {}
                 _ = live.changed() => {}
-                _ = stopping.changed() => {
-                    // Give the election a moment to release the Lease.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    return Ok(());
-                }
+                _ = stopping.wait_for(|stop| *stop) => return stop(&operator.store).await,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }

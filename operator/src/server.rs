@@ -5,7 +5,9 @@
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
 //!   60 s), or names a newer generation than this replica's (it lags behind another replica: it
 //!   never sends an agent back); `404` for a node the operator has no snapshot for (yet); `503`
-//!   when this replica has not compiled the node's decided content yet (see [`Published`]).
+//!   when this replica has not compiled the node's decided content yet (see [`Published`]);
+//!   `410 Gone` to every agent while the agents are being removed (`uninstall.rs`), held requests
+//!   at once.
 //! - Every replica serves the leader's decisions ([`crate::publish`]), so the ETag of a node's
 //!   snapshot is the same at every replica: an agent that reaches another replica gets `304`.
 //! - Agents authenticate with a bearer token. With TokenReview, the token must be a service-account
@@ -63,6 +65,8 @@ pub struct SnapshotStore {
     reported_here: Arc<Mutex<BTreeMap<String, u64>>>,
     /// Whether this replica answers snapshot requests (first compile done, TLS ready).
     ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The agents are being removed: every request is answered `410 Gone` (see `uninstall.rs`).
+    uninstalling: Arc<watch::Sender<bool>>,
 }
 
 impl Default for SnapshotStore {
@@ -73,11 +77,21 @@ impl Default for SnapshotStore {
             live_changed: Arc::new(watch::channel(0).0),
             reported_here: Arc::default(),
             ready: Arc::default(),
+            uninstalling: Arc::new(watch::channel(false).0),
         }
     }
 }
 
 impl SnapshotStore {
+    /// Starts (`true`) or ends answering every snapshot request `410 Gone`; wakes held requests.
+    pub fn set_uninstalling(&self, uninstalling: bool) {
+        self.uninstalling.send_replace(uninstalling);
+    }
+
+    pub fn uninstalling(&self) -> bool {
+        *self.uninstalling.borrow()
+    }
+
     fn channel(&self, node: &str) -> watch::Sender<Option<Published>> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
@@ -349,15 +363,28 @@ async fn serve_snapshot<A: Authenticator>(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if store.uninstalling() {
+        return gone();
+    }
     let mut updates = store.subscribe(node);
+    let mut uninstalling = store.uninstalling.subscribe();
     let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
     let changed = |p: &Option<Published>| is_news(p.as_ref(), if_none_match.as_deref());
     // What ends a long poll: a snapshot other than the agent's, with its bytes here.
     let deliverable =
         |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
     if !deliverable(&current(&updates)) && !wait.is_zero() {
-        // Long poll: hold until the snapshot changes or the wait runs out.
-        let _ = tokio::time::timeout(wait, updates.wait_for(|p| deliverable(p))).await;
+        // Long poll: hold until the snapshot changes, an uninstall starts, or the wait runs out.
+        let held = async {
+            tokio::select! {
+                _ = updates.wait_for(|p| deliverable(p)) => {}
+                _ = uninstalling.wait_for(|u| *u) => {}
+            }
+        };
+        let _ = tokio::time::timeout(wait, held).await;
+    }
+    if store.uninstalling() {
+        return gone();
     }
     match current(&updates) {
         None => text(
@@ -409,6 +436,14 @@ fn wait_param(query: Option<&str>) -> Duration {
         .and_then(contract::parse_wait)
         .unwrap_or(Duration::ZERO)
         .min(contract::MAX_WAIT)
+}
+
+/// The contract's uninstall.
+fn gone() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::from_u16(contract::UNINSTALL_STATUS).unwrap_or(StatusCode::GONE),
+        "the node agents are being removed: detach the programs and remove every pin\n",
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -18,6 +18,11 @@
 //!   ([`etag`]: generation and content hash). Agents treat the ETag as opaque and echo it.
 //! - `304 Not Modified`: the agent's ETag was still current after the server held the request for
 //!   up to `wait` (capped at [`MAX_WAIT`]): a long poll. The agent asks again at once.
+//! - `410 Gone` ([`UNINSTALL_STATUS`]): the node's agents are being removed for good (their
+//!   DaemonSet, or its namespace, is being deleted). The agent detaches its programs and removes
+//!   every pin at once, then idles until it is stopped; an agent being stopped asks once more
+//!   (`wait=0s`) and does the same on a `410`. Any other answer keeps the pins: a restart or an
+//!   upgrade must not interrupt traffic.
 //! - `401` no or unknown token; `403` a token bound to another node; `404` no snapshot for the node
 //!   yet; `503` the server cannot check tokens right now. The agent retries all of these with backoff,
 //!   keeping the snapshot it has.
@@ -36,6 +41,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// The request header that reports the generation live in the agent's kernel (HTTP header names
 /// are case-insensitive; this is the lowercase form HTTP/2 requires).
 pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
+
+/// The status that tells an agent to uninstall: `410 Gone`.
+pub const UNINSTALL_STATUS: u16 = 410;
 
 /// The media type of a snapshot body.
 pub const MEDIA_TYPE: &str = "application/vnd.kmesh.snapshot";

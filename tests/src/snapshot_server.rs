@@ -4,7 +4,8 @@
 //!
 //! The operator's real server (`kmesh-operator`, tested end to end in `operator_end_to_end.rs`)
 //! serves the same contract. This stand-in is small and controllable: it can fail requests on
-//! purpose, to test the agent's retries, and it records what each request carried (ETag, token,
+//! purpose, to test the agent's retries, answer `410 Gone` (the contract's uninstall) with or
+//! without waking the requests it holds, and it records what each request carried (ETag, token,
 //! live generation). Its ETags are whatever a test publishes, which also checks that the agent
 //! treats them as opaque (the operator's are `contract::etag`).
 use std::{
@@ -38,6 +39,10 @@ struct State {
     token: Option<String>,
     seen: Vec<SeenRequest>,
     stopped: bool,
+    /// Answer `410 Gone` (`contract::UNINSTALL_STATUS`) to every snapshot request.
+    gone: bool,
+    /// Held requests end at once when `gone` is set (otherwise when their hold ends).
+    gone_wakes: bool,
 }
 
 /// The server; stops accepting when dropped.
@@ -89,6 +94,17 @@ impl SnapshotServer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .fail_next = n;
+    }
+
+    /// From now on, answers every snapshot request `410 Gone`: the node's agents are being removed.
+    /// `wake`: held long polls answer at once too; otherwise they answer when their hold ends (so
+    /// that only a new request, such as a stopping agent's, hears it soon).
+    pub fn uninstall(&self, wake: bool) {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.gone = true;
+        st.gone_wakes = wake;
+        cv.notify_all();
     }
 
     pub fn require_token(&self, token: &str) {
@@ -183,13 +199,17 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
         (401, None, b"bad token\n".to_vec())
     } else if let Some(node) = contract::node_of_snapshot_path(&request.path) {
         let current = |st: &State| st.snapshots.get(node).cloned();
-        let (guard, _) = cv
-            .wait_timeout_while(st, hold, |st| {
-                !st.stopped && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match)
-            })
-            .unwrap_or_else(|p| p.into_inner());
-        st = guard;
+        if !st.gone {
+            let (guard, _) = cv
+                .wait_timeout_while(st, hold, |st| {
+                    let ends = st.stopped || (st.gone && st.gone_wakes);
+                    !ends && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            st = guard;
+        }
         match current(&st) {
+            _ if st.gone => (contract::UNINSTALL_STATUS, None, b"uninstalling\n".to_vec()),
             Some((etag, _)) if Some(&etag) == if_none_match => (304, Some(etag), vec![]),
             Some((etag, bytes)) => (200, Some(etag), bytes),
             None => (404, None, b"unknown node\n".to_vec()),
@@ -218,6 +238,7 @@ fn write_response(
         304 => "Not Modified",
         401 => "Unauthorized",
         404 => "Not Found",
+        410 => "Gone",
         _ => "Service Unavailable",
     };
     write!(

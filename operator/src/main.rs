@@ -22,7 +22,7 @@ use kmesh_operator::{
     tokenreview::TokenReviewAuth,
 };
 use kube::runtime::events::Reporter;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -416,10 +416,10 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
         instance: std::env::var("POD_NAME").ok(),
     };
     let mut reconciler = Reconciler::new(client, reporter);
+    let mut live_changes = operator.store.live_changes();
     loop {
         let snapshot = source.snapshot();
         let compiled = operator.compile_and_publish(&snapshot.inputs, snapshot.diagnostics.clone());
-        let not_installed = snapshot.not_installed_names();
         loop {
             operator.advance();
             let rollout = operator.rollout_facts();
@@ -429,13 +429,15 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                 config: snapshot.inputs.config.as_ref(),
                 diagnostics: &compiled.diagnostics,
                 rollout: &rollout,
-                not_installed: &not_installed,
+                unwatched: &snapshot.unwatched,
                 uid_of: &uid_of,
             };
             if let Err(e) = reconciler.reconcile(&input).await {
-                warn!(error = %e, "updating the KmeshConfig status");
+                // Logged by the reconciler, once per condition.
+                debug!(error = %e, "KmeshConfig status not written");
             }
-            // Recompile on a change; meanwhile refresh the status as agents report progress.
+            // Recompile on a change; meanwhile advance the rollout and refresh the status as
+            // soon as an agent reports progress (and every 2 s regardless).
             tokio::select! {
                 more = changes.next() => {
                     if !more {
@@ -443,6 +445,7 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                     }
                     break;
                 }
+                _ = live_changes.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }

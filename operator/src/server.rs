@@ -46,11 +46,23 @@ impl Published {
 }
 
 /// What the server serves: the latest snapshot of every node, with change notification; and what
-/// each node's agent last reported live.
-#[derive(Clone, Default)]
+/// each node's agent last reported live, with change notification.
+#[derive(Clone)]
 pub struct SnapshotStore {
     nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
     live: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Bumped whenever a node's reported live generation changes.
+    live_changed: Arc<watch::Sender<u64>>,
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        SnapshotStore {
+            nodes: Arc::default(),
+            live: Arc::default(),
+            live_changed: Arc::new(watch::channel(0).0),
+        }
+    }
 }
 
 impl SnapshotStore {
@@ -85,10 +97,20 @@ impl SnapshotStore {
     }
 
     fn report_live(&self, node: &str, generation: u64) {
-        self.live
+        let previous = self
+            .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), generation);
+        if previous != Some(generation) {
+            self.live_changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Sees a change whenever an agent reports a new live generation: the rollout and the
+    /// status can follow at once rather than at the next periodic look.
+    pub fn live_changes(&self) -> watch::Receiver<u64> {
+        self.live_changed.subscribe()
     }
 }
 

@@ -239,10 +239,6 @@ fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
             applied.stderr.trim().replace('\n', "; ")
         );
     }
-    let crd = "crd/kmeshconfigs.kmesh.net";
-    k.run(&["wait", "--for=condition=Established", crd, TIMEOUT])
-        .unwrap();
-    k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
     cluster
         .create_tls_secret("kmesh-system", "kmesh-operator-tls", "kmesh-operator")
         .unwrap();

@@ -332,12 +332,24 @@ fn is_config_create(method: &Method, uri: &str) -> bool {
     method == Method::POST && uri.starts_with("/apis/kmesh.net/v1alpha1/kmeshconfigs?")
 }
 
+/// A missing KmeshConfig is created (empty spec, annotated), then the fields the API server
+/// defaulted are released (a merge patch of `managedFields`, guarded by the created
+/// `resourceVersion`), and no status is written.
 #[tokio::test]
 async fn no_config_is_created_with_an_empty_spec_and_no_status_write() {
     let (result, seen) = run_once(
         |method, uri, body| {
-            assert!(is_config_create(method, uri), "{method} {uri}");
-            Answer::Json(StatusCode::CREATED, body.clone())
+            if is_config_create(method, uri) {
+                let mut created = body.clone();
+                created["metadata"]["resourceVersion"] = json!("17");
+                return Answer::Json(StatusCode::CREATED, created);
+            }
+            assert!(is_config_patch(method, uri), "{method} {uri}");
+            Answer::Json(
+                StatusCode::OK,
+                json!({"apiVersion": "kmesh.net/v1alpha1",
+                "kind": "KmeshConfig", "metadata": {"name": "default"}}),
+            )
         },
         None,
         &[],
@@ -347,7 +359,11 @@ async fn no_config_is_created_with_an_empty_spec_and_no_status_write() {
     assert!(matches!(error, ReconcileError::ConfigNotFound), "{error:?}");
     assert!(!error.is_retryable());
     assert!(error.to_string().contains("does not exist"), "{error}");
-    assert_eq!(seen.len(), 1, "one create, no status write: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "a create and a release, no status write: {seen:?}"
+    );
     let create = &seen[0];
     assert!(
         create.uri.contains("fieldManager=kmesh-operator"),
@@ -364,6 +380,17 @@ async fn no_config_is_created_with_an_empty_spec_and_no_status_write() {
         create.body["metadata"]["annotations"][CREATED_BY],
         "kmesh-operator"
     );
+    let release = &seen[1];
+    assert_eq!(release.content_type, "application/merge-patch+json");
+    assert_eq!(
+        release.body,
+        json!({"metadata": {"resourceVersion": "17", "managedFields": [{}]}}),
+        "only managedFields, only if unchanged since the create"
+    );
+}
+
+fn is_config_patch(method: &Method, uri: &str) -> bool {
+    method == Method::PATCH && uri.starts_with("/apis/kmesh.net/v1alpha1/kmeshconfigs/default?")
 }
 
 /// Someone else created it meanwhile (409), or creating it fails: never an update, and a failure

@@ -206,7 +206,8 @@ fn install_in_one_command(cluster: &Cluster, figures: &mut Figures) -> Vec<Agent
 }
 
 /// `kubectl apply --dry-run=server -k config/default` against the API server (what CI checks
-/// of the manifests), and the example KmeshConfig applied over the operator's.
+/// of the manifests), and the example KmeshConfig, then other values (as a GitOps tool would),
+/// applied server-side over the operator's without a conflict.
 fn check_manifests(cluster: &Cluster) {
     let k = cluster.kubectl();
     let dry = k
@@ -237,6 +238,25 @@ fn check_manifests(cluster: &Cluster) {
         generation(&before),
         "the example's values are the defaults: the spec does not change"
     );
+    // A GitOps tool applying other values server-side does not conflict with the operator,
+    // which owns none of the fields the API server defaulted when it created the object.
+    for level in ["debug", "info"] {
+        let config = format!(
+            "apiVersion: kmesh.net/v1alpha1\nkind: KmeshConfig\nmetadata:\n  name: default\n\
+             spec:\n  logLevel: {level}\n"
+        );
+        let args = [
+            "apply",
+            "--server-side",
+            "--field-manager=gitops",
+            "-f",
+            "-",
+        ];
+        k.run_stdin(&args, &config)
+            .unwrap_or_else(|e| panic!("a GitOps apply conflicts: {e}"));
+        let applied = observe::kmeshconfig(cluster).unwrap().unwrap();
+        assert_eq!(applied["spec"]["logLevel"], level);
+    }
 }
 
 /// Bookinfo (its Services per version too), the DestinationRules, `reviews-tcp` (the reviews

@@ -65,7 +65,6 @@ impl Rediscover {
         // Full means runs are already pending: this one would coalesce with them anyway.
         let _ = self.0.try_send(trigger);
     }
-
 }
 
 /// When discovery runs next. Pure: the caller passes the time.

@@ -4,10 +4,14 @@
 //! served), and without the object there is nowhere to write the status.
 //!
 //! Promises: the operator only ever *creates* it (a POST; `409 AlreadyExists` means someone else
-//! did, which is fine) and never updates or replaces it, so a user's object — applied from
+//! did, which is fine) and never changes its contents, so a user's object — applied from
 //! `config/kmeshconfig`, or owned by a GitOps tool — stays theirs. It is created with an empty
-//! spec, so the CRD's defaults fill it in and the operator's field manager owns no spec field, and
-//! is annotated [`CREATED_BY`]. A deleted `default` is created again (the operator cannot run
+//! spec, so the CRD's defaults fill it in, and annotated [`CREATED_BY`]. The API server makes the
+//! creator the owner of every field it defaulted, which would make a later server-side apply of
+//! other values (a GitOps tool's) conflict with `kmesh-operator`; so right after creating it the
+//! operator gives up that ownership ([`release_fields`]: a merge patch that clears
+//! `managedFields`, guarded by the created `resourceVersion`, so it changes nothing if anyone
+//! wrote the object meanwhile). A deleted `default` is created again (the operator cannot run
 //! without one): deleting it resets the configuration to the defaults. Failed attempts (the CRD
 //! not installed or being deleted, RBAC) are retried at most every [`RETRY`], and each distinct
 //! failure is logged once.
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, PostParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -115,7 +119,10 @@ async fn create(client: &Client) -> Creation {
         ..PostParams::default()
     };
     match api.create(&params, &default_object()).await {
-        Ok(_) => Creation::Created,
+        Ok(created) => {
+            release_fields(&api, created.metadata.resource_version.as_deref()).await;
+            Creation::Created
+        }
         Err(kube::Error::Api(s)) if s.code == 409 || s.reason == "AlreadyExists" => {
             Creation::AlreadyExists
         }
@@ -127,6 +134,40 @@ async fn create(client: &Client) -> Creation {
             code: 0,
             message: other.to_string(),
         },
+    }
+}
+
+/// The merge patch that clears the object's `managedFields` (`[{}]` is how the API server is told
+/// to drop them all), applied only if the object is still at `resource_version` (the API server
+/// answers 409 otherwise).
+pub fn release_patch(resource_version: &str) -> serde_json::Value {
+    json!({ "metadata": { "resourceVersion": resource_version, "managedFields": [{}] } })
+}
+
+/// Gives up the ownership of the fields the API server defaulted on creation (see the module
+/// documentation). The object having changed since is harmless; any other failure is logged,
+/// once per creation.
+async fn release_fields(api: &Api<DynamicObject>, resource_version: Option<&str>) {
+    let Some(resource_version) = resource_version else {
+        return;
+    };
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    let patch = Patch::Merge(release_patch(resource_version));
+    match api.patch(SINGLETON_NAME, &params, &patch).await {
+        Ok(_) => debug!("released the defaulted fields of the created KmeshConfig"),
+        // Written by someone else since the create: nothing to release, they own what they set.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(message = %s.message, "the created KmeshConfig changed meanwhile");
+        }
+        Err(error) => warn!(
+            %error,
+            "could not release the fields of the created KmeshConfig \"{SINGLETON_NAME}\": a \
+             server-side apply of other values will conflict with \"{FIELD_MANAGER}\" (use \
+             --force-conflicts)"
+        ),
     }
 }
 

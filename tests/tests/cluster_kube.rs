@@ -503,8 +503,10 @@ fn crd_installed_after_the_operator(mesh: &Mesh<'_>, figures: &mut Figures) {
     };
     let applied = change_until_live(mesh, "TCPRoute v1 applied", apply, |_| true);
     figures.add(format!(
-        "TCPRoute applied -> every node's kernel {:.0?}",
-        applied.since_start()
+        "TCPRoute applied -> every node's kernel {:.0?} ({:.0?} after kubectl returned; kubectl \
+         refreshes its discovery cache for the new kind first)",
+        applied.since_start(),
+        applied.since_return()
     ));
     let report = probe(mesh, "client-a", &mesh.reviews_tcp, 200);
     assert_eq!(report.ok, 200, "{report:?}");
@@ -757,7 +759,20 @@ fn reviews_v1_pods(cluster: &Cluster) -> BTreeSet<String> {
 fn until_v1_replies_are(mesh: &Mesh<'_>, expected: &BTreeSet<String>, what: &str) -> Duration {
     let started = Instant::now();
     loop {
-        let report = probe(mesh, "client-a", &mesh.reviews, 300);
+        // A short timeout: a connection to a pod that is gone fails fast (everything here is
+        // on one machine), so the loop measures the kernel, not the probe's timeouts.
+        let args = [
+            "--target",
+            &mesh.reviews,
+            "--count",
+            "300",
+            "--timeout-ms",
+            "300",
+        ];
+        let report = mesh
+            .cluster
+            .run_probe("default", "client-a", &args)
+            .unwrap();
         let replying = pods_replying(&report, "reviews-");
         if report.ok == 300 && &replying == expected {
             progress!(
@@ -780,30 +795,43 @@ fn endpoints(mesh: &Mesh<'_>) -> Vec<Option<u64>> {
     states.iter().map(|s| s.endpoints).collect()
 }
 
+/// When the kernels changed after `started_ns`, as durations from it: (the latest, across nodes,
+/// of each node's first flip since; the latest of each node's flip of the generation it runs
+/// now). Called once the change is known complete (nothing else changes meanwhile), so the
+/// second is when the kernels reached the final state.
+fn kernel_changes_since(mesh: &Mesh<'_>, started_ns: u64, what: &str) -> (Duration, Duration) {
+    let states = observe::agent_states(mesh.cluster, &mesh.agents).unwrap();
+    let since = |ns: u64| Duration::from_nanos(ns.saturating_sub(started_ns));
+    let mut first = Duration::ZERO;
+    let mut last = Duration::ZERO;
+    for (agent, state) in mesh.agents.iter().zip(&states) {
+        let flips = state.flips.iter().filter(|f| f.between_ns[0] >= started_ns);
+        let Some(earliest) = flips.map(|f| f.between_ns[1]).min() else {
+            panic!(
+                "{what}: no flip on {} since the change: {state:?}",
+                agent.node
+            );
+        };
+        let live = state
+            .flip_of(state.generation())
+            .expect("the live generation's flip");
+        first = first.max(since(earliest));
+        last = last.max(since(live.between_ns[1]));
+    }
+    (first, last)
+}
+
 /// Scenario 5: with all reviews traffic on v1 (Istio's `virtual-service-all-v1`), reviews-v1
 /// scaled to 3: each new pod is reached; one of them deleted: it leaves the kernel (300
 /// connections, none to it, none failed) and its replacement is reached; scaled back to 1: the
-/// removed pods no longer get connections. The nodes' endpoint counts follow.
+/// removed pods no longer get connections. The nodes' endpoint counts follow. Times are from the
+/// kubectl command to the agents' flips.
 fn scale_and_delete(mesh: &Mesh<'_>, figures: &mut Figures) {
-    let k = mesh.cluster.kubectl();
     apply_sample(mesh, "virtual-service-all-v1.yaml");
     let one = reviews_v1_pods(mesh.cluster);
     until_v1_replies_are(mesh, &one, "all-v1");
     let endpoints_one = endpoints(mesh);
-
-    let scaled = Instant::now();
-    let deployment = "deployment/reviews-v1";
-    k.run(&["scale", deployment, "-n", "default", "--replicas=3"])
-        .unwrap();
-    k.run(&["rollout", "status", deployment, "-n", "default", TIMEOUT])
-        .unwrap();
-    let three = reviews_v1_pods(mesh.cluster);
-    assert_eq!(three.len(), 3, "{three:?}");
-    until_v1_replies_are(mesh, &three, "scaled to 3");
-    figures.add(format!(
-        "scale reviews-v1 1 -> 3 -> each new pod reached {:.1?}",
-        scaled.elapsed()
-    ));
+    let three = scale_reviews_v1(mesh, 3, figures);
     let endpoints_three = endpoints(mesh);
     for (one, three) in endpoints_one.iter().zip(&endpoints_three) {
         assert!(
@@ -811,47 +839,72 @@ fn scale_and_delete(mesh: &Mesh<'_>, figures: &mut Figures) {
             "endpoints grow: {endpoints_one:?} -> {endpoints_three:?}"
         );
     }
-
     let deleted = three.iter().find(|p| !one.contains(*p)).unwrap().clone();
-    let deleting = Instant::now();
-    k.run(&["delete", "pod", &deleted, "-n", "default", TIMEOUT])
+    delete_reviews_v1_pod(mesh, &deleted, figures);
+    scale_reviews_v1(mesh, 1, figures);
+    assert_eq!(
+        endpoints(mesh),
+        endpoints_one,
+        "endpoints back to one pod's"
+    );
+}
+
+/// `kubectl scale deployment/reviews-v1 --replicas=N`: until exactly its pods are reached;
+/// returns them.
+fn scale_reviews_v1(mesh: &Mesh<'_>, replicas: usize, figures: &mut Figures) -> BTreeSet<String> {
+    let k = mesh.cluster.kubectl();
+    let deployment = "deployment/reviews-v1";
+    let before = reviews_v1_pods(mesh.cluster).len();
+    let started_ns = monotonic_ns();
+    let replicas_arg = format!("--replicas={replicas}");
+    k.run(&["scale", deployment, "-n", "default", &replicas_arg])
         .unwrap();
+    k.run(&["rollout", "status", deployment, "-n", "default", TIMEOUT])
+        .unwrap();
+    let started = Instant::now();
+    while reviews_v1_pods(mesh.cluster).len() != replicas {
+        assert!(
+            started.elapsed() < FOLLOW,
+            "reviews-v1 does not scale to {replicas}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pods = reviews_v1_pods(mesh.cluster);
+    let what = format!("scaled to {replicas}");
+    until_v1_replies_are(mesh, &pods, &what);
+    let (_, reached) = kernel_changes_since(mesh, started_ns, &what);
+    let outcome = if replicas > before {
+        "each new pod in every node's kernel"
+    } else {
+        "the removed pods out of every node's kernel"
+    };
+    figures.add(format!(
+        "kubectl scale reviews-v1 {before} -> {replicas}: {outcome} after {reached:.0?}"
+    ));
+    pods
+}
+
+/// `kubectl delete pod`: the pod leaves the kernel, its replacement is reached.
+fn delete_reviews_v1_pod(mesh: &Mesh<'_>, pod: &str, figures: &mut Figures) {
+    let k = mesh.cluster.kubectl();
+    let started_ns = monotonic_ns();
+    k.run(&["delete", "pod", pod, "-n", "default", TIMEOUT])
+        .unwrap();
+    let deployment = "deployment/reviews-v1";
     k.run(&["rollout", "status", deployment, "-n", "default", TIMEOUT])
         .unwrap();
     let replaced = reviews_v1_pods(mesh.cluster);
     assert!(
-        !replaced.contains(&deleted) && replaced.len() == 3,
+        !replaced.contains(pod) && replaced.len() == 3,
         "{replaced:?}"
     );
-    until_v1_replies_are(mesh, &replaced, &format!("{deleted} deleted"));
+    let what = format!("{pod} deleted");
+    until_v1_replies_are(mesh, &replaced, &what);
+    let (gone, replacement) = kernel_changes_since(mesh, started_ns, &what);
     figures.add(format!(
-        "pod deleted -> out of the kernel, replacement reached {:.1?}",
-        deleting.elapsed()
+        "kubectl delete pod: out of every node's kernel after {gone:.0?}, its replacement in \
+         after {replacement:.0?}"
     ));
-
-    let shrinking = Instant::now();
-    k.run(&["scale", deployment, "-n", "default", "--replicas=1"])
-        .unwrap();
-    let started = Instant::now();
-    while reviews_v1_pods(mesh.cluster).len() != 1 {
-        assert!(started.elapsed() < FOLLOW, "reviews-v1 does not scale down");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let left = reviews_v1_pods(mesh.cluster);
-    until_v1_replies_are(mesh, &left, "scaled to 1");
-    figures.add(format!(
-        "scale reviews-v1 3 -> 1 -> removed pods out of the kernel {:.1?}",
-        shrinking.elapsed()
-    ));
-    let started = Instant::now();
-    while endpoints(mesh) != endpoints_one {
-        assert!(
-            started.elapsed() < FOLLOW,
-            "endpoints: {:?} != {endpoints_one:?}",
-            endpoints(mesh)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `kubectl patch kmeshconfig default` to `mode`: until every node runs it, with `kubectl wait

@@ -513,4 +513,18 @@ mod tests {
         });
         assert_eq!(dynamic.count(), 8, "every Istio and Gateway API kind");
     }
+
+    /// A typed store's Rust type fixes the version it is read at, so discovery must have no other
+    /// to choose: its kind lists exactly one version.
+    #[test]
+    fn typed_kinds_have_one_version() {
+        let kinds = watched_kinds();
+        let (stores, _) = Stores::new(&kinds);
+        for kind in &kinds {
+            if stores.typed::<DynamicObject>(kind).is_none() {
+                let versions = kind.info().unwrap().versions;
+                assert_eq!(versions.len(), 1, "{kind} is typed: {versions:?}");
+            }
+        }
+    }
 }

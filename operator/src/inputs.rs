@@ -182,7 +182,7 @@ mod tests {
     fn minimal(kind: &Kind) -> serde_json::Value {
         let info = kind.info().unwrap();
         json!({
-            "apiVersion": info.api_version(info.watch_version()),
+            "apiVersion": info.api_version(info.preferred_version()),
             "kind": info.name,
             "metadata": {"name": "x"},
             "spec": {"host": "x", "hosts": ["x"], "from": [], "to": []},

@@ -47,8 +47,9 @@ pub enum Handling {
 pub struct KindInfo {
     /// The API group; empty for the core group.
     pub group: &'static str,
-    /// The versions the operator reads, preferred first. YAML of any of them (or any other) is
-    /// read alike; the kube source watches `versions[0]` until discovery picks the served one.
+    /// The versions whose shape the compiler's types read, preferred first. YAML of any version
+    /// is read alike; from the API server, the kube source watches one of these, chosen by
+    /// discovery among those served (see `kube_source::discovery`), and never another.
     pub versions: &'static [&'static str],
     /// The kind, as in an object's `kind` field.
     pub name: &'static str,
@@ -71,8 +72,9 @@ impl KindInfo {
         }
     }
 
-    /// The version the kube source watches (see [`KindInfo::versions`]).
-    pub fn watch_version(&self) -> &'static str {
+    /// The preferred version (`versions[0]`): the one named where no API server says which is
+    /// served (Events' object references, tests).
+    pub fn preferred_version(&self) -> &'static str {
         self.versions[0]
     }
 }
@@ -171,8 +173,9 @@ kind_table! {
         name: "HTTPRoute", plural: "httproutes",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
     },
+    // v1 from Gateway API v1.6 (which serves v1 only), v1alpha2 before: the same shape.
     TcpRoute => KindInfo {
-        group: "gateway.networking.k8s.io", versions: &["v1alpha2"],
+        group: "gateway.networking.k8s.io", versions: &["v1", "v1alpha2"],
         name: "TCPRoute", plural: "tcproutes",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
     },
@@ -182,13 +185,13 @@ kind_table! {
         scope: Namespaced, definition: Crd, handling: NotCompiled, watched: false,
     },
     TlsRoute => KindInfo {
-        group: "gateway.networking.k8s.io", versions: &["v1alpha2"],
+        group: "gateway.networking.k8s.io", versions: &["v1", "v1alpha3", "v1alpha2"],
         name: "TLSRoute", plural: "tlsroutes",
         scope: Namespaced, definition: Crd, handling: NotCompiled, watched: false,
     },
-    // v1beta1 first: served by every Gateway API release that has ReferenceGrant.
+    // v1 from Gateway API v1.5, v1beta1 in every release that has ReferenceGrant: the same shape.
     ReferenceGrant => KindInfo {
-        group: "gateway.networking.k8s.io", versions: &["v1beta1"],
+        group: "gateway.networking.k8s.io", versions: &["v1", "v1beta1"],
         name: "ReferenceGrant", plural: "referencegrants",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
     },
@@ -358,8 +361,8 @@ mod tests {
         assert_eq!(Kind::of_api_version("v1", "Pod"), Kind::Pod);
         let info = Kind::TcpRoute.info().unwrap();
         assert_eq!(
-            info.api_version(info.watch_version()),
-            "gateway.networking.k8s.io/v1alpha2"
+            info.api_version(info.preferred_version()),
+            "gateway.networking.k8s.io/v1"
         );
         assert_eq!(Kind::Pod.info().unwrap().api_version("v1"), "v1");
         assert!(!Kind::EndpointSlice.is_custom());

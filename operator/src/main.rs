@@ -26,7 +26,7 @@ use kmesh_operator::{
     uninstall::{self, AgentDaemonSet},
 };
 use kube::runtime::events::Reporter;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -606,7 +606,6 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
     loop {
         let snapshot = source.snapshot();
         let compiled = operator.compile_and_publish(&snapshot.inputs, snapshot.diagnostics.clone());
-        let not_installed = snapshot.not_installed_names();
         loop {
             operator.decide(&decisions, &leadership).await;
             if leadership.is_leader() {
@@ -617,18 +616,20 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                     config: snapshot.inputs.config.as_ref(),
                     diagnostics: &compiled.diagnostics,
                     rollout: &rollout,
-                    not_installed: &not_installed,
+                    unwatched: &snapshot.unwatched,
                     uid_of: &uid_of,
                 };
                 match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input))
                     .await
                 {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => warn!(error = %e, "updating the KmeshConfig status"),
+                    // Logged by the reconciler, once per condition.
+                    Ok(Err(e)) => debug!(error = %e, "KmeshConfig status not written"),
                     Err(_) => warn!("updating the KmeshConfig status: no answer within 10 s"),
                 }
             }
-            // Recompile on a change; meanwhile follow decisions, leadership and agents' progress.
+            // Recompile on a change; meanwhile follow decisions, leadership and agents' progress
+            // (the status follows an agent's report at once, and every 2 s regardless).
             tokio::select! {
                 more = changes.next() => {
                     if !more {

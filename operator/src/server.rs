@@ -479,6 +479,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_live_generation_is_announced_once() {
+        let store = SnapshotStore::default();
+        let mut changes = store.live_changes();
+        assert!(!changes.has_changed().unwrap());
+        store.report_live("node-a", 5);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        store.report_live("node-a", 5);
+        assert!(
+            !changes.has_changed().unwrap(),
+            "the same generation again: no news"
+        );
+        store.report_live("node-b", 5);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(store.live_generation("node-b"), Some(5));
+    }
+
+    #[test]
     fn wait_parameter() {
         assert_eq!(wait_param(Some("wait=30s")), Duration::from_secs(30));
         assert_eq!(wait_param(Some("x=1&wait=5")), Duration::from_secs(5));

@@ -238,11 +238,7 @@ fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
             applied.stderr.trim().replace('\n', "; ")
         );
     }
-    let crd = "crd/kmeshconfigs.kmesh.net";
-    k.run(&["wait", "--for=condition=Established", crd, TIMEOUT])
-        .unwrap();
-    k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
-    // No TLS Secret: the operator makes its own CA and certificate.
+    // One command: the operator creates the KmeshConfig `default`, its own CA and certificate.
     for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
         k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
             .unwrap();

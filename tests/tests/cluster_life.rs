@@ -131,18 +131,16 @@ fn run_scenario(cluster: &Cluster) {
     }
 }
 
-/// The install as the README says, and the operator's TLS Secret as cert-manager would make it.
+/// The install as the README says, with the operator's TLS Secret made beforehand as cert-manager
+/// would make it (the operator then uses it as it is: the README's cert-manager option).
 fn install(cluster: &Cluster) {
     let k = cluster.kubectl();
     let started = Instant::now();
-    k.run(&["apply", "-k", "config/default"]).unwrap();
-    let crd = "crd/kmeshconfigs.kmesh.net";
-    k.run(&["wait", "--for=condition=Established", crd, TIMEOUT])
-        .unwrap();
-    k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
+    k.run(&["create", "namespace", "kmesh-system"]).unwrap();
     cluster
         .create_tls_secret("kmesh-system", "kmesh-operator-tls", "kmesh-operator")
         .unwrap();
+    k.run(&["apply", "-k", "config/default"]).unwrap();
     for workload in ["deployment/kmesh-operator", AGENTS] {
         k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
             .unwrap();

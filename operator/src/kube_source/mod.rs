@@ -1,20 +1,24 @@
 //! The compiler's inputs from the API server: one reflector (watcher + in-memory store) per kind
-//! the compiler reads, a "something changed" signal, and the debouncer that turns a burst of
-//! changes into one compile.
+//! the compiler reads, each at the version the API server serves, a "something changed" signal,
+//! and the debouncer that turns a burst of changes into one compile.
 //!
-//! - [`health`]: what is watched ([`watch_plan`]: every kind the [`kinds`](crate::kinds) table
-//!   marks watched, at an API version) and where each watch stands ([`SourceHealth`]).
+//! - [`health`]: what is watched ([`watched_kinds`]: every kind the [`kinds`](crate::kinds)
+//!   table marks watched) and where each watch stands ([`SourceHealth`]).
+//! - [`discovery`]: which version of each CRD-defined kind to watch, from the API server's
+//!   discovery; [`rediscover`]: when discovery runs again (a CRD changed, a watch got 404,
+//!   periodically), at a bounded cost.
 //! - [`stores`]: the per-kind stores and how they become `Inputs`:
 //!   built-in kinds keep their k8s-openapi types, Istio and Gateway API kinds are
 //!   [`DynamicObject`](kube::api::DynamicObject)s read through the same path as YAML.
-//! - [`watch`]: one kind's watch task, and what its errors mean.
+//! - [`watch`]: one kind's watch task, following discovery's version, and what its errors mean.
 //! - [`debounce`]: bursts of changes into one compile.
 //!
-//! A custom resource kind whose CRD (or that version of it) is not installed does not stop the
-//! operator: its watcher's list fails with 404, the kind is marked [`KindState::NotInstalled`]
-//! (logged once, listed by [`SourceHealth::not_installed`] and in [`SourceSnapshot`]), its store
-//! is emptied, and the watcher keeps retrying with the default backoff (at most every 30 s) so that
-//! a CRD installed later is picked up without a restart.
+//! A kind the operator cannot read does not stop it, nor hold its first compile back: a CRD
+//! not installed, or serving the kind only at versions the compiler does not read, or a kind
+//! the operator's RBAC forbids, is noted ([`KindState`]), logged once, listed by
+//! [`SourceHealth::unwatched`] (and so in the KmeshConfig status), and its store is empty (or,
+//! when forbidden, keeps what was listed before). A CRD installed later is picked up without a
+//! restart: the CRD watch makes discovery run again, and the kind's watch starts.
 //!
 //! Typical main loop:
 //! ```no_run
@@ -35,22 +39,29 @@
 //! # }
 //! ```
 pub mod debounce;
+pub mod discovery;
 pub mod health;
+pub mod rediscover;
 pub mod stores;
 pub mod watch;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use kube::Client;
 use tokio::{sync::watch as signal, task::JoinHandle};
 use tracing::warn;
 
 pub use debounce::{Changes, DebounceConfig, Debouncer};
-pub use health::{KindState, SourceHealth, Watched, watch_plan};
+pub use discovery::Served;
+pub use health::{KindState, SourceHealth, Watched, watched_kinds};
 pub use stores::{StoredObject, Stores, Writers};
 pub use watch::{WatchErrorClass, classify_watch_error};
 
-use crate::{diagnostics::Diagnostic, inputs::Inputs};
+use self::{
+    rediscover::{Discoverer, trigger_channel, watch_crds},
+    stores::WatchContext,
+};
+use crate::{crd::UnwatchedKind, diagnostics::Diagnostic, inputs::Inputs, kinds::Kind};
 
 /// What the compiler gets from one look at the stores.
 #[derive(Clone, Debug, Default)]
@@ -59,16 +70,9 @@ pub struct SourceSnapshot {
     /// Objects that could not be read (a dynamic object that does not match the compiler's
     /// schema); they are left out of `inputs` and belong in the status as rejected.
     pub diagnostics: Vec<Diagnostic>,
-    /// Kinds the API server does not serve, so not watched; not an error, worth a note.
-    pub not_installed: Vec<Watched>,
-}
-
-impl SourceSnapshot {
-    /// [`Self::not_installed`] as shown to the user, for
-    /// [`ReconcileInput::not_installed`](crate::reconcile::ReconcileInput::not_installed).
-    pub fn not_installed_names(&self) -> Vec<String> {
-        self.not_installed.iter().map(ToString::to_string).collect()
-    }
+    /// Kinds not read, and why (see [`SourceHealth::unwatched`]), for
+    /// [`ReconcileInput::unwatched`](crate::reconcile::ReconcileInput::unwatched).
+    pub unwatched: Vec<UnwatchedKind>,
 }
 
 /// The cluster, as the operator sees it: stores kept current by background watch tasks.
@@ -76,22 +80,41 @@ pub struct KubeSource {
     stores: Stores,
     health: SourceHealth,
     signal: Arc<signal::Sender<u64>>,
+    /// The built-in kinds' versions: fixed, kept so that their tasks keep watching.
+    _fixed: Vec<signal::Sender<Served>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl KubeSource {
-    /// Starts one watch task per kind of [`watch_plan`]. Must be called within a Tokio runtime.
-    /// The tasks run until the `KubeSource` is dropped.
+    /// Starts discovery, the CRD watch and one watch task per watched kind. Must be called
+    /// within a Tokio runtime. The tasks run until the `KubeSource` is dropped.
     pub fn start(client: Client) -> KubeSource {
-        let plan = watch_plan();
-        let (stores, writers) = Stores::new(&plan);
-        let health = SourceHealth::new(&plan);
+        let kinds = watched_kinds();
+        let (stores, writers) = Stores::new(&kinds);
+        let health = SourceHealth::new(&kinds);
         let signal = Arc::new(signal::channel(0u64).0);
-        let tasks = writers.spawn_all(&client, &health, &signal);
+        let (rediscover, triggers) = trigger_channel();
+        let (receivers, discovered, fixed) = served_channels(&kinds);
+        let custom: Vec<Kind> = discovered.keys().cloned().collect();
+        let context = WatchContext {
+            client: client.clone(),
+            health: health.clone(),
+            signal: signal.clone(),
+            rediscover: rediscover.clone(),
+        };
+        let mut tasks = writers.spawn_all(&context, receivers);
+        tasks.push(watch_crds(client.clone(), &custom, rediscover));
+        let discoverer = Discoverer {
+            client,
+            served: discovered,
+            triggers,
+        };
+        tasks.push(tokio::spawn(discoverer.run()));
         KubeSource {
             stores,
             health,
             signal,
+            _fixed: fixed,
             tasks,
         }
     }
@@ -112,8 +135,10 @@ impl KubeSource {
         Changes::new(self.signal.subscribe(), config)
     }
 
-    /// Waits until every kind is listed or found not installed, or `timeout` passes; returns
-    /// whether it settled. Kinds still failing by then (RBAC, say) keep being retried.
+    /// Waits until every kind is settled (listed, or known to be unreadable: not installed, not
+    /// served at a version the compiler reads, forbidden), or `timeout` passes; returns whether
+    /// it settled. Only a transient failure (or a discovery that does not answer) makes it wait
+    /// for the timeout; such kinds keep being retried.
     pub async fn wait_settled(&self, timeout: Duration) -> bool {
         let mut rx = self.signal.subscribe();
         let wait = async {
@@ -125,9 +150,9 @@ impl KubeSource {
         };
         let settled = tokio::time::timeout(timeout, wait).await.is_ok();
         if !settled {
-            for (kind, state) in self.health.all() {
+            for (kind, version, state) in self.health.all() {
                 if !state.is_settled() {
-                    warn!(%kind, ?state, "not listed yet; compiling without it");
+                    warn!(%kind, ?version, ?state, "not listed yet; compiling without it");
                 }
             }
         }
@@ -140,9 +165,40 @@ impl KubeSource {
         SourceSnapshot {
             inputs,
             diagnostics,
-            not_installed: self.health.not_installed(),
+            unwatched: self.health.unwatched(),
         }
     }
+}
+
+/// The channels that tell each kind's task where it is served: (every receiver; the senders
+/// of the custom kinds, for discovery; the senders of the built-in kinds, fixed at their
+/// preferred version).
+type ServedChannels = (
+    BTreeMap<Kind, signal::Receiver<Served>>,
+    BTreeMap<Kind, signal::Sender<Served>>,
+    Vec<signal::Sender<Served>>,
+);
+
+fn served_channels(kinds: &[Kind]) -> ServedChannels {
+    let mut receivers = BTreeMap::new();
+    let mut discovered = BTreeMap::new();
+    let mut fixed = Vec::new();
+    for kind in kinds {
+        let Some(info) = kind.info() else {
+            continue;
+        };
+        if kind.is_custom() {
+            let (tx, rx) = signal::channel(Served::Unknown);
+            discovered.insert(kind.clone(), tx);
+            receivers.insert(kind.clone(), rx);
+        } else {
+            let version = info.preferred_version().to_string();
+            let (tx, rx) = signal::channel(Served::At(version));
+            fixed.push(tx);
+            receivers.insert(kind.clone(), rx);
+        }
+    }
+    (receivers, discovered, fixed)
 }
 
 impl Drop for KubeSource {

@@ -7,7 +7,9 @@
 //! is then held type-erased ([`KindReader`], [`KindWriter`]) in maps keyed by [`Kind`], so the
 //! stores, the writers, the watch start and the uid lookup are written once for all kinds.
 //! `kind_store` is the one place that picks the Rust type of a kind; a kind it does not name is
-//! kept as a `DynamicObject`, so a new CRD kind needs no edit here.
+//! kept as a `DynamicObject`, so a new CRD kind needs no edit here. A store belongs to a kind, not
+//! to a version: when discovery moves a kind's watch to another version, the new list replaces
+//! the store's contents, and each dynamic object carries the `apiVersion` it was read at.
 //!
 //! Dynamic objects go through [`Inputs::add_json`], the path `kmeshctl compile` takes for YAML,
 //! so both sources dispatch and validate objects identically.
@@ -25,7 +27,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Client, Resource,
-    api::DynamicObject,
+    api::{DynamicObject, TypeMeta},
     runtime::{
         reflector::{Store, store::Writer},
         watcher,
@@ -35,7 +37,9 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
+    discovery::Served,
     health::{SourceHealth, Watched},
+    rediscover::Rediscover,
     watch::{KindWatch, spawn_watch},
 };
 use crate::{
@@ -68,6 +72,11 @@ pub trait StoredObject:
         watcher::Config::default()
     }
 
+    /// Readies an object read at `watched` for the store: drops what the compiler never reads.
+    fn prepare(&mut self, _watched: &Watched) {
+        slim(self);
+    }
+
     /// Adds the stored objects of `watched` to `inputs`; those that cannot be read are returned
     /// as diagnostics and left out.
     fn add_to(
@@ -78,9 +87,13 @@ pub trait StoredObject:
     );
 }
 
-/// The store and writer of one watched kind, by the Rust type its objects are kept as.
-pub(super) fn kind_store(watched: Watched) -> (Arc<dyn KindReader>, Box<dyn KindWriter>) {
-    match watched.kind {
+/// The store and writer of one watched kind, by the Rust type its objects are kept as; `None` for
+/// a kind missing from the table.
+pub(super) fn kind_store(kind: &Kind) -> Option<(Arc<dyn KindReader>, Box<dyn KindWriter>)> {
+    // The store's own dynamic type (for a dynamic object, the kind at its preferred version) only
+    // keys the store; the version watched is discovery's, and each object carries its own.
+    let watched = Watched::preferred(kind)?;
+    Some(match watched.kind {
         Kind::Namespace => typed_pair::<Namespace>(watched),
         Kind::Node => typed_pair::<Node>(watched),
         Kind::Pod => typed_pair::<Pod>(watched),
@@ -88,7 +101,7 @@ pub(super) fn kind_store(watched: Watched) -> (Arc<dyn KindReader>, Box<dyn Kind
         Kind::EndpointSlice => typed_pair::<EndpointSlice>(watched),
         Kind::KmeshConfig => typed_pair::<KmeshConfig>(watched),
         _ => typed_pair::<DynamicObject>(watched),
-    }
+    })
 }
 
 fn typed_pair<K: StoredObject>(watched: Watched) -> (Arc<dyn KindReader>, Box<dyn KindWriter>) {
@@ -98,7 +111,8 @@ fn typed_pair<K: StoredObject>(watched: Watched) -> (Arc<dyn KindReader>, Box<dy
         watched: watched.clone(),
         store,
     };
-    (Arc::new(reader), Box::new(KindWriterOf { watched, writer }))
+    let kind = watched.kind;
+    (Arc::new(reader), Box::new(KindWriterOf { kind, writer }))
 }
 
 fn owned<K: Clone>(objects: Vec<Arc<K>>) -> impl Iterator<Item = K> {
@@ -157,6 +171,15 @@ impl StoredObject for DynamicObject {
     fn dynamic_type(watched: &Watched) -> kube::api::ApiResource {
         watched.api_resource()
     }
+    /// Also records the version it was read at: list responses leave `apiVersion` and `kind`
+    /// out of their items.
+    fn prepare(&mut self, watched: &Watched) {
+        slim(self);
+        self.types = Some(TypeMeta {
+            api_version: watched.api_version(),
+            kind: watched.kind.name().to_string(),
+        });
+    }
     fn add_to(
         watched: &Watched,
         mut objects: Vec<Arc<Self>>,
@@ -175,12 +198,14 @@ impl StoredObject for DynamicObject {
     }
 }
 
-/// A dynamic object as the JSON the compiler's reader expects, `apiVersion` and `kind` taken
-/// from the store's kind (list responses may leave them out of the items).
+/// A dynamic object as the JSON the compiler's reader expects: `apiVersion` the one it was read
+/// at ([`StoredObject::prepare`]), else the kind's preferred one; `kind` the store's.
 fn dynamic_to_json(watched: &Watched, object: &DynamicObject) -> serde_json::Value {
     let mut value = serde_json::to_value(object).unwrap_or(serde_json::Value::Null);
+    let types = object.types.as_ref();
+    let api_version = types.map_or_else(|| watched.api_version(), |t| t.api_version.clone());
     if let Some(map) = value.as_object_mut() {
-        map.insert("apiVersion".into(), watched.api_version().into());
+        map.insert("apiVersion".into(), api_version.into());
         map.insert("kind".into(), watched.kind.name().into());
     }
     value
@@ -207,18 +232,25 @@ pub trait KindReader: Send + Sync {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// What a kind's watch task is started with, besides its writer.
+pub struct WatchContext {
+    pub(super) client: Client,
+    pub(super) health: SourceHealth,
+    pub(super) signal: Arc<watch::Sender<u64>>,
+    pub(super) rediscover: Rediscover,
+}
+
 /// The write side of one kind's store, until its watch task takes it.
 pub trait KindWriter: Send {
-    /// Starts the kind's watch task against the API server.
+    /// Starts the kind's watch task against the API server, following `served`.
     fn spawn(
         self: Box<Self>,
-        client: Client,
-        health: SourceHealth,
-        signal: Arc<watch::Sender<u64>>,
+        context: &WatchContext,
+        served: watch::Receiver<Served>,
     ) -> JoinHandle<()>;
     /// The Rust type its objects are kept as.
     fn object_type(&self) -> TypeId;
-    /// For tests, which feed the typed writer directly: `(Watched, Writer<K>)`.
+    /// For tests, which feed the typed writer directly: a `Writer<K>`.
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
@@ -250,19 +282,20 @@ impl<K: StoredObject> KindReader for KindStore<K> {
 }
 
 struct KindWriterOf<K: StoredObject> {
-    watched: Watched,
+    kind: Kind,
     writer: Writer<K>,
 }
 
 impl<K: StoredObject> KindWriter for KindWriterOf<K> {
     fn spawn(
         self: Box<Self>,
-        client: Client,
-        health: SourceHealth,
-        signal: Arc<watch::Sender<u64>>,
+        context: &WatchContext,
+        served: watch::Receiver<Served>,
     ) -> JoinHandle<()> {
-        let state = KindWatch::new(self.watched, self.writer, health);
-        spawn_watch(client, state, signal)
+        let state = KindWatch::new(self.kind, self.writer, context.health.clone());
+        let client = context.client.clone();
+        let signal = context.signal.clone();
+        spawn_watch(client, state, served, signal, context.rediscover.clone())
     }
 
     fn object_type(&self) -> TypeId {
@@ -270,7 +303,7 @@ impl<K: StoredObject> KindWriter for KindWriterOf<K> {
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        Box::new((self.watched, self.writer))
+        Box::new(self.writer)
     }
 }
 
@@ -282,15 +315,17 @@ pub struct Stores(BTreeMap<Kind, Arc<dyn KindReader>>);
 pub struct Writers(BTreeMap<Kind, Box<dyn KindWriter>>);
 
 impl Stores {
-    /// Empty stores for every kind of `plan` (see [`watch_plan`](super::watch_plan)), and their
-    /// writers.
-    pub fn new(plan: &[Watched]) -> (Stores, Writers) {
+    /// Empty stores for every kind of `kinds` (see [`watched_kinds`](super::watched_kinds)) that
+    /// the table describes, and their writers.
+    pub fn new(kinds: &[Kind]) -> (Stores, Writers) {
         let mut stores = BTreeMap::new();
         let mut writers = BTreeMap::new();
-        for watched in plan {
-            let (reader, writer) = kind_store(watched.clone());
-            stores.insert(watched.kind.clone(), reader);
-            writers.insert(watched.kind.clone(), writer);
+        for kind in kinds {
+            let Some((reader, writer)) = kind_store(kind) else {
+                continue;
+            };
+            stores.insert(kind.clone(), reader);
+            writers.insert(kind.clone(), writer);
         }
         (Stores(stores), Writers(writers))
     }
@@ -326,7 +361,7 @@ impl Stores {
 impl Writers {
     /// Takes the typed writer of `kind`, if its objects are kept as `K`; it is then no longer
     /// among these writers.
-    pub fn take<K: StoredObject>(&mut self, kind: &Kind) -> Option<(Watched, Writer<K>)> {
+    pub fn take<K: StoredObject>(&mut self, kind: &Kind) -> Option<Writer<K>> {
         if self.0.get(kind)?.object_type() != TypeId::of::<K>() {
             return None;
         }
@@ -334,17 +369,18 @@ impl Writers {
         writer.into_any().downcast().ok().map(|w| *w)
     }
 
-    /// Starts a watch task for every writer.
+    /// Starts a watch task for every writer whose kind has a channel in `served`.
     pub(super) fn spawn_all(
         self,
-        client: &Client,
-        health: &SourceHealth,
-        signal: &Arc<watch::Sender<u64>>,
+        context: &WatchContext,
+        mut served: BTreeMap<Kind, watch::Receiver<Served>>,
     ) -> Vec<JoinHandle<()>> {
-        let writers = self.0.into_values();
-        writers
-            .map(|w| w.spawn(client.clone(), health.clone(), signal.clone()))
-            .collect()
+        let writers = self.0.into_iter();
+        let spawned = writers.filter_map(|(kind, writer)| {
+            let served = served.remove(&kind)?;
+            Some(writer.spawn(context, served))
+        });
+        spawned.collect()
     }
 }
 
@@ -354,10 +390,10 @@ mod tests {
     use serde_json::json;
 
     use super::{super::fixtures::*, *};
-    use crate::kube_source::watch_plan;
+    use crate::kube_source::watched_kinds;
 
     fn apply<K: StoredObject>(writers: &mut Writers, kind: Kind, objects: Vec<K>) {
-        let (_, mut writer) = writers.take::<K>(&kind).expect("a writer of this type");
+        let mut writer = writers.take::<K>(&kind).expect("a writer of this type");
         for object in objects {
             writer.apply_watcher_event(&Event::Apply(object));
         }
@@ -374,7 +410,7 @@ mod tests {
     /// Stores holding a few objects of typed and dynamic kinds, one of which does not match its
     /// schema.
     fn filled() -> Stores {
-        let (stores, mut writers) = Stores::new(&watch_plan());
+        let (stores, mut writers) = Stores::new(&watched_kinds());
         let namespace = Namespace {
             metadata: meta(None, "bookinfo"),
             ..Default::default()
@@ -434,7 +470,7 @@ mod tests {
 
     #[test]
     fn only_the_singleton_config_is_read() {
-        let (stores, mut writers) = Stores::new(&watch_plan());
+        let (stores, mut writers) = Stores::new(&watched_kinds());
         apply(&mut writers, Kind::KmeshConfig, vec![config("other")]);
         assert_eq!(stores.count(&Kind::KmeshConfig), 1);
         assert!(stores.inputs().0.config.is_none());
@@ -459,8 +495,8 @@ mod tests {
 
     #[test]
     fn every_watched_kind_has_a_store_of_its_type() {
-        let plan = watch_plan();
-        let (stores, mut writers) = Stores::new(&plan);
+        let kinds = watched_kinds();
+        let (stores, mut writers) = Stores::new(&kinds);
         assert!(stores.typed::<Pod>(&Kind::Pod).is_some());
         assert!(stores.typed::<DynamicObject>(&Kind::Pod).is_none());
         assert!(writers.take::<Pod>(&Kind::Service).is_none(), "wrong type");
@@ -468,13 +504,27 @@ mod tests {
             writers.take::<Service>(&Kind::Service).is_some(),
             "still there"
         );
-        for watched in &plan {
-            assert_eq!(stores.count(&watched.kind), 0, "{watched}");
+        for kind in &kinds {
+            assert_eq!(stores.count(kind), 0, "{kind}");
         }
-        let dynamic = plan.iter().filter(|w| {
-            let store = stores.typed::<DynamicObject>(&w.kind);
+        let dynamic = kinds.iter().filter(|kind| {
+            let store = stores.typed::<DynamicObject>(kind);
             store.is_some()
         });
         assert_eq!(dynamic.count(), 8, "every Istio and Gateway API kind");
+    }
+
+    /// A typed store's Rust type fixes the version it is read at, so discovery must have no other
+    /// to choose: its kind lists exactly one version.
+    #[test]
+    fn typed_kinds_have_one_version() {
+        let kinds = watched_kinds();
+        let (stores, _) = Stores::new(&kinds);
+        for kind in &kinds {
+            if stores.typed::<DynamicObject>(kind).is_none() {
+                let versions = kind.info().unwrap().versions;
+                assert_eq!(versions.len(), 1, "{kind} is typed: {versions:?}");
+            }
+        }
     }
 }

@@ -142,7 +142,7 @@ fn truncate(mut text: String, max: usize) -> String {
 pub fn object_reference(object: &ObjectRef, uid: Option<String>) -> Option<ObjectReference> {
     let info = object.kind.info()?;
     Some(ObjectReference {
-        api_version: Some(info.api_version(info.watch_version())),
+        api_version: Some(info.api_version(info.preferred_version())),
         kind: Some(object.kind.to_string()),
         name: Some(object.name.clone()),
         namespace: object.namespace.clone(),

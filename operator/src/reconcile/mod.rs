@@ -1,11 +1,13 @@
 //! What the operator tells the cluster about a compile: the `KmeshConfig` status (conditions,
-//! rejected and unenforced resources, rollout progress) and a Warning Event on each newly
-//! rejected object.
+//! rejected and unenforced resources, kinds it cannot read, rollout progress) and a Warning Event
+//! on each newly rejected object; and the KmeshConfig `default` itself, created when absent.
 //!
 //! [`compute_status`] ([`status`]) is pure: facts in, status out. [`Reconciler`] does the I/O: a
-//! server-side apply of the status subresource (skipped when nothing changed) and Events
-//! ([`events`]), at most once per rejection for as long as it stays rejected. An Event that
-//! cannot be published does not fail the reconcile: it is logged and retried on the next one.
+//! server-side apply of the status subresource (skipped when nothing changed), Events
+//! ([`events`]), at most once per rejection for as long as it stays rejected, and the creation of
+//! a missing `default` ([`default_config`]). An Event that cannot be published does not fail the
+//! reconcile: it is logged and retried on the next one.
+pub mod default_config;
 pub mod events;
 pub mod status;
 
@@ -19,12 +21,14 @@ use kube::{
 };
 use tracing::{debug, warn};
 
+use default_config::DefaultConfig;
+pub use default_config::{CREATED_BY, Creation};
 use events::Rejection;
 pub use events::{EventReport, MAX_EVENTS_PER_RECONCILE, object_reference};
 pub use status::{MAX_LISTED, NodeRollout, RolloutFacts, StatusFacts, compute_status, condition};
 
 use crate::{
-    crd::{KmeshConfig, KmeshConfigStatus, SINGLETON_NAME},
+    crd::{KmeshConfig, KmeshConfigStatus, SINGLETON_NAME, UnwatchedKind},
     diagnostics::{Diagnostic, ObjectRef},
     leader::Leadership,
 };
@@ -35,10 +39,11 @@ pub const FIELD_MANAGER: &str = "kmesh-operator";
 /// Why a reconcile did not write the status.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// There is no KmeshConfig `default` (the operator then runs with the defaults).
+    /// There is no KmeshConfig `default` (the operator then runs with the defaults, and creates
+    /// it: see [`default_config`]).
     #[error(
         "KmeshConfig \"{SINGLETON_NAME}\" does not exist, so its status was not written; \
-         the operator runs with the default settings until it is created"
+         the operator runs with the default settings until it exists"
     )]
     ConfigNotFound,
     /// The status write conflicted with another writer (HTTP 409).
@@ -111,8 +116,8 @@ pub struct ReconcileInput<'a> {
     pub config: Option<&'a KmeshConfig>,
     pub diagnostics: &'a [Diagnostic],
     pub rollout: &'a RolloutFacts,
-    /// See [`StatusFacts::not_installed`].
-    pub not_installed: &'a [String],
+    /// See [`StatusFacts::unwatched`].
+    pub unwatched: &'a [UnwatchedKind],
     /// The uid of an object, so that its Events show in `kubectl describe` (e.g.
     /// `&|o| stores.uid_of(o)`).
     pub uid_of: &'a (dyn Fn(&ObjectRef) -> Option<String> + Sync),
@@ -124,10 +129,10 @@ pub struct Reconciler {
     reporter: Reporter,
     /// Rejections an Event was published for, that are still current.
     announced: BTreeSet<Rejection>,
-    /// Whether the missing KmeshConfig has been logged (once per absence, not per compile).
-    config_missing_logged: bool,
     /// The gate: only the leader writes (see [`Reconciler::gated_by`]).
     leadership: Leadership,
+    /// Creates the KmeshConfig when it is missing.
+    default_config: DefaultConfig,
 }
 
 impl Reconciler {
@@ -136,8 +141,8 @@ impl Reconciler {
             client,
             reporter,
             announced: BTreeSet::new(),
-            config_missing_logged: false,
             leadership: Leadership::always(),
+            default_config: DefaultConfig::default(),
         }
     }
 
@@ -152,7 +157,8 @@ impl Reconciler {
     /// Publishes Events for new rejections, then writes the status if it changed. Event
     /// failures are logged and counted, never returned; a status write failure is returned
     /// (and logged here, so the caller need not log it again). A missing KmeshConfig is
-    /// logged once, until it appears.
+    /// created ([`default_config`]; its failures logged there, once each) and reported as
+    /// [`ReconcileError::ConfigNotFound`]: its status is written once the store sees it.
     pub async fn reconcile(
         &mut self,
         input: &ReconcileInput<'_>,
@@ -162,15 +168,9 @@ impl Reconciler {
         }
         let events = self.publish_events(input).await;
         let Some(config) = input.config else {
-            let error = ReconcileError::ConfigNotFound;
-            if !std::mem::replace(&mut self.config_missing_logged, true) {
-                warn!(%error);
-            } else {
-                debug!(%error);
-            }
-            return Err(error);
+            self.default_config.ensure(&self.client).await;
+            return Err(ReconcileError::ConfigNotFound);
         };
-        self.config_missing_logged = false;
         // Whole seconds, as the apiserver stores them: a status read back compares equal.
         let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
         let status = compute_status(&StatusFacts {
@@ -178,7 +178,7 @@ impl Reconciler {
             previous: config.status.as_ref(),
             diagnostics: input.diagnostics,
             rollout: input.rollout,
-            not_installed: input.not_installed,
+            unwatched: input.unwatched,
             now: &now,
         });
         if config.status.as_ref() == Some(&status) {
@@ -190,10 +190,8 @@ impl Reconciler {
             });
         }
         if let Err(error) = write_status(&self.client, &status).await {
-            if matches!(error, ReconcileError::ConfigNotFound) {
-                // Deleted since the store saw it: the store will catch up.
-                self.config_missing_logged = true;
-            }
+            // A 404 means deleted since the store saw it: the store will catch up, and the next
+            // reconcile creates it again.
             warn!(%error, retryable = error.is_retryable(), "KmeshConfig status not written");
             return Err(error);
         }

@@ -1,5 +1,6 @@
 //! The `KmeshConfig` status a compile calls for, computed purely from facts: the conditions
-//! Ready/Progressing/Degraded, rollout progress per node, and the rejected and unenforced lists.
+//! Ready/Progressing/Degraded, rollout progress per node, the rejected and unenforced lists, and
+//! the kinds the operator cannot read.
 //!
 //! [`compute_status`] is a sequence of steps: the findings (rejections and unenforced features,
 //! sorted, each once), the rollout in numbers, then one function per condition and per list.
@@ -12,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::{
     crd::{
         KmeshConfigStatus, NodeSnapshotStatus, RejectedResource, RolloutStatus, UnenforcedFeature,
+        UnwatchedKind, UnwatchedReason,
     },
     diagnostics::{Diagnostic, ObjectRef, Severity},
 };
@@ -64,9 +66,11 @@ pub struct StatusFacts<'a> {
     /// The compile's diagnostics (and the source's).
     pub diagnostics: &'a [Diagnostic],
     pub rollout: &'a RolloutFacts,
-    /// Kinds the API server does not serve, as shown to the user ("TCPRoute
-    /// (gateway.networking.k8s.io/v1alpha2)"); a note on Ready, not a degradation.
-    pub not_installed: &'a [String],
+    /// Kinds the operator cannot read, and why (the kube source's
+    /// [`SourceHealth::unwatched`](crate::kube_source::SourceHealth::unwatched)): listed in
+    /// `status.unwatched`. One not installed is a note on Ready; one served only at versions the
+    /// operator does not read, or forbidden, makes the status Degraded.
+    pub unwatched: &'a [UnwatchedKind],
     /// The time stamped on conditions that change.
     pub now: &'a Time,
 }
@@ -87,6 +91,7 @@ pub fn compute_status(facts: &StatusFacts<'_>) -> KmeshConfigStatus {
         rollout: rollout_status(&rollout),
         rejected: rejected_resources(&findings),
         unenforced: unenforced_features(&findings),
+        unwatched: facts.unwatched.to_vec(),
     }
 }
 
@@ -172,10 +177,11 @@ fn ready_condition(facts: &StatusFacts<'_>, rollout: &Rollout<'_>) -> Condition 
             first_few(waiting, 5)
         )
     };
-    if !facts.not_installed.is_empty() {
+    let not_installed = kinds_named(facts.unwatched, |r| r == UnwatchedReason::NotInstalled);
+    if !not_installed.is_empty() {
         message.push_str(&format!(
-            " Not served by the API server, so not watched: {}.",
-            facts.not_installed.join(", ")
+            " Not installed, so not watched: {}.",
+            not_installed.join(", ")
         ));
     }
     let reason = match (desired, waiting.len()) {
@@ -212,45 +218,75 @@ fn progressing_condition(facts: &StatusFacts<'_>, rollout: &Rollout<'_>) -> Cond
     make_condition(facts, condition::PROGRESSING, progressing, reason, message)
 }
 
-/// Degraded: something was rejected. Its message also says when a list in the status is cut.
+/// Degraded: something was rejected, or a kind cannot be read (served only at versions the
+/// operator does not read, or forbidden). Its message also says when a list in the status is cut.
 fn degraded_condition(facts: &StatusFacts<'_>, findings: &Findings<'_>) -> Condition {
     let rejected = &findings.rejected;
-    let mut message = if rejected.is_empty() {
-        "Every resource compiled.".to_string()
-    } else {
-        let objects: BTreeSet<&ObjectRef> = rejected.iter().map(|d| &d.object).collect();
-        let shown: Vec<String> = rejected.iter().map(|d| d.to_string()).collect();
-        let shown: Vec<&str> = shown.iter().map(String::as_str).collect();
-        format!(
-            "{} rejection(s) in {} resource(s), left out of the snapshots (status.rejected): {}.",
-            rejected.len(),
-            objects.len(),
-            first_few(&shown, 3)
-        )
-    };
+    let unreadable = kinds_named(facts.unwatched, |r| r != UnwatchedReason::NotInstalled);
+    let mut parts = Vec::new();
+    if !rejected.is_empty() {
+        parts.push(rejections_message(rejected));
+    }
+    if !unreadable.is_empty() {
+        parts.push(format!(
+            "{} kind(s) cannot be read, so their objects are not compiled (status.unwatched): \
+             {}.",
+            unreadable.len(),
+            first_few(
+                &unreadable.iter().map(String::as_str).collect::<Vec<_>>(),
+                3
+            )
+        ));
+    }
     for (list, count) in [
         ("rejected", rejected.len()),
         ("unenforced", findings.unenforced.len()),
     ] {
         if count > MAX_LISTED {
-            message.push_str(&format!(
-                " status.{list} lists the first {MAX_LISTED} of {count}; the operator log and \
+            parts.push(format!(
+                "status.{list} lists the first {MAX_LISTED} of {count}; the operator log and \
                  `kmeshctl compile` show all."
             ));
         }
     }
-    let reason = if rejected.is_empty() {
-        "NoRejections"
+    let message = if parts.is_empty() {
+        "Every resource compiled.".to_string()
     } else {
-        "ResourcesRejected"
+        parts.join(" ")
     };
-    make_condition(
-        facts,
-        condition::DEGRADED,
-        !rejected.is_empty(),
-        reason,
-        message,
+    let (degraded, reason) = match (rejected.is_empty(), unreadable.is_empty()) {
+        (false, _) => (true, "ResourcesRejected"),
+        (true, false) => (true, "KindsNotReadable"),
+        (true, true) => (false, "NoRejections"),
+    };
+    make_condition(facts, condition::DEGRADED, degraded, reason, message)
+}
+
+/// "2 rejection(s) in 2 resource(s), left out of the snapshots (status.rejected): ...".
+fn rejections_message(rejected: &[&Diagnostic]) -> String {
+    let objects: BTreeSet<&ObjectRef> = rejected.iter().map(|d| &d.object).collect();
+    let shown: Vec<String> = rejected.iter().map(|d| d.to_string()).collect();
+    let shown: Vec<&str> = shown.iter().map(String::as_str).collect();
+    format!(
+        "{} rejection(s) in {} resource(s), left out of the snapshots (status.rejected): {}.",
+        rejected.len(),
+        objects.len(),
+        first_few(&shown, 3)
     )
+}
+
+/// The unwatched kinds whose reason `select` picks, as "TCPRoute.gateway.networking.k8s.io
+/// (Forbidden)".
+fn kinds_named(
+    unwatched: &[UnwatchedKind],
+    select: impl Fn(UnwatchedReason) -> bool,
+) -> Vec<String> {
+    let selected = unwatched.iter().filter(|u| select(u.reason));
+    let named = selected.map(|u| match u.group.as_str() {
+        "" => format!("{} ({:?})", u.kind, u.reason),
+        group => format!("{}.{group} ({:?})", u.kind, u.reason),
+    });
+    named.collect()
 }
 
 fn rollout_status(rollout: &Rollout<'_>) -> RolloutStatus {
@@ -369,7 +405,7 @@ mod tests {
             previous,
             diagnostics,
             rollout,
-            not_installed: &[],
+            unwatched: &[],
             now,
         }
     }
@@ -564,21 +600,80 @@ mod tests {
         );
     }
 
+    fn unwatched(kind: &str, reason: UnwatchedReason) -> UnwatchedKind {
+        UnwatchedKind {
+            kind: kind.into(),
+            group: "gateway.networking.k8s.io".into(),
+            reason,
+            message: "why".into(),
+        }
+    }
+
     #[test]
     fn missing_kinds_are_a_note_not_a_degradation() {
         let rollout = RolloutFacts::default();
-        let not_installed = vec!["TCPRoute (gateway.networking.k8s.io/v1alpha2)".to_string()];
+        let unwatched = vec![unwatched("TCPRoute", UnwatchedReason::NotInstalled)];
         let status = compute_status(&StatusFacts {
-            not_installed: &not_installed,
+            unwatched: &unwatched,
             ..facts(&[], &rollout, None, &at(0))
         });
         let ready = cond(&status, condition::READY);
         assert_eq!(ready.status, "True");
         assert!(
-            ready.message.contains("not watched: TCPRoute"),
+            ready
+                .message
+                .contains("not watched: TCPRoute.gateway.networking.k8s.io (NotInstalled)"),
             "{}",
             ready.message
         );
         assert_eq!(cond(&status, condition::DEGRADED).status, "False");
+        assert_eq!(status.unwatched, unwatched);
+    }
+
+    #[test]
+    fn unreadable_kinds_degrade() {
+        let rollout = RolloutFacts::default();
+        let unwatched = vec![
+            unwatched("HTTPRoute", UnwatchedReason::NotServed),
+            unwatched("TCPRoute", UnwatchedReason::Forbidden),
+        ];
+        let status = compute_status(&StatusFacts {
+            unwatched: &unwatched,
+            ..facts(&[], &rollout, None, &at(0))
+        });
+        let degraded = cond(&status, condition::DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "KindsNotReadable")
+        );
+        assert!(
+            degraded.message.starts_with(
+                "2 kind(s) cannot be read, so their objects are not compiled (status.unwatched): \
+                 HTTPRoute.gateway.networking.k8s.io (NotServed); \
+                 TCPRoute.gateway.networking.k8s.io (Forbidden)."
+            ),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(cond(&status, condition::READY).status, "True");
+        assert_eq!(status.unwatched.len(), 2);
+        // With a rejection too, the rejection names the reason and both are said.
+        let diagnostics = vec![Diagnostic::rejected(vs("a"), "", "bad")];
+        let status = compute_status(&StatusFacts {
+            unwatched: &unwatched,
+            ..facts(&diagnostics, &rollout, None, &at(0))
+        });
+        let degraded = cond(&status, condition::DEGRADED);
+        assert_eq!(degraded.reason, "ResourcesRejected");
+        assert!(
+            degraded.message.contains("1 rejection(s)"),
+            "{}",
+            degraded.message
+        );
+        assert!(
+            degraded.message.contains("2 kind(s) cannot be read"),
+            "{}",
+            degraded.message
+        );
     }
 }

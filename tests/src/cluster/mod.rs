@@ -20,6 +20,9 @@
 //! | cluster DNS | `/etc/hosts` entries for `kmesh-operator.kmesh-system.svc` only ([`services::MAPPED`]), to its ClusterIP |
 //! | cert-manager | [`Cluster::create_tls_secret`]: a CA and a leaf, in a `kubernetes.io/tls` Secret (optional: the operator makes its own) |
 //!
+//! What the tests observe of the mesh (each agent's live generation, mode and flip times, the
+//! KmeshConfig status) is read by [`observe`].
+//!
 //! Everything is named `kmt-<name>[-<node>][-<pid>]` and removed when the [`Cluster`] is dropped,
 //! also when a test panics (the pods' logs and the control plane's are printed first); what a
 //! killed test process leaves behind is removed by the next run's sweep ([`crate::sweep_leftovers`]):
@@ -34,6 +37,7 @@ pub mod image;
 pub mod kubectl;
 pub mod kubelet;
 pub mod nodes;
+pub mod observe;
 pub mod pki;
 pub mod process;
 pub mod progress;

@@ -56,7 +56,7 @@ async fn reconcile(leadership: Leadership) -> (Result<(), ReconcileError>, Vec<S
             config: Some(&config),
             diagnostics: &[rejected],
             rollout: &rollout,
-            not_installed: &[],
+            unwatched: &[],
             uid_of: &|_| None,
         })
         .await

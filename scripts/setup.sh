@@ -31,6 +31,19 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
+# 1b. The image build (scripts/image.sh): buildah, and musl-gcc for ring's C code in the static
+# (musl) binaries; jq reads the image's JSON. Without recommends: buildah's are container runtimes,
+# and a FROM scratch image built by COPY alone never runs a container.
+need_pkgs=()
+for p in buildah musl-tools jq; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]} (image build)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
 # 2. Rust: stable toolchain with rust-src (the eBPF crate rebuilds `core` for bpfel-unknown-none).
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -50,6 +63,12 @@ if [ ! -d "$sysroot/lib/rustlib/src/rust/library/core" ]; then
     log "rustup could not add rust-src; unpacking $fallback"
     tar xJf "$fallback" -C "$sysroot/lib/rustlib/"
   fi
+fi
+
+# The image's binaries are static: built for musl.
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  log "adding the Rust target x86_64-unknown-linux-musl (static binaries for the image)"
+  rustup target add x86_64-unknown-linux-musl
 fi
 
 # 3. bpf-linker, built against Debian's LLVM (rustc's LLVM is the same major version).

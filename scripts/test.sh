@@ -4,10 +4,27 @@
 # the benchmark. Run as root. Exits non-zero on the first failure; the last line counts the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Golden tests rewrite their expected output when KMESH_UPDATE_GOLDEN is set, and would then pass
+# whatever the compiler produced: a test run must never start with it.
+if [[ -n "${KMESH_UPDATE_GOLDEN+set}" ]]; then
+  echo "scripts/test.sh: KMESH_UPDATE_GOLDEN is set, so the golden tests would rewrite the goldens" \
+       "instead of checking them. Unset it. (To regenerate goldens after an intended change, run" \
+       "KMESH_UPDATE_GOLDEN=1 cargo test -p kmesh-operator --test compile and review the diff.)" >&2
+  exit 1
+fi
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+release_log=$(mktemp)
+trap 'rm -f "$log" "$release_log"' EXIT
+
+# Sums cargo's "test result:" lines of a log: passed failed ignored filtered-out.
+count_tests() {
+  awk '/^test result:/ { for (i = 1; i < NF; i++) {
+         if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i
+         if ($(i+1) ~ /^ignored/) g += $i; if ($(i+1) == "filtered") o += $i } }
+       END { printf "%d %d %d %d\n", p, f, g, o }' "$1"
+}
 
 step() { echo; echo "==> $*"; }
 
@@ -24,11 +41,15 @@ fi
 step "build (the end-to-end tests run the workspace binaries)"
 cargo build --workspace --bins --locked
 
-step "unit and end-to-end tests (real kernel, root)"
+step "test control plane (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd from Go modules; versions pinned in scripts/control-plane-bins.sh; built once, then cached)"
+KMESH_CONTROL_PLANE_BIN_DIR=$(bash scripts/control-plane-bins.sh)
+export KMESH_CONTROL_PLANE_BIN_DIR
+
+step "unit and end-to-end tests (real kernel, root; the cluster tests run on the control plane above)"
 cargo test --workspace --locked 2>&1 | tee -a "$log"
 
 step "snapshot codec at full scale (100,000 services, 1,000,000 endpoints), release"
-cargo test -p kmesh-snapshot --release --locked 2>&1 | tee -a "$log"
+cargo test -p kmesh-snapshot --release --locked 2>&1 | tee "$release_log"
 
 step "fuzz smoke run (snapshot decoder and encoder, operator input path)"
 bash scripts/fuzz.sh --smoke
@@ -38,6 +59,13 @@ cargo build --release -p kmesh-tests --bins --locked
 cargo bench -p kmesh-agent --bench dataplane --locked -- --smoke
 cargo bench -p kmesh-operator --bench compile --locked -- --smoke
 
+step "the OCI image: static musl binaries in a FROM scratch image, unpacked and run from its root"
+bash scripts/image.sh
+
+# Each test is counted once, from the workspace run. The release run repeats kmesh-snapshot's
+# tests (the same tests, one of them at full scale), so it is reported beside the count, not added.
 echo
-awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+read -r rp rf _ _ < <(count_tests "$release_log")
+echo "(kmesh-snapshot's tests again in release mode, not counted twice: $rp passed, $rf failed)"
+read -r p f g o < <(count_tests "$log")
+echo "tests: $p passed, $f failed, $g ignored, $o filtered out"

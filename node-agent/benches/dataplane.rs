@@ -69,7 +69,9 @@ fn main() {
     let mesh = TestCgroup::new("benchmesh").expect("cgroup with programs");
     let dir = AgentDir::new("bench").expect("pin directory");
 
-    let installation = loader::install_or_adopt(dir.path(), mesh.path()).expect("install programs");
+    let installation =
+        loader::install_or_adopt(dir.path(), mesh.path(), loader::BpfObject::Shipped)
+            .expect("install programs");
     let mut maps = GenerationMaps::open(&installation).expect("generation maps");
     let mut enrolled = EnrolledMap::open(&installation).expect("enrolled map");
     let mut b = SnapshotBuilder::new("bench-node", 1, mode::KERNEL_NATIVE);

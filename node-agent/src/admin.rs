@@ -1,4 +1,8 @@
 //! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`.
+//!
+//! `/readyz` answers 200 only while a snapshot is live, the links run this agent's programs (no
+//! upgrade pending), the agent has not uninstalled, and the data-plane thread runs; the agent exits
+//! soon after the data plane stops (see `supervise.rs`), and until then it is not ready.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
@@ -9,7 +13,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{agent::SharedStatus, maps::CounterMap};
+use crate::{
+    agent::{DataPlaneState, SharedStatus, Status},
+    maps::CounterMap,
+};
 
 /// Serves until the process exits.
 pub async fn serve(listener: TcpListener, status: SharedStatus, counters: Arc<CounterMap>) {
@@ -47,13 +54,7 @@ fn route<B>(
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
-            if status.lock().map(|s| s.ready).unwrap_or(false) {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot applied yet\n")
-            }
-        }
+        "/readyz" => readyz(&status.lock().unwrap_or_else(|p| p.into_inner())),
         "/debug/snapshot" => {
             let mut snapshot = match status.lock() {
                 Ok(s) => s.clone(),
@@ -75,8 +76,71 @@ fn route<B>(
     }
 }
 
+/// 200 while ready (see [`Status::is_ready`]); 503 with the reason otherwise.
+fn readyz(status: &Status) -> Response<Full<Bytes>> {
+    let unavailable = |reason: &str| text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n"));
+    match &status.data_plane {
+        _ if status.is_ready() => text(StatusCode::OK, "ready\n"),
+        DataPlaneState::Stopped { reason } => unavailable(&format!("data plane stopped: {reason}")),
+        DataPlaneState::Running => match &status.uninstalled {
+            Some(u) => unavailable(&format!("uninstalled: {}", u.outcome)),
+            None if status.upgrade_pending() => unavailable(
+                "upgrading: the links run another layout's programs until a snapshot is live in this layout's maps",
+            ),
+            None => unavailable("no snapshot applied yet"),
+        },
+    }
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(status: &Status) -> u16 {
+        readyz(status).status().as_u16()
+    }
+
+    #[test]
+    fn ready_only_with_a_live_snapshot_and_a_running_data_plane() {
+        let mut status = Status::default();
+        assert_eq!(code(&status), 503, "ready before any snapshot");
+        status.ready = true;
+        assert_eq!(code(&status), 200);
+        status.data_plane = DataPlaneState::Stopped {
+            reason: "panicked: boom".into(),
+        };
+        assert_eq!(code(&status), 503, "ready after the data plane stopped");
+    }
+
+    #[test]
+    fn not_ready_while_an_upgrade_waits_or_after_an_uninstall() {
+        use crate::lifecycle::{Uninstalled, Upgrade, UpgradeState};
+        let mut status = Status {
+            ready: true,
+            upgrade: Some(Upgrade {
+                retiring: vec!["/sys/fs/bpf/kmesh/v1-0000000000000000".into()],
+                state: UpgradeState::WaitingForSnapshot { last_error: None },
+            }),
+            ..Status::default()
+        };
+        assert_eq!(
+            code(&status),
+            503,
+            "ready while the links run the old layout"
+        );
+        status.upgrade.as_mut().unwrap().state = UpgradeState::Switched { at_unix_ms: 1 };
+        assert_eq!(code(&status), 200);
+        status.uninstalled = Some(Uninstalled {
+            at_unix_ms: 2,
+            outcome: "every pin removed".into(),
+        });
+        let response = readyz(&status);
+        assert_eq!(response.status().as_u16(), 503, "ready after uninstalling");
+    }
 }

@@ -1,33 +1,34 @@
-//! The agent: install or adopt the programs, then apply every snapshot the source delivers and
-//! keep enrolment in step with the node's namespaces.
+//! The agent: install, adopt or upgrade the programs, start the admin server, the snapshot source
+//! and the data-plane thread, and run until a signal — or until the data plane stops, which is an
+//! error. On SIGTERM it keeps the pins (a restart or an upgrade must not interrupt traffic) unless
+//! the operator says the node's agents are being removed (`source::ask_on_shutdown`): then it
+//! uninstalls before it exits.
 //!
-//! Map writes happen on one thread (the data plane thread), so there is no locking around them:
-//! sources hand it bytes over a channel, and it reports what it did in [`Status`].
+//! Map writes happen on one thread (the data plane, `data_plane.rs`), so there is no locking around
+//! them: sources hand it bytes over a channel, it reports what it did in [`Status`] and the live
+//! generation over a watch channel (which the operator source reports upstream at once).
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
 };
 
-use kmesh_common::WorkloadRecord;
-use kmesh_snapshot::{DecodeError, Limits, Snapshot};
+use kmesh_snapshot::Limits;
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    enrol::{EnrolError, Enroller},
-    loader::{self, AttachedLink, LoaderError},
+    data_plane::{Applier, DataPlane},
+    enrol::Enroller,
+    lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
+    loader::{self, AttachedLink, BpfObject, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
-    source::{self, Source},
+    refusal::RefusalKind,
+    source::{self, Delivery, ShutdownVerdict, Source},
+    supervise::{self, ThreadExit},
 };
-
-/// How often namespaces are rescanned (the issue allows 2 s to pick up a change).
-const ENROL_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Config {
     pub node_name: String,
@@ -36,6 +37,12 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub admin_addr: SocketAddr,
     pub limits: Limits,
+    /// The eBPF object to load: the shipped one, or the upgrade tests' variant of another layout
+    /// (hidden flag `--test-layout-variant`).
+    pub object: BpfObject,
+    /// Test hook: the data-plane thread panics on receiving this many snapshots, so that tests can
+    /// check the supervision of the real binary (hidden flag `--test-panic-at-snapshot`).
+    pub test_panic_at_snapshot: Option<u64>,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -51,6 +58,10 @@ pub enum AgentError {
     },
     #[error("starting the data plane thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "the data plane thread stopped ({0}); exiting so that the agent is restarted (the programs stay attached)"
+    )]
+    DataPlaneStopped(ThreadExit),
 }
 
 /// Counts of a snapshot's tables.
@@ -80,19 +91,40 @@ pub struct LiveSnapshot {
 pub struct Rejection {
     pub at_unix_ms: u64,
     pub generation: Option<u64>,
-    /// True when the snapshot did not fit this node's capacity.
+    pub kind: RefusalKind,
+    /// `kind == over_capacity` (kept for readers of the earlier shape).
     pub over_capacity: bool,
+    /// The refusal's message, with its cause.
     pub reason: String,
+}
+
+/// Whether the data-plane thread runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum DataPlaneState {
+    #[default]
+    Running,
+    Stopped {
+        reason: String,
+    },
 }
 
 /// What `/debug/snapshot` shows.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Status {
     pub node_name: String,
+    /// A snapshot has been applied or confirmed live.
     pub ready: bool,
+    pub data_plane: DataPlaneState,
     /// The programs were found attached and pinned at start; nothing was re-attached.
     pub adopted_pins: bool,
+    /// This agent's layout (its pin directory below `--bpffs-dir`).
+    pub layout: String,
     pub links: Vec<AttachedLink>,
+    /// An upgrade from another layout's pins, if this agent found some.
+    pub upgrade: Option<Upgrade>,
+    /// Set once the agent uninstalled (the operator said this node's agents are being removed).
+    pub uninstalled: Option<Uninstalled>,
     pub live: Option<LiveSnapshot>,
     pub applied: u64,
     pub unchanged: u64,
@@ -101,22 +133,56 @@ pub struct Status {
     pub last_rejection: Option<Rejection>,
     pub enrolled_netns: usize,
     pub counters: Option<Counters>,
+    /// The last [`RECENT_FLIPS`] flips, oldest first: which generation went live when.
+    pub recent_flips: std::collections::VecDeque<Flip>,
+}
+
+/// How many flips `Status::recent_flips` keeps.
+pub const RECENT_FLIPS: usize = 256;
+
+/// One flip of `KM_ACTIVE`: `generation` went live between the two CLOCK_MONOTONIC times (ns).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Flip {
+    pub generation: u64,
+    pub between_ns: [u64; 2],
+}
+
+impl Status {
+    /// What `/readyz` answers: a snapshot is live, the links run this agent's programs, and the
+    /// data plane still runs to follow changes.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+            && self.data_plane == DataPlaneState::Running
+            && !self.upgrade_pending()
+            && self.uninstalled.is_none()
+    }
+
+    /// The links still run another layout's programs.
+    pub fn upgrade_pending(&self) -> bool {
+        self.upgrade
+            .as_ref()
+            .is_some_and(|u| matches!(u.state, UpgradeState::WaitingForSnapshot { .. }))
+    }
 }
 
 pub type SharedStatus = Arc<Mutex<Status>>;
 
-fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
+pub(crate) fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
     // A poisoned lock means a panic elsewhere; the status is still the best we have.
     let mut guard = status.lock().unwrap_or_else(|p| p.into_inner());
     f(&mut guard);
 }
 
-/// Runs the agent until SIGINT or SIGTERM. Pins stay in place on exit: traffic keeps flowing.
+/// Runs the agent until SIGINT or SIGTERM. Pins stay in place on exit, so that traffic keeps
+/// flowing, unless the operator says the node's agents are being removed.
 pub async fn run(config: Config) -> Result<(), AgentError> {
-    let installation = loader::install_or_adopt(&config.bpffs_dir, &config.cgroup)?;
+    let mut installation =
+        loader::install_or_adopt(&config.bpffs_dir, &config.cgroup, config.object)?;
     info!(
         dir = %installation.dir.display(),
+        layout = %installation.layout,
         adopted = installation.adopted,
+        upgrading = installation.switch.is_some(),
         links = ?installation.links,
         "programs ready"
     );
@@ -127,20 +193,27 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node_name: config.node_name.clone(),
         adopted_pins: installation.adopted,
+        layout: installation.layout.to_string(),
         links: installation.links.clone(),
         ..Default::default()
     }));
-    if let Some(live) = maps.live()? {
+    let lifecycle = Lifecycle::new(
+        installation.dir.clone(),
+        installation.switch.take(),
+        status.clone(),
+    );
+    let live = maps.live()?;
+    if let Some(live) = live {
         info!(
             generation = live.value.meta.generation,
-            slot = live.slot,
+            slot = %live.slot,
             "found a live generation in the pins"
         );
         update(&status, |s| {
             s.live = Some(LiveSnapshot {
                 generation: live.value.meta.generation,
                 content_hash: format!("{:016x}", live.value.meta.content_hash),
-                slot: live.slot,
+                slot: live.slot.index(),
                 mode: live.value.config.mode,
                 counts: None,
             })
@@ -155,34 +228,75 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         })?;
     tokio::spawn(admin::serve(listener, status.clone(), counters));
 
-    let live_generation = Arc::new(AtomicU64::new(
-        maps.live()?.map_or(0, |l| l.value.meta.generation),
-    ));
+    let (live_tx, live_rx) = watch::channel(live.map_or(0, |l| l.value.meta.generation));
     let (tx, rx) = mpsc::channel();
     tokio::spawn(source::run(
         config.source.clone(),
         config.node_name.clone(),
         config.limits.max_bytes,
-        live_generation.clone(),
-        tx,
+        live_rx,
+        tx.clone(),
     ));
-    let data_plane = DataPlane {
-        node_name: config.node_name,
-        limits: config.limits,
+    let applier = Applier::new(
+        config.node_name.clone(),
+        config.limits,
         maps,
-        enroller,
-        workloads: None,
-        status,
-        live_generation,
-    };
-    std::thread::Builder::new()
-        .name("data-plane".into())
-        .spawn(move || data_plane.run(rx))
+        status.clone(),
+        live_tx,
+    );
+    let data_plane = DataPlane::new(applier, enroller, lifecycle, status.clone())
+        .with_test_panic_at_snapshot(config.test_panic_at_snapshot);
+    let data_plane = supervise::spawn("data-plane", status.clone(), move || data_plane.run(rx))
         .map_err(AgentError::Thread)?;
 
-    shutdown_signal().await;
-    info!("shutting down; programs stay attached through their pinned links");
-    Ok(())
+    tokio::select! {
+        () = shutdown_signal() => {
+            shut_down(&config, &status, &tx).await;
+            Ok(())
+        }
+        exit = data_plane.exited() => {
+            error!(%exit, "the data plane thread stopped; exiting");
+            Err(AgentError::DataPlaneStopped(exit))
+        }
+    }
+}
+
+/// How long a stopping agent waits for the data plane to finish an uninstall.
+const UNINSTALL_WAIT: Duration = Duration::from_secs(3);
+
+/// On SIGTERM: keep the pins, unless the operator says this node's agents are being removed; then
+/// have the data plane (the only writer of pins) uninstall, and wait for it.
+async fn shut_down(config: &Config, status: &SharedStatus, tx: &mpsc::Sender<Delivery>) {
+    let uninstalled = || {
+        status
+            .lock()
+            .map(|s| s.uninstalled.is_some())
+            .unwrap_or(false)
+    };
+    if uninstalled() {
+        info!("shutting down; already uninstalled");
+        return;
+    }
+    let verdict =
+        source::ask_on_shutdown(&config.source, &config.node_name, config.limits.max_bytes).await;
+    match verdict {
+        ShutdownVerdict::Keep { why } => {
+            info!(%why, "shutting down; programs stay attached through their pinned links");
+        }
+        ShutdownVerdict::Uninstall => {
+            warn!(
+                "shutting down: the operator says this node's agents are being removed; uninstalling"
+            );
+            let _ = tx.send(Delivery::Uninstall);
+            let asked = Instant::now();
+            while !uninstalled() && asked.elapsed() < UNINSTALL_WAIT {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !uninstalled() {
+                error!(waited = ?UNINSTALL_WAIT, "the data plane did not uninstall in time; pins may remain (kmesh-agent uninstall removes them)");
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -197,153 +311,6 @@ async fn shutdown_signal() {
         Err(e) => {
             warn!(error = %e, "cannot listen for SIGTERM; waiting for SIGINT only");
             let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Owns the maps; the only writer.
-struct DataPlane {
-    node_name: String,
-    limits: Limits,
-    maps: GenerationMaps,
-    enroller: Enroller,
-    /// The live snapshot's workloads; `None` until a snapshot arrives, so that a restarted agent
-    /// does not empty the enrolled map before it knows what should be in it.
-    workloads: Option<Vec<WorkloadRecord>>,
-    status: SharedStatus,
-    /// The live generation, reported to the operator by the source.
-    live_generation: Arc<AtomicU64>,
-}
-
-impl DataPlane {
-    fn run(mut self, rx: mpsc::Receiver<Vec<u8>>) {
-        loop {
-            match rx.recv_timeout(ENROL_INTERVAL) {
-                Ok(bytes) => self.on_snapshot(&bytes),
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-            self.enrol();
-        }
-    }
-
-    fn on_snapshot(&mut self, bytes: &[u8]) {
-        let decoded = match Snapshot::decode(bytes, &self.limits) {
-            Ok(d) => d,
-            Err(e) => {
-                return self.reject(
-                    kmesh_snapshot::peek_header(bytes)
-                        .ok()
-                        .map(|h| h.generation),
-                    &e,
-                );
-            }
-        };
-        let snapshot = decoded.snapshot;
-        if snapshot.node_name != self.node_name {
-            let reason = format!(
-                "snapshot is for node {:?}, this agent serves node {:?}",
-                snapshot.node_name, self.node_name
-            );
-            return self.reject_reason(Some(snapshot.generation), false, reason);
-        }
-        let counts = Counts {
-            services: snapshot.services.len(),
-            routes: snapshot.routes.len(),
-            backend_sets: snapshot.backend_sets.len(),
-            endpoints: snapshot.endpoints.len(),
-            workloads: snapshot.workloads.len(),
-        };
-        let live = match self.maps.live() {
-            Ok(live) => live,
-            Err(e) => return self.reject_reason(Some(snapshot.generation), false, e.to_string()),
-        };
-        let unchanged = live.is_some_and(|l| {
-            l.value.meta.generation == snapshot.generation
-                && l.value.meta.content_hash == decoded.content_hash
-        });
-        let hash = format!("{:016x}", decoded.content_hash);
-        let slot = if unchanged {
-            info!(
-                generation = snapshot.generation,
-                hash, "live generation already matches; nothing to change"
-            );
-            update(&self.status, |s| s.unchanged += 1);
-            live.map(|l| l.slot).unwrap_or(0)
-        } else {
-            match self.maps.apply(&snapshot, decoded.content_hash) {
-                Ok(stats) => {
-                    info!(
-                        generation = snapshot.generation,
-                        hash,
-                        slot = stats.slot,
-                        services = counts.services,
-                        endpoints = counts.endpoints,
-                        fill_us = stats.fill_micros,
-                        flip_us = stats.flip_micros,
-                        "snapshot applied"
-                    );
-                    let slot = stats.slot;
-                    update(&self.status, |s| {
-                        s.applied += 1;
-                        s.last_apply = Some(stats);
-                    });
-                    slot
-                }
-                // Nothing was flipped: the live generation is untouched.
-                Err(e) => {
-                    return self.reject_reason(Some(snapshot.generation), false, e.to_string());
-                }
-            }
-        };
-        self.live_generation
-            .store(snapshot.generation, Ordering::Relaxed);
-        update(&self.status, |s| {
-            s.ready = true;
-            s.live = Some(LiveSnapshot {
-                generation: snapshot.generation,
-                content_hash: hash,
-                slot,
-                mode: snapshot.config.mode,
-                counts: Some(counts),
-            });
-        });
-        self.workloads = Some(snapshot.workloads);
-    }
-
-    fn reject(&mut self, generation: Option<u64>, e: &DecodeError) {
-        let over_capacity = matches!(e, DecodeError::OverCapacity { .. });
-        self.reject_reason(generation, over_capacity, e.to_string());
-    }
-
-    fn reject_reason(&mut self, generation: Option<u64>, over_capacity: bool, reason: String) {
-        error!(
-            generation,
-            over_capacity, reason, "snapshot refused; the live generation stays in force"
-        );
-        let at_unix_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        update(&self.status, |s| {
-            s.rejected += 1;
-            s.last_rejection = Some(Rejection {
-                at_unix_ms,
-                generation,
-                over_capacity,
-                reason,
-            });
-        });
-    }
-
-    fn enrol(&mut self) {
-        let Some(workloads) = &self.workloads else {
-            return;
-        };
-        match self.enroller.sync(workloads) {
-            Ok(stats) => update(&self.status, |s| s.enrolled_netns = stats.enrolled),
-            Err(EnrolError::Scan(e)) => warn!(error = %e, "namespace scan failed; will retry"),
-            Err(e) => error!(error = %e, "updating the enrolled map failed; will retry"),
         }
     }
 }

@@ -4,19 +4,25 @@
 //! network namespace cookie, so the agent finds the namespace that holds each pod IP — among the
 //! named namespaces in /run/netns and every process's /proc/PID/ns/net — and writes its cookie to
 //! the enrolled map. Namespaces come and go with pods; `Enroller::sync` runs every second.
+//!
+//! A sync is three steps: [`discover`] the namespaces (I/O), [`plan`] the changes (pure: desired
+//! workloads × discovered namespaces × the current map → inserts and removals), and write them.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs::{self, File},
     io,
     net::IpAddr,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::PathBuf,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
 };
 
 use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16};
 use tracing::{debug, info};
 
-use crate::maps::{EnrolledMap, MapsError};
+use crate::{
+    maps::{EnrolledMap, MapsError},
+    sys,
+};
 
 /// A network namespace as seen from inside.
 #[derive(Clone, Debug)]
@@ -55,7 +61,7 @@ pub fn discover() -> io::Result<Vec<Netns>> {
         unique
             .into_iter()
             .filter_map(|path| match inspect(&path) {
-                Ok((cookie, addrs)) => Some(Netns { cookie, addrs }),
+                Ok(ns) => Some(ns),
                 // A process that exited, or a namespace removed meanwhile: not an error.
                 Err(e) => {
                     debug!(path = %path.display(), error = %e, "skipping namespace");
@@ -69,75 +75,13 @@ pub fn discover() -> io::Result<Vec<Netns>> {
 }
 
 /// Enters the namespace at `path` (on the current thread) and reads its cookie and addresses.
-fn inspect(path: &PathBuf) -> io::Result<(u64, Vec<IpAddr>)> {
+fn inspect(path: &Path) -> io::Result<Netns> {
     let ns = File::open(path)?;
-    // SAFETY: plain syscalls on descriptors we own.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((current_netns_cookie()?, current_addresses()?))
-}
-
-/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14+), the same
-/// value `bpf_get_netns_cookie` returns to the programs.
-pub fn current_netns_cookie() -> io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    // SAFETY: socket/getsockopt/close on a descriptor we own, with a correctly sized out-buffer.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut cookie: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        );
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if rc != 0 {
-            return Err(err);
-        }
-        Ok(cookie)
-    }
-}
-
-/// The addresses of the calling thread's network namespace (getifaddrs uses netlink there).
-fn current_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut addrs = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we walk read-only and free once.
-    unsafe {
-        if libc::getifaddrs(&mut head) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut cur = head;
-        while !cur.is_null() {
-            let sa = (*cur).ifa_addr;
-            if !sa.is_null() {
-                match i32::from((*sa).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(sa as *const libc::sockaddr_in);
-                        addrs.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(sa as *const libc::sockaddr_in6);
-                        addrs.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
-        libc::freeifaddrs(head);
-    }
-    Ok(addrs)
+    sys::enter_netns(ns.as_fd())?;
+    Ok(Netns {
+        cookie: sys::netns_cookie()?,
+        addrs: sys::interface_addresses()?,
+    })
 }
 
 /// What one sync changed.
@@ -146,6 +90,55 @@ pub struct EnrolStats {
     pub enrolled: usize,
     pub added: usize,
     pub removed: usize,
+}
+
+/// The changes that make the enrolled map equal to "namespaces holding a workload IP".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnrolPlan {
+    /// Entries to write: new namespaces, and namespaces whose workload changed.
+    pub inserts: BTreeMap<u64, EnrolledNetns>,
+    /// Cookies to delete: namespaces gone, or holding no workload IP any more.
+    pub removals: Vec<u64>,
+    /// Namespaces enrolled once the plan is carried out.
+    pub enrolled: usize,
+}
+
+/// Pure: which namespaces should be enrolled, given the workloads, the namespaces found and what
+/// the map holds now. A namespace holding several workload IPs is enrolled as the first of its
+/// addresses that is one.
+pub fn plan(
+    workloads: &[WorkloadRecord],
+    namespaces: &[Netns],
+    current: &BTreeMap<u64, EnrolledNetns>,
+) -> EnrolPlan {
+    let by_ip: HashMap<Ip16, &WorkloadRecord> = workloads.iter().map(|w| (w.ip, w)).collect();
+    let desired: BTreeMap<u64, EnrolledNetns> = namespaces
+        .iter()
+        .filter_map(|ns| {
+            let workload = ns.addrs.iter().find_map(|a| by_ip.get(&ip16(*a)))?;
+            Some((
+                ns.cookie,
+                EnrolledNetns {
+                    workload_ip: workload.ip,
+                    identity: workload.identity,
+                    pad: 0,
+                },
+            ))
+        })
+        .collect();
+    EnrolPlan {
+        removals: current
+            .keys()
+            .filter(|c| !desired.contains_key(c))
+            .copied()
+            .collect(),
+        inserts: desired
+            .iter()
+            .filter(|(cookie, value)| current.get(cookie) != Some(value))
+            .map(|(cookie, value)| (*cookie, *value))
+            .collect(),
+        enrolled: desired.len(),
+    }
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -167,38 +160,123 @@ impl Enroller {
     }
 
     pub fn sync(&mut self, workloads: &[WorkloadRecord]) -> Result<EnrolStats, EnrolError> {
-        let by_ip: HashMap<Ip16, &WorkloadRecord> = workloads.iter().map(|w| (w.ip, w)).collect();
-        let mut desired = BTreeMap::new();
-        for ns in discover()? {
-            let workload = ns.addrs.iter().find_map(|a| by_ip.get(&ip16(*a)));
-            if let Some(w) = workload {
-                desired.insert(
-                    ns.cookie,
-                    EnrolledNetns {
-                        workload_ip: w.ip,
-                        identity: w.identity,
-                        pad: 0,
-                    },
-                );
-            }
-        }
+        let namespaces = discover()?;
         let current = self.map.entries()?;
-        let mut stats = EnrolStats {
-            enrolled: desired.len(),
-            ..Default::default()
-        };
-        for cookie in current.keys().filter(|c| !desired.contains_key(c)) {
+        let plan = plan(workloads, &namespaces, &current);
+        for cookie in &plan.removals {
             self.map.remove(*cookie)?;
             info!(cookie, "network namespace left the mesh");
-            stats.removed += 1;
         }
-        for (cookie, value) in &desired {
-            if current.get(cookie) != Some(value) {
-                self.map.insert(*cookie, *value)?;
-                info!(cookie, ip = %IpAddr::from(value.workload_ip).to_canonical(), "network namespace enrolled");
-                stats.added += 1;
+        for (cookie, value) in &plan.inserts {
+            self.map.insert(*cookie, *value)?;
+            info!(cookie, ip = %IpAddr::from(value.workload_ip).to_canonical(), "network namespace enrolled");
+        }
+        Ok(EnrolStats {
+            enrolled: plan.enrolled,
+            added: plan.inserts.len(),
+            removed: plan.removals.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    fn workload(ip: IpAddr, identity: u32) -> WorkloadRecord {
+        WorkloadRecord {
+            ip: ip16(ip),
+            identity,
+            pad: 0,
+        }
+    }
+
+    fn enrolled(ip: IpAddr, identity: u32) -> EnrolledNetns {
+        EnrolledNetns {
+            workload_ip: ip16(ip),
+            identity,
+            pad: 0,
+        }
+    }
+
+    fn ns(cookie: u64, addrs: &[IpAddr]) -> Netns {
+        Netns {
+            cookie,
+            addrs: addrs.to_vec(),
+        }
+    }
+
+    const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    const POD_A: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 1, 10));
+    const POD_B: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 1, 11));
+    const POD_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x12));
+
+    #[test]
+    fn a_namespace_holding_a_workload_ip_is_enrolled_with_its_identity() {
+        let workloads = [workload(POD_A, 7), workload(POD_V6, 9)];
+        let namespaces = [
+            ns(100, &[LOOPBACK, POD_A]),
+            ns(200, &[LOOPBACK]),
+            ns(300, &[LOOPBACK, POD_V6]),
+        ];
+        let plan = plan(&workloads, &namespaces, &BTreeMap::new());
+        assert_eq!(
+            plan.inserts,
+            BTreeMap::from([(100, enrolled(POD_A, 7)), (300, enrolled(POD_V6, 9))])
+        );
+        assert!(plan.removals.is_empty());
+        assert_eq!(plan.enrolled, 2);
+    }
+
+    #[test]
+    fn what_the_map_already_holds_is_not_written_again() {
+        let workloads = [workload(POD_A, 7)];
+        let current = BTreeMap::from([(100, enrolled(POD_A, 7))]);
+        let plan = plan(&workloads, &[ns(100, &[POD_A])], &current);
+        assert_eq!(
+            plan,
+            EnrolPlan {
+                enrolled: 1,
+                ..EnrolPlan::default()
             }
-        }
-        Ok(stats)
+        );
+    }
+
+    #[test]
+    fn gone_namespaces_and_gone_workloads_are_removed() {
+        let workloads = [workload(POD_A, 7)];
+        let current = BTreeMap::from([
+            (100, enrolled(POD_A, 7)), // namespace gone
+            (200, enrolled(POD_B, 8)), // namespace still there, workload no longer listed
+            (300, enrolled(POD_A, 7)), // stays: its namespace now holds pod A
+        ]);
+        let namespaces = [ns(200, &[POD_B]), ns(300, &[POD_A])];
+        let plan = plan(&workloads, &namespaces, &current);
+        assert_eq!(plan.removals, vec![100, 200]);
+        assert!(plan.inserts.is_empty());
+        assert_eq!(plan.enrolled, 1);
+    }
+
+    #[test]
+    fn a_changed_identity_or_address_is_rewritten() {
+        let workloads = [workload(POD_A, 8), workload(POD_B, 9)];
+        let current = BTreeMap::from([(100, enrolled(POD_A, 7)), (200, enrolled(POD_A, 7))]);
+        let namespaces = [ns(100, &[POD_A]), ns(200, &[POD_B])];
+        let plan = plan(&workloads, &namespaces, &current);
+        assert_eq!(
+            plan.inserts,
+            BTreeMap::from([(100, enrolled(POD_A, 8)), (200, enrolled(POD_B, 9))])
+        );
+        assert!(plan.removals.is_empty());
+    }
+
+    #[test]
+    fn no_workloads_empties_the_map() {
+        let current = BTreeMap::from([(100, enrolled(POD_A, 7))]);
+        let plan = plan(&[], &[ns(100, &[POD_A])], &current);
+        assert_eq!(plan.removals, vec![100]);
+        assert_eq!(plan.enrolled, 0);
     }
 }

@@ -1,12 +1,34 @@
 //! The kmesh-rs node agent as a library: the `kmesh-agent` binary is a thin CLI over it, and the
-//! benchmarks drive the same loader and maps directly.
+//! benchmarks and the test harness drive the same loader, maps and syscalls directly.
 //!
-//! One module per concern: [`loader`] (load, attach, pin, adopt), [`maps`] (generations and the
-//! atomic swap), [`enrol`] (network namespaces to enrolment), [`source`] (snapshot file or
-//! operator), [`admin`] (health and debug endpoints), and [`agent`] (the loop tying them together).
+//! One module per concern:
+//! - [`sys`]: every raw system call (bpf(2) map, object and link commands, network-namespace calls);
+//! - [`slots`]: the generation-slot operations as a trait; [`kernel_maps`]: the real maps;
+//! - [`maps`]: the atomic swap protocol, written once over [`slots::SlotMaps`];
+//! - [`layout`]: where things are pinned, per layout of the eBPF object, and what a starting agent
+//!   does with the pins it finds (a pure plan); [`loader`]: load, pin, adopt, uninstall;
+//!   [`link_switch`]: point the pinned links at a layout's programs (`BPF_LINK_UPDATE`);
+//! - [`enrol`]: network namespaces to enrolment (scan, then a pure plan);
+//! - [`source`]: snapshot file or operator (the contract is `kmesh_snapshot::contract`);
+//! - [`data_plane`]: what each snapshot does (refused, unchanged, applied), and the thread that
+//!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
+//!   [`refusal`]: why a snapshot was refused; [`supervise`]: that thread's end;
+//! - [`admin`]: health and debug endpoints; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
+pub mod data_plane;
 pub mod enrol;
+pub mod error_chain;
+#[cfg(test)]
+mod fake_slots;
+pub mod kernel_maps;
+pub mod layout;
+pub mod lifecycle;
+pub mod link_switch;
 pub mod loader;
 pub mod maps;
+pub mod refusal;
+pub mod slots;
 pub mod source;
+pub mod supervise;
+pub mod sys;

@@ -1,61 +1,91 @@
-//! Loading, attaching and pinning the kernel programs, and adopting them after a restart.
+//! Loading the kernel programs, pinning them, and adopting or upgrading what an earlier agent left.
 //!
-//! Everything lives under one bpffs directory (`--bpffs-dir`): one pin per map (named as in
-//! `kmesh_common::map_names`), one per program and one per cgroup link. Pinned links keep the programs attached
-//! while no agent runs, so traffic keeps flowing through restarts and upgrades; a starting agent
-//! that finds every pin adopts them and attaches nothing.
+//! The pins are laid out as `layout.rs` says: the two cgroup links at the top of `--bpffs-dir`,
+//! maps and programs in a directory per layout of the eBPF object. [`install_or_adopt`] inspects
+//! what is pinned, asks `layout::plan` what to do, and does it: adopt the pins as they are (the
+//! link ids and programs stay, nothing is loaded), or load this agent's object with maps of its
+//! layout and point the links at its programs (`link_switch.rs`) — at once when nothing is
+//! attached, after the first snapshot is live in the new maps when another layout's programs
+//! steer. Pinned links keep the programs attached while no agent runs, so traffic keeps flowing
+//! through restarts and upgrades.
 use std::{
     fs::{self, File},
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     EbpfLoader,
     maps::{MapData, MapError},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError,
-        links::{FdLink, LinkError, PinnedLink},
-    },
+    programs::{CgroupSockAddr, ProgramError},
 };
-use kmesh_common::map_names;
-use tracing::info;
+use tracing::{info, warn};
 
+pub use crate::link_switch::{AttachedLink, LinkSwitch};
+use crate::{
+    layout::{self, Found, Hook, LayoutId, MAPS, Plan, SwitchWhen},
+    link_switch, sys,
+};
+
+/// The shipped eBPF object.
 static KMESH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh"));
+/// The test variant: the same programs over another map layout (see `kmesh-ebpf/src/test_layout.rs`).
+static TEST_LAYOUT_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-test-layout"));
 
-/// A program we attach, and the names of its pins.
-struct ProgramPins {
-    program: &'static str,
-    program_pin: &'static str,
-    link_pin: &'static str,
+/// Which eBPF object an agent loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BpfObject {
+    /// The programs as shipped.
+    #[default]
+    Shipped,
+    /// The upgrade tests' variant, whose enrolled map is twice as large: another map layout, so
+    /// that a test can upgrade across a layout change with one agent binary (hidden flag
+    /// `--test-layout-variant`).
+    TestLayout,
 }
 
-const PROGRAMS: [ProgramPins; 2] = [
-    ProgramPins {
-        program: "kmesh_connect4",
-        program_pin: "prog_connect4",
-        link_pin: "link_connect4",
-    },
-    ProgramPins {
-        program: "kmesh_connect6",
-        program_pin: "prog_connect6",
-        link_pin: "link_connect6",
-    },
-];
+impl BpfObject {
+    pub fn bytes(self) -> &'static [u8] {
+        match self {
+            BpfObject::Shipped => KMESH_OBJECT,
+            BpfObject::TestLayout => TEST_LAYOUT_OBJECT,
+        }
+    }
 
-/// Every map the programs declare; each is pinned under its own name.
-pub const MAPS: [&str; 8] = [
-    map_names::ACTIVE,
-    map_names::GENERATION,
-    map_names::SERVICES,
-    map_names::ROUTES,
-    map_names::BACKEND_SETS,
-    map_names::ENDPOINTS,
-    map_names::ENROLLED,
-    map_names::COUNTERS,
-];
+    pub fn layout(self) -> LayoutId {
+        LayoutId::of(self.bytes())
+    }
+}
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+
+/// A bpf(2) object operation of the loader, as named in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinOp {
+    Open,
+    Pin,
+    ReadIds,
+    Attach,
+    Replace,
+    FindRunning,
+    Detach,
+}
+
+impl std::fmt::Display for PinOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PinOp::Open => "opening the pin",
+            PinOp::Pin => "pinning",
+            PinOp::ReadIds => "reading the ids of",
+            PinOp::Attach => "attaching (BPF_LINK_CREATE)",
+            PinOp::Replace => "replacing the program of the link (BPF_LINK_UPDATE)",
+            PinOp::FindRunning => "opening the program the link runs",
+            PinOp::Detach => "detaching the link (BPF_LINK_DETACH)",
+        })
+    }
+}
 
 #[derive(thiserror::Error, Debug)]
 pub enum LoaderError {
@@ -79,159 +109,225 @@ pub enum LoaderError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
-    #[error("pinned link {path}: {source}")]
-    Link { path: PathBuf, source: LinkError },
+    #[error("{op} {path}: {source}")]
+    Bpf {
+        op: PinOp,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("pinned map {path}: {source}")]
     Map { path: PathBuf, source: MapError },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
     move |source| LoaderError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-/// A cgroup link as the kernel reports it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct AttachedLink {
-    pub name: &'static str,
-    pub link_id: u32,
-    pub program_id: u32,
+pub(crate) fn bpf_err(op: PinOp, path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
+    move |source| LoaderError::Bpf {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
-/// The installed programs: the pinned maps (opened) and the links that keep the programs attached.
+/// The installed programs: where their maps are pinned, and the links that keep them attached.
 pub struct Installation {
+    /// `--bpffs-dir`.
     pub dir: PathBuf,
+    /// This agent's layout, and its directory below `dir`.
+    pub layout: LayoutId,
+    pub layout_dir: PathBuf,
     /// True when every pin already existed and nothing was loaded or attached.
     pub adopted: bool,
+    /// The links as found or made at start. While `switch` is pending they run another layout's
+    /// programs.
     pub links: Vec<AttachedLink>,
+    /// Links still to be pointed at this layout's programs, once its maps hold a live snapshot
+    /// and the enrolled namespaces: an upgrade across layouts in progress.
+    pub switch: Option<LinkSwitch>,
 }
 
 impl Installation {
-    /// Opens a pinned map of this installation.
+    /// Opens a pinned map of this layout.
     pub fn open_map(&self, name: &str) -> Result<MapData, LoaderError> {
-        let path = self.dir.join(name);
+        let path = self.layout_dir.join(name);
         MapData::from_pin(&path).map_err(|source| LoaderError::Map { path, source })
     }
 }
 
-/// Adopts the programs pinned in `dir` if they are all there; otherwise loads the object (reusing
-/// any maps already pinned, so their contents survive), attaches what is not attached yet to
-/// `cgroup`, and pins every link.
-pub fn install_or_adopt(dir: &Path, cgroup: &Path) -> Result<Installation, LoaderError> {
+/// Adopts, installs or starts an upgrade, as the pins in `dir` call for (see `layout.rs`).
+pub fn install_or_adopt(
+    dir: &Path,
+    cgroup: &Path,
+    object: BpfObject,
+) -> Result<Installation, LoaderError> {
     ensure_bpffs_dir(dir)?;
-    let all_pinned = PROGRAMS
-        .iter()
-        .all(|p| dir.join(p.link_pin).exists() && dir.join(p.program_pin).exists())
-        && MAPS.iter().all(|map| dir.join(map).exists());
-    if !all_pinned {
-        install(dir, cgroup)?;
-    }
-    let links = PROGRAMS
-        .iter()
-        .map(|p| {
-            let name = p.link_pin;
-            let path = dir.join(name);
-            let link = PinnedLink::from_pin(&path).map_err(|source| LoaderError::Link {
-                path: path.clone(),
-                source,
-            })?;
-            let info = FdLink::from(link)
-                .info()
-                .map_err(|source| LoaderError::Link { path, source })?;
-            Ok(AttachedLink {
-                name,
-                link_id: info.id(),
-                program_id: info.program_id(),
-            })
-        })
-        .collect::<Result<Vec<_>, LoaderError>>()?;
-    Ok(Installation {
+    let layout = object.layout();
+    let layout_dir = dir.join(layout.dir_name());
+    let found = inspect(dir, &layout)?;
+    let plan = layout::plan(&found);
+    info!(layout = %layout, ?found, ?plan, "pins inspected");
+    let mut installation = Installation {
         dir: dir.to_path_buf(),
-        adopted: all_pinned,
-        links,
-    })
+        layout,
+        layout_dir,
+        adopted: false,
+        links: Vec::new(),
+        switch: None,
+    };
+    match plan {
+        Plan::Adopt { missing, retire } => {
+            installation.adopted = missing.is_empty();
+            let switch = LinkSwitch::new(&installation, cgroup, retire, !missing.is_empty())?;
+            switch.run()?;
+        }
+        Plan::Load { when, retire } => {
+            // Before anything is loaded or pinned: a wrong --cgroup must leave nothing behind.
+            let switch = LinkSwitch::new(&installation, cgroup, retire, true)?;
+            load(&installation.layout_dir, object)?;
+            match when {
+                SwitchWhen::Now => {
+                    switch.run()?;
+                }
+                SwitchWhen::AfterFirstSnapshot => {
+                    info!(
+                        layout = %installation.layout,
+                        "links run another layout's programs: they switch once this layout's maps hold a live snapshot"
+                    );
+                    installation.switch = Some(switch);
+                }
+            }
+        }
+    }
+    installation.links = link_switch::read_links(dir)?;
+    Ok(installation)
 }
 
-fn install(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
-    // Before anything is loaded or pinned: a wrong --cgroup must leave nothing behind.
-    let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
+/// What is pinned in `dir`, as the plan needs it.
+fn inspect(dir: &Path, own: &LayoutId) -> Result<Found, LoaderError> {
+    let names: Vec<String> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    let own_dir = dir.join(own.dir_name());
+    let mut found = Found {
+        others: layout::other_layouts(dir, &names, own),
+        own_complete: MAPS.iter().all(|m| own_dir.join(m).exists()),
+        ..Found::default()
+    };
+    for hook in Hook::ALL {
+        let i = hook.position();
+        let link = dir.join(hook.link_pin());
+        if link.exists() {
+            found.links[i] = Some(link_switch::link_program(&link)?);
+        }
+        let program = own_dir.join(hook.program_pin());
+        if program.exists() {
+            let fd = sys::obj_get(&program).map_err(bpf_err(PinOp::Open, &program))?;
+            let id = sys::prog_id(fd.as_fd()).map_err(bpf_err(PinOp::ReadIds, &program))?;
+            found.own_programs[i] = Some(id);
+        } else {
+            found.own_complete = false;
+        }
+    }
+    Ok(found)
+}
+
+/// Loads `object` with every map pinned in `layout_dir` (reusing the maps already pinned there, so
+/// their contents survive) and pins its programs there. Attaches nothing.
+fn load(layout_dir: &Path, object: BpfObject) -> Result<(), LoaderError> {
+    fs::create_dir_all(layout_dir).map_err(io_err(layout_dir))?;
     let mut loader = EbpfLoader::new();
-    let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+    let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, layout_dir.join(m))).collect();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(KMESH_OBJECT).map_err(Box::new)?;
-    for ProgramPins {
-        program,
-        program_pin,
-        link_pin,
-    } in PROGRAMS
-    {
-        let link_path = dir.join(link_pin);
-        let program_path = dir.join(program_pin);
+    let mut ebpf = loader.load(object.bytes()).map_err(Box::new)?;
+    for hook in Hook::ALL {
+        let name = hook.program();
         let prog_err = |e: ProgramError| LoaderError::Program {
-            name: program,
+            name,
             source: Box::new(e),
         };
         let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(program)
-            .ok_or(LoaderError::MissingProgram(program))?
+            .program_mut(name)
+            .ok_or(LoaderError::MissingProgram(name))?
             .try_into()
             .map_err(prog_err)?;
         prog.load().map_err(prog_err)?;
-        // A program pin lets tools (bpftool prog show pinned ...) find the program by name; a stale
-        // one from an earlier, partial install is replaced.
-        if program_path.exists() {
-            fs::remove_file(&program_path).map_err(io_err(&program_path))?;
+        // The link switch opens the program by this pin; a stale one (of an earlier, partial
+        // install) is replaced.
+        let path = layout_dir.join(hook.program_pin());
+        if path.exists() {
+            fs::remove_file(&path).map_err(io_err(&path))?;
         }
-        prog.pin(&program_path).map_err(|source| LoaderError::Pin {
-            path: program_path.clone(),
-            source,
-        })?;
-        if link_path.exists() {
-            continue; // attached already: keep that link (and the traffic it carries)
-        }
-        // A bpf_link attachment always coexists with other programs on the cgroup (a CNI's, say);
-        // the kernel refuses any flag on link creation, so the mode must be the flag-less one.
-        let id = prog
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(prog_err)?;
-        let link: FdLink =
-            prog.take_link(id)
-                .map_err(prog_err)?
-                .try_into()
-                .map_err(|e: LinkError| LoaderError::Link {
-                    path: link_path.clone(),
-                    source: e,
-                })?;
-        link.pin(&link_path).map_err(|source| LoaderError::Pin {
-            path: link_path.clone(),
-            source,
-        })?;
-        info!(program, cgroup = %cgroup.display(), pin = %link_path.display(), "attached");
+        prog.pin(&path)
+            .map_err(|source| LoaderError::Pin { path, source })?;
     }
+    info!(dir = %layout_dir.display(), "programs loaded and pinned");
     Ok(())
 }
 
-/// Detaches the programs and removes every pin in `dir`, then `dir` itself.
-/// Removing a link pin detaches the program once no process holds the link open.
+/// Detaches the programs (`BPF_LINK_DETACH`, effective even if another process holds a link open)
+/// and removes every pin in `dir`, of every layout, then `dir` itself.
 pub fn uninstall(dir: &Path) -> Result<(), LoaderError> {
-    let pins = PROGRAMS.iter().flat_map(|p| [p.link_pin, p.program_pin]);
-    for name in pins.chain(MAPS) {
-        let path = dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => info!(pin = %path.display(), "removed"),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&path)(e)),
+    for hook in Hook::ALL {
+        let path = dir.join(hook.link_pin());
+        if !path.exists() {
+            continue;
         }
+        // Removing the pin below detaches too, once nobody holds the link: a failure here is
+        // worth a warning, not a stop.
+        match sys::obj_get(&path).and_then(|link| sys::link_detach(link.as_fd())) {
+            Ok(()) => info!(link = %path.display(), "detached"),
+            Err(e) => {
+                warn!(link = %path.display(), error = %e, "detaching the link failed; removing its pin")
+            }
+        }
+    }
+    let names: Vec<String> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    for path in layout::every_pin(dir, &names) {
+        remove_pins(&path)?;
     }
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(dir)(e)),
     }
+}
+
+/// Removes the pin `path`, or the layout directory `path` with the pins in it.
+pub(crate) fn remove_pins(path: &Path) -> Result<(), LoaderError> {
+    let removed = if path.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
+    match removed {
+        Ok(()) => {
+            info!(pin = %path.display(), "removed");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Opens the cgroup directory the links attach to.
+pub(crate) fn open_cgroup(cgroup: &Path) -> Result<File, LoaderError> {
+    File::open(cgroup).map_err(io_err(cgroup))
 }
 
 /// Creates `dir` and checks that it is on bpffs (pins anywhere else fail with a confusing error).
@@ -244,7 +340,8 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
     if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
         return Err(io_err(dir)(io::Error::last_os_error()));
     }
-    if st.f_type != BPF_FS_MAGIC {
+    // f_type is a signed word with glibc and an unsigned one with musl (the static image build).
+    if u64::try_from(st.f_type) != Ok(BPF_FS_MAGIC) {
         return Err(LoaderError::NotBpffs(dir.to_path_buf()));
     }
     Ok(())

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use kmesh_agent::{agent, loader, source};
+use kmesh_agent::{agent, error_chain::chain, loader, source};
 use kmesh_snapshot::Limits;
 use tracing::error;
 
@@ -80,6 +80,15 @@ struct RunArgs {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Test hook: the data-plane thread panics on receiving its Nth snapshot, so that a test can
+    /// check that the agent then stops being ready and exits non-zero. Not for production use.
+    #[arg(long, hide = true)]
+    test_panic_at_snapshot: Option<u64>,
+    /// Test hook: load the test variant of the eBPF object, the same programs over another map
+    /// layout (a larger enrolled map), so that a test can upgrade across a layout change with one
+    /// binary. Not for production use.
+    #[arg(long, hide = true)]
+    test_layout_variant: bool,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +145,12 @@ fn run(args: RunArgs) -> Result<(), String> {
             max_endpoints: args.max_endpoints,
             max_workloads: args.max_workloads,
         },
+        object: if args.test_layout_variant {
+            loader::BpfObject::TestLayout
+        } else {
+            loader::BpfObject::Shipped
+        },
+        test_panic_at_snapshot: args.test_panic_at_snapshot,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -143,22 +158,6 @@ fn run(args: RunArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(agent::run(config)).map_err(|e| chain(&e))
-}
-
-/// An error with its causes: "loading: bpf_link_create failed: Invalid argument (os error 22)".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // thiserror's transparent and #[from] wrappers often repeat their source's text.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The mount point of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).

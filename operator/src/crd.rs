@@ -70,6 +70,7 @@ pub const SINGLETON_NAME: &str = "default";
 // `KmeshConfigSpec::default()`; schemars also writes those values into the schema as `default`s,
 // so the apiserver fills them in too.
 #[serde(rename_all = "camelCase", default)]
+#[schemars(transform = kubernetes_integer_formats)]
 pub struct KmeshConfigSpec {
     /// How the node programs handle enrolled traffic. `KernelNative`: what the kernel can enforce
     /// (L4 routing and load balancing) is enforced in eBPF; L7 features are listed in
@@ -103,21 +104,10 @@ impl Default for KmeshConfigSpec {
     }
 }
 
-impl KmeshConfigSpec {
-    /// The mode as the node programs know it: one of `kmesh_common::mode`.
-    pub fn mode_value(&self) -> u32 {
-        match self.mode {
-            Mode::KernelNative => mode::KERNEL_NATIVE,
-            Mode::DualEngine => mode::DUAL_ENGINE,
-            Mode::Disabled => mode::DISABLED,
-        }
-    }
-}
-
 // The schema shows only the field's doc comment for an enum-typed field (kube folds the variants
 // into a string `enum` and drops their descriptions), so each field using one of these enums
 // spells out what the values mean.
-/// Dataplane mode, as `kmesh_common::mode` (see [`KmeshConfigSpec::mode_value`]).
+/// Dataplane mode, as `kmesh_common::mode` (see [`Mode::value`]).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Mode {
     /// Enforce in the kernel whatever the kernel can enforce.
@@ -127,6 +117,18 @@ pub enum Mode {
     DualEngine,
     /// Pass all traffic through.
     Disabled,
+}
+
+impl Mode {
+    /// The mode as the node programs know it: one of `kmesh_common::mode`. The operator passes
+    /// a `Mode` around and turns it into this number only where a snapshot is built.
+    pub fn value(self) -> u32 {
+        match self {
+            Mode::KernelNative => mode::KERNEL_NATIVE,
+            Mode::DualEngine => mode::DUAL_ENGINE,
+            Mode::Disabled => mode::DISABLED,
+        }
+    }
 }
 
 /// Which pods are enrolled in the mesh. A pod is enrolled when it, or else its namespace, carries
@@ -276,6 +278,7 @@ impl CapacitySpec {
 /// What the operator has done with the configuration and the mesh resources.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
+#[schemars(transform = kubernetes_integer_formats)]
 pub struct KmeshConfigStatus {
     /// Ready: every node runs the latest snapshot. Progressing: a rollout is under way.
     /// Degraded: something could not be compiled or delivered; the message says what.
@@ -296,6 +299,11 @@ pub struct KmeshConfigStatus {
     /// waypoint-bound features in DualEngine).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unenforced: Vec<UnenforcedFeature>,
+    /// Kinds the operator would read but cannot, and why: their objects are not compiled. A kind
+    /// not installed is normal (a cluster without the Gateway API, say); one served only at
+    /// versions the operator does not read, or forbidden by its RBAC, makes the status Degraded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unwatched: Vec<UnwatchedKind>,
 }
 
 /// Progress of a rollout, and which node runs which snapshot.
@@ -356,6 +364,94 @@ pub struct UnenforcedFeature {
     pub field: String,
     /// Why it is not enforced.
     pub reason: String,
+}
+
+/// A kind the operator cannot read from the API server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnwatchedKind {
+    /// The kind, e.g. TCPRoute.
+    pub kind: String,
+    /// Its API group, e.g. gateway.networking.k8s.io.
+    pub group: String,
+    /// NotInstalled: no version is served (its CRD is not installed). NotServed: served only at
+    /// versions the operator does not read (the message lists them). Forbidden: the operator's
+    /// RBAC does not let it list and watch the kind (the message is the API server's).
+    pub reason: UnwatchedReason,
+    /// What the API server said, or which versions it serves.
+    pub message: String,
+}
+
+/// Why a kind is not read (see [`UnwatchedKind::reason`]).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum UnwatchedReason {
+    /// No version of the kind is served: its CRD is not installed.
+    NotInstalled,
+    /// Served only at versions the operator does not read.
+    NotServed,
+    /// The operator's RBAC does not allow listing and watching it.
+    Forbidden,
+}
+
+/// The integer formats the API server knows (`int32`, `int64`); schemars writes Rust's
+/// (`uint32`, `uint64`, ...), which `kubectl apply` of the CRD warns about ("unrecognized
+/// format"). Each is rewritten to a known format with the bounds of the Rust type as `minimum`
+/// and `maximum`, so the API server still refuses what the type cannot hold: `u32` becomes
+/// `int64` in `0..=4294967295`; `u64` becomes `int64` from 0 (the API server's integers are
+/// 64-bit signed, so nothing larger reaches us anyway). Bounds already tighter are kept.
+pub fn kubernetes_integer_formats(schema: &mut schemars::Schema) {
+    if let Some(object) = schema.as_object_mut()
+        && is_integer(object.get("type"))
+    {
+        let format = object.get("format").and_then(|f| f.as_str());
+        if let Some((known, min, max)) = format.and_then(integer_format) {
+            object.insert("format".into(), known.into());
+            tighten(object, "minimum", min, |new, old| new > old);
+            if let Some(max) = max {
+                tighten(object, "maximum", max, |new, old| new < old);
+            }
+        }
+    }
+    schemars::transform::transform_subschemas(&mut kubernetes_integer_formats, schema);
+}
+
+/// `"integer"`, or a list of types holding it (`["integer", "null"]` for an `Option`).
+fn is_integer(type_: Option<&serde_json::Value>) -> bool {
+    match type_ {
+        Some(serde_json::Value::String(t)) => t == "integer",
+        Some(serde_json::Value::Array(types)) => types.iter().any(|t| t == "integer"),
+        _ => false,
+    }
+}
+
+/// For a Rust integer format: the Kubernetes format and the type's bounds (no maximum beyond
+/// `int64`'s).
+fn integer_format(format: &str) -> Option<(&'static str, i64, Option<i64>)> {
+    Some(match format {
+        "int8" => ("int32", i8::MIN.into(), Some(i8::MAX.into())),
+        "int16" => ("int32", i16::MIN.into(), Some(i16::MAX.into())),
+        "uint8" => ("int32", 0, Some(u8::MAX.into())),
+        "uint16" => ("int32", 0, Some(u16::MAX.into())),
+        "uint32" => ("int64", 0, Some(u32::MAX.into())),
+        "uint64" | "uint" | "uint128" => ("int64", 0, None),
+        _ => return None,
+    })
+}
+
+/// Sets `object[key]` to `bound` unless it already holds a tighter one (`tighter(bound, old)`
+/// false).
+fn tighten(
+    object: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    bound: i64,
+    tighter: impl Fn(f64, f64) -> bool,
+) {
+    let old = object.get(key).and_then(|v| v.as_f64());
+    if old.is_none_or(|old| tighter(bound as f64, old)) {
+        object.insert(key.into(), bound.into());
+    }
 }
 
 /// The CRD manifest as checked in at `crds/kmesh.net_kmeshconfigs.yaml`: a header naming

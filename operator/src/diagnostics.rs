@@ -4,18 +4,20 @@ use std::fmt;
 
 use serde::Serialize;
 
-/// The object a diagnostic is about.
+use crate::kinds::Kind;
+
+/// The object a diagnostic is about. Ordered by kind (that is, by kind name), namespace, name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ObjectRef {
-    pub kind: String,
+    pub kind: Kind,
     pub namespace: Option<String>,
     pub name: String,
 }
 
 impl ObjectRef {
-    pub fn new(kind: &str, namespace: Option<&str>, name: &str) -> Self {
+    pub fn new(kind: Kind, namespace: Option<&str>, name: &str) -> Self {
         ObjectRef {
-            kind: kind.to_string(),
+            kind,
             namespace: namespace.map(str::to_string),
             name: name.to_string(),
         }
@@ -24,25 +26,32 @@ impl ObjectRef {
     /// A YAML document that could not be identified: named by file and position.
     pub fn document(origin: &str, index: usize) -> Self {
         ObjectRef {
-            kind: "Document".to_string(),
+            kind: Kind::Document,
             namespace: None,
             name: format!("{origin}#{index}"),
         }
     }
 
-    /// The kind, namespace and name of a raw object, or its position when it has none.
+    /// The kind (from `apiVersion` and `kind`), namespace and name of a raw object, or its
+    /// position when it has no kind or no name.
     pub fn from_value(value: &serde_json::Value, origin: &str, index: usize) -> Self {
-        let kind = value.get("kind").and_then(|v| v.as_str());
+        let api_version = text(value.get("apiVersion")).unwrap_or("");
+        let kind = text(value.get("kind")).filter(|k| !k.is_empty());
         let meta = value.get("metadata");
-        let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str());
-        let namespace = meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(|v| v.as_str());
+        let name = text(meta.and_then(|m| m.get("name")));
+        let namespace = text(meta.and_then(|m| m.get("namespace")));
         match (kind, name) {
-            (Some(kind), Some(name)) => ObjectRef::new(kind, namespace, name),
+            (Some(kind), Some(name)) => {
+                ObjectRef::new(Kind::of_api_version(api_version, kind), namespace, name)
+            }
             _ => ObjectRef::document(origin, index),
         }
     }
+}
+
+/// A JSON string, if `value` is one.
+fn text(value: Option<&serde_json::Value>) -> Option<&str> {
+    value.and_then(|v| v.as_str())
 }
 
 impl fmt::Display for ObjectRef {

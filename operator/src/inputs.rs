@@ -11,6 +11,7 @@ use crate::{
     diagnostics::{Diagnostic, ObjectRef},
     gateway_api::{HttpRoute, ReferenceGrant, TcpRoute},
     istio::{DestinationRule, ServiceEntry, VirtualService},
+    kinds::{Handling, Kind, Scope},
 };
 
 /// Everything the compiler looks at. Order does not matter: the compiler sorts what it needs.
@@ -31,33 +32,11 @@ pub struct Inputs {
     pub tcp_routes: Vec<TcpRoute>,
     /// Gateway API ReferenceGrants: what permits a route's cross-namespace backendRef.
     pub reference_grants: Vec<ReferenceGrant>,
-    /// Kinds that are read but not compiled yet (authorization policies, GRPCRoute, TLSRoute), so
-    /// that they are reported rather than dropped silently.
+    /// Objects of kinds that are read but not compiled yet ([`Handling::NotCompiled`]:
+    /// authorization policies, GRPCRoute, TLSRoute, other Istio kinds), so that they are reported
+    /// rather than dropped silently.
     pub not_yet_supported: Vec<ObjectRef>,
 }
-
-/// Kinds a GitOps directory commonly holds that have no bearing on the data plane.
-const IRRELEVANT_KINDS: &[&str] = &[
-    "Deployment",
-    "StatefulSet",
-    "DaemonSet",
-    "ReplicaSet",
-    "Job",
-    "CronJob",
-    "ServiceAccount",
-    "ConfigMap",
-    "Secret",
-    "Role",
-    "RoleBinding",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "PersistentVolumeClaim",
-    "Ingress",
-    "CustomResourceDefinition",
-    "Gateway",
-    "GatewayClass",
-    "Certificate",
-];
 
 impl Inputs {
     /// Adds every object of a multi-document YAML text. Objects without a namespace are placed in
@@ -130,69 +109,154 @@ impl Inputs {
         index: usize,
         default_namespace: &str,
     ) -> Option<Diagnostic> {
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        let kind = value
-            .get("kind")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
-        let cluster_scoped = matches!(kind.as_str(), "Namespace" | "Node" | "KmeshConfig");
-        if !cluster_scoped
+        let text = |key: &str| value.get(key).and_then(|v| v.as_str()).unwrap_or("");
+        let (api_version, name) = (text("apiVersion"), text("kind"));
+        let kind = (!name.is_empty()).then(|| Kind::of_api_version(api_version, name));
+        if kind.as_ref().is_none_or(|k| k.scope() == Scope::Namespaced)
             && let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut())
         {
             meta.entry("namespace")
                 .or_insert_with(|| serde_json::Value::String(default_namespace.to_string()));
         }
         let object = ObjectRef::from_value(&value, origin, index);
-        let result = match (group, kind.as_str()) {
-            ("", "Service") => parse(value).map(|o| self.services.push(o)),
-            ("", "Pod") => parse(value).map(|o| self.pods.push(o)),
-            ("", "Namespace") => parse(value).map(|o| self.namespaces.push(o)),
-            ("", "Node") => parse(value).map(|o| self.nodes.push(o)),
-            ("discovery.k8s.io", "EndpointSlice") => {
-                parse(value).map(|o| self.endpoint_slices.push(o))
-            }
-            ("networking.istio.io", "VirtualService") => {
-                parse(value).map(|o| self.virtual_services.push(o))
-            }
-            ("networking.istio.io", "DestinationRule") => {
-                parse(value).map(|o| self.destination_rules.push(o))
-            }
-            ("networking.istio.io", "ServiceEntry") => {
-                parse(value).map(|o| self.service_entries.push(o))
-            }
-            ("kmesh.net", "KmeshConfig") => parse(value).map(|o| self.config = Some(o)),
-            ("gateway.networking.k8s.io", "HTTPRoute") => {
-                parse(value).map(|o| self.http_routes.push(o))
-            }
-            ("gateway.networking.k8s.io", "TCPRoute") => {
-                parse(value).map(|o| self.tcp_routes.push(o))
-            }
-            ("gateway.networking.k8s.io", "ReferenceGrant") => {
-                parse(value).map(|o| self.reference_grants.push(o))
-            }
-            ("gateway.networking.k8s.io", "GRPCRoute" | "TLSRoute")
-            | ("security.istio.io", _)
-            | ("networking.istio.io", _) => {
-                self.not_yet_supported.push(object.clone());
-                Ok(())
-            }
-            (_, k) if IRRELEVANT_KINDS.contains(&k) => Ok(()),
-            _ if kind.is_empty() => Err("no kind".to_string()),
-            // Any other kind has no bearing on the data plane.
-            _ => Ok(()),
+        let result = match kind {
+            None => Err(Unreadable::NoKind),
+            Some(kind) => match kind.handling() {
+                Handling::Compiled => self.add_compiled(&kind, value),
+                Handling::NotCompiled => {
+                    self.not_yet_supported.push(object.clone());
+                    Ok(())
+                }
+                Handling::Irrelevant => Ok(()),
+            },
         };
         result
             .err()
-            .map(|reason| Diagnostic::rejected(object, "", reason))
+            .map(|reason| Diagnostic::rejected(object, "", reason.to_string()))
+    }
+
+    /// Reads an object of a compiled kind into its field.
+    fn add_compiled(&mut self, kind: &Kind, value: serde_json::Value) -> Result<(), Unreadable> {
+        match kind {
+            Kind::Namespace => parse(value).map(|o| self.namespaces.push(o)),
+            Kind::Node => parse(value).map(|o| self.nodes.push(o)),
+            Kind::Pod => parse(value).map(|o| self.pods.push(o)),
+            Kind::Service => parse(value).map(|o| self.services.push(o)),
+            Kind::EndpointSlice => parse(value).map(|o| self.endpoint_slices.push(o)),
+            Kind::KmeshConfig => parse(value).map(|o| self.config = Some(o)),
+            Kind::VirtualService => parse(value).map(|o| self.virtual_services.push(o)),
+            Kind::DestinationRule => parse(value).map(|o| self.destination_rules.push(o)),
+            Kind::ServiceEntry => parse(value).map(|o| self.service_entries.push(o)),
+            Kind::HttpRoute => parse(value).map(|o| self.http_routes.push(o)),
+            Kind::TcpRoute => parse(value).map(|o| self.tcp_routes.push(o)),
+            Kind::ReferenceGrant => parse(value).map(|o| self.reference_grants.push(o)),
+            // A kind marked compiled in the table without a field here: said, not dropped.
+            other => Err(Unreadable::NoReader(other.clone())),
+        }
     }
 }
 
-fn parse<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(value).map_err(|e| format!("does not match its schema: {e}"))
+/// Why an object could not be read; the reason of its rejection.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error("no kind")]
+    NoKind,
+    #[error("does not match its schema: {0}")]
+    Schema(#[source] serde_json::Error),
+    #[error("{0} is marked compiled, but the compiler's inputs have no place for it")]
+    NoReader(Kind),
+}
+
+fn parse<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Unreadable> {
+    serde_json::from_value(value).map_err(Unreadable::Schema)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A small object of `kind` its schema accepts (a spec holding the fields some kinds
+    /// require; the others ignore them).
+    fn minimal(kind: &Kind) -> serde_json::Value {
+        let info = kind.info().unwrap();
+        json!({
+            "apiVersion": info.api_version(info.preferred_version()),
+            "kind": info.name,
+            "metadata": {"name": "x"},
+            "spec": {"host": "x", "hosts": ["x"], "from": [], "to": []},
+        })
+    }
+
+    #[test]
+    fn every_compiled_kind_is_read() {
+        for kind in Kind::KNOWN {
+            let mut inputs = Inputs::default();
+            let diagnostic = inputs.add_json(minimal(kind), "test");
+            match kind.handling() {
+                Handling::Compiled => assert!(diagnostic.is_none(), "{kind}: {diagnostic:?}"),
+                Handling::NotCompiled => {
+                    assert!(diagnostic.is_none(), "{kind}: {diagnostic:?}");
+                    assert_eq!(inputs.not_yet_supported[0].kind, *kind);
+                }
+                Handling::Irrelevant => unreachable!("no irrelevant kind in the table"),
+            }
+        }
+    }
+
+    #[test]
+    fn yaml_is_dispatched_by_group_and_kind() {
+        let yaml = "
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: a}
+spec: {hosts: [reviews]}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: b}
+---
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: c}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: d}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: e}
+---
+apiVersion: apps/v1
+metadata: {name: f}
+";
+        let mut inputs = Inputs::default();
+        let diagnostics = inputs.add_yaml(yaml, "f.yaml", "bookinfo");
+        assert_eq!(inputs.virtual_services.len(), 1, "any version of the group");
+        assert_eq!(inputs.virtual_services[0].namespace(), "bookinfo");
+        let sidecar = ObjectRef::new(
+            Kind::of("networking.istio.io", "Sidecar"),
+            Some("bookinfo"),
+            "b",
+        );
+        assert_eq!(
+            inputs.not_yet_supported,
+            vec![sidecar],
+            "unlisted Istio kinds are reported"
+        );
+        assert_eq!(
+            inputs.services.len(),
+            1,
+            "a knative Service is not a Service"
+        );
+        assert_eq!(
+            inputs.namespaces[0].metadata.namespace, None,
+            "cluster-scoped"
+        );
+        assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+        assert_eq!(diagnostics[0].object, ObjectRef::document("f.yaml", 5));
+        assert_eq!(diagnostics[0].reason, "no kind");
+    }
 }

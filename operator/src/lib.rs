@@ -1,17 +1,26 @@
 //! The kmesh-rs operator as a library: the `KmeshConfig` CRD ([`crd`]) and the pure compiler from
-//! Kubernetes and Istio objects to per-node snapshots.
+//! Kubernetes and Istio objects to per-node snapshots. Kinds of objects are [`kinds::Kind`]; what
+//! stops the operator is an [`Error`].
+pub mod certs;
 pub mod compile;
 pub mod crd;
 pub mod diagnostics;
 pub mod dir_source;
+pub mod error;
 pub mod gateway_api;
 pub mod inputs;
 pub mod istio;
+pub mod kinds;
 pub mod kube_source;
+pub mod leader;
 pub mod metrics;
 pub mod publish;
 pub mod reconcile;
 pub mod render;
+pub mod replicas;
 pub mod server;
 pub mod tokenreview;
+pub mod uninstall;
 pub mod validate;
+
+pub use error::{Error, Result};

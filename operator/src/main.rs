@@ -3,22 +3,30 @@
 //!
 //! Sources: `--source dir:PATH` reads YAML (re-read when a file changes) — for running without a
 //! cluster, and for GitOps previews; `--source kube` watches the API server.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr, path::PathBuf, process::ExitCode, str::FromStr, sync::Arc, time::Duration,
+};
 
 use clap::Parser;
 use kmesh_operator::{
+    Error, Result,
+    certs::{self, CertSource, CurrentCert, Lifetimes},
     compile::{CompileOptions, Compiled, compile},
-    diagnostics::{Diagnostic, Severity},
+    diagnostics::{Diagnostic, ObjectRef, Severity},
     dir_source,
     inputs::Inputs,
     kube_source::{DebounceConfig, KubeSource},
+    leader::{self, ElectionConfig, Leadership},
     metrics::{self, Metrics},
     publish::{Publisher, RolloutPolicy},
     reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
+    replicas::{self, DecisionStore, DecisionWriteError},
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
+    tokenreview::TokenReviewAuth,
+    uninstall::{self, AgentDaemonSet},
 };
 use kube::runtime::events::Reporter;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,28 +37,68 @@ use tracing::{error, info, warn};
 struct Cli {
     /// Where objects come from: `dir:PATH` (YAML files) or `kube` (the API server).
     #[arg(long, default_value = "kube")]
-    source: String,
+    source: Source,
     /// Nodes to compile for, besides the Node objects found (useful with dir:).
     #[arg(long = "node")]
     nodes: Vec<String>,
     /// Address of the snapshot server.
     #[arg(long, default_value = "0.0.0.0:15300")]
     listen: SocketAddr,
-    /// PEM certificate chain of the snapshot server; with --tls-key, the server speaks TLS.
+    /// PEM certificate chain of the snapshot server (cert-manager, say); with --tls-key, the
+    /// server speaks TLS with it, re-read when it changes. Without it, `--source kube` makes and
+    /// rotates its own CA and certificate in the Secret `kmesh-operator-tls`.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA that signs it, published for the agents in the ConfigMap
+    /// `kmesh-ca-root-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca_file: Option<PathBuf>,
+    /// Lifetime of the operator's own serving certificate, in seconds (renewed at 2/3).
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    tls_serving_seconds: u64,
+    /// Lifetime of the operator's own CA, in seconds (a next CA is trusted from 2/3, and signs
+    /// after --tls-ca-overlap-seconds).
+    #[arg(long, default_value_t = 365 * 24 * 3600)]
+    tls_ca_seconds: u64,
+    #[arg(long, default_value_t = 24 * 3600)]
+    tls_ca_overlap_seconds: u64,
+    /// The operator's namespace (its Lease, Secret and ConfigMaps).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kmesh-system")]
+    namespace: String,
+    /// The operator's Service (the names of its serving certificate).
+    #[arg(long, default_value = "kmesh-operator")]
+    service_name: String,
+    /// This replica's identity in the leader election.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Elect a leader among replicas on the Lease `kmesh-operator-leader` (`--source kube`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Seconds a leader's Lease holds without renewal.
+    #[arg(long, default_value_t = 15)]
+    leader_lease_seconds: u64,
+    /// Seconds a leader keeps leading without a successful renewal.
+    #[arg(long, default_value_t = 10)]
+    leader_renew_deadline_seconds: u64,
+    /// Seconds between election attempts and renewals.
+    #[arg(long, default_value_t = 2)]
+    leader_retry_seconds: u64,
     /// How agents authenticate: `tokenreview` (service-account tokens checked with the API server),
     /// `static:FILE` (lines of `<token> <node>`), or `none` (anyone may fetch any node; local use).
     #[arg(long, default_value = "tokenreview")]
-    auth: String,
+    auth: Auth,
     /// The agents' service account, `namespace/name` (tokenreview).
     #[arg(long, default_value = "kmesh-system/kmesh-agent")]
-    agent_service_account: String,
+    agent_service_account: ServiceAccount,
     /// The audience of the agents' projected tokens (tokenreview).
     #[arg(long, default_value = "kmesh-operator")]
     token_audience: String,
+    /// The agents' DaemonSet, `namespace/name` (kube): when it or its namespace is deleted, every
+    /// agent is told to remove its programs and pins (`410 Gone`).
+    #[arg(long, default_value = "kmesh-system/kmesh-agent")]
+    agent_daemonset: AgentDaemonSet,
     /// Address of /metrics.
     #[arg(long, default_value = "0.0.0.0:15301")]
     metrics_addr: SocketAddr,
@@ -62,6 +110,97 @@ struct Cli {
     root_namespace: String,
 }
 
+/// `--source`: where objects come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Source {
+    /// `kube`: the API server.
+    Kube,
+    /// `dir:PATH`: YAML files under PATH, re-read when one changes.
+    Dir(PathBuf),
+}
+
+/// `--auth`: how agents authenticate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Auth {
+    /// `tokenreview`: service-account tokens, checked with the API server.
+    TokenReview,
+    /// `static:FILE`: fixed tokens, a `<token> <node>` per line.
+    Static(PathBuf),
+    /// `none`: anyone may fetch any node's snapshot.
+    None,
+}
+
+/// `--agent-service-account`: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ServiceAccount {
+    namespace: String,
+    name: String,
+}
+
+/// Why a flag's value was refused; clap names the flag and the value beside it.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum FlagError {
+    #[error("expected `kube` or `dir:PATH`")]
+    Source,
+    #[error("expected `tokenreview`, `static:FILE` or `none`")]
+    Auth,
+    #[error("`{0}` needs a path after the colon")]
+    NoPath(&'static str),
+    #[error("expected `namespace/name`")]
+    ServiceAccount,
+}
+
+/// The path after `prefix` (`dir:`, `static:`), if `value` starts with it.
+fn path_after(value: &str, prefix: &'static str) -> Option<Result<PathBuf, FlagError>> {
+    let path = value.strip_prefix(prefix)?;
+    Some(match path {
+        "" => Err(FlagError::NoPath(prefix)),
+        path => Ok(PathBuf::from(path)),
+    })
+}
+
+impl FromStr for Source {
+    type Err = FlagError;
+    fn from_str(value: &str) -> Result<Self, FlagError> {
+        match value {
+            "kube" => Ok(Source::Kube),
+            _ => path_after(value, "dir:")
+                .ok_or(FlagError::Source)?
+                .map(Source::Dir),
+        }
+    }
+}
+
+impl FromStr for Auth {
+    type Err = FlagError;
+    fn from_str(value: &str) -> Result<Self, FlagError> {
+        match value {
+            "tokenreview" => Ok(Auth::TokenReview),
+            "none" => Ok(Auth::None),
+            _ => path_after(value, "static:")
+                .ok_or(FlagError::Auth)?
+                .map(Auth::Static),
+        }
+    }
+}
+
+impl FromStr for ServiceAccount {
+    type Err = FlagError;
+    fn from_str(value: &str) -> Result<Self, FlagError> {
+        match value.split_once('/') {
+            Some((namespace, name))
+                if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+            {
+                Ok(ServiceAccount {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(FlagError::ServiceAccount),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -70,17 +209,11 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("kmesh-operator: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
+        .map_err(Error::Runtime);
+    match runtime.and_then(|runtime| runtime.block_on(run(cli))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -90,62 +223,24 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<()> {
     let store = SnapshotStore::default();
     let metrics = Arc::new(Metrics::default());
-    let tls = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => {
-            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-            Some(server::tls_acceptor(&read(cert)?, &read(key)?)?)
-        }
-        _ => None,
+    let cert = Arc::new(CurrentCert::default());
+    let tls = tls_acceptor(&cli, &cert)?;
+    let server = Server {
+        listener: bind(cli.listen).await?,
+        tls,
+        store: store.clone(),
+        metrics: metrics.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", cli.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(cli.metrics_addr)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", cli.metrics_addr))?;
-    tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
-    match cli.auth.as_str() {
-        "none" => {
-            warn!("agent authentication is off: any caller may fetch any node's snapshot");
-            spawn_server(listener, tls, store.clone(), NoAuth, metrics.clone());
-        }
-        "tokenreview" => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| format!("--auth tokenreview needs the API server: {e}"))?;
-            let (ns, sa) = cli
-                .agent_service_account
-                .split_once('/')
-                .ok_or("--agent-service-account must be namespace/name")?;
-            let auth = kmesh_operator::tokenreview::TokenReviewAuth::new(
-                client,
-                ns,
-                sa,
-                vec![cli.token_audience.clone()],
-            );
-            spawn_server(listener, tls, store.clone(), auth, metrics.clone());
-        }
-        other => match other.strip_prefix("static:") {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-                spawn_server(
-                    listener,
-                    tls,
-                    store.clone(),
-                    StaticTokens::parse(&text)?,
-                    metrics.clone(),
-                );
-            }
-            None => {
-                return Err(format!(
-                    "--auth {other:?}: expected tokenreview, static:FILE or none"
-                ));
-            }
-        },
-    }
+    let ready_store = store.clone();
+    tokio::spawn(metrics::serve(
+        bind(cli.metrics_addr).await?,
+        metrics.clone(),
+        Arc::new(move || ready_store.is_ready()),
+    ));
+    start_server(&cli, server).await?;
     let first_generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -155,137 +250,317 @@ async fn run(cli: Cli) -> Result<(), String> {
         root_namespace: cli.root_namespace.clone(),
         ..Default::default()
     };
-    match cli.source.strip_prefix("dir:") {
-        Some(path) => {
-            run_dir(
-                PathBuf::from(path),
-                &cli,
-                options,
-                publisher,
-                store,
-                metrics,
-            )
-            .await
+    let operator = Operator {
+        cli: &cli,
+        options,
+        publisher,
+        store,
+        metrics,
+        cert,
+    };
+    match &cli.source {
+        Source::Dir(path) => {
+            let shutdown = uninstall::shutdown_signal(operator.store.clone());
+            tokio::select! {
+                result = run_dir(path.clone(), operator) => result,
+                () = shutdown => Ok(()),
+            }
         }
-        None if cli.source == "kube" => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| format!("--source kube needs the API server: {e}"))?;
-            run_kube(client, &cli, options, publisher, store, metrics).await
+        // Stops by itself on a signal, after the leader released its Lease (and, during an
+        // uninstall, after answering stopping agents a little longer).
+        Source::Kube => {
+            let client = api_client("--source kube").await?;
+            let agents = cli.agent_daemonset.clone();
+            uninstall::watch(client.clone(), agents, operator.store.clone());
+            run_kube(client, operator).await
         }
-        None => Err(format!(
-            "--source {:?}: expected dir:PATH or kube",
-            cli.source
-        )),
     }
 }
 
-fn spawn_server<A: Authenticator>(
+/// The TLS acceptor: over the given files, or (`--source kube` without them) over the operator's
+/// own certificate, loaded once the Secret holds it. `None`: plain HTTP (`dir:` without files).
+fn tls_acceptor(cli: &Cli, cert: &Arc<CurrentCert>) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    match (&cli.tls_cert, &cli.tls_key, &cli.source) {
+        (Some(c), Some(k), _) => certs::load_files(cert, c, k)?,
+        (_, _, Source::Kube) => {}
+        _ => return Ok(None),
+    }
+    certs::acceptor(cert.clone()).map(Some)
+}
+
+/// Where `--source kube` takes its certificate from.
+fn cert_source(cli: &Cli) -> CertSource {
+    match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: cli.tls_ca_file.clone(),
+            namespace: cli.namespace.clone(),
+        },
+        _ => CertSource::SelfManaged {
+            namespace: cli.namespace.clone(),
+            service: cli.service_name.clone(),
+            lifetimes: Lifetimes {
+                serving: Duration::from_secs(cli.tls_serving_seconds),
+                ca: Duration::from_secs(cli.tls_ca_seconds),
+                ca_overlap: Duration::from_secs(cli.tls_ca_overlap_seconds),
+            },
+        },
+    }
+}
+
+/// The election, as the flags say: on the Lease, or (`--leader-elect=false`) always leading.
+fn election(
+    cli: &Cli,
+    client: &kube::Client,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Leadership> {
+    if !cli.leader_elect {
+        return Ok(Leadership::always());
+    }
+    let identity = cli.pod_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let config = ElectionConfig {
+        namespace: cli.namespace.clone(),
+        lease_name: "kmesh-operator-leader".into(),
+        identity,
+        lease_duration: Duration::from_secs(cli.leader_lease_seconds),
+        renew_deadline: Duration::from_secs(cli.leader_renew_deadline_seconds),
+        retry_period: Duration::from_secs(cli.leader_retry_seconds),
+    };
+    config.check().map_err(Error::Election)?;
+    Ok(leader::start(client.clone(), config, shutdown).0)
+}
+
+/// The end of `run_kube` after a stop signal: the election (which saw the same signal) gets a
+/// moment to release the Lease, and an uninstall's stopping agents get their `410`s.
+async fn stop(store: &SnapshotStore) -> Result<()> {
+    let release = tokio::time::sleep(Duration::from_millis(500));
+    tokio::join!(release, uninstall::drain(store));
+    Ok(())
+}
+
+/// A receiver that turns true on SIGTERM or SIGINT (the leader then releases its Lease).
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!("shutting down");
+        tx.send_replace(true);
+    });
+    rx
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await;
+    listener.map_err(|source| Error::Listen { addr, source })
+}
+
+async fn api_client(needed_by: &'static str) -> Result<kube::Client> {
+    let client = kube::Client::try_default().await;
+    client.map_err(|source| Error::ApiServer { needed_by, source })
+}
+
+/// The snapshot server, before its authenticator is chosen.
+struct Server {
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     store: SnapshotStore,
-    auth: A,
     metrics: Arc<Metrics>,
-) {
-    tokio::spawn(server::serve(listener, tls, store, Arc::new(auth), metrics));
 }
 
-/// Compiles `inputs` for `nodes`, reports the diagnostics, and publishes what changed.
-fn compile_and_publish(
-    inputs: &Inputs,
-    parse_diagnostics: Vec<Diagnostic>,
-    mut nodes: Vec<String>,
-    options: &CompileOptions,
-    publisher: &mut Publisher,
-    metrics: &Metrics,
-) -> Compiled {
-    nodes.sort();
-    nodes.dedup();
-    let started = std::time::Instant::now();
-    let mut compiled = compile(inputs, &nodes, 1, options);
-    compiled.diagnostics.extend(parse_diagnostics);
-    compiled.diagnostics.sort();
-    let count = |severity| {
-        compiled
-            .diagnostics
-            .iter()
-            .filter(|d| d.severity == severity)
-            .count()
-    };
-    let (rejected, unenforced) = (count(Severity::Rejected), count(Severity::Unenforced));
-    metrics.compiled(started.elapsed().as_secs_f64(), rejected, unenforced);
-    for d in &compiled.diagnostics {
-        match d.severity {
-            Severity::Rejected => warn!("{d}"),
-            _ => info!("{d}"),
+impl Server {
+    fn spawn<A: Authenticator>(self, auth: A) {
+        let Server {
+            listener,
+            tls,
+            store,
+            metrics,
+        } = self;
+        tokio::spawn(server::serve(listener, tls, store, Arc::new(auth), metrics));
+    }
+}
+
+/// Starts the snapshot server with the authenticator `--auth` asks for.
+async fn start_server(cli: &Cli, server: Server) -> Result<()> {
+    match &cli.auth {
+        Auth::None => {
+            warn!("agent authentication is off: any caller may fetch any node's snapshot");
+            server.spawn(NoAuth);
+        }
+        Auth::TokenReview => {
+            let client = api_client("--auth tokenreview").await?;
+            let account = &cli.agent_service_account;
+            let audiences = vec![cli.token_audience.clone()];
+            server.spawn(TokenReviewAuth::new(
+                client,
+                &account.namespace,
+                &account.name,
+                audiences,
+            ));
+        }
+        Auth::Static(path) => {
+            let text = std::fs::read_to_string(path).map_err(Error::read(path))?;
+            let tokens = StaticTokens::parse(&text).map_err(|source| Error::StaticTokens {
+                path: path.clone(),
+                source,
+            })?;
+            server.spawn(tokens);
         }
     }
-    let node_labels: Vec<(String, std::collections::BTreeMap<String, String>)> = inputs
-        .nodes
-        .iter()
-        .filter_map(|n| {
-            Some((
-                n.metadata.name.clone()?,
-                n.metadata.labels.clone().unwrap_or_default(),
-            ))
-        })
-        .collect();
-    publisher.set_policy(RolloutPolicy::from_config(
-        inputs.config.as_ref(),
-        &node_labels,
-    ));
-    publisher.publish(&compiled);
-    info!(
-        nodes = nodes.len(),
-        compile_ms = started.elapsed().as_millis() as u64,
-        rejected,
-        unenforced,
-        "compiled"
-    );
-    compiled
+    Ok(())
 }
 
-/// Which node runs which snapshot: published generations against what the agents report live.
-fn rollout_facts(publisher: &Publisher, store: &SnapshotStore) -> RolloutFacts {
-    let nodes = publisher.nodes();
-    RolloutFacts {
-        snapshot_generation: nodes.iter().map(|n| n.generation).max().unwrap_or(0),
-        nodes: nodes
-            .into_iter()
-            .map(|n| NodeRollout {
-                ready: !n.pending && store.live_generation(&n.node) == Some(n.generation),
-                name: n.node,
-                generation: n.generation,
-            })
-            .collect(),
+/// The compile loop's state, whichever the source.
+struct Operator<'a> {
+    cli: &'a Cli,
+    options: CompileOptions,
+    publisher: Publisher,
+    store: SnapshotStore,
+    metrics: Arc<Metrics>,
+    /// The serving certificate (TLS is ready once it is loaded).
+    cert: Arc<CurrentCert>,
+}
+
+impl Operator<'_> {
+    /// Compiles `inputs` for its nodes (the Node objects and `--node`), reports the diagnostics,
+    /// and publishes what changed.
+    fn compile_and_publish(
+        &mut self,
+        inputs: &Inputs,
+        parse_diagnostics: Vec<Diagnostic>,
+    ) -> Compiled {
+        let nodes = node_names(inputs, &self.cli.nodes);
+        let started = std::time::Instant::now();
+        let mut compiled = compile(inputs, &nodes, 1, &self.options);
+        compiled.diagnostics.extend(parse_diagnostics);
+        compiled.diagnostics.sort();
+        let count = |severity| {
+            let diagnostics = compiled.diagnostics.iter();
+            diagnostics.filter(|d| d.severity == severity).count()
+        };
+        let (rejected, unenforced) = (count(Severity::Rejected), count(Severity::Unenforced));
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.compiled(seconds, rejected, unenforced);
+        for d in &compiled.diagnostics {
+            match d.severity {
+                Severity::Rejected => warn!("{d}"),
+                _ => info!("{d}"),
+            }
+        }
+        let policy = RolloutPolicy::from_config(inputs.config.as_ref(), &node_labels(inputs));
+        self.publisher.set_policy(policy);
+        self.publisher.publish(&compiled);
+        info!(
+            nodes = nodes.len(),
+            compile_ms = started.elapsed().as_millis() as u64,
+            rejected,
+            unenforced,
+            "compiled"
+        );
+        compiled
+    }
+
+    /// Publishes the pending snapshots the rollout allows now, given what agents report live (a
+    /// replica that decides alone).
+    fn advance(&mut self) {
+        let store = &self.store;
+        self.publisher.advance(&|node| store.live_generation(node));
+        self.mark_ready();
+    }
+
+    /// Serves the stored decisions; while leading, first stores the decisions the rollout allows
+    /// now. A decision is served only once stored, so every replica serves the same.
+    async fn decide(&mut self, decisions: &DecisionStore, leadership: &Leadership) {
+        self.publisher.adopt(&decisions.current());
+        if leadership.is_leader() {
+            let store = &self.store;
+            let proposed = self.publisher.propose(&|node| store.live_generation(node));
+            if !proposed.is_empty() {
+                match decisions.write(leadership, &proposed).await {
+                    Ok(stored) => {
+                        self.publisher.adopt(&stored);
+                    }
+                    Err(DecisionWriteError::NotLeader) => {}
+                    Err(e) => warn!(error = %e, "decisions not stored; retrying"),
+                }
+            }
+        }
+        self.mark_ready();
+    }
+
+    /// Ready once it has compiled and can speak TLS (if it does).
+    fn mark_ready(&self) {
+        let tls_ready = self.cli.tls_cert.is_some()
+            || matches!(self.cli.source, Source::Dir(_))
+            || self.cert.is_loaded();
+        self.store.set_ready(tls_ready);
+    }
+
+    /// Which node runs which snapshot: published generations against what the agents report
+    /// live.
+    fn rollout_facts(&self) -> RolloutFacts {
+        let nodes = self.publisher.nodes();
+        RolloutFacts {
+            snapshot_generation: nodes.iter().map(|n| n.generation).max().unwrap_or(0),
+            nodes: nodes
+                .into_iter()
+                .map(|n| NodeRollout {
+                    ready: !n.pending && self.store.live_generation(&n.node) == Some(n.generation),
+                    name: n.node,
+                    generation: n.generation,
+                })
+                .collect(),
+        }
     }
 }
 
-/// Compiles the directory now and whenever a file in it changes.
-async fn run_dir(
-    path: PathBuf,
-    cli: &Cli,
-    options: CompileOptions,
-    mut publisher: Publisher,
-    store: SnapshotStore,
-    metrics: Arc<Metrics>,
-) -> Result<(), String> {
+/// The nodes to compile for: every Node object and every `--node`, sorted, once each.
+fn node_names(inputs: &Inputs, extra: &[String]) -> Vec<String> {
+    let mut nodes: Vec<String> = inputs
+        .nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .chain(extra.iter().cloned())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
+/// Every Node's name and labels, for the rollout's canary selector.
+fn node_labels(inputs: &Inputs) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    let nodes = inputs.nodes.iter();
+    let labelled = nodes.filter_map(|n| {
+        let labels = n.metadata.labels.clone().unwrap_or_default();
+        Some((n.metadata.name.clone()?, labels))
+    });
+    labelled.collect()
+}
+
+/// Compiles the directory now and whenever a file in it changes. A directory that cannot be
+/// read keeps the published snapshots.
+async fn run_dir(path: PathBuf, mut operator: Operator<'_>) -> Result<()> {
     let paths = vec![path];
     let mut last_fingerprint = None;
     loop {
-        let fingerprint = dir_source::fingerprint(&paths).map_err(|e| e.to_string());
+        let fingerprint = dir_source::fingerprint(&paths);
         if fingerprint.as_ref().ok() != last_fingerprint.as_ref() {
-            match dir_source::load(&paths, &cli.default_namespace) {
+            match dir_source::load(&paths, &operator.cli.default_namespace) {
                 Ok((inputs, parse_diagnostics)) => {
-                    let nodes = node_names(&inputs, &cli.nodes);
-                    compile_and_publish(
-                        &inputs,
-                        parse_diagnostics,
-                        nodes,
-                        &options,
-                        &mut publisher,
-                        &metrics,
-                    );
+                    operator.compile_and_publish(&inputs, parse_diagnostics);
                 }
                 Err(e) => {
                     error!(error = %e, "reading the source directory; keeping the published snapshots")
@@ -293,77 +568,189 @@ async fn run_dir(
             }
             last_fingerprint = fingerprint.ok();
         }
-        publisher.advance(&|node| store.live_generation(node));
+        operator.advance();
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-fn node_names(inputs: &Inputs, extra: &[String]) -> Vec<String> {
-    inputs
-        .nodes
-        .iter()
-        .filter_map(|n| n.metadata.name.clone())
-        .chain(extra.iter().cloned())
-        .collect()
-}
-
-/// Watches the API server, recompiles on (debounced) changes, and keeps the KmeshConfig status
-/// current, also while agents report their rollout progress.
-async fn run_kube(
-    client: kube::Client,
-    cli: &Cli,
-    options: CompileOptions,
-    mut publisher: Publisher,
-    store: SnapshotStore,
-    metrics: Arc<Metrics>,
-) -> Result<(), String> {
+/// Watches the API server, recompiles on (debounced) changes, serves the leader's decisions, and
+/// (leader only) decides, keeps the certificates and the KmeshConfig status current, also while
+/// agents report their rollout progress.
+async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()> {
+    let cli = operator.cli;
+    let shutdown = shutdown_signal();
+    let mut leadership = election(cli, &client, shutdown.clone())?;
+    certs::start(
+        client.clone(),
+        cert_source(cli),
+        operator.cert.clone(),
+        leadership.clone(),
+    );
+    let mut decisions = DecisionStore::start(&client, &cli.namespace);
+    replicas::record_live_reports(&client, &cli.namespace, operator.store.clone());
+    let mut live = operator.store.live_changes();
     let source = KubeSource::start(client.clone());
-    if !source.wait_settled(Duration::from_secs(60)).await {
-        warn!("not every watched kind listed within 60 s; compiling with what is there");
+    let mut stopping = shutdown.clone();
+    tokio::select! {
+        settled = source.wait_settled(Duration::from_secs(60)) => if !settled {
+            warn!("not every watched kind listed within 60 s; compiling with what is there");
+        },
+        _ = stopping.wait_for(|stop| *stop) => return stop(&operator.store).await,
     }
     let mut changes = source.changes(DebounceConfig::default());
     let reporter = Reporter {
         controller: "kmesh-operator".into(),
-        instance: std::env::var("POD_NAME").ok(),
+        instance: cli.pod_name.clone(),
     };
-    let mut reconciler = Reconciler::new(client, reporter);
+    let mut reconciler = Reconciler::new(client, reporter).gated_by(leadership.clone());
     loop {
         let snapshot = source.snapshot();
-        let nodes = node_names(&snapshot.inputs, &cli.nodes);
-        let compiled = compile_and_publish(
-            &snapshot.inputs,
-            snapshot.diagnostics.clone(),
-            nodes,
-            &options,
-            &mut publisher,
-            &metrics,
-        );
-        let not_installed = snapshot.not_installed_names();
+        let compiled = operator.compile_and_publish(&snapshot.inputs, snapshot.diagnostics.clone());
         loop {
-            publisher.advance(&|node| store.live_generation(node));
-            let rollout = rollout_facts(&publisher, &store);
-            let stores = source.stores();
-            let uid_of = |o: &kmesh_operator::diagnostics::ObjectRef| stores.uid_of(o);
-            let input = ReconcileInput {
-                config: snapshot.inputs.config.as_ref(),
-                diagnostics: &compiled.diagnostics,
-                rollout: &rollout,
-                not_installed: &not_installed,
-                uid_of: &uid_of,
-            };
-            if let Err(e) = reconciler.reconcile(&input).await {
-                warn!(error = %e, "updating the KmeshConfig status");
+            operator.decide(&decisions, &leadership).await;
+            if leadership.is_leader() {
+                let rollout = operator.rollout_facts();
+                let stores = source.stores();
+                let uid_of = |o: &ObjectRef| stores.uid_of(o);
+                let input = ReconcileInput {
+                    config: snapshot.inputs.config.as_ref(),
+                    diagnostics: &compiled.diagnostics,
+                    rollout: &rollout,
+                    unwatched: &snapshot.unwatched,
+                    uid_of: &uid_of,
+                };
+                match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    // Logged by the reconciler, once per condition.
+                    Ok(Err(e)) => debug!(error = %e, "KmeshConfig status not written"),
+                    Err(_) => warn!("updating the KmeshConfig status: no answer within 10 s"),
+                }
             }
-            // Recompile on a change; meanwhile refresh the status as agents report progress.
+            // Recompile on a change; meanwhile follow decisions, leadership and agents' progress
+            // (the status follows an agent's report at once, and every 2 s regardless).
             tokio::select! {
                 more = changes.next() => {
                     if !more {
-                        return Err("the Kubernetes source stopped".into());
+                        return Err(Error::SourceStopped);
                     }
                     break;
                 }
+                _ = decisions.changed() => {}
+                _ = leadership.changed() => {}
+                _ = live.changed() => {}
+                _ = stopping.wait_for(|stop| *stop) => return stop(&operator.store).await,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kmesh-operator").chain(args.iter().copied()))
+    }
+
+    /// The message of a refused command line, checked to name the flag and the bad value.
+    fn refusal(args: &[&str], flag: &str, value: &str) -> String {
+        let error = parse(args).expect_err("refused");
+        assert_eq!(error.kind(), ErrorKind::ValueValidation, "{error}");
+        let message = error.to_string();
+        assert!(message.contains(flag), "{message}");
+        assert!(message.contains(&format!("'{value}'")), "{message}");
+        message
+    }
+
+    #[test]
+    fn sources() {
+        assert_eq!(parse(&[]).unwrap().source, Source::Kube);
+        let dir = parse(&["--source", "dir:/etc/mesh"]).unwrap().source;
+        assert_eq!(dir, Source::Dir("/etc/mesh".into()));
+        let cli = parse(&["--source=dir:a:b"]).unwrap();
+        assert_eq!(
+            cli.source,
+            Source::Dir("a:b".into()),
+            "only the first colon splits"
+        );
+    }
+
+    #[test]
+    fn a_bad_source_is_named() {
+        let message = refusal(&["--source", "cluster"], "--source", "cluster");
+        assert!(
+            message.contains("expected `kube` or `dir:PATH`"),
+            "{message}"
+        );
+        let message = refusal(&["--source", "dir:"], "--source", "dir:");
+        assert!(message.contains("`dir:` needs a path"), "{message}");
+        // Not a prefix match: `kubernetes` is not `kube`.
+        refusal(&["--source=kubernetes"], "--source", "kubernetes");
+    }
+
+    #[test]
+    fn auths() {
+        assert_eq!(parse(&[]).unwrap().auth, Auth::TokenReview);
+        assert_eq!(parse(&["--auth", "none"]).unwrap().auth, Auth::None);
+        let auth = parse(&["--auth", "static:/run/tokens"]).unwrap().auth;
+        assert_eq!(auth, Auth::Static("/run/tokens".into()));
+    }
+
+    #[test]
+    fn a_bad_auth_is_named() {
+        let message = refusal(&["--auth", "mtls"], "--auth", "mtls");
+        assert!(
+            message.contains("expected `tokenreview`, `static:FILE` or `none`"),
+            "{message}"
+        );
+        let message = refusal(&["--auth=static:"], "--auth", "static:");
+        assert!(message.contains("`static:` needs a path"), "{message}");
+        refusal(&["--auth", "None"], "--auth", "None");
+    }
+
+    #[test]
+    fn service_accounts() {
+        let account = parse(&[]).unwrap().agent_service_account;
+        let expected = ServiceAccount {
+            namespace: "kmesh-system".into(),
+            name: "kmesh-agent".into(),
+        };
+        assert_eq!(account, expected);
+        for bad in ["kmesh-agent", "/kmesh-agent", "kmesh-system/", "a/b/c"] {
+            let message = refusal(
+                &["--agent-service-account", bad],
+                "--agent-service-account",
+                bad,
+            );
+            assert!(message.contains("expected `namespace/name`"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_token_file_names_the_file_and_line() {
+        let path = std::env::temp_dir().join(format!("kmt-tokens-{}", std::process::id()));
+        std::fs::write(&path, "t1 node-1\nt2\n").unwrap();
+        let arg = format!("--auth=static:{}", path.display());
+        let cli = parse(&[arg.as_str(), "--listen=127.0.0.1:0"]).unwrap();
+        let server = Server {
+            listener: bind(cli.listen).await.unwrap(),
+            tls: None,
+            store: SnapshotStore::default(),
+            metrics: Arc::new(Metrics::default()),
+        };
+        let error = start_server(&cli, server).await.expect_err("refused");
+        std::fs::remove_file(&path).unwrap();
+        let message = error.to_string();
+        assert!(matches!(error, Error::StaticTokens { .. }), "{error:?}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(
+            message.contains("line 2: expected `<token> <node>`"),
+            "{message}"
+        );
     }
 }

@@ -141,19 +141,30 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until the process exits.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+/// Whether the replica is ready to serve snapshots (`/readyz`).
+pub type Readiness = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Serves `/metrics` (any other path but `/readyz`, answered 200 or 503 as `ready` says) until the
+/// process exits.
+pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, ready: Readiness) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |_req| {
-                let body = metrics.render();
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let readyz = (req.uri().path() == "/readyz").then(|| ready());
+                let body = match readyz {
+                    None => metrics.render(),
+                    Some(true) => "ready\n".to_string(),
+                    Some(false) => "not ready\n".to_string(),
+                };
+                let status = if readyz == Some(false) { 503 } else { 200 };
                 async move {
                     Ok::<_, Infallible>(
                         Response::builder()
+                            .status(status)
                             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
                             .body(Full::new(Bytes::from(body)))
                             .unwrap_or_default(),

@@ -1,9 +1,17 @@
-//! From compile results to served snapshots, node by node, as the KmeshConfig's rollout says.
+//! From compile results to served snapshots, node by node, as the KmeshConfig's rollout says and
+//! as the leader decides.
 //!
-//! Per node, a new generation only when the content changed, so agents are woken for real changes
-//! only. `AllAtOnce` publishes every changed node at once. `Rolling` keeps at most `maxUnavailable`
-//! nodes "in flight" (given a new snapshot that their agent has not yet reported live), and gives
-//! canary nodes their snapshot first: the other nodes follow once every canary runs its new one.
+//! Every replica compiles; a node's snapshot is served once a [`Decision`] (generation and content
+//! hash) names it. The leader proposes decisions ([`Publisher::propose`]), stores them through the
+//! API server, and every replica — the leader included — adopts what is stored
+//! ([`Publisher::adopt`]), so all replicas serve a node the same generation of the same content.
+//! A replica decided on content it has not compiled (yet) serves the decision without bytes
+//! until its own compile catches up (compiles are deterministic).
+//!
+//! Per node, a new decision only when the content changed, so agents are woken for real changes
+//! only. `AllAtOnce` moves every changed node at once. `Rolling` keeps at most `maxUnavailable`
+//! nodes "in flight" (decided on a snapshot their agent has not yet reported live), and moves
+//! canary nodes first: the other nodes follow once every canary runs its new one.
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -99,22 +107,68 @@ fn selects(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeState {
     pub node: String,
-    /// The generation published for the node (0: none yet).
+    /// The generation decided for the node (0: none yet).
     pub generation: u64,
-    /// A newer snapshot waits for its turn in a rolling rollout.
+    /// This replica compiled newer content that waits for its turn (a decision).
     pub pending: bool,
+}
+
+/// A node's decided snapshot: the generation and content every replica serves it. The leader
+/// makes decisions; the ETag names one ([`Decision::etag`]), so an agent that reaches another
+/// replica holding the same decision gets `304`, not the same content again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Decision {
+    pub generation: u64,
+    pub content_hash: u64,
+}
+
+impl Decision {
+    pub fn etag(&self) -> String {
+        kmesh_snapshot::contract::etag(self.generation, self.content_hash)
+    }
+
+    /// `<generation>-<hash as 16 hex digits>`, as stored in the decisions ConfigMap.
+    pub fn parse(value: &str) -> Option<Decision> {
+        let (generation, hash) = value.trim().split_once('-')?;
+        if hash.len() != 16 {
+            return None;
+        }
+        Some(Decision {
+            generation: generation.parse().ok()?,
+            content_hash: u64::from_str_radix(hash, 16).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{:016x}", self.generation, self.content_hash)
+    }
+}
+
+/// Decisions by node.
+pub type Decisions = BTreeMap<String, Decision>;
+
+/// One node's compiled content and its hash.
+#[derive(Clone, Debug)]
+struct Content {
+    hash: u64,
+    snapshot: Snapshot,
 }
 
 pub struct Publisher {
     store: SnapshotStore,
     metrics: Arc<Metrics>,
-    /// The first generation this process publishes. Seeded from the clock, so that a restarted
-    /// operator's generations keep increasing (agents compare generation and hash).
+    /// The first generation of a node without one. Seeded from the clock, so that generations keep
+    /// increasing even if every decision was lost (agents compare generation and hash).
     first_generation: u64,
-    /// Per node: generation and content hash published.
-    published: BTreeMap<String, (u64, u64)>,
-    /// Per node: the snapshot and hash it should get next, waiting for its turn.
-    pending: BTreeMap<String, (Snapshot, u64)>,
+    /// Per node: the decision served (the leader's, read back through the API server).
+    decided: Decisions,
+    /// Per node: this replica's latest compile.
+    latest: BTreeMap<String, Content>,
+    /// Per node: the decided content, kept while `latest` moves on (a rolling rollout holds a node
+    /// back on it).
+    decided_content: BTreeMap<String, Content>,
     policy: RolloutPolicy,
 }
 
@@ -124,8 +178,9 @@ impl Publisher {
             store,
             metrics,
             first_generation,
-            published: BTreeMap::new(),
-            pending: BTreeMap::new(),
+            decided: BTreeMap::new(),
+            latest: BTreeMap::new(),
+            decided_content: BTreeMap::new(),
             policy: RolloutPolicy::AllAtOnce,
         }
     }
@@ -134,133 +189,235 @@ impl Publisher {
         self.policy = policy;
     }
 
-    /// Takes the newly compiled snapshots (a node whose content is unchanged needs nothing), then
-    /// publishes what the rollout policy allows now.
+    /// Takes the newly compiled snapshots as this replica's latest content (what a node gets
+    /// next once a decision says so). A node decided on content this replica had not compiled
+    /// yet is served now if this compile produced it.
     pub fn publish(&mut self, compiled: &Compiled) {
         for (node, snapshot) in &compiled.snapshots {
-            // The content hash does not cover the generation: encode once to learn it.
-            let hash = match snapshot
-                .encode()
-                .map(|b| kmesh_snapshot::peek_header(&b).map(|h| h.content_hash))
-            {
-                Ok(Ok(hash)) => hash,
-                Ok(Err(e)) => {
-                    error!(node, error = %e, "compiled snapshot does not decode; not published");
-                    continue;
-                }
-                Err(e) => {
-                    error!(node, error = %e, "compiled snapshot is invalid; not published");
-                    continue;
-                }
+            let Some(hash) = content_hash(node, snapshot) else {
+                continue;
             };
-            if self.published.get(node).is_some_and(|&(_, h)| h == hash) {
-                self.pending.remove(node);
-            } else {
-                self.pending.insert(node.clone(), (snapshot.clone(), hash));
+            let content = Content {
+                hash,
+                snapshot: snapshot.clone(),
+            };
+            self.latest.insert(node.clone(), content.clone());
+            if let Some(decision) = self.decided.get(node).copied()
+                && decision.content_hash == hash
+                && self
+                    .decided_content
+                    .get(node)
+                    .is_none_or(|c| c.hash != hash)
+            {
+                self.decided_content.insert(node.clone(), content);
+                self.serve(node, decision);
             }
         }
     }
 
-    /// Publishes the pending snapshots the policy allows now, given what each agent reports live.
-    /// Call it after `publish` and whenever agents may have made progress.
-    pub fn advance(&mut self, live: &dyn Fn(&str) -> Option<u64>) -> Vec<String> {
-        let due: Vec<String> = match &self.policy {
-            RolloutPolicy::AllAtOnce => self.pending.keys().cloned().collect(),
+    /// The leader's step: the decisions the rollout policy allows now (nodes whose latest content
+    /// differs from their decided one), given what each agent reports live. Nothing is served:
+    /// [`adopt`](Self::adopt) does that once the decisions are stored.
+    pub fn propose(&self, live: &dyn Fn(&str) -> Option<u64>) -> Decisions {
+        let pending: Vec<&String> = self
+            .latest
+            .iter()
+            .filter(|(node, c)| {
+                self.decided
+                    .get(*node)
+                    .is_none_or(|d| d.content_hash != c.hash)
+            })
+            .map(|(node, _)| node)
+            .collect();
+        let due: Vec<&String> = match &self.policy {
+            RolloutPolicy::AllAtOnce => pending,
             RolloutPolicy::Rolling {
                 max_unavailable,
                 canary,
-            } => {
-                let in_flight = self
-                    .published
-                    .iter()
-                    .filter(|(node, (generation, _))| live(node) != Some(*generation))
-                    .count();
-                let room = max_unavailable.max(&1).saturating_sub(in_flight);
-                let canaries_done = canary.iter().all(|node| {
-                    !self.pending.contains_key(node)
-                        && self
-                            .published
-                            .get(node)
-                            .is_none_or(|(generation, _)| live(node) == Some(*generation))
-                });
-                let mut candidates: Vec<&String> = self.pending.keys().collect();
-                // Canaries first, then the rest (by name) once every canary runs its new snapshot.
-                candidates.sort_by_key(|node| (!canary.contains(*node), (*node).clone()));
-                candidates
-                    .into_iter()
-                    .filter(|node| canary.contains(*node) || canaries_done)
-                    .filter(|node| {
-                        // A node that never had a snapshot is not serving traffic yet: it does not
-                        // count against maxUnavailable.
-                        self.published.contains_key(*node)
-                    })
-                    .take(room)
-                    .chain(
-                        self.pending
-                            .keys()
-                            .filter(|node| !self.published.contains_key(*node)),
-                    )
-                    .cloned()
-                    .collect()
-            }
+            } => self.rolling_due(&pending, *max_unavailable, canary, live),
         };
-        let mut done = Vec::new();
-        for node in due {
-            if let Some((snapshot, hash)) = self.pending.remove(&node)
-                && self.send(&node, snapshot, hash)
-            {
-                done.push(node);
-            }
-        }
-        done
+        due.into_iter()
+            .filter_map(|node| {
+                let content = self.latest.get(node)?;
+                let generation = self
+                    .decided
+                    .get(node)
+                    .map_or(self.first_generation, |d| d.generation + 1);
+                Some((
+                    node.clone(),
+                    Decision {
+                        generation,
+                        content_hash: content.hash,
+                    },
+                ))
+            })
+            .collect()
     }
 
-    fn send(&mut self, node: &str, mut snapshot: Snapshot, hash: u64) -> bool {
-        let generation = self
-            .published
-            .get(node)
-            .map_or(self.first_generation, |(g, _)| g + 1);
-        snapshot.generation = generation;
-        let bytes = match snapshot.encode() {
-            Ok(b) => b,
-            Err(e) => {
-                error!(node, error = %e, "encoding failed; not published");
-                return false;
+    /// Which pending nodes a rolling rollout moves now: at most `max_unavailable` in flight
+    /// (decided, not yet reported live), canaries first, the others once every canary runs its
+    /// decided snapshot; a node that never had a snapshot serves no traffic yet and always goes.
+    fn rolling_due<'a>(
+        &self,
+        pending: &[&'a String],
+        max_unavailable: usize,
+        canary: &BTreeSet<String>,
+        live: &dyn Fn(&str) -> Option<u64>,
+    ) -> Vec<&'a String> {
+        let in_flight = self
+            .decided
+            .iter()
+            .filter(|(node, d)| live(node) != Some(d.generation))
+            .count();
+        let room = max_unavailable.max(1).saturating_sub(in_flight);
+        let is_pending = |node: &String| pending.contains(&node);
+        let canaries_done = canary.iter().all(|node| {
+            !is_pending(node)
+                && self
+                    .decided
+                    .get(node)
+                    .is_none_or(|d| live(node) == Some(d.generation))
+        });
+        let mut candidates: Vec<&'a String> = pending
+            .iter()
+            .copied()
+            .filter(|node| self.decided.contains_key(*node))
+            .collect();
+        // Canaries first, then the rest (by name) once every canary runs its new snapshot.
+        candidates.sort_by_key(|node| (!canary.contains(*node), (*node).clone()));
+        let first_snapshots = pending
+            .iter()
+            .copied()
+            .filter(|n| !self.decided.contains_key(*n));
+        candidates
+            .into_iter()
+            .filter(|node| canary.contains(*node) || canaries_done)
+            .take(room)
+            .chain(first_snapshots)
+            .collect()
+    }
+
+    /// Makes `decisions` (the leader's, as stored) the served snapshots; returns the nodes whose
+    /// decision changed. Content this replica has not compiled is served once it has.
+    pub fn adopt(&mut self, decisions: &Decisions) -> Vec<String> {
+        let mut changed = Vec::new();
+        for (node, decision) in decisions {
+            if self.decided.get(node) == Some(decision) {
+                continue;
             }
-        };
+            self.decided.insert(node.clone(), *decision);
+            let kept = self
+                .decided_content
+                .get(node)
+                .filter(|c| c.hash == decision.content_hash)
+                .cloned();
+            let latest = self
+                .latest
+                .get(node)
+                .filter(|c| c.hash == decision.content_hash)
+                .cloned();
+            match latest.or(kept) {
+                Some(content) => {
+                    self.decided_content.insert(node.clone(), content);
+                }
+                None => {
+                    self.decided_content.remove(node);
+                }
+            }
+            self.serve(node, *decision);
+            changed.push(node.clone());
+        }
+        changed
+    }
+
+    /// [`propose`](Self::propose) and [`adopt`](Self::adopt) at once: a replica that decides
+    /// alone (no election, or a `dir:` source).
+    pub fn advance(&mut self, live: &dyn Fn(&str) -> Option<u64>) -> Vec<String> {
+        let proposed = self.propose(live);
+        self.adopt(&proposed)
+    }
+
+    /// The decisions this replica serves.
+    pub fn decisions(&self) -> &Decisions {
+        &self.decided
+    }
+
+    /// Serves `decision` to `node`: its bytes when this replica has the content, else the
+    /// decision alone (agents holding it get `304`; others wait for this replica to compile it).
+    fn serve(&self, node: &str, decision: Decision) {
+        let content = self
+            .decided_content
+            .get(node)
+            .filter(|c| c.hash == decision.content_hash);
+        let bytes = content.and_then(|c| {
+            let mut snapshot = c.snapshot.clone();
+            snapshot.generation = decision.generation;
+            match snapshot.encode() {
+                Ok(b) => Some(Bytes::from(b)),
+                Err(e) => {
+                    error!(node, error = %e, "encoding failed; not served");
+                    None
+                }
+            }
+        });
         info!(
             node,
-            generation,
-            hash = format!("{hash:016x}"),
-            bytes = bytes.len(),
-            "publishing snapshot"
+            generation = decision.generation,
+            hash = format!("{:016x}", decision.content_hash),
+            bytes = bytes.as_ref().map(Bytes::len),
+            "serving snapshot"
         );
-        self.metrics.snapshot_size(node, bytes.len());
-        self.metrics.published(node, generation);
+        if let Some(b) = &bytes {
+            self.metrics.snapshot_size(node, b.len());
+        }
+        self.metrics.published(node, decision.generation);
         self.store.publish(
             node,
             Published {
-                generation,
-                content_hash: hash,
-                bytes: Bytes::from(bytes),
+                generation: decision.generation,
+                content_hash: decision.content_hash,
+                bytes,
             },
         );
-        self.published.insert(node.to_string(), (generation, hash));
-        true
     }
 
-    /// Every node the publisher has seen, with its published generation and whether a newer
-    /// snapshot waits.
+    /// Every node the publisher has seen, with its decided generation and whether newer content
+    /// waits.
     pub fn nodes(&self) -> Vec<NodeState> {
-        let names: BTreeSet<&String> = self.published.keys().chain(self.pending.keys()).collect();
+        let names: BTreeSet<&String> = self.decided.keys().chain(self.latest.keys()).collect();
         names
             .into_iter()
-            .map(|node| NodeState {
-                node: node.clone(),
-                generation: self.published.get(node).map_or(0, |(g, _)| *g),
-                pending: self.pending.contains_key(node),
+            .map(|node| {
+                let decided = self.decided.get(node);
+                NodeState {
+                    node: node.clone(),
+                    generation: decided.map_or(0, |d| d.generation),
+                    pending: self
+                        .latest
+                        .get(node)
+                        .is_some_and(|c| decided.is_none_or(|d| d.content_hash != c.hash)),
+                }
             })
             .collect()
+    }
+}
+
+/// The content hash of a compiled snapshot (it does not cover the generation: encode once to
+/// learn it); `None`, logged, when the snapshot does not encode.
+fn content_hash(node: &str, snapshot: &Snapshot) -> Option<u64> {
+    match snapshot
+        .encode()
+        .map(|b| kmesh_snapshot::peek_header(&b).map(|h| h.content_hash))
+    {
+        Ok(Ok(hash)) => Some(hash),
+        Ok(Err(e)) => {
+            error!(node, error = %e, "compiled snapshot does not decode; not published");
+            None
+        }
+        Err(e) => {
+            error!(node, error = %e, "compiled snapshot is invalid; not published");
+            None
+        }
     }
 }
 

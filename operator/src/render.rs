@@ -113,10 +113,12 @@ pub fn json(s: &Snapshot, compiled: &Compiled) -> serde_json::Value {
         "routes": s.routes.iter().map(|r| serde_json::json!({
             "routeId": r.route_id, "route": name(&names.routes, r.route_id),
             "totalWeight": r.value.total_weight,
-            "destinations": (0..r.value.destination_count as usize).map(|i| serde_json::json!({
-                "cumulativeWeight": r.value.cumulative_weight[i],
-                "backendSetId": r.value.backend_set[i],
-            })).collect::<Vec<_>>(),
+            // Bounded by the arrays, whatever `destination_count` says.
+            "destinations": r.value.cumulative_weight.iter().zip(&r.value.backend_set)
+                .take(r.value.destination_count as usize)
+                .map(|(cumulative, set)| serde_json::json!({
+                    "cumulativeWeight": cumulative, "backendSetId": set,
+                })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "backendSets": s.backend_sets.iter().map(|b| serde_json::json!({
             "setId": b.set_id, "backendSet": name(&names.backend_sets, b.set_id),

@@ -1,9 +1,15 @@
 //! The snapshot server: each node agent long-polls `GET /v1/nodes/{node}/snapshot` for its node's
-//! snapshot (the contract is specified in `node-agent/src/source.rs`).
+//! snapshot (the contract is defined once, in `kmesh_snapshot::contract`).
 //!
 //! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
-//!   60 s); `404` for a node the operator has no snapshot for (yet).
+//!   60 s), or names a newer generation than this replica's (it lags behind another replica: it
+//!   never sends an agent back); `404` for a node the operator has no snapshot for (yet); `503`
+//!   when this replica has not compiled the node's decided content yet (see [`Published`]);
+//!   `410 Gone` to every agent while the agents are being removed (`uninstall.rs`), held requests
+//!   at once.
+//! - Every replica serves the leader's decisions ([`crate::publish`]), so the ETag of a node's
+//!   snapshot is the same at every replica: an agent that reaches another replica gets `304`.
 //! - Agents authenticate with a bearer token. With TokenReview, the token must be a service-account
 //!   token of the agent's service account bound to a pod on the node it asks for (the API server
 //!   puts the node name in the review's `authentication.kubernetes.io/node-name` extra): a token of
@@ -25,40 +31,67 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use kmesh_snapshot::contract;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
-/// The request header in which agents report the generation live in their kernel.
-pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
-
-/// The longest a request is held waiting for a change.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
-
-/// One node's current snapshot.
+/// One node's current snapshot: the leader's decision, and its bytes when this replica has
+/// compiled that content (`None`: not yet; an agent holding the decision gets `304`, others wait).
 #[derive(Clone, Debug)]
 pub struct Published {
     pub generation: u64,
     pub content_hash: u64,
-    pub bytes: Bytes,
+    pub bytes: Option<Bytes>,
 }
 
 impl Published {
     pub fn etag(&self) -> String {
-        format!("\"{}-{:016x}\"", self.generation, self.content_hash)
+        contract::etag(self.generation, self.content_hash)
     }
 }
 
 /// What the server serves: the latest snapshot of every node, with change notification; and what
-/// each node's agent last reported live.
-#[derive(Clone, Default)]
+/// each node's agent last reported live, to this replica or (merged in by
+/// [`replicas`](crate::replicas)) to another.
+#[derive(Clone)]
 pub struct SnapshotStore {
     nodes: Arc<Mutex<BTreeMap<String, watch::Sender<Option<Published>>>>>,
     live: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Bumped on every change of `live`.
+    live_changed: Arc<watch::Sender<u64>>,
+    /// Reports that reached this replica, not yet recorded for the other replicas.
+    reported_here: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Whether this replica answers snapshot requests (first compile done, TLS ready).
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The agents are being removed: every request is answered `410 Gone` (see `uninstall.rs`).
+    uninstalling: Arc<watch::Sender<bool>>,
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        SnapshotStore {
+            nodes: Arc::default(),
+            live: Arc::default(),
+            live_changed: Arc::new(watch::channel(0).0),
+            reported_here: Arc::default(),
+            ready: Arc::default(),
+            uninstalling: Arc::new(watch::channel(false).0),
+        }
+    }
 }
 
 impl SnapshotStore {
+    /// Starts (`true`) or ends answering every snapshot request `410 Gone`; wakes held requests.
+    pub fn set_uninstalling(&self, uninstalling: bool) {
+        self.uninstalling.send_replace(uninstalling);
+    }
+
+    pub fn uninstalling(&self) -> bool {
+        *self.uninstalling.borrow()
+    }
+
     fn channel(&self, node: &str) -> watch::Sender<Option<Published>> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
@@ -89,11 +122,53 @@ impl SnapshotStore {
             .copied()
     }
 
+    /// Every node's live generation.
+    pub fn live_generations(&self) -> BTreeMap<String, u64> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a live generation: reported here by an agent, or by another replica through the
+    /// API server. Generations only grow (the leader decides increasing ones), so the highest
+    /// report wins, whatever order reports arrive in. Returns whether it changed anything.
+    pub fn merge_live(&self, node: &str, generation: u64) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = live.entry(node.to_string()).or_insert(0);
+        if generation <= *entry {
+            return false;
+        }
+        *entry = generation;
+        drop(live);
+        self.live_changed.send_modify(|n| *n += 1);
+        true
+    }
+
     fn report_live(&self, node: &str, generation: u64) {
-        self.live
+        self.reported_here
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), generation);
+        self.merge_live(node, generation);
+    }
+
+    /// The reports agents made to this replica (cleared by the call): what
+    /// [`replicas`](crate::replicas) records for the others.
+    pub fn take_reported_here(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.reported_here.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A receiver that changes whenever a live generation does.
+    pub fn live_changes(&self) -> watch::Receiver<u64> {
+        self.live_changed.subscribe()
+    }
+
+    /// Marks this replica ready (or not) to serve.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -136,8 +211,15 @@ impl Authenticator for NoAuth {
 /// Fixed tokens, one per node (`token node` per line of a file): for running without a cluster.
 pub struct StaticTokens(pub BTreeMap<String, String>);
 
+/// A line of a static token file that is not `<token> <node>`.
+#[derive(thiserror::Error, Debug, PartialEq, Eq)]
+#[error("line {line}: expected `<token> <node>`")]
+pub struct BadTokenLine {
+    pub line: usize,
+}
+
 impl StaticTokens {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, BadTokenLine> {
         let mut tokens = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -149,7 +231,7 @@ impl StaticTokens {
                 (Some(token), Some(node), None) => {
                     tokens.insert(token.to_string(), node.to_string());
                 }
-                _ => return Err(format!("line {}: expected `<token> <node>`", i + 1)),
+                _ => return Err(BadTokenLine { line: i + 1 }),
             }
         }
         Ok(StaticTokens(tokens))
@@ -223,19 +305,10 @@ async fn handle<A: Authenticator>(
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    let path = req.uri().path().to_string();
-    let Some(node) = path
-        .strip_prefix("/v1/nodes/")
-        .and_then(|rest| rest.strip_suffix("/snapshot"))
-        .filter(|n| !n.is_empty() && !n.contains('/'))
-        .map(str::to_string)
-    else {
+    let Some(node) = contract::node_of_snapshot_path(req.uri().path()).map(str::to_string) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    let response = serve_snapshot(&req, &node, store, auth, peer).await;
-    if let Some(live) = store.live_generation(&node) {
-        metrics.live(&node, live);
-    }
+    let response = serve_snapshot(&req, &node, store, auth, metrics, peer).await;
     metrics.served(&node, response.status().as_u16());
     response
 }
@@ -245,6 +318,7 @@ async fn serve_snapshot<A: Authenticator>(
     node: &str,
     store: &SnapshotStore,
     auth: &A,
+    metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET {
@@ -272,14 +346,16 @@ async fn serve_snapshot<A: Authenticator>(
         }
         Err(e) => return text(StatusCode::UNAUTHORIZED, &format!("{e}\n")),
     }
-    // Only an authenticated agent of this node may say what runs there.
+    // Only an authenticated agent of this node may say what runs there. Reported now, not when
+    // the long poll ends: agents re-poll as soon as their live generation changes.
     if let Some(live) = req
         .headers()
-        .get(LIVE_GENERATION_HEADER)
+        .get(contract::LIVE_GENERATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
         store.report_live(node, live);
+        metrics.live(node, live);
     }
     let wait = wait_param(req.uri().query());
     let if_none_match = req
@@ -287,16 +363,28 @@ async fn serve_snapshot<A: Authenticator>(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if store.uninstalling() {
+        return gone();
+    }
     let mut updates = store.subscribe(node);
+    let mut uninstalling = store.uninstalling.subscribe();
     let current = |rx: &watch::Receiver<Option<Published>>| rx.borrow().clone();
-    let changed = |p: &Option<Published>| match (p, &if_none_match) {
-        (Some(p), Some(tag)) => p.etag() != *tag,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    if !changed(&current(&updates)) && !wait.is_zero() {
-        // Long poll: hold until the snapshot changes or the wait runs out.
-        let _ = tokio::time::timeout(wait, updates.wait_for(|p| changed(p))).await;
+    let changed = |p: &Option<Published>| is_news(p.as_ref(), if_none_match.as_deref());
+    // What ends a long poll: a snapshot other than the agent's, with its bytes here.
+    let deliverable =
+        |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
+    if !deliverable(&current(&updates)) && !wait.is_zero() {
+        // Long poll: hold until the snapshot changes, an uninstall starts, or the wait runs out.
+        let held = async {
+            tokio::select! {
+                _ = updates.wait_for(|p| deliverable(p)) => {}
+                _ = uninstalling.wait_for(|u| *u) => {}
+            }
+        };
+        let _ = tokio::time::timeout(wait, held).await;
+    }
+    if store.uninstalling() {
+        return gone();
     }
     match current(&updates) {
         None => text(
@@ -310,28 +398,52 @@ async fn serve_snapshot<A: Authenticator>(
             }
             resp
         }
+        Some(Published { bytes: None, .. }) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "this replica has not compiled node {node:?}'s decided snapshot yet; ask again\n"
+            ),
+        ),
         Some(p) => {
             let etag = p.etag();
             Response::builder()
                 .header(header::ETAG, etag)
-                .header(header::CONTENT_TYPE, "application/vnd.kmesh.snapshot")
-                .body(Full::new(p.bytes.clone()))
+                .header(header::CONTENT_TYPE, contract::MEDIA_TYPE)
+                .body(Full::new(p.bytes.clone().unwrap_or_default()))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
     }
 }
 
-/// `wait=30s` (or a bare number of seconds), capped at [`MAX_WAIT`]; zero when absent or malformed.
+/// Whether `published` is news to an agent holding `if_none_match`: a snapshot other than the one
+/// it holds, and not older. An agent holding a newer generation than this replica's decision got it
+/// from a replica that saw a later decision: this one lags (its API view is behind) and must not
+/// send it back.
+fn is_news(published: Option<&Published>, if_none_match: Option<&str>) -> bool {
+    match (published, if_none_match) {
+        (Some(p), Some(tag)) => {
+            let held = contract::parse_etag(tag).map(|(generation, _)| generation);
+            p.etag() != tag && held.is_none_or(|g| g < p.generation)
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// The contract's `wait`, capped at `contract::MAX_WAIT`; zero when absent or malformed.
 fn wait_param(query: Option<&str>) -> Duration {
-    let value = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|kv| kv.strip_prefix("wait="));
-    let seconds = value
-        .map(|v| v.strip_suffix('s').unwrap_or(v))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    Duration::from_secs(seconds).min(MAX_WAIT)
+    query
+        .and_then(contract::parse_wait)
+        .unwrap_or(Duration::ZERO)
+        .min(contract::MAX_WAIT)
+}
+
+/// The contract's uninstall.
+fn gone() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::from_u16(contract::UNINSTALL_STATUS).unwrap_or(StatusCode::GONE),
+        "the node agents are being removed: detach the programs and remove every pin\n",
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -341,23 +453,24 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 }
 
 /// A TLS acceptor from PEM files (certificate chain and private key).
-pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> crate::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+
+    use crate::Error;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("reading the certificate: {e}"))?;
+        .map_err(Error::Certificate)?;
     if certs.is_empty() {
-        return Err("the certificate file holds no certificate".into());
+        return Err(Error::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("reading the private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(Error::PrivateKey)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(Error::Tls)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
+        .map_err(Error::CertificateKey)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -366,18 +479,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_live_generation_is_announced_once() {
+        let store = SnapshotStore::default();
+        let mut changes = store.live_changes();
+        assert!(!changes.has_changed().unwrap());
+        store.report_live("node-a", 5);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        store.report_live("node-a", 5);
+        assert!(
+            !changes.has_changed().unwrap(),
+            "the same generation again: no news"
+        );
+        store.report_live("node-b", 5);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(store.live_generation("node-b"), Some(5));
+    }
+
+    #[test]
     fn wait_parameter() {
         assert_eq!(wait_param(Some("wait=30s")), Duration::from_secs(30));
         assert_eq!(wait_param(Some("x=1&wait=5")), Duration::from_secs(5));
-        assert_eq!(wait_param(Some("wait=999s")), MAX_WAIT);
+        assert_eq!(wait_param(Some("wait=999s")), contract::MAX_WAIT);
         assert_eq!(wait_param(Some("wait=soon")), Duration::ZERO);
         assert_eq!(wait_param(None), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_lagging_replica_never_sends_an_agent_back() {
+        let at = |generation| Published {
+            generation,
+            content_hash: 0xab,
+            bytes: None,
+        };
+        let held = contract::etag(7, 0xab);
+        assert!(!is_news(Some(&at(7)), Some(&held)), "the same snapshot");
+        assert!(is_news(Some(&at(8)), Some(&held)), "a newer one");
+        assert!(
+            !is_news(Some(&at(6)), Some(&held)),
+            "an older one: this replica lags"
+        );
+        assert!(
+            is_news(Some(&at(6)), Some("\"something else\"")),
+            "an ETag it did not make"
+        );
+        assert!(is_news(Some(&at(6)), None), "a first request");
+        assert!(!is_news(None, None), "nothing to send");
     }
 
     #[test]
     fn static_tokens() {
         let t = StaticTokens::parse("# comment\nabc node-1\n\nxyz node-2\n").unwrap();
         assert_eq!(t.0.get("abc").map(String::as_str), Some("node-1"));
-        assert!(StaticTokens::parse("only-one-field").is_err());
+        assert_eq!(
+            StaticTokens::parse("a n\nonly-one-field").err(),
+            Some(BadTokenLine { line: 2 })
+        );
     }
 }

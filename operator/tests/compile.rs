@@ -2,13 +2,16 @@
 //! golden summaries, determinism, stable IDs, and bad objects.
 //!
 //! Regenerate the goldens after an intended change with
-//! `KMESH_UPDATE_GOLDEN=1 cargo test -p kmesh-operator --test compile` and review the diff.
+//! `KMESH_UPDATE_GOLDEN=1 cargo test -p kmesh-operator --test compile` and review the diff. A run
+//! with `CI` set refuses to rewrite them (and scripts/test.sh refuses to start with the variable
+//! set): in CI a golden is a check, never an output.
 use std::path::{Path, PathBuf};
 
 use kmesh_operator::{
     compile::{CompileOptions, Compiled, compile},
     diagnostics::Severity,
     inputs::Inputs,
+    kinds::Kind,
     render::summary,
 };
 
@@ -61,7 +64,16 @@ fn check_golden(case: &str, actual: &str) {
         .join("operator/tests/golden")
         .join(format!("{case}.txt"));
     if std::env::var_os("KMESH_UPDATE_GOLDEN").is_some() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "KMESH_UPDATE_GOLDEN is set in CI (CI is set): goldens are checked in CI, never \
+             rewritten; unset KMESH_UPDATE_GOLDEN"
+        );
         std::fs::write(&path, actual).unwrap();
+        eprintln!(
+            "KMESH_UPDATE_GOLDEN: rewrote {}; review the diff",
+            path.display()
+        );
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
@@ -879,7 +891,7 @@ fn unenforced_l7_wording_follows_the_mode() {
         disabled
             .diagnostics
             .iter()
-            .any(|d| d.severity == Severity::Note && d.object.kind == "KmeshConfig"),
+            .any(|d| d.severity == Severity::Note && d.object.kind == Kind::KmeshConfig),
         "{:?}",
         diagnostics_text(&disabled)
     );

@@ -129,6 +129,95 @@ fn every_schema_property_is_described() {
     );
 }
 
+/// Every `format` is one the API server knows: creating the CRD prints no `Warning: unrecognized
+/// format "uint32"` (Kubernetes' supported formats, `apiextensions-apiserver`'s
+/// `supportedFormats`). Unsigned integers keep their bounds as `minimum`/`maximum`.
+#[test]
+fn formats_are_ones_the_api_server_knows() {
+    const KNOWN: [&str; 29] = [
+        "bsonobjectid",
+        "uri",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "cidr",
+        "mac",
+        "uuid",
+        "uuid3",
+        "uuid4",
+        "uuid5",
+        "isbn",
+        "isbn10",
+        "isbn13",
+        "creditcard",
+        "ssn",
+        "hexcolor",
+        "rgbcolor",
+        "byte",
+        "password",
+        "date",
+        "duration",
+        "datetime",
+        "date-time",
+        "int32",
+        "int64",
+        "float",
+        "double",
+    ];
+    fn walk<'a>(
+        path: String,
+        schema: &'a serde_json::Value,
+        found: &mut Vec<(String, &'a serde_json::Value)>,
+    ) {
+        match schema {
+            serde_json::Value::Object(map) => {
+                if map.contains_key("format") {
+                    found.push((path.clone(), schema));
+                }
+                for (key, value) in map {
+                    walk(format!("{path}.{key}"), value, found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(format!("{path}[{i}]"), item, found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let crd = serde_json::to_value(KmeshConfig::crd()).unwrap();
+    let mut found = Vec::new();
+    walk(String::new(), &crd, &mut found);
+    assert!(found.len() > 10, "{found:?}");
+    for (path, schema) in &found {
+        let format = schema["format"].as_str().unwrap_or_default();
+        assert!(
+            KNOWN.contains(&format),
+            "{path}: format {format:?} is not one Kubernetes knows"
+        );
+    }
+    let capacity = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["capacity"]["properties"];
+    let max_services = &capacity["maxServices"];
+    assert_eq!(max_services["format"], "int64");
+    assert_eq!(
+        max_services["minimum"].as_f64(),
+        Some(1.0),
+        "the range attribute is kept"
+    );
+    assert_eq!(
+        max_services["maximum"].as_f64(),
+        Some(f64::from(u32::MAX)),
+        "a u32 stays a u32"
+    );
+    assert_eq!(capacity["maxSnapshotBytes"]["format"], "int64");
+    assert_eq!(capacity["maxSnapshotBytes"]["minimum"].as_f64(), Some(1.0));
+    let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+    assert_eq!(status["snapshotGeneration"]["minimum"].as_f64(), Some(0.0));
+}
+
 #[test]
 fn minimal_spec_gets_defaults() {
     let kmc: KmeshConfig = serde_yaml::from_str(
@@ -234,7 +323,7 @@ status:
     reason: L7 rule; not enforced in KernelNative mode
 "#;
     let kmc: KmeshConfig = serde_yaml::from_str(yaml).unwrap();
-    assert_eq!(kmc.spec.mode_value(), kmesh_common::mode::DUAL_ENGINE);
+    assert_eq!(kmc.spec.mode.value(), kmesh_common::mode::DUAL_ENGINE);
     assert_eq!(
         kmc.spec.rollout.max_unavailable,
         IntOrString::String("25%".into())
@@ -254,16 +343,10 @@ status:
 #[test]
 fn mode_values_match_the_node_programs() {
     use kmesh_common::mode;
-    let value = |mode| {
-        KmeshConfigSpec {
-            mode,
-            ..Default::default()
-        }
-        .mode_value()
-    };
-    assert_eq!(value(Mode::KernelNative), mode::KERNEL_NATIVE);
-    assert_eq!(value(Mode::DualEngine), mode::DUAL_ENGINE);
-    assert_eq!(value(Mode::Disabled), mode::DISABLED);
+    assert_eq!(Mode::KernelNative.value(), mode::KERNEL_NATIVE);
+    assert_eq!(Mode::DualEngine.value(), mode::DUAL_ENGINE);
+    assert_eq!(Mode::Disabled.value(), mode::DISABLED);
+    assert_eq!(KmeshConfigSpec::default().mode.value(), mode::KERNEL_NATIVE);
 }
 
 #[test]

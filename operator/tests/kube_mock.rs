@@ -1,11 +1,14 @@
 //! The reconciler's error paths against a mocked API server (`tower_test::mock`): what it does
-//! when the status write is refused, when the KmeshConfig does not exist, and when Events cannot
-//! be published. The pure status computation and the debouncer are unit-tested in their modules.
+//! when the status write is refused, when the KmeshConfig does not exist (it creates it, and only
+//! creates it), and when Events cannot be published. The pure status computation and the debouncer are unit-tested in their modules.
 use http::{Method, Request, Response, StatusCode};
 use kmesh_operator::{
     crd::{KmeshConfig, KmeshConfigSpec},
     diagnostics::{Diagnostic, ObjectRef},
-    reconcile::{NodeRollout, ReconcileError, ReconcileInput, Reconciler, RolloutFacts},
+    kinds::Kind,
+    reconcile::{
+        CREATED_BY, NodeRollout, ReconcileError, ReconcileInput, Reconciler, RolloutFacts,
+    },
 };
 use kube::{Client, client::Body, runtime::events::Reporter};
 use serde_json::{Value, json};
@@ -127,7 +130,7 @@ fn rollout() -> RolloutFacts {
 
 fn rejected(name: &str) -> Diagnostic {
     Diagnostic::rejected(
-        ObjectRef::new("VirtualService", Some("bookinfo"), name),
+        ObjectRef::new(Kind::VirtualService, Some("bookinfo"), name),
         "spec.http[0].match",
         "matches on HTTP headers cannot be decided at connect()",
     )
@@ -172,7 +175,7 @@ async fn run_once(
             config,
             diagnostics,
             rollout: &rollout,
-            not_installed: &[],
+            unwatched: &[],
             uid_of: &no_uid,
         })
         .await;
@@ -325,10 +328,29 @@ async fn transport_failure_is_reported() {
     assert!(error.is_retryable());
 }
 
+fn is_config_create(method: &Method, uri: &str) -> bool {
+    method == Method::POST && uri.starts_with("/apis/kmesh.net/v1alpha1/kmeshconfigs?")
+}
+
+/// A missing KmeshConfig is created (empty spec, annotated), then the fields the API server
+/// defaulted are released (a merge patch of `managedFields`, guarded by the created
+/// `resourceVersion`), and no status is written.
 #[tokio::test]
-async fn no_config_means_no_status_write() {
+async fn no_config_is_created_with_an_empty_spec_and_no_status_write() {
     let (result, seen) = run_once(
-        |method, uri, _| panic!("unexpected request {method} {uri}"),
+        |method, uri, body| {
+            if is_config_create(method, uri) {
+                let mut created = body.clone();
+                created["metadata"]["resourceVersion"] = json!("17");
+                return Answer::Json(StatusCode::CREATED, created);
+            }
+            assert!(is_config_patch(method, uri), "{method} {uri}");
+            Answer::Json(
+                StatusCode::OK,
+                json!({"apiVersion": "kmesh.net/v1alpha1",
+                "kind": "KmeshConfig", "metadata": {"name": "default"}}),
+            )
+        },
         None,
         &[],
     )
@@ -337,7 +359,74 @@ async fn no_config_means_no_status_write() {
     assert!(matches!(error, ReconcileError::ConfigNotFound), "{error:?}");
     assert!(!error.is_retryable());
     assert!(error.to_string().contains("does not exist"), "{error}");
-    assert!(seen.is_empty(), "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "a create and a release, no status write: {seen:?}"
+    );
+    let create = &seen[0];
+    assert!(
+        create.uri.contains("fieldManager=kmesh-operator"),
+        "{}",
+        create.uri
+    );
+    assert_eq!(create.body["metadata"]["name"], "default");
+    assert_eq!(
+        create.body["spec"],
+        json!({}),
+        "the CRD's defaults fill it in"
+    );
+    assert_eq!(
+        create.body["metadata"]["annotations"][CREATED_BY],
+        "kmesh-operator"
+    );
+    let release = &seen[1];
+    assert_eq!(release.content_type, "application/merge-patch+json");
+    assert_eq!(
+        release.body,
+        json!({"metadata": {"resourceVersion": "17", "managedFields": [{}]}}),
+        "only managedFields, only if unchanged since the create"
+    );
+}
+
+fn is_config_patch(method: &Method, uri: &str) -> bool {
+    method == Method::PATCH && uri.starts_with("/apis/kmesh.net/v1alpha1/kmeshconfigs/default?")
+}
+
+/// Someone else created it meanwhile (409), or creating it fails: never an update, and a failure
+/// is retried no sooner than `RETRY` later.
+#[tokio::test]
+async fn a_config_is_only_ever_created() {
+    for (code, reason) in [
+        (409, "AlreadyExists"),
+        (403, "Forbidden"),
+        (404, "NotFound"),
+        (405, "MethodNotAllowed"),
+    ] {
+        let (client, server) = mock_api(move |method, uri, _| {
+            assert!(is_config_create(method, uri), "{method} {uri}");
+            let status = StatusCode::from_u16(code).unwrap();
+            Answer::Json(status, api_status(code, reason, "no"))
+        });
+        let mut reconciler = reconciler(client);
+        let rollout = rollout();
+        let input = ReconcileInput {
+            config: None,
+            diagnostics: &[],
+            rollout: &rollout,
+            unwatched: &[],
+            uid_of: &no_uid,
+        };
+        for _ in 0..3 {
+            let error = reconciler.reconcile(&input).await.expect_err("no config");
+            assert!(matches!(error, ReconcileError::ConfigNotFound), "{error:?}");
+        }
+        drop(reconciler);
+        let seen = server.await.unwrap();
+        let expected = if code == 409 { 3 } else { 1 };
+        assert_eq!(seen.len(), expected, "{code}: {seen:?}");
+        assert!(seen.iter().all(|s| s.method == Method::POST), "{seen:?}");
+    }
 }
 
 #[tokio::test]
@@ -418,7 +507,7 @@ async fn event_failures_do_not_fail_the_reconcile_and_are_retried() {
         config: Some(&config),
         diagnostics: &diagnostics,
         rollout: &rollout,
-        not_installed: &[],
+        unwatched: &[],
         uid_of: &uid_of,
     };
 
@@ -495,7 +584,7 @@ async fn events_go_out_even_without_a_config() {
     let (result, seen) = run_once(
         |method, uri, body| {
             assert!(
-                is_event_post(method, uri),
+                is_event_post(method, uri) || is_config_create(method, uri),
                 "no status write: {method} {uri}"
             );
             Answer::Json(StatusCode::CREATED, body.clone())
@@ -505,5 +594,11 @@ async fn events_go_out_even_without_a_config() {
     )
     .await;
     assert!(matches!(result, Err(ReconcileError::ConfigNotFound)));
-    assert_eq!(seen.len(), 1);
+    let events = seen.iter().filter(|s| is_event_post(&s.method, &s.uri));
+    assert_eq!(events.count(), 1, "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "the Event and the config's creation: {seen:?}"
+    );
 }

@@ -9,9 +9,11 @@
 //! The wire format is specified in [`format`](mod@format). The encoder is deterministic: equal snapshots give
 //! equal bytes, and the decoder accepts exactly one encoding of each snapshot.
 //!
-//! [`builder`] makes valid snapshots for tests, demos and benchmarks.
+//! [`builder`] makes valid snapshots for tests, demos and benchmarks. [`contract`] is the HTTP
+//! contract by which agents fetch their snapshot from the operator.
 
 pub mod builder;
+pub mod contract;
 mod decode;
 mod encode;
 mod error;

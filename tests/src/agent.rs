@@ -58,11 +58,17 @@ impl Drop for AgentDir {
 }
 
 /// Removes every pin under `dir`, then `dir` (what `kmesh-agent uninstall` does, without the binary).
+/// Subdirectories are emptied and removed too (a cluster node's directory holds its agent's
+/// `--bpffs-dir` below it).
 pub(crate) fn remove_pins(dir: &Path) -> io::Result<()> {
     match fs::read_dir(dir) {
         Ok(rd) => {
             for e in rd.flatten() {
-                fs::remove_file(e.path())?;
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_pins(&e.path())?;
+                } else {
+                    fs::remove_file(e.path())?;
+                }
             }
             fs::remove_dir(dir)
         }
@@ -184,6 +190,26 @@ impl Agent {
                     io::ErrorKind::TimedOut,
                     format!(
                         "kmesh-agent: {what} not reached in {timeout:?}; log:\n{}",
+                        self.log()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the agent exits on its own (it must within `timeout`), and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "kmesh-agent still runs after {timeout:?}; log:\n{}",
                         self.log()
                     ),
                 ));

@@ -20,10 +20,14 @@
 //! start with `kmt-` and carry the pid of the test process that owns them.
 //!
 //! Tests must fail, never skip, when a real part is missing: see [`require_root`].
+//!
+//! [`cluster`] builds on all of this: a real Kubernetes control plane with fake kubelets that run
+//! pods in network namespaces and the project's own pods as host processes.
 
 pub mod agent;
 pub mod bookinfo;
 pub mod cgroup;
+pub mod cluster;
 pub mod cmd;
 pub mod names;
 pub mod netns;
@@ -35,6 +39,7 @@ pub mod tls;
 
 pub use agent::{Agent, AgentDir, AgentOptions, AgentSource, write_atomically};
 pub use cgroup::{TestCgroup, cgroup2_root};
+pub use cluster::{Cluster, NodeSpec};
 pub use cmd::{ip, ip_in};
 pub use netns::{Pod, TcpServer, TestNetwork, netns_path, run_in_netns};
 pub use probe::{ProbeHandle, ProbeReport, StopFile, workspace_bin};

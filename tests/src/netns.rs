@@ -18,9 +18,6 @@ use crate::probe::{self, ProbeHandle, ProbeReport};
 /// Where iproute2 keeps named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
-/// `SO_NETNS_COOKIE` (Linux 5.14+; not in every libc version).
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
 /// Path of a named network namespace (`/run/netns/NAME`).
 pub fn netns_path(name: &str) -> PathBuf {
     Path::new(NETNS_RUN_DIR).join(name)
@@ -371,36 +368,10 @@ impl Pod {
     }
 
     /// The kernel's cookie of the pod's netns (`SO_NETNS_COOKIE` of a socket created
-    /// inside it): what eBPF programs see as `bpf_get_netns_cookie()`.
+    /// inside it): what eBPF programs see as `bpf_get_netns_cookie()`. The agent's own
+    /// definition, run inside the pod's netns.
     pub fn netns_cookie(&self) -> io::Result<u64> {
-        self.run_in(|| {
-            // SAFETY: plain syscalls; the fd is owned by OwnedFd right away.
-            let fd =
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            let r = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    SO_NETNS_COOKIE,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            if r != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("getsockopt(SO_NETNS_COOKIE): {e}"),
-                ));
-            }
-            Ok(cookie)
-        })
+        self.run_in(kmesh_agent::sys::netns_cookie)
     }
 
     /// Listens on `[::]:port` (dual-stack) inside the pod's netns and answers every

@@ -38,6 +38,38 @@ pub struct ProbeReport {
     /// The same, in microseconds (benchmarks divide it by the attempts).
     #[serde(default)]
     pub elapsed_us: u64,
+    /// Every attempt in order, with the times of its connect() call (only with `--timeline`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimedAttempt>,
+}
+
+/// One attempt of a `--timeline` probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimedAttempt {
+    /// [`monotonic_ns`] just before connect() and just after it returned: the kernel program
+    /// that steered this connection ran in between.
+    pub connect_ns: [u64; 2],
+    pub outcome: Outcome,
+}
+
+/// How an attempt ended: the reply line, or the error key (as in [`ProbeReport::errors`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Reply(String),
+    Error(String),
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of [`TimedAttempt::connect_ns`], the same clock the
+/// agent stamps its flips with (`recent_flips` in `/debug/snapshot`), so the two can be compared.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl ProbeReport {
@@ -46,7 +78,6 @@ impl ProbeReport {
         self.by_reply.get(pod).copied().unwrap_or(0)
     }
 
-    /// How many failures had the key `err` (e.g. `"ENETUNREACH"`).
     /// Asserts that `pod`'s share of the successful connections is `expected` within 5 standard
     /// deviations of a binomial proportion (a false failure less than once in a million checks).
     pub fn assert_share(&self, pod: &str, expected: f64) {
@@ -62,6 +93,7 @@ impl ProbeReport {
         );
     }
 
+    /// How many failures had the key `err` (e.g. `"ENETUNREACH"`).
     pub fn errors_of(&self, err: &str) -> u64 {
         self.errors.get(err).copied().unwrap_or(0)
     }
@@ -115,8 +147,14 @@ pub struct ProbeHandle {
 }
 
 pub(crate) fn spawn(netns: &str, cgroup: &TestCgroup, args: &[&str]) -> io::Result<ProbeHandle> {
+    spawn_in_cgroup_dir(netns, cgroup.path(), args)
+}
+
+/// Starts `kmesh-probe ARGS...` inside the netns named `netns` and the cgroup directory `cgroup`
+/// (any cgroup, e.g. a cluster pod's cgroup below its node's).
+pub fn spawn_in_cgroup_dir(netns: &str, cgroup: &Path, args: &[&str]) -> io::Result<ProbeHandle> {
     let bin = workspace_bin("kmesh-probe")?;
-    let procs = cgroup.path().join("cgroup.procs");
+    let procs = cgroup.join("cgroup.procs");
     let procs_c = CString::new(procs.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("cgroup path contains NUL"))?;
     let mut cmd = Command::new("ip");
@@ -144,7 +182,7 @@ pub(crate) fn spawn(netns: &str, cgroup: &TestCgroup, args: &[&str]) -> io::Resu
             Ok(())
         });
     }
-    let desc = format!("{} (cgroup {})", describe(&cmd), cgroup.path().display());
+    let desc = format!("{} (cgroup {})", describe(&cmd), cgroup.display());
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -185,51 +223,90 @@ impl ProbeHandle {
     pub fn wait(mut self) -> io::Result<ProbeReport> {
         let child = self.child.take().expect("probe child present until waited");
         let out = child.wait_with_output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "`{}` failed ({}); stderr: {}; stdout: {}",
-                self.desc,
-                out.status,
-                stderr.trim(),
-                stdout.trim()
-            )));
-        }
-        let line = stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        serde_json::from_str(line).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "`{}` printed no valid report ({e}); stdout: {}; stderr: {}",
-                    self.desc,
-                    stdout.trim(),
-                    stderr.trim()
-                ),
-            )
-        })
+        parse_report(&self.desc, out)
     }
 
     /// Like [`wait`](Self::wait), but kills the probe and fails if it has not finished
-    /// within `timeout`.
+    /// within `timeout`. The output is read while waiting: a large report (`--timeline`)
+    /// would otherwise fill the pipe and block the probe forever.
     pub fn wait_timeout(mut self, timeout: Duration) -> io::Result<ProbeReport> {
+        let mut child = self.child.take().expect("probe child present until waited");
+        let stdout = read_in_background(child.stdout.take());
+        let stderr = read_in_background(child.stderr.take());
         let deadline = Instant::now() + timeout;
-        while !self.has_exited()? {
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
             if Instant::now() >= deadline {
-                self.kill()?;
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("`{}` still running after {timeout:?}; killed", self.desc),
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));
-        }
-        self.wait()
+        };
+        let joined = |t: std::thread::JoinHandle<Vec<u8>>| t.join().unwrap_or_default();
+        let out = std::process::Output {
+            status,
+            stdout: joined(stdout),
+            stderr: joined(stderr),
+        };
+        parse_report(&self.desc, out)
     }
+}
+
+/// The last 4,000 bytes of `text` (a `--timeline` report is megabytes), cut at a char boundary.
+fn tail(text: &str) -> &str {
+    let mut start = text.len().saturating_sub(4000);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn read_in_background(
+    pipe: Option<impl io::Read + Send + 'static>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
+/// The report on the last non-empty line of a finished probe's stdout.
+fn parse_report(desc: &str, out: std::process::Output) -> io::Result<ProbeReport> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`{desc}` failed ({}); stderr: {}; stdout: {}",
+            out.status,
+            tail(stderr.trim()),
+            tail(stdout.trim())
+        )));
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(line).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "`{desc}` printed no valid report ({e}); stdout: {}; stderr: {}",
+                tail(stdout.trim()),
+                tail(stderr.trim())
+            ),
+        )
+    })
 }
 
 impl Drop for ProbeHandle {

@@ -1,11 +1,13 @@
-//! A loopback HTTP server that speaks the agent's snapshot contract (see
-//! `node-agent/src/source.rs`): `GET /v1/nodes/{node}/snapshot?wait=Ns` with `If-None-Match`,
+//! A loopback HTTP server that speaks the agent–operator snapshot contract
+//! (`kmesh_snapshot::contract`): `GET /v1/nodes/{node}/snapshot?wait=Ns` with `If-None-Match`,
 //! answering `200` with an `ETag` or, after holding the request, `304`.
 //!
-//! It stands in for the operator's snapshot server, which does not exist yet, so that the agent's
-//! client side of the contract is tested end to end now; when the operator lands, the end-to-end
-//! test moves to the real server and this stays as the contract's reference. It can also fail
-//! requests on purpose, to test the agent's retries.
+//! The operator's real server (`kmesh-operator`, tested end to end in `operator_end_to_end.rs`)
+//! serves the same contract. This stand-in is small and controllable: it can fail requests on
+//! purpose, to test the agent's retries, answer `410 Gone` (the contract's uninstall) with or
+//! without waking the requests it holds, and it records what each request carried (ETag, token,
+//! live generation). Its ETags are whatever a test publishes, which also checks that the agent
+//! treats them as opaque (the operator's are `contract::etag`).
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -14,12 +16,16 @@ use std::{
     time::Duration,
 };
 
+use kmesh_snapshot::contract;
+
 /// What the server saw of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeenRequest {
     pub path: String,
     pub if_none_match: Option<String>,
     pub authorization: Option<String>,
+    /// The `Kmesh-Live-Generation` the agent reported.
+    pub live_generation: Option<u64>,
     pub status: u16,
 }
 
@@ -33,6 +39,10 @@ struct State {
     token: Option<String>,
     seen: Vec<SeenRequest>,
     stopped: bool,
+    /// Answer `410 Gone` (`contract::UNINSTALL_STATUS`) to every snapshot request.
+    gone: bool,
+    /// Held requests end at once when `gone` is set (otherwise when their hold ends).
+    gone_wakes: bool,
 }
 
 /// The server; stops accepting when dropped.
@@ -42,8 +52,8 @@ pub struct SnapshotServer {
 }
 
 impl SnapshotServer {
-    /// `hold`: how long a request whose ETag is current is held before `304` (the contract allows
-    /// up to the client's `wait`; tests keep it short).
+    /// `hold`: how long a request whose ETag is current is held before `304` (at most the
+    /// client's `wait`, as the contract says; tests keep it short).
     pub fn start(hold: Duration) -> io::Result<SnapshotServer> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -86,6 +96,17 @@ impl SnapshotServer {
             .fail_next = n;
     }
 
+    /// From now on, answers every snapshot request `410 Gone`: the node's agents are being removed.
+    /// `wake`: held long polls answer at once too; otherwise they answer when their hold ends (so
+    /// that only a new request, such as a stopping agent's, hears it soon).
+    pub fn uninstall(&self, wake: bool) {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.gone = true;
+        st.gone_wakes = wake;
+        cv.notify_all();
+    }
+
     pub fn require_token(&self, token: &str) {
         self.state.0.lock().unwrap_or_else(|p| p.into_inner()).token = Some(token.to_string());
     }
@@ -110,59 +131,86 @@ impl Drop for SnapshotServer {
     }
 }
 
+/// What the server reads of a request.
+struct Incoming {
+    path: String,
+    query: String,
+    if_none_match: Option<String>,
+    authorization: Option<String>,
+    live_generation: Option<u64>,
+}
+
+/// A response: status, ETag, body.
+type Answer = (u16, Option<String>, Vec<u8>);
+
 fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> io::Result<()> {
+    let request = read_request(&stream)?;
+    let hold = hold.min(contract::parse_wait(&request.query).unwrap_or(Duration::ZERO));
+    let (status, etag, body) = answer(&request, state, hold);
+    write_response(stream, status, etag, &body)
+}
+
+fn read_request(stream: &TcpStream) -> io::Result<Incoming> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
-    let mut if_none_match = None;
-    let mut authorization = None;
+    let target = request_line.split_whitespace().nth(1).unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut request = Incoming {
+        path: path.to_string(),
+        query: query.to_string(),
+        if_none_match: None,
+        authorization: None,
+        live_generation: None,
+    };
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" {
             break;
         }
         if let Some((name, value)) = line.trim_end().split_once(':') {
+            let value = value.trim();
             match name.to_ascii_lowercase().as_str() {
-                "if-none-match" => if_none_match = Some(value.trim().to_string()),
-                "authorization" => authorization = Some(value.trim().to_string()),
+                "if-none-match" => request.if_none_match = Some(value.to_string()),
+                "authorization" => request.authorization = Some(value.to_string()),
+                name if name == contract::LIVE_GENERATION_HEADER => {
+                    request.live_generation = value.parse().ok()
+                }
                 _ => {}
             }
         }
     }
-    let target = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .to_string();
-    let path = target.split('?').next().unwrap_or("").to_string();
-    let node = path
-        .strip_prefix("/v1/nodes/")
-        .and_then(|rest| rest.strip_suffix("/snapshot"))
-        .map(str::to_string);
+    Ok(request)
+}
 
+/// Decides the answer (holding a long poll while the client's ETag is current) and records it.
+fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -> Answer {
     let (lock, cv) = state;
+    let if_none_match = request.if_none_match.as_ref();
     let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
-    let (status, etag, body): (u16, Option<String>, Vec<u8>) = if st.fail_next > 0 {
+    let answer: Answer = if st.fail_next > 0 {
         st.fail_next -= 1;
         (503, None, b"failing on purpose\n".to_vec())
     } else if st
         .token
         .as_ref()
-        .is_some_and(|t| authorization.as_deref() != Some(&format!("Bearer {t}")))
+        .is_some_and(|t| request.authorization.as_deref() != Some(&format!("Bearer {t}")))
     {
         (401, None, b"bad token\n".to_vec())
-    } else if let Some(node) = node {
-        let current = |st: &State| st.snapshots.get(&node).cloned();
-        // Long poll: hold while the client already has the current snapshot.
-        let (guard, _) = cv
-            .wait_timeout_while(st, hold, |st| {
-                !st.stopped
-                    && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match.as_ref())
-            })
-            .unwrap_or_else(|p| p.into_inner());
-        st = guard;
+    } else if let Some(node) = contract::node_of_snapshot_path(&request.path) {
+        let current = |st: &State| st.snapshots.get(node).cloned();
+        if !st.gone {
+            let (guard, _) = cv
+                .wait_timeout_while(st, hold, |st| {
+                    let ends = st.stopped || (st.gone && st.gone_wakes);
+                    !ends && current(st).is_some_and(|(etag, _)| Some(&etag) == if_none_match)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            st = guard;
+        }
         match current(&st) {
-            Some((etag, _)) if Some(&etag) == if_none_match.as_ref() => (304, Some(etag), vec![]),
+            _ if st.gone => (contract::UNINSTALL_STATUS, None, b"uninstalling\n".to_vec()),
+            Some((etag, _)) if Some(&etag) == if_none_match => (304, Some(etag), vec![]),
             Some((etag, bytes)) => (200, Some(etag), bytes),
             None => (404, None, b"unknown node\n".to_vec()),
         }
@@ -170,21 +218,29 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
         (404, None, b"not found\n".to_vec())
     };
     st.seen.push(SeenRequest {
-        path,
-        if_none_match,
-        authorization,
-        status,
+        path: request.path.clone(),
+        if_none_match: request.if_none_match.clone(),
+        authorization: request.authorization.clone(),
+        live_generation: request.live_generation,
+        status: answer.0,
     });
-    drop(st);
+    answer
+}
 
+fn write_response(
+    mut out: TcpStream,
+    status: u16,
+    etag: Option<String>,
+    body: &[u8],
+) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
         304 => "Not Modified",
         401 => "Unauthorized",
         404 => "Not Found",
+        410 => "Gone",
         _ => "Service Unavailable",
     };
-    let mut out = stream;
     write!(
         out,
         "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -193,7 +249,7 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> 
     if let Some(etag) = etag {
         write!(out, "ETag: {etag}\r\n")?;
     }
-    write!(out, "Content-Type: application/octet-stream\r\n\r\n")?;
-    out.write_all(&body)?;
+    write!(out, "Content-Type: {}\r\n\r\n", contract::MEDIA_TYPE)?;
+    out.write_all(body)?;
     out.flush()
 }

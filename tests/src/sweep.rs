@@ -4,8 +4,8 @@ use crate::cgroup::{cgroup2_root, remove_cgroup_tree};
 use crate::names::{PREFIX, owner_pid, pid_alive};
 use crate::netns::list_netns;
 
-/// Removes `kmt-*` cgroups (killing their processes) and `kmt-*` network namespaces
-/// whose owning pid (encoded in the name) no longer exists. Returns what it removed;
+/// Removes `kmt-*` cgroups (killing their processes), pin directories, temporary files and
+/// network namespaces whose owning pid (encoded in the name) no longer exists. Returns what it removed;
 /// failures are reported on stderr. Objects of live processes (including this one)
 /// are never touched, so this is safe while other tests run.
 ///
@@ -47,6 +47,28 @@ pub fn sweep_leftovers() -> Vec<String> {
             match crate::agent::remove_pins(&e.path()) {
                 Ok(()) => removed.push(format!("bpffs {}", e.path().display())),
                 Err(err) => eprintln!("kmesh-tests: sweep of pins {name} failed: {err}"),
+            }
+        }
+    }
+
+    // Temporary files and directories (a cluster's holds its etcd data and pod logs).
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if !stale(&name) {
+                continue;
+            }
+            let path = e.path();
+            let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match r {
+                Ok(()) => removed.push(format!("temp {}", path.display())),
+                Err(err) => eprintln!("kmesh-tests: sweep of {} failed: {err}", path.display()),
             }
         }
     }

@@ -1,6 +1,13 @@
 //! A throwaway certificate authority and a serving certificate for 127.0.0.1 / localhost, written
-//! to a private temporary directory that is removed on drop.
-use std::{io, path::PathBuf};
+//! to a private temporary directory that is removed on drop; and a blocking HTTPS GET that trusts
+//! only that authority, for tests that assert a server's exact answer.
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
@@ -44,6 +51,77 @@ impl TestTls {
         std::fs::write(&path, contents)?;
         Ok(path)
     }
+}
+
+impl TestTls {
+    /// One `GET path` over TLS to `addr` (verified against this CA, for the address `addr`), with
+    /// `Authorization: Bearer <token>` when given: the status code and the body.
+    pub fn https_get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+    ) -> io::Result<(u16, Vec<u8>)> {
+        let server_name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let connection = rustls::ClientConnection::new(self.client_config()?, server_name)
+            .map_err(io::Error::other)?;
+        let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut stream = rustls::StreamOwned::new(connection, socket);
+        let authorization = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
+        )?;
+        let mut response = Vec::new();
+        match stream.read_to_end(&mut response) {
+            Ok(_) => {}
+            // A server may close without a TLS close_notify once it has said everything.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        parse_response(&response)
+    }
+
+    fn client_config(&self) -> io::Result<Arc<rustls::ClientConfig>> {
+        use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.ca_file).map_err(io::Error::other)? {
+            roots
+                .add(cert.map_err(io::Error::other)?)
+                .map_err(io::Error::other)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The status code and body of an HTTP/1.1 response.
+fn parse_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    let bad = || {
+        io::Error::other(format!(
+            "bad HTTP response: {:?}",
+            String::from_utf8_lossy(response)
+        ))
+    };
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
+    let head = std::str::from_utf8(&response[..head_end]).map_err(|_| bad())?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((code, response[head_end + 4..].to_vec()))
 }
 
 impl Drop for TestTls {

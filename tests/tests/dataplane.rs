@@ -11,11 +11,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kmesh_common::{lb_policy, mode};
+use kmesh_common::{
+    BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
+    RouteRecord, RouteValue, ServiceKey, ServiceRecord, ServiceValue, ip16, ipv4_mapped, lb_policy,
+    mode, source_hash,
+};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
     Agent, AgentDir, AgentOptions, AgentSource, Pod, ProbeReport, StopFile, TcpServer, TestCgroup,
-    TestNetwork, write_atomically,
+    TestNetwork,
+    probe::{Outcome, TimedAttempt},
+    write_atomically,
 };
 
 const NODE: &str = "node-1";
@@ -221,7 +227,6 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
     let only_a = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["a"]));
     let only_b = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["b"]));
     let only_c = b.backend_set(lb_policy::RANDOM, &w.endpoints(&["c"]));
-    let hashed = b.backend_set(lb_policy::SOURCE_IP_HASH, &w.endpoints(&["a", "b", "c"]));
     b.service(VIP_ALL.into(), 80, &[(1, all)]);
     b.service(VIP_90_10.into(), 80, &[(90, only_a), (10, only_b)]);
     b.service(
@@ -229,7 +234,6 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
         80,
         &[(50, only_a), (30, only_b), (20, only_c)],
     );
-    b.service(VIP_HASH.into(), 80, &[(1, hashed)]);
     w.write(&b.build());
     let mut agent = w.start_agent(&[]);
     wait_enrolled(&mut agent, 1);
@@ -252,23 +256,88 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
     split3.assert_share("b", 0.3);
     split3.assert_share("c", 0.2);
 
-    // Source-IP hashing: one client always lands on the same endpoint.
-    let hashed = w.probe(&target(VIP_HASH), 200);
-    assert_eq!(hashed.ok, 200, "{hashed:?}");
-    assert_eq!(
-        hashed.by_reply.len(),
-        1,
-        "source hash spread one client over several endpoints: {hashed:?}"
-    );
-
     // A direct connect to a pod IP is not a service: untouched, and it works.
     let direct = w.probe(&format!("{}:{TARGET_PORT}", w.backend("c").ipv4()), 20);
     assert_eq!(direct.replies("c"), 20, "{direct:?}");
 
     let counters = &agent.debug_snapshot().unwrap()["counters"];
     assert!(
-        counters["rewritten"].as_u64().unwrap() >= 5500,
+        counters["rewritten"].as_u64().unwrap() >= 5300,
         "{counters}"
+    );
+}
+
+/// Clients of a `consistentHash.useSourceIp` service for which `source_hash(ip) % 3` (the one
+/// definition the kernel runs) names every endpoint of `endpoints` at least twice: the first
+/// such addresses of this world's subnet from .40 on, each with the pod it must always reach.
+fn hash_clients<'a>(w: &World, endpoints: &[&'a str]) -> Vec<(Ipv4Addr, &'a str)> {
+    const PER_ENDPOINT: usize = 2;
+    let mut clients = Vec::new();
+    let mut per_endpoint = vec![0; endpoints.len()];
+    for host in 40..=250 {
+        let ip = w.ip(host);
+        let index = source_hash(&ipv4_mapped(ip.octets())) as usize % endpoints.len();
+        if per_endpoint[index] < PER_ENDPOINT {
+            per_endpoint[index] += 1;
+            clients.push((ip, endpoints[index]));
+        }
+        if per_endpoint.iter().all(|&n| n == PER_ENDPOINT) {
+            return clients;
+        }
+    }
+    panic!(
+        "source_hash over {endpoints:?} leaves an endpoint without two clients in .40-.250: {per_endpoint:?}"
+    );
+}
+
+/// Source-IP hashing: each client always lands on the endpoint `source_hash(its workload IP) % n`
+/// predicts, and clients together reach every endpoint (a constant or different hash fails).
+#[test]
+fn source_ip_hash_pins_each_client_to_its_predicted_endpoint() {
+    const ENDPOINTS: [&str; 3] = ["a", "b", "c"];
+    let w = World::new("hash", &ENDPOINTS);
+    let clients = hash_clients(&w, &ENDPOINTS);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    for (ip, _) in &clients {
+        b.workload(IpAddr::V4(*ip), 9);
+    }
+    let hashed = b.backend_set(lb_policy::SOURCE_IP_HASH, &w.endpoints(&ENDPOINTS));
+    b.service(VIP_HASH.into(), 80, &[(1, hashed)]);
+    w.write(&b.build());
+    let pods: Vec<(Pod, &str)> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, expected))| {
+            let pod = w
+                .net
+                .add_pod(&format!("hash{i}"), *ip, None)
+                .expect("client pod");
+            (pod, *expected)
+        })
+        .collect();
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1 + clients.len() as u64);
+
+    let mut reached = BTreeSet::new();
+    for (pod, expected) in &pods {
+        let report = w.probe_from(pod, &target(VIP_HASH), 50);
+        println!(
+            "client {} (source_hash % 3 -> {expected}): {:?}",
+            pod.ipv4(),
+            report.by_reply
+        );
+        assert_eq!(
+            report.replies(expected),
+            50,
+            "client {} should always reach {expected}, as source_hash predicts: {report:?}",
+            pod.ipv4()
+        );
+        reached.insert(*expected);
+    }
+    assert_eq!(
+        reached,
+        BTreeSet::from(ENDPOINTS),
+        "clients should cover every endpoint"
     );
 }
 
@@ -395,45 +464,192 @@ fn namespaces_that_appear_and_disappear_are_picked_up() {
     assert!(gone.elapsed() < Duration::from_secs(2));
 }
 
-/// Two endpoint sets for one VIP; each generation moves the service to the other set.
-fn alternating_snapshot(w: &World, generation: u64) -> kmesh_snapshot::Snapshot {
-    let names: &[&str] = if generation.is_multiple_of(2) {
-        &["a", "b"]
-    } else {
-        &["c", "d"]
-    };
-    let mut b = w.builder(generation, mode::KERNEL_NATIVE);
-    let set = b.backend_set(lb_policy::RANDOM, &w.endpoints(names));
-    b.service(VIP_ALL.into(), 80, &[(1, set)]);
-    b.build()
+/// The three shapes of the swap test's one service (VIP_ALL:80); generation g takes shape g % 3.
+/// They share no id and no endpoint and differ in endpoint count, so a read that mixes two
+/// generations finds its route, set or endpoint missing (a refusal, counted `inconsistent`)
+/// instead of valid entries, and every reply names the shape, hence the generation, that chose
+/// it. Three, not two: the agent's two slots alternate, and a stale slot (generation g - 1 where
+/// g + 1 should be) must not look right.
+struct SwapShape {
+    service_id: u32,
+    route_id: u32,
+    set_id: u32,
+    pods: &'static [&'static str],
 }
 
-fn start_continuous_probe(w: &World, stop: &StopFile) -> kmesh_tests::ProbeHandle {
+const SWAP_SHAPES: [SwapShape; 3] = [
+    SwapShape {
+        service_id: 100,
+        route_id: 10,
+        set_id: 1,
+        pods: &["a", "b"],
+    },
+    SwapShape {
+        service_id: 211,
+        route_id: 21,
+        set_id: 2,
+        pods: &["c", "d", "e"],
+    },
+    SwapShape {
+        service_id: 322,
+        route_id: 32,
+        set_id: 3,
+        pods: &["f"],
+    },
+];
+
+fn swap_shape(generation: u64) -> &'static SwapShape {
+    &SWAP_SHAPES[(generation % 3) as usize]
+}
+
+/// Generation `generation` of the swap test, with the ids of its shape written out (the builder
+/// numbers every snapshot's ids from 1, which would make both shapes share them).
+fn alternating_snapshot(w: &World, generation: u64) -> kmesh_snapshot::Snapshot {
+    let shape = swap_shape(generation);
+    let mut snapshot = w.builder(generation, mode::KERNEL_NATIVE).build();
+    for (index, endpoint) in w.endpoints(shape.pods).iter().enumerate() {
+        snapshot.endpoints.push(EndpointRecord {
+            key: EndpointKey {
+                set_id: shape.set_id,
+                index: index as u32,
+            },
+            value: EndpointValue {
+                ip: ip16(endpoint.ip),
+                port: endpoint.port,
+                pad: 0,
+                identity: endpoint.identity,
+            },
+        });
+    }
+    snapshot.backend_sets.push(BackendSetRecord {
+        set_id: shape.set_id,
+        value: BackendSetValue {
+            endpoint_count: shape.pods.len() as u32,
+            lb_policy: lb_policy::RANDOM,
+        },
+    });
+    snapshot.routes.push(RouteRecord {
+        route_id: shape.route_id,
+        value: RouteValue::from_weights([(1, shape.set_id)]).expect("one destination"),
+    });
+    snapshot.services.push(ServiceRecord {
+        key: ServiceKey {
+            ip: ip16(VIP_ALL.into()),
+            port: 80,
+            protocol: IPPROTO_TCP,
+            pad: 0,
+        },
+        value: ServiceValue {
+            service_id: shape.service_id,
+            route_id: shape.route_id,
+        },
+    });
+    snapshot.sort();
+    snapshot
+}
+
+fn start_continuous_probe(w: &World, stop: &StopFile, extra: &[&str]) -> kmesh_tests::ProbeHandle {
+    let target = target(VIP_ALL);
+    let mut args = vec![
+        "--target",
+        &target,
+        "--until-file",
+        stop.arg(),
+        "--timeout-ms",
+        "2000",
+    ];
+    args.extend_from_slice(extra);
     w.client
-        .spawn_probe(
-            &w.cgroup,
-            &[
-                "--target",
-                &target(VIP_ALL),
-                "--until-file",
-                stop.arg(),
-                "--timeout-ms",
-                "2000",
-            ],
-        )
+        .spawn_probe(&w.cgroup, &args)
         .expect("continuous probe")
 }
 
+/// One flip from the agent's `recent_flips`: `generation` went live between the two times.
+#[derive(Debug)]
+struct FlipTime {
+    generation: u64,
+    between_ns: [u64; 2],
+}
+
+/// The agent's recent flips; asserts they are `generations`, in order, one after the other.
+fn flip_times(
+    status: &serde_json::Value,
+    generations: std::ops::RangeInclusive<u64>,
+) -> Vec<FlipTime> {
+    let flips: Vec<FlipTime> = status["recent_flips"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no recent_flips in the agent's status: {status}"))
+        .iter()
+        .map(|f| FlipTime {
+            generation: f["generation"].as_u64().expect("flip generation"),
+            between_ns: [
+                f["between_ns"][0].as_u64().expect("flip time"),
+                f["between_ns"][1].as_u64().expect("flip time"),
+            ],
+        })
+        .collect();
+    let listed: Vec<u64> = flips.iter().map(|f| f.generation).collect();
+    assert_eq!(listed, generations.collect::<Vec<_>>(), "the agent's flips");
+    for pair in flips.windows(2) {
+        assert!(
+            pair[0].between_ns[0] <= pair[0].between_ns[1]
+                && pair[0].between_ns[1] <= pair[1].between_ns[0],
+            "flip times out of order: {pair:?}"
+        );
+    }
+    flips
+}
+
+/// Checks every attempt of a `--timeline` probe against the flips: it must have succeeded, with a
+/// reply from a pod of a generation that may have been live during its connect() — generation i
+/// may be live from just before its flip until just after the next one. Returns the attempts
+/// that broke this (described) and how many connects overlapped a flip.
+fn check_timeline(timeline: &[TimedAttempt], flips: &[FlipTime]) -> (Vec<String>, usize) {
+    // May-be-live-until time of each generation; increasing, as the flips are in order.
+    let live_until: Vec<u64> = (0..flips.len())
+        .map(|i| flips.get(i + 1).map_or(u64::MAX, |next| next.between_ns[1]))
+        .collect();
+    let mut violations = Vec::new();
+    let mut overlapping = 0;
+    for attempt in timeline {
+        let [start, end] = attempt.connect_ns;
+        let first = live_until.partition_point(|&until| until < start);
+        let live: Vec<u64> = flips[first..]
+            .iter()
+            .take_while(|f| f.between_ns[0] <= end)
+            .map(|f| f.generation)
+            .collect();
+        if live.len() > 1 {
+            overlapping += 1;
+        }
+        let explained = match &attempt.outcome {
+            Outcome::Reply(pod) => live
+                .iter()
+                .any(|&g| swap_shape(g).pods.contains(&pod.as_str())),
+            Outcome::Error(_) => false,
+        };
+        if !explained {
+            violations.push(format!(
+                "connect {start}..{end} ns got {:?}; generations possibly live then: {live:?}",
+                attempt.outcome
+            ));
+        }
+    }
+    (violations, overlapping)
+}
+
+/// 200 swaps while one client connects without pause: no connect fails, none is refused as
+/// inconsistent, and every reply comes from the generation that was live during its connect().
 #[test]
 fn swap_under_load_never_mixes_or_fails() {
     const SWAPS: u64 = 200;
-    let w = World::new("swap", &["a", "b", "c", "d"]);
+    let w = World::new("swap", &["a", "b", "c", "d", "e", "f"]);
     w.write(&alternating_snapshot(&w, 1));
     let mut agent = w.start_agent(&[]);
     wait_enrolled(&mut agent, 1);
 
     let stop = StopFile::new("swap");
-    let probe = start_continuous_probe(&w, &stop);
+    let probe = start_continuous_probe(&w, &stop, &["--timeline"]);
     let started = Instant::now();
     for generation in 2..=SWAPS + 1 {
         w.write(&alternating_snapshot(&w, generation));
@@ -445,22 +661,46 @@ fn swap_under_load_never_mixes_or_fails() {
         .wait_timeout(Duration::from_secs(30))
         .expect("probe report");
     let status = agent.debug_snapshot().unwrap();
+    let flips = flip_times(&status, 1..=SWAPS + 1);
+    let (violations, overlapping) = check_timeline(&report.timeline, &flips);
     println!(
-        "swap under load: {SWAPS} swaps in {swap_time:?}; connections {} ok {} failed {} by endpoint {:?}; agent applied {}",
-        report.attempts, report.ok, report.failed, report.by_reply, status["applied"]
+        "swap under load: {SWAPS} swaps in {swap_time:?}; connections {} ok {} failed {} by endpoint {:?} \
+         errors {:?}; {overlapping} connects overlapped a flip; {} not from a generation live during \
+         their connect; agent applied {}, counters {}",
+        report.attempts,
+        report.ok,
+        report.failed,
+        report.by_reply,
+        report.errors,
+        violations.len(),
+        status["applied"],
+        status["counters"]
     );
-    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(
+        violations.is_empty(),
+        "{} connects were not served by a generation live during their connect(); first ones:\n{}",
+        violations.len(),
+        violations[..violations.len().min(10)].join("\n")
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(report.timeline.len() as u64, report.attempts);
     assert!(
         report.ok >= 1000,
-        "too few connections to mean anything: {report:?}"
+        "too few connections to mean anything: {} ok",
+        report.ok
     );
     let reached: BTreeSet<&str> = report.by_reply.keys().map(String::as_str).collect();
-    assert_eq!(reached, BTreeSet::from(["a", "b", "c", "d"]), "{report:?}");
+    let every: BTreeSet<&str> = SWAP_SHAPES
+        .iter()
+        .flat_map(|shape| shape.pods.iter().copied())
+        .collect();
+    assert_eq!(reached, every, "{:?}", report.by_reply);
     assert_eq!(status["applied"].as_u64(), Some(SWAPS + 1), "{status}");
     assert_eq!(
         status["counters"]["inconsistent"].as_u64(),
         Some(0),
-        "{status}"
+        "{}",
+        status["counters"]
     );
 }
 
@@ -477,7 +717,7 @@ fn sigkill_and_restart_under_load_keep_traffic_flowing() {
     assert_eq!(before["adopted_pins"], false);
 
     let stop = StopFile::new("restart");
-    let probe = start_continuous_probe(&w, &stop);
+    let probe = start_continuous_probe(&w, &stop, &[]);
     std::thread::sleep(Duration::from_millis(500));
     agent.kill().expect("SIGKILL agent");
     // No agent at all for a while: the pinned links and maps carry the traffic.

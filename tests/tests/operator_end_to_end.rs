@@ -58,6 +58,14 @@ impl Drop for Operator {
     }
 }
 
+/// The value of the sample `series` (name and labels, exactly) in a Prometheus text exposition.
+fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
+}
+
 #[test]
 fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     let tls = TestTls::new("operator").expect("certificates");
@@ -166,18 +174,51 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
     report.assert_share("reviewsv1", 0.5);
     report.assert_share("reviewsv3", 0.5);
 
-    // A token bound to node-2 cannot fetch node-1's snapshot.
+    // A token bound to node-2 cannot fetch node-1's snapshot: asked directly, the server answers
+    // exactly 403 and says why, while node-1's own token gets the snapshot, node-2's token passes
+    // for node-2, and no token or an unknown one gets 401.
+    let server = ([127, 0, 0, 1], port).into();
+    let snapshot_of = |node: &str, token: Option<&str>| {
+        let (code, body) = tls
+            .https_get(server, &format!("/v1/nodes/{node}/snapshot"), token)
+            .expect("request to the snapshot server");
+        let text = String::from_utf8(body)
+            .unwrap_or_else(|e| format!("<{} bytes, not text>", e.as_bytes().len()));
+        (code, text)
+    };
+    let (code, _) = snapshot_of("node-1", Some("token-node-1"));
+    assert_eq!(code, 200, "node-1's own token");
+    let (code, body) = snapshot_of("node-1", Some("token-node-2"));
+    assert_eq!(code, 403, "node-2's token asking for node-1: {body}");
+    assert!(body.contains(r#"bound to node "node-2""#), "{body}");
+    // The same token is good for its own node (which has no snapshot: no pod runs there).
+    let (code, body) = snapshot_of("node-2", Some("token-node-2"));
+    assert_eq!(code, 404, "node-2's own token: {body}");
+    for token in [None, Some("no-such-token")] {
+        let (code, body) = snapshot_of("node-1", token);
+        assert_eq!(code, 401, "token {token:?}: {body}");
+    }
+
+    // An agent holding that token gets the same 403 (its log names the status), and never
+    // becomes ready.
     let other_dir = AgentDir::new("opendother").expect("pins");
     let mut intruder = start_agent("node-1", &token_2, &other_dir);
     intruder
-        .wait_for(Duration::from_secs(10), "a 403 in the log", |a| {
-            Ok(a.log().contains("403"))
+        .wait_for(Duration::from_secs(10), "a 403 from the operator", |a| {
+            Ok(a.log().lines().any(|line| {
+                line.contains("fetching snapshot failed")
+                    && line.contains("server answered 403 Forbidden")
+            }))
         })
         .unwrap();
     assert_eq!(
         intruder.http_get("/readyz").unwrap().0,
         503,
         "an agent with another node's token became ready"
+    );
+    assert!(
+        intruder.debug_snapshot().unwrap()["live"].is_null(),
+        "an agent with another node's token has a live snapshot"
     );
     drop(intruder);
 
@@ -194,7 +235,14 @@ fn operator_serves_snapshots_over_tls_and_the_kernel_follows_the_yaml() {
         metrics.contains(r#"kmesh_operator_snapshots_served_total{node="node-1",code="200"}"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"code="403""#), "{metrics}");
+    let forbidden = metric_value(
+        &metrics,
+        r#"kmesh_operator_snapshots_served_total{node="node-1",code="403"}"#,
+    );
+    assert!(
+        forbidden >= 2.0,
+        "403s served to node-1 (one direct, at least one to the agent): {forbidden}\n{metrics}"
+    );
     assert!(
         metrics.contains("kmesh_operator_compile_duration_seconds"),
         "{metrics}"

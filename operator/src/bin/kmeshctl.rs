@@ -6,11 +6,13 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kmesh_operator::{
-    compile::{CompileOptions, compile},
+    Error, Result,
+    compile::{CompileOptions, Compiled, compile},
     diagnostics::{Diagnostic, Severity},
     dir_source::load,
     render::{json, summary},
 };
+use kmesh_snapshot::Snapshot;
 
 #[derive(Parser)]
 #[command(name = "kmeshctl", version, about = "kmesh-rs command line")]
@@ -79,30 +81,7 @@ fn main() -> ExitCode {
         eprintln!("kmeshctl: no snapshot for node {node}");
         return ExitCode::FAILURE;
     };
-    let written = match output {
-        Output::Summary => {
-            print!("{}", summary(snapshot, &compiled));
-            Ok(())
-        }
-        Output::Json => {
-            print_diagnostics(&compiled.diagnostics);
-            serde_json::to_string_pretty(&json(snapshot, &compiled))
-                .map(|s| println!("{s}"))
-                .map_err(|e| e.to_string())
-        }
-        Output::Binary => {
-            print_diagnostics(&compiled.diagnostics);
-            snapshot
-                .encode()
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    std::io::stdout()
-                        .write_all(&bytes)
-                        .map_err(|e| e.to_string())
-                })
-        }
-    };
-    if let Err(e) = written {
+    if let Err(e) = write(output, snapshot, &compiled) {
         eprintln!("kmeshctl: {e}");
         return ExitCode::from(2);
     }
@@ -116,6 +95,25 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Writes the snapshot to standard output as `output` asks; the diagnostics go to standard error
+/// (the summary holds them).
+fn write(output: Output, snapshot: &Snapshot, compiled: &Compiled) -> Result<()> {
+    let text = match output {
+        Output::Summary => summary(snapshot, compiled).into_bytes(),
+        Output::Json => {
+            print_diagnostics(&compiled.diagnostics);
+            let mut text = serde_json::to_string_pretty(&json(snapshot, compiled))?;
+            text.push('\n');
+            text.into_bytes()
+        }
+        Output::Binary => {
+            print_diagnostics(&compiled.diagnostics);
+            snapshot.encode()?
+        }
+    };
+    std::io::stdout().write_all(&text).map_err(Error::Output)
 }
 
 fn print_diagnostics(diagnostics: &[Diagnostic]) {

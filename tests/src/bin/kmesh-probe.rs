@@ -11,11 +11,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kmesh_tests::ProbeReport;
+use kmesh_tests::probe::{Outcome, TimedAttempt, monotonic_ns};
 
 const USAGE: &str = "\
 usage: kmesh-probe --target ADDR:PORT [--count N] [--duration-ms MS] [--until-file PATH]
                    [--timeout-ms T] [--interval-us U] [--socket v4|v6|auto]
-                   [--ready-file PATH] [--connect-only]
+                   [--ready-file PATH] [--connect-only] [--timeline]
 
   --target       IPv4 `a.b.c.d:port` or IPv6 `[v6]:port`
   --count        stop after N attempts
@@ -30,6 +31,8 @@ usage: kmesh-probe --target ADDR:PORT [--count N] [--duration-ms MS] [--until-fi
   --connect-only connect() then close() with no read, closing with RST (SO_LINGER 0) so that
                  no TIME_WAIT state piles up; successes count under the reply \"connected\".
                  For benchmarks of the connect path.
+  --timeline     also report every attempt in order: CLOCK_MONOTONIC ns just before connect()
+                 and just after it returned, and the reply or error (\"timeline\" in the report)
 
 Prints one JSON line: {\"attempts\":N,\"ok\":N,\"failed\":N,\"by_reply\":{..},\"errors\":{..},\"elapsed_ms\":N}
 Error keys: errno names (ECONNREFUSED, ENETUNREACH, EPERM, ...), connect_timeout,
@@ -45,6 +48,7 @@ struct Opts {
     timeout: Duration,
     interval: Duration,
     connect_only: bool,
+    timeline: bool,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
@@ -57,6 +61,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
     let mut timeout = Duration::from_millis(1000);
     let mut interval = Duration::ZERO;
     let mut connect_only = false;
+    let mut timeline = false;
 
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
@@ -78,6 +83,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
             "--interval-us" => interval = Duration::from_micros(num(value()?)?),
             "--socket" | "--family" => socket = value()?,
             "--connect-only" => connect_only = true,
+            "--timeline" => timeline = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -108,6 +114,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
         timeout,
         interval,
         connect_only,
+        timeline,
     })
 }
 
@@ -164,10 +171,17 @@ fn error_key(e: &io::Error, timeout_key: &str) -> String {
     }
 }
 
-/// One connect + read of the reply line. Ok(reply) or Err(error key).
-fn attempt(target: &SocketAddr, timeout: Duration) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(target, timeout)
-        .map_err(|e| error_key(&e, "connect_timeout"))?;
+/// One connect + read of the reply line. Ok(reply) or Err(error key); `connect_ns` gets the
+/// monotonic times just before connect() and just after it returned.
+fn attempt(
+    target: &SocketAddr,
+    timeout: Duration,
+    connect_ns: &mut [u64; 2],
+) -> Result<String, String> {
+    connect_ns[0] = monotonic_ns();
+    let connected = TcpStream::connect_timeout(target, timeout);
+    connect_ns[1] = monotonic_ns();
+    let mut s = connected.map_err(|e| error_key(&e, "connect_timeout"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| error_key(&e, "read_timeout"))?;
     let mut buf = Vec::with_capacity(64);
@@ -198,9 +212,12 @@ fn attempt(target: &SocketAddr, timeout: Duration) -> Result<String, String> {
 }
 
 /// A blocking connect() and an immediate close() that sends RST (no TIME_WAIT left behind).
-fn connect_close(target: &SocketAddr) -> Result<String, String> {
+fn connect_close(target: &SocketAddr, connect_ns: &mut [u64; 2]) -> Result<String, String> {
     use std::os::fd::AsRawFd as _;
-    let s = TcpStream::connect(target).map_err(|e| error_key(&e, "connect_timeout"))?;
+    connect_ns[0] = monotonic_ns();
+    let connected = TcpStream::connect(target);
+    connect_ns[1] = monotonic_ns();
+    let s = connected.map_err(|e| error_key(&e, "connect_timeout"))?;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -235,20 +252,31 @@ fn run(o: &Opts) -> ProbeReport {
             break;
         }
         r.attempts += 1;
+        let mut connect_ns = [0u64; 2];
         let result = if o.connect_only {
-            connect_close(&o.target)
+            connect_close(&o.target, &mut connect_ns)
         } else {
-            attempt(&o.target, o.timeout)
+            attempt(&o.target, o.timeout, &mut connect_ns)
         };
-        match result {
+        match &result {
             Ok(reply) => {
                 r.ok += 1;
-                *r.by_reply.entry(reply).or_default() += 1;
+                *r.by_reply.entry(reply.clone()).or_default() += 1;
             }
             Err(key) => {
                 r.failed += 1;
-                *r.errors.entry(key).or_default() += 1;
+                *r.errors.entry(key.clone()).or_default() += 1;
             }
+        }
+        if o.timeline {
+            let outcome = match result {
+                Ok(reply) => Outcome::Reply(reply),
+                Err(key) => Outcome::Error(key),
+            };
+            r.timeline.push(TimedAttempt {
+                connect_ns,
+                outcome,
+            });
         }
         if let (1, Some(f)) = (r.attempts, &o.ready_file) {
             create_ready_file(f);
@@ -309,6 +337,12 @@ mod tests {
             "fd00::1".parse::<std::net::IpAddr>().unwrap()
         );
         assert_eq!(o.count, None);
+        assert!(!o.timeline);
+        assert!(
+            p(&["--target", "10.0.0.1:80", "--timeline"])
+                .unwrap()
+                .timeline
+        );
         assert!(p(&["--target", "[fd00::1]:80", "--socket", "v4"]).is_err());
         assert!(p(&["--count", "3"]).is_err());
         assert!(p(&["--target", "1.2.3.4"]).is_err());

@@ -1,0 +1,340 @@
+//! The data plane thread: the only writer of the maps. [`Applier`] decides what a snapshot's bytes
+//! do — refused, unchanged, or applied — and records it in the status and the live-generation
+//! channel; it is generic over the slot operations so that this decision is unit tested with the
+//! fake slots. [`DataPlane`] runs it on every snapshot the source delivers, keeps enrolment in
+//! step with the node's namespaces between snapshots, and drives the pins' lifecycle
+//! (`lifecycle.rs`: an upgrade's link switch, the uninstall).
+use std::{
+    sync::mpsc,
+    time::{Duration, SystemTime},
+};
+
+use kmesh_common::WorkloadRecord;
+use kmesh_snapshot::{Limits, Snapshot};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    agent::{Counts, Flip, LiveSnapshot, RECENT_FLIPS, Rejection, SharedStatus, update},
+    enrol::{EnrolError, Enroller},
+    lifecycle::Lifecycle,
+    maps::{ApplyStats, GenerationMaps, KernelSlots, Slot, SlotMaps},
+    refusal::{Refusal, RefusalKind},
+    source::Delivery,
+};
+
+/// How often namespaces are rescanned (the issue allows 2 s to pick up a change).
+const ENROL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What became of one snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not made live; the live generation stays. The reason is in the status and the log.
+    Refused(RefusalKind),
+    /// Generation and content hash already live: nothing written.
+    Unchanged,
+    /// Swapped in; now live in `slot`.
+    Applied { slot: Slot },
+}
+
+/// A snapshot that passed every check, and what making it live took.
+struct Accepted {
+    snapshot: Snapshot,
+    content_hash: u64,
+    change: Change,
+}
+
+enum Change {
+    Unchanged { slot: Slot },
+    Applied(ApplyStats),
+}
+
+/// A refused snapshot, with its generation when the header could be read.
+struct Refused {
+    generation: Option<u64>,
+    refusal: Refusal,
+}
+
+/// Turns snapshot bytes into the live generation, or a refusal.
+pub struct Applier<M: SlotMaps = KernelSlots> {
+    node_name: String,
+    limits: Limits,
+    maps: GenerationMaps<M>,
+    status: SharedStatus,
+    /// The live generation, reported to the operator by the source.
+    live: watch::Sender<u64>,
+    /// The live snapshot's workloads; `None` until a snapshot arrives, so that a restarted agent
+    /// does not empty the enrolled map before it knows what should be in it.
+    workloads: Option<Vec<WorkloadRecord>>,
+}
+
+impl<M: SlotMaps> Applier<M> {
+    pub fn new(
+        node_name: String,
+        limits: Limits,
+        maps: GenerationMaps<M>,
+        status: SharedStatus,
+        live: watch::Sender<u64>,
+    ) -> Self {
+        Self {
+            node_name,
+            limits,
+            maps,
+            status,
+            live,
+            workloads: None,
+        }
+    }
+
+    /// The workloads of the snapshot last made or confirmed live.
+    pub fn workloads(&self) -> Option<&[WorkloadRecord]> {
+        self.workloads.as_deref()
+    }
+
+    /// Decodes, checks and applies `bytes`, and records the outcome.
+    pub fn on_snapshot(&mut self, bytes: &[u8]) -> Outcome {
+        match self.accept(bytes) {
+            Ok(accepted) => self.record(accepted),
+            Err(refused) => self.refuse(*refused),
+        }
+    }
+
+    fn accept(&mut self, bytes: &[u8]) -> Result<Accepted, Box<Refused>> {
+        let decoded = Snapshot::decode(bytes, &self.limits).map_err(|e| {
+            Box::new(Refused {
+                generation: kmesh_snapshot::peek_header(bytes)
+                    .ok()
+                    .map(|h| h.generation),
+                refusal: e.into(),
+            })
+        })?;
+        let snapshot = decoded.snapshot;
+        let refused = |refusal| {
+            Box::new(Refused {
+                generation: Some(snapshot.generation),
+                refusal,
+            })
+        };
+        if snapshot.node_name != self.node_name {
+            return Err(refused(Refusal::OtherNode {
+                snapshot_node: snapshot.node_name.clone(),
+                agent_node: self.node_name.clone(),
+            }));
+        }
+        let live = self
+            .maps
+            .live()
+            .map_err(|e| refused(Refusal::LiveUnreadable(e)))?;
+        let change = match live {
+            Some(live)
+                if live.value.meta.generation == snapshot.generation
+                    && live.value.meta.content_hash == decoded.content_hash =>
+            {
+                Change::Unchanged { slot: live.slot }
+            }
+            _ => Change::Applied(
+                self.maps
+                    .apply(&snapshot, decoded.content_hash)
+                    .map_err(|e| refused(Refusal::ApplyFailed(e)))?,
+            ),
+        };
+        Ok(Accepted {
+            snapshot,
+            content_hash: decoded.content_hash,
+            change,
+        })
+    }
+
+    fn record(&mut self, accepted: Accepted) -> Outcome {
+        let Accepted {
+            snapshot,
+            content_hash,
+            change,
+        } = accepted;
+        let counts = Counts {
+            services: snapshot.services.len(),
+            routes: snapshot.routes.len(),
+            backend_sets: snapshot.backend_sets.len(),
+            endpoints: snapshot.endpoints.len(),
+            workloads: snapshot.workloads.len(),
+        };
+        let hash = format!("{content_hash:016x}");
+        let (slot, outcome) = match change {
+            Change::Unchanged { slot } => {
+                info!(
+                    generation = snapshot.generation,
+                    hash, "live generation already matches; nothing to change"
+                );
+                update(&self.status, |s| s.unchanged += 1);
+                (slot, Outcome::Unchanged)
+            }
+            Change::Applied(stats) => {
+                info!(
+                    generation = snapshot.generation,
+                    hash,
+                    slot = %stats.slot,
+                    services = counts.services,
+                    endpoints = counts.endpoints,
+                    fill_us = stats.fill_micros,
+                    flip_us = stats.flip_micros,
+                    "snapshot applied"
+                );
+                let slot = stats.slot;
+                update(&self.status, |s| {
+                    s.applied += 1;
+                    if s.recent_flips.len() == RECENT_FLIPS {
+                        s.recent_flips.pop_front();
+                    }
+                    s.recent_flips.push_back(Flip {
+                        generation: snapshot.generation,
+                        between_ns: stats.flipped_between_ns,
+                    });
+                    s.last_apply = Some(stats);
+                });
+                (slot, Outcome::Applied { slot })
+            }
+        };
+        update(&self.status, |s| {
+            s.ready = true;
+            s.live = Some(LiveSnapshot {
+                generation: snapshot.generation,
+                content_hash: hash,
+                slot: slot.index(),
+                mode: snapshot.config.mode,
+                counts: Some(counts),
+            });
+        });
+        // Wakes the operator source only when the generation changed (it re-polls to report it).
+        let generation = snapshot.generation;
+        self.live.send_if_modified(|live| {
+            let changed = *live != generation;
+            *live = generation;
+            changed
+        });
+        self.workloads = Some(snapshot.workloads);
+        outcome
+    }
+
+    fn refuse(&mut self, refused: Refused) -> Outcome {
+        let Refused {
+            generation,
+            refusal,
+        } = refused;
+        let kind = refusal.kind();
+        let reason = refusal.to_string();
+        error!(
+            generation,
+            ?kind,
+            reason,
+            "snapshot refused; the live generation stays in force"
+        );
+        let at_unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        update(&self.status, |s| {
+            s.rejected += 1;
+            s.last_rejection = Some(Rejection {
+                at_unix_ms,
+                generation,
+                kind,
+                over_capacity: kind == RefusalKind::OverCapacity,
+                reason,
+            });
+        });
+        Outcome::Refused(kind)
+    }
+}
+
+/// The data-plane thread's state: the applier, the enroller and the pins' lifecycle.
+pub struct DataPlane {
+    applier: Applier<KernelSlots>,
+    enroller: Enroller,
+    lifecycle: Lifecycle,
+    status: SharedStatus,
+    snapshots_received: u64,
+    test_panic_at_snapshot: Option<u64>,
+}
+
+impl DataPlane {
+    pub fn new(
+        applier: Applier<KernelSlots>,
+        enroller: Enroller,
+        lifecycle: Lifecycle,
+        status: SharedStatus,
+    ) -> Self {
+        Self {
+            applier,
+            enroller,
+            lifecycle,
+            status,
+            snapshots_received: 0,
+            test_panic_at_snapshot: None,
+        }
+    }
+
+    /// Test hook (see `agent::Config::test_panic_at_snapshot`).
+    pub fn with_test_panic_at_snapshot(mut self, n: Option<u64>) -> Self {
+        self.test_panic_at_snapshot = n;
+        self
+    }
+
+    /// Applies every snapshot from `rx`, and rescans namespaces every [`ENROL_INTERVAL`]; after a
+    /// round with a live snapshot and the namespaces synced, finishes a pending upgrade. Returns
+    /// when the source is gone (which the supervisor reports as the data plane stopping).
+    pub fn run(mut self, rx: mpsc::Receiver<Delivery>) {
+        loop {
+            match rx.recv_timeout(ENROL_INTERVAL) {
+                Ok(Delivery::Snapshot(bytes)) => self.on_snapshot(&bytes),
+                Ok(Delivery::Uninstall) => self.lifecycle.uninstall(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    error!("the snapshot source ended");
+                    return;
+                }
+            }
+            if !self.lifecycle.uninstalled() && self.enrol() {
+                self.lifecycle.on_synced();
+            }
+        }
+    }
+
+    fn on_snapshot(&mut self, bytes: &[u8]) {
+        self.snapshots_received += 1;
+        if self.test_panic_at_snapshot == Some(self.snapshots_received) {
+            panic!(
+                "test hook: --test-panic-at-snapshot {}",
+                self.snapshots_received
+            );
+        }
+        if self.lifecycle.uninstalled() {
+            warn!("snapshot ignored: this agent uninstalled; restart it to install again");
+            return;
+        }
+        self.applier.on_snapshot(bytes);
+    }
+
+    /// Syncs the enrolled map with the live snapshot's workloads; true when it is in step.
+    fn enrol(&mut self) -> bool {
+        let Some(workloads) = self.applier.workloads() else {
+            return false;
+        };
+        match self.enroller.sync(workloads) {
+            Ok(stats) => {
+                update(&self.status, |s| s.enrolled_netns = stats.enrolled);
+                true
+            }
+            Err(EnrolError::Scan(e)) => {
+                warn!(error = %e, "namespace scan failed; will retry");
+                false
+            }
+            Err(e) => {
+                error!(error = %e, "updating the enrolled map failed; will retry");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

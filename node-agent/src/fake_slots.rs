@@ -1,0 +1,276 @@
+//! Test doubles of [`SlotMaps`]: [`FakeSlots`] keeps the slots in memory and records every
+//! operation in order; [`FaultySlots`] wraps any implementation and fails its Nth operation. With
+//! them the swap protocol and the agent's decisions are unit tested without a kernel (as cilium's
+//! `NewFakeLBMaps` and `FaultyLBMaps` do for its load-balancer maps).
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use kmesh_common::{GenerationValue, NodeConfig, SnapshotMeta, mode};
+use kmesh_snapshot::Snapshot;
+
+use crate::slots::{MapsError, Slot, SlotMaps, SlotTable};
+
+/// One operation on the slots, as recorded by [`FakeSlots`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    ReadActive,
+    ReadGeneration {
+        slot: Slot,
+    },
+    Fill {
+        generation: u64,
+    },
+    Install {
+        table: SlotTable,
+        slot: Slot,
+        generation: u64,
+    },
+    Flip {
+        slot: Slot,
+    },
+    Barrier,
+    Clear {
+        table: SlotTable,
+        slot: Slot,
+    },
+}
+
+impl Op {
+    /// Whether the operation changes what the kernel holds.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Op::Install { .. } | Op::Flip { .. } | Op::Clear { .. }
+        )
+    }
+}
+
+#[derive(Default)]
+struct State {
+    active: Option<Slot>,
+    /// What each (slot, table) holds: the generation header of the inner map installed there.
+    installed: BTreeMap<(Slot, SlotTable), GenerationValue>,
+    log: Vec<Op>,
+}
+
+/// The slots in memory. A filled generation is its header: enough to tell generations apart.
+#[derive(Default)]
+pub struct FakeSlots {
+    state: Mutex<State>,
+}
+
+impl FakeSlots {
+    /// Slots as a fresh installation has them: slot 0 active, nothing installed.
+    pub fn empty() -> FakeSlots {
+        FakeSlots {
+            state: Mutex::new(State {
+                active: Some(Slot::Zero),
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Slots with `generation` (content hash `hash`) live in `slot` in every table.
+    pub fn with_live(slot: Slot, generation: u64, hash: u64) -> FakeSlots {
+        let fake = FakeSlots::empty();
+        {
+            let mut state = fake.lock();
+            state.active = Some(slot);
+            for table in SlotTable::ALL {
+                state
+                    .installed
+                    .insert((slot, table), header(generation, hash));
+            }
+        }
+        fake
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every operation so far, in order.
+    pub fn log(&self) -> Vec<Op> {
+        self.lock().log.clone()
+    }
+
+    /// Forgets the operations recorded so far.
+    pub fn clear_log(&self) {
+        self.lock().log.clear();
+    }
+
+    pub fn active(&self) -> Slot {
+        self.lock().active.unwrap_or(Slot::Zero)
+    }
+
+    /// The generation each table of `slot` holds (absent: empty).
+    pub fn contents(&self, slot: Slot) -> BTreeMap<SlotTable, u64> {
+        self.lock()
+            .installed
+            .iter()
+            .filter(|((s, _), _)| *s == slot)
+            .map(|((_, table), value)| (*table, value.meta.generation))
+            .collect()
+    }
+}
+
+/// The header the fake stores for a generation.
+pub fn header(generation: u64, content_hash: u64) -> GenerationValue {
+    GenerationValue {
+        meta: SnapshotMeta {
+            generation,
+            content_hash,
+        },
+        config: NodeConfig {
+            mode: mode::KERNEL_NATIVE,
+            flags: 0,
+        },
+    }
+}
+
+impl SlotMaps for FakeSlots {
+    type Filled = GenerationValue;
+
+    fn active_slot(&self) -> Result<Slot, MapsError> {
+        let mut state = self.lock();
+        state.log.push(Op::ReadActive);
+        Ok(state.active.unwrap_or(Slot::Zero))
+    }
+
+    fn generation_in(&self, slot: Slot) -> Result<Option<GenerationValue>, MapsError> {
+        let mut state = self.lock();
+        state.log.push(Op::ReadGeneration { slot });
+        Ok(state.installed.get(&(slot, SlotTable::Generation)).copied())
+    }
+
+    fn fill(
+        &self,
+        header: GenerationValue,
+        _snapshot: &Snapshot,
+    ) -> Result<GenerationValue, MapsError> {
+        self.lock().log.push(Op::Fill {
+            generation: header.meta.generation,
+        });
+        Ok(header)
+    }
+
+    fn install(
+        &self,
+        table: SlotTable,
+        slot: Slot,
+        filled: &GenerationValue,
+    ) -> Result<(), MapsError> {
+        let mut state = self.lock();
+        state.log.push(Op::Install {
+            table,
+            slot,
+            generation: filled.meta.generation,
+        });
+        state.installed.insert((slot, table), *filled);
+        Ok(())
+    }
+
+    fn flip(&self, slot: Slot) -> Result<(), MapsError> {
+        let mut state = self.lock();
+        state.log.push(Op::Flip { slot });
+        state.active = Some(slot);
+        Ok(())
+    }
+
+    fn grace_period_barrier(&self) -> Result<(), MapsError> {
+        self.lock().log.push(Op::Barrier);
+        Ok(())
+    }
+
+    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
+        let mut state = self.lock();
+        state.log.push(Op::Clear { table, slot });
+        state.installed.remove(&(slot, table));
+        Ok(())
+    }
+}
+
+/// Wraps `M` and fails its `fail_at`th operation (counting from 1, over all operations) with
+/// `EIO`, as a kernel refusing a map write would. 0: fail nothing.
+pub struct FaultySlots<M> {
+    pub inner: M,
+    fail_at: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+impl<M> FaultySlots<M> {
+    pub fn new(inner: M) -> FaultySlots<M> {
+        FaultySlots {
+            inner,
+            fail_at: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+        }
+    }
+
+    /// Fails the `n`th operation from now on (1: the next one); 0 disarms.
+    pub fn fail_at(&self, n: usize) {
+        self.calls.store(0, Ordering::SeqCst);
+        self.fail_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Operations since the last [`FaultySlots::fail_at`].
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn tick(&self, map: &'static str, op: &'static str) -> Result<(), MapsError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if call == self.fail_at.load(Ordering::SeqCst) {
+            return Err(MapsError::Syscall {
+                map,
+                op,
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<M: SlotMaps> SlotMaps for FaultySlots<M> {
+    type Filled = M::Filled;
+
+    fn active_slot(&self) -> Result<Slot, MapsError> {
+        self.tick("KM_ACTIVE", "lookup")?;
+        self.inner.active_slot()
+    }
+
+    fn generation_in(&self, slot: Slot) -> Result<Option<GenerationValue>, MapsError> {
+        self.tick(SlotTable::Generation.map_name(), "lookup")?;
+        self.inner.generation_in(slot)
+    }
+
+    fn fill(&self, header: GenerationValue, snapshot: &Snapshot) -> Result<M::Filled, MapsError> {
+        self.tick("inner maps", "create")?;
+        self.inner.fill(header, snapshot)
+    }
+
+    fn install(&self, table: SlotTable, slot: Slot, filled: &M::Filled) -> Result<(), MapsError> {
+        self.tick(table.map_name(), "update")?;
+        self.inner.install(table, slot, filled)
+    }
+
+    fn flip(&self, slot: Slot) -> Result<(), MapsError> {
+        self.tick("KM_ACTIVE", "update")?;
+        self.inner.flip(slot)
+    }
+
+    fn grace_period_barrier(&self) -> Result<(), MapsError> {
+        self.tick(SlotTable::Generation.map_name(), "barrier update")?;
+        self.inner.grace_period_barrier()
+    }
+
+    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
+        self.tick(table.map_name(), "delete")?;
+        self.inner.clear(table, slot)
+    }
+}

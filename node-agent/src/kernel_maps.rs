@@ -1,0 +1,284 @@
+//! The real maps: [`KernelSlots`], the generation slots over the pinned maps (aya where it has the
+//! operation, `sys` where it does not), and the maps that are not per generation — the enrolled
+//! namespaces and the programs' counters.
+//!
+//! `KernelSlots` only performs operations; when each may run is the swap protocol's business
+//! (`maps.rs`).
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use kmesh_common::{EnrolledNetns, GenerationValue, INNER_MAP_FLAGS, counter, map_names};
+use kmesh_snapshot::Snapshot;
+
+use crate::{
+    loader::Installation,
+    slots::{MapsError, Slot, SlotMaps, SlotTable},
+    sys,
+};
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |e| MapsError::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+fn syscall_err(map: &'static str, op: &'static str) -> impl FnOnce(std::io::Error) -> MapsError {
+    move |source| MapsError::Syscall { map, op, source }
+}
+
+/// One outer `ARRAY_OF_MAPS` of a table.
+struct OuterMap {
+    name: &'static str,
+    map: MapData,
+}
+
+impl OuterMap {
+    /// Points `slot` at `inner`. Returns after an RCU grace period (kernel behaviour for
+    /// map-in-map updates), which the reuse rule relies on.
+    fn set(&self, slot: Slot, inner: BorrowedFd<'_>) -> Result<(), MapsError> {
+        let value: u32 = inner.as_raw_fd() as u32;
+        sys::map_update_elem(self.map.fd().as_fd(), &slot.index(), &value)
+            .map_err(syscall_err(self.name, "update"))
+    }
+
+    /// Empties `slot` (frees the inner map once nothing references it).
+    fn clear(&self, slot: Slot) -> Result<(), MapsError> {
+        match sys::map_delete_elem(self.map.fd().as_fd(), &slot.index()) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                Err(syscall_err(self.name, "delete")(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The id of the inner map in `slot`, if any.
+    fn inner_id(&self, slot: Slot) -> Result<Option<u32>, MapsError> {
+        let mut id: u32 = 0;
+        match sys::map_lookup_elem(self.map.fd().as_fd(), &slot.index(), &mut id) {
+            Ok(()) => Ok(Some(id)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(syscall_err(self.name, "lookup")(e)),
+        }
+    }
+}
+
+/// The generation slots of an installation.
+pub struct KernelSlots {
+    active: MapData,
+    /// Indexed by [`SlotTable::position`].
+    outer: [OuterMap; 5],
+}
+
+/// One generation's inner maps, indexed by [`SlotTable::position`].
+pub struct KernelGeneration {
+    inner: [MapData; 5],
+}
+
+impl KernelSlots {
+    pub fn open(installation: &Installation) -> Result<Self, MapsError> {
+        let outer = |table: SlotTable| -> Result<OuterMap, MapsError> {
+            Ok(OuterMap {
+                name: table.map_name(),
+                map: installation.open_map(table.map_name())?,
+            })
+        };
+        let [g, s, r, b, e] = SlotTable::ALL;
+        Ok(Self {
+            active: installation.open_map(map_names::ACTIVE)?,
+            outer: [outer(g)?, outer(s)?, outer(r)?, outer(b)?, outer(e)?],
+        })
+    }
+
+    fn outer(&self, table: SlotTable) -> &OuterMap {
+        &self.outer[table.position()]
+    }
+}
+
+impl SlotMaps for KernelSlots {
+    type Filled = KernelGeneration;
+
+    fn active_slot(&self) -> Result<Slot, MapsError> {
+        let mut index: u32 = 0;
+        sys::map_lookup_elem(self.active.fd().as_fd(), &0u32, &mut index)
+            .map_err(syscall_err(map_names::ACTIVE, "lookup"))?;
+        Slot::from_index(index)
+    }
+
+    fn generation_in(&self, slot: Slot) -> Result<Option<GenerationValue>, MapsError> {
+        let Some(id) = self.outer(SlotTable::Generation).inner_id(slot)? else {
+            return Ok(None);
+        };
+        let inner: HashMap<MapData, u32, GenerationValue> = MapData::from_id(id)
+            .and_then(Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .map_err(map_err(map_names::GENERATION))?;
+        match inner.get(&0, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::GENERATION)(e)),
+        }
+    }
+
+    fn fill(
+        &self,
+        header: GenerationValue,
+        snapshot: &Snapshot,
+    ) -> Result<KernelGeneration, MapsError> {
+        Ok(KernelGeneration {
+            inner: [
+                fill(map_names::GENERATION, [(0u32, header)].into_iter())?,
+                fill(
+                    map_names::SERVICES,
+                    snapshot.services.iter().map(|r| (r.key, r.value)),
+                )?,
+                fill(
+                    map_names::ROUTES,
+                    snapshot.routes.iter().map(|r| (r.route_id, r.value)),
+                )?,
+                fill(
+                    map_names::BACKEND_SETS,
+                    snapshot.backend_sets.iter().map(|r| (r.set_id, r.value)),
+                )?,
+                fill(
+                    map_names::ENDPOINTS,
+                    snapshot.endpoints.iter().map(|r| (r.key, r.value)),
+                )?,
+            ],
+        })
+    }
+
+    fn install(
+        &self,
+        table: SlotTable,
+        slot: Slot,
+        filled: &KernelGeneration,
+    ) -> Result<(), MapsError> {
+        self.outer(table)
+            .set(slot, filled.inner[table.position()].fd().as_fd())
+    }
+
+    fn flip(&self, slot: Slot) -> Result<(), MapsError> {
+        sys::map_update_elem(self.active.fd().as_fd(), &0u32, &slot.index())
+            .map_err(syscall_err(map_names::ACTIVE, "update"))
+    }
+
+    /// Re-installs the live slot's generation map: an update of an `ARRAY_OF_MAPS` entry returns
+    /// only after `synchronize_rcu()` (the kernel's `maybe_wait_bpf_programs`).
+    fn grace_period_barrier(&self) -> Result<(), MapsError> {
+        let slot = self.active_slot()?;
+        let generation = self.outer(SlotTable::Generation);
+        let Some(id) = generation.inner_id(slot)? else {
+            return Ok(()); // nothing was ever installed: no program can be using a slot
+        };
+        let inner = MapData::from_id(id).map_err(map_err(map_names::GENERATION))?;
+        generation.set(slot, inner.fd().as_fd())
+    }
+
+    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
+        self.outer(table).clear(slot)
+    }
+}
+
+/// A fresh inner hash map holding `entries`, sized to fit them exactly.
+fn fill<K: Pod, V: Pod>(
+    name: &'static str,
+    entries: impl ExactSizeIterator<Item = (K, V)>,
+) -> Result<MapData, MapsError> {
+    let capacity = entries.len().max(1) as u32;
+    let definition = aya_obj::Map::new_from_params(
+        sys::BPF_MAP_TYPE_HASH,
+        size_of::<K>() as u32,
+        size_of::<V>() as u32,
+        capacity,
+        INNER_MAP_FLAGS,
+    );
+    let map = MapData::create(definition, name, None).map_err(map_err(name))?;
+    let (keys, values): (Vec<K>, Vec<V>) = entries.unzip();
+    // One syscall per chunk rather than one per entry: filling is most of a large swap's cost.
+    for (k, v) in keys.chunks(FILL_BATCH).zip(values.chunks(FILL_BATCH)) {
+        sys::map_update_batch(map.fd().as_fd(), k, v).map_err(syscall_err(name, "batch update"))?;
+    }
+    Ok(map)
+}
+
+/// Entries per BPF_MAP_UPDATE_BATCH call; bounds the time one syscall holds the CPU.
+const FILL_BATCH: usize = 16_384;
+
+/// The enrolled network namespaces (not per generation).
+pub struct EnrolledMap {
+    map: HashMap<MapData, u64, EnrolledNetns>,
+}
+
+impl EnrolledMap {
+    pub fn open(installation: &Installation) -> Result<Self, MapsError> {
+        let map = Map::from_map_data(installation.open_map(map_names::ENROLLED)?)
+            .and_then(HashMap::try_from)
+            .map_err(map_err(map_names::ENROLLED))?;
+        Ok(Self { map })
+    }
+
+    pub fn entries(&self) -> Result<BTreeMap<u64, EnrolledNetns>, MapsError> {
+        self.map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::ENROLLED))
+    }
+
+    pub fn insert(&mut self, cookie: u64, value: EnrolledNetns) -> Result<(), MapsError> {
+        self.map
+            .insert(cookie, value, 0)
+            .map_err(map_err(map_names::ENROLLED))
+    }
+
+    pub fn remove(&mut self, cookie: u64) -> Result<(), MapsError> {
+        match self.map.remove(&cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::ENROLLED)(e)),
+        }
+    }
+}
+
+/// The programs' per-CPU counters, summed.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Counters {
+    pub rewritten: u64,
+    pub refused_no_endpoint: u64,
+    pub refused_family: u64,
+    pub inconsistent: u64,
+}
+
+pub struct CounterMap {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl CounterMap {
+    pub fn open(installation: &Installation) -> Result<Self, MapsError> {
+        let map = Map::from_map_data(installation.open_map(map_names::COUNTERS)?)
+            .and_then(PerCpuArray::try_from)
+            .map_err(map_err(map_names::COUNTERS))?;
+        Ok(Self { map })
+    }
+
+    pub fn read(&self) -> Result<Counters, MapsError> {
+        let sum = |index: u32| -> Result<u64, MapsError> {
+            let values = self
+                .map
+                .get(&index, 0)
+                .map_err(map_err(map_names::COUNTERS))?;
+            Ok(values.iter().sum())
+        };
+        Ok(Counters {
+            rewritten: sum(counter::REWRITTEN)?,
+            refused_no_endpoint: sum(counter::REFUSED_NO_ENDPOINT)?,
+            refused_family: sum(counter::REFUSED_FAMILY)?,
+            inconsistent: sum(counter::INCONSISTENT)?,
+        })
+    }
+}

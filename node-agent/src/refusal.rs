@@ -1,0 +1,61 @@
+//! Why the agent did not make a snapshot live. Each reason is a variant carrying its typed cause;
+//! [`RefusalKind`] is what `/debug/snapshot` and the log show beside the message. In every case the
+//! live generation stays in force.
+use kmesh_snapshot::DecodeError;
+
+use crate::maps::{MapsError, SwapError};
+
+#[derive(thiserror::Error, Debug)]
+pub enum Refusal {
+    /// The bytes are not a valid snapshot (magic, versions, framing, hash, content rules).
+    #[error(transparent)]
+    Undecodable(DecodeError),
+    /// A valid snapshot larger than this node accepts (`--max-*`).
+    #[error(transparent)]
+    OverCapacity(DecodeError),
+    #[error("snapshot is for node {snapshot_node:?}, this agent serves node {agent_node:?}")]
+    OtherNode {
+        snapshot_node: String,
+        agent_node: String,
+    },
+    /// The live generation could not be read, so the agent cannot tell whether to swap.
+    #[error("reading the live generation: {0}")]
+    LiveUnreadable(MapsError),
+    /// The swap failed before its flip.
+    #[error("applying: {0}")]
+    ApplyFailed(SwapError),
+}
+
+/// The kind of a [`Refusal`], as shown on `/debug/snapshot` (`"over_capacity"`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    Undecodable,
+    OverCapacity,
+    OtherNode,
+    LiveUnreadable,
+    ApplyFailed,
+}
+
+impl Refusal {
+    pub fn kind(&self) -> RefusalKind {
+        match self {
+            Refusal::Undecodable(_) => RefusalKind::Undecodable,
+            Refusal::OverCapacity(_) => RefusalKind::OverCapacity,
+            Refusal::OtherNode { .. } => RefusalKind::OtherNode,
+            Refusal::LiveUnreadable(_) => RefusalKind::LiveUnreadable,
+            Refusal::ApplyFailed(_) => RefusalKind::ApplyFailed,
+        }
+    }
+}
+
+impl From<DecodeError> for Refusal {
+    fn from(e: DecodeError) -> Refusal {
+        match e {
+            DecodeError::OverCapacity { .. } | DecodeError::TooLarge { .. } => {
+                Refusal::OverCapacity(e)
+            }
+            other => Refusal::Undecodable(other),
+        }
+    }
+}

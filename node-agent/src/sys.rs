@@ -1,0 +1,443 @@
+//! Every raw system call of the agent, and nothing else: bpf(2) map commands that aya 0.14 does not
+//! offer (deleting an `ARRAY_OF_MAPS` slot, reading an inner map's id, batch updates), the link and
+//! object commands of upgrades and uninstalls (opening a pin, pinning, creating a cgroup link,
+//! replacing a link's program with `BPF_LINK_UPDATE`, `BPF_LINK_DETACH`, the ids of links and
+//! programs), and the network-namespace calls enrolment needs (entering a namespace, its cookie,
+//! its addresses).
+//!
+//! Everything above this module is safe code; the swap protocol above the bpf(2) calls is tested
+//! with a fake (`SlotMaps` in `slots.rs`). The network-namespace cookie is defined here once: the
+//! test harness uses [`netns_cookie`] too.
+use std::{
+    ffi::CString,
+    io,
+    net::IpAddr,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use aya::Pod;
+
+/// `BPF_MAP_TYPE_HASH`, for creating inner maps.
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+
+/// The bpf(2) commands used here (`BPF_MAP_LOOKUP_ELEM`, ...).
+#[derive(Clone, Copy, Debug)]
+#[repr(i64)]
+enum BpfCommand {
+    LookupElem = 1,
+    UpdateElem = 2,
+    DeleteElem = 3,
+    ObjPin = 6,
+    ObjGet = 7,
+    ProgGetFdById = 13,
+    ObjGetInfoByFd = 15,
+    UpdateBatch = 26,
+    LinkCreate = 28,
+    LinkUpdate = 29,
+    LinkDetach = 34,
+}
+
+/// `union bpf_attr` as used by the map element commands.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` as used by the batch commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn elem_attr<K, V>(fd: BorrowedFd<'_>, key: &K, value: *const V) -> MapElemAttr {
+    MapElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        pad: 0,
+        key: key as *const K as u64,
+        value: value as u64,
+        flags: 0, // BPF_ANY
+    }
+}
+
+/// `map[key] = value` (`BPF_MAP_UPDATE_ELEM`, `BPF_ANY`). For an `ARRAY_OF_MAPS`, `value` is the
+/// fd of the inner map, and the call returns only after an RCU grace period.
+pub fn map_update_elem<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    sys_bpf(BpfCommand::UpdateElem, &mut elem_attr(fd, key, value))
+}
+
+/// Deletes `map[key]` (`BPF_MAP_DELETE_ELEM`); `ENOENT` when there is nothing to delete.
+pub fn map_delete_elem<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    sys_bpf(
+        BpfCommand::DeleteElem,
+        &mut elem_attr::<K, u8>(fd, key, std::ptr::null()),
+    )
+}
+
+/// Reads `map[key]` into `out` (`BPF_MAP_LOOKUP_ELEM`); `ENOENT` when absent. For an
+/// `ARRAY_OF_MAPS`, the value read is the inner map's id.
+pub fn map_lookup_elem<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, out: &mut V) -> io::Result<()> {
+    sys_bpf(
+        BpfCommand::LookupElem,
+        &mut elem_attr(fd, key, out as *mut V as *const V),
+    )
+}
+
+/// Inserts `keys[i] -> values[i]` for every i in one syscall (`BPF_MAP_UPDATE_BATCH`, Linux 5.6+).
+pub fn map_update_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    if keys.len() != values.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} keys but {} values", keys.len(), values.len()),
+        ));
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    sys_bpf(BpfCommand::UpdateBatch, &mut attr)?;
+    // On success the kernel reports how many it inserted; anything short is a failure.
+    if attr.count as usize != keys.len() {
+        return Err(io::Error::other(format!(
+            "inserted {} of {} entries",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The cgroup hooks a link attaches to (`enum bpf_attach_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CgroupHook {
+    /// `BPF_CGROUP_INET4_CONNECT`.
+    Connect4 = 10,
+    /// `BPF_CGROUP_INET6_CONNECT`.
+    Connect6 = 11,
+}
+
+/// `BPF_F_REPLACE`: `BPF_LINK_UPDATE` replaces the program only if it is still `old_prog_fd`.
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+/// `union bpf_attr` as used by `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr` as used by `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `union bpf_attr` as used by `BPF_LINK_CREATE` (the fields a cgroup link needs).
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// `union bpf_attr` as used by `BPF_LINK_UPDATE`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// `union bpf_attr` as used by `BPF_LINK_DETACH` and `BPF_PROG_GET_FD_BY_ID`: one `u32`, then
+/// (for the latter) `next_id` and `open_flags`, zero here.
+#[repr(C)]
+struct OneFdAttr {
+    value: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The head of `struct bpf_link_info` for a cgroup link: its type, its id, the program it runs and
+/// the cgroup it is attached to (0 once detached).
+#[repr(C)]
+#[derive(Default)]
+struct CgroupLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    pad2: u32,
+}
+
+/// The head of `struct bpf_prog_info`: its type and its id.
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfoHead {
+    prog_type: u32,
+    id: u32,
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Opens the object pinned at `path` (`BPF_OBJ_GET`): a map, a program or a link.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let name = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    sys_bpf_fd(BpfCommand::ObjGet, &mut attr)
+}
+
+/// Pins the object `fd` at `path` (`BPF_OBJ_PIN`); `EEXIST` when something is pinned there.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let name = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    sys_bpf(BpfCommand::ObjPin, &mut attr)
+}
+
+/// Attaches `prog` to the cgroup `cgroup` at `hook` with a new link (`BPF_LINK_CREATE`, no flags:
+/// the kernel refuses flags on cgroup links, which always coexist with other programs).
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    hook: CgroupHook,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type: hook as u32,
+        flags: 0,
+    };
+    sys_bpf_fd(BpfCommand::LinkCreate, &mut attr)
+}
+
+/// Makes `link` run `new_prog` instead of `old_prog`, in one step for the programs' callers
+/// (`BPF_LINK_UPDATE` with `BPF_F_REPLACE`: `EPERM` if the link no longer runs `old_prog`). The
+/// link, its id and its pin stay.
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: BPF_F_REPLACE,
+        old_prog_fd: old_prog.as_raw_fd() as u32,
+    };
+    sys_bpf(BpfCommand::LinkUpdate, &mut attr)
+}
+
+/// Detaches `link`'s program now, whoever else holds the link open (`BPF_LINK_DETACH`).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = OneFdAttr {
+        value: link.as_raw_fd() as u32,
+        next_id: 0,
+        open_flags: 0,
+    };
+    sys_bpf(BpfCommand::LinkDetach, &mut attr)
+}
+
+/// A cgroup link's id, and the id of the program it runs — 0 once the link is detached (the kernel
+/// keeps reporting the program of a detached link, and a zero cgroup).
+pub fn link_ids(link: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let mut info = CgroupLinkInfo::default();
+    obj_info(link, &mut info)?;
+    let program = if info.cgroup_id == 0 { 0 } else { info.prog_id };
+    Ok((info.id, program))
+}
+
+/// A program's id.
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = ProgInfoHead::default();
+    obj_info(prog, &mut info)?;
+    Ok(info.id)
+}
+
+/// Opens the program with id `id` (`BPF_PROG_GET_FD_BY_ID`).
+pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = OneFdAttr {
+        value: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    sys_bpf_fd(BpfCommand::ProgGetFdById, &mut attr)
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into the head of an info struct: the kernel copies at most
+/// `size_of::<I>()` bytes, so a prefix of its struct is enough.
+fn obj_info<I>(fd: BorrowedFd<'_>, info: &mut I) -> io::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<I>() as u32,
+        info: info as *mut I as u64,
+    };
+    sys_bpf(BpfCommand::ObjGetInfoByFd, &mut attr)
+}
+
+/// bpf(2) for a command that returns a new file descriptor.
+fn sys_bpf_fd<A>(cmd: BpfCommand, attr: &mut A) -> io::Result<OwnedFd> {
+    let fd = sys_bpf_raw(cmd, attr)?;
+    // SAFETY: on success these commands return a fresh descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// bpf(2) with one of the attr structs above; the kernel may write results back into `attr`.
+fn sys_bpf<A>(cmd: BpfCommand, attr: &mut A) -> io::Result<()> {
+    sys_bpf_raw(cmd, attr).map(|_| ())
+}
+
+/// bpf(2), returning the syscall's non-negative result.
+fn sys_bpf_raw<A>(cmd: BpfCommand, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a live, fully initialized repr(C) prefix of `union bpf_attr` of the size we
+    // pass (the kernel zero-extends the rest); the pointers in it point to live buffers: keys and
+    // values of the sizes the map was created with (the callers take typed `Pod` keys and values),
+    // NUL-terminated paths, or info structs whose size the attr states.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut A,
+            size_of::<A>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+; not in every libc version).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Moves the calling thread into the network namespace `ns` (setns(2)). Only this thread changes
+/// namespace: callers do it on a thread of their own.
+pub fn enter_netns(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a plain syscall on a descriptor the caller keeps open.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("setns(CLONE_NEWNET): {e}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The cookie of the calling thread's network namespace: `SO_NETNS_COOKIE` of a socket created
+/// there, the same value `bpf_get_netns_cookie` returns to the programs. This is the one
+/// definition; the test harness calls it inside a pod's namespace.
+pub fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned by OwnedFd at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt on a live socket with an out-buffer of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("getsockopt(SO_NETNS_COOKIE): {e}"),
+        ));
+    }
+    Ok(cookie)
+}
+
+/// The addresses of the calling thread's network namespace (getifaddrs uses netlink there).
+pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut addrs = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(sa as *const libc::sockaddr_in);
+                        addrs.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(sa as *const libc::sockaddr_in6);
+                        addrs.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    Ok(addrs)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `ApplyStats::flipped_between_ns`, which tests
+/// compare with client-side connect times.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,560 @@
+//! The catalog: the mesh services the data plane can steer, by host, with their ports and
+//! endpoints. Decided here:
+//! - a mesh service is a Kubernetes Service with a cluster IP (headless and ExternalName services
+//!   have no VIP) or a STATIC ServiceEntry with addresses; a Service beats a ServiceEntry of the
+//!   same host;
+//! - endpoints of a Service with a selector are its ready Pods (as istiod's ambient controller builds
+//!   workloads from Pods), with named target ports resolved per pod; a Service without selector
+//!   uses its EndpointSlices (ready endpoints, or serving+terminating ones when none is ready);
+//! - only TCP ports are steered; a port is read the same way for both kinds (`catalog_ports`), each
+//!   kind saying only how its own port declaration reads.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{Compiler, name_of, namespace_of, workloads};
+use crate::{
+    diagnostics::ObjectRef,
+    istio::{ServiceEntry, ServiceEntryPort, WorkloadEntry},
+    kinds::Kind,
+};
+
+/// The mesh services by host (FQDN).
+pub(super) type Catalog = BTreeMap<String, CatalogService>;
+
+/// A service the data plane can steer.
+#[derive(Clone, Debug)]
+pub(super) struct CatalogService {
+    pub(super) object: ObjectRef,
+    pub(super) namespace: String,
+    pub(super) fqdn: String,
+    pub(super) vips: Vec<IpAddr>,
+    pub(super) ports: Vec<CatalogPort>,
+    pub(super) endpoints: Vec<CatalogEndpoint>,
+}
+
+impl CatalogService {
+    /// The port numbered `number` (the first, should two share it).
+    pub(super) fn port(&self, number: u16) -> Option<&CatalogPort> {
+        self.ports.iter().find(|p| p.port == number)
+    }
+}
+
+/// A port of a mesh service.
+#[derive(Clone, Debug)]
+pub(super) struct CatalogPort {
+    pub(super) port: u16,
+    pub(super) name: Option<String>,
+    /// Where the port goes on an endpoint: a number, or a name resolved per endpoint.
+    pub(super) target: TargetPort,
+    /// The declared application protocol, which decides whether HTTPRoutes or TCPRoutes apply.
+    pub(super) protocol: PortProtocol,
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum TargetPort {
+    Number(u16),
+    Named(String),
+}
+
+/// A port's application protocol as Istio reads it: `appProtocol` (or a ServiceEntry port's
+/// `protocol`), else the port name's prefix (`http-web` is HTTP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PortProtocol {
+    /// HTTP, HTTP/2, gRPC: HTTPRoutes apply, TCPRoutes do not.
+    Http,
+    /// TCP, TLS, HTTPS and other opaque protocols: TCPRoutes apply, HTTPRoutes do not.
+    Opaque,
+    /// Not declared: Istio sniffs; both kinds of route apply.
+    Unknown,
+}
+
+impl PortProtocol {
+    fn named(protocol: &str) -> PortProtocol {
+        match protocol.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "http_proxy" | "grpc" | "grpc-web" | "kubernetes.io/h2c"
+            | "kubernetes.io/ws" => PortProtocol::Http,
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => {
+                PortProtocol::Opaque
+            }
+            _ => PortProtocol::Unknown,
+        }
+    }
+
+    fn of_service_port(name: Option<&str>, app_protocol: Option<&str>) -> PortProtocol {
+        match app_protocol.map(PortProtocol::named) {
+            Some(p) if p != PortProtocol::Unknown => p,
+            _ => name
+                .map(|n| PortProtocol::named(n.split('-').next().unwrap_or(n)))
+                .unwrap_or(PortProtocol::Unknown),
+        }
+    }
+
+    pub(super) fn describe(self) -> &'static str {
+        match self {
+            PortProtocol::Http => "HTTP",
+            PortProtocol::Opaque => "opaque (TCP, TLS, …)",
+            PortProtocol::Unknown => "without protocol",
+        }
+    }
+}
+
+/// An endpoint before a port is chosen.
+#[derive(Clone, Debug)]
+pub(super) struct CatalogEndpoint {
+    pub(super) ips: Vec<IpAddr>,
+    pub(super) labels: BTreeMap<String, String>,
+    /// "namespace/serviceaccount".
+    pub(super) identity: String,
+    /// Container (or ServiceEntry endpoint) ports by name.
+    pub(super) named_ports: BTreeMap<String, u16>,
+}
+
+/// Why a declared port is left out of a mesh service.
+enum PortLeftOut {
+    /// A protocol the kernel does not steer (reported as unenforced, with this reason).
+    NotSteered(String),
+    /// A number outside the port range, at this field below the port (`""`, `.port`, …).
+    OutOfRange(&'static str),
+}
+
+/// The identity of a workload: "namespace/serviceaccount".
+pub(super) fn identity(namespace: &str, service_account: Option<&str>) -> String {
+    format!("{namespace}/{}", service_account.unwrap_or("default"))
+}
+
+impl<'a> Compiler<'a> {
+    /// Services first (sorted by namespace/name), then ServiceEntries, whose hosts a Service
+    /// already has are reported and left out.
+    pub(super) fn catalog(&mut self) -> Catalog {
+        let inputs: &'a crate::inputs::Inputs = self.inputs;
+        let mut catalog = Catalog::new();
+        let mut services: Vec<&Service> = inputs.services.iter().collect();
+        services.sort_by_key(|s| (namespace_of(&s.metadata), name_of(&s.metadata)));
+        for svc in services {
+            if let Some(entry) = self.kubernetes_service(svc) {
+                catalog.insert(entry.fqdn.clone(), entry);
+            }
+        }
+        let mut entries: Vec<&ServiceEntry> = inputs.service_entries.iter().collect();
+        entries.sort_by_key(|e| (e.namespace(), e.name()));
+        for se in entries {
+            for entry in self.service_entry(se) {
+                if catalog.contains_key(&entry.fqdn) {
+                    let reason = format!(
+                        "host {} is a Kubernetes Service, which takes precedence",
+                        entry.fqdn
+                    );
+                    self.note(&entry.object, "spec.hosts", reason);
+                    continue;
+                }
+                catalog.insert(entry.fqdn.clone(), entry);
+            }
+        }
+        catalog
+    }
+
+    /// The ports of a mesh service: each declared port as `read` reads it; the ones left out are
+    /// reported on `object` at `spec.ports[i]`.
+    fn catalog_ports<P>(
+        &mut self,
+        object: &ObjectRef,
+        declared: &[P],
+        read: impl Fn(&P) -> Result<CatalogPort, PortLeftOut>,
+    ) -> Vec<CatalogPort> {
+        let mut ports = Vec::new();
+        for (i, declared) in declared.iter().enumerate() {
+            match read(declared) {
+                Ok(port) => ports.push(port),
+                Err(PortLeftOut::NotSteered(reason)) => {
+                    self.unenforced(object, &format!("spec.ports[{i}]"), reason);
+                }
+                Err(PortLeftOut::OutOfRange(field)) => {
+                    self.reject(
+                        object,
+                        &format!("spec.ports[{i}]{field}"),
+                        "port out of range",
+                    );
+                }
+            }
+        }
+        ports
+    }
+
+    // ---- Kubernetes Services ----
+
+    fn kubernetes_service(&mut self, svc: &Service) -> Option<CatalogService> {
+        let ns = namespace_of(&svc.metadata).to_string();
+        let name = name_of(&svc.metadata).to_string();
+        let object = ObjectRef::new(Kind::Service, Some(&ns), &name);
+        let spec = svc.spec.as_ref()?;
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None; // no VIP, no endpoints; out of scope as in ambient
+        }
+        let vips = self.service_vips(&object, spec)?;
+        let ports = self.catalog_ports(
+            &object,
+            spec.ports.as_deref().unwrap_or_default(),
+            service_port,
+        );
+        let endpoints = match &spec.selector {
+            Some(selector) if !selector.is_empty() => self.pod_endpoints(&ns, selector),
+            _ => self.slice_endpoints(&ns, &name),
+        };
+        Some(CatalogService {
+            fqdn: self.options.service_fqdn(&name, &ns),
+            object,
+            namespace: ns,
+            vips,
+            ports,
+            endpoints,
+        })
+    }
+
+    /// The cluster IPs of a Service; `None` when it has none to steer (headless, not assigned yet,
+    /// or not an IP: rejected).
+    fn service_vips(&mut self, object: &ObjectRef, spec: &ServiceSpec) -> Option<Vec<IpAddr>> {
+        let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+        if ips.is_empty() {
+            ips.extend(spec.cluster_ip.clone());
+        }
+        if ips.iter().any(|ip| ip == "None") {
+            // Headless: clients dial pod IPs directly; nothing to rewrite.
+            return None;
+        }
+        if ips.is_empty() {
+            self.note(
+                object,
+                "spec.clusterIP",
+                "no cluster IP assigned yet (the API server assigns one); not steered",
+            );
+            return None;
+        }
+        let mut vips = Vec::new();
+        for ip in &ips {
+            let Ok(vip) = ip.parse::<IpAddr>() else {
+                self.reject(
+                    object,
+                    "spec.clusterIPs",
+                    format!("{ip:?} is not an IP address"),
+                );
+                return None;
+            };
+            vips.push(vip);
+        }
+        Some(vips)
+    }
+
+    fn pod_endpoints(&self, ns: &str, selector: &BTreeMap<String, String>) -> Vec<CatalogEndpoint> {
+        let Some((key, value)) = selector.iter().next() else {
+            return Vec::new();
+        };
+        let candidates = self
+            .pods_by_label
+            .get(&(ns, key.as_str(), value.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        candidates
+            .iter()
+            .filter(|pod| {
+                let labels = pod.metadata.labels.as_ref();
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            })
+            .filter_map(|pod| pod_endpoint(pod))
+            .collect()
+    }
+
+    fn slice_endpoints(&self, ns: &str, service: &str) -> Vec<CatalogEndpoint> {
+        let slices = self.inputs.endpoint_slices.iter().filter(|s| {
+            namespace_of(&s.metadata) == ns
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .is_some_and(|n| n == service)
+                && s.address_type != "FQDN"
+        });
+        let mut ready = Vec::new();
+        let mut serving_terminating = Vec::new();
+        let mut seen = BTreeSet::new();
+        for slice in slices {
+            let named_ports: BTreeMap<String, u16> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((
+                        p.name.clone().unwrap_or_default(),
+                        u16::try_from(p.port?).ok()?,
+                    ))
+                })
+                .collect();
+            for ep in &slice.endpoints {
+                let conditions = ep.conditions.as_ref();
+                let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                let ips: Vec<IpAddr> = ep.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+                if ips.is_empty() || !seen.insert(ips.clone()) {
+                    continue; // de-duplicate addresses across slices
+                }
+                let endpoint = CatalogEndpoint {
+                    ips,
+                    labels: BTreeMap::new(),
+                    identity: identity(ns, None),
+                    named_ports: named_ports.clone(),
+                };
+                if is_ready {
+                    ready.push(endpoint);
+                } else if serving && terminating {
+                    serving_terminating.push(endpoint);
+                }
+            }
+        }
+        // As kube-proxy: terminating-but-serving endpoints only when nothing is ready.
+        if ready.is_empty() {
+            serving_terminating
+        } else {
+            ready
+        }
+    }
+
+    // ---- ServiceEntries ----
+
+    /// One mesh service per host of a valid STATIC ServiceEntry with addresses.
+    fn service_entry(&mut self, se: &ServiceEntry) -> Vec<CatalogService> {
+        let ns = se.namespace().to_string();
+        let object = ObjectRef::new(Kind::ServiceEntry, Some(&ns), se.name());
+        if let Err((field, reason)) = crate::validate::service_entry(&se.spec) {
+            self.reject(&object, &field, reason);
+            return Vec::new();
+        }
+        if !self.static_resolution(&object, se) {
+            return Vec::new();
+        }
+        let vips = self.entry_vips(&object, se);
+        if vips.is_empty() {
+            self.unenforced(
+                &object,
+                "spec.addresses",
+                "no IP address to steer (address auto-allocation is not supported)",
+            );
+            return Vec::new();
+        }
+        let ports = self.catalog_ports(&object, &se.spec.ports, entry_port);
+        let endpoints = self.entry_endpoints(&object, &ns, &se.spec.endpoints);
+        se.spec
+            .hosts
+            .iter()
+            .map(|host| CatalogService {
+                object: object.clone(),
+                namespace: ns.clone(),
+                fqdn: host.clone(),
+                vips: vips.clone(),
+                ports: ports.clone(),
+                endpoints: endpoints.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether the entry's resolution is STATIC, the only one steered; the others are reported.
+    fn static_resolution(&mut self, object: &ObjectRef, se: &ServiceEntry) -> bool {
+        match se.spec.resolution.as_deref().unwrap_or("NONE") {
+            "STATIC" => true,
+            "NONE" => {
+                self.note(
+                    object,
+                    "spec.resolution",
+                    "resolution NONE passes connections to their original destination: nothing to steer",
+                );
+                false
+            }
+            other => {
+                let reason = format!("resolution {other} is not supported yet; only STATIC");
+                self.unenforced(object, "spec.resolution", reason);
+                false
+            }
+        }
+    }
+
+    /// The entry's single-IP addresses; the others (CIDRs) are reported.
+    fn entry_vips(&mut self, object: &ObjectRef, se: &ServiceEntry) -> Vec<IpAddr> {
+        let mut vips = Vec::new();
+        for (i, address) in se.spec.addresses.iter().enumerate() {
+            match address.parse::<IpAddr>() {
+                Ok(ip) => vips.push(ip),
+                Err(_) => self.unenforced(
+                    object,
+                    &format!("spec.addresses[{i}]"),
+                    format!(
+                        "{address:?} is not a single IP address (CIDR addresses are not steered)"
+                    ),
+                ),
+            }
+        }
+        vips
+    }
+
+    /// The entry's endpoints with an IP address; the others are reported.
+    fn entry_endpoints(
+        &mut self,
+        object: &ObjectRef,
+        ns: &str,
+        declared: &[WorkloadEntry],
+    ) -> Vec<CatalogEndpoint> {
+        let mut endpoints = Vec::new();
+        for (i, we) in declared.iter().enumerate() {
+            let Some(ip) = we.address.as_deref().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                self.unenforced(
+                    object,
+                    &format!("spec.endpoints[{i}].address"),
+                    "not an IP address; STATIC endpoints must be IPs",
+                );
+                continue;
+            };
+            endpoints.push(CatalogEndpoint {
+                ips: vec![ip],
+                labels: we.labels.clone(),
+                identity: identity(ns, we.service_account.as_deref()),
+                named_ports: we
+                    .ports
+                    .iter()
+                    .filter_map(|(n, p)| Some((n.clone(), u16::try_from(*p).ok()?)))
+                    .collect(),
+            });
+        }
+        endpoints
+    }
+}
+
+/// A Kubernetes Service port: TCP only; `targetPort` a number, a name resolved per pod, or
+/// omitted (the port itself).
+fn service_port(p: &ServicePort) -> Result<CatalogPort, PortLeftOut> {
+    let protocol = p.protocol.as_deref().unwrap_or("TCP");
+    if protocol != "TCP" {
+        return Err(PortLeftOut::NotSteered(format!(
+            "{protocol} port {} is not steered (only TCP is; kube-proxy still serves it)",
+            p.port
+        )));
+    }
+    let port = u16::try_from(p.port).map_err(|_| PortLeftOut::OutOfRange(".port"))?;
+    let target = match &p.target_port {
+        None => TargetPort::Number(port),
+        Some(IntOrString::Int(n)) => u16::try_from(*n)
+            .ok()
+            .filter(|n| *n > 0)
+            .map(TargetPort::Number)
+            .ok_or(PortLeftOut::OutOfRange(".targetPort"))?,
+        Some(IntOrString::String(s)) => TargetPort::Named(s.clone()),
+    };
+    Ok(CatalogPort {
+        port,
+        name: p.name.clone(),
+        target,
+        protocol: PortProtocol::of_service_port(p.name.as_deref(), p.app_protocol.as_deref()),
+    })
+}
+
+/// A ServiceEntry port: anything but UDP. The endpoint's port of the same name wins, then
+/// `targetPort`, then the number.
+fn entry_port(p: &ServiceEntryPort) -> Result<CatalogPort, PortLeftOut> {
+    if p.protocol.as_deref() == Some("UDP") {
+        return Err(PortLeftOut::NotSteered("UDP is not steered".to_string()));
+    }
+    let (Ok(port), Ok(target)) = (
+        u16::try_from(p.number),
+        u16::try_from(p.target_port.unwrap_or(p.number)),
+    ) else {
+        return Err(PortLeftOut::OutOfRange(""));
+    };
+    Ok(CatalogPort {
+        port,
+        name: p.name.clone(),
+        target: TargetPort::Number(target),
+        protocol: p
+            .protocol
+            .as_deref()
+            .map_or(PortProtocol::Unknown, PortProtocol::named),
+    })
+}
+
+/// A selected pod as an endpoint: its IPs, labels, identity and named container ports; `None`
+/// when it has no IP yet.
+fn pod_endpoint(pod: &Pod) -> Option<CatalogEndpoint> {
+    let ips = workloads::pod_ips(pod);
+    if ips.is_empty() {
+        return None;
+    }
+    let named_ports = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+        .collect();
+    Some(CatalogEndpoint {
+        ips,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        identity: workloads::pod_identity(pod),
+        named_ports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{compile_yaml, diagnostics, summary};
+
+    #[test]
+    fn ports_left_out_are_reported_at_their_field_for_both_kinds() {
+        let compiled = compile_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.60
+  ports:
+  - {port: 80, name: http}
+  - {port: 53, name: dns, protocol: UDP}
+  - {port: 70000, name: big}
+  - {port: 81, name: zero-target, targetPort: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [ext.example.com]
+  addresses: [240.0.0.1]
+  resolution: STATIC
+  ports:
+  - {number: 443, name: https, protocol: HTTPS}
+  - {number: 53, name: dns, protocol: UDP}
+  endpoints: [{address: 10.1.1.1}]
+"#,
+        );
+        assert_eq!(
+            diagnostics(&compiled),
+            [
+                "rejected: Service default/web spec.ports[2].port: port out of range",
+                "rejected: Service default/web spec.ports[3].targetPort: port out of range",
+                "not enforced: Service default/web spec.ports[1]: UDP port 53 is not steered (only TCP is; kube-proxy still serves it)",
+                "not enforced: ServiceEntry default/ext spec.ports[1]: UDP is not steered",
+            ]
+        );
+        let text = summary(&compiled);
+        assert!(text.contains("services (2 VIP:port)"), "{text}");
+        assert!(
+            text.contains("10.96.0.60:80  web.default.svc.cluster.local"),
+            "{text}"
+        );
+        assert!(text.contains("240.0.0.1:443  ext.example.com"), "{text}");
+    }
+}

@@ -1,0 +1,146 @@
+//! Enrolment: which pods are in the mesh (Kmesh's rules, semantics §1), and each node's
+//! workloads table. Also the pod facts the catalog shares: health as istiod's ambient controller
+//! sees it, addresses, identity.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kmesh_common::{WorkloadRecord, ip16};
+
+use super::{Compiler, catalog, name_of, namespace_of};
+
+/// Healthy pods by (namespace, label key, label value).
+pub(super) type PodsByLabel<'a> = BTreeMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>;
+
+/// Indexes the healthy `pods` by each of their labels, once per compile.
+pub(super) fn pods_by_label(pods: &[Pod]) -> PodsByLabel<'_> {
+    let mut index = PodsByLabel::new();
+    for pod in pods.iter().filter(|p| healthy(p)) {
+        for (k, v) in pod.metadata.labels.iter().flatten() {
+            index
+                .entry((namespace_of(&pod.metadata), k.as_str(), v.as_str()))
+                .or_default()
+                .push(pod);
+        }
+    }
+    index
+}
+
+impl Compiler<'_> {
+    /// Enrolled workloads, by node.
+    pub(super) fn workloads(
+        &self,
+        identities: &BTreeMap<String, u32>,
+    ) -> BTreeMap<String, Vec<WorkloadRecord>> {
+        let (label, value) = self
+            .inputs
+            .config
+            .as_ref()
+            .map(|c| {
+                (
+                    c.spec.enrollment.label.clone(),
+                    c.spec.enrollment.value.clone(),
+                )
+            })
+            .unwrap_or_else(|| ("istio.io/dataplane-mode".to_string(), "Kmesh".to_string()));
+        let namespace_enrolled: BTreeSet<&str> = self
+            .inputs
+            .namespaces
+            .iter()
+            .filter(|ns| {
+                ns.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(&label))
+                    .is_some_and(|v| v.eq_ignore_ascii_case(&value))
+            })
+            .map(|ns| name_of(&ns.metadata))
+            .collect();
+        let mut by_node: BTreeMap<String, Vec<WorkloadRecord>> = BTreeMap::new();
+        for pod in &self.inputs.pods {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue;
+            };
+            if !enrolled(pod, &label, &value, &namespace_enrolled) {
+                continue;
+            }
+            let identity = identities.get(&pod_identity(pod)).copied().unwrap_or(0);
+            for ip in pod_ips(pod) {
+                by_node
+                    .entry(node.clone())
+                    .or_default()
+                    .push(WorkloadRecord {
+                        ip: ip16(ip),
+                        identity,
+                        pad: 0,
+                    });
+            }
+        }
+        for workloads in by_node.values_mut() {
+            workloads.sort();
+            workloads.dedup_by_key(|w| w.ip);
+        }
+        by_node
+    }
+}
+
+/// Healthy as istiod's ambient controller sees it: Ready, not being deleted, not finished.
+fn healthy(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) || pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub(super) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+    }
+    ips
+}
+
+pub(super) fn pod_identity(pod: &Pod) -> String {
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref());
+    catalog::identity(namespace_of(&pod.metadata), service_account)
+}
+
+/// Whether a pod is in the mesh (Kmesh's rules): its own label, else its namespace's; the pod value
+/// `none` opts out; host-network pods, pods with a sidecar and Istio waypoints are never enrolled.
+fn enrolled(pod: &Pod, label: &str, value: &str, namespace_enrolled: &BTreeSet<&str>) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    let annotations = pod.metadata.annotations.as_ref();
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+        || annotations.is_some_and(|a| a.contains_key("sidecar.istio.io/status"))
+        || labels
+            .and_then(|l| l.get("gateway.istio.io/managed"))
+            .is_some_and(|v| v == "istio.io-mesh-controller")
+    {
+        return false;
+    }
+    match labels.and_then(|l| l.get(label)) {
+        Some(v) if v.eq_ignore_ascii_case("none") => false,
+        Some(v) if v.eq_ignore_ascii_case(value) => true,
+        Some(_) => false,
+        None => namespace_enrolled.contains(namespace_of(&pod.metadata)),
+    }
+}

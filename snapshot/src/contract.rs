@@ -1,0 +1,149 @@
+//! The agent–operator HTTP contract: how a node agent fetches its node's snapshot. This is its one
+//! definition; the operator's snapshot server, the agent's operator source and the tests' stand-in
+//! server all use it. It has no HTTP library in it, only names and formats, so that the agent keeps
+//! having no Kubernetes client and the operator no agent code.
+//!
+//! `GET /v1/nodes/{node}/snapshot?wait=30s`
+//!
+//! Request headers:
+//! - `If-None-Match: <etag>`: the ETag of the snapshot the agent holds (none on its first request);
+//! - `Authorization: Bearer <token>`: the agent's token (a projected service-account token);
+//! - `Kmesh-Live-Generation: <n>` ([`LIVE_GENERATION_HEADER`]): the generation live in the agent's
+//!   kernel (absent before the first). The operator learns from it which node runs which snapshot;
+//!   an agent sends a new request as soon as its live generation changes, so that this is prompt.
+//! - `Accept: application/vnd.kmesh.snapshot` ([`MEDIA_TYPE`]).
+//!
+//! Answers:
+//! - `200 OK`: the body is the snapshot (`kmesh-snapshot` format, [`MEDIA_TYPE`]); `ETag` names it
+//!   ([`etag`]: generation and content hash). Agents treat the ETag as opaque and echo it.
+//! - `304 Not Modified`: the agent's ETag was still current after the server held the request for
+//!   up to `wait` (capped at [`MAX_WAIT`]): a long poll. The agent asks again at once.
+//! - `410 Gone` ([`UNINSTALL_STATUS`]): the node's agents are being removed for good (their
+//!   DaemonSet, or its namespace, is being deleted). The agent detaches its programs and removes
+//!   every pin at once, then idles until it is stopped; an agent being stopped asks once more
+//!   (`wait=0s`) and does the same on a `410`. Any other answer keeps the pins: a restart or an
+//!   upgrade must not interrupt traffic.
+//! - `401` no or unknown token; `403` a token bound to another node; `404` no snapshot for the node
+//!   yet; `503` the server cannot check tokens right now. The agent retries all of these with backoff,
+//!   keeping the snapshot it has.
+use core::time::Duration;
+
+/// The snapshot path is `SNAPSHOT_PATH_PREFIX + node + SNAPSHOT_PATH_SUFFIX`.
+pub const SNAPSHOT_PATH_PREFIX: &str = "/v1/nodes/";
+pub const SNAPSHOT_PATH_SUFFIX: &str = "/snapshot";
+
+/// The query parameter naming how long the server may hold a request.
+pub const WAIT_PARAM: &str = "wait";
+
+/// The longest a server holds a request, whatever `wait` asks for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The request header that reports the generation live in the agent's kernel (HTTP header names
+/// are case-insensitive; this is the lowercase form HTTP/2 requires).
+pub const LIVE_GENERATION_HEADER: &str = "kmesh-live-generation";
+
+/// The status that tells an agent to uninstall: `410 Gone`.
+pub const UNINSTALL_STATUS: u16 = 410;
+
+/// The media type of a snapshot body.
+pub const MEDIA_TYPE: &str = "application/vnd.kmesh.snapshot";
+
+/// The path of `node`'s snapshot.
+pub fn snapshot_path(node: &str) -> String {
+    format!("{SNAPSHOT_PATH_PREFIX}{node}{SNAPSHOT_PATH_SUFFIX}")
+}
+
+/// The full URL an agent long-polls: `{base}/v1/nodes/{node}/snapshot?wait={wait}s`.
+pub fn snapshot_url(base: &str, node: &str, wait: Duration) -> String {
+    format!(
+        "{}{}?{}",
+        base.trim_end_matches('/'),
+        snapshot_path(node),
+        wait_query(wait)
+    )
+}
+
+/// The node named by a snapshot path, or `None` when `path` is not one (an empty node name or one
+/// with a `/` in it is not).
+pub fn node_of_snapshot_path(path: &str) -> Option<&str> {
+    path.strip_prefix(SNAPSHOT_PATH_PREFIX)
+        .and_then(|rest| rest.strip_suffix(SNAPSHOT_PATH_SUFFIX))
+        .filter(|node| !node.is_empty() && !node.contains('/'))
+}
+
+/// `wait=30s`: whole seconds.
+pub fn wait_query(wait: Duration) -> String {
+    format!("{WAIT_PARAM}={}s", wait.as_secs())
+}
+
+/// The `wait` of a query string (`wait=30s`, or a bare number of seconds), uncapped; `None` when
+/// absent or malformed.
+pub fn parse_wait(query: &str) -> Option<Duration> {
+    let value = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(WAIT_PARAM)?.strip_prefix('='))?;
+    let seconds = value.strip_suffix('s').unwrap_or(value);
+    seconds.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The ETag of a snapshot: `"<generation>-<content hash as 16 hex digits>"`, quoted as HTTP wants.
+pub fn etag(generation: u64, content_hash: u64) -> String {
+    format!("\"{generation}-{content_hash:016x}\"")
+}
+
+/// The generation and content hash an ETag of [`etag`] names; `None` for any other text.
+pub fn parse_etag(tag: &str) -> Option<(u64, u64)> {
+    let inner = tag.trim().strip_prefix('"')?.strip_suffix('"')?;
+    let (generation, hash) = inner.split_once('-')?;
+    if hash.len() != 16 {
+        return None;
+    }
+    Some((
+        generation.parse().ok()?,
+        u64::from_str_radix(hash, 16).ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_round_trip_and_only_name_one_node() {
+        assert_eq!(snapshot_path("node-1"), "/v1/nodes/node-1/snapshot");
+        assert_eq!(
+            node_of_snapshot_path(&snapshot_path("node-1")),
+            Some("node-1")
+        );
+        assert_eq!(node_of_snapshot_path("/v1/nodes//snapshot"), None);
+        assert_eq!(node_of_snapshot_path("/v1/nodes/a/b/snapshot"), None);
+        assert_eq!(node_of_snapshot_path("/v1/nodes/a"), None);
+        assert_eq!(node_of_snapshot_path("/metrics"), None);
+    }
+
+    #[test]
+    fn urls_carry_the_wait() {
+        let url = snapshot_url("https://op:15300/", "n", Duration::from_secs(30));
+        assert_eq!(url, "https://op:15300/v1/nodes/n/snapshot?wait=30s");
+        let query = url.split_once('?').unwrap().1;
+        assert_eq!(parse_wait(query), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn wait_parameter() {
+        assert_eq!(parse_wait("wait=30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_wait("x=1&wait=5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_wait("wait=999s"), Some(Duration::from_secs(999)));
+        assert_eq!(parse_wait("wait=soon"), None);
+        assert_eq!(parse_wait("waiting=5"), None);
+        assert_eq!(parse_wait(""), None);
+    }
+
+    #[test]
+    fn etags_name_generation_and_hash() {
+        assert_eq!(etag(7, 0xabc), "\"7-0000000000000abc\"");
+        assert_eq!(parse_etag(&etag(7, 0xabc)), Some((7, 0xabc)));
+        assert_eq!(parse_etag("7-0000000000000abc"), None, "unquoted");
+        assert_eq!(parse_etag("\"x-0000000000000abc\""), None);
+    }
+}

@@ -1,0 +1,276 @@
+//! What a test sees of the mesh on a cluster: each agent's data plane, read from its
+//! `/debug/snapshot` ([`AgentState`]: the live generation, content hash and mode, the table
+//! counts, and when each generation went live, on the same CLOCK_MONOTONIC as
+//! [`crate::probe::monotonic_ns`]), waiting until every agent satisfies a condition, and the
+//! KmeshConfig `default` (its status, read with the admin client).
+use std::{
+    io,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+};
+use serde_json::Value;
+
+use super::Cluster;
+
+/// The agents' namespace and admin port, as `config/agent` deploys them.
+const AGENT_NAMESPACE: &str = "kmesh-system";
+const AGENT_PREFIX: &str = "kmesh-agent-";
+const ADMIN_PORT: u16 = 15200;
+
+/// One agent pod: its name and node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentPod {
+    pub pod: String,
+    pub node: String,
+}
+
+/// When a generation went live in one agent's kernel: between the two CLOCK_MONOTONIC times (ns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flip {
+    pub generation: u64,
+    pub between_ns: [u64; 2],
+}
+
+/// One agent's data plane, from its `/debug/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentState {
+    /// The live generation and its content hash (hex); `None` before the first snapshot.
+    pub live: Option<(u64, String)>,
+    /// The live mode (`kmesh_common::mode`).
+    pub mode: Option<u32>,
+    /// Endpoints in the live tables, when the agent knows them.
+    pub endpoints: Option<u64>,
+    /// Snapshots applied since the agent started.
+    pub applied: u64,
+    /// The recent flips, oldest first.
+    pub flips: Vec<Flip>,
+}
+
+impl AgentState {
+    /// The live generation, 0 before the first snapshot.
+    pub fn generation(&self) -> u64 {
+        self.live.as_ref().map_or(0, |(g, _)| *g)
+    }
+
+    /// The flip that made `generation` live, if it is among the recent ones.
+    pub fn flip_of(&self, generation: u64) -> Option<Flip> {
+        self.flips
+            .iter()
+            .rev()
+            .find(|f| f.generation == generation)
+            .copied()
+    }
+
+    fn parse(body: &str) -> io::Result<AgentState> {
+        let v: Value = serde_json::from_str(body)
+            .map_err(|e| io::Error::other(format!("/debug/snapshot is not JSON ({e}): {body}")))?;
+        let live = &v["live"];
+        let flips = v["recent_flips"].as_array().into_iter().flatten();
+        let flips = flips.filter_map(|f| {
+            Some(Flip {
+                generation: f["generation"].as_u64()?,
+                between_ns: [f["between_ns"][0].as_u64()?, f["between_ns"][1].as_u64()?],
+            })
+        });
+        Ok(AgentState {
+            live: live["generation"].as_u64().map(|g| {
+                let hash = live["content_hash"].as_str().unwrap_or_default();
+                (g, hash.to_string())
+            }),
+            mode: live["mode"].as_u64().map(|m| m as u32),
+            endpoints: live["counts"]["endpoints"].as_u64(),
+            applied: v["applied"].as_u64().unwrap_or(0),
+            flips: flips.collect(),
+        })
+    }
+}
+
+/// The agent pods, one per node, sorted by node.
+pub fn agents(cluster: &Cluster) -> io::Result<Vec<AgentPod>> {
+    let api: Api<Pod> = Api::namespaced(cluster.client(), AGENT_NAMESPACE);
+    let list = cluster
+        .block_on(api.list(&ListParams::default()))
+        .map_err(|e| io::Error::other(format!("list pods in {AGENT_NAMESPACE}: {e}")))?;
+    let mut agents: Vec<AgentPod> = list
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let pod = p.metadata.name?;
+            let node = p.spec?.node_name?;
+            pod.starts_with(AGENT_PREFIX)
+                .then_some(AgentPod { pod, node })
+        })
+        .collect();
+    agents.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(agents)
+}
+
+/// One agent's data plane now.
+pub fn agent_state(cluster: &Cluster, agent: &AgentPod) -> io::Result<AgentState> {
+    let (code, body) =
+        cluster.pod_get(AGENT_NAMESPACE, &agent.pod, ADMIN_PORT, "/debug/snapshot")?;
+    if code != 200 {
+        return Err(io::Error::other(format!(
+            "{}: /debug/snapshot answered {code}: {body}",
+            agent.pod
+        )));
+    }
+    AgentState::parse(&body)
+}
+
+/// Every agent's data plane now, in the order of `agents`.
+pub fn agent_states(cluster: &Cluster, agents: &[AgentPod]) -> io::Result<Vec<AgentState>> {
+    agents.iter().map(|a| agent_state(cluster, a)).collect()
+}
+
+/// Polls every agent (every 10 ms) until `done(index, state)` holds for each, or `timeout`
+/// passes (an error naming the agents still waiting and their last state).
+pub fn wait_agents(
+    cluster: &Cluster,
+    agents: &[AgentPod],
+    timeout: Duration,
+    done: impl Fn(usize, &AgentState) -> bool,
+) -> io::Result<Vec<AgentState>> {
+    let started = Instant::now();
+    let mut last: Vec<Option<AgentState>> = vec![None; agents.len()];
+    loop {
+        for (i, agent) in agents.iter().enumerate() {
+            if last[i].as_ref().is_some_and(|s| done(i, s)) {
+                continue;
+            }
+            if let Ok(state) = agent_state(cluster, agent) {
+                last[i] = Some(state);
+            }
+        }
+        if last
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.as_ref().is_some_and(|s| done(i, s)))
+        {
+            return Ok(last.into_iter().flatten().collect());
+        }
+        if started.elapsed() > timeout {
+            let waiting: Vec<String> = agents
+                .iter()
+                .zip(&last)
+                .enumerate()
+                .filter(|(i, (_, s))| !s.as_ref().is_some_and(|s| done(*i, s)))
+                .map(|(_, (a, s))| format!("{} on {}: {s:?}", a.pod, a.node))
+                .collect();
+            return Err(io::Error::other(format!(
+                "after {timeout:?}, still waiting for {}",
+                waiting.join("; ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The KmeshConfig `default` as JSON (`None` when it does not exist).
+pub fn kmeshconfig(cluster: &Cluster) -> io::Result<Option<Value>> {
+    let gvk = GroupVersionKind::gvk("kmesh.net", "v1alpha1", "KmeshConfig");
+    let resource = ApiResource::from_gvk(&gvk);
+    let api: Api<DynamicObject> = Api::all_with(cluster.client(), &resource);
+    let object = cluster
+        .block_on(api.get_opt("default"))
+        .map_err(|e| io::Error::other(format!("get kmeshconfig default: {e}")))?;
+    object
+        .map(|o| serde_json::to_value(o).map_err(io::Error::other))
+        .transpose()
+}
+
+/// Polls the KmeshConfig `default` (every 50 ms) until `done(object)` holds, or `timeout`
+/// passes (an error with its last status).
+pub fn wait_kmeshconfig(
+    cluster: &Cluster,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> io::Result<Value> {
+    let started = Instant::now();
+    loop {
+        let object = kmeshconfig(cluster)?;
+        if let Some(object) = object.as_ref().filter(|o| done(o)) {
+            return Ok(object.clone());
+        }
+        if started.elapsed() > timeout {
+            let status = object.map(|o| o["status"].clone());
+            return Err(io::Error::other(format!(
+                "after {timeout:?}, KmeshConfig default is not as expected; status: {}",
+                serde_json::to_string_pretty(&status).unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The condition `type_` of a KmeshConfig's status: (status, reason, message).
+pub fn condition(object: &Value, type_: &str) -> Option<(String, String, String)> {
+    let conditions = object["status"]["conditions"].as_array()?;
+    let found = conditions.iter().find(|c| c["type"] == type_)?;
+    let text = |key: &str| found[key].as_str().unwrap_or_default().to_string();
+    Some((text("status"), text("reason"), text("message")))
+}
+
+/// `status.unwatched` as (kind, reason) pairs.
+pub fn unwatched(object: &Value) -> Vec<(String, String)> {
+    let entries = object["status"]["unwatched"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    let text = |e: &Value, key: &str| e[key].as_str().unwrap_or_default().to_string();
+    entries
+        .map(|e| (text(e, "kind"), text(e, "reason")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_snapshots_parse() {
+        let body = r#"{"live":{"generation":7,"content_hash":"ab","slot":1,"mode":2,
+            "counts":{"services":4,"routes":4,"backend_sets":4,"endpoints":6,"workloads":3}},
+            "applied":3,"recent_flips":[{"generation":6,"between_ns":[10,20]},
+            {"generation":7,"between_ns":[30,40]}]}"#;
+        let state = AgentState::parse(body).unwrap();
+        assert_eq!(state.live, Some((7, "ab".to_string())));
+        assert_eq!(state.generation(), 7);
+        assert_eq!(state.mode, Some(2));
+        assert_eq!(state.endpoints, Some(6));
+        assert_eq!(state.applied, 3);
+        assert_eq!(
+            state.flip_of(7),
+            Some(Flip {
+                generation: 7,
+                between_ns: [30, 40]
+            })
+        );
+        assert_eq!(state.flip_of(5), None);
+        let empty = AgentState::parse(r#"{"live":null,"applied":0,"recent_flips":[]}"#).unwrap();
+        assert_eq!(empty.generation(), 0);
+        assert!(AgentState::parse("not json").is_err());
+    }
+
+    #[test]
+    fn status_fields() {
+        let object = serde_json::json!({"status": {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "AllNodesReady", "message": "m"}],
+            "unwatched": [{"kind": "TCPRoute", "group": "g", "reason": "NotInstalled", "message": "x"}],
+        }});
+        assert_eq!(
+            condition(&object, "Ready"),
+            Some(("True".into(), "AllNodesReady".into(), "m".into()))
+        );
+        assert_eq!(condition(&object, "Degraded"), None);
+        assert_eq!(
+            unwatched(&object),
+            vec![("TCPRoute".to_string(), "NotInstalled".to_string())]
+        );
+    }
+}

@@ -7,7 +7,11 @@
 //!   workloads from Pods), with named target ports resolved per pod; a Service without selector
 //!   uses its EndpointSlices (ready endpoints, or serving+terminating ones when none is ready);
 //! - only TCP ports are steered; a port is read the same way for both kinds (`catalog_ports`), each
-//!   kind saying only how its own port declaration reads.
+//!   kind saying only how its own port declaration reads;
+//! - a port number is 1 to 65535 wherever it is read ([`port_number`]): services' ports and target
+//!   ports, and the named ports of endpoints (container ports, EndpointSlice ports, WorkloadEntry
+//!   ports). Any other is rejected at its field and left out, the rest compiled: a port of 0 in
+//!   a snapshot would make the encoder refuse the whole snapshot, for every node.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -124,6 +128,15 @@ enum PortLeftOut {
     OutOfRange(&'static str),
 }
 
+/// A port number as the snapshot holds it: 1 to 65535, else `None` (0 is no port).
+pub(super) fn port_number<N: TryInto<u16>>(number: N) -> Option<u16> {
+    number.try_into().ok().filter(|port| *port != 0)
+}
+
+/// The reason given for a named port of an endpoint outside 1 to 65535.
+const ENDPOINT_PORT_OUT_OF_RANGE: &str =
+    "port out of range: left out, so a target port naming it does not resolve to it";
+
 /// The identity of a workload: "namespace/serviceaccount".
 pub(super) fn identity(namespace: &str, service_account: Option<&str>) -> String {
     format!("{namespace}/{}", service_account.unwrap_or("default"))
@@ -134,6 +147,7 @@ impl<'a> Compiler<'a> {
     /// already has are reported and left out.
     pub(super) fn catalog(&mut self) -> Catalog {
         let inputs: &'a crate::inputs::Inputs = self.inputs;
+        self.report_endpoint_ports();
         let mut catalog = Catalog::new();
         let mut services: Vec<&Service> = inputs.services.iter().collect();
         services.sort_by_key(|s| (namespace_of(&s.metadata), name_of(&s.metadata)));
@@ -185,6 +199,45 @@ impl<'a> Compiler<'a> {
             }
         }
         ports
+    }
+
+    /// Reports the named ports of pods and EndpointSlices that are not port numbers; the
+    /// endpoints leave them out ([`pod_endpoint`], [`Compiler::slice_endpoints`]). Once per
+    /// object, not once per service selecting it.
+    fn report_endpoint_ports(&mut self) {
+        let inputs: &'a crate::inputs::Inputs = self.inputs;
+        for pod in &inputs.pods {
+            let object = ObjectRef::new(
+                Kind::Pod,
+                Some(namespace_of(&pod.metadata)),
+                name_of(&pod.metadata),
+            );
+            let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+            for (c, container) in containers.enumerate() {
+                for (i, p) in container.ports.iter().flatten().enumerate() {
+                    if p.name.is_some() && port_number(p.container_port).is_none() {
+                        let field = format!("spec.containers[{c}].ports[{i}].containerPort");
+                        self.reject(&object, &field, ENDPOINT_PORT_OUT_OF_RANGE);
+                    }
+                }
+            }
+        }
+        for slice in &inputs.endpoint_slices {
+            let object = ObjectRef::new(
+                Kind::EndpointSlice,
+                Some(namespace_of(&slice.metadata)),
+                name_of(&slice.metadata),
+            );
+            for (i, p) in slice.ports.iter().flatten().enumerate() {
+                if p.port.is_some_and(|n| port_number(n).is_none()) {
+                    self.reject(
+                        &object,
+                        &format!("ports[{i}].port"),
+                        ENDPOINT_PORT_OUT_OF_RANGE,
+                    );
+                }
+            }
+        }
     }
 
     // ---- Kubernetes Services ----
@@ -290,12 +343,7 @@ impl<'a> Compiler<'a> {
                 .ports
                 .iter()
                 .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone().unwrap_or_default(),
-                        u16::try_from(p.port?).ok()?,
-                    ))
-                })
+                .filter_map(|p| Some((p.name.clone().unwrap_or_default(), port_number(p.port?)?)))
                 .collect();
             for ep in &slice.endpoints {
                 let conditions = ep.conditions.as_ref();
@@ -412,6 +460,10 @@ impl<'a> Compiler<'a> {
     ) -> Vec<CatalogEndpoint> {
         let mut endpoints = Vec::new();
         for (i, we) in declared.iter().enumerate() {
+            for (name, _) in we.ports.iter().filter(|(_, p)| port_number(**p).is_none()) {
+                let field = format!("spec.endpoints[{i}].ports.{name}");
+                self.reject(object, &field, ENDPOINT_PORT_OUT_OF_RANGE);
+            }
             let Some(ip) = we.address.as_deref().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 self.unenforced(
                     object,
@@ -427,7 +479,7 @@ impl<'a> Compiler<'a> {
                 named_ports: we
                     .ports
                     .iter()
-                    .filter_map(|(n, p)| Some((n.clone(), u16::try_from(*p).ok()?)))
+                    .filter_map(|(n, p)| Some((n.clone(), port_number(*p)?)))
                     .collect(),
             });
         }
@@ -445,12 +497,11 @@ fn service_port(p: &ServicePort) -> Result<CatalogPort, PortLeftOut> {
             p.port
         )));
     }
-    let port = u16::try_from(p.port).map_err(|_| PortLeftOut::OutOfRange(".port"))?;
+    // A missing `port` reads as 0 (k8s-openapi's default): out of range too.
+    let port = port_number(p.port).ok_or(PortLeftOut::OutOfRange(".port"))?;
     let target = match &p.target_port {
         None => TargetPort::Number(port),
-        Some(IntOrString::Int(n)) => u16::try_from(*n)
-            .ok()
-            .filter(|n| *n > 0)
+        Some(IntOrString::Int(n)) => port_number(*n)
             .map(TargetPort::Number)
             .ok_or(PortLeftOut::OutOfRange(".targetPort"))?,
         Some(IntOrString::String(s)) => TargetPort::Named(s.clone()),
@@ -469,9 +520,9 @@ fn entry_port(p: &ServiceEntryPort) -> Result<CatalogPort, PortLeftOut> {
     if p.protocol.as_deref() == Some("UDP") {
         return Err(PortLeftOut::NotSteered("UDP is not steered".to_string()));
     }
-    let (Ok(port), Ok(target)) = (
-        u16::try_from(p.number),
-        u16::try_from(p.target_port.unwrap_or(p.number)),
+    let (Some(port), Some(target)) = (
+        port_number(p.number),
+        port_number(p.target_port.unwrap_or(p.number)),
     ) else {
         return Err(PortLeftOut::OutOfRange(""));
     };
@@ -498,7 +549,7 @@ fn pod_endpoint(pod: &Pod) -> Option<CatalogEndpoint> {
         .iter()
         .flat_map(|s| s.containers.iter())
         .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+        .filter_map(|p| Some((p.name.clone()?, port_number(p.container_port)?)))
         .collect();
     Some(CatalogEndpoint {
         ips,
@@ -526,6 +577,8 @@ spec:
   - {port: 53, name: dns, protocol: UDP}
   - {port: 70000, name: big}
   - {port: 81, name: zero-target, targetPort: 0}
+  - {port: 0, name: zero}
+  - {name: missing}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -545,6 +598,8 @@ spec:
             [
                 "rejected: Service default/web spec.ports[2].port: port out of range",
                 "rejected: Service default/web spec.ports[3].targetPort: port out of range",
+                "rejected: Service default/web spec.ports[4].port: port out of range",
+                "rejected: Service default/web spec.ports[5].port: port out of range",
                 "not enforced: Service default/web spec.ports[1]: UDP port 53 is not steered (only TCP is; kube-proxy still serves it)",
                 "not enforced: ServiceEntry default/ext spec.ports[1]: UDP is not steered",
             ]
@@ -556,5 +611,77 @@ spec:
             "{text}"
         );
         assert!(text.contains("240.0.0.1:443  ext.example.com"), "{text}");
+    }
+
+    /// Named ports of endpoints outside 1-65535 (a pod's container port, an EndpointSlice port, a
+    /// ServiceEntry endpoint's port) are rejected at their field and resolve no target port;
+    /// the services still compile, and the snapshot encodes (a port of 0 would make the encoder
+    /// refuse it).
+    #[test]
+    fn endpoint_ports_out_of_range_are_rejected_at_their_field() {
+        let compiled = compile_yaml(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: app, namespace: default}
+spec:
+  clusterIP: 10.96.9.50
+  ports: [{port: 80, targetPort: web}]
+  selector: {app: app}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app-1, namespace: default, labels: {app: app}}
+spec:
+  nodeName: node-1
+  containers:
+  - {name: a, ports: [{containerPort: 0}]}
+  - {name: b, ports: [{name: metrics, containerPort: 9090}, {name: web, containerPort: 0}]}
+status:
+  podIP: 10.244.9.50
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: manual, namespace: default}
+spec:
+  clusterIP: 10.96.9.51
+  ports: [{port: 80, name: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: manual-1, namespace: default, labels: {kubernetes.io/service-name: manual}}
+addressType: IPv4
+ports: [{name: http, port: 0}]
+endpoints: [{addresses: [10.244.9.51]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [ext.example.com]
+  addresses: [240.0.0.1]
+  resolution: STATIC
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  endpoints: [{address: 10.1.1.1, ports: {https: 0}}]
+"#,
+        );
+        assert_eq!(
+            diagnostics(&compiled),
+            [
+                "rejected: EndpointSlice default/manual-1 ports[0].port: port out of range: left out, so a target port naming it does not resolve to it",
+                "rejected: Pod default/app-1 spec.containers[1].ports[1].containerPort: port out of range: left out, so a target port naming it does not resolve to it",
+                "rejected: ServiceEntry default/ext spec.endpoints[0].ports.https: port out of range: left out, so a target port naming it does not resolve to it",
+            ]
+        );
+        let snapshot = compiled.snapshots.values().next().expect("a snapshot");
+        snapshot.encode().expect("the snapshot encodes");
+        let text = summary(&compiled);
+        assert!(text.contains("services (3 VIP:port)"), "{text}");
+        // The pod exposes no valid `web`: no endpoint. The slice's and the entry's endpoints
+        // fall back to the port's number.
+        assert!(!text.contains("10.244.9.50:"), "{text}");
+        assert!(text.contains("10.244.9.51:80"), "{text}");
+        assert!(text.contains("10.1.1.1:443"), "{text}");
     }
 }

@@ -33,12 +33,12 @@ impl ObjectRef {
     }
 
     /// The kind (from `apiVersion` and `kind`), namespace and name of a raw object, or its
-    /// position when it has no kind or no name.
+    /// position when it has no kind or no name (or an empty one).
     pub fn from_value(value: &serde_json::Value, origin: &str, index: usize) -> Self {
         let api_version = text(value.get("apiVersion")).unwrap_or("");
         let kind = text(value.get("kind")).filter(|k| !k.is_empty());
         let meta = value.get("metadata");
-        let name = text(meta.and_then(|m| m.get("name")));
+        let name = text(meta.and_then(|m| m.get("name"))).filter(|n| !n.is_empty());
         let namespace = text(meta.and_then(|m| m.get("namespace")));
         match (kind, name) {
             (Some(kind), Some(name)) => {

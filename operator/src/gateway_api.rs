@@ -17,7 +17,7 @@ use serde_json::Value;
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
 /// A Gateway API object: metadata plus a typed spec (an object without spec reads as the default).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Object<S> {
     pub metadata: ObjectMeta,
     #[serde(default)]
@@ -38,7 +38,7 @@ pub type TcpRoute = Object<TcpRouteSpec>;
 pub type ReferenceGrant = Object<ReferenceGrantSpec>;
 
 /// `spec.parentRefs[]`: what a route attaches to.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentReference {
     pub group: Option<String>,
@@ -67,7 +67,7 @@ impl ParentReference {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     #[serde(default)]
@@ -94,7 +94,7 @@ fn default_http_rules() -> Vec<HttpRouteRule> {
 }
 
 /// `spec.rules[]` of an HTTPRoute.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteRule {
     pub name: Option<String>,
@@ -143,7 +143,7 @@ impl HttpRouteRule {
 }
 
 /// `spec.rules[].matches[]`: the fields within one match are ANDed, matches are ORed.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteMatch {
     pub path: Option<HttpPathMatch>,
@@ -165,7 +165,7 @@ impl HttpRouteMatch {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct HttpPathMatch {
     /// `Exact`, `PathPrefix` (the default) or `RegularExpression`.
     #[serde(rename = "type")]
@@ -175,7 +175,7 @@ pub struct HttpPathMatch {
 }
 
 /// `backendRefs[]` of an HTTPRoute or TCPRoute rule.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendRef {
     pub group: Option<String>,
@@ -207,7 +207,7 @@ impl BackendRef {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpRouteSpec {
     #[serde(default)]
@@ -217,7 +217,7 @@ pub struct TcpRouteSpec {
 }
 
 /// `spec.rules[]` of a TCPRoute: nothing to match on, only backends.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpRouteRule {
     pub name: Option<String>,
@@ -225,7 +225,7 @@ pub struct TcpRouteRule {
     pub backend_refs: Vec<BackendRef>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct ReferenceGrantSpec {
     #[serde(default)]
     pub from: Vec<ReferenceGrantFrom>,
@@ -233,7 +233,7 @@ pub struct ReferenceGrantSpec {
     pub to: Vec<ReferenceGrantTo>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct ReferenceGrantFrom {
     #[serde(default)]
     pub group: String,
@@ -243,7 +243,7 @@ pub struct ReferenceGrantFrom {
     pub namespace: String,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct ReferenceGrantTo {
     #[serde(default)]
     pub group: String,

@@ -1,5 +1,15 @@
 //! The compiler's inputs: the objects it reads, however they were obtained (the API server's
 //! reflectors, or YAML files for `kmeshctl compile` and `--source dir:`).
+//!
+//! Promise: reading does not depend on order. Every object is appended (and where it came from
+//! recorded in [`Inputs::sources`]); the one exception, the `KmeshConfig`, is combined by a rule
+//! that gives the same result in any order ([`Inputs::add_config`]). So reading files one after
+//! the other and [`Inputs::extend`]ing the inputs of each file in any order give the same inputs,
+//! up to the order of the lists, which the compiler does not depend on. Objects of one kind,
+//! namespace and name are all kept: the compiler resolves them (`compile/duplicates.rs`). An
+//! object without `metadata.name` is refused here: it could not be told apart from another.
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -7,7 +17,7 @@ use k8s_openapi::api::{
 use serde::{Deserialize as _, de::DeserializeOwned};
 
 use crate::{
-    crd::KmeshConfig,
+    crd::{KmeshConfig, SINGLETON_NAME},
     diagnostics::{Diagnostic, ObjectRef},
     gateway_api::{HttpRoute, ReferenceGrant, TcpRoute},
     istio::{DestinationRule, ServiceEntry, VirtualService},
@@ -17,6 +27,9 @@ use crate::{
 /// Everything the compiler looks at. Order does not matter: the compiler sorts what it needs.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
+    /// The `KmeshConfig` named `default`, the only one that configures the mesh. From YAML, when
+    /// every definition of it read agrees; `None` when there is none, or when definitions differ
+    /// (then [`Inputs::sources`] still names them, and the compiler reports the conflict).
     pub config: Option<KmeshConfig>,
     pub namespaces: Vec<Namespace>,
     pub nodes: Vec<Node>,
@@ -36,6 +49,10 @@ pub struct Inputs {
     /// authorization policies, GRPCRoute, TLSRoute, other Istio kinds), so that they are reported
     /// rather than dropped silently.
     pub not_yet_supported: Vec<ObjectRef>,
+    /// Where each object read from text came from (`origin#document`, one entry per definition),
+    /// by object: what names the definitions of an object given more than once. Empty for
+    /// objects put in directly (the kube source's typed stores, which hold one per name).
+    pub sources: BTreeMap<ObjectRef, Vec<String>>,
 }
 
 impl Inputs {
@@ -121,18 +138,36 @@ impl Inputs {
         let object = ObjectRef::from_value(&value, origin, index);
         let result = match kind {
             None => Err(Unreadable::NoKind),
-            Some(kind) => match kind.handling() {
-                Handling::Compiled => self.add_compiled(&kind, value),
-                Handling::NotCompiled => {
-                    self.not_yet_supported.push(object.clone());
-                    Ok(())
+            Some(kind) if kind.handling() == Handling::Irrelevant => Ok(()),
+            Some(kind) if !has_name(&value) => Err(Unreadable::NoName(kind)),
+            Some(kind) => {
+                let read = match kind.handling() {
+                    Handling::NotCompiled => {
+                        self.not_yet_supported.push(object.clone());
+                        Ok(())
+                    }
+                    _ => self.add_compiled(&kind, value),
+                };
+                if read.is_ok() {
+                    self.add_source(&kind, &object, origin, index);
                 }
-                Handling::Irrelevant => Ok(()),
-            },
+                read
+            }
         };
         result
             .err()
-            .map(|reason| Diagnostic::rejected(object, "", reason.to_string()))
+            .map(|reason| Diagnostic::rejected(object, reason.field(), reason.to_string()))
+    }
+
+    /// Records where `object` was read: `origin#index`. Keyed as the compiler tells objects
+    /// apart (`compile/duplicates.rs`): a cluster-scoped object by kind and name alone.
+    fn add_source(&mut self, kind: &Kind, object: &ObjectRef, origin: &str, index: usize) {
+        let mut key = object.clone();
+        if kind.scope() == Scope::Cluster {
+            key.namespace = None;
+        }
+        let source = ObjectRef::document(origin, index).name;
+        self.sources.entry(key).or_default().push(source);
     }
 
     /// Reads an object of a compiled kind into its field.
@@ -143,7 +178,7 @@ impl Inputs {
             Kind::Pod => parse(value).map(|o| self.pods.push(o)),
             Kind::Service => parse(value).map(|o| self.services.push(o)),
             Kind::EndpointSlice => parse(value).map(|o| self.endpoint_slices.push(o)),
-            Kind::KmeshConfig => parse(value).map(|o| self.config = Some(o)),
+            Kind::KmeshConfig => parse(value).and_then(|o| self.add_config(o)),
             Kind::VirtualService => parse(value).map(|o| self.virtual_services.push(o)),
             Kind::DestinationRule => parse(value).map(|o| self.destination_rules.push(o)),
             Kind::ServiceEntry => parse(value).map(|o| self.service_entries.push(o)),
@@ -154,6 +189,96 @@ impl Inputs {
             other => Err(Unreadable::NoReader(other.clone())),
         }
     }
+
+    /// Reads a `KmeshConfig`. Only `default` configures the mesh, as in a cluster (where a CEL
+    /// rule of the CRD refuses any other name, and the kube source reads only `default`). A
+    /// second definition of `default` keeps it if it is identical, and otherwise leaves none:
+    /// picking one would make the mode depend on which file is read last. The result is the
+    /// same in any order; the compiler reports the conflict (`compile/duplicates.rs`).
+    fn add_config(&mut self, config: KmeshConfig) -> Result<(), Unreadable> {
+        let name = config.metadata.name.clone().unwrap_or_default();
+        if name != SINGLETON_NAME {
+            return Err(Unreadable::NotTheSingleton(name));
+        }
+        let read_before = self.has_config();
+        self.config = combine_configs(read_before, self.config.take(), true, Some(config));
+        Ok(())
+    }
+
+    /// Whether a `KmeshConfig` `default` has been read (or put in), whether or not it is held.
+    fn has_config(&self) -> bool {
+        self.config.is_some() || self.sources.contains_key(&config_ref())
+    }
+
+    /// Adds the objects of `other` (read from other files), as if they had been read after
+    /// these; and equally, before: reading is order-independent (see the module documentation).
+    pub fn extend(&mut self, other: Inputs) {
+        // Exhaustive: a new field of Inputs must be combined here.
+        let Inputs {
+            config,
+            namespaces,
+            nodes,
+            pods,
+            services,
+            endpoint_slices,
+            virtual_services,
+            destination_rules,
+            service_entries,
+            http_routes,
+            tcp_routes,
+            reference_grants,
+            not_yet_supported,
+            sources,
+        } = other;
+        let there = config.is_some() || sources.contains_key(&config_ref());
+        self.config = combine_configs(self.has_config(), self.config.take(), there, config);
+        self.namespaces.extend(namespaces);
+        self.nodes.extend(nodes);
+        self.pods.extend(pods);
+        self.services.extend(services);
+        self.endpoint_slices.extend(endpoint_slices);
+        self.virtual_services.extend(virtual_services);
+        self.destination_rules.extend(destination_rules);
+        self.service_entries.extend(service_entries);
+        self.http_routes.extend(http_routes);
+        self.tcp_routes.extend(tcp_routes);
+        self.reference_grants.extend(reference_grants);
+        self.not_yet_supported.extend(not_yet_supported);
+        for (object, mut origins) in sources {
+            self.sources.entry(object).or_default().append(&mut origins);
+        }
+    }
+}
+
+/// The `KmeshConfig` `default`, as diagnostics and [`Inputs::sources`] name it.
+pub fn config_ref() -> ObjectRef {
+    ObjectRef::new(Kind::KmeshConfig, None, SINGLETON_NAME)
+}
+
+/// The `KmeshConfig` of two sets of inputs together, each given as whether it has read one
+/// (`a_read`, `b_read`) and the one it holds (`None` if its definitions differed). Commutative and
+/// associative, so the result does not depend on the order of reading: the config is kept only
+/// when every definition read is the same.
+fn combine_configs(
+    a_read: bool,
+    a: Option<KmeshConfig>,
+    b_read: bool,
+    b: Option<KmeshConfig>,
+) -> Option<KmeshConfig> {
+    match (a_read, b_read) {
+        (false, _) => b,
+        (_, false) => a,
+        (true, true) => a.filter(|a| b.as_ref() == Some(a)),
+    }
+}
+
+/// Whether a raw object has a non-empty `metadata.name`.
+fn has_name(value: &serde_json::Value) -> bool {
+    value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .is_some_and(|n| !n.is_empty())
 }
 
 /// Why an object could not be read; the reason of its rejection.
@@ -161,10 +286,28 @@ impl Inputs {
 enum Unreadable {
     #[error("no kind")]
     NoKind,
+    /// Objects are told apart by kind, namespace and name: one without a name cannot be (the
+    /// API server refuses it too; `generateName` is for creating, which a file of objects is not).
+    #[error("{0} without a name (missing or empty)")]
+    NoName(Kind),
     #[error("does not match its schema: {0}")]
     Schema(#[source] serde_json::Error),
     #[error("{0} is marked compiled, but the compiler's inputs have no place for it")]
     NoReader(Kind),
+    #[error(
+        "KmeshConfig is a singleton named default (a cluster refuses any other name): \"{0}\" is ignored"
+    )]
+    NotTheSingleton(String),
+}
+
+impl Unreadable {
+    /// The field the reason is about; empty for the whole object.
+    fn field(&self) -> &'static str {
+        match self {
+            Unreadable::NoName(_) | Unreadable::NotTheSingleton(_) => "metadata.name",
+            Unreadable::NoKind | Unreadable::Schema(_) | Unreadable::NoReader(_) => "",
+        }
+    }
 }
 
 fn parse<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Unreadable> {
@@ -178,13 +321,13 @@ mod tests {
     use super::*;
 
     /// A small object of `kind` its schema accepts (a spec holding the fields some kinds
-    /// require; the others ignore them).
+    /// require; the others ignore them), named `default` (the only name a KmeshConfig may have).
     fn minimal(kind: &Kind) -> serde_json::Value {
         let info = kind.info().unwrap();
         json!({
             "apiVersion": info.api_version(info.preferred_version()),
             "kind": info.name,
-            "metadata": {"name": "x"},
+            "metadata": {"name": "default"},
             "spec": {"host": "x", "hosts": ["x"], "from": [], "to": []},
         })
     }
@@ -258,5 +401,131 @@ metadata: {name: f}
         assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
         assert_eq!(diagnostics[0].object, ObjectRef::document("f.yaml", 5));
         assert_eq!(diagnostics[0].reason, "no kind");
+    }
+
+    #[test]
+    fn an_object_without_a_name_is_refused_naming_its_document_and_field() {
+        let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {namespace: web}
+spec: {clusterIP: 10.96.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ''}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {namespace: web}
+";
+        let mut inputs = Inputs::default();
+        let diagnostics: Vec<String> = inputs
+            .add_yaml(yaml, "f.yaml", "default")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            diagnostics,
+            [
+                "rejected: Document f.yaml#0 metadata.name: Service without a name (missing or empty)",
+                "rejected: Document f.yaml#1 metadata.name: VirtualService without a name (missing or empty)",
+                "rejected: Document f.yaml#2 metadata.name: AuthorizationPolicy without a name (missing or empty)",
+            ],
+            "a Deployment is irrelevant, named or not"
+        );
+        assert!(inputs.services.is_empty() && inputs.virtual_services.is_empty());
+        assert!(inputs.not_yet_supported.is_empty() && inputs.sources.is_empty());
+    }
+
+    fn config(name: &str, mode: &str) -> String {
+        format!(
+            "apiVersion: kmesh.net/v1alpha1\nkind: KmeshConfig\nmetadata: {{name: {name}}}\nspec: {{mode: {mode}}}\n"
+        )
+    }
+
+    #[test]
+    fn only_the_kmesh_config_named_default_is_read() {
+        let yaml = format!(
+            "{}---\n{}",
+            config("default", "Disabled"),
+            config("other", "DualEngine")
+        );
+        let mut inputs = Inputs::default();
+        let diagnostics: Vec<String> = inputs
+            .add_yaml(&yaml, "f.yaml", "default")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            diagnostics,
+            [
+                "rejected: KmeshConfig other metadata.name: KmeshConfig is a singleton named default \
+              (a cluster refuses any other name): \"other\" is ignored"
+            ]
+        );
+        let config = inputs.config.expect("default is read");
+        assert_eq!(config.spec.mode, crate::crd::Mode::Disabled);
+    }
+
+    /// The `KmeshConfig` held after reading `modes` as `default`s, one file each, in this order.
+    fn configs_read(modes: &[&str]) -> Option<crate::crd::Mode> {
+        let mut inputs = Inputs::default();
+        for (i, mode) in modes.iter().enumerate() {
+            let read = inputs.add_yaml(&config("default", mode), &format!("{i}.yaml"), "default");
+            assert!(read.is_empty(), "{read:?}");
+        }
+        assert_eq!(inputs.sources[&config_ref()].len(), modes.len());
+        inputs.config.map(|c| c.spec.mode)
+    }
+
+    #[test]
+    fn differing_kmesh_configs_default_leave_none_in_any_order() {
+        use crate::crd::Mode::{Disabled, DualEngine};
+        assert_eq!(configs_read(&["Disabled"]), Some(Disabled));
+        assert_eq!(configs_read(&["Disabled", "Disabled"]), Some(Disabled));
+        for modes in [
+            ["Disabled", "DualEngine", "DualEngine"],
+            ["DualEngine", "Disabled", "DualEngine"],
+            ["DualEngine", "DualEngine", "Disabled"],
+        ] {
+            assert_eq!(configs_read(&modes), None, "{modes:?}");
+        }
+        assert_eq!(
+            configs_read(&["DualEngine", "DualEngine"]),
+            Some(DualEngine)
+        );
+    }
+
+    /// `extend` is reading the other inputs' files after these, or before: the same inputs.
+    #[test]
+    fn extending_equals_reading_in_sequence_in_either_order() {
+        let files = [
+            config("default", "Disabled"),
+            config("default", "DualEngine"),
+            config("default", "Disabled"),
+        ];
+        let read = |order: &[usize]| {
+            let mut all = Inputs::default();
+            for &i in order {
+                let mut one = Inputs::default();
+                one.add_yaml(&files[i], &format!("{i}.yaml"), "default");
+                all.extend(one);
+            }
+            all
+        };
+        for order in [[0, 1, 2], [2, 1, 0], [0, 2, 1]] {
+            let all = read(&order);
+            assert_eq!(all.config, None, "{order:?}");
+            assert_eq!(all.sources[&config_ref()].len(), 3);
+        }
+        let agreeing = read(&[0, 2]);
+        assert_eq!(
+            agreeing.config.map(|c| c.spec.mode),
+            Some(crate::crd::Mode::Disabled)
+        );
     }
 }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// An Istio object: metadata plus a typed spec.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct IstioObject<S> {
     pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     pub spec: S,
@@ -29,7 +29,7 @@ pub type VirtualService = IstioObject<VirtualServiceSpec>;
 pub type DestinationRule = IstioObject<DestinationRuleSpec>;
 pub type ServiceEntry = IstioObject<ServiceEntrySpec>;
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualServiceSpec {
     #[serde(default)]
@@ -47,7 +47,7 @@ pub struct VirtualServiceSpec {
 }
 
 /// `http[]`: the fields listed in [`HttpRoute::l7_fields`] need the HTTP bytes.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
     pub name: Option<String>,
@@ -106,7 +106,7 @@ impl HttpRoute {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpRoute {
     #[serde(rename = "match", default)]
@@ -115,7 +115,7 @@ pub struct TcpRoute {
     pub route: Vec<RouteDestination>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct L4Match {
     #[serde(default)]
@@ -128,7 +128,7 @@ pub struct L4Match {
     pub gateways: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteDestination {
     pub destination: Destination,
@@ -137,7 +137,7 @@ pub struct RouteDestination {
     pub headers: Option<Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
     pub host: String,
@@ -145,12 +145,12 @@ pub struct Destination {
     pub port: Option<PortSelector>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct PortSelector {
     pub number: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
     pub host: String,
@@ -162,7 +162,7 @@ pub struct DestinationRuleSpec {
     pub workload_selector: Option<Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
     pub name: String,
@@ -171,7 +171,7 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
@@ -182,7 +182,7 @@ pub struct TrafficPolicy {
     pub port_level_settings: Vec<Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancer {
     pub simple: Option<String>,
@@ -191,7 +191,7 @@ pub struct LoadBalancer {
     pub warmup: Option<Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsistentHash {
     pub use_source_ip: Option<bool>,
@@ -200,7 +200,7 @@ pub struct ConsistentHash {
     pub http_query_parameter_name: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
     #[serde(default)]
@@ -216,7 +216,7 @@ pub struct ServiceEntrySpec {
     pub workload_selector: Option<Value>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntryPort {
     pub number: u32,
@@ -225,7 +225,7 @@ pub struct ServiceEntryPort {
     pub target_port: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
     pub address: Option<String>,

@@ -4,6 +4,8 @@
 //! Semantics follow `../shared/docs/istio-semantics.md`; each file opens with the part it decides.
 //! One file per concern, each an `impl Compiler` block of its own (after istio/ztunnel's
 //! `src/state/{workload,service,policy}.rs`):
+//! - `duplicates.rs`: objects defined more than once (by files), resolved independently of order
+//!   before anything else;
 //! - `catalog.rs`: the mesh services (Services with a cluster IP, STATIC ServiceEntries) and their
 //!   endpoints;
 //! - `routes.rs`: one route per service port and address family (Gateway API mesh routes, else a
@@ -31,6 +33,7 @@
 mod backend_refs;
 mod backend_sets;
 mod catalog;
+mod duplicates;
 mod mesh_routes;
 mod mesh_rules;
 mod routes;
@@ -116,7 +119,9 @@ pub fn compile(
     generation: u64,
     options: &CompileOptions,
 ) -> Compiled {
-    let mut c = Compiler::new(inputs, options);
+    let (inputs, duplicates) = duplicates::distinct(inputs);
+    let mut c = Compiler::new(&inputs, options);
+    c.diagnostics.extend(duplicates);
     c.report_mode();
     let catalog = c.catalog();
     c.report_client_namespace_destination_rules(&catalog);

@@ -6,9 +6,11 @@
 #
 #   scripts/fuzz.sh --smoke                  CI: each target for SMOKE_SECONDS (default 20) over its
 #                                            corpus; fails on any crash. No sanitizer (see below).
-#   scripts/fuzz.sh --long [TARGET ...]      RUNS (default 10^7) executions per target, at nice 10
-#                                            (do not wrap it in another nice); new inputs go to
-#                                            fuzz/work/<target>, the log to fuzz/work/<target>.log.
+#   scripts/fuzz.sh --long [TARGET ...]      RUNS (default 10^7) executions per target, or
+#                                            LONG_SECONDS per target if set (whichever ends first),
+#                                            at nice NICE (default 10; do not wrap it in another
+#                                            nice); new inputs go to fuzz/work/<target>, the log to
+#                                            fuzz/work/<target>.log.
 #   scripts/fuzz.sh --merge [TARGET ...]     adds to fuzz/corpus what fuzz/work holds that reaches new
 #                                            code (review the size, then commit).
 #   scripts/fuzz.sh --seed                   rebuilds fuzz/corpus and fuzz/dict from their sources
@@ -34,6 +36,8 @@ export CARGO_INCREMENTAL=0 CARGO_PROFILE_DEV_DEBUG=0
 TARGETS=(snapshot_decode snapshot_roundtrip operator_compile)
 SMOKE_SECONDS=${SMOKE_SECONDS:-20}
 RUNS=${RUNS:-10000000}
+LONG_SECONDS=${LONG_SECONDS:-0}
+NICE=${NICE:-10}
 LLVM_BIN=/usr/lib/llvm-22/bin
 shared="$repo/../shared/reference"
 
@@ -80,11 +84,13 @@ build_flags() {
 }
 
 # The figures of a libFuzzer log: the corpus loaded, the last status line, executions and speed.
+# Each grep may find nothing (a log has either the plain or the fork-mode lines): under pipefail
+# that must not end the script.
 summarize() {
   {
-    grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$1"
+    grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$1" || true
     # Fork mode prints a status line per job instead: the last one holds the totals.
-    grep -E '^#[0-9]+: cov:' "$1" | tail -n 1
+    { grep -E '^#[0-9]+: cov:' "$1" || true; } | tail -n 1
   } | sed 's/^/    /' >&2
 }
 
@@ -126,9 +132,9 @@ long() {
   local t
   for t in $(targets_or_all "$@"); do
     mkdir -p "fuzz/work/$t"
-    log "$t: $RUNS executions, log in fuzz/work/$t.log"
-    if ! (cd fuzz && nice -n 10 cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "work/$t" "corpus/$t" -- \
-      $(target_options "$t") -runs="$RUNS" -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
+    log "$t: $RUNS executions or $LONG_SECONDS s (0: no limit), whichever ends first; log in fuzz/work/$t.log"
+    if ! (cd fuzz && nice -n "$NICE" cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "work/$t" "corpus/$t" -- \
+      $(target_options "$t") -runs="$RUNS" -max_total_time="$LONG_SECONDS" -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
       tail -n 40 "fuzz/work/$t.log" >&2
       log "$t: FAILED; the input is in fuzz/artifacts/$t"
       exit 1

@@ -3,7 +3,7 @@
 //! nodes with fake kubelets running pods in network namespaces and the project's own pods from
 //! the shipped manifests). Everything is done as a user does it, with kubectl, each command
 //! printed as it runs (the harness's progress lines, on stderr): Istio's and the Gateway API's
-//! CRDs, the install of kmesh-rs as the README says, Istio's unmodified bookinfo and its
+//! CRDs, the install of kmesh-rs in one command as the README says, Istio's unmodified bookinfo and its
 //! DestinationRules, Istio's `sleep` pod as the client, then the story's VirtualServices with
 //! `kubectl apply` and the mode with `kubectl patch kmeshconfig default`. After each step the demo
 //! waits until every node's agent runs the new snapshot, and prints where 1,000 connections from
@@ -16,7 +16,11 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kmesh_tests::{
     Cluster, NodeSpec, ProbeReport,
-    cluster::{leftovers, repository},
+    cluster::{
+        leftovers,
+        observe::{self, AgentPod},
+        repository,
+    },
 };
 use kube::{Api, api::ListParams};
 
@@ -33,7 +37,6 @@ const NAME: &str = "demo";
 const ISTIO: &str = "../shared/reference/istio";
 const GATEWAY_API_CRDS: &str = "../shared/reference/gateway-api/config/crd/standard";
 const TIMEOUT: &str = "--timeout=120s";
-const AGENT_ADMIN_PORT: u16 = 15200;
 
 fn nodes() -> Vec<NodeSpec> {
     // Pod CIDRs 10.244.191.0/24 and .192.0/24: no test uses them, so the demo can run beside
@@ -135,19 +138,16 @@ fn install_crds(cluster: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
-/// The install, as the README says, until every agent is ready.
+/// The install, as the README says (one command; the operator makes its certificate and the
+/// KmeshConfig `default`), until every agent is ready.
 fn install_kmesh(cluster: &Cluster) -> Result<(), String> {
     kubectl(cluster, &["apply", "-k", "config/default"])?;
-    let crd = "crd/kmeshconfigs.kmesh.net";
-    kubectl(
-        cluster,
-        &["wait", "--for=condition=Established", crd, TIMEOUT],
-    )?;
-    kubectl(cluster, &["apply", "-k", "config/kmeshconfig"])?;
     for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
         let args = ["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT];
         kubectl(cluster, &args)?;
     }
+    let created = ["wait", "--for=create", "kmeshconfig/default", TIMEOUT];
+    kubectl(cluster, &created)?;
     kubectl(
         cluster,
         &["get", "pods", "-n", "kmesh-system", "-o", "wide"],
@@ -200,12 +200,12 @@ fn client_pod(cluster: &Cluster) -> Result<String, String> {
 }
 
 /// The agent pods (one per node).
-fn agent_pods(cluster: &Cluster) -> Result<Vec<String>, String> {
-    let agents = pods(cluster, "kmesh-system", "kmesh-agent-")?;
+fn agent_pods(cluster: &Cluster) -> Result<Vec<AgentPod>, String> {
+    let agents = observe::agents(cluster).map_err(context("listing the agent pods"))?;
     if agents.len() != nodes().len() {
         return Err(format!("expected an agent per node, found {agents:?}"));
     }
-    Ok(agents.into_iter().map(|(name, _)| name).collect())
+    Ok(agents)
 }
 
 /// The reviews Service's VIP:port.
@@ -261,29 +261,35 @@ fn wait_until_steered(cluster: &Cluster, client: &str, target: &str) -> Result<(
     Ok(())
 }
 
-/// The live snapshot generation of each agent (0 before the first), from its `/debug/snapshot`.
-fn generations(cluster: &Cluster, agents: &[String]) -> Result<Vec<u64>, String> {
-    let generation = |agent: &String| {
-        let (code, body) = cluster
-            .pod_get("kmesh-system", agent, AGENT_ADMIN_PORT, "/debug/snapshot")
-            .map_err(context(format!("{agent}'s /debug/snapshot")))?;
-        let status: serde_json::Value = serde_json::from_str(&body)
-            .map_err(context(format!("{agent}'s /debug/snapshot ({code})")))?;
-        Ok(status["live"]["generation"].as_u64().unwrap_or(0))
-    };
-    agents.iter().map(generation).collect()
+/// The live snapshot generation of each agent (0 before the first), from its `/debug/snapshot`;
+/// `Err` with what it answered when an agent does not answer (its admin port, reached from the
+/// cluster network, can miss a 2 s deadline on a loaded machine: the waits ask again).
+fn generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, String> {
+    let states = observe::agent_states(cluster, agents).map_err(|e| e.to_string())?;
+    Ok(states.iter().map(|s| s.generation()).collect())
+}
+
+/// [`generations`], asked again until every agent answers.
+fn wait_generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, String> {
+    interrupt::wait_until(
+        Duration::from_secs(20),
+        "every agent's /debug/snapshot",
+        || Ok(generations(cluster, agents)),
+        Result::is_ok,
+        String::new,
+    )?
 }
 
 /// Applies a step with kubectl and waits until every node runs it; returns how long that took
 /// from the start of the kubectl command.
 fn apply_step(
     cluster: &Cluster,
-    agents: &[String],
+    agents: &[AgentPod],
     index: usize,
     step: &Step,
 ) -> Result<Duration, String> {
     print_step(index, step);
-    let before = generations(cluster, agents)?;
+    let before = wait_generations(cluster, agents)?;
     let started = Instant::now();
     match step.change {
         Change::VirtualService(sample) => {
@@ -303,10 +309,13 @@ fn apply_step(
     interrupt::wait_until(
         Duration::from_secs(60),
         "every node running the change",
-        || generations(cluster, agents),
-        |now| now.iter().zip(&before).all(|(now, before)| now > before),
+        || Ok(generations(cluster, agents)),
+        |now| {
+            now.as_ref()
+                .is_ok_and(|now| now.iter().zip(&before).all(|(now, before)| now > before))
+        },
         || format!("agents {agents:?}, at generations {before:?} before the change"),
-    )?;
+    )??;
     let took = started.elapsed();
     println!("  live in the kernel of every node {took:.2?} after kubectl started");
     Ok(took)

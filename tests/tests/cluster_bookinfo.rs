@@ -94,6 +94,23 @@ fn live_generation(cluster: &Cluster, agent: &str) -> Option<u64> {
     v["live"]["generation"].as_u64()
 }
 
+/// The live generation of an agent that is ready: asked again for up to 10 s (a slow answer on a
+/// loaded machine is not a failure), then a failure naming what the endpoint said.
+fn live_generation_now(cluster: &Cluster, agent: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(generation) = live_generation(cluster, agent) {
+            return generation;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{agent}: no live generation on /debug/snapshot for 10 s: {:?}",
+            cluster.pod_get("kmesh-system", agent, 15200, "/debug/snapshot")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Replies from pods whose name starts with `prefix`.
 fn replies_from(report: &ProbeReport, prefix: &str) -> u64 {
     report
@@ -122,7 +139,7 @@ fn assert_share(report: &ProbeReport, prefix: &str, expected: f64) {
 fn apply_until_live(cluster: &Cluster, file: &str, agents: &[String]) -> Duration {
     let before: Vec<u64> = agents
         .iter()
-        .map(|a| live_generation(cluster, a).expect("agent debug snapshot"))
+        .map(|a| live_generation_now(cluster, a))
         .collect();
     let applied = Instant::now();
     cluster

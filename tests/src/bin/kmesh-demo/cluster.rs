@@ -20,6 +20,7 @@ use kmesh_tests::{
         leftovers,
         observe::{self, AgentPod},
         repository,
+        scenario::{GATEWAY_API_CRDS, ISTIO, TIMEOUT, two_nodes},
     },
 };
 use kube::{Api, api::ListParams};
@@ -34,22 +35,12 @@ use crate::{
 
 /// Names everything the cluster makes (`kmt-demo-...-<pid>`).
 const NAME: &str = "demo";
-const ISTIO: &str = "../shared/reference/istio";
-const GATEWAY_API_CRDS: &str = "../shared/reference/gateway-api/config/crd/standard";
-const TIMEOUT: &str = "--timeout=120s";
 
+/// Pod CIDRs 10.244.191.0/24 and .192.0/24: no test uses them, so the demo can run beside the
+/// tests (agents enrol namespaces by IP, machine-wide).
 fn nodes() -> Vec<NodeSpec> {
-    // Pod CIDRs 10.244.191.0/24 and .192.0/24: no test uses them, so the demo can run beside
-    // the tests (agents enrol namespaces by IP, machine-wide).
-    [("node-a", 191), ("node-b", 192)]
-        .into_iter()
-        .map(|(name, subnet)| NodeSpec {
-            name: name.into(),
-            subnet,
-        })
-        .collect()
+    two_nodes(191, 192)
 }
-
 pub fn run() -> Result<(), String> {
     println!("== kmesh-rs demo on a real Kubernetes control plane ==");
     println!(

@@ -547,6 +547,7 @@ fn forbidden_kinds(mesh: &Mesh<'_>, figures: &mut Figures) -> Instant {
         !groups.into_iter().any(|g| g == "security.istio.io")
     });
     assert_eq!(rules.len(), count - 1, "one rule removed");
+    let before_restart = quiet_states(mesh);
     k.run_stdin(&["replace", "-f", "-"], &role.to_string())
         .unwrap();
     let restarted = Instant::now();
@@ -585,6 +586,23 @@ fn forbidden_kinds(mesh: &Mesh<'_>, figures: &mut Figures) -> Instant {
         TIMEOUT,
     ])
     .unwrap();
+    // Ready may still be the old leader's; the change below is measured against what the
+    // restarted replicas publish once settled. (A run once saw a new generation go live ~2 s
+    // after the restart, and the change then seemed live before it was compiled.)
+    let settled = quiet_states(mesh);
+    let hashes = |states: &[AgentState]| -> Vec<Option<String>> {
+        states
+            .iter()
+            .map(|s| s.live.as_ref().map(|l| l.1.clone()))
+            .collect()
+    };
+    if hashes(&settled) != hashes(&before_restart) {
+        progress!(
+            "note: the restarted operator changed the nodes' content: {:?} -> {:?}",
+            before_restart.iter().map(|s| &s.live).collect::<Vec<_>>(),
+            settled.iter().map(|s| &s.live).collect::<Vec<_>>()
+        );
+    }
     apply_sample(mesh, "virtual-service-reviews-90-10.yaml");
     let report = probe(mesh.cluster, "client-a", &mesh.reviews, 2000);
     assert_eq!(report.ok, 2000, "{report:?}");

@@ -88,7 +88,10 @@ fn install(cluster: &Cluster) {
         TIMEOUT,
     ])
     .unwrap();
-    k.run(&["apply", "-k", "config/kmeshconfig"]).unwrap();
+    // Server-side, as the README says: the operator may have created `default` already, and a
+    // client-side apply racing it fails with AlreadyExists (seen here).
+    k.run(&["apply", "--server-side", "-k", "config/kmeshconfig"])
+        .unwrap();
     for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
         k.run(&["rollout", "status", "-n", NS, workload, TIMEOUT])
             .unwrap();

@@ -15,9 +15,34 @@ export PATH="/usr/local/go/bin:$PATH"
 
 log() { echo "control-plane-bins: $*" >&2; }
 
-# Only a build needs Go; cached binaries are used as they are.
+# Only a build needs Go (at least $GO_MIN); cached binaries are used as they are. A machine without
+# it gets Go $GO_VERSION from the Go module proxy, the way `go` itself fetches toolchains
+# (golang.org/toolchain), into the cache.
+GO_MIN=1.26
+GO_VERSION=${GO_VERSION:-1.26.8}
+go_is_recent() {
+  local v
+  v=$(go env GOVERSION 2>/dev/null) || return 1
+  v=${v#go}
+  [ "$(printf '%s\n%s\n' "$GO_MIN" "$v" | sort -V | head -1)" = "$GO_MIN" ]
+}
 need_go() {
-  command -v go >/dev/null || { echo "control-plane-bins: go is not installed (the test control plane is built from Go modules)" >&2; exit 1; }
+  go_is_recent && return
+  local root=$cache/go-$GO_VERSION
+  local mod="golang.org/toolchain@v0.0.1-go$GO_VERSION.linux-amd64"
+  if [ ! -x "$root/$mod/bin/go" ]; then
+    log "no Go $GO_MIN or later here: fetching Go $GO_VERSION from the Go module proxy into $root"
+    command -v unzip >/dev/null || { log "unzip is missing (scripts/setup.sh installs it)"; exit 1; }
+    mkdir -p "$root"
+    curl -fsSL --retry 3 -o "$root/go.zip" \
+      "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-go$GO_VERSION.linux-amd64.zip"
+    unzip -q -o "$root/go.zip" -d "$root"
+    rm -f "$root/go.zip"
+    # Module zips carry no file modes.
+    chmod +x "$root/$mod/bin/"* "$root/$mod/pkg/tool/"*/*
+  fi
+  export PATH="$root/$mod/bin:$PATH"
+  go_is_recent || { log "$root/$mod/bin/go is not Go $GO_MIN or later"; exit 1; }
 }
 
 k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)

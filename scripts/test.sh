@@ -54,10 +54,12 @@ cargo test -p kmesh-snapshot --release --locked 2>&1 | tee "$release_log"
 step "fuzz smoke run (snapshot decoder and encoder, operator input path)"
 bash scripts/fuzz.sh --smoke
 
-step "benchmark smoke runs"
-cargo build --release -p kmesh-tests --bins --locked
-cargo bench -p kmesh-agent --bench dataplane --locked -- --smoke
-cargo bench -p kmesh-operator --bench compile --locked -- --smoke
+# The smoke runs show that the benchmarks run and print their ratios; they are built in the test
+# profile, beside everything above, because a release build of the operator and the test harness
+# (kube and all) would add about 10 minutes to a cold run. Measurements are `cargo bench` (release).
+step "benchmark smoke runs (test profile; measurements: cargo bench)"
+cargo test -p kmesh-agent --bench dataplane --locked -- --smoke
+cargo test -p kmesh-operator --bench compile --locked -- --smoke
 
 step "the OCI image: static musl binaries in a FROM scratch image, unpacked and run from its root"
 bash scripts/image.sh

@@ -95,7 +95,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.run.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour codes only on a terminal: a container log or a file keeps plain text.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
 
     let result = match cli.command {
         Some(Command::Uninstall { bpffs_dir }) => {

@@ -22,5 +22,6 @@ pub mod server;
 pub mod tokenreview;
 pub mod uninstall;
 pub mod validate;
+pub mod watch_backoff;
 
 pub use error::{Error, Result};

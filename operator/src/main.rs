@@ -202,7 +202,9 @@ impl FromStr for ServiceAccount {
 }
 
 fn main() -> ExitCode {
+    // Colour codes only on a terminal: a container log or a file keeps plain text.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

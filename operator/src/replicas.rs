@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
-    runtime::{WatchStreamExt as _, utils::Backoff, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
@@ -30,6 +30,7 @@ use crate::{
     leader::Leadership,
     publish::{Decision, Decisions},
     server::SnapshotStore,
+    watch_backoff::WatchBackoff,
 };
 
 /// The ConfigMap of the leader's decisions.
@@ -47,25 +48,6 @@ pub struct Seen {
     pub resource_version: Option<String>,
 }
 
-/// Retries a failed watch after 0.5 s, doubling to at most 4 s: after an API server outage the
-/// replicas learn of decisions within seconds of its return.
-struct QuickBackoff(Duration);
-
-impl Iterator for QuickBackoff {
-    type Item = Duration;
-    fn next(&mut self) -> Option<Duration> {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(4));
-        Some(delay)
-    }
-}
-
-impl Backoff for QuickBackoff {
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(500);
-    }
-}
-
 /// Watches the object `name` of `api`; the receiver holds it as last seen (`None`: absent).
 pub fn watch_object<K>(api: Api<K>, name: &str) -> (watch::Receiver<Option<K>>, JoinHandle<()>)
 where
@@ -81,7 +63,7 @@ where
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let name = name.to_string();
     let task = tokio::spawn(async move {
-        let stream = watcher(api, config).backoff(QuickBackoff(Duration::from_millis(500)));
+        let stream = watcher(api, config).backoff(WatchBackoff::default());
         let mut events = std::pin::pin!(stream);
         let mut listed = false;
         while let Some(event) = events.next().await {
@@ -391,13 +373,5 @@ mod tests {
             ("b".to_string(), "-1".to_string()),
         ]);
         assert_eq!(parse_live(&data), BTreeMap::from([("a".to_string(), 7)]));
-    }
-
-    #[test]
-    fn watch_retries_stay_quick() {
-        let mut b = QuickBackoff(Duration::from_millis(500));
-        let delays: Vec<Duration> = (0..6).map(|_| b.next().unwrap()).collect();
-        assert_eq!(delays[0], Duration::from_millis(500));
-        assert_eq!(delays[5], Duration::from_secs(4));
     }
 }

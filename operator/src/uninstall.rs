@@ -33,7 +33,7 @@ use kube::{
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::server::SnapshotStore;
+use crate::{server::SnapshotStore, watch_backoff::WatchBackoff};
 
 /// How long a stopping operator keeps serving while an uninstall is under way.
 pub const DRAIN: Duration = Duration::from_secs(5);
@@ -217,7 +217,7 @@ pub fn watch(client: Client, agents: AgentDaemonSet, store: SnapshotStore) -> Jo
         Api::<Namespace>::all(client.clone()),
         by_name(&agents.namespace),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .map(move |e| match e {
         Ok(e) => relist.seen(e, |ns| {
             Seen::Namespace(ns.map_or(Observed::Gone, |ns| Observed::namespace(&ns)))
@@ -230,7 +230,7 @@ pub fn watch(client: Client, agents: AgentDaemonSet, store: SnapshotStore) -> Jo
         Api::<DaemonSet>::namespaced(client, &agents.namespace),
         by_name(&agents.name),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .map(move |e| match e {
         Ok(e) => relist.seen(e, |ds| {
             Seen::DaemonSet(ds.map_or(Observed::Gone, |ds| Observed::daemonset(&ds)))

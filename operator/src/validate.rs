@@ -7,11 +7,20 @@ use serde_json::Value;
 
 use crate::istio::{DestinationRuleSpec, ServiceEntrySpec, TrafficPolicy};
 
-/// A field and the reason it is invalid.
-pub type Invalid = (String, String);
+/// Why an object is invalid: the first field that fails a check, and the reason, in the words the
+/// API server or Istio's validation would use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// The field's path in the object, e.g. `spec.ports[1].number`.
+    pub field: String,
+    pub reason: String,
+}
 
 fn invalid(field: &str, reason: impl Into<String>) -> Result<(), Invalid> {
-    Err((field.to_string(), reason.into()))
+    Err(Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    })
 }
 
 pub fn service_entry(spec: &ServiceEntrySpec) -> Result<(), Invalid> {

@@ -1,7 +1,7 @@
 //! The `kmesh-probe` client: its report, spawning it in a pod netns and a cgroup, and
 //! locating workspace binaries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -81,16 +81,41 @@ impl ProbeReport {
     /// Asserts that `pod`'s share of the successful connections is `expected` within 5 standard
     /// deviations of a binomial proportion (a false failure less than once in a million checks).
     pub fn assert_share(&self, pod: &str, expected: f64) {
+        let (line, within) = self.share(pod, self.replies(pod), expected);
+        println!("{line}");
+        assert!(within, "{line}: {self:?}");
+    }
+
+    /// How many replies came from pods whose name starts with `prefix` (a Deployment's pods).
+    pub fn replies_from(&self, prefix: &str) -> u64 {
+        let matching = self.by_reply.iter().filter(|(k, _)| k.starts_with(prefix));
+        matching.map(|(_, n)| n).sum()
+    }
+
+    /// The pods that replied, among those whose name starts with `prefix`.
+    pub fn pods_replying(&self, prefix: &str) -> BTreeSet<String> {
+        let keys = self.by_reply.keys().filter(|k| k.starts_with(prefix));
+        keys.cloned().collect()
+    }
+
+    /// [`Self::assert_share`] of the pods whose name starts with `prefix`, printed as a cluster
+    /// test's progress line.
+    pub fn assert_share_from(&self, prefix: &str, expected: f64) {
+        let (line, within) = self.share(&format!("{prefix}*"), self.replies_from(prefix), expected);
+        crate::progress!("{line}");
+        assert!(within, "{line}: {self:?}");
+    }
+
+    /// The observed share of `replies` against `expected` within 5 standard deviations: the line
+    /// that says so, and whether it is within.
+    fn share(&self, what: &str, replies: u64, expected: f64) -> (String, bool) {
         let n = self.ok as f64;
-        let observed = self.replies(pod) as f64 / n;
+        let observed = replies as f64 / n;
         let tolerance = 5.0 * (expected * (1.0 - expected) / n).sqrt();
-        println!(
-            "share of {pod}: observed {observed:.4}, expected {expected:.2} ± {tolerance:.4} (n = {n})"
+        let line = format!(
+            "share of {what}: observed {observed:.4}, expected {expected:.2} ± {tolerance:.4} (n = {n})"
         );
-        assert!(
-            (observed - expected).abs() <= tolerance,
-            "share of {pod} is {observed:.4}, expected {expected} ± {tolerance:.4}: {self:?}"
-        );
+        (line, (observed - expected).abs() <= tolerance)
     }
 
     /// How many failures had the key `err` (e.g. `"ENETUNREACH"`).

@@ -25,45 +25,25 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use kmesh_tests::{
-    Cluster, NodeSpec, ProbeHandle, ProbeReport, StopFile, cluster::leftovers, progress,
+    Cluster, ProbeHandle, ProbeReport, StopFile,
+    cluster::{
+        observe,
+        scenario::{ISTIO, TIMEOUT, probe, run_cluster, two_nodes, wait_until_steered},
+    },
+    progress,
 };
 use kube::{Api, api::ListParams};
 use serde_json::Value;
 
 const NAME: &str = "life";
+// Pod CIDRs 10.244.181.0/24 and .182.0/24: no other test uses them.
 const NODES: [(&str, u8); 2] = [("node-a", 181), ("node-b", 182)];
-const ISTIO: &str = "../shared/reference/istio";
-const TIMEOUT: &str = "--timeout=120s";
 const AGENTS: &str = "daemonset/kmesh-agent";
-
-fn nodes() -> Vec<NodeSpec> {
-    // Pod CIDRs 10.244.181.0/24 and .182.0/24: no other test uses them.
-    NODES
-        .iter()
-        .map(|(name, subnet)| NodeSpec {
-            name: name.to_string(),
-            subnet: *subnet,
-        })
-        .collect()
-}
 
 #[test]
 fn agents_roll_across_a_layout_change_under_load_and_uninstall_cleanly() {
-    let started = Instant::now();
-    {
-        let cluster = Cluster::start(NAME, &nodes()).expect("test cluster");
-        run_scenario(&cluster);
-        if let Some(secs) = std::env::var("KMESH_TEST_CLUSTER_HOLD_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-        {
-            progress!("holding the cluster for {secs} s (KMESH_TEST_CLUSTER_HOLD_SECS)");
-            std::thread::sleep(Duration::from_secs(secs));
-        }
-    }
-    let left = leftovers(NAME);
-    assert!(left.is_empty(), "the cluster left behind: {left:?}");
-    progress!("cluster test done in {:.1?}", started.elapsed());
+    let nodes = two_nodes(NODES[0].1, NODES[1].1);
+    run_cluster(NAME, &nodes, |cluster| run_scenario(cluster));
 }
 
 fn run_scenario(cluster: &Cluster) {
@@ -205,7 +185,8 @@ fn deploy_app(cluster: &Cluster) -> String {
         .unwrap();
     let target = format!("{}:5000", vip.trim());
     for (node, _) in NODES {
-        wait_steered(cluster, &client_name(node), &target);
+        let versions = ["helloworld-v1-", "helloworld-v2-"];
+        wait_until_steered(cluster, &client_name(node), &target, &versions, 40);
     }
     target
 }
@@ -234,46 +215,6 @@ spec:
 ",
         client_name(node)
     )
-}
-
-/// `count` connections from pod `client` to `target`.
-fn probe(cluster: &Cluster, client: &str, target: &str, count: u32) -> ProbeReport {
-    let count = count.to_string();
-    let args = [
-        "--target",
-        target,
-        "--count",
-        &count,
-        "--timeout-ms",
-        "2000",
-    ];
-    cluster.run_probe("default", client, &args).unwrap()
-}
-
-fn replies_from(report: &ProbeReport, prefix: &str) -> u64 {
-    let replies = report.by_reply.iter();
-    replies
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(_, n)| n)
-        .sum()
-}
-
-/// Waits until `client`'s node steers `target` to both helloworld versions.
-fn wait_steered(cluster: &Cluster, client: &str, target: &str) {
-    let started = Instant::now();
-    loop {
-        let r = probe(cluster, client, target, 40);
-        let versions = ["helloworld-v1-", "helloworld-v2-"];
-        if r.ok == 40 && versions.iter().all(|v| replies_from(&r, v) > 0) {
-            progress!("{client}: {target} steered to both helloworld versions");
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "{client}: connections to {target} are not steered to both versions: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Connections without pause from every client to the target, until stopped.
@@ -343,11 +284,8 @@ fn agent_statuses(cluster: &Cluster) -> BTreeMap<String, Value> {
     assert_eq!(pods.len(), NODES.len(), "one agent per node: {pods:?}");
     pods.into_iter()
         .map(|(node, pod)| {
-            let (code, body) = cluster
-                .pod_get("kmesh-system", &pod, 15200, "/debug/snapshot")
-                .unwrap_or_else(|e| panic!("{pod}: /debug/snapshot: {e}"));
-            assert_eq!(code, 200, "{pod}: {body}");
-            (node, serde_json::from_str(&body).expect("agent status"))
+            let status = observe::agent_status(cluster, &pod);
+            (node, status.unwrap_or_else(|e| panic!("{e}")))
         })
         .collect()
 }

@@ -201,7 +201,9 @@ impl<'a> Compiler<'a> {
         let inputs: &'a Inputs = self.inputs;
         let mut index = DestinationRules::default();
         for dr in &inputs.destination_rules {
-            if let Err((field, reason)) = crate::validate::destination_rule(&dr.spec) {
+            if let Err(crate::validate::Invalid { field, reason }) =
+                crate::validate::destination_rule(&dr.spec)
+            {
                 self.reject(&object_of(dr), &field, reason);
                 continue;
             }

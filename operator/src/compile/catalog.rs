@@ -381,7 +381,9 @@ impl<'a> Compiler<'a> {
     fn service_entry(&mut self, se: &ServiceEntry) -> Vec<CatalogService> {
         let ns = se.namespace().to_string();
         let object = ObjectRef::new(Kind::ServiceEntry, Some(&ns), se.name());
-        if let Err((field, reason)) = crate::validate::service_entry(&se.spec) {
+        if let Err(crate::validate::Invalid { field, reason }) =
+            crate::validate::service_entry(&se.spec)
+        {
             self.reject(&object, &field, reason);
             return Vec::new();
         }

@@ -32,7 +32,7 @@ use super::{
     discovery::{Served, ServedApis, choose, discover, groups_of},
     watch::{WatchErrorClass, classify_watch_error},
 };
-use crate::kinds::Kind;
+use crate::{kinds::Kind, watch_backoff::WatchBackoff};
 
 /// At most one discovery run per this interval.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -233,7 +233,7 @@ pub(super) fn watch_crds(client: Client, kinds: &[Kind], rediscover: Rediscover)
     // Metadata only: names and resource versions, not the (large) schemas.
     let api = Api::<PartialObjectMeta<CustomResourceDefinition>>::all(client);
     tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let stream = watcher(api, watcher::Config::default()).backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut refused = false;
         while let Some(item) = stream.next().await {

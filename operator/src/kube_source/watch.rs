@@ -6,7 +6,7 @@
 //! A kind served at no version the compiler reads is not watched: its store is emptied and its
 //! state says why. A 403 (the operator's RBAC) marks it [`KindState::Forbidden`] — logged once
 //! at error level, listed in the status, and no reason to hold the first compile back — and is
-//! retried with backoff (0.8 s doubling to 30 s). A 404 on a CRD kind means its version stopped
+//! retried with backoff (0.5 s doubling to 4 s, `crate::watch_backoff`). A 404 on a CRD kind means its version stopped
 //! being served: its store is emptied and discovery asked to run again. Any other error keeps the
 //! store as it was and is retried with backoff.
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use super::{
     rediscover::{Rediscover, Trigger},
     stores::StoredObject,
 };
-use crate::kinds::Kind;
+use crate::{kinds::Kind, watch_backoff::WatchBackoff};
 
 /// What a watch error means for the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,7 +275,7 @@ fn log_change(kind: &str, previous: &KindState, state: &KindState) {
 
 /// Spawns the watch task of one kind: it watches the kind at the version `served` names, moves
 /// to another when discovery says so, and stops reading it while none is served. Errors are
-/// retried with the default backoff (0.8 s doubling to 30 s). Runs until `served`'s sender is
+/// retried with [`WatchBackoff`] (0.5 s doubling to 4 s). Runs until `served`'s sender is
 /// dropped or the task is aborted.
 pub(super) fn spawn_watch<K: StoredObject>(
     client: Client,
@@ -329,7 +329,7 @@ impl<K: StoredObject> KindTask<K> {
         };
         debug!(kind = %watched, "watching");
         let api = Api::<K>::all_with(self.client.clone(), &K::dynamic_type(&watched));
-        let stream = watcher(api, K::watcher_config()).default_backoff();
+        let stream = watcher(api, K::watcher_config()).backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         loop {
             tokio::select! {

@@ -42,6 +42,7 @@ pub mod pki;
 pub mod process;
 pub mod progress;
 pub mod runtime;
+pub mod scenario;
 pub mod services;
 pub mod status;
 pub mod sys;

@@ -2,10 +2,7 @@
 //! locating workspace binaries.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -180,8 +177,6 @@ pub(crate) fn spawn(netns: &str, cgroup: &TestCgroup, args: &[&str]) -> io::Resu
 pub fn spawn_in_cgroup_dir(netns: &str, cgroup: &Path, args: &[&str]) -> io::Result<ProbeHandle> {
     let bin = workspace_bin("kmesh-probe")?;
     let procs = cgroup.join("cgroup.procs");
-    let procs_c = CString::new(procs.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("cgroup path contains NUL"))?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])
         .arg(&bin)
@@ -189,24 +184,7 @@ pub fn spawn_in_cgroup_dir(netns: &str, cgroup: &Path, args: &[&str]) -> io::Res
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the closure only makes async-signal-safe syscalls (open/write/close) on
-    // memory prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // "0" moves the writing process itself (cgroup v2 semantics).
-            let r = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let e = io::Error::last_os_error();
-            libc::close(fd);
-            if r != 1 {
-                return Err(e);
-            }
-            Ok(())
-        });
-    }
+    crate::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup)?;
     let desc = format!("{} (cgroup {})", describe(&cmd), cgroup.display());
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(

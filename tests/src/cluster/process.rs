@@ -12,6 +12,22 @@ use crate::cmd::describe;
 
 /// Spawns `cmd` as a member of the cgroup directory `cgroup`.
 pub fn spawn_in_cgroup(cmd: &mut Command, cgroup: &Path) -> io::Result<Child> {
+    join_cgroup_before_exec(cmd, cgroup)?;
+    cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "spawn `{}` in cgroup {}: {e}",
+                describe(cmd),
+                cgroup.display()
+            ),
+        )
+    })
+}
+
+/// Makes `cmd`'s child join the cgroup directory `cgroup` between fork and exec (it writes "0",
+/// itself in cgroup v2 terms, to `cgroup.procs`), so it never runs outside it.
+pub fn join_cgroup_before_exec(cmd: &mut Command, cgroup: &Path) -> io::Result<()> {
     let procs = cgroup.join("cgroup.procs");
     let procs_c = CString::new(procs.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("cgroup path contains NUL"))?;
@@ -32,14 +48,5 @@ pub fn spawn_in_cgroup(cmd: &mut Command, cgroup: &Path) -> io::Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn().map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "spawn `{}` in cgroup {}: {e}",
-                describe(cmd),
-                cgroup.display()
-            ),
-        )
-    })
+    Ok(())
 }

@@ -12,12 +12,18 @@
 //! - ports and all other integers are in host byte order (the programs convert at the socket).
 #![no_std]
 
+pub mod authz;
 mod choice;
+pub use authz::{
+    AuthzCounterKey, AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue,
+    AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,
+    HostAddrValue,
+};
 pub use choice::{RouteWeightError, source_hash};
 
 /// Version of the map layout and of the snapshot records. Part of the snapshot header; the agent
 /// refuses to adopt pinned maps or load snapshots of another layout.
-pub const LAYOUT_VERSION: u16 = 1;
+pub const LAYOUT_VERSION: u16 = 2;
 
 /// An IPv4 or IPv6 address in 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 pub type Ip16 = [u8; 16];
@@ -251,6 +257,16 @@ pub mod map_names {
     pub const ENROLLED: &str = "KM_ENROLLED";
     /// `PerCpuArray<u64>` indexed by [`super::counter`].
     pub const COUNTERS: &str = "KM_COUNTERS";
+    /// `ArrayOfMaps<HashMap<Ip16, AuthzWorkloadValue>>`: see [`crate::authz`].
+    pub const AUTHZ_WORKLOADS: &str = "KM_AUTHZ_WORKLOADS";
+    /// `ArrayOfMaps<LpmTrie<AuthzSourceKey, AuthzSourceValue>>`.
+    pub const AUTHZ_SOURCES: &str = "KM_AUTHZ_SOURCES";
+    /// `ArrayOfMaps<HashMap<AuthzVerdictKey, AuthzVerdict>>`.
+    pub const AUTHZ_VERDICTS: &str = "KM_AUTHZ_VERDICTS";
+    /// `PerCpuHashMap<AuthzCounterKey, u64>`, not per generation.
+    pub const AUTHZ_COUNTERS: &str = "KM_AUTHZ_COUNTERS";
+    /// `HashMap<Ip16, HostAddrValue>`, not per generation: the node's own addresses.
+    pub const HOST_ADDRS: &str = "KM_HOST_ADDRS";
 }
 
 /// Number of generation slots in every per-generation outer map.
@@ -263,6 +279,14 @@ pub const INNER_MAP_FLAGS: u32 = 1;
 /// Capacity of the enrolled map: network namespaces on one node.
 pub const MAX_ENROLLED_NETNS: u32 = 16_384;
 
+/// Capacity of the authorization counters: (workload, policy, verdict) triples on one node. A
+/// connection whose triple finds the map full is still decided, and counted in
+/// [`counter::AUTHZ_COUNTERS_FULL`].
+pub const MAX_AUTHZ_COUNTERS: u32 = 65_536;
+
+/// Capacity of the host addresses map.
+pub const MAX_HOST_ADDRS: u32 = 1_024;
+
 /// Indexes of the per-CPU counters the programs keep.
 pub mod counter {
     /// A connect to a service was rewritten to an endpoint.
@@ -271,10 +295,19 @@ pub mod counter {
     pub const REFUSED_NO_ENDPOINT: u32 = 1;
     /// A connect was refused because the endpoint's address family cannot serve the socket.
     pub const REFUSED_FAMILY: u32 = 2;
-    /// The snapshot referenced something missing (cannot happen with a verified snapshot).
+    /// The snapshot referenced something missing (cannot happen with a verified snapshot). An
+    /// authorization lookup that finds no verdict denies (fail closed) and counts here.
     pub const INCONSISTENT: u32 = 3;
+    /// A new inbound connection to a workload bound by policy was allowed.
+    pub const AUTHZ_ALLOWED: u32 = 4;
+    /// A new inbound connection was denied.
+    pub const AUTHZ_DENIED: u32 = 5;
+    /// A new inbound connection from the node's own address passed without a policy check.
+    pub const AUTHZ_NODE_EXEMPT: u32 = 6;
+    /// A decided connection could not be counted per policy: the counters map is full.
+    pub const AUTHZ_COUNTERS_FULL: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 8;
 }
 
 // The records' bytes are copied as they are: no implicit padding anywhere.
@@ -309,4 +342,11 @@ mod user {
     unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for EnrolledNetns {}
     unsafe impl aya::Pod for GenerationValue {}
+    unsafe impl aya::Pod for AuthzWorkloadValue {}
+    unsafe impl aya::Pod for AuthzSourceKey {}
+    unsafe impl aya::Pod for AuthzSourceValue {}
+    unsafe impl aya::Pod for AuthzVerdictKey {}
+    unsafe impl aya::Pod for AuthzVerdict {}
+    unsafe impl aya::Pod for AuthzCounterKey {}
+    unsafe impl aya::Pod for HostAddrValue {}
 }

@@ -32,6 +32,10 @@ const TIGHT: Limits = Limits {
     max_backend_sets: 3,
     max_endpoints: 4,
     max_workloads: 2,
+    max_authz_workloads: 2,
+    max_authz_sources: 3,
+    max_authz_verdicts: 4,
+    max_authz_policies: 2,
 };
 
 /// Checks `data` as given and, when it is long enough to have a header, with its length and hash

@@ -148,6 +148,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             max_backend_sets: args.max_backend_sets,
             max_endpoints: args.max_endpoints,
             max_workloads: args.max_workloads,
+            ..Limits::default()
         },
         object: if args.test_layout_variant {
             loader::BpfObject::TestLayout

@@ -271,6 +271,7 @@ impl CapacitySpec {
             max_backend_sets: self.max_backend_sets.unwrap_or(d.max_backend_sets),
             max_endpoints: self.max_endpoints.unwrap_or(d.max_endpoints),
             max_workloads: self.max_workloads.unwrap_or(d.max_workloads),
+            ..d
         }
     }
 }

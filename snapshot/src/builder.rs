@@ -68,6 +68,7 @@ impl SnapshotBuilder {
                 backend_sets: Vec::new(),
                 endpoints: Vec::new(),
                 workloads: Vec::new(),
+                authz: Default::default(),
             },
             next_set_id: 1,
             next_route_id: 1,

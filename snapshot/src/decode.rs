@@ -11,7 +11,7 @@ use crate::format::{
     padding_after, read_records, record_size,
 };
 use crate::validate::validate_node_name;
-use crate::{Decoded, Header, Limits, Snapshot, content_hash};
+use crate::{AuthzTables, Decoded, Header, Limits, Snapshot, content_hash};
 
 /// A cursor over the input that never reads out of bounds.
 struct Reader<'a> {
@@ -192,6 +192,12 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
     let backend_sets = section(&mut r, Some(limits.max_backend_sets))?;
     let endpoints = section(&mut r, Some(limits.max_endpoints))?;
     let workloads = section(&mut r, Some(limits.max_workloads))?;
+    let authz = AuthzTables {
+        workloads: section(&mut r, Some(limits.max_authz_workloads))?,
+        sources: section(&mut r, Some(limits.max_authz_sources))?,
+        verdicts: section(&mut r, Some(limits.max_authz_verdicts))?,
+        policies: section(&mut r, Some(limits.max_authz_policies))?,
+    };
     if r.remaining() != 0 {
         return Err(DecodeError::TrailingData {
             offset: r.pos as u64,
@@ -208,6 +214,7 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
         backend_sets,
         endpoints,
         workloads,
+        authz,
     };
     snapshot.validate()?;
     Ok(Decoded {

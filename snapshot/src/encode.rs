@@ -35,7 +35,11 @@ pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
         + section_len(&s.routes)
         + section_len(&s.backend_sets)
         + section_len(&s.endpoints)
-        + section_len(&s.workloads);
+        + section_len(&s.workloads)
+        + section_len(&s.authz.workloads)
+        + section_len(&s.authz.sources)
+        + section_len(&s.authz.verdicts)
+        + section_len(&s.authz.policies);
     let mut out = Vec::with_capacity(capacity);
 
     out.extend_from_slice(&MAGIC);
@@ -55,6 +59,10 @@ pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
     write_section(&mut out, &s.backend_sets)?;
     write_section(&mut out, &s.endpoints)?;
     write_section(&mut out, &s.workloads)?;
+    write_section(&mut out, &s.authz.workloads)?;
+    write_section(&mut out, &s.authz.sources)?;
+    write_section(&mut out, &s.authz.verdicts)?;
+    write_section(&mut out, &s.authz.policies)?;
 
     let total_len = out.len() as u64;
     let hash = content_hash(out.get(FIXED_HEADER_LEN..).unwrap_or_default());

@@ -15,17 +15,25 @@ pub enum Table {
     BackendSets,
     Endpoints,
     Workloads,
+    AuthzWorkloads,
+    AuthzSources,
+    AuthzVerdicts,
+    AuthzPolicies,
 }
 
 impl Table {
     /// All tables in wire order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 10] = [
         Table::NodeConfig,
         Table::Services,
         Table::Routes,
         Table::BackendSets,
         Table::Endpoints,
         Table::Workloads,
+        Table::AuthzWorkloads,
+        Table::AuthzSources,
+        Table::AuthzVerdicts,
+        Table::AuthzPolicies,
     ];
 
     /// The section kind on the wire.
@@ -37,6 +45,10 @@ impl Table {
             Table::BackendSets => 4,
             Table::Endpoints => 5,
             Table::Workloads => 6,
+            Table::AuthzWorkloads => 7,
+            Table::AuthzSources => 8,
+            Table::AuthzVerdicts => 9,
+            Table::AuthzPolicies => 10,
         }
     }
 
@@ -49,6 +61,10 @@ impl Table {
             Table::BackendSets => "backend set",
             Table::Endpoints => "endpoint",
             Table::Workloads => "workload",
+            Table::AuthzWorkloads => "authorization workload",
+            Table::AuthzSources => "authorization source",
+            Table::AuthzVerdicts => "authorization verdict",
+            Table::AuthzPolicies => "authorization policy",
         }
     }
 }
@@ -63,6 +79,10 @@ impl fmt::Display for Table {
             Table::BackendSets => "backend sets",
             Table::Endpoints => "endpoints",
             Table::Workloads => "workloads",
+            Table::AuthzWorkloads => "authorization workloads",
+            Table::AuthzSources => "authorization sources",
+            Table::AuthzVerdicts => "authorization verdicts",
+            Table::AuthzPolicies => "authorization policies",
         })
     }
 }

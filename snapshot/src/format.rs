@@ -16,8 +16,9 @@
 //! 40      node_name_len   u16
 //! 42      node_name       [u8; node_name_len]
 //!         zero padding to the next multiple of 8
-//! then exactly six sections, in this order of kind:
-//!         1 NodeConfig, 2 Services, 3 Routes, 4 BackendSets, 5 Endpoints, 6 Workloads
+//! then exactly ten sections, in this order of kind:
+//!         1 NodeConfig, 2 Services, 3 Routes, 4 BackendSets, 5 Endpoints, 6 Workloads,
+//!         7 AuthzWorkloads, 8 AuthzSources, 9 AuthzVerdicts, 10 AuthzPolicies
 //! each section:
 //!         kind            u32
 //!         record_size     u32     = size_of the kmesh_common record of this kind
@@ -30,7 +31,8 @@
 //!
 //! Each record is exactly the in-memory bytes of the `#[repr(C)]` record of `kmesh_common`
 //! ([`NodeConfig`], [`ServiceRecord`], [`RouteRecord`], [`BackendSetRecord`], [`EndpointRecord`],
-//! [`WorkloadRecord`]) on a little-endian machine. The records have no implicit padding (asserted in
+//! [`WorkloadRecord`], [`AuthzWorkloadRecord`], [`AuthzSourceRecord`], [`AuthzVerdictRecord`],
+//! [`AuthzPolicyRecord`]) on a little-endian machine. The records have no implicit padding (asserted in
 //! `kmesh_common`), so every byte is a defined field and the encoding is unique.
 //!
 //! Rules a valid snapshot follows (the decoder checks all of them; the encoder refuses to produce a
@@ -58,6 +60,7 @@
 
 use crate::error::Table;
 use kmesh_common::{
+    AuthzPolicyRecord, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord,
     BackendSetRecord, EndpointRecord, NodeConfig, RouteRecord, ServiceRecord, WorkloadRecord,
 };
 
@@ -112,7 +115,7 @@ mod sealed {
 /// Implementors must be `#[repr(C)]`, made only of integers and integer arrays, with no implicit
 /// padding and a non-zero size: then every byte of a value is initialized (so it can be viewed as
 /// bytes) and every bit pattern is a valid value (so it can be read from arbitrary bytes). The trait
-/// is sealed; the six implementations below are the only ones, and `kmesh_common` asserts their
+/// is sealed; the ten implementations below are the only ones, and `kmesh_common` asserts their
 /// sizes.
 pub unsafe trait WireRecord: Copy + sealed::Sealed {
     /// The section kind in the wire format.
@@ -139,8 +142,12 @@ wire_record!(RouteRecord, Table::Routes);
 wire_record!(BackendSetRecord, Table::BackendSets);
 wire_record!(EndpointRecord, Table::Endpoints);
 wire_record!(WorkloadRecord, Table::Workloads);
+wire_record!(AuthzWorkloadRecord, Table::AuthzWorkloads);
+wire_record!(AuthzSourceRecord, Table::AuthzSources);
+wire_record!(AuthzVerdictRecord, Table::AuthzVerdicts);
+wire_record!(AuthzPolicyRecord, Table::AuthzPolicies);
 
-/// The wire `record_size` of `T`. Records are at most 140 bytes, so the cast cannot truncate.
+/// The wire `record_size` of `T`. Records are at most 328 bytes, so the cast cannot truncate.
 pub(crate) const fn record_size<T: WireRecord>() -> u32 {
     size_of::<T>() as u32
 }

@@ -27,6 +27,7 @@ mod proptests;
 mod tests;
 
 use kmesh_common::{
+    AuthzPolicyRecord, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord,
     BackendSetRecord, EndpointRecord, NodeConfig, RouteRecord, ServiceRecord, WorkloadRecord,
 };
 
@@ -55,6 +56,22 @@ pub struct Snapshot {
     pub endpoints: Vec<EndpointRecord>,
     /// Sorted by `ip`, unique.
     pub workloads: Vec<WorkloadRecord>,
+    /// Authorization of inbound connections (see `kmesh_common::authz`).
+    pub authz: AuthzTables,
+}
+
+/// The authorization tables of a snapshot (`kmesh_common::authz` says what they mean). All empty:
+/// no workload of the node is bound by a policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthzTables {
+    /// Sorted by `ip`, unique.
+    pub workloads: Vec<AuthzWorkloadRecord>,
+    /// Sorted by key, unique.
+    pub sources: Vec<AuthzSourceRecord>,
+    /// Sorted by key, unique.
+    pub verdicts: Vec<AuthzVerdictRecord>,
+    /// Sorted by `policy`, unique.
+    pub policies: Vec<AuthzPolicyRecord>,
 }
 
 /// A decoded and verified snapshot.
@@ -76,6 +93,10 @@ pub struct Limits {
     pub max_backend_sets: u32,
     pub max_endpoints: u32,
     pub max_workloads: u32,
+    pub max_authz_workloads: u32,
+    pub max_authz_sources: u32,
+    pub max_authz_verdicts: u32,
+    pub max_authz_policies: u32,
 }
 
 impl Limits {
@@ -87,11 +108,16 @@ impl Limits {
         max_backend_sets: u32::MAX,
         max_endpoints: u32::MAX,
         max_workloads: u32::MAX,
+        max_authz_workloads: u32::MAX,
+        max_authz_sources: u32::MAX,
+        max_authz_verdicts: u32::MAX,
+        max_authz_policies: u32::MAX,
     };
 }
 
 /// Defaults for a node: 256 MiB, 100,000 services, 100,000 routes, 200,000 backend sets,
-/// 1,000,000 endpoints, 16,384 workloads (`kmesh_common::MAX_ENROLLED_NETNS`).
+/// 1,000,000 endpoints, 16,384 workloads (`kmesh_common::MAX_ENROLLED_NETNS`); for authorization
+/// 65,536 workload addresses, 1,000,000 sources, 4,000,000 verdicts and 100,000 policies.
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -101,6 +127,10 @@ impl Default for Limits {
             max_backend_sets: 200_000,
             max_endpoints: 1_000_000,
             max_workloads: kmesh_common::MAX_ENROLLED_NETNS,
+            max_authz_workloads: 65_536,
+            max_authz_sources: 1_000_000,
+            max_authz_verdicts: 4_000_000,
+            max_authz_policies: 100_000,
         }
     }
 }
@@ -136,6 +166,10 @@ impl Snapshot {
         self.backend_sets.sort_unstable();
         self.endpoints.sort_unstable();
         self.workloads.sort_unstable();
+        self.authz.workloads.sort_unstable();
+        self.authz.sources.sort_unstable();
+        self.authz.verdicts.sort_unstable();
+        self.authz.policies.sort_unstable();
     }
 
     /// Decodes and verifies a snapshot: framing, sizes, padding, the content hash, the node's

@@ -258,6 +258,7 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                     backend_sets,
                     endpoints,
                     workloads,
+                    authz: Default::default(),
                 };
                 if sorted {
                     s.sort();

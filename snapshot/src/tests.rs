@@ -692,6 +692,10 @@ fn over_capacity() {
                 Table::BackendSets => l.max_backend_sets = n,
                 Table::Endpoints => l.max_endpoints = n,
                 Table::Workloads => l.max_workloads = n,
+                Table::AuthzWorkloads => l.max_authz_workloads = n,
+                Table::AuthzSources => l.max_authz_sources = n,
+                Table::AuthzVerdicts => l.max_authz_verdicts = n,
+                Table::AuthzPolicies => l.max_authz_policies = n,
                 Table::NodeConfig => unreachable!(),
             }
             l

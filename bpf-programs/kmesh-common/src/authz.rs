@@ -356,10 +356,22 @@ mod tests {
     #[test]
     fn canonical_prefixes_have_no_bits_past_their_length() {
         let key = |prefix_len, ip| AuthzSourceKey { prefix_len, ip };
-        assert!(prefix_is_canonical(&key(96 + 24, ipv4_mapped([10, 1, 2, 0]))));
-        assert!(!prefix_is_canonical(&key(96 + 24, ipv4_mapped([10, 1, 2, 1]))));
-        assert!(prefix_is_canonical(&key(96 + 23, ipv4_mapped([10, 1, 2, 0]))));
-        assert!(!prefix_is_canonical(&key(96 + 22, ipv4_mapped([10, 1, 2, 0]))));
+        assert!(prefix_is_canonical(&key(
+            96 + 24,
+            ipv4_mapped([10, 1, 2, 0])
+        )));
+        assert!(!prefix_is_canonical(&key(
+            96 + 24,
+            ipv4_mapped([10, 1, 2, 1])
+        )));
+        assert!(prefix_is_canonical(&key(
+            96 + 23,
+            ipv4_mapped([10, 1, 2, 0])
+        )));
+        assert!(!prefix_is_canonical(&key(
+            96 + 22,
+            ipv4_mapped([10, 1, 2, 0])
+        )));
         assert!(prefix_is_canonical(&key(0, [0; 16])));
         assert!(!prefix_is_canonical(&key(129, [0; 16])));
     }

@@ -194,6 +194,7 @@ impl Compiler<'_> {
                 backend_sets: tables.backend_sets.clone(),
                 endpoints: tables.endpoints.clone(),
                 workloads: workloads.get(node).cloned().unwrap_or_default(),
+                authz: Default::default(),
             };
             snapshot.sort();
             if let Some(reason) = over_capacity(&snapshot, &limits) {

@@ -9,7 +9,7 @@
 //! | volumes and `volumeMounts` | bind mounts at `mountPath` (`readOnly`, `subPath`; `mountPropagation` `HostToContainer`; `Bidirectional` is treated as `HostToContainer`: no container here mounts anything for the host to see) |
 //! | kubelet files | `/etc/hosts` (with the mapped Service names, see [`super::services`]), `/etc/resolv.conf` (no nameserver), `/etc/hostname` |
 //! | `securityContext` | `runAsNonRoot` checked as the kubelet does (numeric image `USER` required), `runAsUser`/`runAsGroup`/image `USER` applied, `readOnlyRootFilesystem`, `allowPrivilegeEscalation: false` (no_new_privs); `privileged` is root with every capability; `capabilities` are not changed for root containers (a non-root user has none) |
-//! | `readinessProbe` `httpGet` | polled from the node at the pod IP with the spec's period, timeout and thresholds; sets the container's `ready` |
+//! | `readinessProbe` `httpGet`, `tcpSocket` | polled from the node at the pod IP with the spec's period, timeout and thresholds (`readiness.rs`); sets the container's `ready` |
 //! | `restartPolicy: Always` | an exited container is restarted after 1 s, doubling to 10 s (a real kubelet starts at 10 s and caps at 5 min) |
 //!
 //! Not done (reported here, not silently dropped): liveness and startup probes, init and sidecar
@@ -18,7 +18,6 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{self, Write as _},
-    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -29,10 +28,10 @@ use k8s_openapi::api::core::v1::Container;
 use tokio::sync::watch;
 
 use super::{
-    container_spec::{ConfigError, HttpProbe, http_probe, plan},
-    http,
+    container_spec::{ConfigError, plan},
     image::Stage,
     kubelet::{PodContext, report_status},
+    readiness::{Readiness, readiness_probe},
     runtime::ContainerPlan,
     status::{ContainerState, ContainerStatus, now},
     volumes::{self, Prepared},
@@ -153,14 +152,6 @@ fn write_kubelet_files(ctx: &PodContext) -> io::Result<()> {
         .add_file(&etc.join("hosts"), ctx.ip, ctx.name())
 }
 
-/// A readiness probe's schedule and counters.
-struct Readiness {
-    probe: Option<HttpProbe>,
-    next: Instant,
-    successes: i32,
-    failures: i32,
-}
-
 /// One container under supervision.
 struct ContainerRun {
     status: ContainerStatus,
@@ -181,7 +172,7 @@ impl ContainerRun {
         let json = serde_json::to_vec_pretty(&plan).map_err(|e| ConfigError(e.to_string()))?;
         fs::write(&plan_file, json).map_err(io_err)?;
         let probe = match &c.readiness_probe {
-            Some(p) => Some(http_probe(c, p)?),
+            Some(p) => Some(readiness_probe(c, p)?),
             None => None,
         };
         if c.liveness_probe.is_some() || c.startup_probe.is_some() {
@@ -201,12 +192,7 @@ impl ContainerRun {
             started: Instant::now(),
             next_start: Instant::now(),
             backoff: BACKOFF_START,
-            readiness: Readiness {
-                probe,
-                next: Instant::now(),
-                successes: 0,
-                failures: 0,
-            },
+            readiness: Readiness::new(probe),
         })
     }
 
@@ -233,15 +219,8 @@ impl ContainerRun {
                 self.child = Some(child);
                 self.started = Instant::now();
                 self.status.state = ContainerState::Running { started_at: now() };
-                self.status.ready = self.readiness.probe.is_none();
-                self.readiness.successes = 0;
-                self.readiness.failures = 0;
-                self.readiness.next = Instant::now()
-                    + self
-                        .readiness
-                        .probe
-                        .as_ref()
-                        .map_or(Duration::ZERO, |p| p.initial_delay);
+                self.readiness.restart();
+                self.status.ready = self.readiness.ready;
             }
             Err(e) => {
                 self.status.state = ContainerState::Waiting {
@@ -293,46 +272,31 @@ impl ContainerRun {
 
     /// Runs the readiness probe if it is due; returns whether `ready` changed.
     async fn probe(&mut self, ctx: &PodContext) -> bool {
-        let Some(p) = self.readiness.probe.clone() else {
-            return false;
-        };
-        if self.child.is_none() || Instant::now() < self.readiness.next {
+        if self.child.is_none() {
             return false;
         }
-        self.readiness.next = Instant::now() + p.period;
+        let Some(p) = self.readiness.due() else {
+            return false;
+        };
         let netns = ctx.shared.network.node_netns_path();
-        let addr = SocketAddr::V4(SocketAddrV4::new(ctx.ip, p.port));
-        let path = p.path.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            http::get_in_netns(&netns, addr, &path, p.timeout)
-                .is_ok_and(|(code, _)| (200..400).contains(&code))
-        })
-        .await
-        .unwrap_or(false);
-        if ok {
-            self.readiness.successes += 1;
-            self.readiness.failures = 0;
-        } else {
-            self.readiness.failures += 1;
-            self.readiness.successes = 0;
-        }
-        let ready = if self.status.ready {
-            self.readiness.failures < p.failure_threshold
-        } else {
-            self.readiness.successes >= p.success_threshold
-        };
-        let changed = ready != self.status.ready;
-        self.status.ready = ready;
+        let ip = ctx.ip;
+        let what = p.describe(ip);
+        let ok = tokio::task::spawn_blocking(move || p.run(&netns, ip))
+            .await
+            .unwrap_or(false);
+        let changed = self.readiness.record(ok);
+        self.status.ready = self.readiness.ready;
         if changed {
             progress!(
-                "kubelet {}: pod {}: container {} {} (readiness probe GET {}:{}{})",
+                "kubelet {}: pod {}: container {} {} (readiness probe {what})",
                 ctx.node.name,
                 ctx.label(),
                 self.status.name,
-                if ready { "ready" } else { "not ready" },
-                ctx.ip,
-                p.port,
-                p.path
+                if self.status.ready {
+                    "ready"
+                } else {
+                    "not ready"
+                },
             );
         }
         changed

@@ -7,13 +7,9 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
-use k8s_openapi::{
-    api::core::v1::{ConfigMap, Container, EnvVar, Probe, Secret},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Secret};
 use kube::Api;
 
 use super::{
@@ -365,48 +361,6 @@ fn binary_mounts(stage: &Stage) -> Result<Vec<Mount>, ConfigError> {
             })
         })
         .collect()
-}
-
-#[derive(Clone, Debug)]
-pub struct HttpProbe {
-    pub path: String,
-    pub port: u16,
-    pub period: Duration,
-    pub timeout: Duration,
-    pub success_threshold: i32,
-    pub failure_threshold: i32,
-    pub initial_delay: Duration,
-}
-
-pub fn http_probe(c: &Container, probe: &Probe) -> Result<HttpProbe, ConfigError> {
-    let get = probe.http_get.as_ref().ok_or_else(|| {
-        ConfigError("readinessProbe: only httpGet probes are run by the test kubelet".into())
-    })?;
-    let port = match &get.port {
-        IntOrString::Int(p) => *p as u16,
-        IntOrString::String(name) => c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .map(|p| p.container_port as u16)
-            .ok_or_else(|| ConfigError(format!("readinessProbe: no container port {name:?}")))?,
-    };
-    if get.scheme.as_deref().is_some_and(|s| s != "HTTP") || get.host.is_some() {
-        return Err(ConfigError(
-            "readinessProbe: only HTTP to the pod IP is run by the test kubelet".into(),
-        ));
-    }
-    let secs = |v: Option<i32>, d: u64| Duration::from_secs(v.map_or(d, |s| s.max(0) as u64));
-    Ok(HttpProbe {
-        path: get.path.clone().unwrap_or_else(|| "/".into()),
-        port,
-        period: secs(probe.period_seconds, 10),
-        timeout: secs(probe.timeout_seconds, 1),
-        success_threshold: probe.success_threshold.unwrap_or(1),
-        failure_threshold: probe.failure_threshold.unwrap_or(3),
-        initial_delay: secs(probe.initial_delay_seconds, 0),
-    })
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ impl Kubelet {
             }
         };
         if stages.iter().all(Option::is_none) {
-            return self.run_application(&ctx, net_pod, sandbox).await;
+            return self.run_application(&ctx, net_pod, sandbox, cancel).await;
         }
         let Some(stages) = stages.into_iter().collect::<Option<Vec<Stage>>>() else {
             return Err(io::Error::other(
@@ -348,25 +348,29 @@ impl Kubelet {
         report_status(ctx, &waiting).await;
     }
 
-    /// An application pod: its servers, then Running and Ready.
+    /// An application pod: its servers, then Running, and Ready at once or once its readiness
+    /// probes pass (probed until the pod stops).
     async fn run_application(
         &self,
         ctx: &PodContext,
         net_pod: crate::Pod,
         sandbox: &Arc<Mutex<Sandbox>>,
+        mut cancel: watch::Receiver<bool>,
     ) -> io::Result<()> {
         let pod = ctx.pod.clone();
         let servers =
             tokio::task::spawn_blocking(move || app_pod::start_servers(&net_pod, &pod)).await??;
         let ports = servers.len();
         lock(sandbox).servers = servers;
-        report_status(ctx, &app_pod::statuses(&ctx.pod)).await;
+        let readiness = app_pod::readiness(ctx);
+        report_status(ctx, &app_pod::statuses(&ctx.pod, &readiness)).await;
         progress!(
             "kubelet {}: pod {} running at {} ({ports} port(s) served)",
             self.node.name,
             ctx.label(),
             ctx.ip
         );
+        app_pod::probe_until_stopped(ctx, readiness, &mut cancel).await;
         Ok(())
     }
 

@@ -41,6 +41,7 @@ pub mod observe;
 pub mod pki;
 pub mod process;
 pub mod progress;
+pub mod readiness;
 pub mod runtime;
 pub mod scenario;
 pub mod services;

@@ -1507,6 +1507,14 @@ mod authz {
     #[test]
     fn sources_prefix_len_at_most_128() {
         invalid_with(
+            |s| s.authz.sources[1].key.prefix_len = 129,
+            ValidationError::AuthzSourcePrefixLen {
+                index: 1,
+                record: "::ffff:10.244.1.20/129".into(),
+                prefix_len: 129,
+            },
+        );
+        invalid_with(
             |s| s.authz.sources[2].key.prefix_len = 129,
             ValidationError::AuthzSourcePrefixLen {
                 index: 2,

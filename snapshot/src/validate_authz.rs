@@ -375,11 +375,11 @@ fn is_dns_label(label: &[u8]) -> bool {
 }
 
 /// A source prefix for messages: `10.1.2.0/24` for IPv4 blocks (prefix_len 96..=128 on an
-/// IPv4-mapped address, shown in CIDR terms), `fd00::/8` otherwise (IPv4-mapped addresses with a
-/// shorter prefix show as `::ffff:10.0.0.0/80`).
+/// IPv4-mapped address, shown in CIDR terms), `fd00::/8` otherwise (IPv4-mapped addresses with
+/// another prefix length show as `::ffff:10.0.0.0/80`).
 pub(crate) fn describe_source(key: &AuthzSourceKey) -> String {
     match kmesh_common::as_ipv4(&key.ip) {
-        Some(v4) if key.prefix_len >= 96 => {
+        Some(v4) if (96..=128).contains(&key.prefix_len) => {
             format!("{}/{}", core::net::Ipv4Addr::from(v4), key.prefix_len - 96)
         }
         _ => format!("{}/{}", core::net::Ipv6Addr::from(key.ip), key.prefix_len),

@@ -302,3 +302,65 @@ pub fn generate(
     }
     b.build()
 }
+
+/// A synthetic snapshot holding only authorization tables, for benchmarks, the same for the same
+/// arguments: `policies` AuthorizationPolicies (at least one), `workloads` workload addresses
+/// (10.0.0.0/8, from 10.0.0.1) sharing verdict sets four by four, about `verdicts` verdicts spread
+/// evenly over the sets (each set's default, then class entries allowed by a policy), and
+/// `sources` host routes in 10.128.0.0/9, whose classes cycle through 1..=1000.
+pub fn generate_authz(
+    node: &str,
+    generation: u64,
+    workloads: u32,
+    sources: u32,
+    verdicts: u32,
+    policies: u32,
+) -> Snapshot {
+    use kmesh_common::authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason};
+    const WORKLOAD_BASE: u32 = u32::from_be_bytes([10, 0, 0, 1]);
+    const SOURCE_BASE: u32 = u32::from_be_bytes([10, 128, 0, 0]);
+
+    let mut b = SnapshotBuilder::new(node, generation, kmesh_common::mode::KERNEL_NATIVE);
+    if workloads == 0 {
+        // Tables without a workload are invalid: a benchmark of none gets none.
+        return b.build();
+    }
+    let policies = policies.max(1);
+    for id in 1..=policies {
+        let name = format!("ns-{}/policy-{id}", id % 100);
+        b.authz_policy(id, authz_policy_kind::AUTHORIZATION_POLICY, &name);
+    }
+    let sets = workloads.div_ceil(4);
+    let per_set = (verdicts / sets).max(1);
+    b.snapshot.authz.verdicts.reserve((sets * per_set) as usize);
+    for set in 1..=sets {
+        b.authz_verdict(
+            set,
+            ANY_CLASS,
+            ANY_PORT,
+            authz_action::DENY,
+            authz_reason::NO_ALLOW_MATCHED,
+            0,
+        );
+        for class in 1..per_set {
+            let policy = 1 + class % policies;
+            b.authz_verdict(
+                set,
+                class,
+                ANY_PORT,
+                authz_action::ALLOW,
+                authz_reason::ALLOW_MATCHED,
+                policy,
+            );
+        }
+    }
+    for w in 0..workloads {
+        let ip = Ipv4Addr::from(WORKLOAD_BASE + w % (1 << 23));
+        b.authz_workload(IpAddr::V4(ip), 1 + w / 4);
+    }
+    for s in 0..sources {
+        let ip = Ipv4Addr::from(SOURCE_BASE + s % (1 << 23));
+        b.authz_source(IpAddr::V4(ip), 32, 1 + s % 1000);
+    }
+    b.build()
+}

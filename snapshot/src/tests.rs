@@ -1277,6 +1277,35 @@ fn generated_snapshot_is_valid_and_deterministic() {
 }
 
 #[test]
+fn generated_authz_tables_are_valid_and_deterministic() {
+    use crate::builder::generate_authz;
+    let s = generate_authz("node-1", 2, 10, 20, 30, 5);
+    let a = &s.authz;
+    // 10 workloads share 3 sets; each set gets its default and 9 class entries.
+    assert_eq!(
+        (
+            a.workloads.len(),
+            a.sources.len(),
+            a.verdicts.len(),
+            a.policies.len()
+        ),
+        (10, 20, 30, 5)
+    );
+    assert_eq!(a.workloads[9].value.policy_set, 3);
+    let bytes = s.encode().unwrap();
+    assert_eq!(
+        generate_authz("node-1", 2, 10, 20, 30, 5).encode().unwrap(),
+        bytes
+    );
+    assert_eq!(decode(&bytes).unwrap(), s);
+    // No workload: no tables at all (which is what a valid snapshot needs).
+    assert_eq!(
+        generate_authz("node-1", 2, 0, 20, 30, 5).authz,
+        Default::default()
+    );
+}
+
+#[test]
 fn generated_100k_services_decode() {
     // 100,000 services with 10 endpoints each is 1,000,000 endpoints, exactly the default limit.
     // Unoptimized hashing of its 50 MB takes seconds, so debug builds check 10,000 services;

@@ -366,7 +366,7 @@ pub enum ValidationError {
 
     /// STRICT_MTLS names a PeerAuthentication, every other reason an AuthorizationPolicy.
     #[error(
-        "authorization verdict {index} ({record}): policy {policy} is a {}, reason {} needs a {}",
+        "authorization verdict {index} ({record}): policy {policy} is of kind {}, reason {} needs kind {}",
         policy_kind_name(*.kind),
         reason_name(*.reason),
         policy_kind_name(*.expected)
@@ -579,6 +579,6 @@ pub(crate) fn policy_kind_name(kind: u8) -> String {
     match kind {
         authz_policy_kind::AUTHORIZATION_POLICY => "AuthorizationPolicy".into(),
         authz_policy_kind::PEER_AUTHENTICATION => "PeerAuthentication".into(),
-        other => format!("policy of kind {other}"),
+        other => other.to_string(),
     }
 }

@@ -1840,8 +1840,8 @@ mod authz {
         };
         assert_eq!(
             expected.to_string(),
-            "authorization verdict 0 (set 1, class 1, any port): policy 7 is a \
-             PeerAuthentication, reason ALLOW_MATCHED needs a AuthorizationPolicy"
+            "authorization verdict 0 (set 1, class 1, any port): policy 7 is of kind \
+             PeerAuthentication, reason ALLOW_MATCHED needs kind AuthorizationPolicy"
         );
         invalid_with(|s| s.authz.verdicts[0].value.policy = 7, expected);
     }

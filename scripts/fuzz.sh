@@ -178,9 +178,10 @@ seed_compiler() {
 }
 
 # The seeds of the decoder: kmeshctl's binary output for the bookinfo combinations and the Gateway
-# API fixtures, and the builder's example snapshot from the snapshot codec's tests.
+# API fixtures, and the builder's snapshots with authorization tables (snapshot/examples/fuzz_seeds.rs).
 seed_decoder() {
   local out=$1 f
+  cargo run -p kmesh-snapshot --example fuzz_seeds --locked -q -- "$out"
   cargo build -p kmesh-operator --bin kmeshctl --locked -q
   for f in "$shared"/istio/samples/bookinfo/networking/{destination-rule-all,virtual-service-reviews-90-10,virtual-service-reviews-50-v3,virtual-service-all-v1}.yaml; do
     target/debug/kmeshctl compile --node node-1 -o binary -f tests/fixtures/bookinfo/cluster.yaml \

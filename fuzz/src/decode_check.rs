@@ -11,13 +11,17 @@
 //!   and what decodes without limits and fits the limits decodes under them;
 //! - `peek_header` agrees with the decoder on every input the decoder accepts;
 //! - every accepted route is one the kernel can use: it is exactly `RouteValue::from_weights` of
-//!   its own weights, and its pick lands on an existing backend set for any random draw.
+//!   its own weights, and its pick lands on an existing backend set for any random draw;
+//! - every accepted authorization table is one the kernel can use: a connection to any of its
+//!   workloads, from a source of any class, to any port, finds a verdict through
+//!   `resolve_verdict`, and the source class of any source address is never a reserved one.
 //!
 //! A mutated snapshot almost always fails the content hash before anything else is looked at, so
 //! [`check_bytes`] decodes each input twice: as given, and with `total_len` and the hash recomputed
 //! (as `fixed_up`), so the fuzzer reaches the section framing and the content rules.
 
 use kmesh_common::RouteValue;
+use kmesh_common::authz::{ANY_CLASS, AuthzVerdictKey, resolve_verdict, source_class};
 use kmesh_snapshot::{DecodeError, FIXED_HEADER_LEN, Limits, Snapshot, content_hash, peek_header};
 
 /// Offsets of the two header fields [`fixed_up`] rewrites (see `kmesh_snapshot::format`).
@@ -106,6 +110,7 @@ pub fn check_one(bytes: &[u8]) {
         "peek_header total_len"
     );
     check_routes(snapshot);
+    check_authz(snapshot);
 }
 
 /// A decode under `limits` must equal the unlimited decode, or be refused for a limit the
@@ -125,7 +130,11 @@ fn check_limits(
                 && s.routes.len() as u64 <= u64::from(limits.max_routes)
                 && s.backend_sets.len() as u64 <= u64::from(limits.max_backend_sets)
                 && s.endpoints.len() as u64 <= u64::from(limits.max_endpoints)
-                && s.workloads.len() as u64 <= u64::from(limits.max_workloads);
+                && s.workloads.len() as u64 <= u64::from(limits.max_workloads)
+                && s.authz.workloads.len() as u64 <= u64::from(limits.max_authz_workloads)
+                && s.authz.sources.len() as u64 <= u64::from(limits.max_authz_sources)
+                && s.authz.verdicts.len() as u64 <= u64::from(limits.max_authz_verdicts)
+                && s.authz.policies.len() as u64 <= u64::from(limits.max_authz_policies);
             assert!(
                 !fits,
                 "a snapshot within {limits:?} was refused under them: {e}"
@@ -170,5 +179,41 @@ fn check_routes(snapshot: &Snapshot) {
                 route.route_id
             );
         }
+    }
+}
+
+/// The kernel's view of the authorization tables: every connection to an authorization workload
+/// finds a verdict (the chain never falls through to "inconsistent", which the kernel denies), and
+/// no source address gets the wildcard class. Classes tried: those of the sources, the unknown
+/// source and one no source has; ports: those of the verdicts and two others.
+fn check_authz(snapshot: &Snapshot) {
+    let authz = &snapshot.authz;
+    let lookup = |k: &AuthzVerdictKey| {
+        let i = authz.verdicts.binary_search_by_key(k, |v| v.key).ok()?;
+        Some(authz.verdicts[i].value)
+    };
+    let mut classes: Vec<u32> = authz.sources.iter().map(|s| s.value.source_class).collect();
+    classes.extend([0, u32::MAX - 1]);
+    let mut ports: Vec<u16> = authz.verdicts.iter().map(|v| v.key.port).collect();
+    ports.extend([1, u16::MAX]);
+    for w in &authz.workloads {
+        let set = w.value.policy_set;
+        for &class in &classes {
+            for &port in &ports {
+                assert!(
+                    resolve_verdict(set, class, port, lookup).is_some(),
+                    "a connection to {:?} (set {set}) from class {class} to port {port} finds no verdict",
+                    w.ip
+                );
+            }
+        }
+    }
+    for s in &authz.sources {
+        let class = source_class(&authz.sources, &s.key.ip);
+        assert_ne!(
+            class, ANY_CLASS,
+            "source {:?} gets the wildcard class",
+            s.key
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The input of the `snapshot_roundtrip` fuzz target: a plan that [`SnapshotPlan::build`] turns
-//! into a snapshot that is valid by construction (through `kmesh_snapshot::builder`), and an
-//! optional [`Edit`] that changes one field or record afterwards, which may make it invalid.
+//! into a snapshot that is valid by construction (through `kmesh_snapshot::builder`; the
+//! authorization tables through [`crate::authz_plan`]), and an optional [`Edit`] that changes one
+//! field or record afterwards, which may make it invalid.
 //!
 //! The oracle ([`check_plan`]): a valid snapshot is accepted by the encoder and
 //! `decode(encode(s)) == s`, under the node's default limits too; an edited one is either refused by
@@ -14,6 +15,7 @@ use kmesh_common::{RouteValue, ip16, lb_policy};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_snapshot::{Limits, Snapshot};
 
+use crate::authz_plan::{self, AuthzEdit, AuthzPlan};
 use crate::decode_check;
 
 /// A snapshot to build, then perhaps break.
@@ -27,6 +29,7 @@ pub struct SnapshotPlan {
     sets: Vec<SetPlan>,
     services: Vec<ServicePlan>,
     workloads: Vec<(Addr, u32)>,
+    authz: Option<AuthzPlan>,
     edit: Option<Edit>,
 }
 
@@ -45,13 +48,13 @@ struct ServicePlan {
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
-enum Addr {
+pub(crate) enum Addr {
     V4([u8; 4]),
     V6([u8; 16]),
 }
 
 impl Addr {
-    fn ip(self) -> IpAddr {
+    pub(crate) fn ip(self) -> IpAddr {
         match self {
             Addr::V4(o) => IpAddr::V4(Ipv4Addr::from(o)),
             Addr::V6(o) => IpAddr::V6(Ipv6Addr::from(o)),
@@ -141,6 +144,7 @@ enum Edit {
         a: usize,
         b: usize,
     },
+    Authz(AuthzEdit),
 }
 
 impl SnapshotPlan {
@@ -188,32 +192,19 @@ impl SnapshotPlan {
                 b.workload(addr.ip(), identity);
             }
         }
+        if let Some(authz) = &self.authz {
+            authz.add_to(&mut b);
+        }
         b.build()
     }
 
     /// A valid node name made of the plan's labels: at most 4 labels of at most 20 characters.
     fn node_name(&self) -> String {
-        const ALPHABET: &[u8; 37] = b"abcdefghijklmnopqrstuvwxyz0123456789-";
         let labels: Vec<String> = self
             .node_labels
             .iter()
             .take(4)
-            .map(|label| {
-                let mut chars: Vec<u8> = label
-                    .iter()
-                    .take(20)
-                    .map(|&c| ALPHABET[usize::from(c) % ALPHABET.len()])
-                    .collect();
-                for end in [0, chars.len().saturating_sub(1)] {
-                    if chars.get(end) == Some(&b'-') {
-                        chars[end] = b'x';
-                    }
-                }
-                if chars.is_empty() {
-                    chars.push(b'n');
-                }
-                String::from_utf8(chars).expect("ASCII")
-            })
+            .map(|l| label(l, 20))
             .collect();
         if labels.is_empty() {
             "node".to_string()
@@ -221,6 +212,26 @@ impl SnapshotPlan {
             labels.join(".")
         }
     }
+}
+
+/// A DNS label made of `bytes`: mapped onto `a-z0-9-`, at most `max` characters, no `-` at either
+/// end, `n` when empty.
+pub(crate) fn label(bytes: &[u8], max: usize) -> String {
+    const ALPHABET: &[u8; 37] = b"abcdefghijklmnopqrstuvwxyz0123456789-";
+    let mut chars: Vec<u8> = bytes
+        .iter()
+        .take(max)
+        .map(|&c| ALPHABET[usize::from(c) % ALPHABET.len()])
+        .collect();
+    for end in [0, chars.len().saturating_sub(1)] {
+        if chars.get(end) == Some(&b'-') {
+            chars[end] = b'x';
+        }
+    }
+    if chars.is_empty() {
+        chars.push(b'n');
+    }
+    String::from_utf8(chars).expect("ASCII")
 }
 
 /// The property of the module documentation, for one plan.
@@ -365,10 +376,11 @@ fn apply(s: &mut Snapshot, edit: &Edit) {
                 v.swap(a, b);
             }
         }),
+        Edit::Authz(ref edit) => authz_plan::apply(s, edit),
     }
 }
 
-/// Reorders one table (`table` modulo the five record tables) by an operation on the list of its
+/// Reorders one table (`table` modulo the nine record tables) by an operation on the list of its
 /// record positions: `op` may duplicate, remove or swap positions.
 fn table_op(s: &mut Snapshot, table: u8, op: impl FnOnce(&mut Vec<usize>)) {
     fn permute<T: Copy>(records: &mut Vec<T>, op: impl FnOnce(&mut Vec<usize>)) {
@@ -376,11 +388,15 @@ fn table_op(s: &mut Snapshot, table: u8, op: impl FnOnce(&mut Vec<usize>)) {
         op(&mut order);
         *records = order.into_iter().map(|i| records[i]).collect();
     }
-    match table % 5 {
+    match table % 9 {
         0 => permute(&mut s.services, op),
         1 => permute(&mut s.routes, op),
         2 => permute(&mut s.backend_sets, op),
         3 => permute(&mut s.endpoints, op),
-        _ => permute(&mut s.workloads, op),
+        4 => permute(&mut s.workloads, op),
+        5 => permute(&mut s.authz.workloads, op),
+        6 => permute(&mut s.authz.sources, op),
+        7 => permute(&mut s.authz.verdicts, op),
+        _ => permute(&mut s.authz.policies, op),
     }
 }

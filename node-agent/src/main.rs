@@ -77,6 +77,18 @@ struct RunArgs {
     /// Capacity: workloads of this node.
     #[arg(long, default_value_t = Limits::default().max_workloads)]
     max_workloads: u32,
+    /// Capacity: authorization workload addresses (pod IPs a policy binds).
+    #[arg(long, default_value_t = Limits::default().max_authz_workloads)]
+    max_authz_workloads: u32,
+    /// Capacity: authorization source prefixes (mesh workload addresses and policy address blocks).
+    #[arg(long, default_value_t = Limits::default().max_authz_sources)]
+    max_authz_sources: u32,
+    /// Capacity: authorization verdicts.
+    #[arg(long, default_value_t = Limits::default().max_authz_verdicts)]
+    max_authz_verdicts: u32,
+    /// Capacity: authorization policy names.
+    #[arg(long, default_value_t = Limits::default().max_authz_policies)]
+    max_authz_policies: u32,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -118,6 +130,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
+    let limits = limits(&args);
     let node_name = args
         .node_name
         .ok_or("--node-name (or NODE_NAME) is required")?;
@@ -141,15 +154,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         bpffs_dir: args.bpffs_dir,
         cgroup,
         admin_addr: args.admin_addr,
-        limits: Limits {
-            max_bytes: args.max_snapshot_bytes,
-            max_services: args.max_services,
-            max_routes: args.max_routes,
-            max_backend_sets: args.max_backend_sets,
-            max_endpoints: args.max_endpoints,
-            max_workloads: args.max_workloads,
-            ..Limits::default()
-        },
+        limits,
         object: if args.test_layout_variant {
             loader::BpfObject::TestLayout
         } else {
@@ -165,6 +170,22 @@ fn run(args: RunArgs) -> Result<(), String> {
     runtime.block_on(agent::run(config)).map_err(|e| chain(&e))
 }
 
+/// The snapshot limits of the capacity flags.
+fn limits(args: &RunArgs) -> Limits {
+    Limits {
+        max_bytes: args.max_snapshot_bytes,
+        max_services: args.max_services,
+        max_routes: args.max_routes,
+        max_backend_sets: args.max_backend_sets,
+        max_endpoints: args.max_endpoints,
+        max_workloads: args.max_workloads,
+        max_authz_workloads: args.max_authz_workloads,
+        max_authz_sources: args.max_authz_sources,
+        max_authz_verdicts: args.max_authz_verdicts,
+        max_authz_policies: args.max_authz_policies,
+    }
+}
+
 /// The mount point of the cgroup v2 hierarchy, from /proc/mounts (it is not always /sys/fs/cgroup).
 fn cgroup2_root() -> std::io::Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
@@ -176,4 +197,47 @@ fn cgroup2_root() -> std::io::Result<PathBuf> {
             (fstype == "cgroup2").then(|| PathBuf::from(path))
         })
         .ok_or_else(|| std::io::Error::other("no cgroup2 filesystem in /proc/mounts"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, limits};
+    use kmesh_snapshot::Limits;
+
+    /// Every capacity flag sets its own limit (distinct values, so a flag wired to the wrong limit
+    /// shows), and with no flag the limits are the snapshot defaults.
+    #[test]
+    fn capacity_flags_set_the_limits() {
+        let cli = Cli::try_parse_from([
+            "kmesh-agent",
+            "--max-snapshot-bytes=10",
+            "--max-services=1",
+            "--max-routes=2",
+            "--max-backend-sets=3",
+            "--max-endpoints=4",
+            "--max-workloads=5",
+            "--max-authz-workloads=6",
+            "--max-authz-sources=7",
+            "--max-authz-verdicts=8",
+            "--max-authz-policies=9",
+        ])
+        .unwrap();
+        let expected = Limits {
+            max_bytes: 10,
+            max_services: 1,
+            max_routes: 2,
+            max_backend_sets: 3,
+            max_endpoints: 4,
+            max_workloads: 5,
+            max_authz_workloads: 6,
+            max_authz_sources: 7,
+            max_authz_verdicts: 8,
+            max_authz_policies: 9,
+        };
+        assert_eq!(limits(&cli.run), expected);
+        let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();
+        assert_eq!(limits(&defaults.run), Limits::default());
+    }
 }

@@ -229,7 +229,9 @@ pub enum LogLevel {
 }
 
 /// Per-node table-size limits. Unset fields keep the defaults: 100000 services, 100000 routes,
-/// 200000 backend sets, 1000000 endpoints, 16384 workloads, 256 MiB per snapshot.
+/// 200000 backend sets, 1000000 endpoints, 16384 workloads, 65536 authorization workloads,
+/// 1000000 authorization sources, 4000000 authorization verdicts, 100000 authorization policies,
+/// 256 MiB per snapshot.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacitySpec {
@@ -253,6 +255,22 @@ pub struct CapacitySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_workloads: Option<u32>,
+    /// Most workload addresses bound by an authorization policy on one node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_authz_workloads: Option<u32>,
+    /// Most authorization source prefixes (workload addresses, policy blocks) per node snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_authz_sources: Option<u32>,
+    /// Most authorization verdicts in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_authz_verdicts: Option<u32>,
+    /// Most authorization policy names in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_authz_policies: Option<u32>,
     /// Largest encoded snapshot for one node, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -271,7 +289,10 @@ impl CapacitySpec {
             max_backend_sets: self.max_backend_sets.unwrap_or(d.max_backend_sets),
             max_endpoints: self.max_endpoints.unwrap_or(d.max_endpoints),
             max_workloads: self.max_workloads.unwrap_or(d.max_workloads),
-            ..d
+            max_authz_workloads: self.max_authz_workloads.unwrap_or(d.max_authz_workloads),
+            max_authz_sources: self.max_authz_sources.unwrap_or(d.max_authz_sources),
+            max_authz_verdicts: self.max_authz_verdicts.unwrap_or(d.max_authz_verdicts),
+            max_authz_policies: self.max_authz_policies.unwrap_or(d.max_authz_policies),
         }
     }
 }
@@ -477,5 +498,39 @@ fn sort_keys(value: &mut serde_json::Value) {
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(sort_keys),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CapacitySpec;
+
+    /// Every capacity field lands in its own limit: distinct values, so a field mapped to the wrong
+    /// limit (or left at the default) shows.
+    #[test]
+    fn every_capacity_field_sets_its_limit() {
+        let spec: CapacitySpec = serde_yaml::from_str(
+            "maxServices: 1\nmaxRoutes: 2\nmaxBackendSets: 3\nmaxEndpoints: 4\nmaxWorkloads: 5\n\
+             maxAuthzWorkloads: 6\nmaxAuthzSources: 7\nmaxAuthzVerdicts: 8\n\
+             maxAuthzPolicies: 9\nmaxSnapshotBytes: 10\n",
+        )
+        .unwrap();
+        let expected = kmesh_snapshot::Limits {
+            max_bytes: 10,
+            max_services: 1,
+            max_routes: 2,
+            max_backend_sets: 3,
+            max_endpoints: 4,
+            max_workloads: 5,
+            max_authz_workloads: 6,
+            max_authz_sources: 7,
+            max_authz_verdicts: 8,
+            max_authz_policies: 9,
+        };
+        assert_eq!(spec.limits(), expected);
+        assert_eq!(
+            CapacitySpec::default().limits(),
+            kmesh_snapshot::Limits::default()
+        );
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! ```
 //! use std::net::IpAddr;
+//! use kmesh_common::authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason};
 //! use kmesh_common::{lb_policy, mode};
 //! use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 //! use kmesh_snapshot::{Limits, Snapshot};
@@ -16,6 +17,12 @@
 //! let v2 = b.backend_set(lb_policy::RANDOM, &[Endpoint::new("10.244.2.12".parse().unwrap(), 8080, 1)]);
 //! b.service("10.96.0.10".parse::<IpAddr>().unwrap(), 80, &[(90, v1), (10, v2)]);
 //! b.workload("10.244.1.20".parse().unwrap(), 3);
+//! // Connections to 10.244.1.20 from 10.0.0.0/8 (class 1) are allowed, all others denied.
+//! b.authz_policy(9, authz_policy_kind::AUTHORIZATION_POLICY, "default/allow-internal");
+//! b.authz_workload("10.244.1.20".parse().unwrap(), 1);
+//! b.authz_source("10.0.0.0".parse().unwrap(), 8, 1);
+//! b.authz_verdict(1, ANY_CLASS, ANY_PORT, authz_action::DENY, authz_reason::NO_ALLOW_MATCHED, 0);
+//! b.authz_verdict(1, 1, ANY_PORT, authz_action::ALLOW, authz_reason::ALLOW_MATCHED, 9);
 //! let snapshot = b.build();
 //! let bytes = snapshot.encode().unwrap();
 //! assert_eq!(Snapshot::decode(&bytes, &Limits::default()).unwrap().snapshot, snapshot);
@@ -23,6 +30,11 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use kmesh_common::authz::{
+    AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue, AuthzVerdict,
+    AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,
+    MAX_POLICY_NAME_LEN,
+};
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
     NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord,
@@ -157,6 +169,76 @@ impl SnapshotBuilder {
         });
     }
 
+    /// Adds the name of an authorization policy: `kind` is one of `kmesh_common::authz_policy_kind`,
+    /// `name` is `namespace/name`. A name longer than `MAX_POLICY_NAME_LEN` keeps its first bytes
+    /// and its real length (up to `u16::MAX`), which [`Snapshot::encode`] refuses.
+    pub fn authz_policy(&mut self, policy: u32, kind: u8, name: &str) {
+        let mut record = AuthzPolicyRecord {
+            policy,
+            name_len: u16::try_from(name.len()).unwrap_or(u16::MAX),
+            kind,
+            pad: 0,
+            name: [0; MAX_POLICY_NAME_LEN],
+        };
+        let kept = name.len().min(MAX_POLICY_NAME_LEN);
+        record.name[..kept].copy_from_slice(&name.as_bytes()[..kept]);
+        self.snapshot.authz.policies.push(record);
+    }
+
+    /// Adds an authorization workload: connections to `ip` get the verdicts of `policy_set`.
+    pub fn authz_workload(&mut self, ip: IpAddr, policy_set: u32) {
+        self.snapshot.authz.workloads.push(AuthzWorkloadRecord {
+            ip: ip16(ip),
+            value: AuthzWorkloadValue { policy_set, pad: 0 },
+        });
+    }
+
+    /// Adds a source prefix `ip/prefix_len` of class `source_class`, with `prefix_len` in CIDR
+    /// terms: an IPv4 block is stored IPv4-mapped with 96 added (`10.0.0.0/8` becomes
+    /// `::ffff:10.0.0.0/104`), a single address is `/32` or `/128`. The address is stored as given,
+    /// not masked: it must be the network address of the block.
+    pub fn authz_source(&mut self, ip: IpAddr, prefix_len: u32, source_class: u32) {
+        let prefix_len = match ip {
+            IpAddr::V4(_) => prefix_len.saturating_add(96),
+            IpAddr::V6(_) => prefix_len,
+        };
+        self.snapshot.authz.sources.push(AuthzSourceRecord {
+            key: AuthzSourceKey {
+                prefix_len,
+                ip: ip16(ip),
+            },
+            value: AuthzSourceValue { source_class },
+        });
+    }
+
+    /// Adds the verdict of `(policy_set, source_class, port)`: `source_class` may be `ANY_CLASS`
+    /// and `port` `ANY_PORT`; `action`, `reason` are of `authz_action`, `authz_reason`; `policy` is
+    /// the deciding policy's ID or 0.
+    pub fn authz_verdict(
+        &mut self,
+        policy_set: u32,
+        source_class: u32,
+        port: u16,
+        action: u8,
+        reason: u8,
+        policy: u32,
+    ) {
+        self.snapshot.authz.verdicts.push(AuthzVerdictRecord {
+            key: AuthzVerdictKey {
+                policy_set,
+                source_class,
+                port,
+                pad: 0,
+            },
+            value: AuthzVerdict {
+                policy,
+                action,
+                reason,
+                pad: 0,
+            },
+        });
+    }
+
     /// The snapshot, with every table sorted.
     pub fn build(self) -> Snapshot {
         let mut snapshot = self.snapshot;
@@ -217,6 +299,68 @@ pub fn generate(
         // Workloads of this node: the first addresses of its pod range.
         let ip = Ipv4Addr::from(POD_BASE + 1 + w);
         b.workload(IpAddr::V4(ip), w % 1000 + 1);
+    }
+    b.build()
+}
+
+/// A synthetic snapshot holding only authorization tables, for benchmarks, the same for the same
+/// arguments: `policies` AuthorizationPolicies (at least one), `workloads` workload addresses
+/// (10.0.0.0/8, from 10.0.0.1) sharing verdict sets four by four, about `verdicts` verdicts spread
+/// evenly over the sets (each set's default, then class entries allowed by a policy), and
+/// `sources` host routes in 10.128.0.0/9, whose classes cycle through 1..=1000.
+pub fn generate_authz(
+    node: &str,
+    generation: u64,
+    workloads: u32,
+    sources: u32,
+    verdicts: u32,
+    policies: u32,
+) -> Snapshot {
+    use kmesh_common::authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason};
+    const WORKLOAD_BASE: u32 = u32::from_be_bytes([10, 0, 0, 1]);
+    const SOURCE_BASE: u32 = u32::from_be_bytes([10, 128, 0, 0]);
+
+    let mut b = SnapshotBuilder::new(node, generation, kmesh_common::mode::KERNEL_NATIVE);
+    if workloads == 0 {
+        // Tables without a workload are invalid: a benchmark of none gets none.
+        return b.build();
+    }
+    let policies = policies.max(1);
+    for id in 1..=policies {
+        let name = format!("ns-{}/policy-{id}", id % 100);
+        b.authz_policy(id, authz_policy_kind::AUTHORIZATION_POLICY, &name);
+    }
+    let sets = workloads.div_ceil(4);
+    let per_set = (verdicts / sets).max(1);
+    b.snapshot.authz.verdicts.reserve((sets * per_set) as usize);
+    for set in 1..=sets {
+        b.authz_verdict(
+            set,
+            ANY_CLASS,
+            ANY_PORT,
+            authz_action::DENY,
+            authz_reason::NO_ALLOW_MATCHED,
+            0,
+        );
+        for class in 1..per_set {
+            let policy = 1 + class % policies;
+            b.authz_verdict(
+                set,
+                class,
+                ANY_PORT,
+                authz_action::ALLOW,
+                authz_reason::ALLOW_MATCHED,
+                policy,
+            );
+        }
+    }
+    for w in 0..workloads {
+        let ip = Ipv4Addr::from(WORKLOAD_BASE + w % (1 << 23));
+        b.authz_workload(IpAddr::V4(ip), 1 + w / 4);
+    }
+    for s in 0..sources {
+        let ip = Ipv4Addr::from(SOURCE_BASE + s % (1 << 23));
+        b.authz_source(IpAddr::V4(ip), 32, 1 + s % 1000);
     }
     b.build()
 }

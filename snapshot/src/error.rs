@@ -4,6 +4,9 @@
 use core::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use kmesh_common::authz::{
+    ANY_CLASS, MAX_POLICY_NAME_LEN, UNKNOWN_SOURCE, authz_action, authz_policy_kind, authz_reason,
+};
 use kmesh_common::{IPPROTO_TCP, Ip16, MAX_ROUTE_DESTINATIONS, ServiceKey};
 
 /// The tables (sections) of a snapshot.
@@ -249,6 +252,177 @@ pub enum ValidationError {
         endpoint_count: u32,
         missing: u32,
     },
+    // Authorization tables (see `kmesh_common::authz`).
+    /// A workload's verdict set has no default verdict, so some connection to it would find no
+    /// verdict at all.
+    #[error(
+        "authorization workload {index} ({record}): policy_set {policy_set} has no default verdict (set {policy_set}, any class, any port) in the authorization verdicts section"
+    )]
+    AuthzWorkloadSetMissing {
+        index: usize,
+        record: String,
+        policy_set: u32,
+    },
+
+    #[error("authorization source {index} ({record}): prefix_len is {prefix_len}, must be 0..=128")]
+    AuthzSourcePrefixLen {
+        index: usize,
+        record: String,
+        prefix_len: u32,
+    },
+
+    /// A prefix shorter than 96 bits that holds the IPv4-mapped range `::ffff:0:0/96`: the kernel's
+    /// trie would match IPv4 sources against it as if it were an IPv4 block.
+    #[error(
+        "authorization source {index} ({record}): prefix_len {prefix_len} is below 96 and the prefix holds IPv4-mapped addresses (::ffff:0:0/96), so it would match IPv4 and IPv6 sources alike; IPv4 blocks need prefix_len 96..=128"
+    )]
+    AuthzSourceMixesFamilies {
+        index: usize,
+        record: String,
+        prefix_len: u32,
+    },
+
+    #[error(
+        "authorization source {index} ({record}): address bits past prefix_len {prefix_len} are not zero"
+    )]
+    AuthzSourceNotCanonical {
+        index: usize,
+        record: String,
+        prefix_len: u32,
+    },
+
+    #[error(
+        "authorization source {index} ({record}): source_class is {source_class}, must be neither {UNKNOWN_SOURCE} (unknown source) nor {ANY_CLASS} (any class)"
+    )]
+    AuthzSourceClass {
+        index: usize,
+        record: String,
+        source_class: u32,
+    },
+
+    #[error(
+        "authorization verdict {index} ({record}): action is {action}, unknown (1 allow, 2 deny)"
+    )]
+    AuthzUnknownAction {
+        index: usize,
+        record: String,
+        action: u8,
+    },
+
+    #[error(
+        "authorization verdict {index} ({record}): reason is {reason}, must be 1..{}",
+        authz_reason::COUNT
+    )]
+    AuthzUnknownReason {
+        index: usize,
+        record: String,
+        reason: u8,
+    },
+
+    /// Allow only with reasons NO_ALLOW_POLICY and ALLOW_MATCHED, deny only with the others.
+    #[error(
+        "authorization verdict {index} ({record}): action {} does not go with reason {}",
+        action_name(*.action),
+        reason_name(*.reason)
+    )]
+    AuthzReasonAction {
+        index: usize,
+        record: String,
+        action: u8,
+        reason: u8,
+    },
+
+    /// NO_ALLOW_POLICY and NO_ALLOW_MATCHED have no deciding policy: their `policy` is 0.
+    #[error(
+        "authorization verdict {index} ({record}): policy is {policy}, must be 0 for reason {}",
+        reason_name(*.reason)
+    )]
+    AuthzVerdictPolicyNotZero {
+        index: usize,
+        record: String,
+        reason: u8,
+        policy: u32,
+    },
+
+    /// Every reason but NO_ALLOW_POLICY and NO_ALLOW_MATCHED names its deciding policy.
+    #[error(
+        "authorization verdict {index} ({record}): policy is 0, reason {} needs the deciding policy",
+        reason_name(*.reason)
+    )]
+    AuthzVerdictPolicyZero {
+        index: usize,
+        record: String,
+        reason: u8,
+    },
+
+    #[error(
+        "authorization verdict {index} ({record}): policy {policy} references an authorization policy which does not exist"
+    )]
+    AuthzVerdictPolicyMissing {
+        index: usize,
+        record: String,
+        policy: u32,
+    },
+
+    /// STRICT_MTLS names a PeerAuthentication, every other reason an AuthorizationPolicy.
+    #[error(
+        "authorization verdict {index} ({record}): policy {policy} is of kind {}, reason {} needs kind {}",
+        policy_kind_name(*.kind),
+        reason_name(*.reason),
+        policy_kind_name(*.expected)
+    )]
+    AuthzVerdictPolicyKind {
+        index: usize,
+        record: String,
+        policy: u32,
+        reason: u8,
+        kind: u8,
+        expected: u8,
+    },
+
+    #[error("authorization policy {index}: policy is 0, must be a non-zero ID")]
+    AuthzPolicyIdZero { index: usize },
+
+    #[error(
+        "authorization policy {index} (policy {policy}): kind is {kind}, unknown (1 AuthorizationPolicy, 2 PeerAuthentication)"
+    )]
+    AuthzPolicyKind { index: usize, policy: u32, kind: u8 },
+
+    #[error(
+        "authorization policy {index} (policy {policy}): name_len is {name_len}, must be 1..={MAX_POLICY_NAME_LEN}"
+    )]
+    AuthzPolicyNameLen {
+        index: usize,
+        policy: u32,
+        name_len: u16,
+    },
+
+    /// A byte of `name` at or past `name_len` is not zero.
+    #[error(
+        "authorization policy {index} (policy {policy}): name[{offset}] is {value}, must be zero beyond name_len {name_len}"
+    )]
+    AuthzPolicyNameTail {
+        index: usize,
+        policy: u32,
+        name_len: u16,
+        offset: usize,
+        value: u8,
+    },
+
+    /// The name is not `namespace/name` with a DNS label and a DNS subdomain.
+    #[error("authorization policy {index} (policy {policy}): name {name:?} {reason}")]
+    AuthzPolicyName {
+        index: usize,
+        policy: u32,
+        name: String,
+        reason: &'static str,
+    },
+
+    /// Sources, verdicts or policies with no authorization workload to use them.
+    #[error(
+        "the authorization workloads section is empty but the {table} section holds {count} records; authorization tables are all empty or have a workload"
+    )]
+    AuthzWithoutWorkloads { table: Table, count: usize },
 }
 
 /// The input is not a valid snapshot, or exceeds the node's limits.
@@ -375,5 +549,36 @@ pub(crate) fn describe_service(key: &ServiceKey) -> String {
     match ip_to_addr(&key.ip) {
         IpAddr::V4(v4) => format!("{v4}:{}/{}", key.port, key.protocol),
         IpAddr::V6(v6) => format!("[{v6}]:{}/{}", key.port, key.protocol),
+    }
+}
+
+/// An action of `authz_action` for messages: `allow`, `deny`, or the number.
+pub(crate) fn action_name(action: u8) -> String {
+    match action {
+        authz_action::ALLOW => "allow".into(),
+        authz_action::DENY => "deny".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A reason of `authz_reason` for messages: its constant's name, or the number.
+pub(crate) fn reason_name(reason: u8) -> String {
+    match reason {
+        authz_reason::NO_ALLOW_POLICY => "NO_ALLOW_POLICY".into(),
+        authz_reason::ALLOW_MATCHED => "ALLOW_MATCHED".into(),
+        authz_reason::DENY_MATCHED => "DENY_MATCHED".into(),
+        authz_reason::NO_ALLOW_MATCHED => "NO_ALLOW_MATCHED".into(),
+        authz_reason::STRICT_MTLS => "STRICT_MTLS".into(),
+        authz_reason::UNCOMPILABLE => "UNCOMPILABLE".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A kind of `authz_policy_kind` for messages: the Kubernetes kind, or the number.
+pub(crate) fn policy_kind_name(kind: u8) -> String {
+    match kind {
+        authz_policy_kind::AUTHORIZATION_POLICY => "AuthorizationPolicy".into(),
+        authz_policy_kind::PEER_AUTHENTICATION => "PeerAuthentication".into(),
+        other => other.to_string(),
     }
 }

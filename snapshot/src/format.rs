@@ -53,7 +53,25 @@
 //! - BackendSets: strictly increasing by `set_id`; `lb_policy < lb_policy::COUNT`;
 //! - Endpoints: strictly increasing by `(set_id, index)`; the set exists; the endpoints of a set
 //!   have exactly the indexes `0..endpoint_count`; `port != 0`; `pad == 0`;
-//! - Workloads: strictly increasing by `ip`; `pad == 0`.
+//! - Workloads: strictly increasing by `ip`; `pad == 0`;
+//! - the four authorization tables (`kmesh_common::authz`) are all empty, or AuthzWorkloads is not
+//!   empty (sources, verdicts and policies with no workload to use them are refused);
+//! - AuthzWorkloads: strictly increasing by `ip`; `value.pad == 0`; AuthzVerdicts holds the
+//!   default verdict `(policy_set, ANY_CLASS, ANY_PORT)` of the record's `policy_set`;
+//! - AuthzSources: strictly increasing by key; `prefix_len <= 128`; a prefix shorter than 96 bits
+//!   does not hold the IPv4-mapped range `::ffff:0:0/96` (it would match both address families;
+//!   IPv4 blocks are IPv4-mapped with `prefix_len` 96..=128); canonical: every address bit past
+//!   `prefix_len` is zero; `source_class` is neither `UNKNOWN_SOURCE` (0) nor `ANY_CLASS`;
+//! - AuthzVerdicts: strictly increasing by key; `key.pad == 0`; `value.pad == 0`; `action` is one
+//!   of `authz_action`; `reason` is in `1..authz_reason::COUNT`; `action` is ALLOW exactly when
+//!   `reason` is NO_ALLOW_POLICY or ALLOW_MATCHED; `policy == 0` exactly when `reason` is
+//!   NO_ALLOW_POLICY or NO_ALLOW_MATCHED, and otherwise names an AuthzPolicies record, of kind
+//!   PEER_AUTHENTICATION exactly when `reason` is STRICT_MTLS;
+//! - AuthzPolicies: strictly increasing by `policy`; `policy != 0`; `kind` is one of
+//!   `authz_policy_kind`; `pad == 0`; `1 <= name_len <= MAX_POLICY_NAME_LEN`; the bytes of `name`
+//!   from `name_len` on are zero; the name is `namespace/name`, a DNS label (at most 63 bytes),
+//!   `/`, and a DNS subdomain (at most 253 bytes): labels of `a-z`, `0-9` and `-`, each starting
+//!   and ending with a letter or digit.
 //!
 //! Order means the derived `Ord` of the `kmesh_common` key types: addresses compare as big-endian
 //! byte strings, integers numerically, composite keys field by field.

@@ -20,6 +20,7 @@ mod error;
 pub mod format;
 mod hash;
 mod validate;
+mod validate_authz;
 
 #[cfg(test)]
 mod proptests;

@@ -5,10 +5,16 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use kmesh_common::authz::{
+    ANY_CLASS, ANY_PORT, AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue,
+    AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,
+    MAX_POLICY_NAME_LEN, UNKNOWN_SOURCE, authz_action, authz_policy_kind, authz_reason,
+    resolve_verdict,
+};
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, LAYOUT_VERSION,
     MAX_ROUTE_DESTINATIONS, NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord,
-    ServiceValue, WorkloadRecord, ipv4_mapped,
+    ServiceValue, WorkloadRecord, ip16, ipv4_mapped,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -16,7 +22,7 @@ use proptest::prelude::*;
 use crate::builder::{Endpoint, SnapshotBuilder};
 use crate::encode::encode_unchecked;
 use crate::tests::{fix, sample};
-use crate::{FORMAT_VERSION, Limits, MAGIC, Snapshot, peek_header};
+use crate::{AuthzTables, FORMAT_VERSION, Limits, MAGIC, Snapshot, peek_header};
 
 /// Decodes with both limit sets and checks the canonical-encoding property. Panics only on a real
 /// failure of the property (an input that the decoder accepts but would not have produced).
@@ -111,36 +117,206 @@ fn arb_valid_snapshot() -> impl Strategy<Value = Snapshot> {
         sets,
         services,
         workloads,
+        prop_oneof![1 => Just(None), 3 => arb_authz_plan().prop_map(Some)],
     )
-        .prop_map(|(name, generation, mode, sets, services, workloads)| {
-            let mut b = SnapshotBuilder::new(&name, generation, mode);
-            let mut set_ids = Vec::new();
-            for (policy, endpoints) in sets {
-                let endpoints: Vec<_> = endpoints
-                    .into_iter()
-                    .map(|(ip, port, id)| Endpoint::new(ip, port, id))
-                    .collect();
-                set_ids.push(b.backend_set(policy, &endpoints));
+        .prop_map(
+            |(name, generation, mode, sets, services, workloads, authz)| {
+                let mut b = SnapshotBuilder::new(&name, generation, mode);
+                let mut set_ids = Vec::new();
+                for (policy, endpoints) in sets {
+                    let endpoints: Vec<_> = endpoints
+                        .into_iter()
+                        .map(|(ip, port, id)| Endpoint::new(ip, port, id))
+                        .collect();
+                    set_ids.push(b.backend_set(policy, &endpoints));
+                }
+                let mut seen = HashSet::new();
+                for (ip, port, destinations) in services {
+                    if set_ids.is_empty() || !seen.insert((ip, port)) {
+                        continue;
+                    }
+                    let destinations: Vec<_> = destinations
+                        .into_iter()
+                        .map(|(weight, pick)| (weight, set_ids[pick % set_ids.len()]))
+                        .collect();
+                    b.service(ip, port, &destinations);
+                }
+                let mut seen = HashSet::new();
+                for (ip, identity) in workloads {
+                    if seen.insert(ip) {
+                        b.workload(ip, identity);
+                    }
+                }
+                if let Some(authz) = authz {
+                    authz.add_to(&mut b);
+                }
+                b.build()
+            },
+        )
+}
+
+/// What the workload default rule promises the kernel: a connection to any authorization
+/// workload, from a source of any class (those of the sources, the unknown source, a class no
+/// source has), to any port, finds a verdict in the chain.
+fn every_connection_finds_a_verdict(s: &Snapshot) -> Result<(), TestCaseError> {
+    let lookup = |k: &AuthzVerdictKey| {
+        let i = s.authz.verdicts.binary_search_by_key(k, |v| v.key).ok()?;
+        Some(s.authz.verdicts[i].value)
+    };
+    let classes = s.authz.sources.iter().map(|r| r.value.source_class);
+    let classes: Vec<u32> = classes.chain([0, 1, 7, 1000]).collect();
+    for w in &s.authz.workloads {
+        for &class in &classes {
+            for port in [1, 80, 443, 8080, 9090, u16::MAX] {
+                let found = resolve_verdict(w.value.policy_set, class, port, lookup);
+                prop_assert!(
+                    found.is_some(),
+                    "set {} class {class} port {port}",
+                    w.value.policy_set
+                );
             }
-            let mut seen = HashSet::new();
-            for (ip, port, destinations) in services {
-                if set_ids.is_empty() || !seen.insert((ip, port)) {
+        }
+    }
+    Ok(())
+}
+
+/// Valid authorization tables, before the builder sorts them: what [`arb_authz_plan`] makes.
+#[derive(Clone, Debug)]
+struct AuthzPlan {
+    /// `(id, is a PeerAuthentication, name)`.
+    policies: Vec<(u32, bool, String)>,
+    /// Per verdict set: its default and its other entries, each `(class, port, reason, pick)`:
+    /// `pick` chooses the deciding policy among those of the kind the reason needs.
+    sets: Vec<Vec<(u32, u16, u8, usize)>>,
+    /// `(address, pick of the set)`.
+    workloads: Vec<(IpAddr, usize)>,
+    /// `(address, CIDR prefix length, class)`, made canonical and single-family by `add_to`.
+    sources: Vec<(IpAddr, u32, u32)>,
+}
+
+/// Valid authorization tables of random shape: 1-4 verdict sets of random entries (every reason,
+/// the wildcards), workloads of both families, source blocks of every length.
+fn arb_authz_plan() -> impl Strategy<Value = AuthzPlan> {
+    let name = "[a-z0-9]{1,5}(-[a-z0-9]{1,3})?/[a-z0-9]{1,5}([.-][a-z0-9]{1,4}){0,3}";
+    let policies = vec((1u32..40, any::<bool>(), name), 0..5);
+    let class = prop_oneof![3 => 1u32..6, 1 => Just(ANY_CLASS)];
+    let port = prop_oneof![2 => Just(ANY_PORT), 1 => Just(80u16), 1 => Just(8080u16), 1 => 1u16..];
+    let entry = (class, port, 1..authz_reason::COUNT, any::<usize>());
+    let sets = vec(
+        (1..authz_reason::COUNT, any::<usize>(), vec(entry, 0..6)),
+        1..4,
+    )
+    .prop_map(|sets| {
+        sets.into_iter()
+            .map(|(reason, pick, mut entries)| {
+                entries.insert(0, (ANY_CLASS, ANY_PORT, reason, pick));
+                entries
+            })
+            .collect()
+    });
+    let workloads = vec((arb_ip(), any::<usize>()), 1..5);
+    let sources = vec((arb_ip(), 0u32..=128, 1u32..20), 0..6);
+    (policies, sets, workloads, sources).prop_map(|(policies, sets, workloads, sources)| {
+        AuthzPlan {
+            policies,
+            sets,
+            workloads,
+            sources,
+        }
+    })
+}
+
+impl AuthzPlan {
+    /// Adds the plan's tables through the builder, leaving out what would break a rule: repeated
+    /// keys, and reasons that need a policy of a kind the plan has none of (those become the
+    /// no-policy reason of the same action).
+    fn add_to(&self, b: &mut SnapshotBuilder) {
+        let mut ids = HashSet::new();
+        let mut authorization = Vec::new();
+        let mut peer = Vec::new();
+        for (id, is_peer, name) in &self.policies {
+            if !ids.insert(*id) {
+                continue;
+            }
+            let kind = if *is_peer {
+                peer.push(*id);
+                authz_policy_kind::PEER_AUTHENTICATION
+            } else {
+                authorization.push(*id);
+                authz_policy_kind::AUTHORIZATION_POLICY
+            };
+            b.authz_policy(*id, kind, name);
+        }
+        let mut keys = HashSet::new();
+        for (set, entries) in (1u32..).zip(&self.sets) {
+            for &(class, port, reason, pick) in entries {
+                if !keys.insert((set, class, port)) {
                     continue;
                 }
-                let destinations: Vec<_> = destinations
-                    .into_iter()
-                    .map(|(weight, pick)| (weight, set_ids[pick % set_ids.len()]))
-                    .collect();
-                b.service(ip, port, &destinations);
+                let (action, reason, policy) = valid_verdict(reason, pick, &authorization, &peer);
+                b.authz_verdict(set, class, port, action, reason, policy);
             }
-            let mut seen = HashSet::new();
-            for (ip, identity) in workloads {
-                if seen.insert(ip) {
-                    b.workload(ip, identity);
-                }
+        }
+        let mut seen = HashSet::new();
+        for &(ip, pick) in &self.workloads {
+            if seen.insert(ip16(ip)) {
+                b.authz_workload(ip, 1 + (pick % self.sets.len()) as u32);
             }
-            b.build()
-        })
+        }
+        let mut seen = HashSet::new();
+        for &(ip, prefix_len, class) in &self.sources {
+            let (ip, prefix_len) = canonical_block(ip, prefix_len);
+            // The stored key: an IPv4 block and its IPv4-mapped IPv6 form are one.
+            let stored = prefix_len + if ip.is_ipv4() { 96 } else { 0 };
+            if seen.insert((ip16(ip), stored)) {
+                b.authz_source(ip, prefix_len, class);
+            }
+        }
+    }
+}
+
+/// The verdict `reason` gives, with its action and a deciding policy of the kind it needs (picked
+/// with `pick`); the no-policy reason of the same action when there is no such policy.
+fn valid_verdict(reason: u8, pick: usize, authorization: &[u32], peer: &[u32]) -> (u8, u8, u32) {
+    use authz_reason::*;
+    let allow = matches!(reason, NO_ALLOW_POLICY | ALLOW_MATCHED);
+    let action = if allow {
+        authz_action::ALLOW
+    } else {
+        authz_action::DENY
+    };
+    let candidates = match reason {
+        NO_ALLOW_POLICY | NO_ALLOW_MATCHED => return (action, reason, 0),
+        STRICT_MTLS => peer,
+        _ => authorization,
+    };
+    match candidates.get(pick % candidates.len().max(1)) {
+        Some(&policy) => (action, reason, policy),
+        None if allow => (action, NO_ALLOW_POLICY, 0),
+        None => (action, NO_ALLOW_MATCHED, 0),
+    }
+}
+
+/// `ip/prefix_len` (CIDR terms; at most 32 for IPv4) as a valid source block: the address masked
+/// to its network address. An IPv6 block shorter than 96 bits that would hold the IPv4-mapped
+/// range becomes the host route of the address instead.
+fn canonical_block(ip: IpAddr, prefix_len: u32) -> (IpAddr, u32) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let len = prefix_len.min(32);
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            (IpAddr::from((u32::from(v4) & mask).to_be_bytes()), len)
+        }
+        IpAddr::V6(v6) => {
+            let mask = |len: u32| u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            let mapped = u128::from_be_bytes(ipv4_mapped([0, 0, 0, 0]));
+            let net = u128::from(v6) & mask(prefix_len);
+            if prefix_len < 96 && net == mapped & mask(prefix_len) {
+                return (ip, 128);
+            }
+            (IpAddr::from(net.to_be_bytes()), prefix_len)
+        }
+    }
 }
 
 /// Snapshots with fields from small ranges and each field occasionally wrong, so that references
@@ -246,9 +422,10 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
         vec(workload, 0..3),
         prop_oneof![6 => Just(true), 1 => Just(false)],
         prop_oneof![3 => Just(true), 1 => Just(false)],
+        prop_oneof![1 => Just(AuthzTables::default()), 3 => arb_raw_authz()],
     )
         .prop_map(
-            |(mode, services, routes, backend_sets, endpoints, workloads, sorted, link)| {
+            |(mode, services, routes, backend_sets, endpoints, workloads, sorted, link, authz)| {
                 let mut s = Snapshot {
                     node_name: "node-a1".into(),
                     generation: 1,
@@ -258,7 +435,7 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                     backend_sets,
                     endpoints,
                     workloads,
-                    authz: Default::default(),
+                    authz,
                 };
                 if sorted {
                     s.sort();
@@ -267,13 +444,171 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                     s.backend_sets.dedup_by_key(|r| r.set_id);
                     s.endpoints.dedup_by_key(|r| r.key);
                     s.workloads.dedup_by_key(|r| r.ip);
+                    s.authz.workloads.dedup_by_key(|r| r.ip);
+                    s.authz.sources.dedup_by_key(|r| r.key);
+                    s.authz.verdicts.dedup_by_key(|r| r.key);
+                    s.authz.policies.dedup_by_key(|r| r.policy);
                 }
                 if link {
                     link_references(&mut s);
+                    link_authz(&mut s);
                 }
                 s
             },
         )
+}
+
+/// Authorization tables with fields from small ranges, each occasionally wrong (pads, unknown
+/// actions, reasons and kinds, the reserved classes, prefixes too long, of mixed families or not
+/// canonical, bad names), so that every rule of sections 7-10 sometimes holds and sometimes not.
+fn arb_raw_authz() -> impl Strategy<Value = AuthzTables> {
+    let workload = (
+        (0u8..3).prop_map(|x| ipv4_mapped([10, 244, 1, x])),
+        1u32..4,
+        prop_oneof![30 => Just(0u32), 1 => Just(1u32)],
+    )
+        .prop_map(|(ip, policy_set, pad)| AuthzWorkloadRecord {
+            ip,
+            value: AuthzWorkloadValue { policy_set, pad },
+        });
+    let source = (
+        prop_oneof![
+            20 => Just(96 + 24),
+            20 => Just(128),
+            1 => Just(129),
+            1 => Just(80),
+            1 => Just(0),
+        ],
+        (0u8..3, prop_oneof![20 => Just(0u8), 1 => Just(1u8)]),
+        prop_oneof![20 => 1u32..4, 1 => Just(UNKNOWN_SOURCE), 1 => Just(ANY_CLASS)],
+    )
+        .prop_map(
+            |(prefix_len, (net, host), source_class)| AuthzSourceRecord {
+                key: AuthzSourceKey {
+                    prefix_len,
+                    ip: ipv4_mapped([10, net, 0, host]),
+                },
+                value: AuthzSourceValue { source_class },
+            },
+        );
+    let verdict = (
+        (
+            1u32..4,
+            prop_oneof![3 => 1u32..3, 1 => Just(ANY_CLASS)],
+            prop_oneof![1 => Just(ANY_PORT), 1 => Just(80u16)],
+            prop_oneof![30 => Just(0u16), 1 => Just(1u16)],
+        ),
+        (
+            // None: the action the reason goes with.
+            prop_oneof![20 => Just(None), 1 => (0u8..4).prop_map(Some)],
+            prop_oneof![30 => 1..authz_reason::COUNT, 1 => Just(0u8), 1 => Just(authz_reason::COUNT)],
+            prop_oneof![3 => Just(0u32), 3 => 1u32..4, 1 => Just(9u32)],
+            prop_oneof![30 => Just(0u16), 1 => Just(1u16)],
+        ),
+    )
+        .prop_map(|((policy_set, source_class, port, key_pad), (action, reason, policy, pad))| {
+            let allowing = matches!(
+                reason,
+                authz_reason::NO_ALLOW_POLICY | authz_reason::ALLOW_MATCHED
+            );
+            let action = action.unwrap_or(if allowing {
+                authz_action::ALLOW
+            } else {
+                authz_action::DENY
+            });
+            AuthzVerdictRecord {
+                key: AuthzVerdictKey {
+                    policy_set,
+                    source_class,
+                    port,
+                    pad: key_pad,
+                },
+                value: AuthzVerdict {
+                    policy,
+                    action,
+                    reason,
+                    pad,
+                },
+            }
+        });
+    let policy = (
+        prop_oneof![20 => 1u32..4, 1 => Just(0u32)],
+        prop_oneof![20 => 1u8..3, 1 => Just(3u8)],
+        prop_oneof![30 => Just(0u8), 1 => Just(1u8)],
+        prop_oneof![
+            20 => Just("default/allow"),
+            20 => Just("istio-system/default"),
+            1 => Just(""),
+            1 => Just("no-slash"),
+            1 => Just("Ns/x"),
+            1 => Just("ns/x."),
+        ],
+        prop_oneof![30 => Just(None), 1 => (0..MAX_POLICY_NAME_LEN, 1u8..).prop_map(Some)],
+    )
+        .prop_map(|(policy, kind, pad, name, stray)| {
+            let mut record = AuthzPolicyRecord {
+                policy,
+                name_len: name.len() as u16,
+                kind,
+                pad,
+                name: [0; MAX_POLICY_NAME_LEN],
+            };
+            record.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some((at, value)) = stray {
+                record.name[at] = value;
+            }
+            record
+        });
+    (
+        vec(workload, 0..3),
+        vec(source, 0..4),
+        vec(verdict, 0..6),
+        vec(policy, 0..4),
+    )
+        .prop_map(|(workloads, sources, verdicts, policies)| AuthzTables {
+            workloads,
+            sources,
+            verdicts,
+            policies,
+        })
+}
+
+/// Makes the references of the authorization tables mostly hold: every workload's set gets a
+/// default verdict when it has none (so that the other rules decide), and a verdict whose policy
+/// is missing points at an existing one.
+fn link_authz(s: &mut Snapshot) {
+    let a = &mut s.authz;
+    let ids: Vec<u32> = a.policies.iter().map(|p| p.policy).collect();
+    for v in &mut a.verdicts {
+        if v.value.policy != 0 && !ids.contains(&v.value.policy) {
+            v.value.policy = ids
+                .get(v.value.policy as usize % ids.len().max(1))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    for set in a
+        .workloads
+        .iter()
+        .map(|w| w.value.policy_set)
+        .collect::<Vec<_>>()
+    {
+        let key = AuthzVerdictKey {
+            policy_set: set,
+            source_class: ANY_CLASS,
+            port: ANY_PORT,
+            pad: 0,
+        };
+        if let Err(at) = a.verdicts.binary_search_by_key(&key, |v| v.key) {
+            let value = AuthzVerdict {
+                policy: 0,
+                action: authz_action::ALLOW,
+                reason: authz_reason::NO_ALLOW_POLICY,
+                pad: 0,
+            };
+            a.verdicts.insert(at, AuthzVerdictRecord { key, value });
+        }
+    }
 }
 
 /// Points services at existing routes and routes at existing sets (by position modulo the table
@@ -344,12 +679,16 @@ proptest! {
             arb_section(4, 12, random_records(12)),
             arb_section(5, 32, random_records(32)),
             arb_section(6, 24, random_records(24)),
+            arb_section(7, 24, random_records(24)),
+            arb_section(8, 24, random_records(24)),
+            arb_section(9, 20, random_records(20)),
+            arb_section(10, 328, random_records(328)),
         ),
         trailing in vec(any::<u8>(), 0..3),
     ) {
         let mut bytes = header_prefix();
-        let (a, b, c, d, e, f) = sections;
-        for s in [a, b, c, d, e, f] {
+        let (a, b, c, d, e, f, g, h, i, j) = sections;
+        for s in [a, b, c, d, e, f, g, h, i, j] {
             bytes.extend_from_slice(&s);
         }
         bytes.extend_from_slice(&trailing);
@@ -389,6 +728,7 @@ proptest! {
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&decoded.snapshot, &s);
         prop_assert_eq!(decoded.snapshot.encode().unwrap(), bytes);
+        every_connection_finds_a_verdict(&s)?;
     }
 
     /// Mutations of random valid snapshots, with the hash recomputed so that the mutated record

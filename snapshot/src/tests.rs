@@ -30,7 +30,8 @@ fn ep(addr: &str, port: u16, identity: u32) -> Endpoint {
 ///
 /// After sorting: services 0 = 10.96.0.10:80 (route 1), 1 = 10.96.0.30:8080 (route 3),
 /// 2 = [fd00:10:96::20]:443 (route 2); routes 1..=3 and sets 1..=3 at indexes 0..=2; endpoints
-/// (1,0), (1,1), (2,0); set 3 is empty; two workloads.
+/// (1,0), (1,1), (2,0); set 3 is empty; two workloads; and the authorization tables of
+/// [`add_sample_authz`].
 pub(crate) fn sample() -> Snapshot {
     let mut b = SnapshotBuilder::new("node-a1", 7, mode::KERNEL_NATIVE);
     let v1 = b.backend_set(
@@ -44,8 +45,45 @@ pub(crate) fn sample() -> Snapshot {
     b.service(ip("10.96.0.30"), 8080, &[(5, empty)]);
     b.workload(ip("10.244.1.20"), 3);
     b.workload(ip("10.244.1.21"), 4);
+    add_sample_authz(&mut b);
     b.build()
 }
+
+/// The sample's authorization tables, every reason and both kinds of policy in them. After
+/// sorting:
+/// - workloads 0 = 10.244.1.20 (set 1), 1 = 10.244.1.21 (set 2), 2 = fd00:10:244::9 (set 1);
+/// - sources 0 = 10.0.0.0/8 (class 2), 1 = 10.244.1.20/32 (class 1), 2 = fd00:10:244::7/128
+///   (class 3);
+/// - verdicts 0 = (1, 1, any) allow 5, 1 = (1, 1, 8080) allow 5, 2 = (1, 3, 9090) deny 9,
+///   3 = (1, any, any) deny no-allow-matched, 4 = (1, any, 8080) deny strict 7,
+///   5 = (2, 2, any) deny uncompilable 11, 6 = (2, any, any) allow no-allow-policy;
+/// - policies 0 = 5 default/allow-frontend, 1 = 7 istio-system/default (PeerAuthentication),
+///   2 = 9 default/deny-legacy, 3 = 11 legacy/broken.
+pub(crate) fn add_sample_authz(b: &mut SnapshotBuilder) {
+    use kmesh_common::authz::{
+        ANY_CLASS as ANY, ANY_PORT, authz_action::*, authz_policy_kind::*, authz_reason::*,
+    };
+    b.authz_policy(9, AUTHORIZATION_POLICY, "default/deny-legacy");
+    b.authz_policy(5, AUTHORIZATION_POLICY, "default/allow-frontend");
+    b.authz_policy(7, PEER_AUTHENTICATION, "istio-system/default");
+    b.authz_policy(11, AUTHORIZATION_POLICY, "legacy/broken");
+    b.authz_workload(ip("fd00:10:244::9"), 1);
+    b.authz_workload(ip("10.244.1.21"), 2);
+    b.authz_workload(ip("10.244.1.20"), 1);
+    b.authz_source(ip("10.244.1.20"), 32, 1);
+    b.authz_source(ip("fd00:10:244::7"), 128, 3);
+    b.authz_source(ip("10.0.0.0"), 8, 2);
+    b.authz_verdict(1, ANY, ANY_PORT, DENY, NO_ALLOW_MATCHED, 0);
+    b.authz_verdict(1, 1, ANY_PORT, ALLOW, ALLOW_MATCHED, 5);
+    b.authz_verdict(1, ANY, 8080, DENY, STRICT_MTLS, 7);
+    b.authz_verdict(1, 1, 8080, ALLOW, ALLOW_MATCHED, 5);
+    b.authz_verdict(1, 3, 9090, DENY, DENY_MATCHED, 9);
+    b.authz_verdict(2, ANY, ANY_PORT, ALLOW, NO_ALLOW_POLICY, 0);
+    b.authz_verdict(2, 2, ANY_PORT, DENY, UNCOMPILABLE, 11);
+}
+
+/// Length of the sample's encoding.
+const SAMPLE_LEN: usize = 2520;
 
 fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
     Snapshot::decode(bytes, &Limits::default()).map(|d| d.snapshot)
@@ -63,12 +101,12 @@ pub(crate) fn fix(bytes: &mut [u8]) {
     bytes[OFF_CONTENT_HASH..OFF_CONTENT_HASH + 8].copy_from_slice(&hash.to_le_bytes());
 }
 
-/// Offsets of the six section headers of a valid encoding, in wire order.
-fn section_offsets(bytes: &[u8]) -> [usize; 6] {
+/// Offsets of the ten section headers of a valid encoding, in wire order.
+fn section_offsets(bytes: &[u8]) -> [usize; 10] {
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) as usize;
     let name_len = u16::from_le_bytes([bytes[40], bytes[41]]) as usize;
     let mut pos = (42 + name_len).next_multiple_of(8);
-    let mut offsets = [0; 6];
+    let mut offsets = [0; 10];
     for offset in &mut offsets {
         *offset = pos;
         pos = (pos + 16 + u32_at(pos + 4) * u32_at(pos + 8)).next_multiple_of(8);
@@ -123,8 +161,8 @@ fn round_trip() {
 fn round_trip_of_an_empty_snapshot() {
     let s = SnapshotBuilder::new("n", 0, mode::DISABLED).build();
     let bytes = s.encode().unwrap();
-    // 40 fixed + 2 + 1 name + 5 padding, NodeConfig section 16 + 8, five empty sections of 16.
-    assert_eq!(bytes.len(), 48 + 24 + 5 * 16);
+    // 40 fixed + 2 + 1 name + 5 padding, NodeConfig section 16 + 8, nine empty sections of 16.
+    assert_eq!(bytes.len(), 48 + 24 + 9 * 16);
     assert_eq!(decode(&bytes).unwrap(), s);
 }
 
@@ -141,6 +179,10 @@ fn encoding_is_deterministic_and_independent_of_insertion_order() {
     shuffled.backend_sets.reverse();
     shuffled.endpoints.reverse();
     shuffled.workloads.reverse();
+    shuffled.authz.workloads.reverse();
+    shuffled.authz.sources.rotate_left(1);
+    shuffled.authz.verdicts.reverse();
+    shuffled.authz.policies.rotate_left(2);
     assert_ne!(shuffled, s);
     shuffled.sort();
     assert_eq!(shuffled.encode().unwrap(), bytes);
@@ -150,12 +192,12 @@ fn encoding_is_deterministic_and_independent_of_insertion_order() {
 fn hash_is_stable() {
     // Guards against accidental format changes: update deliberately with a format or layout bump.
     let bytes = sample().encode().unwrap();
-    assert_eq!(bytes.len(), 856);
+    assert_eq!(bytes.len(), SAMPLE_LEN);
     assert_eq!(
         peek_header(&bytes).unwrap().content_hash,
         content_hash(&bytes[40..])
     );
-    assert_eq!(content_hash(&bytes[40..]), 0xa44f_5562_f179_05d9);
+    assert_eq!(content_hash(&bytes[40..]), 0xfcf5_c3b2_8904_a361);
 }
 
 #[test]
@@ -248,7 +290,10 @@ fn truncation_at_every_length() {
         assert_eq!(decode(&bytes[..len]), Err(expected), "length {len}");
     }
     let err = decode(&bytes[..100]).unwrap_err();
-    assert_eq!(err.to_string(), "truncated: header says 856 bytes, got 100");
+    assert_eq!(
+        err.to_string(),
+        format!("truncated: header says {SAMPLE_LEN} bytes, got 100")
+    );
 }
 
 #[test]
@@ -258,8 +303,8 @@ fn trailing_bytes() {
     assert_eq!(
         decode(&bytes),
         Err(DecodeError::TrailingBytes {
-            expected: 856,
-            got: 857
+            expected: SAMPLE_LEN as u64,
+            got: SAMPLE_LEN as u64 + 1
         })
     );
 }
@@ -357,17 +402,20 @@ fn versions_and_flags() {
 fn max_bytes_is_checked_before_anything_else() {
     let mut bytes = sample().encode().unwrap();
     let limits = Limits {
-        max_bytes: 815,
+        max_bytes: SAMPLE_LEN as u64 - 1,
         ..Limits::default()
     };
-    let expected = Err(DecodeError::TooLarge { len: 856, max: 815 });
+    let expected = Err(DecodeError::TooLarge {
+        len: SAMPLE_LEN as u64,
+        max: SAMPLE_LEN as u64 - 1,
+    });
     assert_eq!(Snapshot::decode(&bytes, &limits).map(|_| ()), expected);
     // Even with a wrong hash and a wrong magic: no other check runs first.
     bytes[0] ^= 1;
     bytes[500] ^= 1;
     assert_eq!(Snapshot::decode(&bytes, &limits).map(|_| ()), expected);
     let exact = Limits {
-        max_bytes: 856,
+        max_bytes: SAMPLE_LEN as u64,
         ..Limits::default()
     };
     assert!(Snapshot::decode(&sample().encode().unwrap(), &exact).is_ok());
@@ -378,7 +426,7 @@ fn peek_header_reads_only_the_header() {
     let bytes = sample().encode().unwrap();
     // The header and name end at offset 56; sections are not needed, nor checked.
     let header = peek_header(&bytes[..56]).unwrap();
-    assert_eq!(header.total_len, 856);
+    assert_eq!(header.total_len, SAMPLE_LEN as u64);
     assert_eq!(header.node_name, "node-a1");
     assert!(matches!(
         peek_header(&bytes[..50]),
@@ -484,7 +532,7 @@ fn node_name_longer_than_the_input() {
             what: "node name".into(),
             offset: 42,
             needed: 60_000,
-            remaining: 856 - 42
+            remaining: SAMPLE_LEN as u64 - 42
         })
     );
 }
@@ -511,14 +559,16 @@ fn sections_must_come_in_order() {
     let bytes = sample().encode().unwrap();
     let offsets = section_offsets(&bytes);
     for (i, table) in Table::ALL.iter().enumerate() {
+        // The kind of the next section (of the first for the last): a section out of place.
+        let found = table.kind() % 10 + 1;
         let mut b = bytes.clone();
-        put_u32(&mut b, offsets[i], 9);
+        put_u32(&mut b, offsets[i], found);
         fix(&mut b);
         assert_eq!(
             decode(&b),
             Err(DecodeError::SectionKind {
                 offset: offsets[i] as u64,
-                found: 9,
+                found,
                 expected: table.kind(),
                 table: *table
             })
@@ -530,7 +580,7 @@ fn sections_must_come_in_order() {
 fn record_size_must_match() {
     let bytes = sample().encode().unwrap();
     let offsets = section_offsets(&bytes);
-    let sizes = [8, 28, 140, 12, 32, 24];
+    let sizes = [8, 28, 140, 12, 32, 24, 24, 24, 20, 328];
     for (i, table) in Table::ALL.iter().enumerate() {
         let mut b = bytes.clone();
         put_u32(&mut b, offsets[i] + 4, sizes[i] + 1);
@@ -613,32 +663,38 @@ fn record_count_beyond_the_input_does_not_allocate() {
 fn missing_section() {
     let bytes = sample().encode().unwrap();
     let offsets = section_offsets(&bytes);
-    let mut b = bytes[..offsets[5]].to_vec();
-    fix(&mut b);
-    assert_eq!(
-        decode(&b),
-        Err(DecodeError::Overrun {
-            what: "workloads section header".into(),
-            offset: offsets[5] as u64,
-            needed: 16,
-            remaining: 0
-        })
-    );
+    // Cut before a section of each group: the workloads, and the last (authorization policies).
+    for (section, what) in [
+        (5, "workloads section header"),
+        (9, "authorization policies section header"),
+    ] {
+        let mut b = bytes[..offsets[section]].to_vec();
+        fix(&mut b);
+        assert_eq!(
+            decode(&b),
+            Err(DecodeError::Overrun {
+                what: what.into(),
+                offset: offsets[section] as u64,
+                needed: 16,
+                remaining: 0
+            })
+        );
+    }
 }
 
 #[test]
 fn data_after_the_last_section() {
     let bytes = sample().encode().unwrap();
     let offsets = section_offsets(&bytes);
-    // A repeated workloads section is data after the last section.
+    // A repeated authorization policies section is data after the last section.
     let mut b = bytes.clone();
-    b.extend_from_slice(&bytes[offsets[5]..]);
+    b.extend_from_slice(&bytes[offsets[9]..]);
     fix(&mut b);
     assert_eq!(
         decode(&b),
         Err(DecodeError::TrailingData {
-            offset: 856,
-            len: (856 - offsets[5]) as u64
+            offset: SAMPLE_LEN as u64,
+            len: (SAMPLE_LEN - offsets[9]) as u64
         })
     );
 }
@@ -682,6 +738,10 @@ fn over_capacity() {
         (Table::BackendSets, 3),
         (Table::Endpoints, 3),
         (Table::Workloads, 2),
+        (Table::AuthzWorkloads, 3),
+        (Table::AuthzSources, 3),
+        (Table::AuthzVerdicts, 7),
+        (Table::AuthzPolicies, 4),
     ];
     for (table, count) in counts {
         let limit = |n: u32| {
@@ -734,6 +794,15 @@ fn default_limits() {
             l.max_workloads
         ),
         (100_000, 100_000, 200_000, 1_000_000, 16_384)
+    );
+    assert_eq!(
+        (
+            l.max_authz_workloads,
+            l.max_authz_sources,
+            l.max_authz_verdicts,
+            l.max_authz_policies
+        ),
+        (65_536, 1_000_000, 4_000_000, 100_000)
     );
     assert_eq!(Limits::UNLIMITED.max_bytes, u64::MAX);
     assert_eq!(Limits::UNLIMITED.max_endpoints, u32::MAX);
@@ -1208,6 +1277,35 @@ fn generated_snapshot_is_valid_and_deterministic() {
 }
 
 #[test]
+fn generated_authz_tables_are_valid_and_deterministic() {
+    use crate::builder::generate_authz;
+    let s = generate_authz("node-1", 2, 10, 20, 30, 5);
+    let a = &s.authz;
+    // 10 workloads share 3 sets; each set gets its default and 9 class entries.
+    assert_eq!(
+        (
+            a.workloads.len(),
+            a.sources.len(),
+            a.verdicts.len(),
+            a.policies.len()
+        ),
+        (10, 20, 30, 5)
+    );
+    assert_eq!(a.workloads[9].value.policy_set, 3);
+    let bytes = s.encode().unwrap();
+    assert_eq!(
+        generate_authz("node-1", 2, 10, 20, 30, 5).encode().unwrap(),
+        bytes
+    );
+    assert_eq!(decode(&bytes).unwrap(), s);
+    // No workload: no tables at all (which is what a valid snapshot needs).
+    assert_eq!(
+        generate_authz("node-1", 2, 0, 20, 30, 5).authz,
+        Default::default()
+    );
+}
+
+#[test]
 fn generated_100k_services_decode() {
     // 100,000 services with 10 endpoints each is 1,000,000 endpoints, exactly the default limit.
     // Unoptimized hashing of its 50 MB takes seconds, so debug builds check 10,000 services;
@@ -1222,4 +1320,741 @@ fn generated_100k_services_decode() {
     let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
     assert_eq!(decoded.snapshot.endpoints.len(), services as usize * 10);
     assert!(decoded.snapshot == s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authorization tables (indexes as in `add_sample_authz`)
+
+mod authz {
+    use kmesh_common::authz::{
+        ANY_CLASS, ANY_PORT, AuthzVerdictKey, MAX_POLICY_NAME_LEN, UNKNOWN_SOURCE, authz_action,
+        authz_policy_kind, authz_reason, resolve_verdict, source_class,
+    };
+    use kmesh_common::ipv4_mapped;
+
+    use super::*;
+
+    /// The sample's verdict for a connection to `to` from `from`, port `port`, read as the kernel
+    /// reads it: the workload's set, the source's class, the lookup chain.
+    fn verdict_of(s: &Snapshot, to: &str, from: &str, port: u16) -> Option<(u8, u8, u32)> {
+        let to = kmesh_common::ip16(ip(to));
+        let w = s.authz.workloads.iter().find(|w| w.ip == to)?;
+        let class = source_class(&s.authz.sources, &kmesh_common::ip16(ip(from)));
+        let lookup = |k: &AuthzVerdictKey| {
+            let i = s.authz.verdicts.binary_search_by_key(k, |v| v.key).ok()?;
+            Some(s.authz.verdicts[i].value)
+        };
+        resolve_verdict(w.value.policy_set, class, port, lookup)
+            .map(|v| (v.action, v.reason, v.policy))
+    }
+
+    #[test]
+    fn the_sample_round_trips_and_reads_as_meant() {
+        let s = sample();
+        assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
+        use authz_action::*;
+        use authz_reason::*;
+        let v = |to, from, port| verdict_of(&s, to, from, port);
+        assert_eq!(
+            v("10.244.1.20", "10.244.1.20", 80),
+            Some((ALLOW, ALLOW_MATCHED, 5))
+        );
+        assert_eq!(
+            v("10.244.1.20", "10.9.9.9", 80),
+            Some((DENY, NO_ALLOW_MATCHED, 0))
+        );
+        assert_eq!(
+            v("10.244.1.20", "10.9.9.9", 8080),
+            Some((DENY, STRICT_MTLS, 7))
+        );
+        assert_eq!(
+            v("fd00:10:244::9", "fd00:10:244::7", 9090),
+            Some((DENY, DENY_MATCHED, 9))
+        );
+        assert_eq!(
+            v("10.244.1.21", "10.1.1.1", 80),
+            Some((DENY, UNCOMPILABLE, 11))
+        );
+        assert_eq!(
+            v("10.244.1.21", "192.168.0.1", 80),
+            Some((ALLOW, NO_ALLOW_POLICY, 0))
+        );
+        assert_eq!(
+            v("10.244.1.99", "10.1.1.1", 80),
+            None,
+            "no entry: not bound"
+        );
+    }
+
+    #[test]
+    fn builder_stores_ipv4_blocks_mapped() {
+        let s = sample();
+        let key = s.authz.sources[0].key;
+        assert_eq!((key.prefix_len, key.ip), (104, ipv4_mapped([10, 0, 0, 0])));
+        assert_eq!(s.authz.sources[2].key.prefix_len, 128);
+        let p = &s.authz.policies[1];
+        assert_eq!(
+            (p.policy, p.kind),
+            (7, authz_policy_kind::PEER_AUTHENTICATION)
+        );
+        assert_eq!(&p.name[..usize::from(p.name_len)], b"istio-system/default");
+        assert!(p.name[usize::from(p.name_len)..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn all_empty_or_workloads_present() {
+        let no_workloads = |s: &mut Snapshot| s.authz.workloads.clear();
+        invalid_with(
+            no_workloads,
+            ValidationError::AuthzWithoutWorkloads {
+                table: Table::AuthzSources,
+                count: 3,
+            },
+        );
+        invalid_with(
+            |s| {
+                no_workloads(s);
+                s.authz.sources.clear();
+            },
+            ValidationError::AuthzWithoutWorkloads {
+                table: Table::AuthzVerdicts,
+                count: 7,
+            },
+        );
+        invalid_with(
+            |s| {
+                no_workloads(s);
+                s.authz.sources.clear();
+                s.authz.verdicts.clear();
+            },
+            ValidationError::AuthzWithoutWorkloads {
+                table: Table::AuthzPolicies,
+                count: 4,
+            },
+        );
+        // All four empty is valid (a node no policy binds), and so are workloads with no sources.
+        let mut s = sample();
+        s.authz = Default::default();
+        assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
+        let mut s = sample();
+        s.authz.sources.clear();
+        assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
+        assert_eq!(
+            ValidationError::AuthzWithoutWorkloads {
+                table: Table::AuthzVerdicts,
+                count: 7
+            }
+            .to_string(),
+            "the authorization workloads section is empty but the authorization verdicts section \
+             holds 7 records; authorization tables are all empty or have a workload"
+        );
+    }
+
+    #[test]
+    fn workloads_unique_sorted_and_pad() {
+        invalid_with(
+            |s| s.authz.workloads[1].ip = s.authz.workloads[0].ip,
+            ValidationError::DuplicateKey {
+                table: Table::AuthzWorkloads,
+                index: 1,
+                record: "10.244.1.20".into(),
+            },
+        );
+        invalid_with(
+            |s| s.authz.workloads.swap(1, 2),
+            ValidationError::OutOfOrder {
+                table: Table::AuthzWorkloads,
+                index: 2,
+                record: "10.244.1.21".into(),
+                previous: "fd00:10:244::9".into(),
+            },
+        );
+        invalid_with(
+            |s| s.authz.workloads[2].value.pad = 3,
+            ValidationError::NonZeroPad {
+                table: Table::AuthzWorkloads,
+                index: 2,
+                record: "fd00:10:244::9".into(),
+                field: "value.pad",
+                value: 3,
+            },
+        );
+    }
+
+    #[test]
+    fn workloads_have_their_default_verdict() {
+        let expected = ValidationError::AuthzWorkloadSetMissing {
+            index: 1,
+            record: "10.244.1.21".into(),
+            policy_set: 2,
+        };
+        assert_eq!(
+            expected.to_string(),
+            "authorization workload 1 (10.244.1.21): policy_set 2 has no default verdict (set 2, \
+             any class, any port) in the authorization verdicts section"
+        );
+        // The set's default removed: its other verdict stays, the chain would end in nothing.
+        invalid_with(
+            |s| {
+                s.authz.verdicts.remove(6);
+            },
+            expected,
+        );
+        // A set with no verdicts at all.
+        invalid_with(
+            |s| s.authz.workloads[2].value.policy_set = 3,
+            ValidationError::AuthzWorkloadSetMissing {
+                index: 2,
+                record: "fd00:10:244::9".into(),
+                policy_set: 3,
+            },
+        );
+    }
+
+    #[test]
+    fn sources_unique_and_sorted() {
+        invalid_with(
+            |s| s.authz.sources[2].key = s.authz.sources[1].key,
+            ValidationError::DuplicateKey {
+                table: Table::AuthzSources,
+                index: 2,
+                record: "10.244.1.20/32".into(),
+            },
+        );
+        // Ordered by prefix length first: the /8 before the /32s.
+        invalid_with(
+            |s| s.authz.sources.swap(0, 1),
+            ValidationError::OutOfOrder {
+                table: Table::AuthzSources,
+                index: 1,
+                record: "10.0.0.0/8".into(),
+                previous: "10.244.1.20/32".into(),
+            },
+        );
+    }
+
+    #[test]
+    fn sources_prefix_len_at_most_128() {
+        invalid_with(
+            |s| s.authz.sources[1].key.prefix_len = 129,
+            ValidationError::AuthzSourcePrefixLen {
+                index: 1,
+                record: "::ffff:10.244.1.20/129".into(),
+                prefix_len: 129,
+            },
+        );
+        invalid_with(
+            |s| s.authz.sources[2].key.prefix_len = 129,
+            ValidationError::AuthzSourcePrefixLen {
+                index: 2,
+                record: "fd00:10:244::7/129".into(),
+                prefix_len: 129,
+            },
+        );
+        invalid_with(
+            |s| s.authz.sources[2].key.prefix_len = u32::MAX,
+            ValidationError::AuthzSourcePrefixLen {
+                index: 2,
+                record: format!("fd00:10:244::7/{}", u32::MAX),
+                prefix_len: u32::MAX,
+            },
+        );
+    }
+
+    #[test]
+    fn sources_do_not_mix_address_families() {
+        // An IPv4-mapped address with a prefix below 96 bits.
+        invalid_with(
+            |s| s.authz.sources[0].key.prefix_len = 80,
+            ValidationError::AuthzSourceMixesFamilies {
+                index: 0,
+                record: "::ffff:10.0.0.0/80".into(),
+                prefix_len: 80,
+            },
+        );
+        // ::/0 holds every IPv4-mapped address too.
+        invalid_with(
+            |s| s.authz.sources[0].key = AuthzSourceKey::default_route(),
+            ValidationError::AuthzSourceMixesFamilies {
+                index: 0,
+                record: "::/0".into(),
+                prefix_len: 0,
+            },
+        );
+        // 96 is all of IPv4 (0.0.0.0/0), allowed; so is an IPv6 block that does not hold it.
+        let mut s = sample();
+        s.authz.sources[0].key = AuthzSourceKey {
+            prefix_len: 96,
+            ip: ipv4_mapped([0, 0, 0, 0]),
+        };
+        s.encode().unwrap();
+        let mut b = SnapshotBuilder::new("n", 1, mode::KERNEL_NATIVE);
+        add_sample_authz(&mut b);
+        b.authz_source(ip("fd00::"), 8, 4);
+        b.authz_source(ip("8000::"), 1, 4);
+        let s = b.build();
+        assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
+    }
+
+    /// The key of `::/0`.
+    trait DefaultRoute {
+        fn default_route() -> Self;
+    }
+
+    impl DefaultRoute for AuthzSourceKey {
+        fn default_route() -> Self {
+            AuthzSourceKey {
+                prefix_len: 0,
+                ip: [0; 16],
+            }
+        }
+    }
+
+    use kmesh_common::authz::AuthzSourceKey;
+
+    #[test]
+    fn sources_are_canonical() {
+        // 10.0.0.0/8 holding a host bit.
+        invalid_with(
+            |s| s.authz.sources[0].key.ip[13] = 1,
+            ValidationError::AuthzSourceNotCanonical {
+                index: 0,
+                record: "10.1.0.0/8".into(),
+                prefix_len: 104,
+            },
+        );
+        // 10.244.1.20/29: the network address is .16.
+        invalid_with(
+            |s| s.authz.sources[1].key.prefix_len = 96 + 29,
+            ValidationError::AuthzSourceNotCanonical {
+                index: 1,
+                record: "10.244.1.20/29".into(),
+                prefix_len: 125,
+            },
+        );
+        // An IPv6 host address as a /64 (sorted first, being the shortest prefix).
+        let expected = ValidationError::AuthzSourceNotCanonical {
+            index: 0,
+            record: "fd00:10:244::7/64".into(),
+            prefix_len: 64,
+        };
+        assert_eq!(
+            expected.to_string(),
+            "authorization source 0 (fd00:10:244::7/64): address bits past prefix_len 64 are not \
+             zero"
+        );
+        invalid_with(
+            |s| {
+                s.authz.sources[2].key.prefix_len = 64;
+                s.sort();
+            },
+            expected,
+        );
+    }
+
+    #[test]
+    fn sources_have_a_real_class() {
+        for class in [UNKNOWN_SOURCE, ANY_CLASS] {
+            invalid_with(
+                |s| s.authz.sources[1].value.source_class = class,
+                ValidationError::AuthzSourceClass {
+                    index: 1,
+                    record: "10.244.1.20/32".into(),
+                    source_class: class,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn verdicts_unique_sorted_and_pads() {
+        invalid_with(
+            |s| s.authz.verdicts[1].key = s.authz.verdicts[0].key,
+            ValidationError::DuplicateKey {
+                table: Table::AuthzVerdicts,
+                index: 1,
+                record: "set 1, class 1, any port".into(),
+            },
+        );
+        invalid_with(
+            |s| s.authz.verdicts.swap(4, 5),
+            ValidationError::OutOfOrder {
+                table: Table::AuthzVerdicts,
+                index: 5,
+                record: "set 1, any class, port 8080".into(),
+                previous: "set 2, class 2, any port".into(),
+            },
+        );
+        invalid_with(
+            |s| s.authz.verdicts[3].key.pad = 1,
+            ValidationError::NonZeroPad {
+                table: Table::AuthzVerdicts,
+                index: 3,
+                record: "set 1, any class, any port".into(),
+                field: "key.pad",
+                value: 1,
+            },
+        );
+        invalid_with(
+            |s| s.authz.verdicts[2].value.pad = 2,
+            ValidationError::NonZeroPad {
+                table: Table::AuthzVerdicts,
+                index: 2,
+                record: "set 1, class 3, port 9090".into(),
+                field: "value.pad",
+                value: 2,
+            },
+        );
+    }
+
+    #[test]
+    fn verdicts_action_and_reason_known() {
+        for action in [0, 3, u8::MAX] {
+            invalid_with(
+                |s| s.authz.verdicts[0].value.action = action,
+                ValidationError::AuthzUnknownAction {
+                    index: 0,
+                    record: "set 1, class 1, any port".into(),
+                    action,
+                },
+            );
+        }
+        for reason in [0, authz_reason::COUNT, u8::MAX] {
+            invalid_with(
+                |s| s.authz.verdicts[0].value.reason = reason,
+                ValidationError::AuthzUnknownReason {
+                    index: 0,
+                    record: "set 1, class 1, any port".into(),
+                    reason,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn verdicts_action_fits_the_reason() {
+        use authz_action::*;
+        use authz_reason::*;
+        // Allowing reasons with DENY, denying reasons with ALLOW.
+        let cases = [
+            (6, NO_ALLOW_POLICY, DENY),
+            (0, ALLOW_MATCHED, DENY),
+            (2, DENY_MATCHED, ALLOW),
+            (3, NO_ALLOW_MATCHED, ALLOW),
+            (4, STRICT_MTLS, ALLOW),
+            (5, UNCOMPILABLE, ALLOW),
+        ];
+        for (index, reason, action) in cases {
+            invalid_with(
+                |s| s.authz.verdicts[index].value.action = action,
+                ValidationError::AuthzReasonAction {
+                    index,
+                    record: describe_verdict(&sample(), index),
+                    action,
+                    reason,
+                },
+            );
+        }
+        assert_eq!(
+            ValidationError::AuthzReasonAction {
+                index: 4,
+                record: "set 1, any class, port 8080".into(),
+                action: ALLOW,
+                reason: STRICT_MTLS
+            }
+            .to_string(),
+            "authorization verdict 4 (set 1, any class, port 8080): action allow does not go \
+             with reason STRICT_MTLS"
+        );
+    }
+
+    fn describe_verdict(s: &Snapshot, index: usize) -> String {
+        crate::validate_authz::describe_verdict_key(&s.authz.verdicts[index].key)
+    }
+
+    #[test]
+    fn verdicts_policy_zero_exactly_when_no_policy_decided() {
+        use authz_reason::*;
+        for (index, reason) in [(6, NO_ALLOW_POLICY), (3, NO_ALLOW_MATCHED)] {
+            invalid_with(
+                |s| s.authz.verdicts[index].value.policy = 5,
+                ValidationError::AuthzVerdictPolicyNotZero {
+                    index,
+                    record: describe_verdict(&sample(), index),
+                    reason,
+                    policy: 5,
+                },
+            );
+        }
+        let decided = [
+            (0, ALLOW_MATCHED),
+            (2, DENY_MATCHED),
+            (4, STRICT_MTLS),
+            (5, UNCOMPILABLE),
+        ];
+        for (index, reason) in decided {
+            invalid_with(
+                |s| s.authz.verdicts[index].value.policy = 0,
+                ValidationError::AuthzVerdictPolicyZero {
+                    index,
+                    record: describe_verdict(&sample(), index),
+                    reason,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn verdicts_name_an_existing_policy_of_the_right_kind() {
+        let expected = ValidationError::AuthzVerdictPolicyMissing {
+            index: 2,
+            record: "set 1, class 3, port 9090".into(),
+            policy: 8,
+        };
+        assert_eq!(
+            expected.to_string(),
+            "authorization verdict 2 (set 1, class 3, port 9090): policy 8 references an \
+             authorization policy which does not exist"
+        );
+        invalid_with(|s| s.authz.verdicts[2].value.policy = 8, expected);
+        // STRICT_MTLS naming an AuthorizationPolicy.
+        invalid_with(
+            |s| s.authz.verdicts[4].value.policy = 9,
+            ValidationError::AuthzVerdictPolicyKind {
+                index: 4,
+                record: "set 1, any class, port 8080".into(),
+                policy: 9,
+                reason: authz_reason::STRICT_MTLS,
+                kind: authz_policy_kind::AUTHORIZATION_POLICY,
+                expected: authz_policy_kind::PEER_AUTHENTICATION,
+            },
+        );
+        // ALLOW_MATCHED naming a PeerAuthentication.
+        let expected = ValidationError::AuthzVerdictPolicyKind {
+            index: 0,
+            record: "set 1, class 1, any port".into(),
+            policy: 7,
+            reason: authz_reason::ALLOW_MATCHED,
+            kind: authz_policy_kind::PEER_AUTHENTICATION,
+            expected: authz_policy_kind::AUTHORIZATION_POLICY,
+        };
+        assert_eq!(
+            expected.to_string(),
+            "authorization verdict 0 (set 1, class 1, any port): policy 7 is of kind \
+             PeerAuthentication, reason ALLOW_MATCHED needs kind AuthorizationPolicy"
+        );
+        invalid_with(|s| s.authz.verdicts[0].value.policy = 7, expected);
+    }
+
+    #[test]
+    fn policies_unique_sorted_and_nonzero() {
+        invalid_with(
+            |s| s.authz.policies[1].policy = 5,
+            ValidationError::DuplicateKey {
+                table: Table::AuthzPolicies,
+                index: 1,
+                record: "policy 5".into(),
+            },
+        );
+        invalid_with(
+            |s| s.authz.policies.swap(2, 3),
+            ValidationError::OutOfOrder {
+                table: Table::AuthzPolicies,
+                index: 3,
+                record: "policy 9".into(),
+                previous: "policy 11".into(),
+            },
+        );
+        invalid_with(
+            |s| s.authz.policies[0].policy = 0,
+            ValidationError::AuthzPolicyIdZero { index: 0 },
+        );
+    }
+
+    #[test]
+    fn policies_kind_and_pad() {
+        for kind in [0, 3, u8::MAX] {
+            invalid_with(
+                |s| s.authz.policies[2].kind = kind,
+                ValidationError::AuthzPolicyKind {
+                    index: 2,
+                    policy: 9,
+                    kind,
+                },
+            );
+        }
+        invalid_with(
+            |s| s.authz.policies[3].pad = 1,
+            ValidationError::NonZeroPad {
+                table: Table::AuthzPolicies,
+                index: 3,
+                record: "policy 11".into(),
+                field: "pad",
+                value: 1,
+            },
+        );
+    }
+
+    #[test]
+    fn policies_name_length_and_tail() {
+        for name_len in [0, MAX_POLICY_NAME_LEN as u16 + 1, u16::MAX] {
+            invalid_with(
+                |s| s.authz.policies[1].name_len = name_len,
+                ValidationError::AuthzPolicyNameLen {
+                    index: 1,
+                    policy: 7,
+                    name_len,
+                },
+            );
+        }
+        // The longest valid name (a 63-byte namespace and a 253-byte name) is fine.
+        let long = format!("{}/{}", "n".repeat(63), "o".repeat(253));
+        let mut b = SnapshotBuilder::new("n", 1, mode::KERNEL_NATIVE);
+        add_sample_authz(&mut b);
+        b.authz_policy(12, authz_policy_kind::AUTHORIZATION_POLICY, &long);
+        let s = b.build();
+        assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
+        // The builder keeps the real length of a name longer than the record holds: refused.
+        let longer = "x".repeat(MAX_POLICY_NAME_LEN + 1);
+        let mut b = SnapshotBuilder::new("n", 1, mode::KERNEL_NATIVE);
+        add_sample_authz(&mut b);
+        b.authz_policy(12, authz_policy_kind::AUTHORIZATION_POLICY, &longer);
+        assert_invalid(
+            b.build(),
+            ValidationError::AuthzPolicyNameLen {
+                index: 4,
+                policy: 12,
+                name_len: MAX_POLICY_NAME_LEN as u16 + 1,
+            },
+        );
+        // A byte left past the end of the name ("default/allow-frontend" is 22 bytes).
+        let expected = ValidationError::AuthzPolicyNameTail {
+            index: 0,
+            policy: 5,
+            name_len: 22,
+            offset: MAX_POLICY_NAME_LEN - 1,
+            value: b'x',
+        };
+        assert_eq!(
+            expected.to_string(),
+            "authorization policy 0 (policy 5): name[319] is 120, must be zero beyond name_len 22"
+        );
+        invalid_with(
+            |s| s.authz.policies[0].name[MAX_POLICY_NAME_LEN - 1] = b'x',
+            expected,
+        );
+        invalid_with(
+            |s| s.authz.policies[0].name_len = 21,
+            ValidationError::AuthzPolicyNameTail {
+                index: 0,
+                policy: 5,
+                name_len: 21,
+                offset: 21,
+                value: b'd',
+            },
+        );
+    }
+
+    /// Asserts the sample with policy 9's name replaced by `name` is refused for `reason`.
+    #[track_caller]
+    fn bad_name(name: &str, reason: &'static str) {
+        let mut b = SnapshotBuilder::new("node-a1", 7, mode::KERNEL_NATIVE);
+        add_sample_authz(&mut b);
+        let mut s = b.build();
+        let mut renamed = SnapshotBuilder::new("n", 1, mode::DISABLED);
+        renamed.authz_policy(9, authz_policy_kind::AUTHORIZATION_POLICY, name);
+        s.authz.policies[2] = renamed.build().authz.policies[0];
+        assert_invalid(
+            s,
+            ValidationError::AuthzPolicyName {
+                index: 2,
+                policy: 9,
+                name: name.into(),
+                reason,
+            },
+        );
+    }
+
+    #[test]
+    fn policies_name_is_namespace_slash_name() {
+        const NO_SLASH: &str = "is not namespace/name (no '/')";
+        const NS_LEN: &str = "has a namespace of 0 or more than 63 bytes";
+        const NS: &str = "has a namespace that is not a DNS label (a-z, 0-9 and '-', starting and ending with a letter or digit)";
+        const OBJ_LEN: &str = "has an object name of 0 or more than 253 bytes";
+        const OBJ: &str = "has an object name that is not a DNS subdomain (dot-separated labels of a-z, 0-9 and '-', each starting and ending with a letter or digit)";
+        bad_name("deny-legacy", NO_SLASH);
+        bad_name("/deny-legacy", NS_LEN);
+        bad_name(&format!("{}/p", "n".repeat(64)), NS_LEN);
+        bad_name("Default/p", NS);
+        bad_name("kube.system/p", NS);
+        bad_name("-ns/p", NS);
+        bad_name("ns-/p", NS);
+        bad_name("ns/", OBJ_LEN);
+        bad_name(&format!("ns/{}", "o".repeat(254)), OBJ_LEN);
+        bad_name("ns/a/b", OBJ);
+        bad_name("ns/Deny", OBJ);
+        bad_name("ns/deny_legacy", OBJ);
+        bad_name("ns/.deny", OBJ);
+        bad_name("ns/deny.", OBJ);
+        bad_name("ns/a..b", OBJ);
+        bad_name("ns/-deny", OBJ);
+        bad_name("ns/a.-b", OBJ);
+        bad_name("ns/d\u{e9}ny", OBJ);
+        let message = ValidationError::AuthzPolicyName {
+            index: 2,
+            policy: 9,
+            name: "deny-legacy".into(),
+            reason: NO_SLASH,
+        }
+        .to_string();
+        assert_eq!(
+            message,
+            "authorization policy 2 (policy 9): name \"deny-legacy\" is not namespace/name (no '/')"
+        );
+        for good in [
+            "a/b",
+            "ns-1/allow.v1.x",
+            "0/0",
+            &format!("{}/{}", "n".repeat(63), "o".repeat(253)),
+        ] {
+            let mut b = SnapshotBuilder::new("node-a1", 7, mode::KERNEL_NATIVE);
+            add_sample_authz(&mut b);
+            let mut s = b.build();
+            let mut renamed = SnapshotBuilder::new("n", 1, mode::DISABLED);
+            renamed.authz_policy(9, authz_policy_kind::AUTHORIZATION_POLICY, good);
+            s.authz.policies[2] = renamed.build().authz.policies[0];
+            assert_eq!(decode(&s.encode().unwrap()).unwrap(), s, "{good}");
+        }
+    }
+
+    #[test]
+    fn the_first_error_is_the_first_table_in_wire_order() {
+        // A broken verdict and a broken policy: the verdicts section comes first.
+        invalid_with(
+            |s| {
+                s.authz.verdicts[0].value.action = 9;
+                s.authz.policies[0].kind = 9;
+            },
+            ValidationError::AuthzUnknownAction {
+                index: 0,
+                record: "set 1, class 1, any port".into(),
+                action: 9,
+            },
+        );
+        // Rules within records come before references between tables.
+        invalid_with(
+            |s| {
+                s.authz.workloads[0].value.policy_set = 99;
+                s.authz.policies[0].pad = 1;
+            },
+            ValidationError::NonZeroPad {
+                table: Table::AuthzPolicies,
+                index: 0,
+                record: "policy 5".into(),
+                field: "pad",
+                value: 1,
+            },
+        );
+        let _ = ANY_PORT;
+    }
 }

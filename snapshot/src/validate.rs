@@ -14,8 +14,9 @@ impl Snapshot {
     /// Checks every content rule of the format. The tables must already be sorted ([`Snapshot::sort`]).
     ///
     /// Rules are checked table by table in wire order (node name, node config, services, routes,
-    /// backend sets, endpoints, workloads), then the references between tables, so the first error
-    /// reported is deterministic.
+    /// backend sets, endpoints, workloads), then the references between tables, then the
+    /// authorization tables the same way (`validate_authz`), so the first error reported is
+    /// deterministic.
     pub fn validate(&self) -> Result<(), ValidationError> {
         validate_node_name(self.node_name.as_bytes())?;
         self.validate_config()?;
@@ -27,7 +28,8 @@ impl Snapshot {
         // Lookups below rely on the tables being sorted, which the checks above established.
         self.validate_service_routes()?;
         self.validate_route_sets()?;
-        self.validate_set_endpoints()
+        self.validate_set_endpoints()?;
+        self.validate_authz()
     }
 
     fn validate_config(&self) -> Result<(), ValidationError> {
@@ -247,7 +249,7 @@ impl Snapshot {
 }
 
 /// Checks that `key` is strictly greater than `previous`, the key of the record before it.
-fn check_order<K: Ord>(
+pub(crate) fn check_order<K: Ord>(
     table: Table,
     index: usize,
     previous: &K,

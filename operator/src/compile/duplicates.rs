@@ -42,6 +42,8 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
         http_routes,
         tcp_routes,
         reference_grants,
+        authorization_policies,
+        peer_authentications,
         not_yet_supported: _, // only reported, once per definition: duplicates change nothing
         sources: _,
     } = inputs;
@@ -57,6 +59,12 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
         groups(Kind::HttpRoute, http_routes, |o| &o.metadata),
         groups(Kind::TcpRoute, tcp_routes, |o| &o.metadata),
         groups(Kind::ReferenceGrant, reference_grants, |o| &o.metadata),
+        groups(Kind::AuthorizationPolicy, authorization_policies, |o| {
+            &o.metadata
+        }),
+        groups(Kind::PeerAuthentication, peer_authentications, |o| {
+            &o.metadata
+        }),
     ];
     if found.iter().all(Vec::is_empty) {
         return (Cow::Borrowed(inputs), diagnostics);
@@ -64,7 +72,7 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     for group in found.iter().flatten() {
         diagnostics.push(group.diagnostic(inputs));
     }
-    let [ns, no, po, sv, es, vs, dr, se, hr, tr, rg] = found;
+    let [ns, no, po, sv, es, vs, dr, se, hr, tr, rg, ap, pa] = found;
     let mut out = inputs.clone();
     leave_out(&mut out.namespaces, &ns);
     leave_out(&mut out.nodes, &no);
@@ -77,6 +85,8 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     leave_out(&mut out.http_routes, &hr);
     leave_out(&mut out.tcp_routes, &tr);
     leave_out(&mut out.reference_grants, &rg);
+    leave_out(&mut out.authorization_policies, &ap);
+    leave_out(&mut out.peer_authentications, &pa);
     (Cow::Owned(out), diagnostics)
 }
 

@@ -127,8 +127,13 @@ fn authz_summary(out: &mut String, s: &Snapshot, compiled: &Compiled) {
                 "    {} {}, {} of {} rules",
                 p.name, p.action, p.rules_kept, p.rules_total
             );
+            let label = if p.action == "UNCOMPILABLE" {
+                "rejected, fails closed"
+            } else {
+                "dropped"
+            };
             for d in &p.dropped {
-                let _ = writeln!(out, "      dropped: {d}");
+                let _ = writeln!(out, "      {label}: {d}");
             }
         }
         let mtls = match &w.mtls_other {

@@ -970,6 +970,20 @@ fn compiled_tables_agree_with_the_reference_on_hand_made_cases() {
                 "{mtls: {mode: NOPE}}"
             )
         ),
+        // Blocks hold addresses of their own family only: `::/0` holds no IPv4 source.
+        format!(
+            "{}{}",
+            ap(
+                "v6-any",
+                "foo",
+                "{rules: [{from: [{source: {ipBlocks: ['::/0']}}]}, {from: [{source: {ipBlocks: [10.200.0.0/16], namespaces: [bar]}}]}]}"
+            ),
+            ap(
+                "not-v6",
+                "bar",
+                "{action: DENY, rules: [{from: [{source: {notIpBlocks: ['::/0', 10.250.0.0/16]}}]}]}"
+            )
+        ),
         // STRICT with ALLOW: identity-less sources are refused even where a rule would allow them.
         format!(
             "{}{}",

@@ -23,6 +23,22 @@ use kmesh_common::{
 /// IPv4 as IPv4-mapped with 96 added to its prefix length, canonical (no bits past the prefix).
 pub(super) type Block = AuthzSourceKey;
 
+/// Whether `ip` is an IPv4 address (IPv4-mapped).
+fn is_v4(ip: &Ip16) -> bool {
+    ip[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
+/// Whether `block` is an IPv4 block (IPv4-mapped, 96 added to its length).
+pub(super) fn is_v4_block(block: &Block) -> bool {
+    block.prefix_len >= 96 && is_v4(&block.ip)
+}
+
+/// Whether `block` holds `ip`, as Istio (Go's `netip.Prefix.Contains`) decides: only within one
+/// address family, so `::/0` holds no IPv4 address.
+pub(super) fn block_holds(block: &Block, ip: &Ip16) -> bool {
+    is_v4_block(block) == is_v4(ip) && prefix_contains(block, ip)
+}
+
 /// A string match of Istio's: exact, `prefix*`, `*suffix`, or `*` (any non-empty string).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum StringMatch {
@@ -101,7 +117,7 @@ impl Match {
         let strings = |values: &[StringMatch], s: &str| values.iter().any(|v| v.matches(s));
         let in_blocks = |blocks: &[Block]| blocks.iter().any(|b| c.source_blocks.contains(b));
         let holds_destination =
-            |blocks: &[Block]| blocks.iter().any(|b| prefix_contains(b, c.destination_ip));
+            |blocks: &[Block]| blocks.iter().any(|b| block_holds(b, c.destination_ip));
         let port_in = |ports: &[u16]| c.port.is_some_and(|p| ports.contains(&p));
         (self.namespaces.is_empty() || strings(&self.namespaces, c.namespace))
             && !strings(&self.not_namespaces, c.namespace)

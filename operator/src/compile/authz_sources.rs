@@ -11,7 +11,10 @@
 //!   the order of the tuples; 0 is UNKNOWN_SOURCE (no identity, in no block), never in the table;
 //! - entries: every mesh address at full length, every block at its own length (its class: no
 //!   identity, the blocks holding the whole block); a block equal to a mesh address is that
-//!   address's entry, whose class already lists the block.
+//!   address's entry, whose class already lists the block;
+//! - blocks hold addresses of their own family only (as in Istio), while the kernel's trie holds
+//!   IPv4 as IPv4-mapped IPv6: when an IPv6 block spans the IPv4-mapped range (`::/0`), the range
+//!   `::ffff:0:0/96` gets an entry of its own, whose class lists only IPv4 blocks.
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -23,7 +26,7 @@ use kmesh_common::{
 
 use super::{
     authz_convert::TRUST_DOMAIN,
-    authz_rules::Block,
+    authz_rules::{Block, block_holds, is_v4_block},
     namespace_of,
     workloads::{finished, pod_ips},
 };
@@ -104,10 +107,18 @@ pub(super) struct SourceClasses {
     pub records: Vec<AuthzSourceRecord>,
 }
 
-/// Whether block `outer` holds all of block `inner`.
+/// Whether block `outer` holds all of block `inner` (of the same family).
 fn holds(outer: &Block, inner: &Block) -> bool {
-    outer.prefix_len <= inner.prefix_len && prefix_contains(outer, &inner.ip)
+    outer.prefix_len <= inner.prefix_len
+        && is_v4_block(outer) == is_v4_block(inner)
+        && prefix_contains(outer, &inner.ip)
 }
+
+/// `::ffff:0:0/96`, all of IPv4 in the trie's form.
+const IPV4_MAPPED_RANGE: Block = AuthzSourceKey {
+    prefix_len: 96,
+    ip: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0],
+};
 
 /// The classes and the sources table for `blocks` (those the node's bound policies name).
 pub(super) fn source_classes(
@@ -115,6 +126,20 @@ pub(super) fn source_classes(
     blocks: &BTreeSet<Block>,
 ) -> SourceClasses {
     let mut entries: BTreeMap<AuthzSourceKey, ClassFacts> = BTreeMap::new();
+    let spans_ipv4 = blocks.iter().any(|b| {
+        !is_v4_block(b) && prefix_contains(b, &IPV4_MAPPED_RANGE.ip) && b.prefix_len <= 96
+    });
+    if spans_ipv4 && !blocks.contains(&IPV4_MAPPED_RANGE) {
+        let facts = ClassFacts {
+            identity: None,
+            blocks: blocks
+                .iter()
+                .filter(|b| holds(b, &IPV4_MAPPED_RANGE))
+                .copied()
+                .collect(),
+        };
+        entries.insert(IPV4_MAPPED_RANGE, facts);
+    }
     for block in blocks {
         let facts = ClassFacts {
             identity: None,
@@ -131,7 +156,7 @@ pub(super) fn source_classes(
             identity: Some(identity.clone()),
             blocks: blocks
                 .iter()
-                .filter(|b| prefix_contains(b, ip))
+                .filter(|b| block_holds(b, ip))
                 .copied()
                 .collect(),
         };

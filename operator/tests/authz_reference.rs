@@ -461,6 +461,56 @@ fn compiled_verdict(c: &Compiled, src: IpAddr, dst: IpAddr, port: u16) -> String
     }
 }
 
+/// The shape the kernel and the agent rely on: sorted unique tables, canonical prefixes, classes
+/// that are neither UNKNOWN nor ANY, a default for every set a workload uses, a record for every
+/// policy a verdict names, and reasons that agree with actions; and the snapshot round-trips.
+fn check_tables(origin: &str, c: &Compiled) {
+    use kmesh_common::authz::{ANY_CLASS, ANY_PORT, UNKNOWN_SOURCE, prefix_is_canonical};
+    let s = &c.snapshots[NODE];
+    let t = &s.authz;
+    assert!(t.workloads.windows(2).all(|w| w[0].ip < w[1].ip), "{origin}");
+    assert!(t.sources.windows(2).all(|w| w[0].key < w[1].key), "{origin}");
+    assert!(t.verdicts.windows(2).all(|w| w[0].key < w[1].key), "{origin}");
+    assert!(t.policies.windows(2).all(|w| w[0].policy < w[1].policy), "{origin}");
+    for r in &t.sources {
+        assert!(prefix_is_canonical(&r.key), "{origin}: {r:?}");
+        assert!(![UNKNOWN_SOURCE, ANY_CLASS].contains(&r.value.source_class), "{origin}: {r:?}");
+    }
+    let keys: BTreeSet<_> = t.verdicts.iter().map(|v| v.key).collect();
+    for w in &t.workloads {
+        let default = kmesh_common::authz::AuthzVerdictKey {
+            policy_set: w.value.policy_set,
+            source_class: ANY_CLASS,
+            port: ANY_PORT,
+            pad: 0,
+        };
+        assert!(keys.contains(&default), "{origin}: set {} has no default", w.value.policy_set);
+    }
+    for v in &t.verdicts {
+        let expected_action = match v.value.reason {
+            authz_reason::NO_ALLOW_POLICY | authz_reason::ALLOW_MATCHED => authz_action::ALLOW,
+            _ => authz_action::DENY,
+        };
+        assert_eq!(v.value.action, expected_action, "{origin}: {v:?}");
+        let no_policy = matches!(
+            v.value.reason,
+            authz_reason::NO_ALLOW_POLICY | authz_reason::NO_ALLOW_MATCHED
+        );
+        assert_eq!(v.value.policy == 0, no_policy, "{origin}: {v:?}");
+        if v.value.policy != 0 {
+            assert!(
+                t.policies.iter().any(|p| p.policy == v.value.policy),
+                "{origin}: policy {} has no record",
+                v.value.policy
+            );
+        }
+    }
+    let bytes = s.encode().expect("encodes");
+    let decoded = kmesh_snapshot::Snapshot::decode(&bytes, &kmesh_snapshot::Limits::default())
+        .unwrap_or_else(|e| panic!("{origin}: {e}"));
+    assert_eq!(&decoded.snapshot, s, "{origin}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures and the synthetic cluster around them.
 
@@ -752,6 +802,7 @@ fn compare(origin: &str, policies: &str) -> BTreeMap<String, usize> {
     }
     inputs.add_yaml(&policy_yaml, origin, "default");
     let compiled = compile(&inputs, &[NODE.to_string()], 1, &CompileOptions::default());
+    check_tables(origin, &compiled);
     let rejected: BTreeSet<(String, String, String)> = compiled
         .diagnostics
         .iter()

@@ -170,7 +170,7 @@ impl<'a> Compiler<'a> {
         let blocks: BTreeSet<Block> = bound
             .iter()
             .flat_map(|b| &b.policies)
-            .filter_map(|i| enforced(&a.policies[*i]))
+            .filter_map(|i| a.policies.get(*i).and_then(enforced))
             .flat_map(|(_, rules)| source_blocks_named(rules))
             .copied()
             .collect();
@@ -283,7 +283,9 @@ fn bind<'p>(a: &AuthzInputs<'_>, root: &str, pod: &'p Pod) -> Bound<'p> {
 
 fn grid_key(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16) -> GridKey {
     let uses_destination = b.policies.iter().any(|i| {
-        enforced(&a.policies[*i])
+        a.policies
+            .get(*i)
+            .and_then(enforced)
             .is_some_and(|(_, rules)| rules.iter().any(|r| r.uses_destination_ip()))
     });
     GridKey {
@@ -303,7 +305,7 @@ fn grid(
 ) -> Grid {
     let mut ports: BTreeSet<u16> = b.mtls.ports.keys().copied().collect();
     for i in &b.policies {
-        if let Some((_, rules)) = enforced(&a.policies[*i]) {
+        if let Some((_, rules)) = a.policies.get(*i).and_then(enforced) {
             ports.extend(ports_named(rules));
         }
     }
@@ -351,7 +353,7 @@ fn verdict(
     has_identity: bool,
 ) -> AuthzVerdict {
     let id = |o: &ObjectRef| a.ids.get(o).copied().unwrap_or(0);
-    let bound = || b.policies.iter().map(|i| &a.policies[*i]);
+    let bound = || b.policies.iter().filter_map(|i| a.policies.get(*i));
     let uncompilable = bound()
         .find(|p| matches!(p.read, ReadPolicy::Uncompilable(_)))
         .map(|p| &p.object)
@@ -397,7 +399,7 @@ fn bound_ids(a: &AuthzInputs<'_>, b: &Bound<'_>) -> Vec<u32> {
     let objects = b
         .policies
         .iter()
-        .map(|i| &a.policies[*i].object)
+        .filter_map(|i| a.policies.get(*i).map(|p| &p.object))
         .chain(&b.uncompilable_peer)
         .chain(b.mtls.other.by.iter())
         .chain(b.mtls.ports.values().filter_map(|s| s.by.as_ref()));
@@ -421,7 +423,9 @@ fn policy_record(a: &AuthzInputs<'_>, id: u32) -> Option<AuthzPolicyRecord> {
         len -= 1;
     }
     let mut name = [0u8; MAX_POLICY_NAME_LEN];
-    name[..len].copy_from_slice(&full.as_bytes()[..len]);
+    for (byte, from) in name.iter_mut().zip(full.bytes().take(len)) {
+        *byte = from;
+    }
     Some(AuthzPolicyRecord {
         policy: id,
         name_len: len as u16,
@@ -435,9 +439,9 @@ fn workload_report(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16, policy_set: u32
     let mut policies: Vec<EffectivePolicy> = b
         .policies
         .iter()
-        .map(|i| {
-            let p = &a.policies[*i];
-            match &p.read {
+        .filter_map(|i| {
+            let p = a.policies.get(*i)?;
+            Some(match &p.read {
                 ReadPolicy::Enforced(l4) => EffectivePolicy {
                     name: p.object.to_string(),
                     action: match l4.action {
@@ -463,7 +467,7 @@ fn workload_report(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16, policy_set: u32
                     rules_total: 0,
                     dropped: Vec::new(),
                 },
-            }
+            })
         })
         .collect();
     if let Some(peer) = &b.uncompilable_peer {

@@ -25,7 +25,7 @@ pub(super) type Block = AuthzSourceKey;
 
 /// Whether `ip` is an IPv4 address (IPv4-mapped).
 fn is_v4(ip: &Ip16) -> bool {
-    ip[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+    ip.starts_with(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
 }
 
 /// Whether `block` is an IPv4 block (IPv4-mapped, 96 added to its length).

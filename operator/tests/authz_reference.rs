@@ -468,13 +468,28 @@ fn check_tables(origin: &str, c: &Compiled) {
     use kmesh_common::authz::{ANY_CLASS, ANY_PORT, UNKNOWN_SOURCE, prefix_is_canonical};
     let s = &c.snapshots[NODE];
     let t = &s.authz;
-    assert!(t.workloads.windows(2).all(|w| w[0].ip < w[1].ip), "{origin}");
-    assert!(t.sources.windows(2).all(|w| w[0].key < w[1].key), "{origin}");
-    assert!(t.verdicts.windows(2).all(|w| w[0].key < w[1].key), "{origin}");
-    assert!(t.policies.windows(2).all(|w| w[0].policy < w[1].policy), "{origin}");
+    assert!(
+        t.workloads.windows(2).all(|w| w[0].ip < w[1].ip),
+        "{origin}"
+    );
+    assert!(
+        t.sources.windows(2).all(|w| w[0].key < w[1].key),
+        "{origin}"
+    );
+    assert!(
+        t.verdicts.windows(2).all(|w| w[0].key < w[1].key),
+        "{origin}"
+    );
+    assert!(
+        t.policies.windows(2).all(|w| w[0].policy < w[1].policy),
+        "{origin}"
+    );
     for r in &t.sources {
         assert!(prefix_is_canonical(&r.key), "{origin}: {r:?}");
-        assert!(![UNKNOWN_SOURCE, ANY_CLASS].contains(&r.value.source_class), "{origin}: {r:?}");
+        assert!(
+            ![UNKNOWN_SOURCE, ANY_CLASS].contains(&r.value.source_class),
+            "{origin}: {r:?}"
+        );
     }
     let keys: BTreeSet<_> = t.verdicts.iter().map(|v| v.key).collect();
     for w in &t.workloads {
@@ -484,7 +499,11 @@ fn check_tables(origin: &str, c: &Compiled) {
             port: ANY_PORT,
             pad: 0,
         };
-        assert!(keys.contains(&default), "{origin}: set {} has no default", w.value.policy_set);
+        assert!(
+            keys.contains(&default),
+            "{origin}: set {} has no default",
+            w.value.policy_set
+        );
     }
     for v in &t.verdicts {
         let expected_action = match v.value.reason {

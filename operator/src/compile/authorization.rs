@@ -104,7 +104,8 @@ pub(super) struct AuthzInputs<'a> {
     policies: Vec<AuthzPolicy<'a>>,
     peers: Vec<PeerPolicy<'a>>,
     ids: BTreeMap<ObjectRef, u32>,
-    mesh_pods: Vec<&'a Pod>,
+    /// The mesh pods of each node.
+    pods_by_node: BTreeMap<&'a str, Vec<&'a Pod>>,
     identities: BTreeMap<Ip16, Identity>,
 }
 
@@ -129,8 +130,19 @@ impl<'a> Compiler<'a> {
             .map(|o| (policy_id_name(o), o.clone()))
             .collect();
         let ids = with_ids(names).map(|(id, _, o)| (o, id)).collect();
-        let mesh_pods = self.mesh_pods();
+        // Without any policy no node gets a table: the identities are not needed.
+        let mesh_pods = if policies.is_empty() && peers.is_empty() {
+            Vec::new()
+        } else {
+            self.mesh_pods()
+        };
         let identities = mesh_identities(&mesh_pods);
+        let mut pods_by_node: BTreeMap<&'a str, Vec<&'a Pod>> = BTreeMap::new();
+        for pod in &mesh_pods {
+            if let Some(node) = node_of(pod) {
+                pods_by_node.entry(node).or_default().push(pod);
+            }
+        }
         if self.mode == Mode::Disabled && !(policies.is_empty() && peers.is_empty()) {
             let object = self.config_object();
             self.unenforced(
@@ -144,7 +156,7 @@ impl<'a> Compiler<'a> {
             policies,
             peers,
             ids,
-            mesh_pods,
+            pods_by_node,
             identities,
         }
     }
@@ -153,9 +165,10 @@ impl<'a> Compiler<'a> {
     pub(super) fn node_authz(&self, a: &AuthzInputs<'a>, node: &str) -> NodeAuthz {
         let root = self.options.root_namespace.as_str();
         let bound: Vec<Bound<'a>> = a
-            .mesh_pods
-            .iter()
-            .filter(|pod| node_of(pod) == Some(node))
+            .pods_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
             .map(|pod| bind(a, root, pod))
             .filter(|b| {
                 !b.policies.is_empty()
@@ -245,19 +258,22 @@ fn binds_pod(
     namespace: &str,
     binding: &super::authz_convert::Binding,
     root: &str,
-    pod: &Pod,
+    pod_namespace: &str,
+    labels: &BTreeMap<String, String>,
 ) -> bool {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    (namespace == namespace_of(&pod.metadata) || namespace == root) && selects(binding, &labels)
+    (namespace == pod_namespace || namespace == root) && selects(binding, labels)
 }
 
 fn bind<'p>(a: &AuthzInputs<'_>, root: &str, pod: &'p Pod) -> Bound<'p> {
+    let no_labels = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+    let pod_namespace = namespace_of(&pod.metadata);
     let policies = a
         .policies
         .iter()
         .enumerate()
         .filter(|(_, p)| !matches!(p.read, ReadPolicy::NotEnforced))
-        .filter(|(_, p)| binds_pod(p.namespace, &p.binding, root, pod))
+        .filter(|(_, p)| binds_pod(p.namespace, &p.binding, root, pod_namespace, labels))
         .map(|(i, _)| i)
         .collect();
     let uncompilable_peer = a
@@ -267,12 +283,11 @@ fn bind<'p>(a: &AuthzInputs<'_>, root: &str, pod: &'p Pod) -> Bound<'p> {
         .filter(|p| {
             let root_selector = p.namespace == root
                 && matches!(p.binding, super::authz_convert::Binding::Selector(_));
-            !root_selector && binds_pod(p.namespace, &p.binding, root, pod)
+            !root_selector && binds_pod(p.namespace, &p.binding, root, pod_namespace, labels)
         })
         .map(|p| p.object.clone())
         .min();
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let mtls = workload_mtls(&a.peers, root, namespace_of(&pod.metadata), &labels);
+    let mtls = workload_mtls(&a.peers, root, pod_namespace, labels);
     Bound {
         pod,
         policies,

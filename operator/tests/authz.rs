@@ -752,3 +752,74 @@ fn workloads_with_the_same_verdicts_share_a_set_and_the_summary_shows_them() {
         "{text}"
     );
 }
+
+#[test]
+fn a_policy_whose_metadata_cannot_be_read_fails_closed_for_its_namespace() {
+    let broken = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: foo, labels: 5}\nspec: {action: DENY}\n---\n";
+    let c = compile_with(broken);
+    assert_eq!(
+        decide(&c, A, SERVER, 80),
+        says("DENY UNCOMPILABLE foo/broken")
+    );
+    assert_eq!(
+        decide(&c, A, SERVER2, 80),
+        says("DENY UNCOMPILABLE foo/broken")
+    );
+    assert_eq!(
+        decide_on(&c, OTHER_NODE, A, B, 80),
+        None,
+        "bar is not bound"
+    );
+    let d = diagnostics(&c);
+    assert!(
+        d.len() == 1
+            && d[0].starts_with(
+                "rejected: AuthorizationPolicy foo/broken metadata: does not match its schema"
+            )
+            && d[0].contains("all mesh workloads of namespace foo (its selector cannot be read)"),
+        "{d:#?}"
+    );
+}
+
+#[test]
+fn snapshots_do_not_depend_on_input_order_and_policy_ids_are_stable() {
+    let policies = [
+        policy(
+            "foo",
+            "a",
+            "  rules: [{from: [{source: {ipBlocks: [10.0.2.0/24]}}]}]",
+        ),
+        policy(
+            "foo",
+            "b",
+            "  action: DENY\n  rules: [{to: [{operation: {ports: [\"81\"]}}]}]",
+        ),
+        peer("foo", "c", "2024-01-01T00:00:00Z", "  mtls: {mode: STRICT}"),
+    ];
+    let forward = compile_with(&policies.concat());
+    let mut reversed: Vec<&String> = policies.iter().collect();
+    reversed.reverse();
+    let backward = compile_with(&reversed.into_iter().cloned().collect::<String>());
+    for node in [NODE, OTHER_NODE] {
+        assert_eq!(
+            forward.snapshots[node].encode().unwrap(),
+            backward.snapshots[node].encode().unwrap(),
+            "{node}"
+        );
+    }
+    let ids = |c: &Compiled| -> Vec<u32> {
+        c.snapshots[NODE]
+            .authz
+            .policies
+            .iter()
+            .map(|p| p.policy)
+            .collect()
+    };
+    let more = compile_with(&format!(
+        "{}{}",
+        policies.concat(),
+        policy("bar", "z", "  rules: [{}]")
+    ));
+    assert_eq!(ids(&forward), ids(&more), "another policy changes no ID");
+    assert_eq!(ids(&forward).len(), 3);
+}

@@ -248,12 +248,26 @@ pub struct SecurityObject {
     pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     /// `spec`, or `Null` when absent.
     pub spec: Value,
-    /// Why the object's metadata could not be read, if it could not; only its namespace and name
-    /// (from the raw object) are then known.
-    pub unreadable_metadata: Option<String>,
+    /// Why the object cannot be read as a policy, if it cannot (its metadata does not match its
+    /// schema; or, from files, it is defined twice with different contents): only its namespace
+    /// and name are then known, and the workloads of its namespace fail closed.
+    pub unreadable: Option<String>,
 }
 
 impl SecurityObject {
+    /// A policy known only by namespace and name, which cannot be read for `reason`.
+    pub fn unreadable(namespace: &str, name: &str, reason: String) -> SecurityObject {
+        SecurityObject {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..Default::default()
+            },
+            spec: Value::Null,
+            unreadable: Some(reason),
+        }
+    }
+
     /// Reads a raw object; never fails (see the type's documentation).
     pub fn read(value: Value) -> SecurityObject {
         #[derive(Deserialize)]
@@ -265,7 +279,7 @@ impl SecurityObject {
             Ok(m) => SecurityObject {
                 metadata: m.metadata,
                 spec,
-                unreadable_metadata: None,
+                unreadable: None,
             },
             Err(e) => {
                 let text = |key: &str| {
@@ -282,7 +296,7 @@ impl SecurityObject {
                         ..Default::default()
                     },
                     spec,
-                    unreadable_metadata: Some(e.to_string()),
+                    unreadable: Some(format!("does not match its schema: {e}")),
                 }
             }
         }

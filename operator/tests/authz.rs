@@ -823,3 +823,36 @@ fn snapshots_do_not_depend_on_input_order_and_policy_ids_are_stable() {
     assert_eq!(ids(&forward), ids(&more), "another policy changes no ID");
     assert_eq!(ids(&forward).len(), 3);
 }
+
+#[test]
+fn a_policy_defined_twice_differently_fails_closed_rather_than_open() {
+    let mut inputs = Inputs::default();
+    assert!(
+        inputs
+            .add_yaml(&cluster(), "cluster.yaml", "default")
+            .is_empty()
+    );
+    let one = policy(
+        "foo",
+        "twice",
+        "  action: DENY\n  rules: [{from: [{source: {namespaces: [bar]}}]}]",
+    );
+    let other = policy(
+        "foo",
+        "twice",
+        "  action: DENY\n  rules: [{from: [{source: {namespaces: [baz]}}]}]",
+    );
+    assert!(inputs.add_yaml(&one, "a.yaml", "default").is_empty());
+    assert!(inputs.add_yaml(&other, "b.yaml", "default").is_empty());
+    let c = compile(&inputs, &[NODE.to_string()], 1, &CompileOptions::default());
+    assert_eq!(
+        decide(&c, A, SERVER, 80),
+        says("DENY UNCOMPILABLE foo/twice")
+    );
+    let d = diagnostics(&c);
+    assert!(
+        d.iter().any(|d| d.starts_with("rejected: AuthorizationPolicy foo/twice metadata: defined 2 times with different contents")
+            && d.contains("fails closed")),
+        "{d:#?}"
+    );
+}

@@ -149,10 +149,10 @@ impl<'a> Compiler<'a> {
     fn classify(&mut self, object: &ObjectRef, p: &AuthorizationPolicy) -> (Binding, ReadPolicy) {
         let uncompilable =
             |i: Invalid| ReadPolicy::Uncompilable(format!("{}: {}", i.field, i.reason));
-        if let Some(reason) = &p.unreadable_metadata {
+        if let Some(reason) = &p.unreadable {
             let i = Invalid {
                 field: "metadata".to_string(),
-                reason: format!("does not match its schema: {reason}"),
+                reason: reason.clone(),
             };
             return (Binding::Unreadable, uncompilable(i));
         }

@@ -11,6 +11,9 @@
 //! at once, in `kmeshctl`'s output or the KmeshConfig status, naming both files; this is what
 //! kustomize does with a resource defined twice. The rest of the cluster compiles as usual.
 //!
+//! A security policy (AuthorizationPolicy, PeerAuthentication) left out would fail open: it is
+//! replaced by a stand-in that cannot be read, so the workloads of its namespace fail closed.
+//!
 //! The `KmeshConfig` follows the same rule, applied as it is read (`Inputs::add_config`, since
 //! the inputs hold one); here its conflict is reported.
 use std::borrow::Cow;
@@ -21,6 +24,7 @@ use super::{name_of, namespace_of};
 use crate::{
     diagnostics::{Diagnostic, ObjectRef},
     inputs::{Inputs, config_ref},
+    istio::SecurityObject,
     kinds::{Kind, Scope},
 };
 
@@ -87,6 +91,9 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     leave_out(&mut out.reference_grants, &rg);
     leave_out(&mut out.authorization_policies, &ap);
     leave_out(&mut out.peer_authentications, &pa);
+    // A security policy left out would fail open: in its place, one that fails closed.
+    out.authorization_policies.extend(fail_closed(&ap));
+    out.peer_authentications.extend(fail_closed(&pa));
     (Cow::Owned(out), diagnostics)
 }
 
@@ -165,6 +172,24 @@ fn groups<T: PartialEq>(kind: Kind, objects: &[T], meta: impl Fn(&T) -> &ObjectM
         });
     }
     groups
+}
+
+/// For each security policy defined with different contents, a stand-in that cannot be read:
+/// every mesh workload of its namespace (all, for the root namespace) denies until one
+/// definition is kept.
+fn fail_closed(groups: &[Group]) -> Vec<SecurityObject> {
+    groups
+        .iter()
+        .filter(|g| !g.identical)
+        .map(|g| {
+            let namespace = g.object.namespace.as_deref().unwrap_or("default");
+            let reason = format!(
+                "defined {} times with different contents: which one is meant cannot be told",
+                g.positions.len()
+            );
+            SecurityObject::unreadable(namespace, &g.object.name, reason)
+        })
+        .collect()
 }
 
 /// Removes from `objects` what `groups` leave out.

@@ -142,10 +142,10 @@ impl<'a> Compiler<'a> {
 
 /// The binding and settings of `p`; on error, the binding (as far as it can be read) and why.
 fn read(p: &PeerAuthentication) -> Result<(Binding, Settings), (Binding, Invalid)> {
-    if let Some(reason) = &p.unreadable_metadata {
+    if let Some(reason) = &p.unreadable {
         let i = Invalid {
             field: "metadata".to_string(),
-            reason: format!("does not match its schema: {reason}"),
+            reason: reason.clone(),
         };
         return Err((Binding::Unreadable, i));
     }

@@ -127,7 +127,7 @@ fn authz_summary(out: &mut String, s: &Snapshot, compiled: &Compiled) {
                 "    {} {}, {} of {} rules",
                 p.name, p.action, p.rules_kept, p.rules_total
             );
-            let label = if p.action == "UNCOMPILABLE" {
+            let label = if p.action == crate::compile::EffectiveAction::Uncompilable {
                 "rejected, fails closed"
             } else {
                 "dropped"

@@ -64,12 +64,33 @@ pub struct WorkloadAuthz {
 pub struct EffectivePolicy {
     /// `Kind namespace/name`.
     pub name: String,
-    /// ALLOW, DENY, or UNCOMPILABLE (fails closed).
-    pub action: &'static str,
+    pub action: EffectiveAction,
     pub rules_kept: usize,
     pub rules_total: usize,
     /// What was dropped or stripped, and why.
     pub dropped: Vec<String>,
+}
+
+/// What a bound policy does; ordered as evaluated (uncompilable first, then DENY, then ALLOW).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EffectiveAction {
+    /// Invalid: the workload denies every connection.
+    Uncompilable,
+    Deny,
+    Allow,
+    /// Read but not node-enforced (never bound today).
+    NotEnforced,
+}
+
+impl std::fmt::Display for EffectiveAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EffectiveAction::Uncompilable => "UNCOMPILABLE",
+            EffectiveAction::Deny => "DENY",
+            EffectiveAction::Allow => "ALLOW",
+            EffectiveAction::NotEnforced => "NOT ENFORCED",
+        })
+    }
 }
 
 /// One node's authorization: its tables and what `kmeshctl` shows.
@@ -460,8 +481,8 @@ fn workload_report(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16, policy_set: u32
                 ReadPolicy::Enforced(l4) => EffectivePolicy {
                     name: p.object.to_string(),
                     action: match l4.action {
-                        Action::Allow => "ALLOW",
-                        Action::Deny => "DENY",
+                        Action::Allow => EffectiveAction::Allow,
+                        Action::Deny => EffectiveAction::Deny,
                     },
                     rules_kept: l4.rules.len(),
                     rules_total: l4.rules_total,
@@ -469,7 +490,7 @@ fn workload_report(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16, policy_set: u32
                 },
                 ReadPolicy::Uncompilable(reason) => EffectivePolicy {
                     name: p.object.to_string(),
-                    action: "UNCOMPILABLE",
+                    action: EffectiveAction::Uncompilable,
                     rules_kept: 0,
                     rules_total: 0,
                     dropped: vec![reason.clone()],
@@ -477,7 +498,7 @@ fn workload_report(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16, policy_set: u32
                 // Never bound; listed for completeness should that change.
                 ReadPolicy::NotEnforced => EffectivePolicy {
                     name: p.object.to_string(),
-                    action: "NOT ENFORCED",
+                    action: EffectiveAction::NotEnforced,
                     rules_kept: 0,
                     rules_total: 0,
                     dropped: Vec::new(),
@@ -488,21 +509,14 @@ fn workload_report(a: &AuthzInputs<'_>, b: &Bound<'_>, ip: Ip16, policy_set: u32
     if let Some(peer) = &b.uncompilable_peer {
         policies.push(EffectivePolicy {
             name: peer.to_string(),
-            action: "UNCOMPILABLE",
+            action: EffectiveAction::Uncompilable,
             rules_kept: 0,
             rules_total: 0,
             dropped: Vec::new(),
         });
     }
     // Evaluation order: uncompilable, DENY, ALLOW; by name within each.
-    policies.sort_by_key(|p| {
-        let rank = match p.action {
-            "UNCOMPILABLE" => 0,
-            "DENY" => 1,
-            _ => 2,
-        };
-        (rank, p.name.clone())
-    });
+    policies.sort_by_key(|p| (p.action, p.name.clone()));
     WorkloadAuthz {
         ip: IpAddr::from(ip).to_canonical(),
         pod: format!(

@@ -63,7 +63,7 @@ use crate::{
     kinds::Kind,
 };
 
-pub use authorization::{EffectivePolicy, WorkloadAuthz};
+pub use authorization::{EffectiveAction, EffectivePolicy, WorkloadAuthz};
 use backend_sets::DestinationRules;
 use workloads::PodsByLabel;
 

@@ -20,7 +20,10 @@ use crate::{
     crd::{KmeshConfig, SINGLETON_NAME},
     diagnostics::{Diagnostic, ObjectRef},
     gateway_api::{HttpRoute, ReferenceGrant, TcpRoute},
-    istio::{DestinationRule, ServiceEntry, VirtualService},
+    istio::{
+        AuthorizationPolicy, DestinationRule, PeerAuthentication, SecurityObject, ServiceEntry,
+        VirtualService,
+    },
     kinds::{Handling, Kind, Scope},
 };
 
@@ -45,6 +48,10 @@ pub struct Inputs {
     pub tcp_routes: Vec<TcpRoute>,
     /// Gateway API ReferenceGrants: what permits a route's cross-namespace backendRef.
     pub reference_grants: Vec<ReferenceGrant>,
+    /// Istio AuthorizationPolicies and PeerAuthentications, their specs typed by the compiler (an
+    /// invalid one must still bind its workloads, which then fail closed).
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
     /// Objects of kinds that are read but not compiled yet ([`Handling::NotCompiled`]:
     /// authorization policies, GRPCRoute, TLSRoute, other Istio kinds), so that they are reported
     /// rather than dropped silently.
@@ -185,6 +192,15 @@ impl Inputs {
             Kind::HttpRoute => parse(value).map(|o| self.http_routes.push(o)),
             Kind::TcpRoute => parse(value).map(|o| self.tcp_routes.push(o)),
             Kind::ReferenceGrant => parse(value).map(|o| self.reference_grants.push(o)),
+            Kind::AuthorizationPolicy => {
+                self.authorization_policies
+                    .push(SecurityObject::read(value));
+                Ok(())
+            }
+            Kind::PeerAuthentication => {
+                self.peer_authentications.push(SecurityObject::read(value));
+                Ok(())
+            }
             // A kind marked compiled in the table without a field here: said, not dropped.
             other => Err(Unreadable::NoReader(other.clone())),
         }
@@ -227,6 +243,8 @@ impl Inputs {
             http_routes,
             tcp_routes,
             reference_grants,
+            authorization_policies,
+            peer_authentications,
             not_yet_supported,
             sources,
         } = other;
@@ -243,6 +261,8 @@ impl Inputs {
         self.http_routes.extend(http_routes);
         self.tcp_routes.extend(tcp_routes);
         self.reference_grants.extend(reference_grants);
+        self.authorization_policies.extend(authorization_policies);
+        self.peer_authentications.extend(peer_authentications);
         self.not_yet_supported.extend(not_yet_supported);
         for (object, mut origins) in sources {
             self.sources.entry(object).or_default().append(&mut origins);

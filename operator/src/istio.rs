@@ -236,3 +236,200 @@ pub struct WorkloadEntry {
     pub service_account: Option<String>,
     pub weight: Option<u32>,
 }
+
+// Security (`security.istio.io/v1`, `v1beta1`: the same shape).
+
+/// An Istio security policy (AuthorizationPolicy or PeerAuthentication) as read: metadata and
+/// the spec as JSON. The spec is typed by the compiler, not by the reader, because a policy whose
+/// spec does not match its schema must still be seen: it binds workloads that then fail closed.
+/// Dropping it at reading would fail open.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecurityObject {
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    /// `spec`, or `Null` when absent.
+    pub spec: Value,
+    /// Why the object cannot be read as a policy, if it cannot (its metadata does not match its
+    /// schema; or, from files, it is defined twice with different contents): only its namespace
+    /// and name are then known, and the workloads of its namespace fail closed.
+    pub unreadable: Option<String>,
+}
+
+impl SecurityObject {
+    /// A policy known only by namespace and name, which cannot be read for `reason`.
+    pub fn unreadable(namespace: &str, name: &str, reason: String) -> SecurityObject {
+        SecurityObject {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                ..Default::default()
+            },
+            spec: Value::Null,
+            unreadable: Some(reason),
+        }
+    }
+
+    /// Reads a raw object; never fails (see the type's documentation).
+    pub fn read(value: Value) -> SecurityObject {
+        #[derive(Deserialize)]
+        struct Meta {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        }
+        let spec = value.get("spec").cloned().unwrap_or(Value::Null);
+        match serde_json::from_value::<Meta>(value.clone()) {
+            Ok(m) => SecurityObject {
+                metadata: m.metadata,
+                spec,
+                unreadable: None,
+            },
+            Err(e) => {
+                let text = |key: &str| {
+                    value
+                        .get("metadata")
+                        .and_then(|m| m.get(key))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                };
+                SecurityObject {
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: text("name"),
+                        namespace: text("namespace"),
+                        ..Default::default()
+                    },
+                    spec,
+                    unreadable: Some(format!("does not match its schema: {e}")),
+                }
+            }
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or("")
+    }
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+    /// Whether `istio.io/dry-run: "true"` marks it as not to be enforced.
+    pub fn dry_run(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("istio.io/dry-run"))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+}
+
+pub type AuthorizationPolicy = SecurityObject;
+pub type PeerAuthentication = SecurityObject;
+
+/// `selector` of a security policy.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// The part of a security policy's spec that says which workloads it binds; read on its own so
+/// that a policy whose rules are invalid still binds (and fails closed).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyBinding {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Option<Value>,
+    pub target_refs: Option<Vec<Value>>,
+}
+
+/// `AuthorizationPolicy.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<WorkloadSelector>,
+    pub target_ref: Option<Value>,
+    pub target_refs: Option<Vec<Value>>,
+    /// ALLOW (the default), DENY, AUDIT or CUSTOM.
+    pub action: Option<String>,
+    pub provider: Option<Value>,
+    /// Absent: the policy matches nothing; `[{}]`: everything.
+    pub rules: Option<Vec<AuthorizationRule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    /// Absent: any source; present, it must not be empty.
+    pub from: Option<Vec<RuleFrom>>,
+    /// Absent: any operation; present, it must not be empty.
+    pub to: Option<Vec<RuleTo>>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct RuleFrom {
+    pub source: Option<Source>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct RuleTo {
+    pub operation: Option<Operation>,
+}
+
+/// `rules[].from[].source`. Every field a list of strings; absent is empty.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    pub ip_blocks: Vec<String>,
+    pub not_ip_blocks: Vec<String>,
+    pub remote_ip_blocks: Vec<String>,
+    pub not_remote_ip_blocks: Vec<String>,
+    /// Extended channel; not part of ztunnel's L4 attributes.
+    pub trust_domains: Vec<String>,
+    pub not_trust_domains: Vec<String>,
+}
+
+/// `rules[].to[].operation`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Operation {
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub ports: Vec<String>,
+    pub not_ports: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+}
+
+/// `rules[].when[]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Condition {
+    pub key: String,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+/// `PeerAuthentication.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    pub selector: Option<WorkloadSelector>,
+    pub mtls: Option<MutualTls>,
+    /// By workload (target) port number, as a string key.
+    pub port_level_mtls: Option<BTreeMap<String, MutualTls>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct MutualTls {
+    /// UNSET (the default), DISABLE, PERMISSIVE or STRICT.
+    pub mode: Option<String>,
+}

@@ -161,12 +161,12 @@ kind_table! {
     AuthorizationPolicy => KindInfo {
         group: "security.istio.io", versions: &["v1", "v1beta1"],
         name: "AuthorizationPolicy", plural: "authorizationpolicies",
-        scope: Namespaced, definition: Crd, handling: NotCompiled, watched: true,
+        scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
     },
     PeerAuthentication => KindInfo {
         group: "security.istio.io", versions: &["v1", "v1beta1"],
         name: "PeerAuthentication", plural: "peerauthentications",
-        scope: Namespaced, definition: Crd, handling: NotCompiled, watched: true,
+        scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
     },
     HttpRoute => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1", "v1beta1"],
@@ -379,7 +379,8 @@ mod tests {
     #[test]
     fn handling() {
         assert_eq!(Kind::VirtualService.handling(), Handling::Compiled);
-        assert_eq!(Kind::AuthorizationPolicy.handling(), Handling::NotCompiled);
+        assert_eq!(Kind::AuthorizationPolicy.handling(), Handling::Compiled);
+        assert_eq!(Kind::PeerAuthentication.handling(), Handling::Compiled);
         assert_eq!(Kind::GrpcRoute.handling(), Handling::NotCompiled);
         // Unlisted Istio kinds are reported, other unlisted kinds skipped.
         assert_eq!(

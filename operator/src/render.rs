@@ -88,6 +88,7 @@ pub fn summary(s: &Snapshot, compiled: &Compiled) -> String {
             name(&names.identities, w.identity)
         );
     }
+    authz_summary(&mut out, s, compiled);
     if !compiled.diagnostics.is_empty() {
         let _ = writeln!(out, "diagnostics ({}):", compiled.diagnostics.len());
         for d in &compiled.diagnostics {
@@ -95,6 +96,72 @@ pub fn summary(s: &Snapshot, compiled: &Compiled) -> String {
         }
     }
     out
+}
+
+/// Each workload's effective authorization: its policies (action, rules kept, what was dropped
+/// and why) and its mTLS mode. Nothing when no workload of the node has an entry, so summaries
+/// of policy-free clusters are unchanged.
+fn authz_summary(out: &mut String, s: &Snapshot, compiled: &Compiled) {
+    let Some(workloads) = compiled.authz.get(&s.node_name) else {
+        return;
+    };
+    let classes: std::collections::BTreeSet<u32> = s
+        .authz
+        .sources
+        .iter()
+        .map(|r| r.value.source_class)
+        .collect();
+    let _ = writeln!(
+        out,
+        "authorization on {} ({} workloads, {} source classes + unknown, {} verdict entries):",
+        s.node_name,
+        workloads.len(),
+        classes.len(),
+        s.authz.verdicts.len()
+    );
+    for w in workloads {
+        let _ = writeln!(out, "  {}  {}  verdict set {}", w.ip, w.pod, w.policy_set);
+        for p in &w.policies {
+            let _ = writeln!(
+                out,
+                "    {} {}, {} of {} rules",
+                p.name, p.action, p.rules_kept, p.rules_total
+            );
+            let label = if p.action == crate::compile::EffectiveAction::Uncompilable {
+                "rejected, fails closed"
+            } else {
+                "dropped"
+            };
+            for d in &p.dropped {
+                let _ = writeln!(out, "      {label}: {d}");
+            }
+        }
+        let mtls = match &w.mtls_other {
+            Some((by, true)) => format!("STRICT ({by})"),
+            Some((by, false)) => format!("PERMISSIVE ({by})"),
+            None => "PERMISSIVE (no PeerAuthentication)".to_string(),
+        };
+        let ports: Vec<String> = w
+            .mtls_ports
+            .iter()
+            .map(|(port, strict)| {
+                format!(
+                    "port {port} {}",
+                    if *strict { "STRICT" } else { "PERMISSIVE" }
+                )
+            })
+            .collect();
+        if ports.is_empty() {
+            let _ = writeln!(out, "    mTLS: {mtls}");
+        } else {
+            let _ = writeln!(out, "    mTLS: {mtls}; {}", ports.join(", "));
+        }
+    }
+}
+
+fn policy_name(record: &kmesh_common::authz::AuthzPolicyRecord) -> String {
+    let len = usize::from(record.name_len).min(record.name.len());
+    String::from_utf8_lossy(record.name.get(..len).unwrap_or_default()).into_owned()
 }
 
 /// The whole snapshot, with names beside the IDs.
@@ -132,6 +199,24 @@ pub fn json(s: &Snapshot, compiled: &Compiled) -> serde_json::Value {
         "workloads": s.workloads.iter().map(|w| serde_json::json!({
             "ip": ip(&w.ip).to_string(), "identityId": w.identity, "identity": name(&names.identities, w.identity),
         })).collect::<Vec<_>>(),
+        "authorization": {
+            "workloads": s.authz.workloads.iter().map(|w| serde_json::json!({
+                "ip": ip(&w.ip).to_string(), "policySet": w.value.policy_set,
+            })).collect::<Vec<_>>(),
+            "sources": s.authz.sources.iter().map(|r| serde_json::json!({
+                "prefix": format!("{}/{}", ip(&r.key.ip), if ip(&r.key.ip).is_ipv4() { r.key.prefix_len.saturating_sub(96) } else { r.key.prefix_len }),
+                "sourceClass": r.value.source_class,
+            })).collect::<Vec<_>>(),
+            "verdicts": s.authz.verdicts.iter().map(|v| serde_json::json!({
+                "policySet": v.key.policy_set,
+                "sourceClass": if v.key.source_class == kmesh_common::authz::ANY_CLASS { serde_json::json!("any") } else { serde_json::json!(v.key.source_class) },
+                "port": if v.key.port == kmesh_common::authz::ANY_PORT { serde_json::json!("any") } else { serde_json::json!(v.key.port) },
+                "policyId": v.value.policy, "action": v.value.action, "reason": v.value.reason,
+            })).collect::<Vec<_>>(),
+            "policies": s.authz.policies.iter().map(|p| serde_json::json!({
+                "policyId": p.policy, "kind": p.kind, "name": policy_name(p),
+            })).collect::<Vec<_>>(),
+        },
         "diagnostics": compiled.diagnostics,
     })
 }

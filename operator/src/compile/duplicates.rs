@@ -11,6 +11,9 @@
 //! at once, in `kmeshctl`'s output or the KmeshConfig status, naming both files; this is what
 //! kustomize does with a resource defined twice. The rest of the cluster compiles as usual.
 //!
+//! A security policy (AuthorizationPolicy, PeerAuthentication) left out would fail open: it is
+//! replaced by a stand-in that cannot be read, so the workloads of its namespace fail closed.
+//!
 //! The `KmeshConfig` follows the same rule, applied as it is read (`Inputs::add_config`, since
 //! the inputs hold one); here its conflict is reported.
 use std::borrow::Cow;
@@ -21,6 +24,7 @@ use super::{name_of, namespace_of};
 use crate::{
     diagnostics::{Diagnostic, ObjectRef},
     inputs::{Inputs, config_ref},
+    istio::SecurityObject,
     kinds::{Kind, Scope},
 };
 
@@ -42,6 +46,8 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
         http_routes,
         tcp_routes,
         reference_grants,
+        authorization_policies,
+        peer_authentications,
         not_yet_supported: _, // only reported, once per definition: duplicates change nothing
         sources: _,
     } = inputs;
@@ -57,6 +63,12 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
         groups(Kind::HttpRoute, http_routes, |o| &o.metadata),
         groups(Kind::TcpRoute, tcp_routes, |o| &o.metadata),
         groups(Kind::ReferenceGrant, reference_grants, |o| &o.metadata),
+        groups(Kind::AuthorizationPolicy, authorization_policies, |o| {
+            &o.metadata
+        }),
+        groups(Kind::PeerAuthentication, peer_authentications, |o| {
+            &o.metadata
+        }),
     ];
     if found.iter().all(Vec::is_empty) {
         return (Cow::Borrowed(inputs), diagnostics);
@@ -64,7 +76,7 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     for group in found.iter().flatten() {
         diagnostics.push(group.diagnostic(inputs));
     }
-    let [ns, no, po, sv, es, vs, dr, se, hr, tr, rg] = found;
+    let [ns, no, po, sv, es, vs, dr, se, hr, tr, rg, ap, pa] = found;
     let mut out = inputs.clone();
     leave_out(&mut out.namespaces, &ns);
     leave_out(&mut out.nodes, &no);
@@ -77,6 +89,11 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     leave_out(&mut out.http_routes, &hr);
     leave_out(&mut out.tcp_routes, &tr);
     leave_out(&mut out.reference_grants, &rg);
+    leave_out(&mut out.authorization_policies, &ap);
+    leave_out(&mut out.peer_authentications, &pa);
+    // A security policy left out would fail open: in its place, one that fails closed.
+    out.authorization_policies.extend(fail_closed(&ap));
+    out.peer_authentications.extend(fail_closed(&pa));
     (Cow::Owned(out), diagnostics)
 }
 
@@ -155,6 +172,24 @@ fn groups<T: PartialEq>(kind: Kind, objects: &[T], meta: impl Fn(&T) -> &ObjectM
         });
     }
     groups
+}
+
+/// For each security policy defined with different contents, a stand-in that cannot be read:
+/// every mesh workload of its namespace (all, for the root namespace) denies until one
+/// definition is kept.
+fn fail_closed(groups: &[Group]) -> Vec<SecurityObject> {
+    groups
+        .iter()
+        .filter(|g| !g.identical)
+        .map(|g| {
+            let namespace = g.object.namespace.as_deref().unwrap_or("default");
+            let reason = format!(
+                "defined {} times with different contents: which one is meant cannot be told",
+                g.positions.len()
+            );
+            SecurityObject::unreadable(namespace, &g.object.name, reason)
+        })
+        .collect()
 }
 
 /// Removes from `objects` what `groups` leave out.

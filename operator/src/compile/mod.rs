@@ -17,11 +17,13 @@
 //!   backendRefs;
 //! - `backend_sets.rs`: DestinationRule subsets and load balancer, the endpoints of each backend set;
 //! - `workloads.rs`: enrolment, the workloads of each node;
-//! - `tables.rs`: stable IDs, the cluster-wide tables and each node's snapshot.
-//!
-//! Authorization policies (a later issue) get a file of their own the same way: an
-//! `authorization.rs` with its `impl Compiler` block, a step in [`compile`], its table assembled in
-//! `tables.rs`.
+//! - `tables.rs`: stable IDs, the cluster-wide tables and each node's snapshot;
+//! - authorization (issue #8): `authz_convert.rs` (AuthorizationPolicy specs into their L4 form,
+//!   what is dropped and why), `authz_rules.rs` (that form and when it matches, ztunnel's model),
+//!   `peer_authentication.rs` (effective mTLS per workload and port), `authz_sources.rs`
+//!   (identities, address blocks, source classes and the sources table), `authz_grid.rs` (a
+//!   workload's verdict grid and its exact compression) and `authorization.rs` (binding,
+//!   evaluation and each node's four tables).
 //!
 //! Unenforced L7 features are worded after the mode (one helper, `Compiler::l7_unenforced`,
 //! reported through `Compiler::needs_l7`):
@@ -30,12 +32,18 @@
 //!
 //! Nothing here panics on input: no `unwrap`, `expect` or indexing. What one object gets wrong is
 //! a diagnostic on that object; the rest of the cluster still compiles, for every node.
+mod authorization;
+mod authz_convert;
+mod authz_grid;
+mod authz_rules;
+mod authz_sources;
 mod backend_refs;
 mod backend_sets;
 mod catalog;
 mod duplicates;
 mod mesh_routes;
 mod mesh_rules;
+mod peer_authentication;
 mod routes;
 mod tables;
 #[cfg(test)]
@@ -55,6 +63,7 @@ use crate::{
     kinds::Kind,
 };
 
+pub use authorization::{EffectiveAction, EffectivePolicy, WorkloadAuthz};
 use backend_sets::DestinationRules;
 use workloads::PodsByLabel;
 
@@ -101,6 +110,9 @@ pub struct Compiled {
     pub diagnostics: Vec<Diagnostic>,
     /// Human names of the IDs in the snapshots, for summaries and logs.
     pub names: Names,
+    /// By node: each workload's effective authorization (only workloads with an entry in the
+    /// node's authorization tables), for `kmeshctl`.
+    pub authz: BTreeMap<String, Vec<WorkloadAuthz>>,
 }
 
 /// What the IDs in a snapshot stand for.
@@ -110,6 +122,8 @@ pub struct Names {
     pub routes: BTreeMap<u32, String>,
     pub backend_sets: BTreeMap<u32, String>,
     pub identities: BTreeMap<u32, String>,
+    /// AuthorizationPolicies and PeerAuthentications, as `Kind namespace/name`.
+    pub policies: BTreeMap<u32, String>,
 }
 
 /// Compiles `inputs` into a snapshot for each of `nodes`, all stamped `generation`.
@@ -130,7 +144,21 @@ pub fn compile(
     let identities = c.identity_ids(&catalog);
     let tables = c.tables(&routed, &sets, &identities);
     let workloads = c.workloads(&identities);
-    let snapshots = c.snapshots(&tables, workloads, nodes, generation);
+    let authz_inputs = c.authz_inputs();
+    let mut authz_tables = BTreeMap::new();
+    let mut authz = BTreeMap::new();
+    for node in nodes {
+        let node_authz = c.node_authz(&authz_inputs, node);
+        authz_tables.insert(node.clone(), node_authz.tables);
+        if !node_authz.workloads.is_empty() {
+            authz.insert(node.clone(), node_authz.workloads);
+        }
+    }
+    let mut names = tables.names.clone();
+    for (object, id) in authz_inputs.ids() {
+        names.policies.insert(*id, object.to_string());
+    }
+    let snapshots = c.snapshots(&tables, workloads, authz_tables, nodes, generation);
     c.report_unimplemented_settings();
     c.report_kinds_not_compiled();
     let mut diagnostics = c.diagnostics;
@@ -139,7 +167,8 @@ pub fn compile(
     Compiled {
         snapshots,
         diagnostics,
-        names: tables.names,
+        names,
+        authz,
     }
 }
 
@@ -281,7 +310,7 @@ impl<'a> Compiler<'a> {
                 Kind::TlsRoute => {
                     "TLSRoute is not compiled: it matches on SNI, which needs the first payload bytes"
                 }
-                _ => "this kind is not compiled yet (authorization policies come in a later issue)",
+                _ => "this kind is not compiled yet",
             };
             self.unenforced(object, "", reason);
         }

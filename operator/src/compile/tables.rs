@@ -41,7 +41,7 @@ pub(super) struct Tables {
 /// Each entry of `named` with its stable ID: the low 32 bits of the name's FNV-1a 64 hash, 0
 /// avoided, collisions resolved by probing in sorted name order, so an ID changes only when a
 /// colliding name comes or goes.
-fn with_ids<V>(named: BTreeMap<String, V>) -> impl Iterator<Item = (u32, String, V)> {
+pub(super) fn with_ids<V>(named: BTreeMap<String, V>) -> impl Iterator<Item = (u32, String, V)> {
     let mut taken = BTreeSet::new();
     named.into_iter().map(move |(name, value)| {
         let mut id = kmesh_snapshot::content_hash(name.as_bytes()) as u32;
@@ -171,6 +171,7 @@ impl Compiler<'_> {
         &mut self,
         tables: &Tables,
         workloads: BTreeMap<String, Vec<WorkloadRecord>>,
+        mut authz: BTreeMap<String, kmesh_snapshot::AuthzTables>,
         nodes: &[String],
         generation: u64,
     ) -> BTreeMap<String, Snapshot> {
@@ -194,7 +195,7 @@ impl Compiler<'_> {
                 backend_sets: tables.backend_sets.clone(),
                 endpoints: tables.endpoints.clone(),
                 workloads: workloads.get(node).cloned().unwrap_or_default(),
-                authz: Default::default(),
+                authz: authz.remove(node).unwrap_or_default(),
             };
             snapshot.sort();
             if let Some(reason) = over_capacity(&snapshot, &limits) {
@@ -264,6 +265,26 @@ fn over_capacity(snapshot: &Snapshot, limits: &kmesh_snapshot::Limits) -> Option
         ),
         ("endpoints", snapshot.endpoints.len(), limits.max_endpoints),
         ("workloads", snapshot.workloads.len(), limits.max_workloads),
+        (
+            "authorization workloads",
+            snapshot.authz.workloads.len(),
+            limits.max_authz_workloads,
+        ),
+        (
+            "authorization sources",
+            snapshot.authz.sources.len(),
+            limits.max_authz_sources,
+        ),
+        (
+            "authorization verdicts",
+            snapshot.authz.verdicts.len(),
+            limits.max_authz_verdicts,
+        ),
+        (
+            "authorization policies",
+            snapshot.authz.policies.len(),
+            limits.max_authz_policies,
+        ),
     ];
     tables
         .into_iter()

@@ -28,14 +28,11 @@ pub(super) fn pods_by_label(pods: &[Pod]) -> PodsByLabel<'_> {
     index
 }
 
-impl Compiler<'_> {
-    /// Enrolled workloads, by node.
-    pub(super) fn workloads(
-        &self,
-        identities: &BTreeMap<String, u32>,
-    ) -> BTreeMap<String, Vec<WorkloadRecord>> {
-        let (label, value) = self
-            .inputs
+impl<'a> Compiler<'a> {
+    /// The pods in the mesh (enrolled, placed on a node), in input order.
+    pub(super) fn mesh_pods(&self) -> Vec<&'a Pod> {
+        let inputs: &'a crate::inputs::Inputs = self.inputs;
+        let (label, value) = inputs
             .config
             .as_ref()
             .map(|c| {
@@ -45,8 +42,7 @@ impl Compiler<'_> {
                 )
             })
             .unwrap_or_else(|| ("istio.io/dataplane-mode".to_string(), "Kmesh".to_string()));
-        let namespace_enrolled: BTreeSet<&str> = self
-            .inputs
+        let namespace_enrolled: BTreeSet<&str> = inputs
             .namespaces
             .iter()
             .filter(|ns| {
@@ -58,18 +54,28 @@ impl Compiler<'_> {
             })
             .map(|ns| name_of(&ns.metadata))
             .collect();
+        inputs
+            .pods
+            .iter()
+            .filter(|pod| node_of(pod).is_some())
+            .filter(|pod| enrolled(pod, &label, &value, &namespace_enrolled))
+            .collect()
+    }
+
+    /// Enrolled workloads, by node.
+    pub(super) fn workloads(
+        &self,
+        identities: &BTreeMap<String, u32>,
+    ) -> BTreeMap<String, Vec<WorkloadRecord>> {
         let mut by_node: BTreeMap<String, Vec<WorkloadRecord>> = BTreeMap::new();
-        for pod in &self.inputs.pods {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        for pod in self.mesh_pods() {
+            let Some(node) = node_of(pod) else {
                 continue;
             };
-            if !enrolled(pod, &label, &value, &namespace_enrolled) {
-                continue;
-            }
             let identity = identities.get(&pod_identity(pod)).copied().unwrap_or(0);
             for ip in pod_ips(pod) {
                 by_node
-                    .entry(node.clone())
+                    .entry(node.to_string())
                     .or_default()
                     .push(WorkloadRecord {
                         ip: ip16(ip),
@@ -84,6 +90,17 @@ impl Compiler<'_> {
         }
         by_node
     }
+}
+
+/// The node a pod is placed on.
+pub(super) fn node_of(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+/// Whether the pod has finished (its address may already belong to another pod).
+pub(super) fn finished(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
 }
 
 /// Healthy as istiod's ambient controller sees it: Ready, not being deleted, not finished.

@@ -274,7 +274,7 @@ pub enum ValidationError {
     /// A prefix shorter than 96 bits that holds the IPv4-mapped range `::ffff:0:0/96`: the kernel's
     /// trie would match IPv4 sources against it as if it were an IPv4 block.
     #[error(
-        "authorization source {index} ({record}): prefix_len {prefix_len} is below 96 and the prefix holds IPv4-mapped addresses (::ffff:0:0/96), so it would match IPv4 and IPv6 sources alike; IPv4 blocks need prefix_len 96..=128"
+        "authorization source {index} ({record}): prefix_len {prefix_len} is below 96 and the prefix holds IPv4-mapped addresses (::ffff:0:0/96), so it would match IPv4 and IPv6 sources alike, and the table has no entry for ::ffff:0:0/96 to keep IPv4 sources out of it; IPv4 blocks need prefix_len 96..=128"
     )]
     AuthzSourceMixesFamilies {
         index: usize,

@@ -60,13 +60,15 @@
 //!   default verdict `(policy_set, ANY_CLASS, ANY_PORT)` of the record's `policy_set`;
 //! - AuthzSources: strictly increasing by key; `prefix_len <= 128`; a prefix shorter than 96 bits
 //!   does not hold the IPv4-mapped range `::ffff:0:0/96` (it would match both address families;
-//!   IPv4 blocks are IPv4-mapped with `prefix_len` 96..=128); canonical: every address bit past
+//!   IPv4 blocks are IPv4-mapped with `prefix_len` 96..=128) unless the table also has the entry
+//!   `::ffff:0:0/96` itself, which every IPv4 source then matches first; canonical: every address bit past
 //!   `prefix_len` is zero; `source_class` is neither `UNKNOWN_SOURCE` (0) nor `ANY_CLASS`;
 //! - AuthzVerdicts: strictly increasing by key; `key.pad == 0`; `value.pad == 0`; `action` is one
 //!   of `authz_action`; `reason` is in `1..authz_reason::COUNT`; `action` is ALLOW exactly when
 //!   `reason` is NO_ALLOW_POLICY or ALLOW_MATCHED; `policy == 0` exactly when `reason` is
-//!   NO_ALLOW_POLICY or NO_ALLOW_MATCHED, and otherwise names an AuthzPolicies record, of kind
-//!   PEER_AUTHENTICATION exactly when `reason` is STRICT_MTLS;
+//!   NO_ALLOW_POLICY or NO_ALLOW_MATCHED, and otherwise names an AuthzPolicies record: of kind
+//!   PEER_AUTHENTICATION for STRICT_MTLS, AUTHORIZATION_POLICY for ALLOW_MATCHED and DENY_MATCHED,
+//!   either for UNCOMPILABLE (a PeerAuthentication that cannot be compiled fails closed too);
 //! - AuthzPolicies: strictly increasing by `policy`; `policy != 0`; `kind` is one of
 //!   `authz_policy_kind`; `pad == 0`; `1 <= name_len <= MAX_POLICY_NAME_LEN`; the bytes of `name`
 //!   from `name_len` on are zero; the name is `namespace/name`, a DNS label (at most 63 bytes),

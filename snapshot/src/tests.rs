@@ -1594,6 +1594,13 @@ mod authz {
         b.authz_source(ip("8000::"), 1, 4);
         let s = b.build();
         assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
+        // ::/0 with an entry for all of IPv4, which every IPv4 source matches first: allowed.
+        let mut b = SnapshotBuilder::new("n", 1, mode::KERNEL_NATIVE);
+        add_sample_authz(&mut b);
+        b.authz_source(ip("::"), 0, 4);
+        b.authz_source(ip("0.0.0.0"), 0, 5);
+        let s = b.build();
+        assert_eq!(decode(&s.encode().unwrap()).unwrap(), s);
     }
 
     /// The key of `::/0`.
@@ -1844,6 +1851,17 @@ mod authz {
              PeerAuthentication, reason ALLOW_MATCHED needs kind AuthorizationPolicy"
         );
         invalid_with(|s| s.authz.verdicts[0].value.policy = 7, expected);
+        // UNCOMPILABLE names either kind: a PeerAuthentication that cannot be compiled fails its
+        // workloads closed too.
+        let mut s = sample();
+        let uncompilable = s
+            .authz
+            .verdicts
+            .iter_mut()
+            .find(|v| v.value.reason == authz_reason::UNCOMPILABLE)
+            .unwrap();
+        uncompilable.value.policy = 7;
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

@@ -83,11 +83,16 @@ impl Snapshot {
 
     fn validate_authz_sources(&self) -> Result<(), ValidationError> {
         let sources = &self.authz.sources;
+        // With an entry for all of IPv4 (`::ffff:0:0/96`), every IPv4 source matches it or a longer
+        // prefix, so a shorter IPv6 prefix spanning the range is never an IPv4 source's match.
+        let ipv4_shadowed = sources
+            .iter()
+            .any(|s| s.key.prefix_len == 96 && s.key.ip == IPV4_MAPPED_BASE);
         for (index, s) in sources.iter().enumerate() {
             if let Some(p) = index.checked_sub(1).and_then(|i| sources.get(i)) {
                 check_order(Table::AuthzSources, index, &p.key, &s.key, describe_source)?;
             }
-            validate_source_key(index, &s.key)?;
+            validate_source_key(index, &s.key, ipv4_shadowed)?;
             let source_class = s.value.source_class;
             if source_class == UNKNOWN_SOURCE || source_class == ANY_CLASS {
                 return Err(ValidationError::AuthzSourceClass {
@@ -200,10 +205,12 @@ impl Snapshot {
                 });
             };
             let kind = policies[found].kind;
-            let expected = if reason == authz_reason::STRICT_MTLS {
-                authz_policy_kind::PEER_AUTHENTICATION
-            } else {
-                authz_policy_kind::AUTHORIZATION_POLICY
+            // A PeerAuthentication decides only as STRICT; an AuthorizationPolicy only by matching.
+            // Either kind can fail its workloads closed when it cannot be compiled.
+            let expected = match reason {
+                authz_reason::STRICT_MTLS => authz_policy_kind::PEER_AUTHENTICATION,
+                authz_reason::UNCOMPILABLE => kind,
+                _ => authz_policy_kind::AUTHORIZATION_POLICY,
             };
             if kind != expected {
                 return Err(ValidationError::AuthzVerdictPolicyKind {
@@ -220,9 +227,14 @@ impl Snapshot {
     }
 }
 
-/// A source prefix the kernel's LPM trie holds as meant: at most 128 bits, of one address family,
-/// with no address bit set past its length.
-fn validate_source_key(index: usize, key: &AuthzSourceKey) -> Result<(), ValidationError> {
+/// A source prefix the kernel's LPM trie holds as meant: at most 128 bits, of one address family
+/// (or shadowed for IPv4 by an entry for `::ffff:0:0/96`, `ipv4_shadowed`), with no address bit
+/// set past its length.
+fn validate_source_key(
+    index: usize,
+    key: &AuthzSourceKey,
+    ipv4_shadowed: bool,
+) -> Result<(), ValidationError> {
     let record = || describe_source(key);
     let prefix_len = key.prefix_len;
     if prefix_len > 128 {
@@ -233,7 +245,7 @@ fn validate_source_key(index: usize, key: &AuthzSourceKey) -> Result<(), Validat
         });
     }
     // Checked before canonical form, so that `::ffff:10.0.0.0/80` is named for what it means.
-    if prefix_len < 96 && prefix_contains(key, &IPV4_MAPPED_BASE) {
+    if prefix_len < 96 && prefix_contains(key, &IPV4_MAPPED_BASE) && !ipv4_shadowed {
         return Err(ValidationError::AuthzSourceMixesFamilies {
             index,
             record: record(),

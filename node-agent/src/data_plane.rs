@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{Counts, Flip, LiveSnapshot, RECENT_FLIPS, Rejection, SharedStatus, update},
+    authz_counters::policy_names,
     enrol::{EnrolError, Enroller},
     lifecycle::Lifecycle,
     maps::{ApplyStats, GenerationMaps, KernelSlots, Slot, SlotMaps},
@@ -194,8 +195,10 @@ impl<M: SlotMaps> Applier<M> {
                 (slot, Outcome::Applied { slot })
             }
         };
+        let policies = std::sync::Arc::new(policy_names(&snapshot.authz.policies));
         update(&self.status, |s| {
             s.ready = true;
+            s.authz_policies = policies;
             s.live = Some(LiveSnapshot {
                 generation: snapshot.generation,
                 content_hash: hash,
@@ -321,7 +324,11 @@ impl DataPlane {
         };
         match self.enroller.sync(workloads) {
             Ok(stats) => {
-                update(&self.status, |s| s.enrolled_netns = stats.enrolled);
+                update(&self.status, |s| {
+                    s.enrolled_netns = stats.enrolled;
+                    s.authz_links = stats.authz_links.attached;
+                    s.host_addrs = stats.host_addrs;
+                });
                 true
             }
             Err(EnrolError::Scan(e)) => {

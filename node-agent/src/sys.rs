@@ -20,6 +20,8 @@ use aya::Pod;
 
 /// `BPF_MAP_TYPE_HASH`, for creating inner maps.
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_LPM_TRIE`, for creating the inner maps of the authorization sources.
+pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 
 /// The bpf(2) commands used here (`BPF_MAP_LOOKUP_ELEM`, ...).
 #[derive(Clone, Copy, Debug)]
@@ -138,6 +140,9 @@ pub enum CgroupHook {
     Connect6 = 11,
 }
 
+/// `BPF_SK_LOOKUP` (`enum bpf_attach_type`): the network-namespace hook of `sk_lookup` programs.
+const BPF_SK_LOOKUP: u32 = 36;
+
 /// `BPF_F_REPLACE`: `BPF_LINK_UPDATE` replaces the program only if it is still `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
 
@@ -198,6 +203,19 @@ struct CgroupLinkInfo {
     pad2: u32,
 }
 
+/// The head of `struct bpf_link_info` for a network-namespace link: the namespace's inode, 0 once
+/// the link is detached (its namespace gone).
+#[repr(C)]
+#[derive(Default)]
+struct NetnsLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    pad: u32,
+    netns_ino: u32,
+    attach_type: u32,
+}
+
 /// The head of `struct bpf_prog_info`: its type and its id.
 #[repr(C)]
 #[derive(Default)]
@@ -247,6 +265,40 @@ pub fn link_create(
         flags: 0,
     };
     sys_bpf_fd(BpfCommand::LinkCreate, &mut attr)
+}
+
+/// Attaches the `sk_lookup` program `prog` to the network namespace `netns` with a new link
+/// (`BPF_LINK_CREATE`, `BPF_SK_LOOKUP`). The link does not keep the namespace alive: when the
+/// namespace goes, the kernel detaches it (see [`netns_link_state`]).
+pub fn sk_lookup_link_create(prog: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: netns.as_raw_fd() as u32,
+        attach_type: BPF_SK_LOOKUP,
+        flags: 0,
+    };
+    sys_bpf_fd(BpfCommand::LinkCreate, &mut attr)
+}
+
+/// A network-namespace link as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsLinkState {
+    pub link_id: u32,
+    /// The program the link runs (still reported once detached).
+    pub program_id: u32,
+    /// Whether the link is still attached: false once its namespace is gone or it was detached.
+    pub attached: bool,
+}
+
+/// The state of a network-namespace link (`struct bpf_link_info`, its `netns` member).
+pub fn netns_link_state(link: BorrowedFd<'_>) -> io::Result<NetnsLinkState> {
+    let mut info = NetnsLinkInfo::default();
+    obj_info(link, &mut info)?;
+    Ok(NetnsLinkState {
+        link_id: info.id,
+        program_id: info.prog_id,
+        attached: info.netns_ino != 0,
+    })
 }
 
 /// Makes `link` run `new_prog` instead of `old_prog`, in one step for the programs' callers

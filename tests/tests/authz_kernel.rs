@@ -28,6 +28,8 @@ const READY: Duration = Duration::from_secs(20);
 /// A refused connect must fail at once (the kernel answers the SYN with a RST): far below the
 /// 1 s retransmission a dropped SYN would cost.
 const REFUSED_WITHIN: Duration = Duration::from_millis(200);
+/// The same while three clients connect without pause on this shared 2-core machine.
+const REFUSED_UNDER_LOAD_WITHIN: Duration = Duration::from_millis(500);
 /// The server's verdict set.
 const SET: u32 = 1;
 
@@ -298,6 +300,16 @@ fn assert_allowed(what: &str, report: &ProbeReport, attempts: u64) {
     assert_eq!(report.replies("server"), attempts, "{what}: {report:?}");
 }
 
+/// The slowest refused connect of a timeline.
+fn slowest_refusal(timeline: &[TimedAttempt]) -> Duration {
+    let refused: Vec<TimedAttempt> = timeline
+        .iter()
+        .filter(|a| matches!(&a.outcome, Outcome::Error(_)))
+        .cloned()
+        .collect();
+    slowest_connect(&refused)
+}
+
 fn slowest_connect(timeline: &[TimedAttempt]) -> Duration {
     let ns = timeline
         .iter()
@@ -500,4 +512,341 @@ fn mode_disabled_enforces_nothing() {
     assert_eq!(c["authz_denied"].as_u64(), Some(N), "{c}");
     assert_eq!(c["authz_allowed"].as_u64(), Some(0), "{c}");
     assert_eq!(debug_authz(&agent)["attached_netns"].as_u64(), Some(3));
+}
+
+const PORT_ALICE: u16 = 8081;
+const PORT_BOB: u16 = 8082;
+const PORT_CAROL: u16 = 8083;
+
+/// Generation `generation` of the policy-change test: alice allowed, bob denied, carol allowed in
+/// even generations and denied in odd ones; every generation has policy ids of its own.
+fn flip_snapshot(w: &World, generation: u64) -> kmesh_snapshot::Snapshot {
+    let base = 1000 + generation as u32 * 10;
+    let carol = if generation % 2 == 0 {
+        Verdict::allow(authz_reason::ALLOW_MATCHED, base + 3)
+    } else {
+        Verdict::deny(authz_reason::DENY_MATCHED, base + 3)
+    };
+    let mut t = AuthzTablesBuilder::new();
+    t.workload(IpAddr::V4(w.server.ipv4()), SET)
+        .source(IpAddr::V4(w.client("alice").ipv4()), 32, ALICE)
+        .source(IpAddr::V4(w.client("bob").ipv4()), 32, BOB)
+        .source(IpAddr::V4(w.client("carol").ipv4()), 32, CAROL)
+        .verdict(
+            SET,
+            Class::Any,
+            Port::Any,
+            Verdict::deny(authz_reason::NO_ALLOW_MATCHED, 0),
+        )
+        .verdict(
+            SET,
+            Class::Of(ALICE),
+            Port::Any,
+            Verdict::allow(authz_reason::ALLOW_MATCHED, base + 1),
+        )
+        .verdict(
+            SET,
+            Class::Of(BOB),
+            Port::Any,
+            Verdict::deny(authz_reason::DENY_MATCHED, base + 2),
+        )
+        .verdict(SET, Class::Of(CAROL), Port::Any, carol)
+        .policy(base + 1, &format!("ns/g{generation}-alice"))
+        .policy(base + 2, &format!("ns/g{generation}-bob"))
+        .policy(base + 3, &format!("ns/g{generation}-carol"));
+    let mut snapshot = w
+        .builder(generation, mode::KERNEL_NATIVE, &["alice", "bob", "carol"])
+        .build();
+    snapshot.authz = t.into_tables();
+    snapshot
+}
+
+/// One flip from the agent's `recent_flips`: `generation` went live between the two times.
+#[derive(Debug)]
+struct FlipTime {
+    generation: u64,
+    between_ns: [u64; 2],
+}
+
+fn flip_times(status: &serde_json::Value) -> Vec<FlipTime> {
+    status["recent_flips"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no recent_flips in the agent's status: {status}"))
+        .iter()
+        .map(|f| FlipTime {
+            generation: f["generation"].as_u64().expect("flip generation"),
+            between_ns: [
+                f["between_ns"][0].as_u64().expect("flip time"),
+                f["between_ns"][1].as_u64().expect("flip time"),
+            ],
+        })
+        .collect()
+}
+
+/// The generations that may have been live during a connect() from `start` to `end`: generation
+/// i may be live from just before its flip until just after the next one.
+fn live_during(flips: &[FlipTime], start: u64, end: u64) -> Vec<u64> {
+    (0..flips.len())
+        .filter(|&i| {
+            let from = flips[i].between_ns[0];
+            let until = flips.get(i + 1).map_or(u64::MAX, |next| next.between_ns[1]);
+            from <= end && start <= until
+        })
+        .map(|i| flips[i].generation)
+        .collect()
+}
+
+/// Carol's attempts that got an outcome no generation live during their connect() gives:
+/// a reply needs an even generation, ECONNREFUSED an odd one, anything else is wrong.
+fn carol_violations(timeline: &[TimedAttempt], flips: &[FlipTime]) -> Vec<String> {
+    timeline
+        .iter()
+        .filter_map(|attempt| {
+            let [start, end] = attempt.connect_ns;
+            let live = live_during(flips, start, end);
+            let explained = match &attempt.outcome {
+                Outcome::Reply(pod) => pod == "server" && live.iter().any(|g| g % 2 == 0),
+                Outcome::Error(e) => e == "ECONNREFUSED" && live.iter().any(|g| g % 2 == 1),
+            };
+            (!explained).then(|| {
+                format!(
+                    "connect {start}..{end} ns got {:?}; generations possibly live: {live:?}",
+                    attempt.outcome
+                )
+            })
+        })
+        .collect()
+}
+
+/// Sum of the counters of the policies `ids`, by action.
+fn counted(authz: &serde_json::Value, ids: impl Fn(u32) -> bool, action: &str) -> u64 {
+    let entries = authz["by_policy"].as_array().expect("by_policy");
+    entries
+        .iter()
+        .filter(|e| ids(e["policy"].as_u64().unwrap_or(0) as u32) && e["action"] == action)
+        .map(|e| e["connections"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A policy change under load, over 120 swaps: alice (allowed by every generation) never fails,
+/// bob (denied by every generation) never gets a byte through nor an accept, and every connect of
+/// carol (allowed by even generations, denied by odd ones) gets the verdict of a generation live
+/// during its connect(). The per-policy counters add up to each client's attempts.
+#[test]
+fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
+    const SWAPS: u64 = 120;
+    let w = World::new(
+        "authz-flip",
+        &[PORT_ALICE, PORT_BOB, PORT_CAROL],
+        &[("alice", 10), ("bob", 11), ("carol", 12)],
+    );
+    w.write(&flip_snapshot(&w, 1));
+    let mut agent = w.start_agent(4);
+    let stop = StopFile::new("authz-flip");
+    let alice = w.continuous_probe(w.client("alice"), PORT_ALICE, &stop);
+    let bob = w.continuous_probe(w.client("bob"), PORT_BOB, &stop);
+    let carol = w.continuous_probe(w.client("carol"), PORT_CAROL, &stop);
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    for generation in 2..=SWAPS + 1 {
+        w.write(&flip_snapshot(&w, generation));
+        wait_generation(&mut agent, generation);
+    }
+    let swap_time = started.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.signal().expect("stop probes");
+    let wait = |p: ProbeHandle| p.wait_timeout(Duration::from_secs(60)).expect("probe");
+    let (alice, bob, carol) = (wait(alice), wait(bob), wait(carol));
+    let status = agent.debug_snapshot().unwrap();
+    let flips = flip_times(&status);
+    let listed: Vec<u64> = flips.iter().map(|f| f.generation).collect();
+    assert_eq!(
+        listed,
+        (1..=SWAPS + 1).collect::<Vec<_>>(),
+        "the agent's flips"
+    );
+    let violations = carol_violations(&carol.timeline, &flips);
+    println!(
+        "policy change under load: {SWAPS} swaps in {swap_time:?}; alice {} ok {} failed; bob {} \
+         attempts {} ok {:?}; carol {} ok {} refused {:?}; {} carol connects without a live \
+         generation's verdict",
+        alice.ok,
+        alice.failed,
+        bob.attempts,
+        bob.ok,
+        bob.errors,
+        carol.ok,
+        carol.errors_of("ECONNREFUSED"),
+        carol.errors,
+        violations.len()
+    );
+    assert!(
+        violations.is_empty(),
+        "{} of carol's connects got a verdict no live generation gives; first ones:\n{}",
+        violations.len(),
+        violations[..violations.len().min(10)].join("\n")
+    );
+    assert_eq!(alice.failed, 0, "alice: {:?}", alice.errors);
+    assert!(
+        alice.ok >= 100,
+        "too few connections to mean anything: {alice:?}"
+    );
+    assert_eq!(bob.ok, 0, "bob got through: {:?}", bob.by_reply);
+    assert_eq!(
+        bob.errors_of("ECONNREFUSED"),
+        bob.attempts,
+        "{:?}",
+        bob.errors
+    );
+    assert!(bob.attempts >= 100, "too few connections: {}", bob.attempts);
+    for (who, report) in [("bob", &bob), ("carol", &carol)] {
+        let slowest = slowest_refusal(&report.timeline);
+        assert!(
+            slowest < REFUSED_UNDER_LOAD_WITHIN,
+            "{who}: a refused connect took {slowest:?}"
+        );
+    }
+    assert!(
+        carol.ok >= 20 && carol.errors_of("ECONNREFUSED") >= 20,
+        "carol must have seen both verdicts many times: {} ok, {:?}",
+        carol.ok,
+        carol.errors
+    );
+    assert_eq!(w.accepted(PORT_ALICE), alice.ok);
+    assert_eq!(w.accepted(PORT_BOB), 0, "bob's server accepted connections");
+    assert_eq!(w.accepted(PORT_CAROL), carol.ok);
+
+    let authz = debug_authz(&agent);
+    let of = |k: u32| move |id: u32| id > 1000 && id % 10 == k;
+    assert_eq!(counted(&authz, of(1), "allow"), alice.attempts);
+    assert_eq!(counted(&authz, of(2), "deny"), bob.attempts);
+    assert_eq!(counted(&authz, of(3), "allow"), carol.ok);
+    // A denied SYN whose 4-tuple still has a TIME_WAIT socket of an earlier, allowed connection
+    // on the server (carol reuses her ports at once: the server closed first) is judged in the
+    // kernel's TIME_WAIT path, which then answers with that socket's ACK; carol resets it and
+    // retransmits her SYN within milliseconds, which is judged again and refused. So each of
+    // carol's refusals is counted once, or twice when an earlier allowed connection of hers left
+    // a TIME_WAIT on the same ports: at most once more per allowed connection. (bob, never
+    // allowed, and alice, never denied, are counted exactly once per connection above.)
+    let carol_denials = counted(&authz, of(3), "deny");
+    println!(
+        "carol: {carol_denials} denials counted for {} refused connects",
+        carol.failed
+    );
+    assert!(
+        (carol.failed..=carol.failed + carol.ok).contains(&carol_denials),
+        "carol: {carol_denials} denials counted for {} refusals after {} allowed connections",
+        carol.failed,
+        carol.ok
+    );
+    // Odd generations never allow carol, even ones never deny her.
+    let odd_allow = counted(&authz, |id| of(3)(id) && (id / 10) % 2 == 1, "allow");
+    let even_deny = counted(&authz, |id| of(3)(id) && (id / 10) % 2 == 0, "deny");
+    assert_eq!((odd_allow, even_deny), (0, 0), "{authz:#}");
+    assert_eq!(authz["counters"]["inconsistent"].as_u64(), Some(0));
+}
+
+/// The ids of the authorization links pinned in `dir`, by pin name (the namespace's cookie).
+fn authz_link_ids(dir: &Path) -> BTreeMap<String, u32> {
+    let Ok(entries) = std::fs::read_dir(dir.join("authz")) else {
+        return BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let link = kmesh_agent::sys::obj_get(&e.path()).expect("open link pin");
+            let state = kmesh_agent::sys::netns_link_state(std::os::fd::AsFd::as_fd(&link))
+                .expect("link info");
+            assert!(
+                state.attached,
+                "{}: detached link pinned",
+                e.path().display()
+            );
+            (e.file_name().to_string_lossy().into_owned(), state.link_id)
+        })
+        .collect()
+}
+
+/// SIGKILL and restart of the agent while a denied client connects in a loop: the pinned links
+/// keep the program attached with the pinned maps, so not one connect gets through, and the new
+/// agent adopts the very same links.
+#[test]
+fn an_agent_restart_leaves_no_unprotected_window() {
+    let w = classic_world("authz-restart");
+    w.write(&classic_snapshot(&w, 1, mode::KERNEL_NATIVE));
+    let mut agent = w.start_agent(3);
+    let links_before = authz_link_ids(w.dir.path());
+    assert_eq!(links_before.len(), 3, "{links_before:?}");
+
+    let stop = StopFile::new("authz-restart");
+    let bob = w.continuous_probe(w.client("bob"), PORT_A, &stop);
+    let alice = w.continuous_probe(w.client("alice"), PORT_A, &stop);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill().expect("SIGKILL agent");
+    // No agent at all for a while.
+    std::thread::sleep(Duration::from_millis(1500));
+    let restarted = w.start_agent(3);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.signal().expect("stop probes");
+    let wait = |p: ProbeHandle| p.wait_timeout(Duration::from_secs(60)).expect("probe");
+    let (bob, alice) = (wait(bob), wait(alice));
+    println!(
+        "restart: bob {} attempts {} ok {:?}; alice {} ok {} failed",
+        bob.attempts, bob.ok, bob.errors, alice.ok, alice.failed
+    );
+    assert_eq!(bob.ok, 0, "bob got through during the restart: {bob:?}");
+    let slowest = slowest_refusal(&bob.timeline);
+    assert!(
+        slowest < REFUSED_UNDER_LOAD_WITHIN,
+        "bob: a refusal took {slowest:?}"
+    );
+    assert_eq!(
+        bob.errors_of("ECONNREFUSED"),
+        bob.attempts,
+        "{:?}",
+        bob.errors
+    );
+    assert!(bob.attempts >= 100, "too few connections: {}", bob.attempts);
+    assert_eq!(alice.failed, 0, "{:?}", alice.errors);
+    assert_eq!(w.accepted(PORT_A), alice.ok, "accepts on A");
+    let after = restarted.debug_snapshot().unwrap();
+    assert_eq!(after["adopted_pins"], true, "{after}");
+    assert_eq!(
+        authz_link_ids(w.dir.path()),
+        links_before,
+        "links were re-made"
+    );
+}
+
+/// A namespace that disappears, and one whose workload leaves the snapshot, lose their links and
+/// pins; the others keep theirs.
+#[test]
+fn namespaces_that_leave_lose_their_links() {
+    let w = classic_world("authz-leave");
+    w.write(&classic_snapshot(&w, 1, mode::KERNEL_NATIVE));
+    let mut agent = w.start_agent(3);
+    let before = authz_link_ids(w.dir.path());
+    let bob_cookie = w.client("bob").netns_cookie().expect("cookie").to_string();
+    let alice_cookie = w
+        .client("alice")
+        .netns_cookie()
+        .expect("cookie")
+        .to_string();
+    assert!(before.contains_key(&bob_cookie) && before.contains_key(&alice_cookie));
+    w.net.remove_pod("bob").expect("remove bob's namespace");
+    wait_links(&mut agent, 2);
+    let mut snapshot = classic_snapshot(&w, 2, mode::KERNEL_NATIVE);
+    snapshot
+        .workloads
+        .retain(|r| r.ip != kmesh_common::ip16(w.client("alice").ipv4().into()));
+    w.write(&snapshot);
+    wait_generation(&mut agent, 2);
+    wait_links(&mut agent, 1);
+    let after = authz_link_ids(w.dir.path());
+    let server_cookie = w.server.netns_cookie().expect("cookie").to_string();
+    assert_eq!(
+        after,
+        BTreeMap::from([(server_cookie.clone(), before[&server_cookie])]),
+        "the server's link stays, the others go"
+    );
 }

@@ -522,7 +522,7 @@ const PORT_CAROL: u16 = 8083;
 /// even generations and denied in odd ones; every generation has policy ids of its own.
 fn flip_snapshot(w: &World, generation: u64) -> kmesh_snapshot::Snapshot {
     let base = 1000 + generation as u32 * 10;
-    let carol = if generation % 2 == 0 {
+    let carol = if generation.is_multiple_of(2) {
         Verdict::allow(authz_reason::ALLOW_MATCHED, base + 3)
     } else {
         Verdict::deny(authz_reason::DENY_MATCHED, base + 3)

@@ -141,6 +141,8 @@ pub struct Status {
     pub authz_links: usize,
     /// Entries of the host addresses map (the node's own addresses, exempt from authorization).
     pub host_addrs: usize,
+    /// Established connections closed because a new generation denies them.
+    pub closed_connections: u64,
     pub counters: Option<Counters>,
     /// The last [`RECENT_FLIPS`] flips, oldest first: which generation went live when.
     pub recent_flips: std::collections::VecDeque<Flip>,

@@ -20,9 +20,11 @@ use std::{
 };
 
 use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16};
-use tracing::{debug, info};
+use kmesh_snapshot::AuthzTables;
+use tracing::{debug, info, warn};
 
 use crate::{
+    established::{self, Closed},
     host_addrs::{HostAddrMap, HostNetns},
     loader::LoaderError,
     maps::{EnrolledMap, MapsError},
@@ -174,6 +176,8 @@ pub struct Enroller {
     links: NetnsLinks,
     host_addrs: HostAddrMap,
     host_netns: HostNetns,
+    /// The enrolled namespaces of the last sync, held open (to close denied connections in them).
+    enrolled: BTreeMap<u64, Arc<File>>,
 }
 
 impl Enroller {
@@ -188,7 +192,36 @@ impl Enroller {
             links,
             host_addrs,
             host_netns,
+            enrolled: BTreeMap::new(),
         }
+    }
+
+    /// Closes, in every enrolled namespace, the established connections `tables` deny (after a
+    /// generation was applied; see `established.rs`). A namespace that cannot be swept is logged
+    /// and counted; the others are swept still.
+    pub fn close_denied(&self, node_mode: u32, tables: &AuthzTables) -> Result<Closed, EnrolError> {
+        let host: BTreeSet<Ip16> = self
+            .host_netns
+            .addresses()
+            .map_err(EnrolError::HostAddrs)?
+            .into_iter()
+            .map(ip16)
+            .collect();
+        let mut total = Closed::default();
+        for (cookie, netns) in &self.enrolled {
+            match established::close_denied_in(netns, node_mode, tables, &host) {
+                Ok(c) => {
+                    total.closed += c.closed;
+                    total.vanished += c.vanished;
+                }
+                // A namespace that went away meanwhile, or a refusal: the others are swept still.
+                Err(e) => {
+                    warn!(cookie, error = %e, "closing denied connections in a namespace");
+                    total.failed_netns += 1;
+                }
+            }
+        }
+        Ok(total)
     }
 
     pub fn sync(&mut self, workloads: &[WorkloadRecord]) -> Result<EnrolStats, EnrolError> {
@@ -221,6 +254,7 @@ impl Enroller {
             .filter_map(|ns| Some((ns.cookie, ns.file.clone()?)))
             .collect();
         let authz_links = self.links.sync(&open)?;
+        self.enrolled = open;
         Ok(EnrolStats {
             enrolled: plan.enrolled.len(),
             added: plan.inserts.len(),

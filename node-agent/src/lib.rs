@@ -10,7 +10,8 @@
 //!   [`link_switch`]: point the pinned links at a layout's programs (`BPF_LINK_UPDATE`);
 //! - [`enrol`]: network namespaces to enrolment (scan, then a pure plan); [`netns_links`]: the
 //!   authorization program's link on every enrolled namespace; [`host_addrs`]: the node's own
-//!   addresses, exempt from authorization;
+//!   addresses, exempt from authorization; [`established`]: closing the established connections a
+//!   new generation denies;
 //! - [`source`]: snapshot file or operator (the contract is `kmesh_snapshot::contract`);
 //! - [`data_plane`]: what each snapshot does (refused, unchanged, applied), and the thread that
 //!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
@@ -22,6 +23,7 @@ pub mod authz_counters;
 pub mod data_plane;
 pub mod enrol;
 pub mod error_chain;
+pub mod established;
 #[cfg(test)]
 mod fake_slots;
 pub mod host_addrs;

@@ -606,7 +606,13 @@ fn carol_violations(timeline: &[TimedAttempt], flips: &[FlipTime]) -> Vec<String
             let live = live_during(flips, start, end);
             let explained = match &attempt.outcome {
                 Outcome::Reply(pod) => pod == "server" && live.iter().any(|g| g % 2 == 0),
-                Outcome::Error(e) => e == "ECONNREFUSED" && live.iter().any(|g| g % 2 == 1),
+                Outcome::Error(e) if e == "ECONNREFUSED" => live.iter().any(|g| g % 2 == 1),
+                // Connected under an even generation, then closed by the agent (SOCK_DESTROY)
+                // once an odd one was applied, before the reply was read.
+                Outcome::Error(e) if is_reset(e) => live_during(flips, start, u64::MAX)
+                    .iter()
+                    .any(|g| g % 2 == 1),
+                Outcome::Error(_) => false,
             };
             (!explained).then(|| {
                 format!(
@@ -616,6 +622,11 @@ fn carol_violations(timeline: &[TimedAttempt], flips: &[FlipTime]) -> Vec<String
             })
         })
         .collect()
+}
+
+/// A probe error of a connection reset after it was established.
+fn is_reset(error: &str) -> bool {
+    matches!(error, "ECONNRESET" | "ECONNABORTED" | "EPIPE" | "no_reply")
 }
 
 /// Sum of the counters of the policies `ids`, by action.
@@ -714,7 +725,16 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
     );
     assert_eq!(w.accepted(PORT_ALICE), alice.ok);
     assert_eq!(w.accepted(PORT_BOB), 0, "bob's server accepted connections");
-    assert_eq!(w.accepted(PORT_CAROL), carol.ok);
+    // Carol's connections closed by the agent's sweep after a flip to a denying generation were
+    // accepted (or not yet) but got no reply.
+    let carol_refused = carol.errors_of("ECONNREFUSED");
+    let carol_reset = carol.failed - carol_refused;
+    assert!(
+        (carol.ok..=carol.ok + carol_reset).contains(&w.accepted(PORT_CAROL)),
+        "accepts on carol's port: {} for {} ok and {carol_reset} reset",
+        w.accepted(PORT_CAROL),
+        carol.ok
+    );
 
     let authz = debug_authz(&agent);
     let of = |k: u32| move |id: u32| id > 1000 && id % 10 == k;
@@ -730,13 +750,14 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
     // allowed, and alice, never denied, are counted exactly once per connection above.)
     let carol_denials = counted(&authz, of(3), "deny");
     println!(
-        "carol: {carol_denials} denials counted for {} refused connects",
-        carol.failed
+        "carol: {carol_denials} denials counted for {carol_refused} refused connects; \
+         {carol_reset} established connections closed by the agent; agent closed {}",
+        agent.debug_snapshot().unwrap()["closed_connections"]
     );
     assert!(
-        (carol.failed..=carol.failed + carol.ok).contains(&carol_denials),
-        "carol: {carol_denials} denials counted for {} refusals after {} allowed connections",
-        carol.failed,
+        (carol_refused..=carol_refused + carol.ok).contains(&carol_denials),
+        "carol: {carol_denials} denials counted for {carol_refused} refusals after {} allowed \
+         connections",
         carol.ok
     );
     // Odd generations never allow carol, even ones never deny her.
@@ -849,4 +870,135 @@ fn namespaces_that_leave_lose_their_links() {
         BTreeMap::from([(server_cookie.clone(), before[&server_cookie])]),
         "the server's link stays, the others go"
     );
+}
+
+const PORT_ECHO: u16 = 7070;
+
+/// An echo server in a pod that keeps every connection open until its client closes it.
+struct EchoServer {
+    _accept: std::thread::JoinHandle<()>,
+}
+
+impl EchoServer {
+    fn start(pod: &Pod, port: u16) -> EchoServer {
+        let listener = pod
+            .run_in(|| std::net::TcpListener::bind(("0.0.0.0", port)))
+            .expect("echo listener");
+        let accept = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut reader = match stream.try_clone() {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    };
+                    let _ = std::io::copy(&mut reader, &mut stream);
+                });
+            }
+        });
+        EchoServer { _accept: accept }
+    }
+}
+
+/// A connection from `pod` to `server`:`port`, opened in the pod's namespace.
+fn connect_from(pod: &Pod, server: Ipv4Addr, port: u16) -> std::net::TcpStream {
+    let stream = pod
+        .run_in(|| std::net::TcpStream::connect((server, port)))
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("read timeout");
+    stream
+}
+
+/// Writes a line and reads it back.
+fn ping(stream: &mut std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    stream.write_all(b"ping\n")?;
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf)?;
+    if &buf != b"ping\n" {
+        return Err(std::io::Error::other(format!("echo answered {buf:?}")));
+    }
+    Ok(())
+}
+
+/// The echo test's tables: alice always allowed, bob allowed only while `bob_allowed`.
+fn echo_snapshot(w: &World, generation: u64, bob_allowed: bool) -> kmesh_snapshot::Snapshot {
+    let bob = if bob_allowed {
+        Verdict::allow(authz_reason::ALLOW_MATCHED, 202)
+    } else {
+        Verdict::deny(authz_reason::DENY_MATCHED, 203)
+    };
+    let mut t = AuthzTablesBuilder::new();
+    t.workload(IpAddr::V4(w.server.ipv4()), SET)
+        .source(IpAddr::V4(w.client("alice").ipv4()), 32, ALICE)
+        .source(IpAddr::V4(w.client("bob").ipv4()), 32, BOB)
+        .verdict(
+            SET,
+            Class::Any,
+            Port::Any,
+            Verdict::deny(authz_reason::NO_ALLOW_MATCHED, 0),
+        )
+        .verdict(
+            SET,
+            Class::Of(ALICE),
+            Port::Any,
+            Verdict::allow(authz_reason::ALLOW_MATCHED, 201),
+        )
+        .verdict(SET, Class::Of(BOB), Port::Any, bob)
+        .policy(201, "ns/allow-alice")
+        .policy(202, "ns/allow-bob")
+        .policy(203, "ns/deny-bob");
+    let mut snapshot = w
+        .builder(generation, mode::KERNEL_NATIVE, &["alice", "bob"])
+        .build();
+    snapshot.authz = t.into_tables();
+    snapshot
+}
+
+/// A new generation that denies an established connection closes it (the agent's SOCK_DESTROY):
+/// the client's next read fails. A connection the new generation still allows stays up, and so
+/// does a connection the server pod opened itself (outbound, not authorization's business).
+#[test]
+fn established_connections_a_new_generation_denies_are_closed() {
+    let w = World::new("authz-established", &[], &[("alice", 10), ("bob", 11)]);
+    let _echo = EchoServer::start(&w.server, PORT_ECHO);
+    // The server pod's own outbound connection, to an echo server in bob's pod: bob is denied
+    // after the change, but this connection is not inbound to the server.
+    let _bob_echo = EchoServer::start(w.client("bob"), PORT_ECHO);
+    w.write(&echo_snapshot(&w, 1, true));
+    let mut agent = w.start_agent(3);
+    let server = w.server.ipv4();
+    let mut alice = connect_from(w.client("alice"), server, PORT_ECHO);
+    let mut bob = connect_from(w.client("bob"), server, PORT_ECHO);
+    let mut outbound = connect_from(&w.server, w.client("bob").ipv4(), PORT_ECHO);
+    for (who, stream) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("server", &mut outbound),
+    ] {
+        ping(stream).unwrap_or_else(|e| panic!("{who} before the change: {e}"));
+    }
+
+    w.write(&echo_snapshot(&w, 2, false));
+    wait_generation(&mut agent, 2);
+    agent
+        .wait_for(Duration::from_secs(5), "a closed connection", |a| {
+            Ok(a.debug_snapshot()?["closed_connections"].as_u64() >= Some(1))
+        })
+        .expect("the sweep");
+    let err = ping(&mut bob).expect_err("bob's connection survived a generation that denies it");
+    println!("bob's connection after the change: {err}");
+    ping(&mut alice).expect("alice's connection, still allowed, was closed");
+    if let Err(e) = ping(&mut outbound) {
+        let log = agent.log();
+        let closed: Vec<&str> = log.lines().filter(|l| l.contains("closed")).collect();
+        panic!("the server's own outbound connection was closed: {e}; agent: {closed:#?}");
+    }
+    let status = agent.debug_snapshot().unwrap();
+    assert_eq!(status["closed_connections"].as_u64(), Some(1), "{status}");
+    // And bob cannot come back.
+    let report = w.probe(w.client("bob"), PORT_ECHO, false, 3);
+    assert_refused("bob → echo after the change", &report, 3);
 }

@@ -1002,3 +1002,36 @@ fn established_connections_a_new_generation_denies_are_closed() {
     let report = w.probe(w.client("bob"), PORT_ECHO, false, 3);
     assert_refused("bob → echo after the change", &report, 3);
 }
+
+/// `kmesh-agent uninstall` detaches the authorization program from every namespace: a client the
+/// policy denied connects again, and no pin is left.
+#[test]
+fn uninstall_detaches_the_authorization_links() {
+    let w = classic_world("authz-uninstall");
+    w.write(&classic_snapshot(&w, 1, mode::KERNEL_NATIVE));
+    let mut agent = w.start_agent(3);
+    assert_refused("bob → A", &w.probe(w.client("bob"), PORT_A, false, 5), 5);
+    let status = agent.terminate().expect("SIGTERM");
+    assert!(status.success(), "agent exit status {status}");
+    assert_refused(
+        "bob → A with no agent running",
+        &w.probe(w.client("bob"), PORT_A, false, 5),
+        5,
+    );
+    let out = std::process::Command::new(kmesh_tests::workspace_bin("kmesh-agent").unwrap())
+        .args(["uninstall", "--bpffs-dir"])
+        .arg(w.dir.path())
+        .output()
+        .expect("kmesh-agent uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(w.dir.pins().is_empty(), "pins left: {:?}", w.dir.pins());
+    assert_allowed(
+        "bob → A after the uninstall",
+        &w.probe(w.client("bob"), PORT_A, false, 5),
+        5,
+    );
+}

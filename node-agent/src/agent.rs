@@ -141,6 +141,9 @@ pub struct Status {
     pub authz_links: usize,
     /// Entries of the host addresses map (the node's own addresses, exempt from authorization).
     pub host_addrs: usize,
+    /// Why the host addresses map could not be updated in the last enrolment sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_addrs_error: Option<String>,
     /// Established connections closed because a new generation denies them.
     pub closed_connections: u64,
     pub counters: Option<Counters>,

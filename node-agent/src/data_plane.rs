@@ -368,6 +368,7 @@ impl DataPlane {
                     s.enrolled_netns = stats.enrolled;
                     s.authz_links = stats.authz_links.attached;
                     s.host_addrs = stats.host_addrs;
+                    s.host_addrs_error = stats.host_addrs_error;
                 });
                 true
             }

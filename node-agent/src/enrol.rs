@@ -106,6 +106,8 @@ pub struct EnrolStats {
     pub authz_links: LinkStats,
     /// Entries of the host addresses map.
     pub host_addrs: usize,
+    /// Why the host addresses map could not be updated, if it could not.
+    pub host_addrs_error: Option<String>,
 }
 
 /// The changes that make the enrolled map equal to "namespaces holding a workload IP".
@@ -227,9 +229,21 @@ impl Enroller {
     pub fn sync(&mut self, workloads: &[WorkloadRecord]) -> Result<EnrolStats, EnrolError> {
         let namespaces = discover()?;
         let mut stats = self.sync_enrolled(workloads, &namespaces)?;
-        let host = self.host_netns.addresses().map_err(EnrolError::HostAddrs)?;
-        stats.host_addrs = self.host_addrs.sync(&host)?;
+        // The host addresses do not hold up enrolment (nor an upgrade's switch, which waits for an
+        // enrolment in step): a failure is logged, reported, and retried next round.
+        match self.sync_host_addrs() {
+            Ok(n) => stats.host_addrs = n,
+            Err(e) => {
+                warn!(error = %e, "updating the host addresses map; connections from the node may be judged");
+                stats.host_addrs_error = Some(e.to_string());
+            }
+        }
         Ok(stats)
+    }
+
+    fn sync_host_addrs(&mut self) -> Result<usize, EnrolError> {
+        let host = self.host_netns.addresses().map_err(EnrolError::HostAddrs)?;
+        Ok(self.host_addrs.sync(&host)?)
     }
 
     /// The enrolled map, then the authorization links of the enrolled namespaces.
@@ -261,6 +275,7 @@ impl Enroller {
             removed: plan.removals.len(),
             authz_links,
             host_addrs: 0,
+            host_addrs_error: None,
         })
     }
 }

@@ -791,3 +791,44 @@ fn tcp_socket(msg: &InetDiagMsg) -> TcpSocket {
         id: msg.id,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(ty: u16, body: &[u8]) -> Vec<u8> {
+        let hdr = NlMsgHdr {
+            len: (size_of::<NlMsgHdr>() + body.len()) as u32,
+            ty,
+            flags: 0,
+            seq: 1,
+            pid: 0,
+        };
+        // SAFETY: NlMsgHdr is repr(C), integers only, no padding.
+        let head: [u8; 16] = unsafe { std::mem::transmute(hdr) };
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(body);
+        while bytes.len() % 4 != 0 {
+            bytes.push(0);
+        }
+        bytes
+    }
+
+    #[test]
+    fn netlink_messages_are_split_and_bad_lengths_stop_the_walk() {
+        let mut bytes = message(NLMSG_ERROR, &(-2i32).to_ne_bytes());
+        bytes.extend(message(NLMSG_DONE, &[0; 4]));
+        let types: Vec<u16> = netlink_messages(&bytes).map(|(h, _)| h.ty).collect();
+        assert_eq!(types, vec![NLMSG_ERROR, NLMSG_DONE]);
+        assert_eq!(first_error(&bytes), Some(-2));
+        // Truncated: the second message claims more than there is.
+        let cut = &bytes[..bytes.len() - 2];
+        assert_eq!(netlink_messages(cut).count(), 1);
+        // A length shorter than a header, and garbage: no message, no panic.
+        let mut bad = message(NLMSG_DONE, &[]);
+        bad[0] = 3;
+        assert_eq!(netlink_messages(&bad).count(), 0);
+        assert_eq!(netlink_messages(&[0xff; 7]).count(), 0);
+        assert_eq!(first_error(&[]), None);
+    }
+}

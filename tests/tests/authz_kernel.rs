@@ -285,6 +285,7 @@ fn assert_refused(what: &str, report: &ProbeReport, attempts: u64) {
         "{what}: not refused: {report:?}"
     );
     let slowest = slowest_connect(&report.timeline);
+    println!("{what}: {attempts} refused, the slowest in {slowest:?}");
     assert!(
         slowest < REFUSED_WITHIN,
         "{what}: a refused connect took {slowest:?}"

@@ -54,10 +54,16 @@ static KM_AUTHZ_VERDICTS: ArrayOfMaps<
     HashMap<AuthzVerdictKey, AuthzVerdict, TEMPLATE_ENTRIES, INNER_FLAGS>,
     SLOTS,
 > = ArrayOfMaps::new();
-/// Not per generation: connections per (workload, policy, action, reason).
+/// Not per generation: connections per (workload, policy, action, reason). Not preallocated
+/// (BPF_F_NO_PREALLOC): a preallocated per-CPU hash costs capacity × CPUs × 8 bytes up front (64 MiB
+/// on a 128-CPU node); this one costs what the node's triples use.
 #[btf_map]
-static KM_AUTHZ_COUNTERS: PerCpuHashMap<AuthzCounterKey, u64, { MAX_AUTHZ_COUNTERS as usize }> =
-    PerCpuHashMap::new();
+static KM_AUTHZ_COUNTERS: PerCpuHashMap<
+    AuthzCounterKey,
+    u64,
+    { MAX_AUTHZ_COUNTERS as usize },
+    INNER_FLAGS,
+> = PerCpuHashMap::new();
 /// Not per generation: the node's own addresses (exempt, so that kubelet probes keep working).
 #[btf_map]
 static KM_HOST_ADDRS: HashMap<Ip16, HostAddrValue, { MAX_HOST_ADDRS as usize }> = HashMap::new();

@@ -640,55 +640,65 @@ fn counted(authz: &serde_json::Value, ids: impl Fn(u32) -> bool, action: &str) -
         .sum()
 }
 
-/// A policy change under load, over 120 swaps: alice (allowed by every generation) never fails,
-/// bob (denied by every generation) never gets a byte through nor an accept, and every connect of
-/// carol (allowed by even generations, denied by odd ones) gets the verdict of a generation live
-/// during its connect(). The per-policy counters add up to each client's attempts.
-#[test]
-fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
-    const SWAPS: u64 = 120;
-    let w = World::new(
-        "authz-flip",
-        &[PORT_ALICE, PORT_BOB, PORT_CAROL],
-        &[("alice", 10), ("bob", 11), ("carol", 12)],
-    );
-    w.write(&flip_snapshot(&w, 1));
-    let mut agent = w.start_agent(4);
+/// What the three clients of the policy-change test saw, and the agent's flips.
+struct FlipRun {
+    alice: ProbeReport,
+    bob: ProbeReport,
+    carol: ProbeReport,
+    flips: Vec<FlipTime>,
+}
+
+/// Starts the three clients, applies generations 2..=`swaps + 1`, stops the clients.
+fn run_flips(w: &World, agent: &mut Agent, swaps: u64) -> FlipRun {
     let stop = StopFile::new("authz-flip");
     let alice = w.continuous_probe(w.client("alice"), PORT_ALICE, &stop);
     let bob = w.continuous_probe(w.client("bob"), PORT_BOB, &stop);
     let carol = w.continuous_probe(w.client("carol"), PORT_CAROL, &stop);
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
-    for generation in 2..=SWAPS + 1 {
-        w.write(&flip_snapshot(&w, generation));
-        wait_generation(&mut agent, generation);
+    for generation in 2..=swaps + 1 {
+        w.write(&flip_snapshot(w, generation));
+        wait_generation(agent, generation);
     }
-    let swap_time = started.elapsed();
+    println!(
+        "policy change under load: {swaps} swaps in {:?}",
+        started.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(200));
     stop.signal().expect("stop probes");
     let wait = |p: ProbeHandle| p.wait_timeout(Duration::from_secs(60)).expect("probe");
     let (alice, bob, carol) = (wait(alice), wait(bob), wait(carol));
-    let status = agent.debug_snapshot().unwrap();
-    let flips = flip_times(&status);
+    let flips = flip_times(&agent.debug_snapshot().unwrap());
     let listed: Vec<u64> = flips.iter().map(|f| f.generation).collect();
     assert_eq!(
         listed,
-        (1..=SWAPS + 1).collect::<Vec<_>>(),
+        (1..=swaps + 1).collect::<Vec<_>>(),
         "the agent's flips"
     );
-    let violations = carol_violations(&carol.timeline, &flips);
+    FlipRun {
+        alice,
+        bob,
+        carol,
+        flips,
+    }
+}
+
+/// Alice never fails, bob never gets through, every connect of carol has a live generation's
+/// verdict, refusals are quick, and each server accepted what its client got.
+fn check_flip_outcomes(w: &World, run: &FlipRun) {
+    let FlipRun {
+        alice, bob, carol, ..
+    } = run;
+    let violations = carol_violations(&carol.timeline, &run.flips);
     println!(
-        "policy change under load: {SWAPS} swaps in {swap_time:?}; alice {} ok {} failed; bob {} \
-         attempts {} ok {:?}; carol {} ok {} refused {:?}; {} carol connects without a live \
-         generation's verdict",
+        "alice {} ok {} failed; bob {} attempts {} ok {:?}; carol {} ok {:?}; {} carol connects \
+         without a live generation's verdict",
         alice.ok,
         alice.failed,
         bob.attempts,
         bob.ok,
         bob.errors,
         carol.ok,
-        carol.errors_of("ECONNREFUSED"),
         carol.errors,
         violations.len()
     );
@@ -711,15 +721,16 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
         bob.errors
     );
     assert!(bob.attempts >= 100, "too few connections: {}", bob.attempts);
-    for (who, report) in [("bob", &bob), ("carol", &carol)] {
+    for (who, report) in [("bob", bob), ("carol", carol)] {
         let slowest = slowest_refusal(&report.timeline);
         assert!(
             slowest < REFUSED_UNDER_LOAD_WITHIN,
             "{who}: a refused connect took {slowest:?}"
         );
     }
+    let carol_refused = carol.errors_of("ECONNREFUSED");
     assert!(
-        carol.ok >= 20 && carol.errors_of("ECONNREFUSED") >= 20,
+        carol.ok >= 20 && carol_refused >= 20,
         "carol must have seen both verdicts many times: {} ok, {:?}",
         carol.ok,
         carol.errors
@@ -728,7 +739,6 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
     assert_eq!(w.accepted(PORT_BOB), 0, "bob's server accepted connections");
     // Carol's connections closed by the agent's sweep after a flip to a denying generation were
     // accepted (or not yet) but got no reply.
-    let carol_refused = carol.errors_of("ECONNREFUSED");
     let carol_reset = carol.failed - carol_refused;
     assert!(
         (carol.ok..=carol.ok + carol_reset).contains(&w.accepted(PORT_CAROL)),
@@ -736,8 +746,15 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
         w.accepted(PORT_CAROL),
         carol.ok
     );
+}
 
-    let authz = debug_authz(&agent);
+/// The per-policy counters add up to each client's connections, each generation's policies
+/// counting only their own verdicts.
+fn check_flip_counters(agent: &Agent, run: &FlipRun) {
+    let FlipRun {
+        alice, bob, carol, ..
+    } = run;
+    let authz = debug_authz(agent);
     let of = |k: u32| move |id: u32| id > 1000 && id % 10 == k;
     assert_eq!(counted(&authz, of(1), "allow"), alice.attempts);
     assert_eq!(counted(&authz, of(2), "deny"), bob.attempts);
@@ -749,10 +766,11 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
     // carol's refusals is counted once, or twice when an earlier allowed connection of hers left
     // a TIME_WAIT on the same ports: at most once more per allowed connection. (bob, never
     // allowed, and alice, never denied, are counted exactly once per connection above.)
+    let carol_refused = carol.errors_of("ECONNREFUSED");
     let carol_denials = counted(&authz, of(3), "deny");
     println!(
-        "carol: {carol_denials} denials counted for {carol_refused} refused connects; \
-         {carol_reset} established connections closed by the agent; agent closed {}",
+        "carol: {carol_denials} denials counted for {carol_refused} refused connects; the agent \
+         closed {} established connections",
         agent.debug_snapshot().unwrap()["closed_connections"]
     );
     assert!(
@@ -766,6 +784,24 @@ fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
     let even_deny = counted(&authz, |id| of(3)(id) && (id / 10) % 2 == 0, "deny");
     assert_eq!((odd_allow, even_deny), (0, 0), "{authz:#}");
     assert_eq!(authz["counters"]["inconsistent"].as_u64(), Some(0));
+}
+
+/// A policy change under load, over 120 swaps: alice (allowed by every generation) never fails,
+/// bob (denied by every generation) never gets a byte through nor an accept, and every connect of
+/// carol (allowed by even generations, denied by odd ones) gets the verdict of a generation live
+/// during its connect(). The per-policy counters add up to each client's attempts.
+#[test]
+fn a_policy_change_under_load_gives_each_connection_one_generations_verdict() {
+    let w = World::new(
+        "authz-flip",
+        &[PORT_ALICE, PORT_BOB, PORT_CAROL],
+        &[("alice", 10), ("bob", 11), ("carol", 12)],
+    );
+    w.write(&flip_snapshot(&w, 1));
+    let mut agent = w.start_agent(4);
+    let run = run_flips(&w, &mut agent, 120);
+    check_flip_outcomes(&w, &run);
+    check_flip_counters(&agent, &run);
 }
 
 /// The ids of the authorization links pinned in `dir`, by pin name (the namespace's cookie).

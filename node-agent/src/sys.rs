@@ -808,7 +808,7 @@ mod tests {
         let head: [u8; 16] = unsafe { std::mem::transmute(hdr) };
         let mut bytes = head.to_vec();
         bytes.extend_from_slice(body);
-        while bytes.len() % 4 != 0 {
+        while !bytes.len().is_multiple_of(4) {
             bytes.push(0);
         }
         bytes

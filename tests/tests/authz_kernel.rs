@@ -1072,3 +1072,34 @@ fn uninstall_detaches_the_authorization_links() {
         5,
     );
 }
+
+/// The host addresses map follows the node's interfaces: an address added to the node is exempt
+/// from the next sync on, and one removed is dropped from the map.
+#[test]
+fn host_addresses_follow_the_nodes_interfaces() {
+    let w = classic_world("authz-host");
+    w.write(&classic_snapshot(&w, 1, mode::KERNEL_NATIVE));
+    let mut agent = w.start_agent(3);
+    let host_addrs = |a: &Agent| a.debug_snapshot().map(|s| s["host_addrs"].as_u64());
+    let before = host_addrs(&agent).expect("status").expect("host_addrs");
+    w.net
+        .ip_node(&["addr", "add", "10.244.0.77/32", "dev", "br0"])
+        .expect("add an address to the node");
+    agent
+        .wait_for(Duration::from_secs(5), "the new address in the map", |a| {
+            Ok(host_addrs(a)? == Some(before + 1))
+        })
+        .expect("added");
+    w.net
+        .ip_node(&["addr", "del", "10.244.0.77/32", "dev", "br0"])
+        .expect("remove the address");
+    agent
+        .wait_for(
+            Duration::from_secs(5),
+            "the address gone from the map",
+            |a| Ok(host_addrs(a)? == Some(before)),
+        )
+        .expect("removed");
+    // The node's remaining address is still exempt.
+    assert_allowed("node → A", &w.probe_from_node(PORT_A, 5), 5);
+}

@@ -84,7 +84,7 @@ impl HostAddrMap {
         Ok(Self { map })
     }
 
-    /// Makes the map hold exactly `addrs`; returns how many it holds.
+    /// Makes the map hold exactly `addrs`; returns how many entries it holds afterwards.
     pub fn sync(&mut self, addrs: &[IpAddr]) -> Result<usize, MapsError> {
         let current: BTreeSet<Ip16> = self.map.keys().collect::<Result<_, _>>().map_err(map_err)?;
         let plan = plan(addrs, &current);
@@ -99,7 +99,9 @@ impl HostAddrMap {
                 .insert(ip, HostAddrValue { flags: 0 }, 0)
                 .map_err(map_err)?;
         }
-        Ok(current.len() + plan.inserts.len() - plan.removals.len())
+        // What the map holds now, read back (not what the plan says it should).
+        let now: Result<Vec<Ip16>, _> = self.map.keys().collect();
+        Ok(now.map_err(map_err)?.len())
     }
 }
 

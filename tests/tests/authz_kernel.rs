@@ -38,7 +38,9 @@ const ALICE: u32 = 1;
 const BOB: u32 = 2;
 const INNER_BLOCK: u32 = 3;
 const OUTER_BLOCK: u32 = 4;
-const CAROL: u32 = 5;
+/// Carol's class in the policy-change test's tables (whose classes are 1..=3, dense as the
+/// operator assigns them).
+const CAROL: u32 = 3;
 
 /// One test's node: a server pod (enrolled) listening on several ports, client pods, a test
 /// cgroup, a private pin directory and a snapshot file. Pod addresses are 10.244.<subnet>.x with

@@ -1,4 +1,5 @@
-//! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`.
+//! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`, `/debug/authz` (the authorization
+//! counters per workload and policy, see `authz_counters.rs`).
 //!
 //! `/readyz` answers 200 only while a snapshot is live, the links run this agent's programs (no
 //! upgrade pending), the agent has not uninstalled, and the data-plane thread runs; the agent exits
@@ -15,11 +16,30 @@ use tracing::{info, warn};
 
 use crate::{
     agent::{DataPlaneState, SharedStatus, Status},
-    maps::CounterMap,
+    authz_counters::{AuthzCount, AuthzCounterMap},
+    maps::{CounterMap, Counters},
 };
 
+/// The maps the admin server reads.
+#[derive(Clone)]
+pub struct Maps {
+    pub counters: Arc<CounterMap>,
+    pub authz_counters: Arc<AuthzCounterMap>,
+}
+
+/// What `/debug/authz` answers.
+#[derive(serde::Serialize)]
+struct AuthzReport {
+    /// The programs' global counters (`authz_*` and `inconsistent` are authorization's).
+    counters: Counters,
+    /// Connections per (workload, policy, action, reason).
+    by_policy: Vec<AuthzCount>,
+    /// Enrolled namespaces with the authorization program attached.
+    attached_netns: usize,
+}
+
 /// Serves until the process exits.
-pub async fn serve(listener: TcpListener, status: SharedStatus, counters: Arc<CounterMap>) {
+pub async fn serve(listener: TcpListener, status: SharedStatus, maps: Maps) {
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -30,10 +50,10 @@ pub async fn serve(listener: TcpListener, status: SharedStatus, counters: Arc<Co
             }
         };
         let status = status.clone();
-        let counters = counters.clone();
+        let maps = maps.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = route(&req, &status, &counters, peer);
+                let response = route(&req, &status, &maps, peer);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = http1::Builder::new()
@@ -49,7 +69,7 @@ pub async fn serve(listener: TcpListener, status: SharedStatus, counters: Arc<Co
 fn route<B>(
     req: &Request<B>,
     status: &SharedStatus,
-    counters: &CounterMap,
+    maps: &Maps,
     _peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
@@ -60,19 +80,46 @@ fn route<B>(
                 Ok(s) => s.clone(),
                 Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "status lock poisoned\n"),
             };
-            match counters.read() {
+            match maps.counters.read() {
                 Ok(c) => snapshot.counters = Some(c),
                 Err(e) => warn!(error = %e, "reading counters"),
             }
-            match serde_json::to_vec_pretty(&snapshot) {
-                Ok(body) => Response::builder()
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-            }
+            json(&snapshot)
         }
+        "/debug/authz" => authz(status, maps),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `/debug/authz`: the counters, named from the live snapshot.
+fn authz(status: &SharedStatus, maps: &Maps) -> Response<Full<Bytes>> {
+    let (names, attached_netns) = match status.lock() {
+        Ok(s) => (s.authz_policies.clone(), s.authz_links),
+        Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "status lock poisoned\n"),
+    };
+    let report = maps.counters.read().and_then(|counters| {
+        Ok(AuthzReport {
+            counters,
+            by_policy: maps.authz_counters.read(&names)?,
+            attached_netns,
+        })
+    });
+    match report {
+        Ok(report) => json(&report),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reading the counters: {e}\n"),
+        ),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
     }
 }
 

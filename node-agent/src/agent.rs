@@ -20,8 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
+    authz_counters::{AuthzCounterMap, PolicyNames},
     data_plane::{Applier, DataPlane},
     enrol::Enroller,
+    host_addrs::{HostAddrMap, HostNetns},
     lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
     loader::{self, AttachedLink, BpfObject, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
@@ -43,6 +45,9 @@ pub struct Config {
     /// Test hook: the data-plane thread panics on receiving this many snapshots, so that tests can
     /// check the supervision of the real binary (hidden flag `--test-panic-at-snapshot`).
     pub test_panic_at_snapshot: Option<u64>,
+    /// Where the node's own addresses are read (the agent's namespace, or a test's node
+    /// namespace: hidden flag `--test-host-netns`).
+    pub host_netns: HostNetns,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -132,9 +137,21 @@ pub struct Status {
     pub last_apply: Option<ApplyStats>,
     pub last_rejection: Option<Rejection>,
     pub enrolled_netns: usize,
+    /// Enrolled namespaces with the authorization program attached (a pinned link each).
+    pub authz_links: usize,
+    /// Entries of the host addresses map (the node's own addresses, exempt from authorization).
+    pub host_addrs: usize,
+    /// Why the host addresses map could not be updated in the last enrolment sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_addrs_error: Option<String>,
+    /// Established connections closed because a new generation denies them.
+    pub closed_connections: u64,
     pub counters: Option<Counters>,
     /// The last [`RECENT_FLIPS`] flips, oldest first: which generation went live when.
     pub recent_flips: std::collections::VecDeque<Flip>,
+    /// The names of the live snapshot's authorization policies (for `/debug/authz`).
+    #[serde(skip)]
+    pub authz_policies: Arc<PolicyNames>,
 }
 
 /// How many flips `Status::recent_flips` keeps.
@@ -187,8 +204,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         "programs ready"
     );
     let maps = GenerationMaps::open(&installation)?;
-    let enroller = Enroller::new(EnrolledMap::open(&installation)?);
+    let enroller = Enroller::new(
+        EnrolledMap::open(&installation)?,
+        installation.netns_links(),
+        HostAddrMap::open(&installation)?,
+        config.host_netns.clone(),
+    );
     let counters = Arc::new(CounterMap::open(&installation)?);
+    let authz_counters = Arc::new(AuthzCounterMap::open(&installation)?);
 
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node_name: config.node_name.clone(),
@@ -226,7 +249,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             addr: config.admin_addr,
             source,
         })?;
-    tokio::spawn(admin::serve(listener, status.clone(), counters));
+    tokio::spawn(admin::serve(
+        listener,
+        status.clone(),
+        admin::Maps {
+            counters,
+            authz_counters,
+        },
+    ));
 
     let (live_tx, live_rx) = watch::channel(live.map_or(0, |l| l.value.meta.generation));
     let (tx, rx) = mpsc::channel();

@@ -10,12 +10,13 @@ use std::{
 };
 
 use kmesh_common::WorkloadRecord;
-use kmesh_snapshot::{Limits, Snapshot};
+use kmesh_snapshot::{AuthzTables, Limits, Snapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     agent::{Counts, Flip, LiveSnapshot, RECENT_FLIPS, Rejection, SharedStatus, update},
+    authz_counters::policy_names,
     enrol::{EnrolError, Enroller},
     lifecycle::Lifecycle,
     maps::{ApplyStats, GenerationMaps, KernelSlots, Slot, SlotMaps},
@@ -66,6 +67,8 @@ pub struct Applier<M: SlotMaps = KernelSlots> {
     /// The live snapshot's workloads; `None` until a snapshot arrives, so that a restarted agent
     /// does not empty the enrolled map before it knows what should be in it.
     workloads: Option<Vec<WorkloadRecord>>,
+    /// The live snapshot's mode and authorization tables (to judge established connections).
+    authz: Option<(u32, AuthzTables)>,
 }
 
 impl<M: SlotMaps> Applier<M> {
@@ -83,7 +86,13 @@ impl<M: SlotMaps> Applier<M> {
             status,
             live,
             workloads: None,
+            authz: None,
         }
+    }
+
+    /// The mode and authorization tables of the snapshot last made or confirmed live.
+    pub fn authz(&self) -> Option<(u32, &AuthzTables)> {
+        self.authz.as_ref().map(|(m, t)| (*m, t))
     }
 
     /// The workloads of the snapshot last made or confirmed live.
@@ -194,8 +203,10 @@ impl<M: SlotMaps> Applier<M> {
                 (slot, Outcome::Applied { slot })
             }
         };
+        let policies = std::sync::Arc::new(policy_names(&snapshot.authz.policies));
         update(&self.status, |s| {
             s.ready = true;
+            s.authz_policies = policies;
             s.live = Some(LiveSnapshot {
                 generation: snapshot.generation,
                 content_hash: hash,
@@ -211,6 +222,7 @@ impl<M: SlotMaps> Applier<M> {
             *live = generation;
             changed
         });
+        self.authz = Some((snapshot.config.mode, snapshot.authz));
         self.workloads = Some(snapshot.workloads);
         outcome
     }
@@ -254,6 +266,9 @@ pub struct DataPlane {
     status: SharedStatus,
     snapshots_received: u64,
     test_panic_at_snapshot: Option<u64>,
+    /// A generation was applied: its denied established connections are closed after the next
+    /// enrolment sync (which knows the namespaces).
+    sweep_pending: bool,
 }
 
 impl DataPlane {
@@ -270,6 +285,7 @@ impl DataPlane {
             status,
             snapshots_received: 0,
             test_panic_at_snapshot: None,
+            sweep_pending: false,
         }
     }
 
@@ -295,6 +311,7 @@ impl DataPlane {
             }
             if !self.lifecycle.uninstalled() && self.enrol() {
                 self.lifecycle.on_synced();
+                self.close_denied();
             }
         }
     }
@@ -311,7 +328,33 @@ impl DataPlane {
             warn!("snapshot ignored: this agent uninstalled; restart it to install again");
             return;
         }
-        self.applier.on_snapshot(bytes);
+        if let Outcome::Applied { .. } = self.applier.on_snapshot(bytes) {
+            self.sweep_pending = true;
+        }
+    }
+
+    /// After an applied generation: closes the established connections it denies.
+    fn close_denied(&mut self) {
+        if !std::mem::take(&mut self.sweep_pending) {
+            return;
+        }
+        let Some((node_mode, tables)) = self.applier.authz() else {
+            return;
+        };
+        match self.enroller.close_denied(node_mode, tables) {
+            Ok(closed) => {
+                if closed.closed > 0 {
+                    info!(
+                        ?closed,
+                        "established connections the new generation denies closed"
+                    );
+                }
+                update(&self.status, |s| {
+                    s.closed_connections += closed.closed as u64;
+                });
+            }
+            Err(e) => warn!(error = %e, "closing the connections the new generation denies"),
+        }
     }
 
     /// Syncs the enrolled map with the live snapshot's workloads; true when it is in step.
@@ -321,7 +364,12 @@ impl DataPlane {
         };
         match self.enroller.sync(workloads) {
             Ok(stats) => {
-                update(&self.status, |s| s.enrolled_netns = stats.enrolled);
+                update(&self.status, |s| {
+                    s.enrolled_netns = stats.enrolled;
+                    s.authz_links = stats.authz_links.attached;
+                    s.host_addrs = stats.host_addrs;
+                    s.host_addrs_error = stats.host_addrs_error;
+                });
                 true
             }
             Err(EnrolError::Scan(e)) => {

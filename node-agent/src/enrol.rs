@@ -7,20 +7,28 @@
 //!
 //! A sync is three steps: [`discover`] the namespaces (I/O), [`plan`] the changes (pure: desired
 //! workloads × discovered namespaces × the current map → inserts and removals), and write them.
+//! The same sync keeps the authorization links in step with the enrolled namespaces
+//! (`netns_links.rs`) and the host addresses map with the node's own addresses (`host_addrs.rs`).
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs::{self, File},
     io,
     net::IpAddr,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16};
-use tracing::{debug, info};
+use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16, mode};
+use kmesh_snapshot::AuthzTables;
+use tracing::{debug, info, warn};
 
 use crate::{
+    established::{self, Closed},
+    host_addrs::{HostAddrMap, HostNetns},
+    loader::LoaderError,
     maps::{EnrolledMap, MapsError},
+    netns_links::{LinkStats, NetnsLinks},
     sys,
 };
 
@@ -29,6 +37,9 @@ use crate::{
 pub struct Netns {
     pub cookie: u64,
     pub addrs: Vec<IpAddr>,
+    /// The namespace, held open since it was inspected (to attach a link to exactly this
+    /// namespace, whatever happened to the path it was found by). `None` in unit tests.
+    pub file: Option<Arc<File>>,
 }
 
 /// Finds every network namespace reachable through /run/netns and /proc, once each.
@@ -81,6 +92,7 @@ fn inspect(path: &Path) -> io::Result<Netns> {
     Ok(Netns {
         cookie: sys::netns_cookie()?,
         addrs: sys::interface_addresses()?,
+        file: Some(Arc::new(ns)),
     })
 }
 
@@ -90,6 +102,12 @@ pub struct EnrolStats {
     pub enrolled: usize,
     pub added: usize,
     pub removed: usize,
+    /// The authorization links (one per enrolled namespace).
+    pub authz_links: LinkStats,
+    /// Entries of the host addresses map.
+    pub host_addrs: usize,
+    /// Why the host addresses map could not be updated, if it could not.
+    pub host_addrs_error: Option<String>,
 }
 
 /// The changes that make the enrolled map equal to "namespaces holding a workload IP".
@@ -100,7 +118,7 @@ pub struct EnrolPlan {
     /// Cookies to delete: namespaces gone, or holding no workload IP any more.
     pub removals: Vec<u64>,
     /// Namespaces enrolled once the plan is carried out.
-    pub enrolled: usize,
+    pub enrolled: BTreeSet<u64>,
 }
 
 /// Pure: which namespaces should be enrolled, given the workloads, the namespaces found and what
@@ -137,7 +155,7 @@ pub fn plan(
             .filter(|(cookie, value)| current.get(cookie) != Some(value))
             .map(|(cookie, value)| (*cookie, *value))
             .collect(),
-        enrolled: desired.len(),
+        enrolled: desired.keys().copied().collect(),
     }
 }
 
@@ -147,22 +165,99 @@ pub enum EnrolError {
     Scan(#[from] io::Error),
     #[error(transparent)]
     Map(#[from] MapsError),
+    #[error("authorization links: {0}")]
+    Links(#[from] LoaderError),
+    #[error("reading the host's addresses: {0}")]
+    HostAddrs(io::Error),
 }
 
-/// Keeps the enrolled map equal to "namespaces holding a workload IP of this node".
+/// Keeps the enrolled map equal to "namespaces holding a workload IP of this node", an
+/// authorization link on each of them, and the host addresses map equal to the node's addresses.
 pub struct Enroller {
     map: EnrolledMap,
+    links: NetnsLinks,
+    host_addrs: HostAddrMap,
+    host_netns: HostNetns,
+    /// The enrolled namespaces of the last sync, held open (to close denied connections in them).
+    enrolled: BTreeMap<u64, Arc<File>>,
 }
 
 impl Enroller {
-    pub fn new(map: EnrolledMap) -> Self {
-        Self { map }
+    pub fn new(
+        map: EnrolledMap,
+        links: NetnsLinks,
+        host_addrs: HostAddrMap,
+        host_netns: HostNetns,
+    ) -> Self {
+        Self {
+            map,
+            links,
+            host_addrs,
+            host_netns,
+            enrolled: BTreeMap::new(),
+        }
+    }
+
+    /// Closes, in every enrolled namespace, the established connections `tables` deny (after a
+    /// generation was applied; see `established.rs`). A namespace that cannot be swept is logged
+    /// and counted; the others are swept still.
+    pub fn close_denied(&self, node_mode: u32, tables: &AuthzTables) -> Result<Closed, EnrolError> {
+        if node_mode == mode::DISABLED || tables.workloads.is_empty() {
+            // Nothing can be denied: no namespace to look into (most nodes have no policy).
+            return Ok(Closed::default());
+        }
+        let host: BTreeSet<Ip16> = self
+            .host_netns
+            .addresses()
+            .map_err(EnrolError::HostAddrs)?
+            .into_iter()
+            .map(ip16)
+            .collect();
+        let mut total = Closed::default();
+        for (cookie, netns) in &self.enrolled {
+            match established::close_denied_in(netns, node_mode, tables, &host) {
+                Ok(c) => {
+                    total.closed += c.closed;
+                    total.vanished += c.vanished;
+                }
+                // A namespace that went away meanwhile, or a refusal: the others are swept still.
+                Err(e) => {
+                    warn!(cookie, error = %e, "closing denied connections in a namespace");
+                    total.failed_netns += 1;
+                }
+            }
+        }
+        Ok(total)
     }
 
     pub fn sync(&mut self, workloads: &[WorkloadRecord]) -> Result<EnrolStats, EnrolError> {
         let namespaces = discover()?;
+        let mut stats = self.sync_enrolled(workloads, &namespaces)?;
+        // The host addresses do not hold up enrolment (nor an upgrade's switch, which waits for an
+        // enrolment in step): a failure is logged, reported, and retried next round.
+        match self.sync_host_addrs() {
+            Ok(n) => stats.host_addrs = n,
+            Err(e) => {
+                warn!(error = %e, "updating the host addresses map; connections from the node may be judged");
+                stats.host_addrs_error = Some(e.to_string());
+            }
+        }
+        Ok(stats)
+    }
+
+    fn sync_host_addrs(&mut self) -> Result<usize, EnrolError> {
+        let host = self.host_netns.addresses().map_err(EnrolError::HostAddrs)?;
+        Ok(self.host_addrs.sync(&host)?)
+    }
+
+    /// The enrolled map, then the authorization links of the enrolled namespaces.
+    fn sync_enrolled(
+        &mut self,
+        workloads: &[WorkloadRecord],
+        namespaces: &[Netns],
+    ) -> Result<EnrolStats, EnrolError> {
         let current = self.map.entries()?;
-        let plan = plan(workloads, &namespaces, &current);
+        let plan = plan(workloads, namespaces, &current);
         for cookie in &plan.removals {
             self.map.remove(*cookie)?;
             info!(cookie, "network namespace left the mesh");
@@ -171,10 +266,20 @@ impl Enroller {
             self.map.insert(*cookie, *value)?;
             info!(cookie, ip = %IpAddr::from(value.workload_ip).to_canonical(), "network namespace enrolled");
         }
+        let open: BTreeMap<u64, Arc<File>> = namespaces
+            .iter()
+            .filter(|ns| plan.enrolled.contains(&ns.cookie))
+            .filter_map(|ns| Some((ns.cookie, ns.file.clone()?)))
+            .collect();
+        let authz_links = self.links.sync(&open)?;
+        self.enrolled = open;
         Ok(EnrolStats {
-            enrolled: plan.enrolled,
+            enrolled: plan.enrolled.len(),
             added: plan.inserts.len(),
             removed: plan.removals.len(),
+            authz_links,
+            host_addrs: 0,
+            host_addrs_error: None,
         })
     }
 }
@@ -205,6 +310,7 @@ mod tests {
         Netns {
             cookie,
             addrs: addrs.to_vec(),
+            file: None,
         }
     }
 
@@ -227,7 +333,7 @@ mod tests {
             BTreeMap::from([(100, enrolled(POD_A, 7)), (300, enrolled(POD_V6, 9))])
         );
         assert!(plan.removals.is_empty());
-        assert_eq!(plan.enrolled, 2);
+        assert_eq!(plan.enrolled, BTreeSet::from([100, 300]));
     }
 
     #[test]
@@ -238,7 +344,7 @@ mod tests {
         assert_eq!(
             plan,
             EnrolPlan {
-                enrolled: 1,
+                enrolled: BTreeSet::from([100]),
                 ..EnrolPlan::default()
             }
         );
@@ -256,7 +362,7 @@ mod tests {
         let plan = plan(&workloads, &namespaces, &current);
         assert_eq!(plan.removals, vec![100, 200]);
         assert!(plan.inserts.is_empty());
-        assert_eq!(plan.enrolled, 1);
+        assert_eq!(plan.enrolled, BTreeSet::from([300]));
     }
 
     #[test]
@@ -277,6 +383,6 @@ mod tests {
         let current = BTreeMap::from([(100, enrolled(POD_A, 7))]);
         let plan = plan(&[], &[ns(100, &[POD_A])], &current);
         assert_eq!(plan.removals, vec![100]);
-        assert_eq!(plan.enrolled, 0);
+        assert!(plan.enrolled.is_empty());
     }
 }

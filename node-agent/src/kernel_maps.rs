@@ -73,12 +73,12 @@ impl OuterMap {
 pub struct KernelSlots {
     active: MapData,
     /// Indexed by [`SlotTable::position`].
-    outer: [OuterMap; 5],
+    outer: [OuterMap; SlotTable::ALL.len()],
 }
 
 /// One generation's inner maps, indexed by [`SlotTable::position`].
 pub struct KernelGeneration {
-    inner: [MapData; 5],
+    inner: [MapData; SlotTable::ALL.len()],
 }
 
 impl KernelSlots {
@@ -89,10 +89,19 @@ impl KernelSlots {
                 map: installation.open_map(table.map_name())?,
             })
         };
-        let [g, s, r, b, e] = SlotTable::ALL;
+        let [g, s, r, b, e, aw, asrc, av] = SlotTable::ALL;
         Ok(Self {
             active: installation.open_map(map_names::ACTIVE)?,
-            outer: [outer(g)?, outer(s)?, outer(r)?, outer(b)?, outer(e)?],
+            outer: [
+                outer(g)?,
+                outer(s)?,
+                outer(r)?,
+                outer(b)?,
+                outer(e)?,
+                outer(aw)?,
+                outer(asrc)?,
+                outer(av)?,
+            ],
         })
     }
 
@@ -150,6 +159,18 @@ impl SlotMaps for KernelSlots {
                     map_names::ENDPOINTS,
                     snapshot.endpoints.iter().map(|r| (r.key, r.value)),
                 )?,
+                fill(
+                    map_names::AUTHZ_WORKLOADS,
+                    snapshot.authz.workloads.iter().map(|r| (r.ip, r.value)),
+                )?,
+                fill_trie(
+                    map_names::AUTHZ_SOURCES,
+                    snapshot.authz.sources.iter().map(|r| (r.key, r.value)),
+                )?,
+                fill(
+                    map_names::AUTHZ_VERDICTS,
+                    snapshot.authz.verdicts.iter().map(|r| (r.key, r.value)),
+                )?,
             ],
         })
     }
@@ -191,15 +212,43 @@ fn fill<K: Pod, V: Pod>(
     name: &'static str,
     entries: impl ExactSizeIterator<Item = (K, V)>,
 ) -> Result<MapData, MapsError> {
-    let capacity = entries.len().max(1) as u32;
+    let map = create_inner::<K, V>(name, sys::BPF_MAP_TYPE_HASH, entries.len())?;
+    fill_batches(name, map, entries)
+}
+
+/// A fresh inner LPM trie holding `entries` (keys in the kernel's `bpf_lpm_trie_key_u8` layout),
+/// sized to fit them exactly. The kernel only creates tries with `BPF_F_NO_PREALLOC`, the flag
+/// of every inner map here.
+fn fill_trie<K: Pod, V: Pod>(
+    name: &'static str,
+    entries: impl ExactSizeIterator<Item = (K, V)>,
+) -> Result<MapData, MapsError> {
+    let map = create_inner::<K, V>(name, sys::BPF_MAP_TYPE_LPM_TRIE, entries.len())?;
+    fill_batches(name, map, entries)
+}
+
+/// A fresh, empty inner map of `map_type` for `len` entries (the kernel wants at least one).
+fn create_inner<K: Pod, V: Pod>(
+    name: &'static str,
+    map_type: u32,
+    len: usize,
+) -> Result<MapData, MapsError> {
     let definition = aya_obj::Map::new_from_params(
-        sys::BPF_MAP_TYPE_HASH,
+        map_type,
         size_of::<K>() as u32,
         size_of::<V>() as u32,
-        capacity,
+        len.max(1) as u32,
         INNER_MAP_FLAGS,
     );
-    let map = MapData::create(definition, name, None).map_err(map_err(name))?;
+    MapData::create(definition, name, None).map_err(map_err(name))
+}
+
+/// Writes `entries` into `map` (not yet visible to any program).
+fn fill_batches<K: Pod, V: Pod>(
+    name: &'static str,
+    map: MapData,
+    entries: impl ExactSizeIterator<Item = (K, V)>,
+) -> Result<MapData, MapsError> {
     let (keys, values): (Vec<K>, Vec<V>) = entries.unzip();
     // One syscall per chunk rather than one per entry: filling is most of a large swap's cost.
     for (k, v) in keys.chunks(FILL_BATCH).zip(values.chunks(FILL_BATCH)) {
@@ -252,6 +301,10 @@ pub struct Counters {
     pub refused_no_endpoint: u64,
     pub refused_family: u64,
     pub inconsistent: u64,
+    pub authz_allowed: u64,
+    pub authz_denied: u64,
+    pub authz_node_exempt: u64,
+    pub authz_counters_full: u64,
 }
 
 pub struct CounterMap {
@@ -279,6 +332,10 @@ impl CounterMap {
             refused_no_endpoint: sum(counter::REFUSED_NO_ENDPOINT)?,
             refused_family: sum(counter::REFUSED_FAMILY)?,
             inconsistent: sum(counter::INCONSISTENT)?,
+            authz_allowed: sum(counter::AUTHZ_ALLOWED)?,
+            authz_denied: sum(counter::AUTHZ_DENIED)?,
+            authz_node_exempt: sum(counter::AUTHZ_NODE_EXEMPT)?,
+            authz_counters_full: sum(counter::AUTHZ_COUNTERS_FULL)?,
         })
     }
 }

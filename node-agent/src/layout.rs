@@ -1,6 +1,7 @@
 //! Where the agent pins what, and what a starting agent does with the pins it finds (a pure plan).
 //!
-//! `--bpffs-dir` holds the two cgroup links at its top (`link_connect4`, `link_connect6`). They
+//! `--bpffs-dir` holds the two cgroup links at its top (`link_connect4`, `link_connect6`), and the
+//! authorization links, one per enrolled network namespace, in `authz/` (`netns_links.rs`). They
 //! outlive agents and layouts: `BPF_LINK_UPDATE` replaces the program a link runs and keeps the
 //! link, its id and its pin. The maps and programs of an eBPF object live in a directory of their
 //! own, named by the object's layout: `v<LAYOUT_VERSION>-<FNV-1a 64 of the object>`. Any change of
@@ -21,7 +22,7 @@ use kmesh_common::{LAYOUT_VERSION, map_names};
 use crate::sys::CgroupHook;
 
 /// Every map the programs declare; each is pinned under its own name in the layout's directory.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 13] = [
     map_names::ACTIVE,
     map_names::GENERATION,
     map_names::SERVICES,
@@ -30,7 +31,20 @@ pub const MAPS: [&str; 8] = [
     map_names::ENDPOINTS,
     map_names::ENROLLED,
     map_names::COUNTERS,
+    map_names::AUTHZ_WORKLOADS,
+    map_names::AUTHZ_SOURCES,
+    map_names::AUTHZ_VERDICTS,
+    map_names::AUTHZ_COUNTERS,
+    map_names::HOST_ADDRS,
 ];
+
+/// The authorization program (`sk_lookup`), attached per enrolled network namespace.
+pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
+/// Its pin, in the layout's directory.
+pub const AUTHZ_PROGRAM_PIN: &str = "prog_authz";
+/// The directory below `--bpffs-dir` holding one link pin per enrolled network namespace, named by
+/// the namespace's cookie. Like the cgroup links, these outlive agents and layouts.
+pub const AUTHZ_LINKS_DIR: &str = "authz";
 
 /// A cgroup hook the agent attaches a program to, with the names of its program and pins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -184,7 +198,9 @@ pub fn plan(found: &Found) -> Plan {
 /// Whether `name` is a map or program pinned at the top of `--bpffs-dir`: the layout before
 /// layout directories.
 fn is_loose_pin(name: &str) -> bool {
-    MAPS.contains(&name) || Hook::ALL.iter().any(|h| h.program_pin() == name)
+    MAPS.contains(&name)
+        || Hook::ALL.iter().any(|h| h.program_pin() == name)
+        || name == AUTHZ_PROGRAM_PIN
 }
 
 /// The entries of `--bpffs-dir` (given by name) that belong to layouts other than `own`: other
@@ -206,6 +222,7 @@ pub fn other_layouts(dir: &Path, names: &[String], own: &LayoutId) -> Vec<PathBu
 pub fn every_pin(dir: &Path, names: &[String]) -> Vec<PathBuf> {
     let ours = |name: &str| {
         Hook::ALL.iter().any(|h| h.link_pin() == name)
+            || name == AUTHZ_LINKS_DIR
             || LayoutId::is_layout_dir_name(name)
             || is_loose_pin(name)
     };
@@ -374,6 +391,7 @@ mod tests {
             "link_connect6",
             "KM_ACTIVE",
             "prog_connect4",
+            "authz",
             "unrelated",
         ]
         .iter()
@@ -388,7 +406,9 @@ mod tests {
         expected.sort();
         assert_eq!(other_layouts(dir, &names, &own), expected);
         let every = every_pin(dir, &names);
-        assert_eq!(every.len(), 6, "{every:?}");
+        assert_eq!(every.len(), 7, "{every:?}");
+        assert!(every.contains(&dir.join("authz")));
+        assert!(!other_layouts(dir, &names, &own).contains(&dir.join("authz")));
         assert!(!every.contains(&dir.join("unrelated")));
     }
 }

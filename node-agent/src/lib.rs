@@ -8,25 +8,32 @@
 //! - [`layout`]: where things are pinned, per layout of the eBPF object, and what a starting agent
 //!   does with the pins it finds (a pure plan); [`loader`]: load, pin, adopt, uninstall;
 //!   [`link_switch`]: point the pinned links at a layout's programs (`BPF_LINK_UPDATE`);
-//! - [`enrol`]: network namespaces to enrolment (scan, then a pure plan);
+//! - [`enrol`]: network namespaces to enrolment (scan, then a pure plan); [`netns_links`]: the
+//!   authorization program's link on every enrolled namespace; [`host_addrs`]: the node's own
+//!   addresses, exempt from authorization; [`established`]: closing the established connections a
+//!   new generation denies;
 //! - [`source`]: snapshot file or operator (the contract is `kmesh_snapshot::contract`);
 //! - [`data_plane`]: what each snapshot does (refused, unchanged, applied), and the thread that
 //!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
 //!   [`refusal`]: why a snapshot was refused; [`supervise`]: that thread's end;
-//! - [`admin`]: health and debug endpoints; [`agent`]: the status and the wiring of it all.
+//! - [`admin`]: health and debug endpoints; [`authz_counters`]: what `/debug/authz` shows; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
+pub mod authz_counters;
 pub mod data_plane;
 pub mod enrol;
 pub mod error_chain;
+pub mod established;
 #[cfg(test)]
 mod fake_slots;
+pub mod host_addrs;
 pub mod kernel_maps;
 pub mod layout;
 pub mod lifecycle;
 pub mod link_switch;
 pub mod loader;
 pub mod maps;
+pub mod netns_links;
 pub mod refusal;
 pub mod slots;
 pub mod source;

@@ -4,7 +4,8 @@
 //! kernel swaps the program in the cgroup's effective array in one step, and refuses if the link no
 //! longer runs the program we saw): the link, its id and its pin stay, and each connect() runs
 //! either the old program on the old maps or the new program on the new maps. A hook without a link
-//! gets a new one (`BPF_LINK_CREATE`), pinned. Only once every link runs this layout's programs are
+//! gets a new one (`BPF_LINK_CREATE`), pinned. The per-namespace authorization links are
+//! re-pointed the same way (`netns_links.rs`). Only once every link runs this layout's programs are
 //! the other layouts' pins removed, which frees their maps.
 use std::{
     fs::File,
@@ -17,6 +18,7 @@ use tracing::info;
 use crate::{
     layout::Hook,
     loader::{Installation, LoaderError, PinOp, bpf_err, open_cgroup, remove_pins},
+    netns_links::NetnsLinks,
     sys,
 };
 
@@ -79,6 +81,8 @@ impl LinkSwitch {
         for hook in Hook::ALL {
             done.push((hook, self.switch(hook)?));
         }
+        // The authorization links too: each is re-pointed in one step, never re-made.
+        NetnsLinks::new(&self.dir, &self.layout_dir).switch_all()?;
         for path in &self.retire {
             remove_pins(path)?;
         }

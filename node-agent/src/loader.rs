@@ -18,14 +18,16 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{MapData, MapError},
-    programs::{CgroupSockAddr, ProgramError},
+    programs::{CgroupSockAddr, ProgramError, SkLookup},
 };
 use tracing::{info, warn};
 
 pub use crate::link_switch::{AttachedLink, LinkSwitch};
 use crate::{
-    layout::{self, Found, Hook, LayoutId, MAPS, Plan, SwitchWhen},
-    link_switch, sys,
+    layout::{
+        self, AUTHZ_PROGRAM, AUTHZ_PROGRAM_PIN, Found, Hook, LayoutId, MAPS, Plan, SwitchWhen,
+    },
+    link_switch, netns_links, sys,
 };
 
 /// The shipped eBPF object.
@@ -152,6 +154,11 @@ pub struct Installation {
 }
 
 impl Installation {
+    /// The authorization links, attached to this layout's program.
+    pub fn netns_links(&self) -> netns_links::NetnsLinks {
+        netns_links::NetnsLinks::new(&self.dir, &self.layout_dir)
+    }
+
     /// Opens a pinned map of this layout.
     pub fn open_map(&self, name: &str) -> Result<MapData, LoaderError> {
         let path = self.layout_dir.join(name);
@@ -217,7 +224,8 @@ fn inspect(dir: &Path, own: &LayoutId) -> Result<Found, LoaderError> {
     let own_dir = dir.join(own.dir_name());
     let mut found = Found {
         others: layout::other_layouts(dir, &names, own),
-        own_complete: MAPS.iter().all(|m| own_dir.join(m).exists()),
+        own_complete: MAPS.iter().all(|m| own_dir.join(m).exists())
+            && own_dir.join(AUTHZ_PROGRAM_PIN).exists(),
         ..Found::default()
     };
     for hook in Hook::ALL {
@@ -269,8 +277,29 @@ fn load(layout_dir: &Path, object: BpfObject) -> Result<(), LoaderError> {
         prog.pin(&path)
             .map_err(|source| LoaderError::Pin { path, source })?;
     }
+    load_authz(&mut ebpf, layout_dir)?;
     info!(dir = %layout_dir.display(), "programs loaded and pinned");
     Ok(())
+}
+
+/// Loads `kmesh_authz` and pins it in `layout_dir` (the per-namespace links attach it from there).
+fn load_authz(ebpf: &mut aya::Ebpf, layout_dir: &Path) -> Result<(), LoaderError> {
+    let prog_err = |e: ProgramError| LoaderError::Program {
+        name: AUTHZ_PROGRAM,
+        source: Box::new(e),
+    };
+    let prog: &mut SkLookup = ebpf
+        .program_mut(AUTHZ_PROGRAM)
+        .ok_or(LoaderError::MissingProgram(AUTHZ_PROGRAM))?
+        .try_into()
+        .map_err(prog_err)?;
+    prog.load().map_err(prog_err)?;
+    let path = layout_dir.join(AUTHZ_PROGRAM_PIN);
+    if path.exists() {
+        fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    prog.pin(&path)
+        .map_err(|source| LoaderError::Pin { path, source })
 }
 
 /// Detaches the programs (`BPF_LINK_DETACH`, effective even if another process holds a link open)
@@ -290,6 +319,7 @@ pub fn uninstall(dir: &Path) -> Result<(), LoaderError> {
             }
         }
     }
+    netns_links::detach_all(dir);
     let names: Vec<String> = match fs::read_dir(dir) {
         Ok(rd) => rd
             .flatten()

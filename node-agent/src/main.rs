@@ -101,6 +101,11 @@ struct RunArgs {
     /// binary. Not for production use.
     #[arg(long, hide = true)]
     test_layout_variant: bool,
+    /// Test hook: read the node's own addresses (exempt from authorization) in this network
+    /// namespace instead of the agent's own, so that a test's node namespace can play the host.
+    /// Not for production use.
+    #[arg(long, hide = true)]
+    test_host_netns: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -161,6 +166,10 @@ fn run(args: RunArgs) -> Result<(), String> {
             loader::BpfObject::Shipped
         },
         test_panic_at_snapshot: args.test_panic_at_snapshot,
+        host_netns: match args.test_host_netns {
+            Some(path) => kmesh_agent::host_addrs::HostNetns::Path(path),
+            None => kmesh_agent::host_addrs::HostNetns::Own,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -82,7 +82,8 @@ impl fmt::Display for Slot {
     }
 }
 
-/// A per-generation table: an outer `ARRAY_OF_MAPS` with one inner hash map per slot.
+/// A per-generation table: an outer `ARRAY_OF_MAPS` with one inner map per slot (a hash map; an
+/// LPM trie for [`SlotTable::AuthzSources`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SlotTable {
     Generation,
@@ -90,15 +91,21 @@ pub enum SlotTable {
     Routes,
     BackendSets,
     Endpoints,
+    AuthzWorkloads,
+    AuthzSources,
+    AuthzVerdicts,
 }
 
 impl SlotTable {
-    pub const ALL: [SlotTable; 5] = [
+    pub const ALL: [SlotTable; 8] = [
         SlotTable::Generation,
         SlotTable::Services,
         SlotTable::Routes,
         SlotTable::BackendSets,
         SlotTable::Endpoints,
+        SlotTable::AuthzWorkloads,
+        SlotTable::AuthzSources,
+        SlotTable::AuthzVerdicts,
     ];
 
     /// The pinned name of the outer map.
@@ -109,6 +116,9 @@ impl SlotTable {
             SlotTable::Routes => map_names::ROUTES,
             SlotTable::BackendSets => map_names::BACKEND_SETS,
             SlotTable::Endpoints => map_names::ENDPOINTS,
+            SlotTable::AuthzWorkloads => map_names::AUTHZ_WORKLOADS,
+            SlotTable::AuthzSources => map_names::AUTHZ_SOURCES,
+            SlotTable::AuthzVerdicts => map_names::AUTHZ_VERDICTS,
         }
     }
 

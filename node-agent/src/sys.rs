@@ -1,9 +1,10 @@
 //! Every raw system call of the agent, and nothing else: bpf(2) map commands that aya 0.14 does not
 //! offer (deleting an `ARRAY_OF_MAPS` slot, reading an inner map's id, batch updates), the link and
-//! object commands of upgrades and uninstalls (opening a pin, pinning, creating a cgroup link,
-//! replacing a link's program with `BPF_LINK_UPDATE`, `BPF_LINK_DETACH`, the ids of links and
-//! programs), and the network-namespace calls enrolment needs (entering a namespace, its cookie,
-//! its addresses).
+//! object commands of upgrades and uninstalls (opening a pin, pinning, creating a cgroup link or a
+//! network-namespace `sk_lookup` link, replacing a link's program with `BPF_LINK_UPDATE`,
+//! `BPF_LINK_DETACH`, the ids and state of links and programs), the network-namespace calls
+//! enrolment needs (entering a namespace, its cookie, its addresses), and sock_diag (listing a
+//! namespace's TCP sockets, `SOCK_DESTROY`).
 //!
 //! Everything above this module is safe code; the swap protocol above the bpf(2) calls is tested
 //! with a fake (`SlotMaps` in `slots.rs`). The network-namespace cookie is defined here once: the
@@ -20,6 +21,8 @@ use aya::Pod;
 
 /// `BPF_MAP_TYPE_HASH`, for creating inner maps.
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_LPM_TRIE`, for creating the inner maps of the authorization sources.
+pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 
 /// The bpf(2) commands used here (`BPF_MAP_LOOKUP_ELEM`, ...).
 #[derive(Clone, Copy, Debug)]
@@ -138,6 +141,9 @@ pub enum CgroupHook {
     Connect6 = 11,
 }
 
+/// `BPF_SK_LOOKUP` (`enum bpf_attach_type`): the network-namespace hook of `sk_lookup` programs.
+const BPF_SK_LOOKUP: u32 = 36;
+
 /// `BPF_F_REPLACE`: `BPF_LINK_UPDATE` replaces the program only if it is still `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
 
@@ -198,6 +204,19 @@ struct CgroupLinkInfo {
     pad2: u32,
 }
 
+/// The head of `struct bpf_link_info` for a network-namespace link: the namespace's inode, 0 once
+/// the link is detached (its namespace gone).
+#[repr(C)]
+#[derive(Default)]
+struct NetnsLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    pad: u32,
+    netns_ino: u32,
+    attach_type: u32,
+}
+
 /// The head of `struct bpf_prog_info`: its type and its id.
 #[repr(C)]
 #[derive(Default)]
@@ -247,6 +266,40 @@ pub fn link_create(
         flags: 0,
     };
     sys_bpf_fd(BpfCommand::LinkCreate, &mut attr)
+}
+
+/// Attaches the `sk_lookup` program `prog` to the network namespace `netns` with a new link
+/// (`BPF_LINK_CREATE`, `BPF_SK_LOOKUP`). The link does not keep the namespace alive: when the
+/// namespace goes, the kernel detaches it (see [`netns_link_state`]).
+pub fn sk_lookup_link_create(prog: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: netns.as_raw_fd() as u32,
+        attach_type: BPF_SK_LOOKUP,
+        flags: 0,
+    };
+    sys_bpf_fd(BpfCommand::LinkCreate, &mut attr)
+}
+
+/// A network-namespace link as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsLinkState {
+    pub link_id: u32,
+    /// The program the link runs (still reported once detached).
+    pub program_id: u32,
+    /// Whether the link is still attached: false once its namespace is gone or it was detached.
+    pub attached: bool,
+}
+
+/// The state of a network-namespace link (`struct bpf_link_info`, its `netns` member).
+pub fn netns_link_state(link: BorrowedFd<'_>) -> io::Result<NetnsLinkState> {
+    let mut info = NetnsLinkInfo::default();
+    obj_info(link, &mut info)?;
+    Ok(NetnsLinkState {
+        link_id: info.id,
+        program_id: info.prog_id,
+        attached: info.netns_ino != 0,
+    })
 }
 
 /// Makes `link` run `new_prog` instead of `old_prog`, in one step for the programs' callers
@@ -440,4 +493,342 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec we own; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `NETLINK_SOCK_DIAG`, and the message types of sock_diag and netlink used here.
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+
+/// `struct nlmsghdr`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct NlMsgHdr {
+    len: u32,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+/// `struct inet_diag_sockid`: ports and addresses in network byte order; an IPv4 address fills
+/// the first 4 bytes of its field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InetDiagSockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InetDiagReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: InetDiagSockId,
+}
+
+/// `struct inet_diag_msg` (the head of each answer of a dump).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InetDiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: InetDiagSockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DiagRequest {
+    hdr: NlMsgHdr,
+    req: InetDiagReqV2,
+}
+
+/// TCP states as sock_diag numbers them (`TCP_ESTABLISHED`, ...), for [`tcp_sockets`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynRecv = 3,
+    Listen = 10,
+}
+
+/// A TCP socket of the calling thread's network namespace, as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// `AF_INET` or `AF_INET6`: the socket's family (an IPv4 peer of a dual-stack socket is an
+    /// IPv4-mapped address of an `AF_INET6` socket).
+    family: u8,
+    pub state: u8,
+    /// Addresses in the 16-byte form of the maps (IPv4 mapped).
+    pub local: kmesh_common::Ip16,
+    pub local_port: u16,
+    pub remote: kmesh_common::Ip16,
+    pub remote_port: u16,
+    /// The kernel's identity of the socket (with its cookie), for [`destroy_tcp_socket`].
+    id: InetDiagSockId,
+}
+
+#[cfg(test)]
+impl TcpSocket {
+    /// An IPv4 socket as a dump would report it (for unit tests of the decisions above this
+    /// module).
+    pub fn for_test(
+        local: kmesh_common::Ip16,
+        local_port: u16,
+        remote: kmesh_common::Ip16,
+    ) -> Self {
+        TcpSocket {
+            family: libc::AF_INET as u8,
+            state: TcpState::Established as u8,
+            local,
+            local_port,
+            remote,
+            remote_port: 40_000,
+            id: InetDiagSockId::default(),
+        }
+    }
+}
+
+/// The TCP sockets of the calling thread's network namespace in one of `states`, both families.
+pub fn tcp_sockets(states: &[TcpState]) -> io::Result<Vec<TcpSocket>> {
+    let mask = states.iter().fold(0u32, |m, s| m | 1 << (*s as u8));
+    let netlink = netlink_socket()?;
+    let mut sockets = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let request = diag_request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            mask,
+            InetDiagSockId::default(),
+        );
+        netlink_send(&netlink, &request)?;
+        dump_answers(&netlink, &mut sockets)?;
+    }
+    Ok(sockets)
+}
+
+/// Closes `socket` at once (`SOCK_DESTROY`; the kernel aborts it and resets its peer). `ENOENT`
+/// when it is gone already.
+pub fn destroy_tcp_socket(socket: &TcpSocket) -> io::Result<()> {
+    let netlink = netlink_socket()?;
+    let request = diag_request(
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        socket.family,
+        u32::MAX,
+        socket.id,
+    );
+    netlink_send(&netlink, &request)?;
+    let mut buf = vec![0u8; 4096];
+    let n = netlink_recv(&netlink, &mut buf)?;
+    match first_error(&buf[..n]) {
+        Some(0) => Ok(()),
+        Some(errno) => Err(io::Error::from_raw_os_error(-errno)),
+        None => Err(io::Error::other("SOCK_DESTROY: no acknowledgement")),
+    }
+}
+
+fn diag_request(ty: u16, flags: u16, family: u8, states: u32, id: InetDiagSockId) -> DiagRequest {
+    DiagRequest {
+        hdr: NlMsgHdr {
+            len: size_of::<DiagRequest>() as u32,
+            ty,
+            flags,
+            seq: 1,
+            pid: 0,
+        },
+        req: InetDiagReqV2 {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 0,
+            pad: 0,
+            states,
+            id,
+        },
+    }
+}
+
+fn netlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn netlink_send(netlink: &OwnedFd, request: &DiagRequest) -> io::Result<()> {
+    // SAFETY: sends the bytes of a repr(C) request we own, of the size we pass; the kernel is
+    // the default destination of a netlink socket.
+    let rc = unsafe {
+        libc::send(
+            netlink.as_raw_fd(),
+            (request as *const DiagRequest).cast(),
+            size_of::<DiagRequest>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn netlink_recv(netlink: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: receives into a buffer we own, of the length we pass.
+    let rc = unsafe { libc::recv(netlink.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
+/// Reads a whole dump's answers (until `NLMSG_DONE`) into `sockets`.
+fn dump_answers(netlink: &OwnedFd, sockets: &mut Vec<TcpSocket>) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = netlink_recv(netlink, &mut buf)?;
+        if n == 0 {
+            return Err(io::Error::other(
+                "sock_diag: the dump ended without NLMSG_DONE",
+            ));
+        }
+        for (hdr, body) in netlink_messages(&buf[..n]) {
+            match hdr.ty {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = read_struct::<i32>(body).unwrap_or(-libc::EIO);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                SOCK_DIAG_BY_FAMILY => {
+                    if let Some(msg) = read_struct::<InetDiagMsg>(body) {
+                        sockets.push(tcp_socket(&msg));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The error code of the first `NLMSG_ERROR` message (0: an acknowledgement).
+fn first_error(bytes: &[u8]) -> Option<i32> {
+    netlink_messages(bytes)
+        .find(|(hdr, _)| hdr.ty == NLMSG_ERROR)
+        .and_then(|(_, body)| read_struct::<i32>(body))
+}
+
+/// The messages of a netlink datagram: each header and its body. Stops at a malformed length.
+fn netlink_messages(bytes: &[u8]) -> impl Iterator<Item = (NlMsgHdr, &[u8])> {
+    let mut offset = 0;
+    std::iter::from_fn(move || {
+        let hdr = read_struct::<NlMsgHdr>(bytes.get(offset..)?)?;
+        let len = hdr.len as usize;
+        if len < size_of::<NlMsgHdr>() || offset + len > bytes.len() {
+            return None;
+        }
+        let body = &bytes[offset + size_of::<NlMsgHdr>()..offset + len];
+        offset += (len + 3) & !3; // NLMSG_ALIGN
+        Some((hdr, body))
+    })
+}
+
+/// A copy of the `T` at the start of `bytes`, if they are long enough. `T` is one of the
+/// integer-only repr(C) structs above, valid for any bit pattern.
+fn read_struct<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: bounds checked above; read_unaligned copes with the buffer's alignment; every T
+    // used here is made of integers only.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+fn tcp_socket(msg: &InetDiagMsg) -> TcpSocket {
+    let addr = |raw: &[u8; 16]| -> kmesh_common::Ip16 {
+        if i32::from(msg.family) == libc::AF_INET {
+            kmesh_common::ipv4_mapped([raw[0], raw[1], raw[2], raw[3]])
+        } else {
+            *raw
+        }
+    };
+    TcpSocket {
+        family: msg.family,
+        state: msg.state,
+        local: addr(&msg.id.src),
+        local_port: u16::from_be_bytes(msg.id.sport),
+        remote: addr(&msg.id.dst),
+        remote_port: u16::from_be_bytes(msg.id.dport),
+        id: msg.id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(ty: u16, body: &[u8]) -> Vec<u8> {
+        let hdr = NlMsgHdr {
+            len: (size_of::<NlMsgHdr>() + body.len()) as u32,
+            ty,
+            flags: 0,
+            seq: 1,
+            pid: 0,
+        };
+        // SAFETY: NlMsgHdr is repr(C), integers only, no padding.
+        let head: [u8; 16] = unsafe { std::mem::transmute(hdr) };
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(body);
+        while !bytes.len().is_multiple_of(4) {
+            bytes.push(0);
+        }
+        bytes
+    }
+
+    #[test]
+    fn netlink_messages_are_split_and_bad_lengths_stop_the_walk() {
+        let mut bytes = message(NLMSG_ERROR, &(-2i32).to_ne_bytes());
+        bytes.extend(message(NLMSG_DONE, &[0; 4]));
+        let types: Vec<u16> = netlink_messages(&bytes).map(|(h, _)| h.ty).collect();
+        assert_eq!(types, vec![NLMSG_ERROR, NLMSG_DONE]);
+        assert_eq!(first_error(&bytes), Some(-2));
+        // Truncated: the second message claims more than there is.
+        let cut = &bytes[..bytes.len() - 2];
+        assert_eq!(netlink_messages(cut).count(), 1);
+        // A length shorter than a header, and garbage: no message, no panic.
+        let mut bad = message(NLMSG_DONE, &[]);
+        bad[0] = 3;
+        assert_eq!(netlink_messages(&bad).count(), 0);
+        assert_eq!(netlink_messages(&[0xff; 7]).count(), 0);
+        assert_eq!(first_error(&[]), None);
+    }
 }

@@ -25,6 +25,7 @@
 //! pods in network namespaces and the project's own pods as host processes.
 
 pub mod agent;
+pub mod authz;
 pub mod bookinfo;
 pub mod cgroup;
 pub mod cluster;

@@ -355,7 +355,14 @@ fn assert_switched(cluster: &Cluster, node: &str, before: &Value, after: &Value)
         assert_ne!(*old, new, "{node}: a link still runs the old program");
     }
     let layout = after["layout"].as_str().unwrap_or_default().to_string();
-    let expected = vec!["link_connect4".to_string(), "link_connect6".into(), layout];
+    // `authz`: the per-namespace authorization links of the node's enrolled pods (they outlive
+    // layouts like the cgroup links).
+    let expected = vec![
+        "link_connect4".to_string(),
+        "link_connect6".into(),
+        "authz".into(),
+        layout,
+    ];
     let mut expected_sorted = expected.clone();
     expected_sorted.sort();
     assert_eq!(

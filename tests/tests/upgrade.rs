@@ -34,12 +34,39 @@ fn assert_switched(node: &Node, before: &Value, after: &Value) {
     }
     assert_eq!(after["adopted_pins"], false, "{after}");
     assert_eq!(after["upgrade"]["state"], "switched", "{after}");
-    let expected: BTreeSet<String> = ["link_connect4", "link_connect6"]
+    let expected: BTreeSet<String> = ["link_connect4", "link_connect6", "authz"]
         .iter()
         .map(|s| s.to_string())
         .chain([layout(after)])
         .collect();
     assert_eq!(node.pins(), expected, "the old layout's pins remain");
+    assert_authz_links_run(node, &layout(after));
+}
+
+/// Every per-namespace authorization link (`<dir>/authz/<cookie>`) is attached and runs the
+/// `sk_lookup` program pinned in `layout`'s directory (re-pointed by the switch, not re-made: the
+/// enrolled client's link keeps its pin).
+fn assert_authz_links_run(node: &Node, layout: &str) {
+    use std::os::fd::AsFd as _;
+    let program = kmesh_agent::sys::obj_get(&node.dir.path().join(layout).join("prog_authz"))
+        .expect("the layout's authorization program");
+    let program = kmesh_agent::sys::prog_id(program.as_fd()).expect("program id");
+    let pins: Vec<_> = std::fs::read_dir(node.dir.path().join("authz"))
+        .expect("authz links")
+        .flatten()
+        .collect();
+    assert!(!pins.is_empty(), "no authorization link pinned");
+    for pin in pins {
+        let link = kmesh_agent::sys::obj_get(&pin.path()).expect("open link");
+        let state = kmesh_agent::sys::netns_link_state(link.as_fd()).expect("link state");
+        assert!(state.attached, "{}: detached", pin.path().display());
+        assert_eq!(
+            state.program_id,
+            program,
+            "{}: runs another layout's program",
+            pin.path().display()
+        );
+    }
 }
 
 /// Shipped layout → test layout → shipped layout, each time SIGTERM (a restart keeps the pins)

@@ -1,5 +1,6 @@
 //! `kmesh`: the kmesh-rs kernel programs as shipped, `cgroup/connect4` and `cgroup/connect6`
-//! (connect-time service load balancing; see `programs.rs`).
+//! (connect-time service load balancing; see `programs.rs`) and `sk_lookup` `kmesh_authz`
+//! (authorization of inbound connections; see `authz.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -6,6 +6,9 @@
 //! connect(). For TCP sockets of an enrolled network namespace, a connect to a mesh service
 //! VIP:port is rewritten to one endpoint's pod IP:target port. Everything else passes untouched.
 //!
+//! `sk_lookup` `kmesh_authz` (`authz.rs`, a child module of this one) authorizes new inbound TCP
+//! connections to enrolled workloads, in each enrolled pod's network namespace.
+//!
 //! Generations: every table below except `KM_ENROLLED` and `KM_COUNTERS` is an array of two inner
 //! maps, one per generation slot. A program reads the active slot from `KM_ACTIVE` once, then does
 //! every lookup in that slot's maps, so it sees one whole snapshot (the agent fills a fresh slot
@@ -21,6 +24,9 @@ use kmesh_common::{
     INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, RouteValue, ServiceKey, ServiceValue, counter, lb_policy,
     mode, source_hash,
 };
+
+#[path = "authz.rs"]
+mod authz;
 
 const SLOTS: usize = GENERATION_SLOTS as usize;
 const INNER_FLAGS: usize = INNER_MAP_FLAGS as usize;

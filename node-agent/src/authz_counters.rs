@@ -1,0 +1,196 @@
+//! What `/debug/authz` shows: the authorization counters (`KM_AUTHZ_COUNTERS`, per CPU, summed
+//! here) per (workload, policy, action, reason), with the policy's name from the live snapshot's
+//! policy table, and the global authorization counters of `KM_COUNTERS`.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
+use kmesh_common::{
+    AuthzCounterKey, AuthzPolicyRecord,
+    authz::{authz_action, authz_policy_kind, authz_reason},
+    map_names,
+};
+
+use crate::{loader::Installation, maps::MapsError};
+
+/// What happened to the connections of a counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    Deny,
+    /// A value the program does not write (kept visible rather than dropped).
+    Unknown(u8),
+}
+
+impl Action {
+    pub fn from_raw(raw: u8) -> Action {
+        match raw {
+            authz_action::ALLOW => Action::Allow,
+            authz_action::DENY => Action::Deny,
+            other => Action::Unknown(other),
+        }
+    }
+}
+
+/// Why (see `kmesh_common::authz::authz_reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    NoAllowPolicy,
+    AllowMatched,
+    DenyMatched,
+    NoAllowMatched,
+    StrictMtls,
+    Uncompilable,
+    /// The live generation had no verdict for the connection (an inconsistent table): denied.
+    NoVerdict,
+    Unknown(u8),
+}
+
+impl Reason {
+    pub fn from_raw(raw: u8) -> Reason {
+        match raw {
+            0 => Reason::NoVerdict,
+            authz_reason::NO_ALLOW_POLICY => Reason::NoAllowPolicy,
+            authz_reason::ALLOW_MATCHED => Reason::AllowMatched,
+            authz_reason::DENY_MATCHED => Reason::DenyMatched,
+            authz_reason::NO_ALLOW_MATCHED => Reason::NoAllowMatched,
+            authz_reason::STRICT_MTLS => Reason::StrictMtls,
+            authz_reason::UNCOMPILABLE => Reason::Uncompilable,
+            other => Reason::Unknown(other),
+        }
+    }
+}
+
+/// The kind of a named policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    AuthorizationPolicy,
+    PeerAuthentication,
+    Unknown(u8),
+}
+
+/// A policy's name, from the live snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyName {
+    /// `namespace/name`.
+    pub name: String,
+    pub kind: PolicyKind,
+}
+
+impl PolicyName {
+    pub fn of(record: &AuthzPolicyRecord) -> PolicyName {
+        let len = usize::from(record.name_len).min(record.name.len());
+        PolicyName {
+            name: String::from_utf8_lossy(&record.name[..len]).into_owned(),
+            kind: match record.kind {
+                authz_policy_kind::AUTHORIZATION_POLICY => PolicyKind::AuthorizationPolicy,
+                authz_policy_kind::PEER_AUTHENTICATION => PolicyKind::PeerAuthentication,
+                other => PolicyKind::Unknown(other),
+            },
+        }
+    }
+}
+
+/// Policy id → name, of the live snapshot.
+pub type PolicyNames = BTreeMap<u32, PolicyName>;
+
+/// The names of a snapshot's policies.
+pub fn policy_names(records: &[AuthzPolicyRecord]) -> PolicyNames {
+    records
+        .iter()
+        .map(|r| (r.policy, PolicyName::of(r)))
+        .collect()
+}
+
+/// One counter, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AuthzCount {
+    pub workload_ip: IpAddr,
+    /// 0: no single policy decided.
+    pub policy: u32,
+    /// The policy's name in the live snapshot; `None` for 0, for a policy of an earlier
+    /// generation, and until a restarted agent has the snapshot again.
+    pub policy_name: Option<PolicyName>,
+    pub action: Action,
+    pub reason: Reason,
+    pub connections: u64,
+}
+
+/// The pinned `KM_AUTHZ_COUNTERS`.
+pub struct AuthzCounterMap {
+    map: PerCpuHashMap<MapData, AuthzCounterKey, u64>,
+}
+
+fn map_err(e: MapError) -> MapsError {
+    MapsError::Map {
+        map: map_names::AUTHZ_COUNTERS,
+        source: Box::new(e),
+    }
+}
+
+impl AuthzCounterMap {
+    pub fn open(installation: &Installation) -> Result<Self, MapsError> {
+        let map = Map::from_map_data(installation.open_map(map_names::AUTHZ_COUNTERS)?)
+            .and_then(PerCpuHashMap::try_from)
+            .map_err(map_err)?;
+        Ok(Self { map })
+    }
+
+    /// Every counter, sorted by (workload, policy, action, reason), named from `names`.
+    pub fn read(&self, names: &PolicyNames) -> Result<Vec<AuthzCount>, MapsError> {
+        let mut counts = Vec::new();
+        for entry in self.map.iter() {
+            let (key, per_cpu) = entry.map_err(map_err)?;
+            counts.push(AuthzCount {
+                workload_ip: IpAddr::from(key.workload_ip).to_canonical(),
+                policy: key.policy,
+                policy_name: names.get(&key.policy).cloned(),
+                action: Action::from_raw(key.action),
+                reason: Reason::from_raw(key.reason),
+                connections: per_cpu.iter().sum(),
+            });
+        }
+        counts.sort_by(|a, b| {
+            (a.workload_ip, a.policy, a.action, a.reason).cmp(&(
+                b.workload_ip,
+                b.policy,
+                b.action,
+                b.reason,
+            ))
+        });
+        Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kmesh_common::authz::MAX_POLICY_NAME_LEN;
+
+    use super::*;
+
+    #[test]
+    fn names_and_kinds_come_from_the_records() {
+        let mut name = [0u8; MAX_POLICY_NAME_LEN];
+        name[..8].copy_from_slice(b"ns/allow");
+        let record = AuthzPolicyRecord {
+            policy: 42,
+            name_len: 8,
+            kind: authz_policy_kind::AUTHORIZATION_POLICY,
+            pad: 0,
+            name,
+        };
+        let names = policy_names(&[record]);
+        assert_eq!(
+            names.get(&42),
+            Some(&PolicyName {
+                name: "ns/allow".into(),
+                kind: PolicyKind::AuthorizationPolicy
+            })
+        );
+        assert_eq!(Reason::from_raw(0), Reason::NoVerdict);
+        assert_eq!(Reason::from_raw(99), Reason::Unknown(99));
+        assert_eq!(Action::from_raw(authz_action::DENY), Action::Deny);
+    }
+}

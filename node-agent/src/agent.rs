@@ -45,8 +45,7 @@ pub struct Config {
     /// Test hook: the data-plane thread panics on receiving this many snapshots, so that tests can
     /// check the supervision of the real binary (hidden flag `--test-panic-at-snapshot`).
     pub test_panic_at_snapshot: Option<u64>,
-    /// Where the node's own addresses are read (the agent's namespace, or a test's node
-    /// namespace: hidden flag `--test-host-netns`).
+    /// Where the node's own addresses are read (`--host-netns`).
     pub host_netns: HostNetns,
 }
 
@@ -77,6 +76,11 @@ pub struct Counts {
     pub backend_sets: usize,
     pub endpoints: usize,
     pub workloads: usize,
+    /// Workload addresses bound by authorization policy on this node.
+    pub authz_workloads: usize,
+    pub authz_sources: usize,
+    pub authz_verdicts: usize,
+    pub authz_policies: usize,
 }
 
 /// The generation the programs use.

@@ -166,6 +166,10 @@ impl<M: SlotMaps> Applier<M> {
             backend_sets: snapshot.backend_sets.len(),
             endpoints: snapshot.endpoints.len(),
             workloads: snapshot.workloads.len(),
+            authz_workloads: snapshot.authz.workloads.len(),
+            authz_sources: snapshot.authz.sources.len(),
+            authz_verdicts: snapshot.authz.verdicts.len(),
+            authz_policies: snapshot.authz.policies.len(),
         };
         let hash = format!("{content_hash:016x}");
         let (slot, outcome) = match change {

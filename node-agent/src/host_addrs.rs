@@ -22,7 +22,7 @@ pub enum HostNetns {
     /// The agent's own network namespace (a node agent runs with the host's network).
     #[default]
     Own,
-    /// Another namespace: the tests' node namespace (hidden flag `--test-host-netns`).
+    /// The namespace at this path (`--host-netns`, PID 1's by default).
     Path(PathBuf),
 }
 

@@ -101,11 +101,11 @@ struct RunArgs {
     /// binary. Not for production use.
     #[arg(long, hide = true)]
     test_layout_variant: bool,
-    /// Test hook: read the node's own addresses (exempt from authorization) in this network
-    /// namespace instead of the agent's own, so that a test's node namespace can play the host.
-    /// Not for production use.
-    #[arg(long, hide = true)]
-    test_host_netns: Option<PathBuf>,
+    /// The node's network namespace: connections from its addresses (kubelet probes) are exempt
+    /// from authorization. PID 1's, which the DaemonSet's `hostPID` makes the host's init; the
+    /// test kubelet, whose nodes are network namespaces, points it at its node's.
+    #[arg(long, env = "KMESH_HOST_NETNS", default_value = "/proc/1/ns/net")]
+    host_netns: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -166,10 +166,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             loader::BpfObject::Shipped
         },
         test_panic_at_snapshot: args.test_panic_at_snapshot,
-        host_netns: match args.test_host_netns {
-            Some(path) => kmesh_agent::host_addrs::HostNetns::Path(path),
-            None => kmesh_agent::host_addrs::HostNetns::Own,
-        },
+        host_netns: kmesh_agent::host_addrs::HostNetns::Path(args.host_netns),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

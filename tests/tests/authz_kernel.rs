@@ -131,7 +131,7 @@ impl World {
             dir: &self.dir,
             cgroup: &self.cgroup,
             extra_args: vec![
-                "--test-host-netns".to_string(),
+                "--host-netns".to_string(),
                 host_netns.display().to_string(),
             ],
         })

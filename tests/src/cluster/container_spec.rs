@@ -149,6 +149,12 @@ async fn environment(
         (format!("KUBERNETES_PORT_{port}_TCP_PROTO"), "tcp".into()),
         (format!("KUBERNETES_PORT_{port}_TCP_PORT"), port.clone()),
         (format!("KUBERNETES_PORT_{port}_TCP_ADDR"), host),
+        // The node's network namespace for the agent (`--host-netns`): on a real node PID 1's,
+        // here the test network's node namespace, from which this kubelet probes pods.
+        (
+            "KMESH_HOST_NETNS".into(),
+            ctx.shared.network.node_netns_path().display().to_string(),
+        ),
     ];
     for var in c.env.iter().flatten() {
         let value = env_value(ctx, var).await?;

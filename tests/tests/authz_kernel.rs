@@ -130,10 +130,7 @@ impl World {
             source: AgentSource::File(&self.snapshot_file),
             dir: &self.dir,
             cgroup: &self.cgroup,
-            extra_args: vec![
-                "--host-netns".to_string(),
-                host_netns.display().to_string(),
-            ],
+            extra_args: vec!["--host-netns".to_string(), host_netns.display().to_string()],
         })
         .expect("start kmesh-agent");
         agent.wait_ready(READY).expect("agent ready");

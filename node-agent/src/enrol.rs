@@ -19,7 +19,7 @@ use std::{
     sync::Arc,
 };
 
-use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16, mode};
+use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16};
 use kmesh_snapshot::AuthzTables;
 use tracing::{debug, info, warn};
 
@@ -202,7 +202,7 @@ impl Enroller {
     /// generation was applied; see `established.rs`). A namespace that cannot be swept is logged
     /// and counted; the others are swept still.
     pub fn close_denied(&self, node_mode: u32, tables: &AuthzTables) -> Result<Closed, EnrolError> {
-        if node_mode == mode::DISABLED || tables.workloads.is_empty() {
+        if !established::can_deny(node_mode, tables) {
             // Nothing can be denied: no namespace to look into (most nodes have no policy).
             return Ok(Closed::default());
         }
@@ -213,21 +213,13 @@ impl Enroller {
             .into_iter()
             .map(ip16)
             .collect();
-        let mut total = Closed::default();
-        for (cookie, netns) in &self.enrolled {
-            match established::close_denied_in(netns, node_mode, tables, &host) {
-                Ok(c) => {
-                    total.closed += c.closed;
-                    total.vanished += c.vanished;
-                }
-                // A namespace that went away meanwhile, or a refusal: the others are swept still.
-                Err(e) => {
-                    warn!(cookie, error = %e, "closing denied connections in a namespace");
-                    total.failed_netns += 1;
-                }
-            }
-        }
-        Ok(total)
+        let namespaces: Vec<&File> = self.enrolled.values().map(|f| f.as_ref()).collect();
+        Ok(established::close_denied(
+            &namespaces,
+            node_mode,
+            tables,
+            &host,
+        ))
     }
 
     pub fn sync(&mut self, workloads: &[WorkloadRecord]) -> Result<EnrolStats, EnrolError> {

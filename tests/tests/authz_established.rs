@@ -469,12 +469,20 @@ fn connect_from_port(netns: &Path, name: &'static str, port: u16, to: SocketAddr
     Conn { name, stream }
 }
 
-/// The server's established connection from the client port `port`, as sock_diag lists it.
-fn listed(server: &Pod, port: u16) -> TcpSocket {
+/// The server's established connections from the client port `port`, as sock_diag lists them.
+fn from_port(server: &Pod, port: u16) -> Vec<TcpSocket> {
     let sockets = server
         .run_in(|| SockDiag::open()?.tcp_sockets(&[TcpState::Established]))
         .expect("list the server's sockets");
-    let mut from_port = sockets.into_iter().filter(|s| s.remote_port == port);
+    sockets
+        .into_iter()
+        .filter(|s| s.remote_port == port)
+        .collect()
+}
+
+/// The server's one established connection from the client port `port`.
+fn listed(server: &Pod, port: u16) -> TcpSocket {
+    let mut from_port = from_port(server, port).into_iter();
     let socket = from_port.next().expect("the connection is listed");
     assert_eq!(from_port.next(), None, "one connection from port {port}");
     socket
@@ -500,6 +508,16 @@ fn a_destroy_reaches_only_the_socket_listed() {
     first.echoes(0).unwrap();
     let old = listed(&server, CLIENT_PORT);
     drop(first);
+    // The client's RST and its next SYN may take different CPUs' queues: the next connection waits
+    // until the server has dropped the old one, so that it cannot meet it.
+    let gone = (0..100).any(|_| {
+        thread::sleep(Duration::from_millis(10));
+        from_port(&server, CLIENT_PORT).is_empty()
+    });
+    assert!(
+        gone,
+        "the server still holds the aborted connection after 1 s"
+    );
     let mut second = connect_from_port(&client.netns_path(), "second", CLIENT_PORT, to);
     second.echoes(1).unwrap();
     let new = listed(&server, CLIENT_PORT);

@@ -180,6 +180,9 @@ pub struct Enroller {
     host_netns: HostNetns,
     /// The enrolled namespaces of the last sync, held open (to close denied connections in them).
     enrolled: BTreeMap<u64, Arc<File>>,
+    /// The last failure to read or write the host addresses, logged once until it changes (the
+    /// sync runs every second; the status carries it every time).
+    host_addrs_error: Option<String>,
 }
 
 impl Enroller {
@@ -195,6 +198,7 @@ impl Enroller {
             host_addrs,
             host_netns,
             enrolled: BTreeMap::new(),
+            host_addrs_error: None,
         }
     }
 
@@ -228,10 +232,19 @@ impl Enroller {
         // The host addresses do not hold up enrolment (nor an upgrade's switch, which waits for an
         // enrolment in step): a failure is logged, reported, and retried next round.
         match self.sync_host_addrs() {
-            Ok(n) => stats.host_addrs = n,
+            Ok(n) => {
+                if self.host_addrs_error.take().is_some() {
+                    info!(addresses = n, "host addresses map updated again");
+                }
+                stats.host_addrs = n;
+            }
             Err(e) => {
-                warn!(error = %e, "updating the host addresses map; connections from the node may be judged");
-                stats.host_addrs_error = Some(e.to_string());
+                let error = e.to_string();
+                if self.host_addrs_error.as_ref() != Some(&error) {
+                    warn!(%error, "updating the host addresses map; connections from the node may be judged");
+                }
+                self.host_addrs_error = Some(error.clone());
+                stats.host_addrs_error = Some(error);
             }
         }
         Ok(stats)

@@ -19,7 +19,7 @@ use std::{
     sync::Arc,
 };
 
-use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16, mode};
+use kmesh_common::{EnrolledNetns, Ip16, WorkloadRecord, ip16};
 use kmesh_snapshot::AuthzTables;
 use tracing::{debug, info, warn};
 
@@ -180,6 +180,9 @@ pub struct Enroller {
     host_netns: HostNetns,
     /// The enrolled namespaces of the last sync, held open (to close denied connections in them).
     enrolled: BTreeMap<u64, Arc<File>>,
+    /// The last failure to read or write the host addresses, logged once until it changes (the
+    /// sync runs every second; the status carries it every time).
+    host_addrs_error: Option<String>,
 }
 
 impl Enroller {
@@ -195,6 +198,7 @@ impl Enroller {
             host_addrs,
             host_netns,
             enrolled: BTreeMap::new(),
+            host_addrs_error: None,
         }
     }
 
@@ -202,7 +206,7 @@ impl Enroller {
     /// generation was applied; see `established.rs`). A namespace that cannot be swept is logged
     /// and counted; the others are swept still.
     pub fn close_denied(&self, node_mode: u32, tables: &AuthzTables) -> Result<Closed, EnrolError> {
-        if node_mode == mode::DISABLED || tables.workloads.is_empty() {
+        if !established::can_deny(node_mode, tables) {
             // Nothing can be denied: no namespace to look into (most nodes have no policy).
             return Ok(Closed::default());
         }
@@ -213,21 +217,13 @@ impl Enroller {
             .into_iter()
             .map(ip16)
             .collect();
-        let mut total = Closed::default();
-        for (cookie, netns) in &self.enrolled {
-            match established::close_denied_in(netns, node_mode, tables, &host) {
-                Ok(c) => {
-                    total.closed += c.closed;
-                    total.vanished += c.vanished;
-                }
-                // A namespace that went away meanwhile, or a refusal: the others are swept still.
-                Err(e) => {
-                    warn!(cookie, error = %e, "closing denied connections in a namespace");
-                    total.failed_netns += 1;
-                }
-            }
-        }
-        Ok(total)
+        let namespaces: Vec<&File> = self.enrolled.values().map(|f| f.as_ref()).collect();
+        Ok(established::close_denied(
+            &namespaces,
+            node_mode,
+            tables,
+            &host,
+        ))
     }
 
     pub fn sync(&mut self, workloads: &[WorkloadRecord]) -> Result<EnrolStats, EnrolError> {
@@ -236,10 +232,19 @@ impl Enroller {
         // The host addresses do not hold up enrolment (nor an upgrade's switch, which waits for an
         // enrolment in step): a failure is logged, reported, and retried next round.
         match self.sync_host_addrs() {
-            Ok(n) => stats.host_addrs = n,
+            Ok(n) => {
+                if self.host_addrs_error.take().is_some() {
+                    info!(addresses = n, "host addresses map updated again");
+                }
+                stats.host_addrs = n;
+            }
             Err(e) => {
-                warn!(error = %e, "updating the host addresses map; connections from the node may be judged");
-                stats.host_addrs_error = Some(e.to_string());
+                let error = e.to_string();
+                if self.host_addrs_error.as_ref() != Some(&error) {
+                    warn!(%error, "updating the host addresses map; connections from the node may be judged");
+                }
+                self.host_addrs_error = Some(error.clone());
+                stats.host_addrs_error = Some(error);
             }
         }
         Ok(stats)

@@ -495,340 +495,493 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// `NETLINK_SOCK_DIAG`, and the message types of sock_diag and netlink used here.
-const NETLINK_SOCK_DIAG: libc::c_int = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
+// sock_diag (NETLINK_SOCK_DIAG): the TCP sockets of the calling thread's network namespace, and
+// destroying one of them (SOCK_DESTROY, CONFIG_INET_DIAG_DESTROY; what `ss -K` does). Closing
+// the connections a generation denies (`established.rs`) is the only user. Messages are built
+// and parsed byte by byte at the kernel's offsets, so nothing here depends on struct alignment,
+// and a malformed answer is an error, never a panic. A destroy names the socket by its cookie
+// too: it reaches only the very socket that was listed, never a newer one with its addresses.
 
-/// `struct nlmsghdr`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct NlMsgHdr {
-    len: u32,
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-/// `struct inet_diag_sockid`: ports and addresses in network byte order; an IPv4 address fills
-/// the first 4 bytes of its field.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InetDiagSockId {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    src: [u8; 16],
-    dst: [u8; 16],
-    ifindex: u32,
-    cookie: [u32; 2],
-}
-
-/// `struct inet_diag_req_v2`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct InetDiagReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: InetDiagSockId,
-}
-
-/// `struct inet_diag_msg` (the head of each answer of a dump).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct InetDiagMsg {
-    family: u8,
-    state: u8,
-    timer: u8,
-    retrans: u8,
-    id: InetDiagSockId,
-    expires: u32,
-    rqueue: u32,
-    wqueue: u32,
-    uid: u32,
-    inode: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct DiagRequest {
-    hdr: NlMsgHdr,
-    req: InetDiagReqV2,
-}
-
-/// TCP states as sock_diag numbers them (`TCP_ESTABLISHED`, ...), for [`tcp_sockets`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The TCP states of `include/net/tcp_states.h` a socket can be reported in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[repr(u8)]
 pub enum TcpState {
     Established = 1,
+    SynSent = 2,
     SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
     Listen = 10,
+    Closing = 11,
 }
 
-/// A TCP socket of the calling thread's network namespace, as sock_diag reports it.
+impl TcpState {
+    const ALL: [TcpState; 11] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+    ];
+
+    fn from_raw(raw: u8) -> Option<TcpState> {
+        Self::ALL.into_iter().find(|s| *s as u8 == raw)
+    }
+}
+
+/// The address family of a socket: an `AF_INET6` socket may carry IPv4-mapped addresses (a
+/// dual-stack listener's connections from IPv4 clients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SocketFamily {
+    Inet,
+    Inet6,
+}
+
+impl SocketFamily {
+    fn raw(self) -> u8 {
+        match self {
+            SocketFamily::Inet => libc::AF_INET as u8,
+            SocketFamily::Inet6 => libc::AF_INET6 as u8,
+        }
+    }
+}
+
+/// A TCP socket as sock_diag reports it; also what a destroy request names it by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
-    /// `AF_INET` or `AF_INET6`: the socket's family (an IPv4 peer of a dual-stack socket is an
-    /// IPv4-mapped address of an `AF_INET6` socket).
-    family: u8,
-    pub state: u8,
-    /// Addresses in the 16-byte form of the maps (IPv4 mapped).
-    pub local: kmesh_common::Ip16,
+    pub family: SocketFamily,
+    pub state: TcpState,
+    /// IPv4 addresses are IPv4-mapped, whatever the family, as everywhere in the maps.
+    pub local_ip: kmesh_common::Ip16,
     pub local_port: u16,
-    pub remote: kmesh_common::Ip16,
+    pub remote_ip: kmesh_common::Ip16,
     pub remote_port: u16,
-    /// The kernel's identity of the socket (with its cookie), for [`destroy_tcp_socket`].
-    id: InetDiagSockId,
+    /// The interface the socket is bound to (`idiag_if`), part of the kernel's lookup key.
+    pub interface: u32,
+    /// The kernel's cookie of the socket: a destroy request matches only the very socket that
+    /// was dumped, never a later one with the same addresses.
+    pub cookie: [u32; 2],
 }
 
-#[cfg(test)]
-impl TcpSocket {
-    /// An IPv4 socket as a dump would report it (for unit tests of the decisions above this
-    /// module).
-    pub fn for_test(
-        local: kmesh_common::Ip16,
-        local_port: u16,
-        remote: kmesh_common::Ip16,
-    ) -> Self {
-        TcpSocket {
-            family: libc::AF_INET as u8,
-            state: TcpState::Established as u8,
-            local,
-            local_port,
-            remote,
-            remote_port: 40_000,
-            id: InetDiagSockId::default(),
-        }
-    }
+/// `SOCK_DIAG_BY_FAMILY` and `SOCK_DESTROY` (`include/uapi/linux/sock_diag.h`).
+#[derive(Clone, Copy, Debug)]
+#[repr(u16)]
+enum SockDiagRequest {
+    ByFamily = 20,
+    Destroy = 21,
 }
 
-/// The TCP sockets of the calling thread's network namespace in one of `states`, both families.
-pub fn tcp_sockets(states: &[TcpState]) -> io::Result<Vec<TcpSocket>> {
-    let mask = states.iter().fold(0u32, |m, s| m | 1 << (*s as u8));
-    let netlink = netlink_socket()?;
-    let mut sockets = Vec::new();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let request = diag_request(
-            SOCK_DIAG_BY_FAMILY,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            family,
-            mask,
-            InetDiagSockId::default(),
-        );
-        netlink_send(&netlink, &request)?;
-        dump_answers(&netlink, &mut sockets)?;
-    }
-    Ok(sockets)
+const NLMSG_HEADER_LEN: usize = 16;
+/// `struct inet_diag_req_v2`.
+const INET_DIAG_REQ_LEN: usize = 56;
+/// `struct inet_diag_msg`.
+const INET_DIAG_MSG_LEN: usize = 72;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+/// The largest datagram the kernel sends a dump in is 32 KiB; twice that leaves room.
+const SOCK_DIAG_RECV_BUFFER: usize = 64 * 1024;
+/// How long an answer may take before the call fails instead of hanging the agent.
+const SOCK_DIAG_TIMEOUT_SECS: libc::time_t = 5;
+
+/// A `NETLINK_SOCK_DIAG` socket of the network namespace of the thread that opened it (it stays
+/// in that namespace whichever thread uses it later).
+pub struct SockDiag {
+    socket: OwnedFd,
+    seq: u32,
+    buffer: Vec<u8>,
 }
 
-/// Closes `socket` at once (`SOCK_DESTROY`; the kernel aborts it and resets its peer). `ENOENT`
-/// when it is gone already.
-pub fn destroy_tcp_socket(socket: &TcpSocket) -> io::Result<()> {
-    let netlink = netlink_socket()?;
-    let request = diag_request(
-        SOCK_DESTROY,
-        NLM_F_REQUEST | NLM_F_ACK,
-        socket.family,
-        u32::MAX,
-        socket.id,
-    );
-    netlink_send(&netlink, &request)?;
-    let mut buf = vec![0u8; 4096];
-    let n = netlink_recv(&netlink, &mut buf)?;
-    match first_error(&buf[..n]) {
-        Some(0) => Ok(()),
-        Some(errno) => Err(io::Error::from_raw_os_error(-errno)),
-        None => Err(io::Error::other("SOCK_DESTROY: no acknowledgement")),
-    }
-}
-
-fn diag_request(ty: u16, flags: u16, family: u8, states: u32, id: InetDiagSockId) -> DiagRequest {
-    DiagRequest {
-        hdr: NlMsgHdr {
-            len: size_of::<DiagRequest>() as u32,
-            ty,
-            flags,
-            seq: 1,
-            pid: 0,
-        },
-        req: InetDiagReqV2 {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            ext: 0,
-            pad: 0,
-            states,
-            id,
-        },
-    }
-}
-
-fn netlink_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn netlink_send(netlink: &OwnedFd, request: &DiagRequest) -> io::Result<()> {
-    // SAFETY: sends the bytes of a repr(C) request we own, of the size we pass; the kernel is
-    // the default destination of a netlink socket.
-    let rc = unsafe {
-        libc::send(
-            netlink.as_raw_fd(),
-            (request as *const DiagRequest).cast(),
-            size_of::<DiagRequest>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn netlink_recv(netlink: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: receives into a buffer we own, of the length we pass.
-    let rc = unsafe { libc::recv(netlink.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc as usize)
-}
-
-/// Reads a whole dump's answers (until `NLMSG_DONE`) into `sockets`.
-fn dump_answers(netlink: &OwnedFd, sockets: &mut Vec<TcpSocket>) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = netlink_recv(netlink, &mut buf)?;
-        if n == 0 {
-            return Err(io::Error::other(
-                "sock_diag: the dump ended without NLMSG_DONE",
+impl SockDiag {
+    /// Opens the socket in the calling thread's network namespace.
+    pub fn open() -> io::Result<SockDiag> {
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned by OwnedFd at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("socket(NETLINK_SOCK_DIAG): {e}"),
             ));
         }
-        for (hdr, body) in netlink_messages(&buf[..n]) {
-            match hdr.ty {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let errno = read_struct::<i32>(body).unwrap_or(-libc::EIO);
-                    return Err(io::Error::from_raw_os_error(-errno));
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval {
+            tv_sec: SOCK_DIAG_TIMEOUT_SECS,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt with an in-buffer of the size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SockDiag {
+            socket,
+            seq: 0,
+            buffer: vec![0; SOCK_DIAG_RECV_BUFFER],
+        })
+    }
+
+    /// Every TCP socket of both families in one of `states` (one dump per family).
+    pub fn tcp_sockets(&mut self, states: &[TcpState]) -> io::Result<Vec<TcpSocket>> {
+        let mask = states.iter().fold(0u32, |m, s| m | 1 << (*s as u32));
+        let mut sockets = Vec::new();
+        for family in [SocketFamily::Inet, SocketFamily::Inet6] {
+            let request = inet_diag_request(family, mask, &[0; 48]);
+            let seq = self.send(SockDiagRequest::ByFamily, NLM_F_DUMP, &request)?;
+            self.receive_dump(seq, &mut sockets)
+                .map_err(|e| io::Error::new(e.kind(), format!("sock_diag dump: {e}")))?;
+        }
+        Ok(sockets)
+    }
+
+    /// Destroys `socket` (`SOCK_DESTROY`): the kernel aborts it (`tcp_abort`), sending the peer a
+    /// RST. `ENOENT` when it no longer exists (closed meanwhile, or another socket now has its
+    /// addresses).
+    pub fn destroy(&mut self, socket: &TcpSocket) -> io::Result<()> {
+        let request = inet_diag_request(socket.family, 0, &encode_socket_id(socket));
+        let seq = self.send(SockDiagRequest::Destroy, NLM_F_ACK, &request)?;
+        loop {
+            let len = self.receive()?;
+            for (header, payload) in netlink_messages(&self.buffer[..len])? {
+                if header.seq == seq && header.kind == NLMSG_ERROR {
+                    return errno_payload(payload);
                 }
-                SOCK_DIAG_BY_FAMILY => {
-                    if let Some(msg) = read_struct::<InetDiagMsg>(body) {
-                        sockets.push(tcp_socket(&msg));
+            }
+        }
+    }
+
+    /// Sends one request to the kernel; returns its sequence number.
+    fn send(&mut self, request: SockDiagRequest, flags: u16, payload: &[u8]) -> io::Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = NLMSG_HEADER_LEN + payload.len();
+        let mut message = Vec::with_capacity(len);
+        message.extend_from_slice(&(len as u32).to_ne_bytes());
+        message.extend_from_slice(&(request as u16).to_ne_bytes());
+        message.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        message.extend_from_slice(&self.seq.to_ne_bytes());
+        message.extend_from_slice(&0u32.to_ne_bytes());
+        message.extend_from_slice(payload);
+        // SAFETY: sockaddr_nl is plain data; all zero but the family addresses the kernel.
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: sendto with a live buffer and address of the sizes we pass.
+        let rc = unsafe {
+            libc::sendto(
+                self.socket.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&raw const kernel).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(self.seq)
+    }
+
+    /// Receives one datagram into the buffer; returns its length.
+    fn receive(&mut self) -> io::Result<usize> {
+        loop {
+            // SAFETY: recv into our buffer of the length we pass. MSG_TRUNC makes a netlink
+            // socket return the datagram's full length, so truncation is seen.
+            let rc = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    self.buffer.as_mut_ptr().cast(),
+                    self.buffer.len(),
+                    libc::MSG_TRUNC,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let len = rc as usize;
+            if len > self.buffer.len() {
+                return Err(io::Error::other(format!(
+                    "a {len}-byte netlink answer exceeds the {}-byte buffer",
+                    self.buffer.len()
+                )));
+            }
+            return Ok(len);
+        }
+    }
+
+    /// Reads the answers to the dump `seq` until its end, appending its sockets.
+    fn receive_dump(&mut self, seq: u32, sockets: &mut Vec<TcpSocket>) -> io::Result<()> {
+        loop {
+            let len = self.receive()?;
+            for (header, payload) in netlink_messages(&self.buffer[..len])? {
+                if header.seq != seq {
+                    continue;
+                }
+                match header.kind {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        errno_payload(payload)?;
+                        return Ok(());
                     }
+                    k if k == SockDiagRequest::ByFamily as u16 => {
+                        if let Some(socket) = decode_inet_diag_msg(payload)? {
+                            sockets.push(socket);
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
     }
 }
 
-/// The error code of the first `NLMSG_ERROR` message (0: an acknowledgement).
-fn first_error(bytes: &[u8]) -> Option<i32> {
-    netlink_messages(bytes)
-        .find(|(hdr, _)| hdr.ty == NLMSG_ERROR)
-        .and_then(|(_, body)| read_struct::<i32>(body))
+/// The head of a netlink message.
+#[derive(Clone, Copy, Debug)]
+struct NetlinkHeader {
+    kind: u16,
+    seq: u32,
 }
 
-/// The messages of a netlink datagram: each header and its body. Stops at a malformed length.
-fn netlink_messages(bytes: &[u8]) -> impl Iterator<Item = (NlMsgHdr, &[u8])> {
-    let mut offset = 0;
-    std::iter::from_fn(move || {
-        let hdr = read_struct::<NlMsgHdr>(bytes.get(offset..)?)?;
-        let len = hdr.len as usize;
-        if len < size_of::<NlMsgHdr>() || offset + len > bytes.len() {
-            return None;
+fn read_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Splits a datagram into its messages, checking every length against the datagram.
+fn netlink_messages(datagram: &[u8]) -> io::Result<Vec<(NetlinkHeader, &[u8])>> {
+    let mut messages = Vec::new();
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        if rest.len() < NLMSG_HEADER_LEN {
+            return Err(io::Error::other(format!(
+                "a {}-byte netlink message is shorter than its header",
+                rest.len()
+            )));
         }
-        let body = &bytes[offset + size_of::<NlMsgHdr>()..offset + len];
-        offset += (len + 3) & !3; // NLMSG_ALIGN
-        Some((hdr, body))
-    })
-}
-
-/// A copy of the `T` at the start of `bytes`, if they are long enough. `T` is one of the
-/// integer-only repr(C) structs above, valid for any bit pattern.
-fn read_struct<T: Copy>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < size_of::<T>() {
-        return None;
+        let len = read_u32(rest, 0) as usize;
+        if len < NLMSG_HEADER_LEN || len > rest.len() {
+            return Err(io::Error::other(format!(
+                "netlink message length {len} outside {NLMSG_HEADER_LEN}..={}",
+                rest.len()
+            )));
+        }
+        let header = NetlinkHeader {
+            kind: u16::from_ne_bytes([rest[4], rest[5]]),
+            seq: read_u32(rest, 8),
+        };
+        messages.push((header, &rest[NLMSG_HEADER_LEN..len]));
+        // Messages are 4-byte aligned.
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
     }
-    // SAFETY: bounds checked above; read_unaligned copes with the buffer's alignment; every T
-    // used here is made of integers only.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    Ok(messages)
 }
 
-fn tcp_socket(msg: &InetDiagMsg) -> TcpSocket {
-    let addr = |raw: &[u8; 16]| -> kmesh_common::Ip16 {
-        if i32::from(msg.family) == libc::AF_INET {
-            kmesh_common::ipv4_mapped([raw[0], raw[1], raw[2], raw[3]])
-        } else {
-            *raw
+/// The result an `NLMSG_ERROR` message carries: 0 (an acknowledgement) or a negative errno.
+fn errno_payload(payload: &[u8]) -> io::Result<()> {
+    if payload.len() < 4 {
+        return Err(io::Error::other("netlink error message without its code"));
+    }
+    match read_u32(payload, 0) as i32 {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    }
+}
+
+/// `struct inet_diag_req_v2` for TCP sockets of `family` in the states of `mask`, naming the
+/// socket `id` (all zero for a dump).
+fn inet_diag_request(family: SocketFamily, mask: u32, id: &[u8; 48]) -> [u8; INET_DIAG_REQ_LEN] {
+    let mut req = [0u8; INET_DIAG_REQ_LEN];
+    req[0] = family.raw();
+    req[1] = libc::IPPROTO_TCP as u8;
+    req[4..8].copy_from_slice(&mask.to_ne_bytes());
+    req[8..].copy_from_slice(id);
+    req
+}
+
+/// An address as `struct inet_diag_sockid` holds it: IPv4 in the first 4 bytes for `AF_INET`.
+fn encode_address(family: SocketFamily, ip: &kmesh_common::Ip16) -> [u8; 16] {
+    match family {
+        SocketFamily::Inet6 => *ip,
+        SocketFamily::Inet => {
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&ip[12..]);
+            raw
         }
+    }
+}
+
+fn decode_address(family: SocketFamily, raw: &[u8]) -> kmesh_common::Ip16 {
+    match family {
+        SocketFamily::Inet6 => raw[..16].try_into().unwrap_or([0; 16]),
+        SocketFamily::Inet => kmesh_common::ipv4_mapped([raw[0], raw[1], raw[2], raw[3]]),
+    }
+}
+
+/// `struct inet_diag_sockid` of `socket`.
+fn encode_socket_id(socket: &TcpSocket) -> [u8; 48] {
+    let mut id = [0u8; 48];
+    id[0..2].copy_from_slice(&socket.local_port.to_be_bytes());
+    id[2..4].copy_from_slice(&socket.remote_port.to_be_bytes());
+    id[4..20].copy_from_slice(&encode_address(socket.family, &socket.local_ip));
+    id[20..36].copy_from_slice(&encode_address(socket.family, &socket.remote_ip));
+    id[36..40].copy_from_slice(&socket.interface.to_ne_bytes());
+    id[40..44].copy_from_slice(&socket.cookie[0].to_ne_bytes());
+    id[44..48].copy_from_slice(&socket.cookie[1].to_ne_bytes());
+    id
+}
+
+/// A socket from `struct inet_diag_msg`; `None` for a family or state this module does not know.
+fn decode_inet_diag_msg(payload: &[u8]) -> io::Result<Option<TcpSocket>> {
+    if payload.len() < INET_DIAG_MSG_LEN {
+        return Err(io::Error::other(format!(
+            "a {}-byte inet_diag_msg is shorter than {INET_DIAG_MSG_LEN} bytes",
+            payload.len()
+        )));
+    }
+    let family = match i32::from(payload[0]) {
+        libc::AF_INET => SocketFamily::Inet,
+        libc::AF_INET6 => SocketFamily::Inet6,
+        _ => return Ok(None),
     };
-    TcpSocket {
-        family: msg.family,
-        state: msg.state,
-        local: addr(&msg.id.src),
-        local_port: u16::from_be_bytes(msg.id.sport),
-        remote: addr(&msg.id.dst),
-        remote_port: u16::from_be_bytes(msg.id.dport),
-        id: msg.id,
-    }
+    let Some(state) = TcpState::from_raw(payload[1]) else {
+        return Ok(None);
+    };
+    let id = &payload[4..52];
+    Ok(Some(TcpSocket {
+        family,
+        state,
+        local_port: u16::from_be_bytes([id[0], id[1]]),
+        remote_port: u16::from_be_bytes([id[2], id[3]]),
+        local_ip: decode_address(family, &id[4..20]),
+        remote_ip: decode_address(family, &id[20..36]),
+        interface: read_u32(id, 36),
+        cookie: [read_u32(id, 40), read_u32(id, 44)],
+    }))
 }
 
 #[cfg(test)]
-mod tests {
+mod sock_diag_tests {
     use super::*;
 
-    fn message(ty: u16, body: &[u8]) -> Vec<u8> {
-        let hdr = NlMsgHdr {
-            len: (size_of::<NlMsgHdr>() + body.len()) as u32,
-            ty,
-            flags: 0,
-            seq: 1,
-            pid: 0,
-        };
-        // SAFETY: NlMsgHdr is repr(C), integers only, no padding.
-        let head: [u8; 16] = unsafe { std::mem::transmute(hdr) };
-        let mut bytes = head.to_vec();
-        bytes.extend_from_slice(body);
-        while !bytes.len().is_multiple_of(4) {
-            bytes.push(0);
+    fn socket(family: SocketFamily, local_ip: kmesh_common::Ip16) -> TcpSocket {
+        TcpSocket {
+            family,
+            state: TcpState::Established,
+            local_ip,
+            local_port: 8080,
+            remote_ip: kmesh_common::ipv4_mapped([10, 244, 7, 4]),
+            remote_port: 40001,
+            interface: 3,
+            cookie: [0xdead, 0xbeef],
         }
-        bytes
+    }
+
+    /// An `inet_diag_msg` as the kernel answers a dump with, from the id a request would carry.
+    fn message(socket: &TcpSocket) -> Vec<u8> {
+        let mut msg = vec![socket.family.raw(), socket.state as u8, 0, 0];
+        msg.extend_from_slice(&encode_socket_id(socket));
+        msg.extend_from_slice(&[0; 20]);
+        msg
     }
 
     #[test]
-    fn netlink_messages_are_split_and_bad_lengths_stop_the_walk() {
-        let mut bytes = message(NLMSG_ERROR, &(-2i32).to_ne_bytes());
-        bytes.extend(message(NLMSG_DONE, &[0; 4]));
-        let types: Vec<u16> = netlink_messages(&bytes).map(|(h, _)| h.ty).collect();
-        assert_eq!(types, vec![NLMSG_ERROR, NLMSG_DONE]);
-        assert_eq!(first_error(&bytes), Some(-2));
-        // Truncated: the second message claims more than there is.
-        let cut = &bytes[..bytes.len() - 2];
-        assert_eq!(netlink_messages(cut).count(), 1);
-        // A length shorter than a header, and garbage: no message, no panic.
-        let mut bad = message(NLMSG_DONE, &[]);
-        bad[0] = 3;
-        assert_eq!(netlink_messages(&bad).count(), 0);
-        assert_eq!(netlink_messages(&[0xff; 7]).count(), 0);
-        assert_eq!(first_error(&[]), None);
+    fn a_socket_id_reads_back_as_written() {
+        let mapped = kmesh_common::ipv4_mapped([10, 244, 7, 2]);
+        let v6 = kmesh_common::ip16("fd00:244::2".parse().unwrap());
+        for s in [
+            socket(SocketFamily::Inet, mapped),
+            socket(SocketFamily::Inet6, mapped),
+            TcpSocket {
+                remote_ip: v6,
+                ..socket(SocketFamily::Inet6, v6)
+            },
+        ] {
+            assert_eq!(decode_inet_diag_msg(&message(&s)).unwrap(), Some(s));
+        }
+    }
+
+    #[test]
+    fn an_ipv4_socket_id_holds_the_address_in_its_first_bytes() {
+        let id = encode_socket_id(&socket(
+            SocketFamily::Inet,
+            kmesh_common::ipv4_mapped([10, 244, 7, 2]),
+        ));
+        assert_eq!(&id[0..2], &8080u16.to_be_bytes());
+        assert_eq!(
+            &id[4..20],
+            &[10, 244, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn malformed_answers_are_errors_not_panics() {
+        assert!(decode_inet_diag_msg(&[0; INET_DIAG_MSG_LEN - 1]).is_err());
+        let mut unknown_family = message(&socket(SocketFamily::Inet, [0; 16]));
+        unknown_family[0] = 99;
+        assert_eq!(decode_inet_diag_msg(&unknown_family).unwrap(), None);
+        assert!(netlink_messages(&[0; 8]).is_err());
+        let mut header = [0u8; NLMSG_HEADER_LEN];
+        for len in [0u32, 15, 17, u32::MAX] {
+            header[..4].copy_from_slice(&len.to_ne_bytes());
+            assert!(netlink_messages(&header).is_err(), "length {len}");
+        }
+        assert!(errno_payload(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_datagram_splits_into_aligned_messages() {
+        let mut datagram = Vec::new();
+        for (kind, payload) in [(NLMSG_DONE, &[7u8, 0, 0, 0][..]), (NLMSG_ERROR, &[1u8][..])] {
+            let len = (NLMSG_HEADER_LEN + payload.len()) as u32;
+            datagram.extend_from_slice(&len.to_ne_bytes());
+            datagram.extend_from_slice(&kind.to_ne_bytes());
+            datagram.extend_from_slice(&[0; 2]);
+            datagram.extend_from_slice(&5u32.to_ne_bytes());
+            datagram.extend_from_slice(&[0; 4]);
+            datagram.extend_from_slice(payload);
+            datagram.resize(datagram.len().next_multiple_of(4), 0);
+        }
+        let messages = netlink_messages(&datagram).unwrap();
+        let kinds: Vec<(u16, u32, usize)> = messages
+            .iter()
+            .map(|(h, p)| (h.kind, h.seq, p.len()))
+            .collect();
+        assert_eq!(kinds, [(NLMSG_DONE, 5, 4), (NLMSG_ERROR, 5, 1)]);
+    }
+
+    #[test]
+    fn an_error_message_carries_a_negative_errno() {
+        assert!(errno_payload(&0i32.to_ne_bytes()).is_ok());
+        let e = errno_payload(&(-libc::ENOENT).to_ne_bytes()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
     }
 }

@@ -37,6 +37,7 @@ pub mod snapshot_server;
 pub mod sweep;
 pub mod temp;
 pub mod tls;
+pub mod yaml_cluster;
 
 pub use agent::{Agent, AgentDir, AgentOptions, AgentSource, write_atomically};
 pub use cgroup::{TestCgroup, cgroup2_root};

@@ -88,8 +88,10 @@ fn handle(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e)
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
-                    && !stop.load(Ordering::SeqCst) =>
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && !stop.load(Ordering::SeqCst) =>
             {
                 continue;
             }

@@ -21,12 +21,7 @@ mod http_server;
 mod tables;
 mod wrk;
 
-use std::{
-    collections::BTreeMap,
-    fs::File,
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fs::File, net::Ipv4Addr, sync::Arc};
 
 use kmesh_agent::{loader, maps::GenerationMaps};
 use kmesh_snapshot::Snapshot;
@@ -69,7 +64,7 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::NoPrograms => "baseline: no programs",
-            Variant::Unbound => "sk_lookup, destination bound by 0 policies",
+            Variant::Unbound => "sk_lookup, destination unbound (0 policies)",
             Variant::Policies10 => "sk_lookup, 10 policies",
             Variant::Policies1000 => "sk_lookup, 1,000 policies",
         }
@@ -133,7 +128,8 @@ impl Bench {
         let net = TestNetwork::new("benchauthz").expect("test network");
         let pod = |name, ip| net.add_pod(name, ip, None).expect("pod");
         let (client, outsider) = (pod("client", CLIENT), pod("outsider", OUTSIDER));
-        let (server_plain, server_authz) = (pod("srvplain", SERVER_PLAIN), pod("srvauthz", SERVER_AUTHZ));
+        let (server_plain, server_authz) =
+            (pod("srvplain", SERVER_PLAIN), pod("srvauthz", SERVER_AUTHZ));
         let mut tcp = vec![];
         let mut http = vec![];
         for server in [&server_plain, &server_authz] {
@@ -245,7 +241,11 @@ impl Bench {
     /// How many of `n` connects from `pod` to `target` got ECONNREFUSED (all others must connect).
     fn refused(&self, pod: &Pod, target: &str, n: u32) -> u64 {
         let report = probe(pod, &self.probes, target, n);
-        assert_eq!(report.ok + report.errors_of("ECONNREFUSED"), u64::from(n), "{report:?}");
+        assert_eq!(
+            report.ok + report.errors_of("ECONNREFUSED"),
+            u64::from(n),
+            "{report:?}"
+        );
         report.errors_of("ECONNREFUSED")
     }
 }
@@ -265,7 +265,13 @@ fn attach_authz(installation: &loader::Installation, pod: &Pod) {
 fn probe(pod: &Pod, cgroup: &TestCgroup, target: &str, n: u32) -> kmesh_tests::ProbeReport {
     pod.run_probe(
         cgroup,
-        &["--target", target, "--count", &n.to_string(), "--connect-only"],
+        &[
+            "--target",
+            target,
+            "--count",
+            &n.to_string(),
+            "--connect-only",
+        ],
     )
     .expect("probe")
 }
@@ -288,6 +294,13 @@ fn refusals(pod: &Pod, cgroup: &TestCgroup, target: &str, n: u32) -> f64 {
     report.elapsed_us as f64 / f64::from(n)
 }
 
+/// The smallest and largest of the rounds: how noisy the machine was.
+fn spread(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -301,11 +314,26 @@ struct ConnectCase {
 }
 
 const CONNECT_CASES: [ConnectCase; 5] = [
-    ConnectCase { variant: Variant::NoPrograms, denied: false },
-    ConnectCase { variant: Variant::Unbound, denied: false },
-    ConnectCase { variant: Variant::Policies10, denied: false },
-    ConnectCase { variant: Variant::Policies1000, denied: false },
-    ConnectCase { variant: Variant::Policies1000, denied: true },
+    ConnectCase {
+        variant: Variant::NoPrograms,
+        denied: false,
+    },
+    ConnectCase {
+        variant: Variant::Unbound,
+        denied: false,
+    },
+    ConnectCase {
+        variant: Variant::Policies10,
+        denied: false,
+    },
+    ConnectCase {
+        variant: Variant::Policies1000,
+        denied: false,
+    },
+    ConnectCase {
+        variant: Variant::Policies1000,
+        denied: true,
+    },
 ];
 
 fn connect_cost(plan: &Plan, bench: &mut Bench) {
@@ -321,6 +349,7 @@ fn connect_cost(plan: &Plan, bench: &mut Bench) {
             results[i].push(measure_connects(bench, CONNECT_CASES[i], plan.connections));
         }
     }
+    let spreads: Vec<(f64, f64)> = results.iter().map(|r| spread(r)).collect();
     let medians: Vec<f64> = results.into_iter().map(median).collect();
     let baseline = medians[0];
     println!();
@@ -328,14 +357,23 @@ fn connect_cost(plan: &Plan, bench: &mut Bench) {
         "connect()+close() to the server pod's IP:port, median of {} rounds of {} connections:",
         plan.rounds, plan.connections
     );
-    println!("  {:<52} {:>8.2} us", Variant::NoPrograms.label(), baseline);
-    for (case, us) in CONNECT_CASES.iter().zip(&medians).skip(1) {
+    println!(
+        "  {:<52} {:>8.2} us                (rounds {:.2}..{:.2})",
+        Variant::NoPrograms.label(),
+        baseline,
+        spreads[0].0,
+        spreads[0].1
+    );
+    for ((case, us), (lo, hi)) in CONNECT_CASES.iter().zip(&medians).zip(&spreads).skip(1) {
         let label = if case.denied {
             format!("{}: denied (ECONNREFUSED)", case.variant.label())
         } else {
             case.variant.label().to_string()
         };
-        println!("  {label:<52} {us:>8.2} us   ratio {:.3}", us / baseline);
+        println!(
+            "  {label:<52} {us:>8.2} us   ratio {:.3}   (rounds {lo:.2}..{hi:.2})",
+            us / baseline
+        );
     }
     println!(
         "  denied vs allowed connect, 1,000 policies: ratio {:.3}",
@@ -389,7 +427,7 @@ fn request_cost(plan: &Plan, bench: &mut Bench) {
         plan.rounds, plan.wrk_seconds
     );
     println!(
-        "  {:<54} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7}",
+        "  {:<58} {:>8} {:>6} {:>8} {:>6} {:>8} {:>6}",
         "", "req/s", "ratio", "p50 us", "ratio", "p99 us", "ratio"
     );
     for ((variant, mode), r) in REQUEST_CASES.iter().zip(&medians) {
@@ -401,13 +439,13 @@ fn request_cost(plan: &Plan, bench: &mut Bench) {
         let label = format!(
             "{}: {}",
             match mode {
-                Connections::PerRequest => "connection per request",
+                Connections::PerRequest => "conn/request",
                 Connections::KeepAlive => "keep-alive",
             },
             variant.label()
         );
         println!(
-            "  {label:<54} {:>10.0} {:>7.3} {:>10.1} {:>7.3} {:>10.1} {:>7.3}",
+            "  {label:<58} {:>8.0} {:>6.3} {:>8.1} {:>6.3} {:>8.1} {:>6.3}",
             r.requests_per_s,
             r.requests_per_s / base.requests_per_s,
             r.p50_us,

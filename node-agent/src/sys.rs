@@ -594,7 +594,10 @@ const NLM_F_DUMP: u16 = 0x300;
 /// The largest datagram the kernel sends a dump in is 32 KiB; twice that leaves room.
 const SOCK_DIAG_RECV_BUFFER: usize = 64 * 1024;
 /// How long an answer may take before the call fails instead of hanging the agent.
-const SOCK_DIAG_TIMEOUT_SECS: libc::time_t = 5;
+const SOCK_DIAG_TIMEOUT: libc::timeval = libc::timeval {
+    tv_sec: 5,
+    tv_usec: 0,
+};
 
 /// A `NETLINK_SOCK_DIAG` socket of the network namespace of the thread that opened it (it stays
 /// in that namespace whichever thread uses it later).
@@ -624,10 +627,7 @@ impl SockDiag {
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: SOCK_DIAG_TIMEOUT_SECS,
-            tv_usec: 0,
-        };
+        let timeout = SOCK_DIAG_TIMEOUT;
         // SAFETY: setsockopt with an in-buffer of the size we pass.
         let rc = unsafe {
             libc::setsockopt(

@@ -23,11 +23,17 @@ pub struct ServedLabels {
     pub code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     compile_seconds: Histogram,
     snapshot_bytes: Family<NodeLabel, Gauge>,
     served: Family<ServedLabels, Counter>,
+    unattributed: Family<CodeLabel, Counter>,
     rejected_objects: Gauge,
     unenforced_features: Gauge,
     published_generation: Family<NodeLabel, Gauge>,
@@ -40,6 +46,7 @@ impl Default for Metrics {
         let compile_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]);
         let snapshot_bytes = Family::<NodeLabel, Gauge>::default();
         let served = Family::<ServedLabels, Counter>::default();
+        let unattributed = Family::<CodeLabel, Counter>::default();
         let rejected_objects = Gauge::default();
         let unenforced_features = Gauge::default();
         let published_generation = Family::<NodeLabel, Gauge>::default();
@@ -66,8 +73,15 @@ impl Default for Metrics {
         );
         registry.register(
             "snapshots_served",
-            "Snapshot requests answered, by node and HTTP status",
+            "Snapshot requests answered, by node and HTTP status (only requests authenticated for \
+             a node the operator publishes for)",
             served.clone(),
+        );
+        registry.register(
+            "snapshot_requests_unattributed",
+            "Snapshot requests answered without a node to count them under (unauthenticated, \
+             refused, or for a node the operator publishes nothing for), by HTTP status",
+            unattributed.clone(),
         );
         registry.register(
             "rejected_objects",
@@ -84,6 +98,7 @@ impl Default for Metrics {
             compile_seconds,
             snapshot_bytes,
             served,
+            unattributed,
             rejected_objects,
             unenforced_features,
             published_generation,
@@ -123,13 +138,17 @@ impl Metrics {
             .set(bytes as i64);
     }
 
-    pub fn served(&self, node: &str, code: u16) {
-        self.served
-            .get_or_create(&ServedLabels {
+    /// Counts an answered snapshot request, under its node when it has one (see
+    /// `server::counted_node`): the node label only ever holds nodes the operator publishes for.
+    pub fn served(&self, node: Option<&str>, code: u16) {
+        match node {
+            Some(node) => self.served.get_or_create(&ServedLabels {
                 node: node.to_string(),
                 code,
-            })
-            .inc();
+            }),
+            None => self.unattributed.get_or_create(&CodeLabel { code }),
+        }
+        .inc();
     }
 
     pub fn render(&self) -> String {

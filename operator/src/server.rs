@@ -105,6 +105,13 @@ impl SnapshotStore {
         self.channel(node).send_replace(Some(published));
     }
 
+    /// Whether a snapshot (or a decision) is published for `node`. Unlike [`Self::get`], asking
+    /// does not make the store track the node.
+    pub fn publishes(&self, node: &str) -> bool {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).is_some_and(|tx| tx.borrow().is_some())
+    }
+
     pub fn get(&self, node: &str) -> Option<Published> {
         self.channel(node).borrow().clone()
     }
@@ -305,51 +312,97 @@ async fn handle<A: Authenticator>(
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    let Some(node) = contract::node_of_snapshot_path(req.uri().path()).map(str::to_string) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    let response = serve_snapshot(&req, &node, store, auth, metrics, peer).await;
-    metrics.served(&node, response.status().as_u16());
-    response
+    let (request, _body) = req.into_parts();
+    respond(&request, store, auth, metrics, peer).await
 }
 
-async fn serve_snapshot<A: Authenticator>(
-    req: &Request<Incoming>,
-    node: &str,
+/// Answers one request (its head: a snapshot request has no body) and counts it.
+async fn respond<A: Authenticator>(
+    request: &hyper::http::request::Parts,
     store: &SnapshotStore,
     auth: &A,
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    if req.method() != hyper::Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    let Some(node) = contract::node_of_snapshot_path(request.uri.path()).map(str::to_string) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let (response, caller) = serve_snapshot(request, &node, store, auth, metrics, peer).await;
+    metrics.served(
+        counted_node(caller, &node, store),
+        response.status().as_u16(),
+    );
+    response
+}
+
+/// The node a request is counted under: the node it asked for, once the caller is authenticated
+/// for that node and the operator publishes a snapshot for it. Any other request (no token, a
+/// rejected one, another node's token, a node nobody publishes) is counted without a node:
+/// labelling it with the name it asked for would let any client add a series per name it makes up.
+fn counted_node<'a>(
+    caller: Option<Caller>,
+    node: &'a str,
+    store: &SnapshotStore,
+) -> Option<&'a str> {
+    let authenticated = match caller {
+        Some(Caller::Anyone) => true,
+        Some(Caller::Node(allowed)) => allowed == node,
+        None => false,
+    };
+    (authenticated && store.publishes(node)).then_some(node)
+}
+
+/// The answer to a snapshot request for `node`, and the caller it authenticated (`None`: none).
+async fn serve_snapshot<A: Authenticator>(
+    req: &hyper::http::request::Parts,
+    node: &str,
+    store: &SnapshotStore,
+    auth: &A,
+    metrics: &Metrics,
+    peer: SocketAddr,
+) -> (Response<Full<Bytes>>, Option<Caller>) {
+    if req.method != hyper::Method::GET {
+        return (text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"), None);
     }
     let token = req
-        .headers()
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match auth.authenticate(token).await {
-        Ok(Caller::Anyone) => {}
-        Ok(Caller::Node(allowed)) if allowed == node => {}
-        Ok(Caller::Node(allowed)) => {
+    let caller = match auth.authenticate(token).await {
+        Ok(Caller::Node(allowed)) if allowed != node => {
             warn!(%peer, token_node = allowed, requested = node, "agent asked for another node's snapshot");
-            return text(
-                StatusCode::FORBIDDEN,
-                &format!("this token is bound to node {allowed:?}, not {node:?}\n"),
-            );
+            let refusal = format!("this token is bound to node {allowed:?}, not {node:?}\n");
+            return (text(StatusCode::FORBIDDEN, &refusal), None);
         }
+        Ok(caller) => caller,
         Err(e @ AuthError::Unavailable(_)) => {
             warn!(%peer, error = %e, "authentication unavailable");
-            return text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n"));
+            return (
+                text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")),
+                None,
+            );
         }
-        Err(e) => return text(StatusCode::UNAUTHORIZED, &format!("{e}\n")),
-    }
+        Err(e) => return (text(StatusCode::UNAUTHORIZED, &format!("{e}\n")), None),
+    };
+    (
+        serve_authenticated(req, node, store, metrics).await,
+        Some(caller),
+    )
+}
+
+/// The answer to a request whose caller may fetch `node`'s snapshot.
+async fn serve_authenticated(
+    req: &hyper::http::request::Parts,
+    node: &str,
+    store: &SnapshotStore,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
     // Only an authenticated agent of this node may say what runs there. Reported now, not when
     // the long poll ends: agents re-poll as soon as their live generation changes.
     if let Some(live) = req
-        .headers()
+        .headers
         .get(contract::LIVE_GENERATION_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
@@ -357,9 +410,9 @@ async fn serve_snapshot<A: Authenticator>(
         store.report_live(node, live);
         metrics.live(node, live);
     }
-    let wait = wait_param(req.uri().query());
+    let wait = wait_param(req.uri.query());
     let if_none_match = req
-        .headers()
+        .headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
@@ -525,6 +578,80 @@ mod tests {
         );
         assert!(is_news(Some(&at(6)), None), "a first request");
         assert!(!is_news(None, None), "nothing to send");
+    }
+
+    /// A request's head, as `respond` gets it.
+    fn request(node: &str, token: Option<&str>) -> hyper::http::request::Parts {
+        let mut builder = Request::get(format!("/v1/nodes/{node}/snapshot"));
+        if let Some(token) = token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        builder.body(()).expect("request").into_parts().0
+    }
+
+    /// The `node` labels of the metric `name`'s series.
+    fn node_labels(metrics: &Metrics, name: &str) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix("{node=\""))
+            .map(|rest| rest.split('"').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Requests for made-up nodes, without a token, with another node's token, or (without
+    /// authentication) for a node nothing is published for, add no series: only the published
+    /// node's own requests are counted under its name.
+    #[tokio::test]
+    async fn made_up_node_names_add_no_metric_series() {
+        let store = SnapshotStore::default();
+        let published = Published {
+            generation: 1,
+            content_hash: 7,
+            bytes: Some(Bytes::from_static(b"snapshot")),
+        };
+        store.publish("node-a", published);
+        let tokens = StaticTokens::parse("token-a node-a\n").unwrap();
+        let metrics = Metrics::default();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut codes = BTreeMap::new();
+        for i in 0..500 {
+            let name = format!("made-up-{i}");
+            for token in [None, Some("token-a"), Some("not-a-token")] {
+                let response =
+                    respond(&request(&name, token), &store, &tokens, &metrics, peer).await;
+                *codes.entry(response.status().as_u16()).or_insert(0) += 1;
+            }
+            let response = respond(&request(&name, None), &store, &NoAuth, &metrics, peer).await;
+            *codes.entry(response.status().as_u16()).or_insert(0) += 1;
+        }
+        let own = respond(
+            &request("node-a", Some("token-a")),
+            &store,
+            &tokens,
+            &metrics,
+            peer,
+        )
+        .await;
+        assert_eq!(own.status(), StatusCode::OK);
+        assert_eq!(codes, BTreeMap::from([(401, 1000), (403, 500), (404, 500)]));
+        let labelled = node_labels(&metrics, "kmesh_operator_snapshots_served_total");
+        assert_eq!(
+            labelled.len(),
+            1,
+            "series labelled with a node: {:?}...",
+            &labelled[..labelled.len().min(5)]
+        );
+        assert_eq!(labelled, ["node-a"]);
+        assert!(store.publishes("node-a"));
+        assert!(!store.publishes("made-up-1"));
+        let rendered = metrics.render();
+        for (code, count) in [(401, 1000), (403, 500), (404, 500)] {
+            let line = format!(
+                "kmesh_operator_snapshot_requests_unattributed_total{{code=\"{code}\"}} {count}"
+            );
+            assert!(rendered.lines().any(|l| l == line), "{line} in\n{rendered}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
+use kmesh_snapshot::names;
 use serde::{Deserialize as _, de::DeserializeOwned};
 
 use crate::{
@@ -147,6 +148,7 @@ impl Inputs {
             None => Err(Unreadable::NoKind),
             Some(kind) if kind.handling() == Handling::Irrelevant => Ok(()),
             Some(kind) if !has_name(&value) => Err(Unreadable::NoName(kind)),
+            Some(kind) if let Some(bad) = bad_name(&value, &kind) => Err(bad),
             Some(kind) => {
                 let read = match kind.handling() {
                     Handling::NotCompiled => {
@@ -301,6 +303,34 @@ fn has_name(value: &serde_json::Value) -> bool {
         .is_some_and(|n| !n.is_empty())
 }
 
+/// What is wrong with the object's name, or its namespace (for a namespaced kind), if the API
+/// server would refuse it ([`kmesh_snapshot::names`], the rule the snapshot's policy names are
+/// held to as well): a name no cluster can hold is refused here, so it never reaches a snapshot.
+fn bad_name(value: &serde_json::Value, kind: &Kind) -> Option<Unreadable> {
+    let meta = value.get("metadata")?;
+    let text = |key: &str| meta.get(key).and_then(|v| v.as_str());
+    let name = text("name")?;
+    // A Namespace's name becomes every object's namespace: it is a DNS label, as they are.
+    let name_problem = match kind {
+        Kind::Namespace => names::namespace_problem,
+        _ => names::object_name_problem,
+    };
+    if let Some(reason) = name_problem(name.as_bytes()) {
+        return Some(Unreadable::BadName {
+            field: "metadata.name",
+            value: name.to_string(),
+            reason,
+        });
+    }
+    let namespace = text("namespace").filter(|_| kind.scope() == Scope::Namespaced)?;
+    let reason = names::namespace_problem(namespace.as_bytes())?;
+    Some(Unreadable::BadName {
+        field: "metadata.namespace",
+        value: namespace.to_string(),
+        reason,
+    })
+}
+
 /// Why an object could not be read; the reason of its rejection.
 #[derive(Debug, thiserror::Error)]
 enum Unreadable {
@@ -310,6 +340,13 @@ enum Unreadable {
     /// API server refuses it too; `generateName` is for creating, which a file of objects is not).
     #[error("{0} without a name (missing or empty)")]
     NoName(Kind),
+    /// A name or namespace the API server would refuse (so no cluster holds it).
+    #[error("{value:?} {reason}")]
+    BadName {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("does not match its schema: {0}")]
     Schema(#[source] serde_json::Error),
     #[error("{0} is marked compiled, but the compiler's inputs have no place for it")]
@@ -325,6 +362,7 @@ impl Unreadable {
     fn field(&self) -> &'static str {
         match self {
             Unreadable::NoName(_) | Unreadable::NotTheSingleton(_) => "metadata.name",
+            Unreadable::BadName { field, .. } => field,
             Unreadable::NoKind | Unreadable::Schema(_) | Unreadable::NoReader(_) => "",
         }
     }
@@ -421,6 +459,51 @@ metadata: {name: f}
         assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
         assert_eq!(diagnostics[0].object, ObjectRef::document("f.yaml", 5));
         assert_eq!(diagnostics[0].reason, "no kind");
+    }
+
+    /// Names and namespaces the API server refuses are refused here, at their field, naming the
+    /// value and the rule; a valid object beside them is read.
+    #[test]
+    fn a_name_or_namespace_no_cluster_can_hold_is_refused() {
+        let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: Allow, namespace: web}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: Web_1}
+spec: {clusterIP: 10.96.0.1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: web.example}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ok, namespace: web}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
+";
+        let mut inputs = Inputs::default();
+        let diagnostics: Vec<String> = inputs
+            .add_yaml(yaml, "f.yaml", "default")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let subdomain = "has an object name that is not a DNS subdomain (dot-separated labels of a-z, 0-9 and '-', each starting and ending with a letter or digit)";
+        let label = "has a namespace that is not a DNS label (a-z, 0-9 and '-', starting and ending with a letter or digit)";
+        assert_eq!(
+            diagnostics,
+            [
+                format!(
+                    "rejected: AuthorizationPolicy web/Allow metadata.name: \"Allow\" {subdomain}"
+                ),
+                format!("rejected: Service Web_1/web metadata.namespace: \"Web_1\" {label}"),
+                format!("rejected: Namespace web.example metadata.name: \"web.example\" {label}"),
+            ],
+        );
+        assert_eq!(inputs.services.len(), 1, "the valid Service is read");
+        assert!(inputs.authorization_policies.is_empty());
     }
 
     #[test]

@@ -53,6 +53,13 @@ fn a_named_target_port_of_container_port_0_is_rejected_not_compiled() {
     check_text(&reproducer("named-target-port-of-container-port-0.yaml"));
 }
 
+// Finding 4: a policy name that no cluster can hold reached the snapshot, which refused it.
+
+#[test]
+fn a_name_the_api_server_refuses_is_rejected_not_compiled() {
+    check_text(&reproducer("policy-name-not-a-dns-subdomain.yaml"));
+}
+
 /// The oracle passes on real input: the bookinfo cluster with Istio's canary, in both modes.
 #[test]
 fn bookinfo_with_a_canary_passes_the_fuzz_oracle() {

@@ -19,6 +19,7 @@ mod encode;
 mod error;
 pub mod format;
 mod hash;
+pub mod names;
 mod validate;
 mod validate_authz;
 

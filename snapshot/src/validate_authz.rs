@@ -17,16 +17,11 @@ use kmesh_common::authz::{
 
 use crate::Snapshot;
 use crate::error::{Table, ValidationError, ip_to_addr};
+use crate::names;
 use crate::validate::check_order;
 
 /// The first address of the IPv4-mapped range `::ffff:0:0/96`.
 const IPV4_MAPPED_BASE: Ip16 = kmesh_common::ipv4_mapped([0, 0, 0, 0]);
-
-/// Longest DNS label (a namespace name).
-const MAX_LABEL_LEN: usize = 63;
-
-/// Longest DNS subdomain (an object name).
-const MAX_OBJECT_NAME_LEN: usize = 253;
 
 impl Snapshot {
     /// Every rule of the authorization tables. Called by [`Snapshot::validate`] after the other
@@ -352,38 +347,13 @@ fn validate_policy(index: usize, p: &AuthzPolicyRecord) -> Result<(), Validation
 }
 
 /// What is wrong with a policy name, if anything: it must be `namespace/name`, the namespace a DNS
-/// label (as Kubernetes validates namespace names) and the name a DNS subdomain (as it validates
-/// object names): labels of `a-z`, `0-9` and `-` that start and end with a letter or digit.
+/// label and the name a DNS subdomain, as Kubernetes validates them ([`crate::names`]).
 fn policy_name_problem(name: &[u8]) -> Option<&'static str> {
     let Some(slash) = name.iter().position(|&b| b == b'/') else {
         return Some("is not namespace/name (no '/')");
     };
     let (namespace, object) = (&name[..slash], &name[slash + 1..]);
-    if namespace.is_empty() || namespace.len() > MAX_LABEL_LEN {
-        return Some("has a namespace of 0 or more than 63 bytes");
-    }
-    if !is_dns_label(namespace) {
-        return Some(
-            "has a namespace that is not a DNS label (a-z, 0-9 and '-', starting and ending with a letter or digit)",
-        );
-    }
-    if object.is_empty() || object.len() > MAX_OBJECT_NAME_LEN {
-        return Some("has an object name of 0 or more than 253 bytes");
-    }
-    if !object.split(|&b| b == b'.').all(is_dns_label) {
-        return Some(
-            "has an object name that is not a DNS subdomain (dot-separated labels of a-z, 0-9 and '-', each starting and ending with a letter or digit)",
-        );
-    }
-    None
-}
-
-/// A non-empty label of `a-z`, `0-9` and `-` that starts and ends with a letter or digit.
-fn is_dns_label(label: &[u8]) -> bool {
-    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    label.iter().all(|b| alnum(b) || *b == b'-')
-        && label.first().is_some_and(alnum)
-        && label.last().is_some_and(alnum)
+    names::namespace_problem(namespace).or_else(|| names::object_name_problem(object))
 }
 
 /// A source prefix for messages: `10.1.2.0/24` for IPv4 blocks (prefix_len 96..=128 on an

@@ -27,6 +27,7 @@ use crate::{
     lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
     loader::{self, AttachedLink, BpfObject, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
+    metrics::{self, ApplyDurations},
     refusal::RefusalKind,
     source::{self, Delivery, ShutdownVerdict, Source},
     supervise::{self, ThreadExit},
@@ -38,6 +39,8 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     pub cgroup: PathBuf,
     pub admin_addr: SocketAddr,
+    /// Where the Prometheus metrics are served (`--metrics-addr`).
+    pub metrics_addr: SocketAddr,
     pub limits: Limits,
     /// The eBPF object to load: the shipped one, or the upgrade tests' variant of another layout
     /// (hidden flag `--test-layout-variant`).
@@ -57,6 +60,11 @@ pub enum AgentError {
     Maps(#[from] MapsError),
     #[error("admin server on {addr}: {source}")]
     Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics server on {addr}: {source}")]
+    Metrics {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -138,6 +146,11 @@ pub struct Status {
     pub applied: u64,
     pub unchanged: u64,
     pub rejected: u64,
+    /// `rejected` by kind.
+    pub refused_by_kind: std::collections::BTreeMap<RefusalKind, u64>,
+    /// Fill and flip time of every applied generation (for the metrics).
+    #[serde(skip)]
+    pub apply_durations: ApplyDurations,
     pub last_apply: Option<ApplyStats>,
     pub last_rejection: Option<Rejection>,
     pub enrolled_netns: usize,
@@ -253,13 +266,22 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             addr: config.admin_addr,
             source,
         })?;
-    tokio::spawn(admin::serve(
-        listener,
+    let maps_read = admin::Maps {
+        counters,
+        authz_counters,
+    };
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Metrics {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    tokio::spawn(admin::serve(listener, status.clone(), maps_read.clone()));
+    tokio::spawn(metrics::serve(
+        metrics_listener,
         status.clone(),
-        admin::Maps {
-            counters,
-            authz_counters,
-        },
+        maps_read,
+        config.limits,
     ));
 
     let (live_tx, live_rx) = watch::channel(live.map_or(0, |l| l.value.meta.generation));

@@ -195,6 +195,8 @@ impl<M: SlotMaps> Applier<M> {
                 let slot = stats.slot;
                 update(&self.status, |s| {
                     s.applied += 1;
+                    s.apply_durations
+                        .observe_micros(stats.fill_micros + stats.flip_micros);
                     if s.recent_flips.len() == RECENT_FLIPS {
                         s.recent_flips.pop_front();
                     }
@@ -250,6 +252,7 @@ impl<M: SlotMaps> Applier<M> {
             .unwrap_or(0);
         update(&self.status, |s| {
             s.rejected += 1;
+            *s.refused_by_kind.entry(kind).or_default() += 1;
             s.last_rejection = Some(Rejection {
                 at_unix_ms,
                 generation,

@@ -33,6 +33,7 @@ pub mod lifecycle;
 pub mod link_switch;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod netns_links;
 pub mod refusal;
 pub mod slots;

@@ -59,6 +59,10 @@ struct RunArgs {
     /// Address of /healthz, /readyz and /debug/snapshot.
     #[arg(long, default_value = "127.0.0.1:15200")]
     admin_addr: SocketAddr,
+    /// Address of the Prometheus metrics (every path). Not localhost by default: a cluster's
+    /// Prometheus scrapes it (15020 is the port Istio and ztunnel serve their metrics on).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Largest snapshot accepted, in bytes.
     #[arg(long, default_value_t = Limits::default().max_bytes)]
     max_snapshot_bytes: u64,
@@ -159,6 +163,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         bpffs_dir: args.bpffs_dir,
         cgroup,
         admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
         limits,
         object: if args.test_layout_variant {
             loader::BpfObject::TestLayout

@@ -27,7 +27,7 @@ pub enum Refusal {
 }
 
 /// The kind of a [`Refusal`], as shown on `/debug/snapshot` (`"over_capacity"`, ...).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalKind {
     Undecodable,
@@ -35,6 +35,27 @@ pub enum RefusalKind {
     OtherNode,
     LiveUnreadable,
     ApplyFailed,
+}
+
+impl RefusalKind {
+    pub const ALL: [RefusalKind; 5] = [
+        RefusalKind::Undecodable,
+        RefusalKind::OverCapacity,
+        RefusalKind::OtherNode,
+        RefusalKind::LiveUnreadable,
+        RefusalKind::ApplyFailed,
+    ];
+
+    /// As serialized (`over_capacity`, ...), for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::Undecodable => "undecodable",
+            RefusalKind::OverCapacity => "over_capacity",
+            RefusalKind::OtherNode => "other_node",
+            RefusalKind::LiveUnreadable => "live_unreadable",
+            RefusalKind::ApplyFailed => "apply_failed",
+        }
+    }
 }
 
 impl Refusal {

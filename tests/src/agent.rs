@@ -102,6 +102,7 @@ pub struct AgentOptions<'a> {
 pub struct Agent {
     child: Child,
     admin: SocketAddr,
+    metrics: SocketAddr,
     log: PathBuf,
 }
 
@@ -109,6 +110,7 @@ impl Agent {
     pub fn start(opts: &AgentOptions<'_>) -> io::Result<Agent> {
         let bin = workspace_bin("kmesh-agent")?;
         let admin = free_local_addr()?;
+        let metrics = free_local_addr()?;
         let log = std::env::temp_dir().join(format!(
             "kmt-agent-{}-{}-{}.log",
             opts.node_name,
@@ -144,13 +146,20 @@ impl Agent {
             .arg(opts.cgroup.path())
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
             .args(&opts.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()?;
-        Ok(Agent { child, admin, log })
+        Ok(Agent {
+            child,
+            admin,
+            metrics,
+            log,
+        })
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -231,24 +240,26 @@ impl Agent {
 
     /// A minimal HTTP/1.1 GET on the admin port: (status code, body).
     pub fn http_get(&self, path: &str) -> io::Result<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad HTTP response: {response:?}")))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        http_get(self.admin, path)
+    }
+
+    /// The agent's Prometheus metrics (its `--metrics-addr`), as text.
+    pub fn metrics(&self) -> io::Result<String> {
+        match http_get(self.metrics, "/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => Err(io::Error::other(format!(
+                "/metrics answered {code}: {body}"
+            ))),
+        }
+    }
+
+    /// The value of one metric series, `series` being its name and labels exactly as rendered
+    /// (`kmesh_live_generation`, `kmesh_authz_connections_total{policy="ns/p",...}`).
+    pub fn metric(&self, series: &str) -> io::Result<Option<f64>> {
+        Ok(self.metrics()?.lines().find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            value.trim().parse().ok()
+        }))
     }
 
     /// SIGKILL: the agent gets no chance to clean up, like a crash or an OOM kill.
@@ -282,6 +293,28 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// A loopback address with a port that was free a moment ago.
+/// `GET path` on `addr`: the status code and the body.
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
 fn free_local_addr() -> io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -445,6 +445,7 @@ fn check_scenario(w: &World, agent: &Agent, s: &Scenario, diagnostics: &str) -> 
     let mut failures = check_diagnostics(s, diagnostics);
     let expected = s.expected();
     let exempt_before = node_exemptions(agent);
+    let metrics_before = authz_metrics(agent);
     let mut observed = BTreeMap::new();
     for &(client, port) in expected.keys() {
         let report = w.probe(client, s.server, port);
@@ -462,7 +463,100 @@ fn check_scenario(w: &World, agent: &Agent, s: &Scenario, diagnostics: &str) -> 
     }
     failures.extend(check_accepts(w, s, &expected));
     failures.extend(check_counters(agent, w, s, &expected, exempt_before));
+    failures.extend(check_metrics(agent, &expected, &metrics_before));
     failures
+}
+
+/// The agent's own metrics agree with its `/debug/snapshot` after `generations` applies.
+fn check_agent_metrics(agent: &Agent, generations: u64) {
+    let snapshot = agent.debug_snapshot().expect("/debug/snapshot");
+    let metric = |series: &str| {
+        agent
+            .metric(series)
+            .expect("the agent's /metrics")
+            .unwrap_or_else(|| panic!("no {series} in\n{}", agent.metrics().unwrap_or_default()))
+    };
+    assert_eq!(metric("kmesh_live_generation"), generations as f64);
+    assert_eq!(metric("kmesh_snapshots_applied_total"), generations as f64);
+    assert_eq!(
+        metric("kmesh_snapshot_apply_duration_seconds_count"),
+        generations as f64
+    );
+    assert_eq!(metric("kmesh_ready"), 1.0);
+    let counts = &snapshot["live"]["counts"];
+    for table in [
+        "services",
+        "workloads",
+        "authz_workloads",
+        "authz_verdicts",
+        "authz_policies",
+    ] {
+        let want = counts[table].as_u64().expect(table) as f64;
+        assert_eq!(
+            metric(&format!("kmesh_map_entries{{table=\"{table}\"}}")),
+            want,
+            "{table}"
+        );
+    }
+    let enrolled = snapshot["enrolled_netns"].as_u64().expect("enrolled_netns") as f64;
+    assert!(enrolled > 0.0);
+    assert_eq!(metric("kmesh_enrolled_netns"), enrolled);
+    assert_eq!(
+        metric("kmesh_datapath_events_total{event=\"inconsistent\"}"),
+        0.0
+    );
+}
+
+/// The agent's Prometheus series `kmesh_authz_connections_total`, by their labels as rendered.
+fn authz_metrics(agent: &Agent) -> BTreeMap<String, u64> {
+    let text = agent.metrics().expect("the agent's /metrics");
+    text.lines()
+        .filter_map(|line| line.strip_prefix("kmesh_authz_connections_total"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.rsplit_once(' ')?;
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The metrics agree with the scenario: each series of `kmesh_authz_connections_total` grew by
+/// the connections of its (policy, kind, action, reason), summed over workloads, and no other.
+fn check_metrics(
+    agent: &Agent,
+    expected: &BTreeMap<(&str, u16), Why>,
+    before: &BTreeMap<String, u64>,
+) -> Vec<String> {
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for key in expected.values().filter_map(|why| why.counter()) {
+        let (policy, action, reason) = key;
+        let (name, kind) = match policy {
+            Some((name, kind)) => {
+                let kind = match kind.as_str() {
+                    "authorization_policy" => "AuthorizationPolicy",
+                    "peer_authentication" => "PeerAuthentication",
+                    other => panic!("policy kind {other}"),
+                };
+                (name, kind.to_string())
+            }
+            None => ("none".to_string(), "none".to_string()),
+        };
+        let labels = format!(
+            "{{policy=\"{name}\",policy_kind=\"{kind}\",action=\"{action}\",reason=\"{reason}\"}}"
+        );
+        *want.entry(labels).or_default() += N;
+    }
+    let after = authz_metrics(agent);
+    let grown: BTreeMap<String, u64> = after
+        .iter()
+        .map(|(labels, v)| (labels.clone(), v - before.get(labels).copied().unwrap_or(0)))
+        .filter(|(_, grew)| *grew > 0)
+        .collect();
+    if grown == want {
+        return Vec::new();
+    }
+    vec![format!(
+        "kmesh_authz_connections_total grew by\n{grown:#?}\nexpected\n{want:#?}"
+    )]
 }
 
 /// kmeshctl reported exactly what the scenario expects (what is not enforced, and nothing else).
@@ -606,12 +700,14 @@ fn istio_policies_compiled_by_kmeshctl_are_enforced_in_the_kernel() {
             failures.push(format!("scenario {}: {f}", s.title));
         }
     }
-    let authz = debug_authz(agent.as_ref().expect("agent"));
+    let agent = agent.as_ref().expect("agent");
+    let authz = debug_authz(agent);
     assert_eq!(
         authz["counters"]["inconsistent"].as_u64(),
         Some(0),
         "{authz:#}"
     );
+    check_agent_metrics(agent, SCENARIOS.len() as u64);
     assert!(
         failures.is_empty(),
         "{} failure(s):\n{}",

@@ -470,7 +470,10 @@ fn check_scenario(w: &World, agent: &Agent, s: &Scenario, diagnostics: &str) -> 
 /// The agent's own metrics agree with its `/debug/snapshot` after `generations` applies.
 fn check_agent_metrics(agent: &Agent, generations: u64) {
     let snapshot = agent.debug_snapshot().expect("/debug/snapshot");
-    println!("the agent's metrics:\n{}", agent.metrics().unwrap_or_default());
+    println!(
+        "the agent's metrics:\n{}",
+        agent.metrics().unwrap_or_default()
+    );
     let metric = |series: &str| {
         agent
             .metric(series)

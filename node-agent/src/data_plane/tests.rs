@@ -138,6 +138,11 @@ fn assert_refused(bytes: &[u8], limits: Limits, kind: RefusalKind, words: &str) 
     let s = status(&h);
     assert!(!s.ready, "{kind:?}: ready without a snapshot");
     assert_eq!((s.applied, s.rejected), (0, 1), "{kind:?}");
+    assert_eq!(
+        s.refused_by_kind,
+        std::collections::BTreeMap::from([(kind, 1)]),
+        "counted under its kind (the metrics' reason label)"
+    );
     assert!(s.live.is_none(), "{kind:?}");
     let rejection = s.last_rejection.unwrap();
     assert_eq!(rejection.kind, kind);

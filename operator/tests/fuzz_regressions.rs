@@ -60,6 +60,14 @@ fn a_name_the_api_server_refuses_is_rejected_not_compiled() {
     check_text(&reproducer("policy-name-not-a-dns-subdomain.yaml"));
 }
 
+// Finding 5: a pod bound by a policy but without a readable address gave its node authorization
+// sources and no workload, which the snapshot refuses.
+
+#[test]
+fn a_bound_pod_without_an_address_adds_no_authorization_tables() {
+    check_text(&reproducer("bound-pod-without-an-address.yaml"));
+}
+
 /// The oracle passes on real input: the bookinfo cluster with Istio's canary, in both modes.
 #[test]
 fn bookinfo_with_a_canary_passes_the_fuzz_oracle() {

@@ -190,6 +190,9 @@ impl<'a> Compiler<'a> {
             .get(node)
             .into_iter()
             .flatten()
+            // A pod without an address (not started, or an unreadable podIP) has nothing to
+            // enforce on; the node's tables must not hold sources for no workload.
+            .filter(|pod| !pod_ips(pod).is_empty())
             .map(|pod| bind(a, root, pod))
             .filter(|b| {
                 !b.policies.is_empty()

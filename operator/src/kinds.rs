@@ -42,6 +42,18 @@ pub enum Handling {
     Irrelevant,
 }
 
+/// What missing objects of a kind would do to traffic: whether the operator may compile without
+/// them while the kind cannot be read (see `kube_source::gate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfUnread {
+    /// Compiling without its objects loses routes or steering, never a refusal: the operator
+    /// compiles and publishes without them (and reports the kind unread).
+    CompileWithout,
+    /// Its objects refuse traffic (authorization): snapshots compiled without them would let
+    /// through what they deny. The operator publishes nothing new until it has read the kind.
+    HoldPublishing,
+}
+
 /// What the operator knows about one kind: a row of the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KindInfo {
@@ -61,6 +73,8 @@ pub struct KindInfo {
     /// Whether the kube source watches it. A kind read only from YAML is not (its RBAC rule in
     /// `config/operator/rbac.yaml` has to come first).
     pub watched: bool,
+    /// What the operator does while it cannot read the kind.
+    pub if_unread: IfUnread,
 }
 
 impl KindInfo {
@@ -115,85 +129,102 @@ macro_rules! kind_table {
 
 use Definition::{BuiltIn, Crd};
 use Handling::{Compiled, NotCompiled};
+use IfUnread::{CompileWithout, HoldPublishing};
 use Scope::{Cluster, Namespaced};
 
 kind_table! {
     Namespace => KindInfo {
         group: "", versions: &["v1"], name: "Namespace", plural: "namespaces",
         scope: Cluster, definition: BuiltIn, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     Node => KindInfo {
         group: "", versions: &["v1"], name: "Node", plural: "nodes",
         scope: Cluster, definition: BuiltIn, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     Pod => KindInfo {
         group: "", versions: &["v1"], name: "Pod", plural: "pods",
         scope: Namespaced, definition: BuiltIn, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     Service => KindInfo {
         group: "", versions: &["v1"], name: "Service", plural: "services",
         scope: Namespaced, definition: BuiltIn, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     EndpointSlice => KindInfo {
         group: "discovery.k8s.io", versions: &["v1"], name: "EndpointSlice",
         plural: "endpointslices",
         scope: Namespaced, definition: BuiltIn, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     KmeshConfig => KindInfo {
         group: "kmesh.net", versions: &["v1alpha1"], name: "KmeshConfig", plural: "kmeshconfigs",
         scope: Cluster, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     VirtualService => KindInfo {
         group: "networking.istio.io", versions: &["v1", "v1beta1", "v1alpha3"],
         name: "VirtualService", plural: "virtualservices",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     DestinationRule => KindInfo {
         group: "networking.istio.io", versions: &["v1", "v1beta1", "v1alpha3"],
         name: "DestinationRule", plural: "destinationrules",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     ServiceEntry => KindInfo {
         group: "networking.istio.io", versions: &["v1", "v1beta1", "v1alpha3"],
         name: "ServiceEntry", plural: "serviceentries",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     AuthorizationPolicy => KindInfo {
         group: "security.istio.io", versions: &["v1", "v1beta1"],
         name: "AuthorizationPolicy", plural: "authorizationpolicies",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: HoldPublishing,
     },
     PeerAuthentication => KindInfo {
         group: "security.istio.io", versions: &["v1", "v1beta1"],
         name: "PeerAuthentication", plural: "peerauthentications",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: HoldPublishing,
     },
     HttpRoute => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1", "v1beta1"],
         name: "HTTPRoute", plural: "httproutes",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     // v1 from Gateway API v1.6 (which serves v1 only), v1alpha2 before: the same shape.
     TcpRoute => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1", "v1alpha2"],
         name: "TCPRoute", plural: "tcproutes",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
     GrpcRoute => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1"],
         name: "GRPCRoute", plural: "grpcroutes",
         scope: Namespaced, definition: Crd, handling: NotCompiled, watched: false,
+        if_unread: CompileWithout,
     },
     TlsRoute => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1", "v1alpha3", "v1alpha2"],
         name: "TLSRoute", plural: "tlsroutes",
         scope: Namespaced, definition: Crd, handling: NotCompiled, watched: false,
+        if_unread: CompileWithout,
     },
     // v1 from Gateway API v1.5, v1beta1 in every release that has ReferenceGrant: the same shape.
     ReferenceGrant => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1", "v1beta1"],
         name: "ReferenceGrant", plural: "referencegrants",
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
     },
 }
 

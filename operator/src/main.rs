@@ -15,7 +15,7 @@ use kmesh_operator::{
     diagnostics::{Diagnostic, ObjectRef, Severity},
     dir_source,
     inputs::Inputs,
-    kube_source::{DebounceConfig, KubeSource},
+    kube_source::{DebounceConfig, GateReport, KubeSource},
     leader::{self, ElectionConfig, Leadership},
     metrics::{self, Metrics},
     publish::{Publisher, RolloutPolicy},
@@ -444,6 +444,14 @@ impl Operator<'_> {
         inputs: &Inputs,
         parse_diagnostics: Vec<Diagnostic>,
     ) -> Compiled {
+        let compiled = self.compile(inputs, parse_diagnostics);
+        self.publish(inputs, &compiled);
+        compiled
+    }
+
+    /// Compiles `inputs` for its nodes (the Node objects and `--node`) and reports the
+    /// diagnostics; publishes nothing.
+    fn compile(&mut self, inputs: &Inputs, parse_diagnostics: Vec<Diagnostic>) -> Compiled {
         let nodes = node_names(inputs, &self.cli.nodes);
         let started = std::time::Instant::now();
         let mut compiled = compile(inputs, &nodes, 1, &self.options);
@@ -462,9 +470,6 @@ impl Operator<'_> {
                 _ => info!("{d}"),
             }
         }
-        let policy = RolloutPolicy::from_config(inputs.config.as_ref(), &node_labels(inputs));
-        self.publisher.set_policy(policy);
-        self.publisher.publish(&compiled);
         info!(
             nodes = nodes.len(),
             compile_ms = started.elapsed().as_millis() as u64,
@@ -473,6 +478,13 @@ impl Operator<'_> {
             "compiled"
         );
         compiled
+    }
+
+    /// Takes `compiled` as the content to roll out, under the rollout policy `inputs` set.
+    fn publish(&mut self, inputs: &Inputs, compiled: &Compiled) {
+        let policy = RolloutPolicy::from_config(inputs.config.as_ref(), &node_labels(inputs));
+        self.publisher.set_policy(policy);
+        self.publisher.publish(compiled);
     }
 
     /// Publishes the pending snapshots the rollout allows now, given what agents report live (a
@@ -595,7 +607,10 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
     let mut stopping = shutdown.clone();
     tokio::select! {
         settled = source.wait_settled(Duration::from_secs(60)) => if !settled {
-            warn!("not every watched kind listed within 60 s; compiling with what is there");
+            warn!(
+                "not every watched kind listed within 60 s; compiling with what is there \
+                 (publishing nothing while an authorization kind is not listed)"
+            );
         },
         _ = stopping.wait_for(|stop| *stop) => return stop(&operator.store).await,
     }
@@ -605,9 +620,17 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
         instance: cli.pod_name.clone(),
     };
     let mut reconciler = Reconciler::new(client, reporter).gated_by(leadership.clone());
+    let mut gate_report = GateReport::default();
     loop {
         let snapshot = source.snapshot();
-        let compiled = operator.compile_and_publish(&snapshot.inputs, snapshot.diagnostics.clone());
+        // Held while an authorization kind was never read: compiled (for the status), not
+        // published, so every node keeps the snapshot it runs (see `kube_source::gate`).
+        let publishing = snapshot.publishing();
+        gate_report.observe(&publishing, &operator.metrics);
+        let compiled = operator.compile(&snapshot.inputs, snapshot.diagnostics.clone());
+        if !publishing.is_held() {
+            operator.publish(&snapshot.inputs, &compiled);
+        }
         loop {
             operator.decide(&decisions, &leadership).await;
             if leadership.is_leader() {
@@ -619,6 +642,7 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                     diagnostics: &compiled.diagnostics,
                     rollout: &rollout,
                     unwatched: &snapshot.unwatched,
+                    publishing: &publishing,
                     uid_of: &uid_of,
                 };
                 match tokio::time::timeout(Duration::from_secs(10), reconciler.reconcile(&input))

@@ -38,6 +38,7 @@ pub struct Metrics {
     unenforced_features: Gauge,
     published_generation: Family<NodeLabel, Gauge>,
     live_generation: Family<NodeLabel, Gauge>,
+    publishing_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -51,6 +52,13 @@ impl Default for Metrics {
         let unenforced_features = Gauge::default();
         let published_generation = Family::<NodeLabel, Gauge>::default();
         let live_generation = Family::<NodeLabel, Gauge>::default();
+        let publishing_held = Gauge::default();
+        registry.register(
+            "publishing_held",
+            "1 while no new snapshot is published because authorization policies cannot be read \
+             (KmeshConfig condition Degraded, reason AuthorizationUnreadable), else 0",
+            publishing_held.clone(),
+        );
         registry.register(
             "node_published_generation",
             "The snapshot generation published for the node",
@@ -103,6 +111,7 @@ impl Default for Metrics {
             unenforced_features,
             published_generation,
             live_generation,
+            publishing_held,
         }
     }
 }
@@ -112,6 +121,11 @@ impl Metrics {
         self.compile_seconds.observe(seconds);
         self.rejected_objects.set(rejected as i64);
         self.unenforced_features.set(unenforced as i64);
+    }
+
+    /// Whether publishing is held (see `kube_source::gate`).
+    pub fn publishing_held(&self, held: bool) {
+        self.publishing_held.set(i64::from(held));
     }
 
     pub fn published(&self, node: &str, generation: u64) {
@@ -197,5 +211,32 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>, read
                 warn!(error = %e, "metrics connection failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_held_is_a_gauge() {
+        let metrics = Metrics::default();
+        assert!(
+            metrics
+                .render()
+                .contains("kmesh_operator_publishing_held 0\n")
+        );
+        metrics.publishing_held(true);
+        assert!(
+            metrics
+                .render()
+                .contains("kmesh_operator_publishing_held 1\n")
+        );
+        metrics.publishing_held(false);
+        assert!(
+            metrics
+                .render()
+                .contains("kmesh_operator_publishing_held 0\n")
+        );
     }
 }

@@ -6,6 +6,7 @@ use kmesh_operator::{
     crd::{KmeshConfig, KmeshConfigSpec},
     diagnostics::{Diagnostic, ObjectRef},
     kinds::Kind,
+    kube_source::Publishing,
     reconcile::{
         CREATED_BY, NodeRollout, ReconcileError, ReconcileInput, Reconciler, RolloutFacts,
     },
@@ -176,6 +177,7 @@ async fn run_once(
             diagnostics,
             rollout: &rollout,
             unwatched: &[],
+            publishing: &Publishing::Open,
             uid_of: &no_uid,
         })
         .await;
@@ -415,6 +417,7 @@ async fn a_config_is_only_ever_created() {
             diagnostics: &[],
             rollout: &rollout,
             unwatched: &[],
+            publishing: &Publishing::Open,
             uid_of: &no_uid,
         };
         for _ in 0..3 {
@@ -508,6 +511,7 @@ async fn event_failures_do_not_fail_the_reconcile_and_are_retried() {
         diagnostics: &diagnostics,
         rollout: &rollout,
         unwatched: &[],
+        publishing: &Publishing::Open,
         uid_of: &uid_of,
     };
 

@@ -6,6 +6,7 @@ use kmesh_operator::{
     crd::{KmeshConfig, KmeshConfigSpec},
     diagnostics::{Diagnostic, ObjectRef},
     kinds::Kind,
+    kube_source::Publishing,
     leader::Leadership,
     reconcile::{NodeRollout, ReconcileError, ReconcileInput, Reconciler, RolloutFacts},
 };
@@ -57,6 +58,7 @@ async fn reconcile(leadership: Leadership) -> (Result<(), ReconcileError>, Vec<S
             diagnostics: &[rejected],
             rollout: &rollout,
             unwatched: &[],
+            publishing: &Publishing::Open,
             uid_of: &|_| None,
         })
         .await

@@ -8,20 +8,26 @@
 //! identity). Every check counts exact outcomes per connection: the errno of each failure, the pod
 //! that answered each success.
 //!
+//! Last, the operator restarts while its RBAC forbids AuthorizationPolicies: it publishes nothing
+//! (every agent keeps its generation, a DENY stays enforced, a routing change made meanwhile waits)
+//! and says why in the KmeshConfig status, an Event and a metric; with the RBAC restored, it
+//! publishes within seconds.
+//!
 //! Needs root and the control-plane binaries (`scripts/control-plane-bins.sh`).
 use std::time::{Duration, Instant};
 
 use kmesh_tests::{
     Cluster,
     cluster::{
-        observe::agent_status,
+        observe::{self, AgentPod, AgentState, agent_status, condition},
         scenario::{
-            ISTIO, TIMEOUT, pod_name, pod_node, pods, probe, reference, run_cluster,
-            service_target, two_nodes, wait_until_steered,
+            ISTIO, REVIEWS_VERSIONS, TIMEOUT, istio, pod_name, pod_node, pods, probe, reference,
+            run_cluster, service_target, two_nodes, wait_until_steered,
         },
     },
     progress,
 };
+use serde_json::Value;
 
 const NAME: &str = "authz";
 
@@ -74,6 +80,24 @@ spec:
           failureThreshold: 1
 "#;
 
+/// `productpage` may not connect to `ratings` (bookinfo never does: reviews calls ratings).
+const DENY_RATINGS_FROM_PRODUCTPAGE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ratings-not-from-productpage
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: ratings
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
+"#;
+
 /// Every workload of `default` accepts mesh peers only.
 const STRICT_DEFAULT: &str = r#"
 apiVersion: security.istio.io/v1
@@ -111,6 +135,7 @@ fn run_scenario(cluster: &Cluster) {
         &details_vip,
     );
     strict_peer_authentication(cluster, &productpage, &outsider, &details_vip);
+    publishing_held_while_policies_cannot_be_read(cluster, &productpage, &ratings_vip);
 }
 
 /// The README's install, and Istio's CRDs.
@@ -405,4 +430,327 @@ fn stays_ready(cluster: &Cluster, app: &str, time: Duration) {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+// ---- the operator restarted without the right to read AuthorizationPolicies ----
+
+/// The status reason while publishing is held (the operator's `condition::HELD_REASON`).
+const HELD_REASON: &str = "AuthorizationUnreadable";
+
+/// A DENY policy is enforced; the operator restarts with RBAC that forbids AuthorizationPolicies,
+/// and a routing change is made meanwhile (reviews to v3 only). Held: the status is Degraded
+/// (`AuthorizationUnreadable`, naming the kind and the API server's 403) and not Ready, an Event and
+/// the metric say so, no agent's live generation changes, the DENY (and STRICT) still refuse every
+/// connection, the routing change is not live. With the RBAC restored: within seconds every node
+/// runs a new generation with the routing change, the DENY still holds, the condition clears.
+fn publishing_held_while_policies_cannot_be_read(
+    cluster: &Cluster,
+    productpage: &str,
+    ratings_vip: &str,
+) {
+    apply(cluster, DENY_RATINGS_FROM_PRODUCTPAGE);
+    wait_until_refused(cluster, "default", productpage, ratings_vip);
+    let reviews_vip = service_target(cluster, "reviews", 9080);
+    let agents = observe::agents(cluster).unwrap();
+    let before = quiet_states(cluster, &agents);
+    progress!("before the restart: {:?}", lives(&before));
+
+    let role = cluster_role(cluster);
+    replace(cluster, &without_authorization_policies(&role));
+    restart_operator(cluster);
+    // The routing change, made while no operator can read AuthorizationPolicies.
+    let k = cluster.kubectl();
+    for file in [
+        "destination-rule-reviews.yaml",
+        "virtual-service-reviews-v3.yaml",
+    ] {
+        let path = istio(&format!("samples/bookinfo/networking/{file}"));
+        k.run(&["apply", "-f", &path]).unwrap();
+    }
+    let held = Instant::now();
+    let config = observe::wait_kmeshconfig(cluster, Duration::from_secs(60), |c| {
+        condition(c, "Degraded").is_some_and(|(_, reason, _)| reason == HELD_REASON)
+    })
+    .expect("the restarted operator says it holds publishing");
+    progress!(
+        "held, said in the status {:.1?} after the restart",
+        held.elapsed()
+    );
+    assert_held_status(&config);
+    assert_held_event_and_metric(cluster);
+    nothing_published_while_held(
+        cluster,
+        &agents,
+        &before,
+        productpage,
+        ratings_vip,
+        &reviews_vip,
+    );
+
+    replace(cluster, &role);
+    let restored = Instant::now();
+    let after = published_once_readable(cluster, &agents, &before, productpage, &reviews_vip);
+    progress!(
+        "figure: RBAC restored -> every node runs a new generation with the routing change \
+         {:.1?}: {:?}",
+        restored.elapsed(),
+        lives(&after)
+    );
+    let denied = probe(cluster, productpage, ratings_vip, 100);
+    assert_all_refused("productpage -> ratings after the hold (DENY)", &denied, 100);
+    observe::wait_kmeshconfig(cluster, Duration::from_secs(15), |c| {
+        let reason = |t| condition(c, t).map(|(status, reason, _)| (status, reason));
+        reason("Degraded").is_some_and(|(_, r)| r != HELD_REASON)
+            && reason("Ready").is_some_and(|(s, _)| s == "True")
+    })
+    .expect("the condition clears once the policies are read");
+    assert_held_logged_once(cluster);
+}
+
+/// The agents' states once no live generation has changed for a second.
+fn quiet_states(cluster: &Cluster, agents: &[AgentPod]) -> Vec<AgentState> {
+    let started = Instant::now();
+    let mut last = observe::agent_states(cluster, agents).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = observe::agent_states(cluster, agents).unwrap();
+        if now.iter().zip(&last).all(|(n, l)| n.live == l.live) {
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the agents never settle: {now:?}"
+        );
+        last = now;
+    }
+}
+
+fn lives(states: &[AgentState]) -> Vec<Option<(u64, String)>> {
+    states.iter().map(|s| s.live.clone()).collect()
+}
+
+fn cluster_role(cluster: &Cluster) -> Value {
+    let k = cluster.kubectl();
+    let role = k
+        .run(&["get", "clusterrole", "kmesh-operator", "-o", "json"])
+        .unwrap();
+    let mut role: Value = serde_json::from_str(&role).unwrap();
+    // Replaced unconditionally later: no resourceVersion to conflict on.
+    let metadata = role["metadata"].as_object_mut().expect("metadata");
+    metadata.remove("resourceVersion");
+    metadata.remove("managedFields");
+    role
+}
+
+/// `role` without `authorizationpolicies` (PeerAuthentications stay readable).
+fn without_authorization_policies(role: &Value) -> Value {
+    let mut role = role.clone();
+    let rules = role["rules"].as_array_mut().expect("rules");
+    let mut removed = 0;
+    for rule in rules.iter_mut() {
+        if let Some(resources) = rule["resources"].as_array_mut() {
+            let count = resources.len();
+            resources.retain(|r| r != "authorizationpolicies");
+            removed += count - resources.len();
+        }
+    }
+    assert_eq!(
+        removed, 1,
+        "the ClusterRole names authorizationpolicies once"
+    );
+    role
+}
+
+fn replace(cluster: &Cluster, role: &Value) {
+    cluster
+        .kubectl()
+        .run_stdin(&["replace", "-f", "-"], &role.to_string())
+        .unwrap();
+}
+
+/// Deletes every operator pod (kubectl waits until they are gone); their Deployment starts new
+/// ones, which read the cluster from scratch.
+fn restart_operator(cluster: &Cluster) {
+    let operator = "app.kubernetes.io/name=kmesh-operator";
+    cluster
+        .kubectl()
+        .run(&[
+            "delete",
+            "pod",
+            "-n",
+            "kmesh-system",
+            "-l",
+            operator,
+            TIMEOUT,
+        ])
+        .unwrap();
+}
+
+/// Degraded names the kind and the API server's refusal and says nothing is published; Ready is
+/// False.
+fn assert_held_status(config: &Value) {
+    let (status, _, message) = condition(config, "Degraded").unwrap();
+    assert_eq!(status, "True", "{message}");
+    for needed in [
+        "AuthorizationPolicy.security.istio.io",
+        "forbidden",
+        "no snapshot is published until",
+    ] {
+        assert!(
+            message.contains(needed),
+            "Degraded says {needed:?}: {message}"
+        );
+    }
+    assert!(
+        !message.contains("PeerAuthentication"),
+        "PeerAuthentications are readable: {message}"
+    );
+    let (ready, reason, message) = condition(config, "Ready").unwrap();
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "PublishingHeld"),
+        "{message}"
+    );
+}
+
+/// A Warning Event `AuthorizationUnreadable` on the KmeshConfig, and every operator's gauge at 1.
+fn assert_held_event_and_metric(cluster: &Cluster) {
+    let selector = format!("reason={HELD_REASON}");
+    let started = Instant::now();
+    loop {
+        let args = [
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &selector,
+            "-o",
+            "json",
+        ];
+        let out = cluster.kubectl().run(&args).unwrap();
+        let events: Value = serde_json::from_str(&out).unwrap();
+        let items = events["items"].as_array().cloned().unwrap_or_default();
+        if let Some(event) = items.first() {
+            assert_eq!(event["type"], "Warning", "{event}");
+            assert_eq!(event["involvedObject"]["kind"], "KmeshConfig", "{event}");
+            let message = event["message"].as_str().unwrap_or_default();
+            assert!(message.contains("forbidden"), "{event}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no {HELD_REASON} Event"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let operators = pods(cluster, "kmesh-system", "kmesh-operator-");
+    assert!(!operators.is_empty(), "no operator pod");
+    for operator in operators {
+        let name = pod_name(&operator);
+        let (code, body) = cluster
+            .pod_get("kmesh-system", &name, 15301, "/metrics")
+            .unwrap();
+        assert_eq!(code, 200, "{name} /metrics");
+        assert!(
+            body.contains("kmesh_operator_publishing_held 1\n"),
+            "{name} holds: {}",
+            body.lines()
+                .filter(|l| l.contains("held"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// For 5 s: no agent's live generation changes; then the DENY and STRICT refuse every connection
+/// and reviews is still spread over its versions (the routing change is not live); and still no
+/// generation changed.
+fn nothing_published_while_held(
+    cluster: &Cluster,
+    agents: &[AgentPod],
+    before: &[AgentState],
+    productpage: &str,
+    ratings_vip: &str,
+    reviews_vip: &str,
+) {
+    let unchanged = |what: &str| {
+        let now = observe::agent_states(cluster, agents).unwrap();
+        assert_eq!(
+            lives(&now),
+            lives(before),
+            "{what}: an agent's live generation changed while publishing is held"
+        );
+    };
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(5) {
+        unchanged("held");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let denied = probe(cluster, productpage, ratings_vip, 100);
+    assert_all_refused("productpage -> ratings while held (DENY)", &denied, 100);
+    let spread = probe(cluster, productpage, reviews_vip, 100);
+    assert_eq!(
+        spread.ok, 100,
+        "productpage -> reviews while held: {spread:?}"
+    );
+    let versions = REVIEWS_VERSIONS
+        .iter()
+        .filter(|v| spread.replies_from(v) > 0);
+    assert!(
+        versions.count() > 1,
+        "the routing change made while held is not live: {spread:?}"
+    );
+    unchanged("after the probes");
+}
+
+/// Polls (up to 20 s) until every agent runs a generation newer than `before`'s and every
+/// connection from productpage to reviews reaches v3: the operator published at once.
+fn published_once_readable(
+    cluster: &Cluster,
+    agents: &[AgentPod],
+    before: &[AgentState],
+    productpage: &str,
+    reviews_vip: &str,
+) -> Vec<AgentState> {
+    let deadline = Duration::from_secs(20);
+    let newer = observe::wait_agents(cluster, agents, deadline, |i, s| {
+        s.generation() > before[i].generation()
+    })
+    .expect("every node gets a new generation once the policies are readable");
+    let started = Instant::now();
+    loop {
+        let r = probe(cluster, productpage, reviews_vip, 50);
+        if r.ok == 50 && r.replies_from("reviews-v3-") == 50 {
+            return newer;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "the routing change is not live after the hold: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Each new operator logged the hold once, at error level.
+fn assert_held_logged_once(cluster: &Cluster) {
+    let logs = cluster.pod_logs();
+    let line = "Authorization policies cannot be read";
+    let mut total = 0;
+    for (pod, log) in logs
+        .iter()
+        .filter(|(k, _)| k.starts_with("kmesh-system_kmesh-operator-"))
+    {
+        let held: Vec<&str> = log.lines().filter(|l| l.contains(line)).collect();
+        assert!(
+            held.len() <= 1,
+            "{pod} logs the hold {} times:\n{}",
+            held.len(),
+            held.join("\n")
+        );
+        if let Some(l) = held.first() {
+            assert!(l.contains("ERROR"), "logged at error level: {l}");
+        }
+        total += held.len();
+    }
+    assert!(total >= 1, "no operator logged the hold");
 }

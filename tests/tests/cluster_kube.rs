@@ -529,8 +529,9 @@ fn wait_event(cluster: &Cluster, name: &str) -> String {
     }
 }
 
-/// Scenario 4: the operator restarts with RBAC lacking the `security.istio.io` rule
-/// (AuthorizationPolicy, PeerAuthentication). The status lists both as Forbidden within seconds
+/// Scenario 4: the operator restarts with RBAC lacking the `gateway.networking.k8s.io` rule
+/// (HTTPRoute, TCPRoute, ReferenceGrant: routing kinds; an authorization kind forbidden holds
+/// publishing instead, see `cluster_authz.rs`). The status lists them as Forbidden within seconds
 /// (the first compile does not wait for them), each is logged once at error level, and a
 /// VirtualService change still reaches the kernel (90/10 measured). The rule is then restored;
 /// returns when, for [`forbidden_kinds_recover`].
@@ -544,7 +545,7 @@ fn forbidden_kinds(mesh: &Mesh<'_>, figures: &mut Figures) -> Instant {
     let count = rules.len();
     rules.retain(|r| {
         let groups = r["apiGroups"].as_array().into_iter().flatten();
-        !groups.into_iter().any(|g| g == "security.istio.io")
+        !groups.into_iter().any(|g| g == "gateway.networking.k8s.io")
     });
     assert_eq!(rules.len(), count - 1, "one rule removed");
     let before_restart = quiet_states(mesh);
@@ -565,7 +566,7 @@ fn forbidden_kinds(mesh: &Mesh<'_>, figures: &mut Figures) -> Instant {
     let forbidden = |c: &Value| {
         let entries = unwatched(c);
         let of = |kind: &str| entries.contains(&(kind.to_string(), "Forbidden".to_string()));
-        of("AuthorizationPolicy") && of("PeerAuthentication")
+        of("HTTPRoute") && of("TCPRoute") && of("ReferenceGrant")
     };
     let config = observe::wait_kmeshconfig(mesh.cluster, Duration::from_secs(30), forbidden)
         .expect("the forbidden kinds are in the status");
@@ -622,7 +623,7 @@ fn assert_logged_once_per_pod(cluster: &Cluster, line: &str) {
     let operators = logs
         .iter()
         .filter(|(key, _)| key.starts_with("kmesh-system_kmesh-operator-"));
-    for kind in ["AuthorizationPolicy", "PeerAuthentication"] {
+    for kind in ["HTTPRoute", "TCPRoute", "ReferenceGrant"] {
         let mut total = 0;
         for (pod, log) in operators.clone() {
             let lines: Vec<&str> = log

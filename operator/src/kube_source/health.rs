@@ -3,9 +3,12 @@
 //!
 //! Every kind the [`kinds`](crate::kinds) table marks watched is in it ([`watched_kinds`]); the
 //! version each is watched at is discovery's choice (see [`discovery`](super::discovery)) and is
-//! recorded here with the kind's [`KindState`]. Whether a state lets the first compile go ahead is
-//! said in one place, [`KindState::is_settled`]; what the status shows of the kinds that cannot be
-//! read, in one place too, [`SourceHealth::unwatched`].
+//! recorded here with the kind's [`KindState`] and whether it has been listed at least once since
+//! the operator started (its store then holds what was listed, through later watch errors).
+//! Whether a state lets the first compile go ahead is said in one place,
+//! [`KindState::is_settled`]; what the status shows of the kinds that cannot be read, in one place
+//! too, [`SourceHealth::unwatched`]; whether what is compiled may be published, in
+//! [`gate`](super::gate), over [`SourceHealth::readings`].
 use std::{
     collections::BTreeMap,
     fmt,
@@ -138,6 +141,20 @@ struct KindHealth {
     /// no version the compiler reads is served.
     version: Option<String>,
     state: KindState,
+    /// Whether a list of it has completed since the operator started (it has been
+    /// [`KindState::Synced`] once).
+    listed_since_start: bool,
+}
+
+/// One watched kind as the publishing [`gate`](super::gate) reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KindReading {
+    pub kind: Kind,
+    pub state: KindState,
+    /// Whether a list of it has completed since the operator started. A kube-runtime store keeps
+    /// what it listed through later watch errors (a 403, a failing API server), so such a kind's
+    /// objects are still compiled; a kind never listed has none in the store.
+    pub listed_since_start: bool,
 }
 
 /// The state of every watched kind, shared between the watch tasks, discovery and the main loop.
@@ -157,6 +174,7 @@ impl SourceHealth {
             let health = KindHealth {
                 version: None,
                 state: KindState::Starting,
+                listed_since_start: false,
             };
             (kind.clone(), health)
         });
@@ -178,6 +196,19 @@ impl SourceHealth {
     pub fn watched(&self, kind: &Kind) -> Option<Watched> {
         let version = self.lock().get(kind)?.version.clone()?;
         Watched::new(kind, &version)
+    }
+
+    /// Every kind with its state and whether it was listed since start, by kind: what the
+    /// publishing [`gate`](super::gate) decides on.
+    pub fn readings(&self) -> Vec<KindReading> {
+        let kinds = self.lock();
+        let entries = kinds.iter();
+        let readings = entries.map(|(kind, h)| KindReading {
+            kind: kind.clone(),
+            state: h.state.clone(),
+            listed_since_start: h.listed_since_start,
+        });
+        readings.collect()
     }
 
     /// Every kind with its version and state, by kind.
@@ -212,10 +243,14 @@ impl SourceHealth {
         self.lock().values().all(|h| h.state.is_settled())
     }
 
-    /// Sets a kind's state; returns the previous one. A kind outside the source is ignored.
+    /// Sets a kind's state (a kind [`KindState::Synced`] is listed since start from then on);
+    /// returns the previous one. A kind outside the source is ignored.
     pub(super) fn set(&self, kind: &Kind, state: KindState) -> KindState {
         match self.lock().get_mut(kind) {
-            Some(health) => std::mem::replace(&mut health.state, state),
+            Some(health) => {
+                health.listed_since_start |= state == KindState::Synced;
+                std::mem::replace(&mut health.state, state)
+            }
             None => KindState::Starting,
         }
     }
@@ -327,6 +362,31 @@ mod tests {
         };
         assert!(!v1.same_condition(&v2));
         assert!(KindState::Synced.same_condition(&KindState::Synced));
+    }
+
+    #[test]
+    fn a_kind_is_listed_since_start_once_synced_and_stays_so() {
+        let health = SourceHealth::default();
+        let listed = |health: &SourceHealth| {
+            let readings = health.readings();
+            let reading = readings
+                .iter()
+                .find(|r| r.kind == Kind::AuthorizationPolicy);
+            reading.unwrap().listed_since_start
+        };
+        assert_eq!(health.readings().len(), watched_kinds().len());
+        assert!(!listed(&health));
+        let forbidden = KindState::Forbidden("forbidden".into());
+        health.set(&Kind::AuthorizationPolicy, forbidden.clone());
+        assert!(!listed(&health), "a 403 is not a list");
+        health.set(&Kind::AuthorizationPolicy, KindState::Synced);
+        assert!(listed(&health));
+        // Later errors do not undo it: the store keeps what was listed.
+        health.set(&Kind::AuthorizationPolicy, forbidden);
+        assert!(listed(&health));
+        let reading = health.readings();
+        let reading = reading.iter().find(|r| r.kind == Kind::AuthorizationPolicy);
+        assert!(matches!(reading.unwrap().state, KindState::Forbidden(_)));
     }
 
     #[test]

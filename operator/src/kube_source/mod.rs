@@ -12,13 +12,17 @@
 //!   [`DynamicObject`](kube::api::DynamicObject)s read through the same path as YAML.
 //! - [`watch`]: one kind's watch task, following discovery's version, and what its errors mean.
 //! - [`debounce`]: bursts of changes into one compile.
+//! - [`gate`]: whether what is compiled may be published: not while an authorization kind has
+//!   never been listed since start (a pure decision over [`SourceHealth::readings`]).
 //!
 //! A kind the operator cannot read does not stop it, nor hold its first compile back: a CRD
 //! not installed, or serving the kind only at versions the compiler does not read, or a kind
 //! the operator's RBAC forbids, is noted ([`KindState`]), logged once, listed by
 //! [`SourceHealth::unwatched`] (and so in the KmeshConfig status), and its store is empty (or,
 //! when forbidden, keeps what was listed before). A CRD installed later is picked up without a
-//! restart: the CRD watch makes discovery run again, and the kind's watch starts.
+//! restart: the CRD watch makes discovery run again, and the kind's watch starts. The exception
+//! is publishing, not compiling: a kind whose absence would open traffic (authorization) holds
+//! every new snapshot back until it is read ([`gate`]).
 //!
 //! Typical main loop:
 //! ```no_run
@@ -40,6 +44,7 @@
 //! ```
 pub mod debounce;
 pub mod discovery;
+pub mod gate;
 pub mod health;
 pub mod rediscover;
 pub mod stores;
@@ -53,7 +58,8 @@ use tracing::warn;
 
 pub use debounce::{Changes, DebounceConfig, Debouncer};
 pub use discovery::Served;
-pub use health::{KindState, SourceHealth, Watched, watched_kinds};
+pub use gate::{GateReport, HeldKind, Publishing, Unread, publishing};
+pub use health::{KindReading, KindState, SourceHealth, Watched, watched_kinds};
 pub use stores::{StoredObject, Stores, Writers};
 pub use watch::{WatchErrorClass, classify_watch_error};
 
@@ -64,7 +70,7 @@ use self::{
 use crate::{crd::UnwatchedKind, diagnostics::Diagnostic, inputs::Inputs, kinds::Kind};
 
 /// What the compiler gets from one look at the stores.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SourceSnapshot {
     pub inputs: Inputs,
     /// Objects that could not be read (a dynamic object that does not match the compiler's
@@ -73,6 +79,20 @@ pub struct SourceSnapshot {
     /// Kinds not read, and why (see [`SourceHealth::unwatched`]), for
     /// [`ReconcileInput::unwatched`](crate::reconcile::ReconcileInput::unwatched).
     pub unwatched: Vec<UnwatchedKind>,
+    /// Every watched kind's state, read before the stores: a kind it says listed has its list in
+    /// `inputs` (a store takes a list before the kind is marked synced). What [`publishing`]
+    /// decides on.
+    pub readings: Vec<KindReading>,
+}
+
+impl SourceSnapshot {
+    /// Whether what is compiled from this snapshot may be published ([`gate`]), under the mode
+    /// of the KmeshConfig it holds (the default mode when there is none).
+    pub fn publishing(&self) -> Publishing {
+        let config = self.inputs.config.as_ref();
+        let mode = config.map(|c| c.spec.mode).unwrap_or_default();
+        publishing(&self.readings, mode)
+    }
 }
 
 /// The cluster, as the operator sees it: stores kept current by background watch tasks.
@@ -161,11 +181,15 @@ impl KubeSource {
 
     /// The compiler's inputs as of now.
     pub fn snapshot(&self) -> SourceSnapshot {
+        // Health first: a kind read as listed here has its list in the stores read next.
+        let readings = self.health.readings();
+        let unwatched = self.health.unwatched();
         let (inputs, diagnostics) = self.stores.inputs();
         SourceSnapshot {
             inputs,
             diagnostics,
-            unwatched: self.health.unwatched(),
+            unwatched,
+            readings,
         }
     }
 }

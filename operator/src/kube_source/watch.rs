@@ -370,7 +370,7 @@ mod tests {
     use super::{super::fixtures::*, *};
     use crate::{
         crd::{KmeshConfig, SINGLETON_NAME},
-        kube_source::{Stores, health::watched_kinds, stores::LAST_APPLIED},
+        kube_source::{Stores, Unread, health::watched_kinds, stores::LAST_APPLIED},
     };
 
     /// The watch of `kind` at its preferred version, over fresh stores.
@@ -487,6 +487,42 @@ mod tests {
         // Allowed again.
         assert_eq!(listed(&mut watch, vec![]), Reaction::SIGNAL);
         assert!(health.unwatched().is_empty());
+    }
+
+    /// The watch, the health and the gate together: an authorization kind forbidden from the
+    /// start holds publishing; once listed, a later 403 does not (the store keeps the policies);
+    /// served only at another version, it holds again (the store is emptied).
+    #[test]
+    fn an_authorization_kind_never_listed_holds_publishing() {
+        use crate::{crd::Mode, kube_source::gate::publishing};
+        let kind = Kind::AuthorizationPolicy;
+        let (mut watch, stores, health) = watch_of::<DynamicObject>(kind.clone());
+        for other in Kind::watched().filter(|k| **k != kind) {
+            health.set(other, KindState::Synced);
+        }
+        let held = |health: &SourceHealth| {
+            publishing(&health.readings(), Mode::KernelNative)
+                .condition()
+                .into_iter()
+                .map(|(_, reason)| reason)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held(&health), [Unread::NotListedYet]);
+        watch.handle(Err(forbidden("authorizationpolicies")));
+        assert_eq!(held(&health), [Unread::Forbidden]);
+        listed(&mut watch, vec![dynamic("a", "deny", json!({}))]);
+        assert!(held(&health).is_empty());
+        watch.handle(Err(forbidden("authorizationpolicies")));
+        assert!(
+            held(&health).is_empty(),
+            "listed once: its policies are kept"
+        );
+        assert_eq!(stores.count(&kind), 1);
+        watch.unserved(&Served::OtherVersions(vec!["v2".into()]));
+        assert_eq!(held(&health), [Unread::NotServed]);
+        assert_eq!(stores.count(&kind), 0);
+        watch.unserved(&Served::NotInstalled);
+        assert!(held(&health).is_empty(), "no CRD, no policy");
     }
 
     #[test]

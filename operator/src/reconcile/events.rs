@@ -1,14 +1,21 @@
 //! Warning Events on newly rejected objects: one per object with new rejections, at most once
 //! per rejection for as long as it stays rejected, at most [`MAX_EVENTS_PER_RECONCILE`] per
-//! reconcile. An Event that cannot be published is retried on the next reconcile.
+//! reconcile; and one on the KmeshConfig when publishing is held (authorization unreadable), once
+//! per hold (again when other kinds or reasons hold it). An Event that cannot be published is
+//! retried on the next reconcile.
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use tracing::{debug, info, warn};
 
-use super::{ReconcileInput, Reconciler};
-use crate::diagnostics::{Diagnostic, ObjectRef, Severity};
+use super::{ReconcileInput, Reconciler, status::condition};
+use crate::{
+    crd::{KmeshConfig, SINGLETON_NAME},
+    diagnostics::{Diagnostic, ObjectRef, Severity},
+    kinds::Kind,
+    kube_source::{Publishing, Unread},
+};
 
 /// At most this many Events per reconcile; the others follow on the next reconciles.
 pub const MAX_EVENTS_PER_RECONCILE: usize = 32;
@@ -98,6 +105,54 @@ impl Reconciler {
     }
 }
 
+impl Reconciler {
+    /// Publishes a Warning Event `AuthorizationUnreadable` on the KmeshConfig when a hold starts
+    /// (or is held by other kinds or for other reasons); forgets it when the hold ends.
+    pub(super) async fn announce_hold(
+        &mut self,
+        publishing: &Publishing,
+        config: &KmeshConfig,
+        report: &mut EventReport,
+    ) {
+        let Some(note) = hold_news(&self.announced_hold, publishing) else {
+            if !publishing.is_held() {
+                self.announced_hold.clear();
+            }
+            return;
+        };
+        let object = ObjectRef::new(Kind::KmeshConfig, None, SINGLETON_NAME);
+        let Some(reference) = object_reference(&object, config.metadata.uid.clone()) else {
+            return;
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: condition::HELD_REASON.to_string(),
+            note: Some(truncate(note, MAX_NOTE_BYTES)),
+            action: "Publish".to_string(),
+            secondary: None,
+        };
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        match recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                info!("published an AuthorizationUnreadable event");
+                report.published += 1;
+                self.announced_hold = publishing.condition();
+            }
+            Err(error) => {
+                warn!(%error, "could not publish the AuthorizationUnreadable event; retrying on the next reconcile");
+                report.failed += 1;
+            }
+        }
+    }
+}
+
+/// The note of the Event a hold calls for, given the hold last announced; `None` when it is
+/// open, or the same hold (kinds and reasons) was announced.
+fn hold_news(announced: &[(Kind, Unread)], publishing: &Publishing) -> Option<String> {
+    let message = publishing.message()?;
+    (publishing.condition() != announced).then_some(message)
+}
+
 fn rejection(d: &Diagnostic) -> Rejection {
     Rejection {
         object: d.object.clone(),
@@ -167,6 +222,30 @@ mod tests {
         let n = note(&[&d]);
         assert!(n.len() <= MAX_NOTE_BYTES);
         assert!(n.starts_with("spec: é") && n.ends_with('…'));
+    }
+
+    #[test]
+    fn a_hold_is_announced_once_per_condition() {
+        use crate::kube_source::HeldKind;
+        let held = |reason, detail: &str| {
+            Publishing::Held(vec![HeldKind {
+                kind: Kind::AuthorizationPolicy,
+                reason,
+                detail: detail.into(),
+            }])
+        };
+        let forbidden = held(Unread::Forbidden, "forbidden: retry 1");
+        let note = hold_news(&[], &forbidden).expect("a new hold is announced");
+        assert!(note.contains("forbidden: retry 1"), "{note}");
+        let announced = forbidden.condition();
+        // The next retry's message differs; the hold is the same.
+        assert_eq!(
+            hold_news(&announced, &held(Unread::Forbidden, "forbidden: retry 2")),
+            None
+        );
+        // Another reason is news.
+        assert!(hold_news(&announced, &held(Unread::NotServed, "v9")).is_some());
+        assert_eq!(hold_news(&announced, &Publishing::Open), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the operator tells the cluster about a compile: the `KmeshConfig` status (conditions,
-//! rejected and unenforced resources, kinds it cannot read, rollout progress) and a Warning Event
-//! on each newly rejected object; and the KmeshConfig `default` itself, created when absent.
+//! rejected and unenforced resources, kinds it cannot read, rollout progress, publishing held) and
+//! a Warning Event on each newly rejected object, and on the KmeshConfig when publishing is held;
+//! and the KmeshConfig `default` itself, created when absent.
 //!
 //! [`compute_status`] ([`status`]) is pure: facts in, status out. [`Reconciler`] does the I/O: a
 //! server-side apply of the status subresource (skipped when nothing changed), Events
@@ -30,6 +31,8 @@ pub use status::{MAX_LISTED, NodeRollout, RolloutFacts, StatusFacts, compute_sta
 use crate::{
     crd::{KmeshConfig, KmeshConfigStatus, SINGLETON_NAME, UnwatchedKind},
     diagnostics::{Diagnostic, ObjectRef},
+    kinds::Kind,
+    kube_source::{Publishing, Unread},
     leader::Leadership,
 };
 
@@ -118,6 +121,8 @@ pub struct ReconcileInput<'a> {
     pub rollout: &'a RolloutFacts,
     /// See [`StatusFacts::unwatched`].
     pub unwatched: &'a [UnwatchedKind],
+    /// See [`StatusFacts::publishing`].
+    pub publishing: &'a Publishing,
     /// The uid of an object, so that its Events show in `kubectl describe` (e.g.
     /// `&|o| stores.uid_of(o)`).
     pub uid_of: &'a (dyn Fn(&ObjectRef) -> Option<String> + Sync),
@@ -129,6 +134,8 @@ pub struct Reconciler {
     reporter: Reporter,
     /// Rejections an Event was published for, that are still current.
     announced: BTreeSet<Rejection>,
+    /// The hold an Event was published for, while it lasts (empty: none).
+    announced_hold: Vec<(Kind, Unread)>,
     /// The gate: only the leader writes (see [`Reconciler::gated_by`]).
     leadership: Leadership,
     /// Creates the KmeshConfig when it is missing.
@@ -141,6 +148,7 @@ impl Reconciler {
             client,
             reporter,
             announced: BTreeSet::new(),
+            announced_hold: Vec::new(),
             leadership: Leadership::always(),
             default_config: DefaultConfig::default(),
         }
@@ -166,19 +174,22 @@ impl Reconciler {
         if !self.leadership.is_leader() {
             return Err(ReconcileError::NotLeader);
         }
-        let events = self.publish_events(input).await;
+        let mut events = self.publish_events(input).await;
         let Some(config) = input.config else {
             self.default_config.ensure(&self.client).await;
             return Err(ReconcileError::ConfigNotFound);
         };
         // Whole seconds, as the apiserver stores them: a status read back compares equal.
         let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
+        self.announce_hold(input.publishing, config, &mut events)
+            .await;
         let status = compute_status(&StatusFacts {
             observed_generation: config.metadata.generation,
             previous: config.status.as_ref(),
             diagnostics: input.diagnostics,
             rollout: input.rollout,
             unwatched: input.unwatched,
+            publishing: input.publishing,
             now: &now,
         });
         if config.status.as_ref() == Some(&status) {

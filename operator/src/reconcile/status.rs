@@ -1,6 +1,7 @@
 //! The `KmeshConfig` status a compile calls for, computed purely from facts: the conditions
-//! Ready/Progressing/Degraded, rollout progress per node, the rejected and unenforced lists, and
-//! the kinds the operator cannot read.
+//! Ready/Progressing/Degraded, rollout progress per node, the rejected and unenforced lists, the
+//! kinds the operator cannot read, and whether publishing is held (authorization unreadable:
+//! Degraded `AuthorizationUnreadable`, not Ready).
 //!
 //! [`compute_status`] is a sequence of steps: the findings (rejections and unenforced features,
 //! sorted, each once), the rollout in numbers, then one function per condition and per list.
@@ -16,6 +17,7 @@ use crate::{
         UnwatchedKind, UnwatchedReason,
     },
     diagnostics::{Diagnostic, ObjectRef, Severity},
+    kube_source::Publishing,
 };
 
 /// At most this many entries in each of `status.rejected` and `status.unenforced`: the object
@@ -29,8 +31,12 @@ pub mod condition {
     pub const READY: &str = "Ready";
     /// A rollout is under way.
     pub const PROGRESSING: &str = "Progressing";
-    /// Something could not be compiled.
+    /// Something could not be compiled, or nothing is published (see [`HELD_REASON`]).
     pub const DEGRADED: &str = "Degraded";
+    /// The reason of Degraded while publishing is held: an authorization kind cannot be read.
+    pub const HELD_REASON: &str = "AuthorizationUnreadable";
+    /// The reason of Ready (False) while publishing is held.
+    pub const HELD_READY_REASON: &str = "PublishingHeld";
 }
 
 /// One node's rollout state, as the snapshot server knows it.
@@ -71,6 +77,9 @@ pub struct StatusFacts<'a> {
     /// `status.unwatched`. One not installed is a note on Ready; one served only at versions the
     /// operator does not read, or forbidden, makes the status Degraded.
     pub unwatched: &'a [UnwatchedKind],
+    /// Whether new snapshots are published ([`crate::kube_source::gate`]): while held, Degraded
+    /// says why (reason [`condition::HELD_REASON`]) and Ready is False.
+    pub publishing: &'a Publishing,
     /// The time stamped on conditions that change.
     pub now: &'a Time,
 }
@@ -184,6 +193,19 @@ fn ready_condition(facts: &StatusFacts<'_>, rollout: &Rollout<'_>) -> Condition 
             not_installed.join(", ")
         ));
     }
+    if facts.publishing.is_held() {
+        let message = format!(
+            "No new snapshot is published while authorization policies cannot be read (see \
+             Degraded). {message}"
+        );
+        return make_condition(
+            facts,
+            condition::READY,
+            false,
+            condition::HELD_READY_REASON,
+            message,
+        );
+    }
     let reason = match (desired, waiting.len()) {
         (0, _) => "NoNodes",
         (_, 0) => "AllNodesReady",
@@ -218,12 +240,14 @@ fn progressing_condition(facts: &StatusFacts<'_>, rollout: &Rollout<'_>) -> Cond
     make_condition(facts, condition::PROGRESSING, progressing, reason, message)
 }
 
-/// Degraded: something was rejected, or a kind cannot be read (served only at versions the
-/// operator does not read, or forbidden). Its message also says when a list in the status is cut.
+/// Degraded: publishing is held (first, it is the gravest: nothing new reaches the nodes),
+/// something was rejected, or a kind cannot be read (served only at versions the operator does
+/// not read, or forbidden). Its message also says when a list in the status is cut.
 fn degraded_condition(facts: &StatusFacts<'_>, findings: &Findings<'_>) -> Condition {
     let rejected = &findings.rejected;
     let unreadable = kinds_named(facts.unwatched, |r| r != UnwatchedReason::NotInstalled);
-    let mut parts = Vec::new();
+    let held = facts.publishing.message();
+    let mut parts: Vec<String> = held.iter().cloned().collect();
     if !rejected.is_empty() {
         parts.push(rejections_message(rejected));
     }
@@ -254,10 +278,11 @@ fn degraded_condition(facts: &StatusFacts<'_>, findings: &Findings<'_>) -> Condi
     } else {
         parts.join(" ")
     };
-    let (degraded, reason) = match (rejected.is_empty(), unreadable.is_empty()) {
-        (false, _) => (true, "ResourcesRejected"),
-        (true, false) => (true, "KindsNotReadable"),
-        (true, true) => (false, "NoRejections"),
+    let (degraded, reason) = match (held, rejected.is_empty(), unreadable.is_empty()) {
+        (Some(_), _, _) => (true, condition::HELD_REASON),
+        (None, false, _) => (true, "ResourcesRejected"),
+        (None, true, false) => (true, "KindsNotReadable"),
+        (None, true, true) => (false, "NoRejections"),
     };
     make_condition(facts, condition::DEGRADED, degraded, reason, message)
 }
@@ -406,6 +431,7 @@ mod tests {
             diagnostics,
             rollout,
             unwatched: &[],
+            publishing: &Publishing::Open,
             now,
         }
     }
@@ -675,5 +701,78 @@ mod tests {
             "{}",
             degraded.message
         );
+    }
+
+    #[test]
+    fn a_hold_degrades_and_is_not_ready_until_it_clears() {
+        use crate::kube_source::{HeldKind, Unread};
+        let rollout = RolloutFacts {
+            snapshot_generation: 5,
+            nodes: vec![node("a", 5, true)],
+        };
+        let forbidden = "authorizationpolicies.security.istio.io is forbidden";
+        let held = Publishing::Held(vec![HeldKind {
+            kind: Kind::AuthorizationPolicy,
+            reason: Unread::Forbidden,
+            detail: forbidden.into(),
+        }]);
+        let diagnostics = vec![Diagnostic::rejected(vs("a"), "", "bad")];
+        let unwatched = vec![UnwatchedKind {
+            kind: "AuthorizationPolicy".into(),
+            group: "security.istio.io".into(),
+            reason: UnwatchedReason::Forbidden,
+            message: forbidden.into(),
+        }];
+        let status = compute_status(&StatusFacts {
+            publishing: &held,
+            unwatched: &unwatched,
+            ..facts(&diagnostics, &rollout, None, &at(100))
+        });
+        let degraded = cond(&status, condition::DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "AuthorizationUnreadable")
+        );
+        assert!(
+            degraded.message.starts_with(&held.message().unwrap()),
+            "the hold first: {}",
+            degraded.message
+        );
+        assert!(degraded.message.contains(forbidden), "{}", degraded.message);
+        assert!(
+            degraded.message.contains("no snapshot is published until"),
+            "{}",
+            degraded.message
+        );
+        assert!(
+            degraded.message.contains("1 rejection(s)"),
+            "the rest is still said: {}",
+            degraded.message
+        );
+        let ready = cond(&status, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "PublishingHeld")
+        );
+        assert!(
+            ready
+                .message
+                .contains("All 1 node(s) run their current snapshot (generation 5)"),
+            "the nodes keep theirs: {}",
+            ready.message
+        );
+        assert_eq!(status.rollout.nodes[0].generation, 5);
+        // Readable again: the condition clears.
+        let open = compute_status(&StatusFacts {
+            publishing: &Publishing::Open,
+            ..facts(&[], &rollout, Some(&status), &at(200))
+        });
+        let degraded = cond(&open, condition::DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("False", "NoRejections")
+        );
+        assert_eq!(degraded.last_transition_time, at(200));
+        assert_eq!(cond(&open, condition::READY).reason, "AllNodesReady");
     }
 }

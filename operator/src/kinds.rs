@@ -49,8 +49,10 @@ pub enum IfUnread {
     /// Compiling without its objects loses routes or steering, never a refusal: the operator
     /// compiles and publishes without them (and reports the kind unread).
     CompileWithout,
-    /// Its objects refuse traffic (authorization): snapshots compiled without them would let
-    /// through what they deny. The operator publishes nothing new until it has read the kind.
+    /// Authorization is compiled from its objects: the policies (whose objects refuse traffic),
+    /// and the Pods and Namespaces they bind (without them no workload is bound or enrolled).
+    /// Snapshots compiled without them would let through what policies deny. The operator
+    /// publishes nothing new until it has read the kind.
     HoldPublishing,
 }
 
@@ -136,7 +138,7 @@ kind_table! {
     Namespace => KindInfo {
         group: "", versions: &["v1"], name: "Namespace", plural: "namespaces",
         scope: Cluster, definition: BuiltIn, handling: Compiled, watched: true,
-        if_unread: CompileWithout,
+        if_unread: HoldPublishing,
     },
     Node => KindInfo {
         group: "", versions: &["v1"], name: "Node", plural: "nodes",
@@ -146,7 +148,7 @@ kind_table! {
     Pod => KindInfo {
         group: "", versions: &["v1"], name: "Pod", plural: "pods",
         scope: Namespaced, definition: BuiltIn, handling: Compiled, watched: true,
-        if_unread: CompileWithout,
+        if_unread: HoldPublishing,
     },
     Service => KindInfo {
         group: "", versions: &["v1"], name: "Service", plural: "services",

@@ -55,7 +55,8 @@ impl Default for Metrics {
         let publishing_held = Gauge::default();
         registry.register(
             "publishing_held",
-            "1 while no new snapshot is published because authorization policies cannot be read \
+            "1 while no new snapshot is published because objects authorization is compiled from \
+             (policies, Pods, Namespaces) cannot be read \
              (KmeshConfig condition Degraded, reason AuthorizationUnreadable), else 0",
             publishing_held.clone(),
         );

@@ -734,7 +734,7 @@ fn published_once_readable(
 /// Each new operator logged the hold once, at error level.
 fn assert_held_logged_once(cluster: &Cluster) {
     let logs = cluster.pod_logs();
-    let line = "Authorization policies cannot be read";
+    let line = "Objects authorization is compiled from cannot be read";
     let mut total = 0;
     for (pod, log) in logs
         .iter()

@@ -2,9 +2,9 @@
 //! watch of each kind stands. A pure decision ([`publishing`]) over the source's
 //! [`readings`](super::SourceHealth::readings) and the KmeshConfig's mode.
 //!
-//! Why: the kinds whose objects refuse traffic (the [`kinds`](crate::kinds) table marks them
-//! [`IfUnread::HoldPublishing`]: AuthorizationPolicy, PeerAuthentication) cannot be compiled
-//! without. An operator that (re)starts while it cannot read them would compile no policy and
+//! Why: authorization cannot be compiled without the kinds it is compiled from (the
+//! [`kinds`](crate::kinds) table marks them [`IfUnread::HoldPublishing`]: AuthorizationPolicy and
+//! PeerAuthentication, whose objects refuse traffic, and the Pods and Namespaces they bind). An operator that (re)starts while it cannot read them would compile no policy and
 //! publish snapshots that open every node's workloads: an ALLOW-bound workload would accept
 //! anyone, DENY policies and STRICT would vanish. So while such a kind has never been listed since
 //! the operator started and is not known to be absent, nothing new is published: every node keeps
@@ -130,9 +130,9 @@ impl Publishing {
         }
         let kinds: Vec<String> = held.iter().map(ToString::to_string).collect();
         Some(format!(
-            "Authorization policies cannot be read, so no snapshot is published until they can \
-             (every node keeps the snapshot it runs; compiling without them would let through \
-             what they deny): {}.",
+            "Objects authorization is compiled from cannot be read, so no snapshot is published \
+             until they can (every node keeps the snapshot it runs; compiling without them would \
+             let through what policies deny): {}.",
             kinds.join("; ")
         ))
     }
@@ -163,7 +163,9 @@ impl GateReport {
         }
         match publishing.message() {
             Some(message) => error!("{message}"),
-            None => info!("authorization policies read; publishing snapshots again"),
+            None => info!(
+                "the objects authorization is compiled from are read; publishing snapshots again"
+            ),
         }
         self.last = condition;
     }
@@ -174,7 +176,10 @@ impl GateReport {
 impl fmt::Display for HeldKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let detail = &self.detail;
-        write!(f, "{}.{}: ", self.kind, self.kind.group())?;
+        match self.kind.group() {
+            "" => write!(f, "{}: ", self.kind)?,
+            group => write!(f, "{}.{group}: ", self.kind)?,
+        }
         match self.reason {
             Unread::NotListedYet => write!(f, "not listed yet since the operator started"),
             Unread::Forbidden => write!(f, "forbidden by the operator's RBAC ({detail})"),
@@ -281,7 +286,7 @@ mod tests {
     #[test]
     fn routing_kinds_never_hold() {
         for kind in [
-            Kind::Pod,
+            Kind::Service,
             Kind::VirtualService,
             Kind::TcpRoute,
             Kind::KmeshConfig,
@@ -298,15 +303,40 @@ mod tests {
     }
 
     #[test]
-    fn the_authorization_kinds_are_the_ones_that_hold() {
+    fn the_kinds_authorization_is_compiled_from_are_the_ones_that_hold() {
         let holding: Vec<&Kind> = Kind::KNOWN
             .iter()
             .filter(|k| k.info().unwrap().if_unread == IfUnread::HoldPublishing)
             .collect();
         assert_eq!(
             holding,
-            [&Kind::AuthorizationPolicy, &Kind::PeerAuthentication]
+            [
+                &Kind::Namespace,
+                &Kind::Pod,
+                &Kind::AuthorizationPolicy,
+                &Kind::PeerAuthentication
+            ]
         );
+    }
+
+    /// Pods (and Namespaces) say which workloads policies bind and which are enrolled: never
+    /// listed, they hold publishing like the policies, named without a group.
+    #[test]
+    fn forbidden_pods_hold_publishing() {
+        let r = readings(
+            &Kind::Pod,
+            KindState::Forbidden("pods is forbidden".into()),
+            false,
+        );
+        let decided = publishing(&r, Mode::KernelNative);
+        assert_eq!(decided.condition(), [(Kind::Pod, Unread::Forbidden)]);
+        let message = decided.message().unwrap();
+        assert!(
+            message.ends_with(": Pod: forbidden by the operator's RBAC (pods is forbidden)."),
+            "{message}"
+        );
+        let listed = readings(&Kind::Pod, KindState::Forbidden("later".into()), true);
+        assert_eq!(publishing(&listed, Mode::KernelNative), Publishing::Open);
     }
 
     #[test]
@@ -339,9 +369,9 @@ mod tests {
         assert_eq!(
             message,
             format!(
-                "Authorization policies cannot be read, so no snapshot is published until they \
-                 can (every node keeps the snapshot it runs; compiling without them would let \
-                 through what they deny): AuthorizationPolicy.security.istio.io: forbidden by the \
+                "Objects authorization is compiled from cannot be read, so no snapshot is \
+                 published until they can (every node keeps the snapshot it runs; compiling \
+                 without them would let through what policies deny): AuthorizationPolicy.security.istio.io: forbidden by the \
                  operator's RBAC ({forbidden}); PeerAuthentication.security.istio.io: served only \
                  at v1alpha1, v2, which the operator does not read (policies may exist there)."
             )
@@ -375,11 +405,22 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_source_holds_until_both_kinds_are_listed() {
+    fn a_fresh_source_holds_until_every_holding_kind_is_listed() {
         let health = crate::kube_source::SourceHealth::default();
         let held = publishing(&health.readings(), Mode::KernelNative);
         assert_eq!(
             held.condition(),
+            [
+                (Kind::AuthorizationPolicy, Unread::NotListedYet),
+                (Kind::Namespace, Unread::NotListedYet),
+                (Kind::PeerAuthentication, Unread::NotListedYet),
+                (Kind::Pod, Unread::NotListedYet)
+            ]
+        );
+        health.set(&Kind::Namespace, KindState::Synced);
+        health.set(&Kind::Pod, KindState::Synced);
+        assert_eq!(
+            publishing(&health.readings(), Mode::KernelNative).condition(),
             [
                 (Kind::AuthorizationPolicy, Unread::NotListedYet),
                 (Kind::PeerAuthentication, Unread::NotListedYet)

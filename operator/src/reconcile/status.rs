@@ -195,8 +195,8 @@ fn ready_condition(facts: &StatusFacts<'_>, rollout: &Rollout<'_>) -> Condition 
     }
     if facts.publishing.is_held() {
         let message = format!(
-            "No new snapshot is published while authorization policies cannot be read (see \
-             Degraded). {message}"
+            "No new snapshot is published while objects authorization is compiled from cannot \
+             be read (see Degraded). {message}"
         );
         return make_condition(
             facts,

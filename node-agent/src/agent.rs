@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kmesh_snapshot::Limits;
+use kmesh_snapshot::{Limits, Table};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -76,7 +76,7 @@ pub enum AgentError {
     DataPlaneStopped(ThreadExit),
 }
 
-/// Counts of a snapshot's tables.
+/// Counts of a snapshot's tables (each field named as [`Table::label`] names its table).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Counts {
     pub services: usize,
@@ -89,6 +89,24 @@ pub struct Counts {
     pub authz_sources: usize,
     pub authz_verdicts: usize,
     pub authz_policies: usize,
+}
+
+impl Counts {
+    /// The records of `table`; `None` for the node config.
+    pub fn of(&self, table: Table) -> Option<usize> {
+        match table {
+            Table::NodeConfig => None,
+            Table::Services => Some(self.services),
+            Table::Routes => Some(self.routes),
+            Table::BackendSets => Some(self.backend_sets),
+            Table::Endpoints => Some(self.endpoints),
+            Table::Workloads => Some(self.workloads),
+            Table::AuthzWorkloads => Some(self.authz_workloads),
+            Table::AuthzSources => Some(self.authz_sources),
+            Table::AuthzVerdicts => Some(self.authz_verdicts),
+            Table::AuthzPolicies => Some(self.authz_policies),
+        }
+    }
 }
 
 /// The generation the programs use.

@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, convert::Infallible, sync::Arc};
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use kmesh_snapshot::Limits;
+use kmesh_snapshot::{Limits, Table};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -169,50 +169,16 @@ fn register_tables(registry: &mut Registry, status: &Status, limits: &Limits) {
     let entries = Family::<TableLabel, Gauge>::default();
     let capacity = Family::<TableLabel, Gauge>::default();
     let counts = status.live.as_ref().and_then(|l| l.counts.as_ref());
-    let tables = [
-        ("services", counts.map(|c| c.services), limits.max_services),
-        ("routes", counts.map(|c| c.routes), limits.max_routes),
-        (
-            "backend_sets",
-            counts.map(|c| c.backend_sets),
-            limits.max_backend_sets,
-        ),
-        (
-            "endpoints",
-            counts.map(|c| c.endpoints),
-            limits.max_endpoints,
-        ),
-        (
-            "workloads",
-            counts.map(|c| c.workloads),
-            limits.max_workloads,
-        ),
-        (
-            "authz_workloads",
-            counts.map(|c| c.authz_workloads),
-            limits.max_authz_workloads,
-        ),
-        (
-            "authz_sources",
-            counts.map(|c| c.authz_sources),
-            limits.max_authz_sources,
-        ),
-        (
-            "authz_verdicts",
-            counts.map(|c| c.authz_verdicts),
-            limits.max_authz_verdicts,
-        ),
-        (
-            "authz_policies",
-            counts.map(|c| c.authz_policies),
-            limits.max_authz_policies,
-        ),
-    ];
-    for (table, count, max) in tables {
-        let label = TableLabel { table };
+    for table in Table::ALL {
+        let Some(max) = limits.max_of(table) else {
+            continue;
+        };
+        let label = TableLabel {
+            table: table.label(),
+        };
         capacity.get_or_create(&label).set(i64::from(max));
         // Unknown after a restart until the source delivers the live snapshot again.
-        if let Some(count) = count {
+        if let Some(count) = counts.and_then(|c| c.of(table)) {
             entries.get_or_create(&label).set(count as i64);
         }
     }

@@ -178,7 +178,7 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
     }
 
     let (node_name, mut r) = node_name(bytes)?;
-    let config = section::<NodeConfig>(&mut r, None)?;
+    let config = section::<NodeConfig>(&mut r, limits)?;
     let config = match config.as_slice() {
         [only] => *only,
         _ => {
@@ -187,16 +187,16 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
             });
         }
     };
-    let services = section(&mut r, Some(limits.max_services))?;
-    let routes = section(&mut r, Some(limits.max_routes))?;
-    let backend_sets = section(&mut r, Some(limits.max_backend_sets))?;
-    let endpoints = section(&mut r, Some(limits.max_endpoints))?;
-    let workloads = section(&mut r, Some(limits.max_workloads))?;
+    let services = section(&mut r, limits)?;
+    let routes = section(&mut r, limits)?;
+    let backend_sets = section(&mut r, limits)?;
+    let endpoints = section(&mut r, limits)?;
+    let workloads = section(&mut r, limits)?;
     let authz = AuthzTables {
-        workloads: section(&mut r, Some(limits.max_authz_workloads))?,
-        sources: section(&mut r, Some(limits.max_authz_sources))?,
-        verdicts: section(&mut r, Some(limits.max_authz_verdicts))?,
-        policies: section(&mut r, Some(limits.max_authz_policies))?,
+        workloads: section(&mut r, limits)?,
+        sources: section(&mut r, limits)?,
+        verdicts: section(&mut r, limits)?,
+        policies: section(&mut r, limits)?,
     };
     if r.remaining() != 0 {
         return Err(DecodeError::TrailingData {
@@ -225,11 +225,9 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
 
 /// Reads one section of `T` records: its header, `count` records and padding. `capacity` is the
 /// node's limit for the table, checked before the records are read.
-fn section<T: WireRecord>(
-    r: &mut Reader<'_>,
-    capacity: Option<u32>,
-) -> Result<Vec<T>, DecodeError> {
+fn section<T: WireRecord>(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<T>, DecodeError> {
     let table = T::TABLE;
+    let capacity = limits.max_of(table);
     let offset = r.pos;
     let header = r.take(SECTION_HEADER_LEN, || format!("{table} section header"))?;
     let kind = le_u32(header, 0);

@@ -55,6 +55,22 @@ impl Table {
         }
     }
 
+    /// The table's name in metric labels and JSON: `services`, `backend_sets`, `authz_sources`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Table::NodeConfig => "node_config",
+            Table::Services => "services",
+            Table::Routes => "routes",
+            Table::BackendSets => "backend_sets",
+            Table::Endpoints => "endpoints",
+            Table::Workloads => "workloads",
+            Table::AuthzWorkloads => "authz_workloads",
+            Table::AuthzSources => "authz_sources",
+            Table::AuthzVerdicts => "authz_verdicts",
+            Table::AuthzPolicies => "authz_policies",
+        }
+    }
+
     /// The name of one record of this table, as used in messages ("route 12 (route_id 7): ...").
     pub const fn record_name(self) -> &'static str {
         match self {

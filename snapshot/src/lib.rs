@@ -102,6 +102,22 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The most records `table` may hold; `None` for the node config (always one record).
+    pub const fn max_of(&self, table: Table) -> Option<u32> {
+        match table {
+            Table::NodeConfig => None,
+            Table::Services => Some(self.max_services),
+            Table::Routes => Some(self.max_routes),
+            Table::BackendSets => Some(self.max_backend_sets),
+            Table::Endpoints => Some(self.max_endpoints),
+            Table::Workloads => Some(self.max_workloads),
+            Table::AuthzWorkloads => Some(self.max_authz_workloads),
+            Table::AuthzSources => Some(self.max_authz_sources),
+            Table::AuthzVerdicts => Some(self.max_authz_verdicts),
+            Table::AuthzPolicies => Some(self.max_authz_policies),
+        }
+    }
+
     /// No limit beyond what the format can express.
     pub const UNLIMITED: Limits = Limits {
         max_bytes: u64::MAX,

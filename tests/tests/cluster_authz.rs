@@ -733,24 +733,6 @@ fn published_once_readable(
 
 /// Each new operator logged the hold once, at error level.
 fn assert_held_logged_once(cluster: &Cluster) {
-    let logs = cluster.pod_logs();
-    let line = "Objects authorization is compiled from cannot be read";
-    let mut total = 0;
-    for (pod, log) in logs
-        .iter()
-        .filter(|(k, _)| k.starts_with("kmesh-system_kmesh-operator-"))
-    {
-        let held: Vec<&str> = log.lines().filter(|l| l.contains(line)).collect();
-        assert!(
-            held.len() <= 1,
-            "{pod} logs the hold {} times:\n{}",
-            held.len(),
-            held.join("\n")
-        );
-        if let Some(l) = held.first() {
-            assert!(l.contains("ERROR"), "logged at error level: {l}");
-        }
-        total += held.len();
-    }
-    assert!(total >= 1, "no operator logged the hold");
+    cluster
+        .assert_operators_logged_once(&["Objects authorization is compiled from cannot be read"]);
 }

@@ -619,29 +619,8 @@ fn forbidden_kinds(mesh: &Mesh<'_>, figures: &mut Figures) -> Instant {
 
 /// Each operator pod logged `line` at most once per forbidden kind, and some pod did.
 fn assert_logged_once_per_pod(cluster: &Cluster, line: &str) {
-    let logs = cluster.pod_logs();
-    let operators = logs
-        .iter()
-        .filter(|(key, _)| key.starts_with("kmesh-system_kmesh-operator-"));
     for kind in ["HTTPRoute", "TCPRoute", "ReferenceGrant"] {
-        let mut total = 0;
-        for (pod, log) in operators.clone() {
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains(line) && l.contains(kind))
-                .collect();
-            assert!(
-                lines.len() <= 1,
-                "{pod} logs {kind} {} times:\n{}",
-                lines.len(),
-                lines.join("\n")
-            );
-            if let Some(l) = lines.first() {
-                assert!(l.contains("ERROR"), "logged at error level: {l}");
-            }
-            total += lines.len();
-        }
-        assert!(total >= 1, "no operator logged {kind} forbidden");
+        cluster.assert_operators_logged_once(&[line, kind]);
     }
 }
 

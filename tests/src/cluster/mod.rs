@@ -421,6 +421,34 @@ impl Cluster {
         out
     }
 
+    /// Each operator pod logged a line holding every one of `needles` at most once, at error
+    /// level, and some pod did: a condition logged once when it starts, not on every retry.
+    /// Panics naming the pod and the lines otherwise.
+    pub fn assert_operators_logged_once(&self, needles: &[&str]) {
+        let logs = self.pod_logs();
+        let mut total = 0;
+        for (pod, log) in logs
+            .iter()
+            .filter(|(key, _)| key.starts_with("kmesh-system_kmesh-operator-"))
+        {
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .collect();
+            assert!(
+                lines.len() <= 1,
+                "{pod} logs {needles:?} {} times:\n{}",
+                lines.len(),
+                lines.join("\n")
+            );
+            if let Some(l) = lines.first() {
+                assert!(l.contains("ERROR"), "logged at error level: {l}");
+            }
+            total += lines.len();
+        }
+        assert!(total >= 1, "no operator logged {needles:?}");
+    }
+
     /// The log of the container whose key (see [`pod_logs`](Self::pod_logs)) starts with `prefix`.
     pub fn pod_log(&self, prefix: &str) -> String {
         self.pod_logs()

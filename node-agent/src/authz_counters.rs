@@ -110,8 +110,8 @@ pub struct AuthzCount {
     pub workload_ip: IpAddr,
     /// 0: no single policy decided.
     pub policy: u32,
-    /// The policy's name in the live snapshot; `None` for 0, for a policy of an earlier
-    /// generation, and until a restarted agent has the snapshot again.
+    /// The policy's name, from the snapshots this agent applied since it started; `None` for 0,
+    /// and for a policy no snapshot since the agent (re)started named.
     pub policy_name: Option<PolicyName>,
     pub action: Action,
     pub reason: Reason,

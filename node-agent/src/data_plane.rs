@@ -209,10 +209,14 @@ impl<M: SlotMaps> Applier<M> {
                 (slot, Outcome::Applied { slot })
             }
         };
-        let policies = std::sync::Arc::new(policy_names(&snapshot.authz.policies));
         update(&self.status, |s| {
             s.ready = true;
-            s.authz_policies = policies;
+            // Names are kept from every generation seen since start: a policy's id is the hash of
+            // its kind, namespace and name (the same in every generation), and the kernel's
+            // counters of a policy that left the snapshot stay, so they keep their name.
+            let mut policies = (*s.authz_policies).clone();
+            policies.extend(policy_names(&snapshot.authz.policies));
+            s.authz_policies = std::sync::Arc::new(policies);
             s.live = Some(LiveSnapshot {
                 generation: snapshot.generation,
                 content_hash: hash,

@@ -80,9 +80,9 @@ struct EventLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct AuthzLabels {
-    /// `namespace/name` of the deciding policy in the live snapshot; `none` when no single policy
-    /// decided (no ALLOW policy bound, none matched); `unknown` for a policy id the live snapshot
-    /// no longer names (an earlier generation's).
+    /// `namespace/name` of the deciding policy (named by the snapshots applied since the agent
+    /// started); `none` when no single policy decided (no ALLOW policy bound, none matched);
+    /// `unknown` for a policy id no snapshot since the agent (re)started named.
     policy: String,
     policy_kind: &'static str,
     action: &'static str,

@@ -509,6 +509,13 @@ fn check_agent_metrics(agent: &Agent, generations: u64) {
         metric("kmesh_datapath_events_total{event=\"inconsistent\"}"),
         0.0
     );
+    // Earlier generations' policies keep their names (ids are stable across generations).
+    let metrics = agent.metrics().expect("/metrics");
+    let unnamed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("policy=\"unknown\""))
+        .collect();
+    assert!(unnamed.is_empty(), "policies without a name: {unnamed:#?}");
 }
 
 /// The agent's Prometheus series `kmesh_authz_connections_total`, by their labels as rendered.

@@ -28,8 +28,11 @@ const READY: Duration = Duration::from_secs(20);
 /// A refused connect must fail at once (the kernel answers the SYN with a RST): far below the
 /// 1 s retransmission a dropped SYN would cost.
 const REFUSED_WITHIN: Duration = Duration::from_millis(200);
-/// The same while three clients connect without pause on this shared 2-core machine.
-const REFUSED_UNDER_LOAD_WITHIN: Duration = Duration::from_millis(500);
+/// The same while three clients connect without pause and the agent swaps 120 times on this
+/// shared 2-core machine: still under the 1 s a dropped SYN's retransmission would take (so a
+/// drop without a RST is still caught), with room for a client descheduled under load (a refusal
+/// took 707 ms once while two other builds ran beside the test).
+const REFUSED_UNDER_LOAD_WITHIN: Duration = Duration::from_millis(900);
 /// The server's verdict set.
 const SET: u32 = 1;
 

@@ -250,6 +250,46 @@ mod tests {
         readyz(status).status().as_u16()
     }
 
+    /// The endpoint over a filter of the test's own subscriber (kept alive by the caller).
+    fn log_level(initial: &str) -> (log_level::LogLevel, impl tracing::Subscriber) {
+        use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, registry, reload};
+        let (layer, handle) = reload::Layer::new(EnvFilter::new(initial));
+        (log_level::LogLevel::new(handle), registry().with(layer))
+    }
+
+    async fn call(level: &log_level::LogLevel, method: Method, body: &str) -> (u16, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(LOG_LEVEL_PATH)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = log_level_endpoint(req, level).await;
+        let code = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_log_level_endpoint_sets_from_the_body_and_refuses_bad_input() {
+        let (level, _subscriber) = log_level("info");
+        assert_eq!(call(&level, Method::GET, "").await, (200, "info\n".into()));
+        assert_eq!(
+            call(&level, Method::PUT, "debug").await,
+            (200, "debug\n".into())
+        );
+        assert_eq!(
+            call(&level, Method::POST, "warn\n").await,
+            (200, "warn\n".into())
+        );
+        let (code, message) = call(&level, Method::PUT, "kmesh_agent=loud").await;
+        assert_eq!(code, 400);
+        assert!(message.starts_with("invalid log filter"), "{message}");
+        let too_long = "a".repeat(MAX_LOG_LEVEL_BODY + 1);
+        assert_eq!(call(&level, Method::PUT, &too_long).await.0, 413);
+        assert_eq!(call(&level, Method::DELETE, "").await.0, 405);
+        assert_eq!(call(&level, Method::GET, "").await, (200, "warn\n".into()));
+    }
+
     #[test]
     fn ready_only_with_a_live_snapshot_and_a_running_data_plane() {
         let mut status = Status::default();

@@ -1,16 +1,27 @@
-//! The admin server: `/healthz`, `/readyz`, `/debug/snapshot`, `/debug/authz` (the authorization
-//! counters per workload and policy, see `authz_counters.rs`).
+//! The admin server: `/healthz`, `/readyz`, `/version`, `/debug/snapshot`, `/debug/authz` (the
+//! authorization counters per workload and policy, see `authz_counters.rs`) and `/debug/log-level`
+//! (the log filter, read and changed at runtime, see `admin/log_level.rs`). The paths `kmeshctl`
+//! reads are defined once, in `kmesh_snapshot::admin_contract`.
 //!
 //! `/readyz` answers 200 only while a snapshot is live, the links run this agent's programs (no
 //! upgrade pending), the agent has not uninstalled, and the data-plane thread runs; the agent exits
 //! soon after the data plane stops (see `supervise.rs`), and until then it is not ready.
+pub mod log_level;
+
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::{
-    Request, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn,
+    Method, Request, Response, StatusCode,
+    body::{Body, Bytes},
+    header,
+    server::conn::http1,
+    service::service_fn,
 };
 use hyper_util::rt::TokioIo;
+use kmesh_snapshot::admin_contract::{
+    AUTHZ_PATH, LOG_LEVEL_PATH, MAX_LOG_LEVEL_BODY, SNAPSHOT_PATH, VERSION_PATH,
+};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -19,6 +30,9 @@ use crate::{
     authz_counters::{AuthzCount, AuthzCounterMap},
     maps::{CounterMap, Counters},
 };
+
+/// What a request body's error must convert into (for [`Limited`]).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The maps the admin server reads.
 #[derive(Clone)]
@@ -53,8 +67,8 @@ pub async fn serve(listener: TcpListener, status: SharedStatus, maps: Maps) {
         let maps = maps.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = route(&req, &status, &maps, peer);
-                async move { Ok::<_, Infallible>(response) }
+                let (status, maps) = (status.clone(), maps.clone());
+                async move { Ok::<_, Infallible>(route(req, &status, &maps, peer).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -66,16 +80,28 @@ pub async fn serve(listener: TcpListener, status: SharedStatus, maps: Maps) {
     }
 }
 
-fn route<B>(
-    req: &Request<B>,
+async fn route<B>(
+    req: Request<B>,
     status: &SharedStatus,
     maps: &Maps,
     _peer: SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<Full<Bytes>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => readyz(&status.lock().unwrap_or_else(|p| p.into_inner())),
-        "/debug/snapshot" => {
+        VERSION_PATH => version(&status.lock().unwrap_or_else(|p| p.into_inner())),
+        LOG_LEVEL_PATH => match log_level::process() {
+            Some(level) => log_level_endpoint(req, level).await,
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this process's log filter cannot be changed at runtime\n",
+            ),
+        },
+        SNAPSHOT_PATH => {
             let mut snapshot = match status.lock() {
                 Ok(s) => s.clone(),
                 Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "status lock poisoned\n"),
@@ -86,8 +112,79 @@ fn route<B>(
             }
             json(&snapshot)
         }
-        "/debug/authz" => authz(status, maps),
+        AUTHZ_PATH => authz(status, maps),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `/version`: this binary's version and the layout of its maps (see `admin_contract`).
+fn version(status: &Status) -> Response<Full<Bytes>> {
+    let version = env!("CARGO_PKG_VERSION");
+    text(
+        StatusCode::OK,
+        &format!("kmesh-agent {version} (layout {})\n", status.layout),
+    )
+}
+
+/// `/debug/log-level`: `GET` answers the filter in force; `PUT` or `POST` replaces it with the body
+/// (`400` with the parser's message, and nothing changed, when it does not parse).
+async fn log_level_endpoint<B>(
+    req: Request<B>,
+    level: &log_level::LogLevel,
+) -> Response<Full<Bytes>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let answer = |result: Result<String, log_level::LogLevelError>| match result {
+        Ok(filter) => text(StatusCode::OK, &format!("{filter}\n")),
+        Err(e @ log_level::LogLevelError::Unavailable(_)) => {
+            text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n"))
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => answer(level.current()),
+        Method::PUT | Method::POST => {
+            let body = match Limited::new(req.into_body(), MAX_LOG_LEVEL_BODY)
+                .collect()
+                .await
+            {
+                Ok(body) => body.to_bytes(),
+                Err(e) if e.is::<LengthLimitError>() => {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!("a log filter has at most {MAX_LOG_LEVEL_BODY} bytes\n"),
+                    );
+                }
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("reading the log filter: {e}\n"),
+                    );
+                }
+            };
+            let Ok(body) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "the log filter is not UTF-8\n");
+            };
+            let previous = level.current().unwrap_or_default();
+            let result = level.set(body);
+            if let Ok(now) = &result {
+                info!(%previous, %now, "log filter changed through the admin server");
+            }
+            answer(result)
+        }
+        _ => {
+            let mut response = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET the log filter, or PUT or POST a new one\n",
+            );
+            response.headers_mut().insert(
+                header::ALLOW,
+                header::HeaderValue::from_static("GET, HEAD, PUT, POST"),
+            );
+            response
+        }
     }
 }
 
@@ -151,6 +248,46 @@ mod tests {
 
     fn code(status: &Status) -> u16 {
         readyz(status).status().as_u16()
+    }
+
+    /// The endpoint over a filter of the test's own subscriber (kept alive by the caller).
+    fn log_level(initial: &str) -> (log_level::LogLevel, impl tracing::Subscriber) {
+        use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, registry, reload};
+        let (layer, handle) = reload::Layer::new(EnvFilter::new(initial));
+        (log_level::LogLevel::new(handle), registry().with(layer))
+    }
+
+    async fn call(level: &log_level::LogLevel, method: Method, body: &str) -> (u16, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(LOG_LEVEL_PATH)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = log_level_endpoint(req, level).await;
+        let code = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_log_level_endpoint_sets_from_the_body_and_refuses_bad_input() {
+        let (level, _subscriber) = log_level("info");
+        assert_eq!(call(&level, Method::GET, "").await, (200, "info\n".into()));
+        assert_eq!(
+            call(&level, Method::PUT, "debug").await,
+            (200, "debug\n".into())
+        );
+        assert_eq!(
+            call(&level, Method::POST, "warn\n").await,
+            (200, "warn\n".into())
+        );
+        let (code, message) = call(&level, Method::PUT, "kmesh_agent=loud").await;
+        assert_eq!(code, 400);
+        assert!(message.starts_with("invalid log filter"), "{message}");
+        let too_long = "a".repeat(MAX_LOG_LEVEL_BODY + 1);
+        assert_eq!(call(&level, Method::PUT, &too_long).await.0, 413);
+        assert_eq!(call(&level, Method::DELETE, "").await.0, 405);
+        assert_eq!(call(&level, Method::GET, "").await, (200, "warn\n".into()));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use kmesh_agent::{agent, error_chain::chain, loader, source};
+use kmesh_agent::{admin, agent, error_chain::chain, loader, source};
 use kmesh_snapshot::Limits;
 use tracing::error;
 
@@ -114,13 +114,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.run.log_level));
-    // Colour codes only on a terminal: a container log or a file keeps plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    init_tracing(&cli.run.log_level);
 
     let result = match cli.command {
         Some(Command::Uninstall { bpffs_dir }) => {
@@ -136,6 +130,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to standard output through a filter the admin server can replace at runtime
+/// (`/debug/log-level`, see `admin/log_level.rs`): `RUST_LOG` when set, else `--log-level`.
+fn init_tracing(log_level: &str) {
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt as _, reload};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_level));
+    let (filter, handle) = reload::Layer::new(filter);
+    // Colour codes only on a terminal: a container log or a file keeps plain text.
+    let output = fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    admin::log_level::install(handle);
 }
 
 fn run(args: RunArgs) -> Result<(), String> {

@@ -10,8 +10,10 @@
 //! equal bytes, and the decoder accepts exactly one encoding of each snapshot.
 //!
 //! [`builder`] makes valid snapshots for tests, demos and benchmarks. [`contract`] is the HTTP
-//! contract by which agents fetch their snapshot from the operator.
+//! contract by which agents fetch their snapshot from the operator; [`admin_contract`] the paths of
+//! the agent's admin listener that `kmeshctl` reads.
 
+pub mod admin_contract;
 pub mod builder;
 pub mod contract;
 mod decode;

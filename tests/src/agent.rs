@@ -166,6 +166,11 @@ impl Agent {
         self.admin
     }
 
+    /// Where the agent serves its Prometheus metrics (its `--metrics-addr`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+
     /// The agent's log so far (for assertion messages).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

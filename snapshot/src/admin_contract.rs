@@ -1,0 +1,25 @@
+//! The agent's admin HTTP contract: the paths of its admin listener (`--admin-addr`, localhost by
+//! default) and of its metrics listener (`--metrics-addr`) that `kmeshctl` reads. This is their one
+//! definition; the agent's admin server and `kmeshctl` both use it. Like [`crate::contract`], it
+//! holds names and formats only, no HTTP library.
+//!
+//! Admin listener:
+//! - `GET /version` ([`VERSION_PATH`]): one line of text, `kmesh-agent <version> (layout <layout>)`.
+//! - `GET /debug/snapshot` ([`SNAPSHOT_PATH`]): the agent's status and live generation, as JSON.
+//! - `GET /debug/authz` ([`AUTHZ_PATH`]): the authorization counters per workload and policy, JSON.
+//! - `GET /debug/log-level` ([`LOG_LEVEL_PATH`]): the current log filter, one line of text.
+//! - `PUT` or `POST /debug/log-level`: the body (at most [`MAX_LOG_LEVEL_BODY`] bytes) is a level
+//!   (`debug`) or an EnvFilter directive list (`kmesh_agent=debug,info`); `200` with the new filter,
+//!   or `400` with the parser's message and the filter unchanged. The change lasts until the agent
+//!   restarts.
+//!
+//! Metrics listener: `GET /metrics` ([`METRICS_PATH`]): Prometheus text (it answers every path).
+
+pub const VERSION_PATH: &str = "/version";
+pub const SNAPSHOT_PATH: &str = "/debug/snapshot";
+pub const AUTHZ_PATH: &str = "/debug/authz";
+pub const LOG_LEVEL_PATH: &str = "/debug/log-level";
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The largest body `PUT /debug/log-level` reads; a longer one is refused (`413`).
+pub const MAX_LOG_LEVEL_BODY: usize = 4096;

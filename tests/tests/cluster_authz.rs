@@ -568,22 +568,11 @@ fn replace(cluster: &Cluster, role: &Value) {
         .unwrap();
 }
 
-/// Deletes every operator pod (kubectl waits until they are gone); their Deployment starts new
-/// ones, which read the cluster from scratch.
+/// Deletes every operator pod; their Deployment starts new ones.
 fn restart_operator(cluster: &Cluster) {
-    let operator = "app.kubernetes.io/name=kmesh-operator";
     cluster
-        .kubectl()
-        .run(&[
-            "delete",
-            "pod",
-            "-n",
-            "kmesh-system",
-            "-l",
-            operator,
-            TIMEOUT,
-        ])
-        .unwrap();
+        .restart_operators()
+        .expect("delete the operator pods");
 }
 
 /// Degraded names the kind and the API server's refusal and says nothing is published; Ready is

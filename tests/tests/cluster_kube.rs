@@ -552,17 +552,9 @@ fn forbidden_kinds(mesh: &Mesh<'_>, figures: &mut Figures) -> Instant {
     k.run_stdin(&["replace", "-f", "-"], &role.to_string())
         .unwrap();
     let restarted = Instant::now();
-    let operator = "app.kubernetes.io/name=kmesh-operator";
-    k.run(&[
-        "delete",
-        "pod",
-        "-n",
-        "kmesh-system",
-        "-l",
-        operator,
-        TIMEOUT,
-    ])
-    .unwrap();
+    mesh.cluster
+        .restart_operators()
+        .expect("delete the operator pods");
     let forbidden = |c: &Value| {
         let entries = unwatched(c);
         let of = |kind: &str| entries.contains(&(kind.to_string(), "Forbidden".to_string()));

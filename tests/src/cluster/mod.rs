@@ -421,6 +421,16 @@ impl Cluster {
         out
     }
 
+    /// Deletes every operator pod (kubectl waits until they are gone); their Deployment starts
+    /// new ones, which read the cluster from scratch.
+    pub fn restart_operators(&self) -> io::Result<()> {
+        let operator = "app.kubernetes.io/name=kmesh-operator";
+        let delete = ["delete", "pod", "-n", "kmesh-system", "-l", operator];
+        self.kubectl()
+            .run(&[&delete[..], &[scenario::TIMEOUT]].concat())
+            .map(drop)
+    }
+
     /// Each operator pod logged a line holding every one of `needles` at most once, at error
     /// level, and some pod did: a condition logged once when it starts, not on every retry.
     /// Panics naming the pod and the lines otherwise.

@@ -43,7 +43,8 @@ pub fn run(plan: &Plan, node: &mut Node) {
             let run = measure(plan, node, CASES[i]);
             if run.value.errors.any() {
                 println!(
-                    "  round {round}, {}: wrk errors ({}), {:.0} req/s: left out of the medians",
+                    "  round {}, {}: wrk errors ({}), {:.0} req/s: left out of the medians",
+                    round + 1,
                     label(CASES[i]),
                     run.value.errors,
                     run.value.result.requests_per_s

@@ -1,10 +1,10 @@
 //! The connect()+close() measurement: each variant's client to its own server with
 //! `kmesh-probe --connect-only`, plus the outsider's refused connects to the 1,000-policy server;
-//! rounds alternate the cases (the order rotates); medians, spreads and TCP stalls are printed.
+//! rounds alternate the cases (in a shuffled order, see `round_order`); medians, spreads and TCP stalls are printed.
 use crate::{
     Plan, Variant, median,
     node::{self, Node, PROBE_PORT},
-    spread,
+    round_order, spread,
     tcp_stats::{self, Observed},
 };
 
@@ -55,9 +55,7 @@ pub fn run(plan: &Plan, node: &mut Node) {
         measure(node, case, plan.connections / 10);
     }
     for round in 0..plan.rounds {
-        // Rotate the order so that no case always runs first (or right after another).
-        for k in 0..CASES.len() {
-            let i = (round + k) % CASES.len();
+        for i in round_order(round, CASES.len()) {
             results[i].push(measure(node, CASES[i], plan.connections));
         }
     }

@@ -15,10 +15,12 @@
 //!
 //! `cargo bench -p kmesh-agent --bench authz` for the full run (needs `cargo build --release -p
 //! kmesh-tests --bins` first, for `kmesh-probe`, and `wrk`), `-- --smoke` for the short run CI
-//! does. Every variant has a client pod and a server pod of its own (`node.rs`): with one server
-//! for all the sk_lookup variants, that server's namespace took three times the baseline's
-//! connections, and whatever that does to a TCP stack (TIME_WAIT, port reuse) would weigh on the
-//! variants only. Variants alternate within every round (the order rotates), the snapshot of a
+//! does. Every variant has a client pod and a server pod of its own (`node.rs`): with one client
+//! and one server for all the sk_lookup variants, that pair made three times the baseline's
+//! connections, its client's TIME_WAITs to that server crossed half the ephemeral ports, and
+//! every connect() then scanned the ports for a free one (2 ms here): requests/s of every
+//! sk_lookup variant collapsed to a tenth, the baseline's did not. The clients also reuse their
+//! TIME_WAIT ports (`tcp_tw_reuse = 1`), so no client comes near that line. Variants alternate within every round (in a shuffled order), the snapshot of a
 //! variant is applied right before it runs, and the medians of the rounds are reported, beside
 //! every round's figure and the TCP stalls (SYN retransmits, timeouts, listen drops) each variant
 //! met. A wrk round with errors is printed and left out of the medians. Before measuring, the
@@ -135,10 +137,33 @@ fn main() {
     node.check_verdicts();
     println!();
     println!(
-        "the tables do what they claim: sk_lookup judges every measured server and not the baseline's, the outsider is refused, the clients are allowed"
+        "the tables do what they claim: sk_lookup judges every measured server and not the \
+         baseline's, the outsider is refused, the clients are allowed"
     );
     connect_cost::run(&plan, &mut node);
     request_cost::run(&plan, &mut node);
+}
+
+/// The order of `cases` cases in round `round`: a permutation drawn from a fixed seed, the same in
+/// every run. Why not a rotation: rotating keeps every case right after the same case in every
+/// round but one, and what ran just before (a swap of bigger tables, a burst of refused
+/// connects) can weigh on a measurement; shuffled, every case follows each other case in turn.
+fn round_order(round: usize, cases: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..cases).collect();
+    // xorshift64*, seeded by the round: deterministic, no dependency.
+    let mut state =
+        0x9E37_79B9_7F4A_7C15_u64 ^ (round as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut next = || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    for i in (1..cases).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
 }
 
 /// The smallest and largest of the rounds: how noisy the machine was.

@@ -1,10 +1,11 @@
 //! The wrk measurement: HTTP requests from each variant's client pod to its own server, one
-//! connection per request and keep-alive; rounds alternate the cases (the order rotates). Prints
+//! connection per request and keep-alive; rounds alternate the cases (in a shuffled order, see `round_order`). Prints
 //! the medians of the rounds without wrk errors, every round's requests/s, the rounds with
 //! errors (left out of the medians), and the TCP stalls and TIME_WAIT each case met.
 use crate::{
     Plan, Variant, median,
     node::{HTTP_PORT, Node},
+    round_order,
     tcp_stats::{self, Observed},
     wrk::{self, Connections, WrkResult, WrkRun},
 };
@@ -38,8 +39,7 @@ fn label((variant, mode): (Variant, Connections)) -> String {
 pub fn run(plan: &Plan, node: &mut Node) {
     let mut results: Vec<Vec<Observed<WrkRun>>> = vec![vec![]; CASES.len()];
     for round in 0..plan.rounds {
-        for k in 0..CASES.len() {
-            let i = (round + k) % CASES.len();
+        for i in round_order(round, CASES.len()) {
             let run = measure(plan, node, CASES[i]);
             if run.value.errors.any() {
                 println!(

@@ -91,6 +91,24 @@ pub fn snapshot(generation: u64, binding: Binding, parties: &Parties) -> Snapsho
     b.build()
 }
 
+/// Tables that bind every one of `servers` and deny every connection to them: with these live, a
+/// server whose namespace has the program refuses everything, one without accepts everything.
+pub fn deny_all(generation: u64, servers: &[Ipv4Addr]) -> Snapshot {
+    let mut b = SnapshotBuilder::new("bench-node", generation, mode::KERNEL_NATIVE);
+    for server in servers {
+        b.authz_workload(IpAddr::V4(*server), SET);
+    }
+    b.authz_verdict(
+        SET,
+        ANY_CLASS,
+        ANY_PORT,
+        authz_action::DENY,
+        authz_reason::NO_ALLOW_MATCHED,
+        0,
+    );
+    b.build()
+}
+
 /// Namespace `i` (1..=policies + 1) is source class `i`; the client is a pod of namespace
 /// `policies`, the outsider of namespace `policies + 1`.
 fn add_sources(b: &mut SnapshotBuilder, policies: u32, parties: &Parties) {

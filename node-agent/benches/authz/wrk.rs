@@ -1,7 +1,9 @@
 //! Running `wrk` inside a pod's network namespace (`ip netns exec`) and reading its report:
-//! requests per second and the latency percentiles of `--latency`. A run with any socket error or
-//! non-2xx answer is refused, so a figure never hides failed requests.
-use std::process::Command;
+//! requests per second, the latency percentiles of `--latency`, and every failure wrk counts
+//! (socket errors: connect, read, write, timeout; non-2xx/3xx answers). A run with failures is
+//! returned as such, with its figures, so that the benchmark prints it and keeps it out of the
+//! medians: a figure never hides failed requests.
+use std::{fmt, process::Command};
 
 /// What the benchmark keeps of one wrk run.
 #[derive(Clone, Copy, Debug)]
@@ -9,6 +11,40 @@ pub struct WrkResult {
     pub requests_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+}
+
+/// The failures wrk counted in one run (all zero: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WrkErrors {
+    pub connect: u64,
+    pub read: u64,
+    pub write: u64,
+    pub timeout: u64,
+    /// Answers that were not 2xx or 3xx.
+    pub bad_status: u64,
+}
+
+impl WrkErrors {
+    pub fn any(&self) -> bool {
+        *self != WrkErrors::default()
+    }
+}
+
+impl fmt::Display for WrkErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "connect {}, read {}, write {}, timeout {}, non-2xx/3xx {}",
+            self.connect, self.read, self.write, self.timeout, self.bad_status
+        )
+    }
+}
+
+/// One wrk run: its figures and its failures.
+#[derive(Clone, Copy, Debug)]
+pub struct WrkRun {
+    pub result: WrkResult,
+    pub errors: WrkErrors,
 }
 
 /// Whether every request opens its own connection.
@@ -32,14 +68,8 @@ pub fn require_wrk() {
 }
 
 /// `wrk` against `url` from the namespace `netns`, for `seconds` seconds over `connections`
-/// connections of one thread.
-pub fn run(
-    netns: &str,
-    url: &str,
-    mode: Connections,
-    seconds: u32,
-    connections: usize,
-) -> WrkResult {
+/// connections of one thread. Panics if wrk does not run or its report cannot be read.
+pub fn run(netns: &str, url: &str, mode: Connections, seconds: u32, connections: usize) -> WrkRun {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns, "wrk", "--latency", "-t1"])
         .arg(format!("-c{connections}"))
@@ -58,25 +88,56 @@ pub fn run(
     parse(&text).unwrap_or_else(|e| panic!("wrk report: {e}:\n{text}"))
 }
 
-fn parse(text: &str) -> Result<WrkResult, String> {
-    for bad in ["Socket errors", "Non-2xx"] {
-        if text.contains(bad) {
-            return Err(format!("failed requests ({bad})"));
-        }
-    }
+fn parse(text: &str) -> Result<WrkRun, String> {
     let requests_per_s = field(text, "Requests/sec:")
         .and_then(|v| v.parse::<f64>().ok())
         .ok_or("no Requests/sec")?;
     let p50_us = field(text, "50%").and_then(duration_us).ok_or("no p50")?;
     let p99_us = field(text, "99%").and_then(duration_us).ok_or("no p99")?;
-    if requests_per_s <= 0.0 {
-        return Err("no request completed".to_string());
+    let mut errors = socket_errors(text)?;
+    if let Some(n) = field(text, "Non-2xx or 3xx responses:") {
+        errors.bad_status = n.parse().map_err(|_| "bad Non-2xx count")?;
     }
-    Ok(WrkResult {
-        requests_per_s,
-        p50_us,
-        p99_us,
+    if requests_per_s <= 0.0 && !errors.any() {
+        return Err("no request completed and no error counted".to_string());
+    }
+    Ok(WrkRun {
+        result: WrkResult {
+            requests_per_s,
+            p50_us,
+            p99_us,
+        },
+        errors,
     })
+}
+
+/// `Socket errors: connect 0, read 0, write 0, timeout 0` (wrk prints it only when one is not 0).
+fn socket_errors(text: &str) -> Result<WrkErrors, String> {
+    let Some(line) = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("Socket errors:"))
+    else {
+        return Ok(WrkErrors::default());
+    };
+    let mut errors = WrkErrors::default();
+    for part in line.split(',') {
+        let mut words = part.split_whitespace();
+        let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+            return Err(format!("unreadable socket errors: {line}"));
+        };
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("unreadable socket errors: {line}"))?;
+        match kind {
+            "connect" => errors.connect = n,
+            "read" => errors.read = n,
+            "write" => errors.write = n,
+            "timeout" => errors.timeout = n,
+            _ => return Err(format!("unknown socket error kind {kind:?}: {line}")),
+        }
+    }
+    Ok(errors)
 }
 
 /// The first word after `label` on the line that starts (trimmed) with it.

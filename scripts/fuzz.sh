@@ -10,7 +10,8 @@
 #                                            LONG_SECONDS per target if set (whichever ends first),
 #                                            at nice NICE (default 10; do not wrap it in another
 #                                            nice); new inputs go to fuzz/work/<target>, the log to
-#                                            fuzz/work/<target>.log.
+#                                            fuzz/work/<target>.log. FORK=N runs N libFuzzer
+#                                            workers (-fork=N; executions are counted over all).
 #   scripts/fuzz.sh --merge [TARGET ...]     adds to fuzz/corpus what fuzz/work holds that reaches new
 #                                            code (review the size, then commit).
 #   scripts/fuzz.sh --seed                   rebuilds fuzz/corpus and fuzz/dict from their sources
@@ -134,7 +135,8 @@ long() {
     mkdir -p "fuzz/work/$t"
     log "$t: $RUNS executions or $LONG_SECONDS s (0: no limit), whichever ends first; log in fuzz/work/$t.log"
     if ! (cd fuzz && nice -n "$NICE" cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "work/$t" "corpus/$t" -- \
-      $(target_options "$t") -runs="$RUNS" -max_total_time="$LONG_SECONDS" -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
+      $(target_options "$t") -runs="$RUNS" -max_total_time="$LONG_SECONDS" ${FORK:+-fork="$FORK"} \
+      -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
       tail -n 40 "fuzz/work/$t.log" >&2
       log "$t: FAILED; the input is in fuzz/artifacts/$t"
       exit 1

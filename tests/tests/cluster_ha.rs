@@ -316,6 +316,34 @@ fn live_generations(cluster: &Cluster, agents: &BTreeMap<String, String>) -> BTr
         .collect()
 }
 
+/// Waits until every node runs the generation stored as its decision, read the same way twice
+/// (decisions, live generations, decisions again) so that a decision made between the reads is
+/// not mistaken for a node running something undecided; returns the decisions.
+fn wait_nodes_run_stored_decisions(
+    cluster: &Cluster,
+    agents: &BTreeMap<String, String>,
+    limit: Duration,
+) -> BTreeMap<String, String> {
+    let started = Instant::now();
+    loop {
+        let stored = decisions(cluster);
+        let live = live_generations(cluster, agents);
+        let stored_again = decisions(cluster);
+        let settled = stored == stored_again
+            && live
+                .iter()
+                .all(|(node, g)| stored.get(node).map(|d| generation_of(d)) == Some(*g));
+        if settled {
+            return stored;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "nodes do not run their stored decisions after {limit:?}: live {live:?}, stored {stored_again:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn decisions(cluster: &Cluster) -> BTreeMap<String, String> {
     let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client(), NS);
     cluster
@@ -428,15 +456,10 @@ fn leader_killed_during_rolling_rollout(
         "rollout finished under the new leader {:.2?} after the canary's agent resumed",
         live.duration_since(started).saturating_sub(took)
     );
-    let after = live_generations(cluster, agents);
-    let stored = decisions(cluster);
-    for (node, g) in &after {
-        assert_eq!(
-            generation_of(&stored[node]),
-            *g,
-            "node {node} runs the stored decision"
-        );
-    }
+    // The deleted leader's pod leaves the operators' Service endpoints, a content change the new
+    // leader rolls out too: wait for the nodes to settle on what is stored, rather than compare
+    // two reads a decision can fall between.
+    wait_nodes_run_stored_decisions(cluster, agents, Duration::from_secs(30));
     traffic.finish("the leader's failover in a rolling rollout");
     let report = probe(cluster, client, target, 400);
     assert!(
@@ -463,7 +486,7 @@ fn leader_killed_during_rolling_rollout(
     // The operators' own Service endpoints are in the snapshots, so the pod replacement is a
     // content change too: each node applies once per decision, never identical content again
     // (an agent that reached a replica numbering its own generations would apply more often).
-    let decided_after = decisions(cluster);
+    let decided_after = wait_nodes_run_stored_decisions(cluster, agents, Duration::from_secs(30));
     for (node, agent) in agents {
         let (applied_now, unchanged_now) = applied(cluster, agent);
         let (applied_before, unchanged_before) = counts[node];
@@ -480,12 +503,6 @@ fn leader_killed_during_rolling_rollout(
         assert_eq!(
             unchanged_now, unchanged_before,
             "{node} was sent content it runs"
-        );
-        let live = live_generation(cluster, agent);
-        assert_eq!(
-            live,
-            generation_of(&decided_after[node]),
-            "{node} runs the stored decision"
         );
     }
     assert_replicas_agree(cluster);

@@ -16,10 +16,13 @@
 //! - [`data_plane`]: what each snapshot does (refused, unchanged, applied), and the thread that
 //!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
 //!   [`refusal`]: why a snapshot was refused; [`supervise`]: that thread's end;
+//! - [`connection`]: a finished connection and the names it is labelled with (kernel events to
+//!   telemetry);
 //! - [`admin`]: health and debug endpoints; [`authz_counters`]: what `/debug/authz` shows; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
 pub mod authz_counters;
+pub mod connection;
 pub mod data_plane;
 pub mod enrol;
 pub mod error_chain;

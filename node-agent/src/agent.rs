@@ -34,7 +34,7 @@ use crate::{
     slots::SlotMaps as _,
     source::{self, Delivery, ShutdownVerdict, Source},
     supervise::{self, ThreadExit},
-    telemetry::{self, Telemetry, TelemetrySettings},
+    telemetry::{self, LiveNames, Telemetry, TelemetrySettings},
 };
 
 pub struct Config {
@@ -197,6 +197,10 @@ pub struct Status {
     /// metrics; recorded by the event reader through [`Telemetry::record`]).
     #[serde(skip)]
     pub telemetry: Telemetry,
+    /// The live snapshot's names, which label those connections: set whole when a generation
+    /// goes live. The event reader's sink is `telemetry::Recorder { telemetry, names }`.
+    #[serde(skip)]
+    pub live_names: LiveNames,
 }
 
 /// How many flips `Status::recent_flips` keeps.

@@ -10,11 +10,13 @@
 //!
 //! One file per concern: [`labels`] (Istio's label set and response flags), [`istio_metrics`]
 //! (the counters and their cap), [`access_log`] (the line and its two formats), [`live_config`]
-//! (the switch following the live generation).
+//! (the switch following the live generation), [`live_names`] (the live snapshot's names for the
+//! reader thread, and [`Recorder`], what the reader's sink calls: `recorder.record(&connection)`).
 pub mod access_log;
 pub mod istio_metrics;
 pub mod labels;
 pub mod live_config;
+pub mod live_names;
 
 use std::{
     io::Write,
@@ -34,6 +36,7 @@ pub use access_log::{AccessLog, AccessLogEntry, AccessLogFormat};
 pub use istio_metrics::{DEFAULT_MAX_SERIES, TcpMetrics, TcpTotals};
 pub use labels::{Reporter, ResponseFlags, TrafficLabels};
 pub use live_config::follow_live_config;
+pub use live_names::{LiveNames, NoNames, Recorder, SharedNames};
 
 /// The agent's telemetry settings (its flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kmesh_common::NodeConfig;
 use kmesh_snapshot::{Limits, Table};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -24,13 +25,16 @@ use crate::{
     data_plane::{Applier, DataPlane},
     enrol::Enroller,
     host_addrs::{HostAddrMap, HostNetns},
+    kernel_maps::KernelSlots,
     lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
     loader::{self, AttachedLink, BpfObject, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
     metrics::{self, ApplyDurations},
     refusal::RefusalKind,
+    slots::SlotMaps as _,
     source::{self, Delivery, ShutdownVerdict, Source},
     supervise::{self, ThreadExit},
+    telemetry::{self, LiveNames, Telemetry, TelemetrySettings},
 };
 
 pub struct Config {
@@ -50,6 +54,8 @@ pub struct Config {
     pub test_panic_at_snapshot: Option<u64>,
     /// Where the node's own addresses are read (`--host-netns`).
     pub host_netns: HostNetns,
+    /// The access-log format and the cap on Istio metric label sets.
+    pub telemetry: TelemetrySettings,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -187,6 +193,14 @@ pub struct Status {
     /// The names of the live snapshot's authorization policies (for `/debug/authz`).
     #[serde(skip)]
     pub authz_policies: Arc<PolicyNames>,
+    /// Istio's TCP metrics and the access log, from finished connections (rendered with the
+    /// metrics; recorded by the event reader through [`Telemetry::record`]).
+    #[serde(skip)]
+    pub telemetry: Telemetry,
+    /// The live snapshot's names, which label those connections: set whole when a generation
+    /// goes live. The event reader's sink is `telemetry::Recorder { telemetry, names }`.
+    #[serde(skip)]
+    pub live_names: LiveNames,
 }
 
 /// How many flips `Status::recent_flips` keeps.
@@ -247,12 +261,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     );
     let counters = Arc::new(CounterMap::open(&installation)?);
     let authz_counters = Arc::new(AuthzCounterMap::open(&installation)?);
+    // Finished connections are reported here: `telemetry.record(&connection, &names)`.
+    let telemetry = Telemetry::new(config.telemetry);
+    let live_config = KernelSlots::open(&installation)?;
 
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node_name: config.node_name.clone(),
         adopted_pins: installation.adopted,
         layout: installation.layout.to_string(),
         links: installation.links.clone(),
+        telemetry: telemetry.clone(),
         ..Default::default()
     }));
     let lifecycle = Lifecycle::new(
@@ -303,6 +321,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     ));
 
     let (live_tx, live_rx) = watch::channel(live.map_or(0, |l| l.value.meta.generation));
+    tokio::spawn(telemetry::follow_live_config(
+        live_rx.clone(),
+        move || read_live_config(&live_config),
+        telemetry,
+    ));
     let (tx, rx) = mpsc::channel();
     tokio::spawn(source::run(
         config.source.clone(),
@@ -333,6 +356,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             Err(AgentError::DataPlaneStopped(exit))
         }
     }
+}
+
+/// The node config of the generation the kernel programs use (`None` before any is live).
+fn read_live_config(slots: &KernelSlots) -> Result<Option<NodeConfig>, MapsError> {
+    let slot = slots.active_slot()?;
+    Ok(slots.generation_in(slot)?.map(|value| value.config))
 }
 
 /// How long a stopping agent waits for the data plane to finish an uninstall.

@@ -17,7 +17,7 @@
 //!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
 //!   [`refusal`]: why a snapshot was refused; [`supervise`]: that thread's end;
 //! - [`connection`]: a finished connection and the names it is labelled with (kernel events to
-//!   telemetry);
+//!   telemetry); [`telemetry`]: Istio's TCP metrics and the access log from those connections;
 //! - [`admin`]: health and debug endpoints; [`authz_counters`]: what `/debug/authz` shows; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
@@ -43,3 +43,4 @@ pub mod slots;
 pub mod source;
 pub mod supervise;
 pub mod sys;
+pub mod telemetry;

@@ -5,7 +5,12 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use kmesh_agent::{admin, agent, error_chain::chain, loader, source};
+use kmesh_agent::{
+    admin, agent,
+    error_chain::chain,
+    loader, source,
+    telemetry::{AccessLogFormat, DEFAULT_MAX_SERIES, TelemetrySettings},
+};
 use kmesh_snapshot::Limits;
 use tracing::error;
 
@@ -93,6 +98,14 @@ struct RunArgs {
     /// Capacity: authorization policy names.
     #[arg(long, default_value_t = Limits::default().max_authz_policies)]
     max_authz_policies: u32,
+    /// Format of the access log (one line per finished connection on standard output, written
+    /// while the live snapshot's KmeshConfig `accessLog` is on).
+    #[arg(long, value_enum, default_value_t = AccessLogFormat::Json)]
+    access_log_format: AccessLogFormat,
+    /// Label sets of the istio_tcp_* metrics kept; connections with a new label set past it are
+    /// counted in kmesh_telemetry_series_dropped_total instead.
+    #[arg(long, default_value_t = DEFAULT_MAX_SERIES)]
+    max_telemetry_series: usize,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -182,6 +195,10 @@ fn run(args: RunArgs) -> Result<(), String> {
         },
         test_panic_at_snapshot: args.test_panic_at_snapshot,
         host_netns: kmesh_agent::host_addrs::HostNetns::Path(args.host_netns),
+        telemetry: TelemetrySettings {
+            access_log_format: args.access_log_format,
+            max_series: args.max_telemetry_series,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -260,5 +277,23 @@ mod tests {
         assert_eq!(limits(&cli.run), expected);
         let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();
         assert_eq!(limits(&defaults.run), Limits::default());
+    }
+
+    /// The telemetry flags reach their settings; by default JSON lines and the default cap.
+    #[test]
+    fn telemetry_flags_set_the_telemetry_settings() {
+        use kmesh_agent::telemetry::{AccessLogFormat, DEFAULT_MAX_SERIES};
+        let cli = Cli::try_parse_from([
+            "kmesh-agent",
+            "--access-log-format=text",
+            "--max-telemetry-series=7",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.access_log_format, AccessLogFormat::Text);
+        assert_eq!(cli.run.max_telemetry_series, 7);
+        let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();
+        assert_eq!(defaults.run.access_log_format, AccessLogFormat::Json);
+        assert_eq!(defaults.run.max_telemetry_series, DEFAULT_MAX_SERIES);
+        assert!(Cli::try_parse_from(["kmesh-agent", "--access-log-format=xml"]).is_err());
     }
 }

@@ -9,8 +9,8 @@
 //! actions, reasons, policy names of the live snapshot), never from addresses seen in traffic, so the
 //! number of series is bounded by the snapshot.
 //!
-//! The Istio TCP metrics (`istio_tcp_*`) need per-connection events and workload names in the
-//! snapshot; they are not here yet.
+//! The Istio TCP metrics (`istio_tcp_*`) are counted per finished connection by
+//! [`crate::telemetry`] and rendered in the same scrape.
 use std::{collections::BTreeMap, convert::Infallible, sync::Arc};
 
 use http_body_util::Full;
@@ -18,7 +18,10 @@ use hyper::{Response, StatusCode, body::Bytes, header, server::conn::http1, serv
 use hyper_util::rt::TokioIo;
 use kmesh_snapshot::{Limits, Table};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{
+        EncodeLabelSet,
+        text::{encode_eof, encode_registry},
+    },
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -103,7 +106,9 @@ pub fn render(status: &Status, limits: &Limits, kernel: &KernelCounts) -> String
     }
     let mut out = String::new();
     // Writing to a String cannot fail.
-    let _ = encode(&mut out, &registry);
+    let _ = encode_registry(&mut out, &registry);
+    status.telemetry.encode(&mut out);
+    let _ = encode_eof(&mut out);
     out
 }
 

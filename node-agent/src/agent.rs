@@ -10,7 +10,11 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -23,9 +27,10 @@ use crate::{
     authz_counters::{AuthzCounterMap, PolicyNames},
     data_plane::{Applier, DataPlane},
     enrol::Enroller,
+    events::{self, EventMetrics, EventReader},
     host_addrs::{HostAddrMap, HostNetns},
     lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
-    loader::{self, AttachedLink, BpfObject, LoaderError},
+    loader::{self, AttachedLink, BpfObject, LoadOptions, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
     metrics::{self, ApplyDurations},
     refusal::RefusalKind,
@@ -50,6 +55,11 @@ pub struct Config {
     pub test_panic_at_snapshot: Option<u64>,
     /// Where the node's own addresses are read (`--host-netns`).
     pub host_netns: HostNetns,
+    /// What a load of the programs may set (`--events-ring-bytes`).
+    pub load: LoadOptions,
+    /// Whether this agent reads the connection events ring (`--no-events-reader` turns it off, for
+    /// tests that read the ring themselves).
+    pub events_reader: bool,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -228,8 +238,12 @@ pub(crate) fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
 /// Runs the agent until SIGINT or SIGTERM. Pins stay in place on exit, so that traffic keeps
 /// flowing, unless the operator says the node's agents are being removed.
 pub async fn run(config: Config) -> Result<(), AgentError> {
-    let mut installation =
-        loader::install_or_adopt(&config.bpffs_dir, &config.cgroup, config.object)?;
+    let mut installation = loader::install_or_adopt_with(
+        &config.bpffs_dir,
+        &config.cgroup,
+        config.object,
+        config.load,
+    )?;
     info!(
         dir = %installation.dir.display(),
         layout = %installation.layout,
@@ -247,6 +261,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     );
     let counters = Arc::new(CounterMap::open(&installation)?);
     let authz_counters = Arc::new(AuthzCounterMap::open(&installation)?);
+    let stop_events = Arc::new(AtomicBool::new(false));
+    let events = start_events(&installation, config.events_reader, stop_events.clone())?;
 
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node_name: config.node_name.clone(),
@@ -300,6 +316,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         status.clone(),
         maps_read,
         config.limits,
+        Some(events),
     ));
 
     let (live_tx, live_rx) = watch::channel(live.map_or(0, |l| l.value.meta.generation));
@@ -325,6 +342,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     tokio::select! {
         () = shutdown_signal() => {
+            stop_events.store(true, Ordering::Relaxed);
             shut_down(&config, &status, &tx).await;
             Ok(())
         }
@@ -333,6 +351,33 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             Err(AgentError::DataPlaneStopped(exit))
         }
     }
+}
+
+/// Opens the connection events' counters and, when `read`, starts the ring-buffer reader thread.
+/// Its connections go to [`events::Discard`] until telemetry consumes them (they are counted
+/// either way).
+fn start_events(
+    installation: &loader::Installation,
+    read: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<EventMetrics, AgentError> {
+    let dropped = Arc::new(events::DroppedCounter::open(installation)?);
+    if !read {
+        info!("not reading the connection events (--no-events-reader)");
+        return Ok(EventMetrics {
+            stats: None,
+            dropped,
+        });
+    }
+    let reader = EventReader::open(installation)?;
+    let stats = reader.stats();
+    reader
+        .spawn(events::Discard, stop)
+        .map_err(AgentError::Thread)?;
+    Ok(EventMetrics {
+        stats: Some(stats),
+        dropped,
+    })
 }
 
 /// How long a stopping agent waits for the data plane to finish an uninstall.

@@ -110,6 +110,15 @@ struct RunArgs {
     /// test kubelet, whose nodes are network namespaces, points it at its node's.
     #[arg(long, env = "KMESH_HOST_NETNS", default_value = "/proc/1/ns/net")]
     host_netns: PathBuf,
+    /// Size of the connection events ring buffer in bytes (a power of two, at least a page). Set
+    /// when the programs' maps are created: a ring already pinned keeps its size until an
+    /// uninstall or a new layout.
+    #[arg(long, default_value_t = kmesh_common::events::DEFAULT_EVENTS_RING_BYTES)]
+    events_ring_bytes: u32,
+    /// Test hook: leave the connection events ring to another reader (a test reading it itself).
+    /// Drops are still counted. Not for production use.
+    #[arg(long, hide = true)]
+    no_events_reader: bool,
 }
 
 fn main() -> ExitCode {
@@ -182,6 +191,10 @@ fn run(args: RunArgs) -> Result<(), String> {
         },
         test_panic_at_snapshot: args.test_panic_at_snapshot,
         host_netns: kmesh_agent::host_addrs::HostNetns::Path(args.host_netns),
+        load: loader::LoadOptions {
+            events_ring_bytes: args.events_ring_bytes,
+        },
+        events_reader: !args.no_events_reader,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -22,8 +22,8 @@ use serde_json::Value;
 /// the switch recorded, and only the links and the new layout pinned.
 fn assert_switched(node: &Node, before: &Value, after: &Value) {
     let (old, new) = (links(before), links(after));
-    assert_eq!(old.len(), 2, "{before}");
-    assert_eq!(new.len(), 2, "{after}");
+    assert_eq!(old.len(), 3, "{before}");
+    assert_eq!(new.len(), 3, "{after}");
     for ((name, old_link, old_program), (new_name, new_link, new_program)) in old.iter().zip(&new) {
         assert_eq!(name, new_name);
         assert_eq!(old_link, new_link, "{name}: BPF_LINK_UPDATE keeps the link");
@@ -34,7 +34,7 @@ fn assert_switched(node: &Node, before: &Value, after: &Value) {
     }
     assert_eq!(after["adopted_pins"], false, "{after}");
     assert_eq!(after["upgrade"]["state"], "switched", "{after}");
-    let expected: BTreeSet<String> = ["link_connect4", "link_connect6", "authz"]
+    let expected: BTreeSet<String> = ["link_connect4", "link_connect6", "link_sockops", "authz"]
         .iter()
         .map(|s| s.to_string())
         .chain([layout(after)])
@@ -280,7 +280,7 @@ fn a_detached_pinned_link_is_replaced() {
     wait_enrolled(&mut first);
     let installed = first.debug_snapshot().unwrap();
     assert!(first.terminate().expect("SIGTERM").success());
-    for link in ["link_connect4", "link_connect6"] {
+    for link in ["link_connect4", "link_connect6", "link_sockops"] {
         let pin = kmesh_agent::sys::obj_get(&node.dir.path().join(link)).expect("open link pin");
         kmesh_agent::sys::link_detach(pin.as_fd()).expect("BPF_LINK_DETACH");
     }

@@ -190,8 +190,10 @@ fn outcome_index(outcome: Outcome) -> usize {
     }
 }
 
-/// How long the reader sleeps in poll(2) before it checks whether it is to stop.
-const POLL_INTERVAL_MS: i32 = 200;
+/// How long the reader sleeps in poll(2): the programs wake it only once the ring is a quarter full
+/// (a wakeup per connection would cost more than the event), so this is how late an event of a
+/// quiet node is read, and how often the reader checks whether it is to stop.
+const POLL_INTERVAL_MS: i32 = 100;
 
 /// The reader of one pinned ring buffer. One reader per ring: two would split the events.
 pub struct EventReader {
@@ -259,7 +261,7 @@ impl EventReader {
         unsafe { libc::poll(&mut fds, 1, timeout_ms) };
     }
 
-    /// Reads events on a thread of its own until `stop` is set (checked at least every 200 ms).
+    /// Reads events on a thread of its own until `stop` is set (checked at least every 100 ms).
     pub fn spawn(
         mut self,
         mut sink: impl ConnectionSink,

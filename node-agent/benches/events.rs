@@ -110,8 +110,7 @@ fn attach_connect_only(installation: &Installation, cgroup: &TestCgroup) -> Vec<
         .map(|hook| {
             let program = sys::obj_get(&installation.layout_dir.join(hook.program_pin()))
                 .expect("pinned program");
-            sys::link_create(program.as_fd(), cgroup_dir.as_fd(), hook.cgroup_hook())
-                .expect("link")
+            sys::link_create(program.as_fd(), cgroup_dir.as_fd(), hook.cgroup_hook()).expect("link")
         })
         .collect()
 }

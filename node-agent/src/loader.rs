@@ -440,3 +440,23 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_ring_must_be_a_power_of_two_of_at_least_a_page() {
+        let ring = |events_ring_bytes| LoadOptions { events_ring_bytes }.check();
+        assert!(LoadOptions::default().check().is_ok());
+        assert!(ring(4096).is_ok());
+        assert!(ring(1 << 30).is_ok());
+        for bad in [0, 1, 2048, 5000, 4096 + 4096 * 2] {
+            let err = ring(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("size {bad}: must be a power of two")),
+                "{err}"
+            );
+        }
+    }
+}

@@ -165,11 +165,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Medians (us per connection): baseline, connect4/6 only, connect4/6 + sock_ops.
+/// Every round's microseconds per connection: baseline, connect4/6 only, connect4/6 + sock_ops.
 struct Costs {
-    baseline: f64,
-    connect_only: f64,
-    events: f64,
+    baseline: Vec<f64>,
+    connect_only: Vec<f64>,
+    events: Vec<f64>,
 }
 
 fn connect_cost(
@@ -202,31 +202,37 @@ fn connect_cost(
         }
     }
     Costs {
-        baseline: median(baseline),
-        connect_only: median(without),
-        events: median(with),
+        baseline,
+        connect_only: without,
+        events: with,
     }
 }
 
 fn print_costs(plan: &Plan, c: Costs) {
     println!();
     println!(
-        "connect()+close() (RST), median of {} rounds of {} connections:",
+        "connect()+close() (RST), median of {} rounds of {} connections (min..max of the rounds):",
         plan.rounds, plan.connections
     );
-    let line = |name: &str, us: f64| {
+    let baseline = median(c.baseline.clone());
+    let line = |name: &str, rounds: &[f64]| {
+        let us = median(rounds.to_vec());
+        let (min, max) = rounds
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
         println!(
-            "  {name:<48} {us:>8.2} us {:>10.0} conn/s   ratio to baseline {:.3}",
+            "  {name:<44} {us:>8.2} us ({min:.1}..{max:.1}) {:>8.0} conn/s   ratio to baseline {:.3}",
             1e6 / us,
-            us / c.baseline
-        )
+            us / baseline
+        );
+        us
     };
-    line("baseline: pod IP, no programs", c.baseline);
-    line("service VIP, connect4/6 only", c.connect_only);
-    line("service VIP, connect4/6 + sock_ops events", c.events);
+    line("baseline: pod IP, no programs", &c.baseline);
+    let without = line("service VIP, connect4/6 only", &c.connect_only);
+    let with = line("service VIP, connect4/6 + sock_ops events", &c.events);
     println!(
         "  events cost: {:+.2} us per connection, ratio with/without events {:.3}",
-        c.events - c.connect_only,
-        c.events / c.connect_only
+        with - without,
+        with / without
     );
 }

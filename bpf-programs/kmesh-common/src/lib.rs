@@ -25,7 +25,7 @@ pub use events::{ConnEvent, SockState};
 
 /// Version of the map layout and of the snapshot records. Part of the snapshot header; the agent
 /// refuses to adopt pinned maps or load snapshots of another layout.
-pub const LAYOUT_VERSION: u16 = 3;
+pub const LAYOUT_VERSION: u16 = 2;
 
 /// An IPv4 or IPv6 address in 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 pub type Ip16 = [u8; 16];

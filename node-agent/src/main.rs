@@ -274,4 +274,24 @@ mod tests {
         let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();
         assert_eq!(limits(&defaults.run), Limits::default());
     }
+
+    /// The events flags reach the run arguments; by default the ring has its default size and the
+    /// agent reads it.
+    #[test]
+    fn events_flags() {
+        let cli = Cli::try_parse_from([
+            "kmesh-agent",
+            "--events-ring-bytes=4096",
+            "--no-events-reader",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.events_ring_bytes, 4096);
+        assert!(cli.run.no_events_reader);
+        let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();
+        assert_eq!(
+            defaults.run.events_ring_bytes,
+            kmesh_common::events::DEFAULT_EVENTS_RING_BYTES
+        );
+        assert!(!defaults.run.no_events_reader);
+    }
 }

@@ -59,6 +59,7 @@ bash scripts/fuzz.sh --smoke
 # (kube and all) would add about 10 minutes to a cold run. Measurements are `cargo bench` (release).
 step "benchmark smoke runs (test profile; measurements: cargo bench)"
 cargo test -p kmesh-agent --bench dataplane --locked -- --smoke
+cargo test -p kmesh-agent --bench events --locked -- --smoke
 cargo test -p kmesh-agent --bench authz --locked -- --smoke
 cargo test -p kmesh-operator --bench compile --locked -- --smoke
 

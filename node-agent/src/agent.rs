@@ -10,7 +10,11 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -24,17 +28,18 @@ use crate::{
     authz_counters::{AuthzCounterMap, PolicyNames},
     data_plane::{Applier, DataPlane},
     enrol::Enroller,
+    events::{self, EventMetrics, EventReader},
     host_addrs::{HostAddrMap, HostNetns},
     kernel_maps::KernelSlots,
     lifecycle::{Lifecycle, Uninstalled, Upgrade, UpgradeState},
-    loader::{self, AttachedLink, BpfObject, LoaderError},
+    loader::{self, AttachedLink, BpfObject, LoadOptions, LoaderError},
     maps::{ApplyStats, CounterMap, Counters, EnrolledMap, GenerationMaps, MapsError},
     metrics::{self, ApplyDurations},
     refusal::RefusalKind,
     slots::SlotMaps as _,
     source::{self, Delivery, ShutdownVerdict, Source},
     supervise::{self, ThreadExit},
-    telemetry::{self, LiveNames, Telemetry, TelemetrySettings},
+    telemetry::{self, LiveNames, Recorder, Telemetry, TelemetrySettings},
 };
 
 pub struct Config {
@@ -56,6 +61,11 @@ pub struct Config {
     pub host_netns: HostNetns,
     /// The access-log format and the cap on Istio metric label sets.
     pub telemetry: TelemetrySettings,
+    /// What a load of the programs may set (`--events-ring-bytes`).
+    pub load: LoadOptions,
+    /// Whether this agent reads the connection events ring (`--no-events-reader` turns it off, for
+    /// tests that read the ring themselves).
+    pub events_reader: bool,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -242,8 +252,12 @@ pub(crate) fn update(status: &SharedStatus, f: impl FnOnce(&mut Status)) {
 /// Runs the agent until SIGINT or SIGTERM. Pins stay in place on exit, so that traffic keeps
 /// flowing, unless the operator says the node's agents are being removed.
 pub async fn run(config: Config) -> Result<(), AgentError> {
-    let mut installation =
-        loader::install_or_adopt(&config.bpffs_dir, &config.cgroup, config.object)?;
+    let mut installation = loader::install_or_adopt_with(
+        &config.bpffs_dir,
+        &config.cgroup,
+        config.object,
+        config.load,
+    )?;
     info!(
         dir = %installation.dir.display(),
         layout = %installation.layout,
@@ -264,6 +278,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // Finished connections are reported here: `telemetry.record(&connection, &names)`.
     let telemetry = Telemetry::new(config.telemetry);
     let live_config = KernelSlots::open(&installation)?;
+    // The names connections are labelled with: the data plane sets the live snapshot's.
+    let live_names = LiveNames::default();
+    let recorder = Recorder {
+        telemetry: telemetry.clone(),
+        names: live_names.clone(),
+    };
+    let stop_events = Arc::new(AtomicBool::new(false));
+    let events = start_events(
+        &installation,
+        config.events_reader,
+        stop_events.clone(),
+        recorder,
+    )?;
 
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node_name: config.node_name.clone(),
@@ -271,6 +298,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         layout: installation.layout.to_string(),
         links: installation.links.clone(),
         telemetry: telemetry.clone(),
+        live_names,
         ..Default::default()
     }));
     let lifecycle = Lifecycle::new(
@@ -318,6 +346,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         status.clone(),
         maps_read,
         config.limits,
+        Some(events),
     ));
 
     let (live_tx, live_rx) = watch::channel(live.map_or(0, |l| l.value.meta.generation));
@@ -348,6 +377,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     tokio::select! {
         () = shutdown_signal() => {
+            stop_events.store(true, Ordering::Relaxed);
             shut_down(&config, &status, &tx).await;
             Ok(())
         }
@@ -362,6 +392,32 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 fn read_live_config(slots: &KernelSlots) -> Result<Option<NodeConfig>, MapsError> {
     let slot = slots.active_slot()?;
     Ok(slots.generation_in(slot)?.map(|value| value.config))
+}
+
+/// Opens the connection events' counters and, when `read`, starts the ring-buffer reader thread,
+/// which hands every finished connection to telemetry through `recorder` (they are counted
+/// either way).
+fn start_events(
+    installation: &loader::Installation,
+    read: bool,
+    stop: Arc<AtomicBool>,
+    recorder: Recorder,
+) -> Result<EventMetrics, AgentError> {
+    let dropped = Arc::new(events::DroppedCounter::open(installation)?);
+    if !read {
+        info!("not reading the connection events (--no-events-reader)");
+        return Ok(EventMetrics {
+            stats: None,
+            dropped,
+        });
+    }
+    let reader = EventReader::open(installation)?;
+    let stats = reader.stats();
+    reader.spawn(recorder, stop).map_err(AgentError::Thread)?;
+    Ok(EventMetrics {
+        stats: Some(stats),
+        dropped,
+    })
 }
 
 /// How long a stopping agent waits for the data plane to finish an uninstall.

@@ -1,6 +1,7 @@
 //! Where the agent pins what, and what a starting agent does with the pins it finds (a pure plan).
 //!
-//! `--bpffs-dir` holds the two cgroup links at its top (`link_connect4`, `link_connect6`), and the
+//! `--bpffs-dir` holds the three cgroup links at its top (`link_connect4`, `link_connect6`,
+//! `link_sockops`: the connection events' `sock_ops` program), and the
 //! authorization links, one per enrolled network namespace, in `authz/` (`netns_links.rs`). They
 //! outlive agents and layouts: `BPF_LINK_UPDATE` replaces the program a link runs and keeps the
 //! link, its id and its pin. The maps and programs of an eBPF object live in a directory of their
@@ -22,7 +23,7 @@ use kmesh_common::{LAYOUT_VERSION, map_names};
 use crate::sys::CgroupHook;
 
 /// Every map the programs declare; each is pinned under its own name in the layout's directory.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 16] = [
     map_names::ACTIVE,
     map_names::GENERATION,
     map_names::SERVICES,
@@ -36,6 +37,9 @@ pub const MAPS: [&str; 13] = [
     map_names::AUTHZ_VERDICTS,
     map_names::AUTHZ_COUNTERS,
     map_names::HOST_ADDRS,
+    map_names::EVENTS,
+    map_names::EVENTS_DROPPED,
+    map_names::SOCK_STATE,
 ];
 
 /// The authorization program (`sk_lookup`), attached per enrolled network namespace.
@@ -51,16 +55,22 @@ pub const AUTHZ_LINKS_DIR: &str = "authz";
 pub enum Hook {
     Connect4,
     Connect6,
+    /// The connection events (`kmesh_sockops`), on the same cgroup.
+    SockOps,
 }
 
+/// Number of cgroup hooks.
+pub const HOOKS: usize = 3;
+
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::Connect4, Hook::Connect6];
+    pub const ALL: [Hook; HOOKS] = [Hook::Connect4, Hook::Connect6, Hook::SockOps];
 
     /// The program's name in the object.
     pub const fn program(self) -> &'static str {
         match self {
             Hook::Connect4 => "kmesh_connect4",
             Hook::Connect6 => "kmesh_connect6",
+            Hook::SockOps => "kmesh_sockops",
         }
     }
 
@@ -69,6 +79,7 @@ impl Hook {
         match self {
             Hook::Connect4 => "prog_connect4",
             Hook::Connect6 => "prog_connect6",
+            Hook::SockOps => "prog_sockops",
         }
     }
 
@@ -77,6 +88,7 @@ impl Hook {
         match self {
             Hook::Connect4 => "link_connect4",
             Hook::Connect6 => "link_connect6",
+            Hook::SockOps => "link_sockops",
         }
     }
 
@@ -84,6 +96,7 @@ impl Hook {
         match self {
             Hook::Connect4 => CgroupHook::Connect4,
             Hook::Connect6 => CgroupHook::Connect6,
+            Hook::SockOps => CgroupHook::SockOps,
         }
     }
 
@@ -134,11 +147,11 @@ impl std::fmt::Display for LayoutId {
 pub struct Found {
     /// Per hook ([`Hook::ALL`] order): the id of the program its pinned link runs, if a link is
     /// pinned (0 for a link whose program was detached).
-    pub links: [Option<u32>; 2],
+    pub links: [Option<u32>; HOOKS],
     /// This layout's directory holds every map and program.
     pub own_complete: bool,
     /// Per hook: the id of this layout's pinned program, if pinned.
-    pub own_programs: [Option<u32>; 2],
+    pub own_programs: [Option<u32>; HOOKS],
     /// Pins of other layouts: their directories, and maps or programs pinned at the top.
     pub others: Vec<PathBuf>,
 }
@@ -239,11 +252,11 @@ pub fn every_pin(dir: &Path, names: &[String]) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
-    fn found(links: [Option<u32>; 2], own: Option<[u32; 2]>, others: &[&str]) -> Found {
+    fn found(links: [Option<u32>; HOOKS], own: Option<[u32; HOOKS]>, others: &[&str]) -> Found {
         Found {
             links,
             own_complete: own.is_some(),
-            own_programs: own.map_or([None, None], |[a, b]| [Some(a), Some(b)]),
+            own_programs: own.map_or([None; HOOKS], |ids| ids.map(Some)),
             others: others.iter().map(PathBuf::from).collect(),
         }
     }
@@ -251,7 +264,7 @@ mod tests {
     #[test]
     fn an_empty_directory_is_installed_and_switched_at_once() {
         assert_eq!(
-            plan(&found([None, None], None, &[])),
+            plan(&found([None, None, None], None, &[])),
             Plan::Load {
                 when: SwitchWhen::Now,
                 retire: vec![]
@@ -262,7 +275,7 @@ mod tests {
     #[test]
     fn links_running_this_layout_are_adopted() {
         assert_eq!(
-            plan(&found([Some(7), Some(8)], Some([7, 8]), &[])),
+            plan(&found([Some(7), Some(8), Some(9)], Some([7, 8, 9]), &[])),
             Plan::Adopt {
                 missing: vec![],
                 retire: vec![]
@@ -270,7 +283,11 @@ mod tests {
         );
         // An interrupted upgrade that had switched the links: adopt and finish the cleanup.
         assert_eq!(
-            plan(&found([Some(7), Some(8)], Some([7, 8]), &["/b/v1-old"])),
+            plan(&found(
+                [Some(7), Some(8), Some(9)],
+                Some([7, 8, 9]),
+                &["/b/v1-old"]
+            )),
             Plan::Adopt {
                 missing: vec![],
                 retire: vec!["/b/v1-old".into()]
@@ -278,7 +295,7 @@ mod tests {
         );
         // A missing link is attached to the pinned program.
         assert_eq!(
-            plan(&found([Some(7), None], Some([7, 8]), &[])),
+            plan(&found([Some(7), None, Some(9)], Some([7, 8, 9]), &[])),
             Plan::Adopt {
                 missing: vec![Hook::Connect6],
                 retire: vec![]
@@ -290,7 +307,7 @@ mod tests {
     fn links_running_other_programs_switch_after_the_first_snapshot() {
         // Another layout steers: fill ours first.
         assert_eq!(
-            plan(&found([Some(3), Some(4)], None, &["/b/v1-old"])),
+            plan(&found([Some(3), Some(4), Some(5)], None, &["/b/v1-old"])),
             Plan::Load {
                 when: SwitchWhen::AfterFirstSnapshot,
                 retire: vec!["/b/v1-old".into()]
@@ -298,7 +315,11 @@ mod tests {
         );
         // Our layout is pinned (an interrupted upgrade) but the links still run the old programs.
         assert_eq!(
-            plan(&found([Some(3), Some(4)], Some([7, 8]), &["/b/v1-old"])),
+            plan(&found(
+                [Some(3), Some(4), Some(5)],
+                Some([7, 8, 9]),
+                &["/b/v1-old"]
+            )),
             Plan::Load {
                 when: SwitchWhen::AfterFirstSnapshot,
                 retire: vec!["/b/v1-old".into()]
@@ -306,15 +327,15 @@ mod tests {
         );
         // One link of ours, one of another layout: still another layout steers.
         assert_eq!(
-            plan(&found([Some(7), Some(4)], Some([7, 8]), &[])),
+            plan(&found([Some(7), Some(4), Some(5)], Some([7, 8, 9]), &[])),
             Plan::Load {
                 when: SwitchWhen::AfterFirstSnapshot,
                 retire: vec![]
             }
         );
         // A layout directory incomplete while links run its programs: rebuilt, then switched.
-        let mut partial = found([Some(7), Some(8)], None, &[]);
-        partial.own_programs = [Some(7), Some(8)];
+        let mut partial = found([Some(7), Some(8), Some(9)], None, &[]);
+        partial.own_programs = [Some(7), Some(8), Some(9)];
         assert_eq!(
             plan(&partial),
             Plan::Load {
@@ -325,17 +346,37 @@ mod tests {
     }
 
     #[test]
+    fn a_layout_without_the_sockops_link_is_upgraded_and_the_link_added() {
+        // Links of a layout before connection events: connect4/6 steer, no sock_ops link.
+        assert_eq!(
+            plan(&found([Some(3), Some(4), None], None, &["/b/v2-old"])),
+            Plan::Load {
+                when: SwitchWhen::AfterFirstSnapshot,
+                retire: vec!["/b/v2-old".into()]
+            }
+        );
+        // Our layout, its sock_ops link removed by hand: attached again to the pinned program.
+        assert_eq!(
+            plan(&found([Some(7), Some(8), None], Some([7, 8, 9]), &[])),
+            Plan::Adopt {
+                missing: vec![Hook::SockOps],
+                retire: vec![]
+            }
+        );
+    }
+
+    #[test]
     fn detached_links_steer_nothing_and_are_switched_at_once() {
         // An uninstall that stopped half-way: links pinned but detached (program 0).
         assert_eq!(
-            plan(&found([Some(0), Some(0)], Some([7, 8]), &[])),
+            plan(&found([Some(0), Some(0), Some(0)], Some([7, 8, 9]), &[])),
             Plan::Load {
                 when: SwitchWhen::Now,
                 retire: vec![]
             }
         );
         assert_eq!(
-            plan(&found([Some(0), Some(8)], Some([7, 8]), &[])),
+            plan(&found([Some(0), Some(8), Some(9)], Some([7, 8, 9]), &[])),
             Plan::Load {
                 when: SwitchWhen::AfterFirstSnapshot,
                 retire: vec![]
@@ -346,8 +387,8 @@ mod tests {
     #[test]
     fn maps_without_links_are_reused_and_attached_at_once() {
         // Maps pinned, no link (an install that stopped half-way): nothing steers, so attach now.
-        let mut half = found([None, None], None, &[]);
-        half.own_programs = [Some(7), None];
+        let mut half = found([None, None, None], None, &[]);
+        half.own_programs = [Some(7), None, None];
         assert_eq!(
             plan(&half),
             Plan::Load {
@@ -389,6 +430,7 @@ mod tests {
             other.dir_name(),
             "link_connect4",
             "link_connect6",
+            "link_sockops",
             "KM_ACTIVE",
             "prog_connect4",
             "authz",
@@ -406,7 +448,7 @@ mod tests {
         expected.sort();
         assert_eq!(other_layouts(dir, &names, &own), expected);
         let every = every_pin(dir, &names);
-        assert_eq!(every.len(), 7, "{every:?}");
+        assert_eq!(every.len(), 8, "{every:?}");
         assert!(every.contains(&dir.join("authz")));
         assert!(!other_layouts(dir, &names, &own).contains(&dir.join("authz")));
         assert!(!every.contains(&dir.join("unrelated")));

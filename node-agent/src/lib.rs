@@ -17,7 +17,9 @@
 //!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
 //!   [`refusal`]: why a snapshot was refused; [`supervise`]: that thread's end;
 //! - [`connection`]: a finished connection and the names it is labelled with (kernel events to
-//!   telemetry); [`telemetry`]: Istio's TCP metrics and the access log from those connections;
+//!   telemetry); [`events`]: the kernel's connection events ring buffer, read and decoded into
+//!   connections for a [`events::ConnectionSink`], and its drop counters; [`telemetry`]: Istio's
+//!   TCP metrics and the access log from those connections;
 //! - [`admin`]: health and debug endpoints; [`authz_counters`]: what `/debug/authz` shows; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
@@ -27,6 +29,7 @@ pub mod data_plane;
 pub mod enrol;
 pub mod error_chain;
 pub mod established;
+pub mod events;
 #[cfg(test)]
 mod fake_slots;
 pub mod host_addrs;

@@ -1,6 +1,6 @@
 //! Loading the kernel programs, pinning them, and adopting or upgrading what an earlier agent left.
 //!
-//! The pins are laid out as `layout.rs` says: the two cgroup links at the top of `--bpffs-dir`,
+//! The pins are laid out as `layout.rs` says: the three cgroup links at the top of `--bpffs-dir`,
 //! maps and programs in a directory per layout of the eBPF object. [`install_or_adopt`] inspects
 //! what is pinned, asks `layout::plan` what to do, and does it: adopt the pins as they are (the
 //! link ids and programs stay, nothing is loaded), or load this agent's object with maps of its
@@ -18,8 +18,9 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{MapData, MapError},
-    programs::{CgroupSockAddr, ProgramError, SkLookup},
+    programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps},
 };
+use kmesh_common::{events::DEFAULT_EVENTS_RING_BYTES, map_names};
 use tracing::{info, warn};
 
 pub use crate::link_switch::{AttachedLink, LinkSwitch};
@@ -62,6 +63,36 @@ impl BpfObject {
 }
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+
+/// Settings of a load that are not part of the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Size of the connection events ring buffer (`KM_EVENTS`) in bytes: a power of two and a
+    /// multiple of the page size. Takes effect when the layout's maps are created; a ring already
+    /// pinned keeps its size (it is a map of the layout, reused like the others).
+    pub events_ring_bytes: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            events_ring_bytes: DEFAULT_EVENTS_RING_BYTES,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Checks what the kernel would refuse with a bare EINVAL.
+    pub fn check(&self) -> Result<(), LoaderError> {
+        let bytes = self.events_ring_bytes;
+        // SAFETY: sysconf has no preconditions.
+        let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        if !bytes.is_power_of_two() || bytes < page {
+            return Err(LoaderError::EventsRingSize { bytes, page });
+        }
+        Ok(())
+    }
+}
 
 /// A bpf(2) object operation of the loader, as named in errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +150,10 @@ pub enum LoaderError {
     },
     #[error("pinned map {path}: {source}")]
     Map { path: PathBuf, source: MapError },
+    #[error(
+        "events ring buffer size {bytes}: must be a power of two of at least the page size ({page} bytes)"
+    )]
+    EventsRingSize { bytes: u32, page: u32 },
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
@@ -166,12 +201,24 @@ impl Installation {
     }
 }
 
-/// Adopts, installs or starts an upgrade, as the pins in `dir` call for (see `layout.rs`).
+/// Adopts, installs or starts an upgrade, as the pins in `dir` call for (see `layout.rs`), with
+/// the default [`LoadOptions`].
 pub fn install_or_adopt(
     dir: &Path,
     cgroup: &Path,
     object: BpfObject,
 ) -> Result<Installation, LoaderError> {
+    install_or_adopt_with(dir, cgroup, object, LoadOptions::default())
+}
+
+/// [`install_or_adopt`] with `options` for what it may load.
+pub fn install_or_adopt_with(
+    dir: &Path,
+    cgroup: &Path,
+    object: BpfObject,
+    options: LoadOptions,
+) -> Result<Installation, LoaderError> {
+    options.check()?;
     ensure_bpffs_dir(dir)?;
     let layout = object.layout();
     let layout_dir = dir.join(layout.dir_name());
@@ -195,7 +242,7 @@ pub fn install_or_adopt(
         Plan::Load { when, retire } => {
             // Before anything is loaded or pinned: a wrong --cgroup must leave nothing behind.
             let switch = LinkSwitch::new(&installation, cgroup, retire, true)?;
-            load(&installation.layout_dir, object)?;
+            load(&installation.layout_dir, object, options)?;
             match when {
                 SwitchWhen::Now => {
                     switch.run()?;
@@ -248,38 +295,55 @@ fn inspect(dir: &Path, own: &LayoutId) -> Result<Found, LoaderError> {
 
 /// Loads `object` with every map pinned in `layout_dir` (reusing the maps already pinned there, so
 /// their contents survive) and pins its programs there. Attaches nothing.
-fn load(layout_dir: &Path, object: BpfObject) -> Result<(), LoaderError> {
+fn load(layout_dir: &Path, object: BpfObject, options: LoadOptions) -> Result<(), LoaderError> {
     fs::create_dir_all(layout_dir).map_err(io_err(layout_dir))?;
     let mut loader = EbpfLoader::new();
     let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, layout_dir.join(m))).collect();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
+    loader.map_max_entries(map_names::EVENTS, options.events_ring_bytes);
     let mut ebpf = loader.load(object.bytes()).map_err(Box::new)?;
     for hook in Hook::ALL {
-        let name = hook.program();
-        let prog_err = |e: ProgramError| LoaderError::Program {
-            name,
-            source: Box::new(e),
-        };
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoaderError::MissingProgram(name))?
-            .try_into()
-            .map_err(prog_err)?;
-        prog.load().map_err(prog_err)?;
-        // The link switch opens the program by this pin; a stale one (of an earlier, partial
-        // install) is replaced.
-        let path = layout_dir.join(hook.program_pin());
-        if path.exists() {
-            fs::remove_file(&path).map_err(io_err(&path))?;
-        }
-        prog.pin(&path)
-            .map_err(|source| LoaderError::Pin { path, source })?;
+        load_cgroup_program(&mut ebpf, hook, layout_dir)?;
     }
     load_authz(&mut ebpf, layout_dir)?;
     info!(dir = %layout_dir.display(), "programs loaded and pinned");
     Ok(())
+}
+
+/// Loads the program of a cgroup hook and pins it in `layout_dir` (the link switch opens it there).
+fn load_cgroup_program(
+    ebpf: &mut aya::Ebpf,
+    hook: Hook,
+    layout_dir: &Path,
+) -> Result<(), LoaderError> {
+    let name = hook.program();
+    let prog_err = |e: ProgramError| LoaderError::Program {
+        name,
+        source: Box::new(e),
+    };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?;
+    // A stale pin (of an earlier, partial install) is replaced.
+    let path = layout_dir.join(hook.program_pin());
+    if path.exists() {
+        fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    let pinned = match hook {
+        Hook::Connect4 | Hook::Connect6 => {
+            let prog: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+            prog.load().map_err(prog_err)?;
+            prog.pin(&path)
+        }
+        Hook::SockOps => {
+            let prog: &mut SockOps = program.try_into().map_err(prog_err)?;
+            prog.load().map_err(prog_err)?;
+            prog.pin(&path)
+        }
+    };
+    pinned.map_err(|source| LoaderError::Pin { path, source })
 }
 
 /// Loads `kmesh_authz` and pins it in `layout_dir` (the per-namespace links attach it from there).
@@ -375,4 +439,24 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
         return Err(LoaderError::NotBpffs(dir.to_path_buf()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_ring_must_be_a_power_of_two_of_at_least_a_page() {
+        let ring = |events_ring_bytes| LoadOptions { events_ring_bytes }.check();
+        assert!(LoadOptions::default().check().is_ok());
+        assert!(ring(4096).is_ok());
+        assert!(ring(1 << 30).is_ok());
+        for bad in [0, 1, 2048, 5000, 4096 + 4096 * 2] {
+            let err = ring(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("size {bad}: must be a power of two")),
+                "{err}"
+            );
+        }
+    }
 }

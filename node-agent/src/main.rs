@@ -123,6 +123,15 @@ struct RunArgs {
     /// test kubelet, whose nodes are network namespaces, points it at its node's.
     #[arg(long, env = "KMESH_HOST_NETNS", default_value = "/proc/1/ns/net")]
     host_netns: PathBuf,
+    /// Size of the connection events ring buffer in bytes (a power of two, at least a page). Set
+    /// when the programs' maps are created: a ring already pinned keeps its size until an
+    /// uninstall or a new layout.
+    #[arg(long, default_value_t = kmesh_common::events::DEFAULT_EVENTS_RING_BYTES)]
+    events_ring_bytes: u32,
+    /// Test hook: leave the connection events ring to another reader (a test reading it itself).
+    /// Drops are still counted. Not for production use.
+    #[arg(long, hide = true)]
+    no_events_reader: bool,
 }
 
 fn main() -> ExitCode {
@@ -199,6 +208,10 @@ fn run(args: RunArgs) -> Result<(), String> {
             access_log_format: args.access_log_format,
             max_series: args.max_telemetry_series,
         },
+        load: loader::LoadOptions {
+            events_ring_bytes: args.events_ring_bytes,
+        },
+        events_reader: !args.no_events_reader,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -295,5 +308,25 @@ mod tests {
         assert_eq!(defaults.run.access_log_format, AccessLogFormat::Json);
         assert_eq!(defaults.run.max_telemetry_series, DEFAULT_MAX_SERIES);
         assert!(Cli::try_parse_from(["kmesh-agent", "--access-log-format=xml"]).is_err());
+    }
+
+    /// The events flags reach the run arguments; by default the ring has its default size and the
+    /// agent reads it.
+    #[test]
+    fn events_flags() {
+        let cli = Cli::try_parse_from([
+            "kmesh-agent",
+            "--events-ring-bytes=4096",
+            "--no-events-reader",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.events_ring_bytes, 4096);
+        assert!(cli.run.no_events_reader);
+        let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();
+        assert_eq!(
+            defaults.run.events_ring_bytes,
+            kmesh_common::events::DEFAULT_EVENTS_RING_BYTES
+        );
+        assert!(!defaults.run.no_events_reader);
     }
 }

@@ -32,6 +32,7 @@ use crate::{
     admin::Maps,
     agent::{SharedStatus, Status},
     authz_counters::{Action, AuthzCount, PolicyKind, Reason},
+    events::{Dropped, EventCounts, EventMetrics},
     kernel_maps::Counters,
     refusal::RefusalKind,
 };
@@ -64,6 +65,10 @@ impl ApplyDurations {
 pub struct KernelCounts {
     pub counters: Option<Counters>,
     pub authz: Option<Vec<AuthzCount>>,
+    /// Connection events read by this agent (`None` when it does not read the ring).
+    pub events: Option<EventCounts>,
+    /// Connection events the kernel dropped.
+    pub events_dropped: Option<Dropped>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +79,11 @@ struct TableLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +114,7 @@ pub fn render(status: &Status, limits: &Limits, kernel: &KernelCounts) -> String
     if let Some(authz) = &kernel.authz {
         register_authz(&mut registry, authz);
     }
+    register_events(&mut registry, kernel);
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode_registry(&mut out, &registry);
@@ -241,6 +252,37 @@ fn register_counters(registry: &mut Registry, c: &Counters) {
     );
 }
 
+/// The connection events: read per outcome, and dropped by the kernel per reason.
+fn register_events(registry: &mut Registry, kernel: &KernelCounts) {
+    if let Some(counts) = &kernel.events {
+        let read = Family::<OutcomeLabel, Counter>::default();
+        for (outcome, value) in counts.labelled() {
+            read.get_or_create(&OutcomeLabel { outcome }).inc_by(value);
+        }
+        registry.register(
+            "events",
+            "Connection events read from the kernel, by outcome (closed, reset, connect_failed, \
+             no_endpoint, denied; invalid: a record that did not decode)",
+            read,
+        );
+    }
+    if let Some(dropped) = &kernel.events_dropped {
+        let lost = Family::<ReasonLabel, Counter>::default();
+        for (reason, value) in [
+            ("ring_full", dropped.ring_full),
+            ("no_storage", dropped.no_storage),
+        ] {
+            lost.get_or_create(&ReasonLabel { reason }).inc_by(value);
+        }
+        registry.register(
+            "events_dropped",
+            "Connection events the kernel could not report: the ring buffer was full (the reader \
+             fell behind), or a connection's socket storage could not be allocated",
+            lost,
+        );
+    }
+}
+
 /// Authorization decisions per deciding policy, action and reason (summed over workloads).
 fn register_authz(registry: &mut Registry, counts: &[AuthzCount]) {
     let mut sums: BTreeMap<AuthzLabels, u64> = BTreeMap::new();
@@ -294,7 +336,7 @@ fn policy_kind(kind: PolicyKind) -> &'static str {
 }
 
 /// Reads the kernel maps for a scrape; a map that cannot be read is logged and left out.
-fn read_kernel(status: &SharedStatus, maps: &Maps) -> KernelCounts {
+fn read_kernel(status: &SharedStatus, maps: &Maps, events: Option<&EventMetrics>) -> KernelCounts {
     let names = status
         .lock()
         .map(|s| s.authz_policies.clone())
@@ -309,11 +351,28 @@ fn read_kernel(status: &SharedStatus, maps: &Maps) -> KernelCounts {
         .read(&names)
         .inspect_err(|e| warn!(error = %e, "metrics: reading the authorization counters"))
         .ok();
-    KernelCounts { counters, authz }
+    let events_dropped = events.and_then(|e| {
+        e.dropped
+            .read()
+            .inspect_err(|e| warn!(error = %e, "metrics: reading the events drop counters"))
+            .ok()
+    });
+    KernelCounts {
+        counters,
+        authz,
+        events: events.and_then(|e| e.stats.as_ref()).map(|s| s.counts()),
+        events_dropped,
+    }
 }
 
 /// Serves the metrics on every path until the process exits.
-pub async fn serve(listener: TcpListener, status: SharedStatus, maps: Maps, limits: Limits) {
+pub async fn serve(
+    listener: TcpListener,
+    status: SharedStatus,
+    maps: Maps,
+    limits: Limits,
+    events: Option<EventMetrics>,
+) {
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics server listening");
     let limits = Arc::new(limits);
     loop {
@@ -325,9 +384,10 @@ pub async fn serve(listener: TcpListener, status: SharedStatus, maps: Maps, limi
             }
         };
         let (status, maps, limits) = (status.clone(), maps.clone(), limits.clone());
+        let events = events.clone();
         tokio::spawn(async move {
             let service = service_fn(move |_req| {
-                let kernel = read_kernel(&status, &maps);
+                let kernel = read_kernel(&status, &maps, events.as_ref());
                 let body = match status.lock() {
                     Ok(s) => render(&s, &limits, &kernel),
                     Err(p) => render(&p.into_inner(), &limits, &kernel),
@@ -481,6 +541,7 @@ mod tests {
                     1,
                 ),
             ]),
+            ..KernelCounts::default()
         };
         let text = render(&Status::default(), &Limits::default(), &kernel);
         let mut series = lines_of(&text, "kmesh_authz_connections_total{");
@@ -495,5 +556,53 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("10.0.0."), "no address becomes a label");
+    }
+
+    #[test]
+    fn connection_events_per_outcome_and_drops_per_reason() {
+        let kernel = KernelCounts {
+            events: Some(EventCounts {
+                closed: 1,
+                reset: 2,
+                connect_failed: 3,
+                no_endpoint: 4,
+                denied: 5,
+                invalid: 6,
+            }),
+            events_dropped: Some(Dropped {
+                ring_full: 7,
+                no_storage: 8,
+            }),
+            ..KernelCounts::default()
+        };
+        let text = render(&Status::default(), &Limits::default(), &kernel);
+        let mut series = lines_of(&text, "kmesh_events_total{");
+        series.extend(lines_of(&text, "kmesh_events_dropped_total{"));
+        series.sort_unstable();
+        assert_eq!(
+            series,
+            [
+                "kmesh_events_dropped_total{reason=\"no_storage\"} 8",
+                "kmesh_events_dropped_total{reason=\"ring_full\"} 7",
+                "kmesh_events_total{outcome=\"closed\"} 1",
+                "kmesh_events_total{outcome=\"connect_failed\"} 3",
+                "kmesh_events_total{outcome=\"denied\"} 5",
+                "kmesh_events_total{outcome=\"invalid\"} 6",
+                "kmesh_events_total{outcome=\"no_endpoint\"} 4",
+                "kmesh_events_total{outcome=\"reset\"} 2",
+            ],
+            "{text}"
+        );
+        // An agent that does not read the ring shows no read counts, but still the drops.
+        let text = render(
+            &Status::default(),
+            &Limits::default(),
+            &KernelCounts {
+                events: None,
+                ..kernel
+            },
+        );
+        assert!(lines_of(&text, "kmesh_events_total").is_empty(), "{text}");
+        assert_eq!(lines_of(&text, "kmesh_events_dropped_total{").len(), 2);
     }
 }

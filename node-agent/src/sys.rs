@@ -139,6 +139,8 @@ pub enum CgroupHook {
     Connect4 = 10,
     /// `BPF_CGROUP_INET6_CONNECT`.
     Connect6 = 11,
+    /// `BPF_CGROUP_SOCK_OPS`.
+    SockOps = 3,
 }
 
 /// `BPF_SK_LOOKUP` (`enum bpf_attach_type`): the network-namespace hook of `sk_lookup` programs.

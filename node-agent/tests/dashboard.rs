@@ -14,6 +14,7 @@ use kmesh_agent::{
     agent::{Counts, LiveSnapshot, Status},
     authz_counters::{Action, AuthzCount, Reason},
     connection::{Connection, Direction, NameLookup, Outcome, ServiceNames, WorkloadNames},
+    events::{Dropped, EventCounts},
     maps::Counters,
     metrics::{KernelCounts, render},
     refusal::RefusalKind,
@@ -92,6 +93,11 @@ fn agent_metrics() -> String {
             reason: Reason::NoAllowPolicy,
             connections: 1,
         }]),
+        events: Some(EventCounts {
+            closed: 1,
+            ..EventCounts::default()
+        }),
+        events_dropped: Some(Dropped::default()),
     };
     render(&status, &Limits::default(), &kernel)
 }

@@ -32,6 +32,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod names;
 pub mod netns;
+pub mod peer;
 pub mod probe;
 pub mod snapshot_server;
 pub mod sweep;

@@ -344,6 +344,7 @@ fn assert_switched(cluster: &Cluster, node: &str, before: &Value, after: &Value)
     let expected = vec![
         "link_connect4".to_string(),
         "link_connect6".into(),
+        "link_sockops".into(),
         "authz".into(),
         layout,
     ];

@@ -22,8 +22,8 @@ use serde_json::Value;
 /// the switch recorded, and only the links and the new layout pinned.
 fn assert_switched(node: &Node, before: &Value, after: &Value) {
     let (old, new) = (links(before), links(after));
-    assert_eq!(old.len(), 2, "{before}");
-    assert_eq!(new.len(), 2, "{after}");
+    assert_eq!(old.len(), 3, "{before}");
+    assert_eq!(new.len(), 3, "{after}");
     for ((name, old_link, old_program), (new_name, new_link, new_program)) in old.iter().zip(&new) {
         assert_eq!(name, new_name);
         assert_eq!(old_link, new_link, "{name}: BPF_LINK_UPDATE keeps the link");
@@ -34,7 +34,7 @@ fn assert_switched(node: &Node, before: &Value, after: &Value) {
     }
     assert_eq!(after["adopted_pins"], false, "{after}");
     assert_eq!(after["upgrade"]["state"], "switched", "{after}");
-    let expected: BTreeSet<String> = ["link_connect4", "link_connect6", "authz"]
+    let expected: BTreeSet<String> = ["link_connect4", "link_connect6", "link_sockops", "authz"]
         .iter()
         .map(|s| s.to_string())
         .chain([layout(after)])
@@ -280,7 +280,7 @@ fn a_detached_pinned_link_is_replaced() {
     wait_enrolled(&mut first);
     let installed = first.debug_snapshot().unwrap();
     assert!(first.terminate().expect("SIGTERM").success());
-    for link in ["link_connect4", "link_connect6"] {
+    for link in ["link_connect4", "link_connect6", "link_sockops"] {
         let pin = kmesh_agent::sys::obj_get(&node.dir.path().join(link)).expect("open link pin");
         kmesh_agent::sys::link_detach(pin.as_fd()).expect("BPF_LINK_DETACH");
     }
@@ -298,4 +298,47 @@ fn a_detached_pinned_link_is_replaced() {
         assert_ne!(*old_link, new_link, "{name}: the detached link was kept");
         assert_ne!(new_program, 0, "{name}: {replaced}");
     }
+}
+
+/// The pins of a layout from before connection events: the two connect links and no
+/// `link_sockops` (made by unpinning a fresh install's sock_ops link, which detaches it). An
+/// upgrade switches the two links it finds, keeping their ids, and attaches the third.
+#[test]
+fn a_layout_without_the_sockops_link_gains_it_in_the_upgrade() {
+    use std::os::fd::AsFd as _;
+    let mut node = Node::new("upgsockops", 177, &["a"]);
+    let file = node.file("snapshot");
+    node.write(&file, 1, &["a"]);
+    let mut first = node.start_agent(&file, &[]);
+    first.wait_ready(READY).expect("agent ready");
+    wait_enrolled(&mut first);
+    let installed = first.debug_snapshot().unwrap();
+    assert!(first.terminate().expect("SIGTERM").success());
+    let pin = node.dir.path().join("link_sockops");
+    let link = kmesh_agent::sys::obj_get(&pin).expect("open the sock_ops link");
+    kmesh_agent::sys::link_detach(link.as_fd()).expect("BPF_LINK_DETACH");
+    std::fs::remove_file(&pin).expect("unpin the sock_ops link");
+
+    let mut variant = node.start_agent(&file, &["--test-layout-variant"]);
+    variant.wait_ready(READY).expect("upgraded agent ready");
+    let upgraded = variant.debug_snapshot().unwrap();
+    let new_layout = layout(&upgraded);
+    assert_ne!(new_layout, layout(&installed));
+    let (old, new) = (links(&installed), links(&upgraded));
+    assert_eq!(new.len(), 3, "{upgraded}");
+    for i in 0..2 {
+        assert_eq!(old[i].1, new[i].1, "{}: the link was kept", old[i].0);
+        assert_ne!(old[i].2, new[i].2, "{}: the program was replaced", old[i].0);
+    }
+    let program =
+        kmesh_agent::sys::obj_get(&node.dir.path().join(&new_layout).join("prog_sockops"))
+            .expect("the new layout's sock_ops program");
+    let program = kmesh_agent::sys::prog_id(program.as_fd()).expect("program id");
+    assert_eq!(
+        new[2],
+        ("link_sockops".to_string(), new[2].1, u64::from(program)),
+        "{upgraded}"
+    );
+    let after = node.probe(20);
+    assert_eq!(after.replies("a"), 20, "{after:?}");
 }

@@ -14,12 +14,14 @@
 
 pub mod authz;
 mod choice;
+pub mod events;
 pub use authz::{
     AuthzCounterKey, AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue,
     AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,
     HostAddrValue,
 };
 pub use choice::{RouteWeightError, source_hash};
+pub use events::{ConnEvent, SockState};
 
 /// Version of the map layout and of the snapshot records. Part of the snapshot header; the agent
 /// refuses to adopt pinned maps or load snapshots of another layout.
@@ -322,6 +324,12 @@ pub mod map_names {
     pub const AUTHZ_COUNTERS: &str = "KM_AUTHZ_COUNTERS";
     /// `HashMap<Ip16, HostAddrValue>`, not per generation: the node's own addresses.
     pub const HOST_ADDRS: &str = "KM_HOST_ADDRS";
+    /// `RingBuf` of [`crate::ConnEvent`]s, not per generation; its size is set at load time.
+    pub const EVENTS: &str = "KM_EVENTS";
+    /// `PerCpuArray<u64>` indexed by [`crate::events::events_dropped`]: events lost to a full ring.
+    pub const EVENTS_DROPPED: &str = "KM_EVENTS_DROPPED";
+    /// `SkStorage<SockState>`: per-socket state of enrolled workloads' connections.
+    pub const SOCK_STATE: &str = "KM_SOCK_STATE";
 }
 
 /// Number of generation slots in every per-generation outer map.
@@ -404,6 +412,8 @@ mod user {
     unsafe impl aya::Pod for AuthzVerdict {}
     unsafe impl aya::Pod for AuthzCounterKey {}
     unsafe impl aya::Pod for HostAddrValue {}
+    unsafe impl aya::Pod for ConnEvent {}
+    unsafe impl aya::Pod for SockState {}
 }
 
 #[cfg(test)]

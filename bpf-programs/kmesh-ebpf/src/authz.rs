@@ -1,6 +1,7 @@
 //! `kmesh_authz` (`sk_lookup`): authorization of new inbound TCP connections to the node's mesh
 //! workloads, and the maps it reads. Part of `programs.rs` (it shares `KM_ACTIVE`,
-//! `KM_GENERATION` and `KM_COUNTERS` with the connect programs).
+//! `KM_GENERATION` and `KM_COUNTERS` with the connect programs). A denial is reported as a
+//! connection event (`events.rs`).
 //!
 //! Why `sk_lookup`: it runs in the destination's network namespace exactly when the kernel looks
 //! for a listening socket for a SYN — established connections never reach it — for mesh and
@@ -29,7 +30,7 @@ use kmesh_common::{
     counter, ipv4_mapped, mode,
 };
 
-use super::{INNER_FLAGS, KM_ACTIVE, KM_GENERATION, SLOTS, TEMPLATE_ENTRIES, count};
+use super::{INNER_FLAGS, KM_ACTIVE, KM_GENERATION, SLOTS, TEMPLATE_ENTRIES, count, events};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -82,6 +83,13 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
                 SK_PASS
             } else {
                 count(counter::AUTHZ_DENIED);
+                events::denied(
+                    &conn.local,
+                    conn.port,
+                    &conn.remote,
+                    conn.remote_port,
+                    verdict.policy,
+                );
                 SK_DROP
             }
         }
@@ -94,6 +102,8 @@ struct Connection {
     remote: Ip16,
     /// Destination port, host byte order.
     port: u16,
+    /// Source port, host byte order.
+    remote_port: u16,
 }
 
 /// The connection of a TCP lookup; `None` for anything else.
@@ -107,11 +117,12 @@ fn connection(ctx: &SkLookupContext) -> Option<Connection> {
     let l = ctx.lookup;
     // SAFETY: the kernel hands us a valid bpf_sk_lookup for the program's lifetime; each read is
     // of one whole field, and every field may be read whatever the family.
-    let (protocol, family, port, local4, remote4, local6, remote6) = unsafe {
+    let (protocol, family, port, remote_port, local4, remote4, local6, remote6) = unsafe {
         (
             read_volatile(&raw const (*l).protocol),
             read_volatile(&raw const (*l).family),
             read_volatile(&raw const (*l).local_port),
+            read_volatile(&raw const (*l).remote_port),
             read_volatile(&raw const (*l).local_ip4),
             read_volatile(&raw const (*l).remote_ip4),
             [
@@ -131,18 +142,21 @@ fn connection(ctx: &SkLookupContext) -> Option<Connection> {
     if protocol != IPPROTO_TCP as u32 {
         return None;
     }
-    // local_port is in host byte order (unlike the addresses).
+    // local_port is in host byte order (unlike the addresses); remote_port in network byte order.
     let port = port as u16;
+    let remote_port = u16::from_be(remote_port);
     match family {
         AF_INET => Some(Connection {
             local: ipv4_mapped(local4.to_ne_bytes()),
             remote: ipv4_mapped(remote4.to_ne_bytes()),
             port,
+            remote_port,
         }),
         AF_INET6 => Some(Connection {
             local: words_to_ip(local6),
             remote: words_to_ip(remote6),
             port,
+            remote_port,
         }),
         _ => None,
     }
@@ -237,7 +251,7 @@ const BPF_NOEXIST: u64 = 1;
 /// The 16 bytes of an address given as four 32-bit words in memory order (the verifier only
 /// allows full-word reads of the context's IPv6 fields).
 #[inline(always)]
-fn words_to_ip(words: [u32; 4]) -> Ip16 {
+pub(super) fn words_to_ip(words: [u32; 4]) -> Ip16 {
     let (a, b, c, d) = (
         words[0].to_ne_bytes(),
         words[1].to_ne_bytes(),

@@ -1,6 +1,7 @@
 //! `kmesh`: the kmesh-rs kernel programs as shipped, `cgroup/connect4` and `cgroup/connect6`
-//! (connect-time service load balancing; see `programs.rs`) and `sk_lookup` `kmesh_authz`
-//! (authorization of inbound connections; see `authz.rs`).
+//! (connect-time service load balancing; see `programs.rs`), `sk_lookup` `kmesh_authz`
+//! (authorization of inbound connections; see `authz.rs`) and `sock_ops` `kmesh_sockops` (an event
+//! per finished connection of an enrolled workload; see `events.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -9,6 +9,9 @@
 //! `sk_lookup` `kmesh_authz` (`authz.rs`, a child module of this one) authorizes new inbound TCP
 //! connections to enrolled workloads, in each enrolled pod's network namespace.
 //!
+//! `sock_ops` `kmesh_sockops` (`events.rs`, a child module too) reports every finished connection of
+//! an enrolled workload into a ring buffer; connect4/6 tell it the service they rewrote or refused.
+//!
 //! Generations: every table below except `KM_ENROLLED` and `KM_COUNTERS` is an array of two inner
 //! maps, one per generation slot. A program reads the active slot from `KM_ACTIVE` once, then does
 //! every lookup in that slot's maps, so it sees one whole snapshot (the agent fills a fresh slot
@@ -27,6 +30,8 @@ use kmesh_common::{
 
 #[path = "authz.rs"]
 mod authz;
+#[path = "events.rs"]
+mod events;
 
 const SLOTS: usize = GENERATION_SLOTS as usize;
 const INNER_FLAGS: usize = INNER_MAP_FLAGS as usize;
@@ -79,7 +84,13 @@ enum Verdict {
     /// Connect to this endpoint instead.
     Rewrite(EndpointValue),
     /// A known service that cannot be served: fail the connect at once.
-    Refuse,
+    Refuse(Refusal),
+}
+
+/// Who a refused connect came from, for its event.
+struct Refusal {
+    netns_cookie: u64,
+    workload_ip: Ip16,
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -92,14 +103,19 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     // user_ip4 and user_port hold network byte order; their in-memory bytes are the octets.
     let octets = sa.user_ip4.to_ne_bytes();
     let port = u16::from_be(sa.user_port as u16);
-    match decide(&ctx, kmesh_common::ipv4_mapped(octets), port) {
+    let service = kmesh_common::ipv4_mapped(octets);
+    match decide(&ctx, service, port) {
         Verdict::Pass => ALLOW,
-        Verdict::Refuse => refuse(),
+        Verdict::Refuse(r) => {
+            events::no_endpoint(&ctx, r.netns_cookie, &r.workload_ip, &service, port);
+            refuse()
+        }
         Verdict::Rewrite(ep) => match kmesh_common::as_ipv4(&ep.ip) {
             Some(v4) => {
                 sa.user_ip4 = u32::from_ne_bytes(v4);
                 sa.user_port = u32::from(ep.port.to_be());
                 count(counter::REWRITTEN);
+                events::remember_service(&ctx, &service, port);
                 ALLOW
             }
             // An IPv4 socket cannot reach an IPv6 endpoint.
@@ -141,7 +157,10 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     // families therefore rewrite the same way here.
     match decide(&ctx, ip, port) {
         Verdict::Pass => ALLOW,
-        Verdict::Refuse => refuse(),
+        Verdict::Refuse(r) => {
+            events::no_endpoint(&ctx, r.netns_cookie, &r.workload_ip, &ip, port);
+            refuse()
+        }
         Verdict::Rewrite(ep) => {
             let dst_is_v4 = kmesh_common::as_ipv4(&ip).is_some();
             let ep_is_v4 = kmesh_common::as_ipv4(&ep.ip).is_some();
@@ -157,6 +176,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
             sa.user_ip6[3] = w(12);
             sa.user_port = u32::from(ep.port.to_be());
             count(counter::REWRITTEN);
+            events::remember_service(&ctx, &ip, port);
             ALLOW
         }
     }
@@ -197,7 +217,10 @@ fn decide(ctx: &SockAddrContext, ip: Ip16, port: u16) -> Verdict {
         Ok(ep) => Verdict::Rewrite(ep),
         Err(reason) => {
             count(reason);
-            Verdict::Refuse
+            Verdict::Refuse(Refusal {
+                netns_cookie: cookie,
+                workload_ip: enrolled.workload_ip,
+            })
         }
     }
 }

@@ -71,6 +71,13 @@ impl Recorder {
     }
 }
 
+/// The event reader's sink: each finished connection is recorded as it arrives.
+impl crate::events::ConnectionSink for Recorder {
+    fn connection(&mut self, connection: Connection) {
+        self.record(&connection);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -187,6 +187,10 @@ pub struct Status {
     /// The names of the live snapshot's authorization policies (for `/debug/authz`).
     #[serde(skip)]
     pub authz_policies: Arc<PolicyNames>,
+    /// The live snapshot as decoded (`/debug/config_dump`), set under the same lock as `live`;
+    /// `None` until a snapshot is applied or confirmed live since the agent started.
+    #[serde(skip)]
+    pub live_snapshot: Option<Arc<kmesh_snapshot::Decoded>>,
 }
 
 /// How many flips `Status::recent_flips` keeps.
@@ -287,6 +291,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let maps_read = admin::Maps {
         counters,
         authz_counters,
+        slots: Arc::new(crate::maps::KernelSlots::open(&installation)?),
     };
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await

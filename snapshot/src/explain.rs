@@ -391,12 +391,15 @@ pub fn text(e: &Explanation) -> String {
 fn service_text(out: &mut String, e: &Explanation) {
     use std::fmt::Write as _;
     if let Some(s) = &e.service {
-        let name = s.service.as_deref().unwrap_or("(name unknown)");
+        let name = match &s.service {
+            Some(name) => format!("{name} (#{})", s.service_id),
+            None => format!("#{}", s.service_id),
+        };
         let route = s
             .route
             .clone()
             .unwrap_or_else(|| format!("#{}", s.route_id));
-        let _ = writeln!(out, "service {name} (id {}), route {route}", s.service_id);
+        let _ = writeln!(out, "service {name}, route {route}");
     }
     if e.steering == Steering::ServiceWithoutEndpoints {
         let _ = writeln!(out, "  no endpoint: connect() is refused (ECONNREFUSED)");

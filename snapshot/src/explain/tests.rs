@@ -211,7 +211,7 @@ fn the_text_shows_shares_endpoints_and_verdicts() {
     let text = text(&e);
     for expected in [
         "from 10.244.1.20 on node node-1, generation 4, mode KernelNative",
-        "to 10.96.0.10:80: service (name unknown) (id 1), route #1",
+        "to 10.96.0.10:80: service #1, route #1",
         " 80.0%  backend set #1, Random, 2 endpoint(s)",
         " 40.0%  10.244.2.11:9080  -  deny (DenyMatched by default/deny-client; decided on node node-2)",
         "this client always gets endpoint",

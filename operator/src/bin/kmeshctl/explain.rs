@@ -393,6 +393,102 @@ impl Names for OfflineNames<'_> {
 mod tests {
     use super::*;
 
+    /// The bookinfo fixture with Istio's own DestinationRules and 90/10 VirtualService.
+    fn bookinfo() -> Vec<PathBuf> {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let istio = repo.join("../shared/reference/istio/samples/bookinfo/networking");
+        vec![
+            repo.join("tests/fixtures/bookinfo"),
+            istio.join("destination-rule-all.yaml"),
+            istio.join("virtual-service-reviews-90-10.yaml"),
+        ]
+    }
+
+    fn offline(from: &str, to: &str) -> Result<serde_json::Value, ExplainError> {
+        let files = bookinfo();
+        let origin = Origin::Offline {
+            files: &files,
+            namespace: "default",
+            root_namespace: "istio-system".into(),
+        };
+        let bytes = run(origin, from, to, ExplainOutput::Json)?;
+        Ok(serde_json::from_slice(&bytes).expect("JSON"))
+    }
+
+    #[test]
+    fn offline_names_the_pods_and_resolves_the_service_host() {
+        let by_name = offline("default/productpage-v1", "reviews:9080").unwrap();
+        let by_ip = offline("10.244.77.10", "reviews.default.svc.cluster.local:9080").unwrap();
+        assert_eq!(by_name["to"], by_ip["to"], "one VIP by either name");
+        assert_eq!(by_name["source"]["pod"], "default/productpage-v1");
+        assert_eq!(
+            by_name["service"]["service"],
+            "reviews.default.svc.cluster.local"
+        );
+        let destinations = by_name["destinations"].as_array().unwrap();
+        let shares: Vec<(f64, &str)> = destinations
+            .iter()
+            .map(|d| {
+                (
+                    d["percent"].as_f64().unwrap(),
+                    d["endpoints"][0]["pod"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shares,
+            [(90.0, "default/reviews-v1"), (10.0, "default/reviews-v2")]
+        );
+        assert_eq!(
+            destinations[0]["endpoints"][0]["verdict"]["verdict"],
+            "not_bound"
+        );
+    }
+
+    #[test]
+    fn offline_says_what_it_cannot_find() {
+        let e = offline("10.9.9.9", "reviews:9080").unwrap_err();
+        assert!(
+            e.to_string().contains("no pod in the YAML has this IP"),
+            "{e}"
+        );
+        let e = offline("default/nope", "reviews:9080").unwrap_err();
+        assert!(e.to_string().contains("--from default/nope"), "{e}");
+        let e = offline("default/productpage-v1", "reviews:1").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no service of that name listens on port 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn live_needs_addresses_until_the_snapshot_carries_names() {
+        let agent: ListenerAddr = "127.0.0.1:1".parse().unwrap();
+        let e = run(
+            Origin::Live(&agent),
+            "default/pod",
+            "10.0.0.1:80",
+            ExplainOutput::Text,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ExplainError::NeedsNames { flag: "--from", .. }),
+            "{e}"
+        );
+        let e = run(
+            Origin::Live(&agent),
+            "10.0.0.2",
+            "reviews:80",
+            ExplainOutput::Text,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ExplainError::NeedsNames { flag: "--to", .. }),
+            "{e}"
+        );
+    }
+
     #[test]
     fn from_and_to_take_addresses_and_names() {
         assert!(matches!(parse_from("10.244.1.5"), Ok(From::Ip(_))));

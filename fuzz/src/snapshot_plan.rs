@@ -26,6 +26,9 @@ pub struct SnapshotPlan {
     generation: u64,
     /// Taken modulo the three modes.
     mode: u8,
+    access_log: bool,
+    /// Taken modulo the five levels.
+    log_level: u8,
     sets: Vec<SetPlan>,
     services: Vec<ServicePlan>,
     workloads: Vec<(Addr, u32)>,
@@ -66,7 +69,11 @@ impl Addr {
 #[derive(Arbitrary, Debug, Clone)]
 enum Edit {
     Mode(u32),
-    ConfigFlags(u32),
+    AgentSettings {
+        access_log: u8,
+        log_level: u8,
+        reserved: [u8; 2],
+    },
     NodeName(Vec<u8>),
     ServicePort {
         index: usize,
@@ -152,6 +159,10 @@ impl SnapshotPlan {
     pub fn build(&self) -> Snapshot {
         let mode = u32::from(self.mode % 3);
         let mut b = SnapshotBuilder::new(&self.node_name(), self.generation, mode);
+        b.agent_settings(
+            u8::from(self.access_log),
+            self.log_level % 5 + kmesh_common::log_level::ERROR,
+        );
         let mut set_ids = Vec::new();
         for set in &self.sets {
             let endpoints: Vec<Endpoint> = set
@@ -271,7 +282,15 @@ fn apply(s: &mut Snapshot, edit: &Edit) {
     let slot16 = |slot: u8| usize::from(slot) % kmesh_common::MAX_ROUTE_DESTINATIONS;
     match *edit {
         Edit::Mode(mode) => s.config.mode = mode,
-        Edit::ConfigFlags(flags) => s.config.flags = flags,
+        Edit::AgentSettings {
+            access_log,
+            log_level,
+            reserved,
+        } => {
+            s.config.access_log = access_log;
+            s.config.log_level = log_level;
+            s.config.reserved = reserved;
+        }
         Edit::NodeName(ref name) => s.node_name = String::from_utf8_lossy(name).into_owned(),
         Edit::ServicePort { index, port } => {
             if let Some(i) = pick(index, s.services.len()) {

@@ -128,10 +128,7 @@ pub fn header(generation: u64, content_hash: u64) -> GenerationValue {
             generation,
             content_hash,
         },
-        config: NodeConfig {
-            mode: mode::KERNEL_NATIVE,
-            flags: 0,
-        },
+        config: NodeConfig::with_mode(mode::KERNEL_NATIVE),
     }
 }
 

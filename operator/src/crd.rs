@@ -9,7 +9,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kmesh_common::mode;
+use kmesh_common::{log_level, mode};
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
@@ -81,9 +81,12 @@ pub struct KmeshConfigSpec {
     pub enrollment: EnrollmentSpec,
     /// How a new snapshot generation reaches the nodes.
     pub rollout: RolloutSpec,
-    /// Emit access logs for the connections the node programs steer.
+    /// Each node agent writes one access log line per closed connection of its enrolled
+    /// workloads, on its standard output. Switched on every node without a restart.
     pub access_log: bool,
-    /// Log level of the operator and the node agents: error, warn, info, debug or trace.
+    /// Log level of the operator and the node agents: error, warn, info, debug or trace. Changed
+    /// live; an agent's admin endpoint overrides it on that agent until the next change here, and
+    /// RUST_LOG set on a process holds until the next change here.
     pub log_level: LogLevel,
     /// Per-node capacity overrides; an unset field keeps the built-in default. Every node's
     /// snapshot must fit within them.
@@ -226,6 +229,25 @@ pub enum LogLevel {
     Debug,
     /// Very verbose.
     Trace,
+}
+
+impl LogLevel {
+    /// The level as the node config carries it: one of `kmesh_common::log_level`.
+    pub fn value(self) -> u8 {
+        match self {
+            LogLevel::Error => log_level::ERROR,
+            LogLevel::Warn => log_level::WARN,
+            LogLevel::Info => log_level::INFO,
+            LogLevel::Debug => log_level::DEBUG,
+            LogLevel::Trace => log_level::TRACE,
+        }
+    }
+
+    /// The level's name, as `tracing` and the CRD write it (`info`).
+    pub fn name(self) -> &'static str {
+        // Every value() is a level, so name() always answers; "info" only guards the impossible.
+        log_level::name(self.value()).unwrap_or("info")
+    }
 }
 
 /// Per-node table-size limits. Unset fields keep the defaults: 100000 services, 100000 routes,

@@ -13,6 +13,7 @@ pub mod istio;
 pub mod kinds;
 pub mod kube_source;
 pub mod leader;
+pub mod log_level;
 pub mod metrics;
 pub mod publish;
 pub mod reconcile;

@@ -17,6 +17,7 @@ use kmesh_operator::{
     inputs::Inputs,
     kube_source::{DebounceConfig, GateReport, KubeSource},
     leader::{self, ElectionConfig, Leadership},
+    log_level::LogLevelFollower,
     metrics::{self, Metrics},
     publish::{Publisher, RolloutPolicy},
     reconcile::{NodeRollout, ReconcileInput, Reconciler, RolloutFacts},
@@ -202,20 +203,13 @@ impl FromStr for ServiceAccount {
 }
 
 fn main() -> ExitCode {
-    // Colour codes only on a terminal: a container log or a file keeps plain text.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let log_level = init_tracing();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime);
-    match runtime.and_then(|runtime| runtime.block_on(run(cli))) {
+    match runtime.and_then(|runtime| runtime.block_on(run(cli, log_level))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -225,7 +219,24 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// The process's subscriber, its filter reloadable: `RUST_LOG` when set, else `info`; from then on
+/// `KmeshConfig.spec.logLevel` (see `log_level.rs`).
+fn init_tracing() -> LogLevelFollower {
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt as _, reload};
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let explicit = from_env.is_some();
+    let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| EnvFilter::new("info")));
+    // Colour codes only on a terminal: a container log or a file keeps plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer().with_ansi(ansi))
+        .init();
+    LogLevelFollower::new(Some(handle), explicit)
+}
+
+async fn run(cli: Cli, log_level: LogLevelFollower) -> Result<()> {
     let store = SnapshotStore::default();
     let metrics = Arc::new(Metrics::default());
     let cert = Arc::new(CurrentCert::default());
@@ -259,6 +270,7 @@ async fn run(cli: Cli) -> Result<()> {
         store,
         metrics,
         cert,
+        log_level,
     };
     match &cli.source {
         Source::Dir(path) => {
@@ -434,6 +446,8 @@ struct Operator<'a> {
     metrics: Arc<Metrics>,
     /// The serving certificate (TLS is ready once it is loaded).
     cert: Arc<CurrentCert>,
+    /// The operator's log filter, following `KmeshConfig.spec.logLevel`.
+    log_level: LogLevelFollower,
 }
 
 impl Operator<'_> {
@@ -452,6 +466,8 @@ impl Operator<'_> {
     /// Compiles `inputs` for its nodes (the Node objects and `--node`) and reports the
     /// diagnostics; publishes nothing.
     fn compile(&mut self, inputs: &Inputs, parse_diagnostics: Vec<Diagnostic>) -> Compiled {
+        let level = inputs.config.as_ref().map(|cfg| cfg.spec.log_level);
+        self.log_level.observe(level);
         let nodes = node_names(inputs, &self.cli.nodes);
         let started = std::time::Instant::now();
         let mut compiled = compile(inputs, &nodes, 1, &self.options);

@@ -171,6 +171,8 @@ pub fn json(s: &Snapshot, compiled: &Compiled) -> serde_json::Value {
         "nodeName": s.node_name,
         "generation": s.generation,
         "mode": mode_name(s.config.mode),
+        "accessLog": s.config.access_log == kmesh_common::access_log::ON,
+        "logLevel": kmesh_common::log_level::name(s.config.log_level),
         "contentHash": s.encode().ok().and_then(|b| kmesh_snapshot::peek_header(&b).ok()).map(|h| format!("{:016x}", h.content_hash)),
         "services": s.services.iter().map(|r| serde_json::json!({
             "vip": ip(&r.key.ip).to_string(), "port": r.key.port,

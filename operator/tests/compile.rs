@@ -7,6 +7,7 @@
 //! set): in CI a golden is a check, never an output.
 use std::path::{Path, PathBuf};
 
+use kmesh_common::{access_log, log_level};
 use kmesh_operator::{
     compile::{CompileOptions, Compiled, compile},
     diagnostics::Severity,
@@ -920,7 +921,7 @@ fn unenforced_l7_wording_follows_the_mode() {
 }
 
 #[test]
-fn kmeshconfig_capacity_and_unimplemented_settings_are_reported() {
+fn kmeshconfig_capacity_is_reported() {
     let mut inputs = bookinfo_with(&["destination-rule-all.yaml"]);
     let config = r#"
 apiVersion: kmesh.net/v1alpha1
@@ -944,7 +945,53 @@ spec:
         has("spec.capacity: node node-1's snapshot holds 4 services, capacity is 2"),
         "{text:#?}"
     );
-    assert!(has("spec.accessLog"), "{text:#?}");
+    assert!(
+        !has("spec.accessLog"),
+        "the access log is enforced: {text:#?}"
+    );
+}
+
+#[test]
+fn kmeshconfig_access_log_and_log_level_reach_every_node_config_and_are_enforced() {
+    let with_config = |spec: &str| {
+        let mut inputs = bookinfo_with(&["destination-rule-all.yaml"]);
+        let config = format!(
+            "apiVersion: kmesh.net/v1alpha1\nkind: KmeshConfig\nmetadata: {{name: default}}\nspec: {spec}\n"
+        );
+        assert!(
+            inputs
+                .add_yaml(&config, "config.yaml", "default")
+                .is_empty()
+        );
+        compile_node(&inputs)
+    };
+    let config_of = |compiled: &Compiled| {
+        let text: Vec<String> = compiled.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert!(
+            !text
+                .iter()
+                .any(|d| d.contains("spec.accessLog") || d.contains("spec.logLevel")),
+            "{text:#?}"
+        );
+        compiled.snapshots[NODE].config
+    };
+    let on = config_of(&with_config("{accessLog: true, logLevel: debug}"));
+    assert_eq!(
+        (on.access_log, on.log_level),
+        (access_log::ON, log_level::DEBUG)
+    );
+    let off = config_of(&with_config("{accessLog: false, logLevel: error}"));
+    assert_eq!(
+        (off.access_log, off.log_level),
+        (access_log::OFF, log_level::ERROR)
+    );
+    // Without a KmeshConfig: its defaults.
+    let none = compile_node(&bookinfo_with(&["destination-rule-all.yaml"]));
+    let none = none.snapshots[NODE].config;
+    assert_eq!(
+        (none.access_log, none.log_level),
+        (access_log::OFF, log_level::INFO)
+    );
 }
 
 #[test]

@@ -74,7 +74,7 @@ impl SnapshotBuilder {
             snapshot: Snapshot {
                 node_name: node.to_owned(),
                 generation,
-                config: NodeConfig { mode, flags: 0 },
+                config: NodeConfig::with_mode(mode),
                 services: Vec::new(),
                 routes: Vec::new(),
                 backend_sets: Vec::new(),
@@ -158,6 +158,14 @@ impl SnapshotBuilder {
         let route_id = self.route(destinations);
         self.service_with_route(ip, port, route_id);
         route_id
+    }
+
+    /// Sets the agent's settings: `access_log` one of `kmesh_common::access_log`, `log_level` one
+    /// of `kmesh_common::log_level` (values outside them make a snapshot [`Snapshot::encode`]
+    /// refuses).
+    pub fn agent_settings(&mut self, access_log: u8, log_level: u8) {
+        self.snapshot.config.access_log = access_log;
+        self.snapshot.config.log_level = log_level;
     }
 
     /// Adds a workload of this node.

@@ -116,8 +116,16 @@ pub enum ValidationError {
     #[error("node config: mode {mode} is unknown (0 disabled, 1 kernel-native, 2 dual-engine)")]
     UnknownMode { mode: u32 },
 
-    #[error("node config: flags is {flags:#x}, must be zero")]
-    NodeConfigFlags { flags: u32 },
+    #[error("node config: access_log is {access_log}, unknown (0 off, 1 on)")]
+    UnknownAccessLog { access_log: u8 },
+
+    #[error(
+        "node config: log_level is {log_level}, unknown (1 error, 2 warn, 3 info, 4 debug, 5 trace)"
+    )]
+    UnknownLogLevel { log_level: u8 },
+
+    #[error("node config: reserved is {reserved:?}, must be zero")]
+    NodeConfigReserved { reserved: [u8; 2] },
 
     /// Two records with the same key. `record` describes the key.
     #[error(

@@ -43,7 +43,9 @@
 //! - node name: 1..=253 bytes, a DNS subdomain as Kubernetes validates node names: dot-separated
 //!   labels of `a-z`, `0-9` and `-`, each label starting and ending with a letter or digit;
 //! - every reserved field and every padding byte is zero;
-//! - NodeConfig: exactly one record; `mode` is one of `kmesh_common::mode`; `flags == 0`;
+//! - NodeConfig: exactly one record; `mode` is one of `kmesh_common::mode`; `access_log` is one of
+//!   `kmesh_common::access_log` (0, 1); `log_level` is one of `kmesh_common::log_level` (1..=5);
+//!   `reserved` is zero;
 //! - Services: strictly increasing by key (so keys are unique); `protocol == IPPROTO_TCP`;
 //!   `pad == 0`; `port != 0`; `route_id` names an existing route;
 //! - Routes: strictly increasing by `route_id`; `1 <= destination_count <= MAX_ROUTE_DESTINATIONS`;

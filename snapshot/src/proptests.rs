@@ -62,7 +62,9 @@ fn random_records(size: u32) -> impl Strategy<Value = Vec<Vec<u8>>> {
 /// A NodeConfig section body: usually one valid record, so that the later sections are reached.
 fn config_records() -> impl Strategy<Value = Vec<Vec<u8>>> {
     prop_oneof![
-        8 => (0u8..3).prop_map(|mode| vec![vec![mode, 0, 0, 0, 0, 0, 0, 0]]),
+        8 => (0u8..3, 0u8..2, 1u8..6).prop_map(|(mode, access_log, log_level)| {
+            vec![vec![mode, 0, 0, 0, access_log, log_level, 0, 0]]
+        }),
         1 => random_records(8),
     ]
 }
@@ -113,15 +115,24 @@ fn arb_valid_snapshot() -> impl Strategy<Value = Snapshot> {
     (
         "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]{1,4}){0,2}",
         any::<u64>(),
-        0u32..3,
+        (0u32..3, 0u8..2, 1u8..6),
         sets,
         services,
         workloads,
         prop_oneof![1 => Just(None), 3 => arb_authz_plan().prop_map(Some)],
     )
         .prop_map(
-            |(name, generation, mode, sets, services, workloads, authz)| {
+            |(
+                name,
+                generation,
+                (mode, access_log, log_level),
+                sets,
+                services,
+                workloads,
+                authz,
+            )| {
                 let mut b = SnapshotBuilder::new(&name, generation, mode);
+                b.agent_settings(access_log, log_level);
                 let mut set_ids = Vec::new();
                 for (policy, endpoints) in sets {
                     let endpoints: Vec<_> = endpoints
@@ -413,8 +424,20 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
             identity: 1,
             pad,
         });
-    (
+    let config = (
         prop_oneof![30 => 0u32..3, 1 => 3u32..5],
+        prop_oneof![30 => 0u8..2, 1 => 2u8..4],
+        prop_oneof![30 => 1u8..6, 1 => Just(0u8), 1 => 6u8..8],
+        prop_oneof![30 => Just([0u8; 2]), 1 => Just([0u8, 1])],
+    )
+        .prop_map(|(mode, access_log, log_level, reserved)| NodeConfig {
+            mode,
+            access_log,
+            log_level,
+            reserved,
+        });
+    (
+        config,
         vec(service, 0..4),
         vec(route, 0..4),
         vec(set, 0..4),
@@ -425,11 +448,21 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
         prop_oneof![1 => Just(AuthzTables::default()), 3 => arb_raw_authz()],
     )
         .prop_map(
-            |(mode, services, routes, backend_sets, endpoints, workloads, sorted, link, authz)| {
+            |(
+                config,
+                services,
+                routes,
+                backend_sets,
+                endpoints,
+                workloads,
+                sorted,
+                link,
+                authz,
+            )| {
                 let mut s = Snapshot {
                     node_name: "node-a1".into(),
                     generation: 1,
-                    config: NodeConfig { mode, flags: 0 },
+                    config,
                     services,
                     routes,
                     backend_sets,

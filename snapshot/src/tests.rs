@@ -7,8 +7,8 @@
 use std::net::IpAddr;
 
 use kmesh_common::{
-    EndpointKey, EndpointRecord, EndpointValue, LAYOUT_VERSION, MAX_ROUTE_DESTINATIONS, lb_policy,
-    mode,
+    EndpointKey, EndpointRecord, EndpointValue, LAYOUT_VERSION, MAX_ROUTE_DESTINATIONS, access_log,
+    lb_policy, log_level, mode,
 };
 
 use crate::builder::{Endpoint, SnapshotBuilder, generate};
@@ -197,7 +197,7 @@ fn hash_is_stable() {
         peek_header(&bytes).unwrap().content_hash,
         content_hash(&bytes[40..])
     );
-    assert_eq!(content_hash(&bytes[40..]), 0xfcf5_c3b2_8904_a361);
+    assert_eq!(content_hash(&bytes[40..]), 0x9ce8_409b_5e45_08d8);
 }
 
 #[test]
@@ -825,11 +825,34 @@ fn node_config_mode() {
 }
 
 #[test]
-fn node_config_flags() {
+fn node_config_agent_settings() {
     invalid_with(
-        |s| s.config.flags = 2,
-        ValidationError::NodeConfigFlags { flags: 2 },
+        |s| s.config.access_log = 2,
+        ValidationError::UnknownAccessLog { access_log: 2 },
     );
+    for bad in [0, 6, u8::MAX] {
+        invalid_with(
+            |s| s.config.log_level = bad,
+            ValidationError::UnknownLogLevel { log_level: bad },
+        );
+    }
+    invalid_with(
+        |s| s.config.reserved = [0, 1],
+        ValidationError::NodeConfigReserved { reserved: [0, 1] },
+    );
+    // Every valid combination survives the round trip, field by field.
+    for access_log in [access_log::OFF, access_log::ON] {
+        for log_level in log_level::ERROR..=log_level::TRACE {
+            let mut s = sample();
+            s.config.access_log = access_log;
+            s.config.log_level = log_level;
+            let config = decode(&s.encode().unwrap()).unwrap().config;
+            assert_eq!(
+                (config.access_log, config.log_level),
+                (access_log, log_level)
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 //! Every check is linear in the size of the snapshot, apart from the cross-table lookups which are
 //! binary searches in sorted tables; the endpoint-to-set check is a merge walk.
 
-use kmesh_common::{IPPROTO_TCP, MAX_ROUTE_DESTINATIONS, RouteRecord, lb_policy, mode};
+use kmesh_common::{
+    IPPROTO_TCP, MAX_ROUTE_DESTINATIONS, RouteRecord, access_log, lb_policy, log_level, mode,
+};
 
 use crate::Snapshot;
 use crate::error::{Table, ValidationError, describe_service, ip_to_addr};
@@ -40,8 +42,20 @@ impl Snapshot {
         ) {
             return Err(ValidationError::UnknownMode { mode: c.mode });
         }
-        if c.flags != 0 {
-            return Err(ValidationError::NodeConfigFlags { flags: c.flags });
+        if !matches!(c.access_log, access_log::OFF | access_log::ON) {
+            return Err(ValidationError::UnknownAccessLog {
+                access_log: c.access_log,
+            });
+        }
+        if log_level::name(c.log_level).is_none() {
+            return Err(ValidationError::UnknownLogLevel {
+                log_level: c.log_level,
+            });
+        }
+        if c.reserved != [0; 2] {
+            return Err(ValidationError::NodeConfigReserved {
+                reserved: c.reserved,
+            });
         }
         Ok(())
     }

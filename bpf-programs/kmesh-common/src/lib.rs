@@ -169,14 +169,69 @@ pub struct EnrolledNetns {
     pub pad: u32,
 }
 
-/// Per-node settings, part of each generation.
+/// Whether the agent writes an access log line per closed connection (`KmeshConfig.spec.accessLog`).
+/// A user-space setting: the programs never read it.
+pub mod access_log {
+    pub const OFF: u8 = 0;
+    pub const ON: u8 = 1;
+}
+
+/// The agent's log level (`KmeshConfig.spec.logLevel`), from least to most verbose. A user-space
+/// setting: the programs never read it. Zero is not a level, so a zeroed record is refused rather
+/// than read as some level.
+pub mod log_level {
+    pub const ERROR: u8 = 1;
+    pub const WARN: u8 = 2;
+    pub const INFO: u8 = 3;
+    pub const DEBUG: u8 = 4;
+    pub const TRACE: u8 = 5;
+
+    /// The level's name as `tracing` and `KmeshConfig.spec.logLevel` write it (`info`), if
+    /// `level` is one.
+    pub const fn name(level: u8) -> Option<&'static str> {
+        match level {
+            ERROR => Some("error"),
+            WARN => Some("warn"),
+            INFO => Some("info"),
+            DEBUG => Some("debug"),
+            TRACE => Some("trace"),
+            _ => None,
+        }
+    }
+
+    /// The level named `name` (lowercase, as [`name`] writes it), if any.
+    pub fn from_name(name: &str) -> Option<u8> {
+        [ERROR, WARN, INFO, DEBUG, TRACE]
+            .into_iter()
+            .find(|&level| self::name(level) == Some(name))
+    }
+}
+
+/// Per-node settings, part of each generation. The programs read `mode` only; the other fields
+/// are settings of the agent, carried here so that one snapshot switches them on every node.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeConfig {
     /// One of [`mode`].
     pub mode: u32,
-    /// Reserved; zero.
-    pub flags: u32,
+    /// One of [`access_log`].
+    pub access_log: u8,
+    /// One of [`log_level`].
+    pub log_level: u8,
+    /// Zero.
+    pub reserved: [u8; 2],
+}
+
+impl NodeConfig {
+    /// `mode` with the access log off and the log level `info`: the defaults of `KmeshConfig`.
+    pub const fn with_mode(mode: u32) -> NodeConfig {
+        NodeConfig {
+            mode,
+            access_log: access_log::OFF,
+            log_level: log_level::INFO,
+            reserved: [0; 2],
+        }
+    }
 }
 
 /// Which snapshot a generation holds.
@@ -349,4 +404,22 @@ mod user {
     unsafe impl aya::Pod for AuthzVerdict {}
     unsafe impl aya::Pod for AuthzCounterKey {}
     unsafe impl aya::Pod for HostAddrValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_level;
+
+    #[test]
+    fn log_level_names_round_trip_and_nothing_else_is_a_level() {
+        for level in 0..=u8::MAX {
+            match log_level::name(level) {
+                Some(name) => assert_eq!(log_level::from_name(name), Some(level)),
+                None => assert!(!(log_level::ERROR..=log_level::TRACE).contains(&level)),
+            }
+        }
+        assert_eq!(log_level::name(log_level::WARN), Some("warn"));
+        assert_eq!(log_level::from_name("INFO"), None, "lowercase only");
+        assert_eq!(log_level::from_name("off"), None);
+    }
 }

@@ -159,7 +159,6 @@ pub fn compile(
         names.policies.insert(*id, object.to_string());
     }
     let snapshots = c.snapshots(&tables, workloads, authz_tables, nodes, generation);
-    c.report_unimplemented_settings();
     c.report_kinds_not_compiled();
     let mut diagnostics = c.diagnostics;
     diagnostics.sort();
@@ -274,29 +273,6 @@ impl<'a> Compiler<'a> {
                 &object,
                 "spec.mode",
                 "the mesh is disabled: the node programs pass all traffic through; routes are compiled but not applied",
-            );
-        }
-    }
-
-    /// KmeshConfig settings the system does not act on yet are reported, never silently ignored.
-    fn report_unimplemented_settings(&mut self) {
-        let Some(config) = self.inputs.config.as_ref() else {
-            return;
-        };
-        let object = ObjectRef::new(Kind::KmeshConfig, None, crate::crd::SINGLETON_NAME);
-        let spec = &config.spec;
-        if spec.access_log {
-            self.unenforced(
-                &object,
-                "spec.accessLog",
-                "access logs are not produced yet (they come with the observability work)",
-            );
-        }
-        if spec.log_level != crate::crd::LogLevel::default() {
-            self.unenforced(
-                &object,
-                "spec.logLevel",
-                "not propagated to the agents yet; set their --log-level",
             );
         }
     }

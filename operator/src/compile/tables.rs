@@ -15,7 +15,8 @@ use std::{
 
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
-    NodeConfig, RouteRecord, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord, ip16,
+    NodeConfig, RouteRecord, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord, access_log,
+    ip16,
 };
 use kmesh_snapshot::Snapshot;
 
@@ -165,6 +166,24 @@ impl Compiler<'_> {
         self.reject(object, "", reason);
     }
 
+    /// The node settings of every snapshot: the mode, and the agents' access log and log level,
+    /// from the KmeshConfig (its defaults without one).
+    fn node_config(&self) -> NodeConfig {
+        let spec = self.inputs.config.as_ref().map(|cfg| &cfg.spec);
+        let access_log = spec.is_some_and(|spec| spec.access_log);
+        let log_level = spec.map(|spec| spec.log_level).unwrap_or_default();
+        NodeConfig {
+            mode: self.mode.value(),
+            access_log: if access_log {
+                access_log::ON
+            } else {
+                access_log::OFF
+            },
+            log_level: log_level.value(),
+            reserved: [0; 2],
+        }
+    }
+
     /// Each node's snapshot: the cluster-wide tables, its workloads and the mode. A snapshot over
     /// the configured capacity is not produced (reported): the node keeps the one it has.
     pub(super) fn snapshots(
@@ -186,10 +205,7 @@ impl Compiler<'_> {
             let mut snapshot = Snapshot {
                 node_name: node.clone(),
                 generation,
-                config: NodeConfig {
-                    mode: self.mode.value(),
-                    flags: 0,
-                },
+                config: self.node_config(),
                 services: tables.services.clone(),
                 routes: tables.routes.clone(),
                 backend_sets: tables.backend_sets.clone(),

@@ -240,6 +240,14 @@ impl<M: SlotMaps> Applier<M> {
             *live = generation;
             changed
         });
+        let previous_level = self
+            .live_snapshot
+            .as_ref()
+            .map(|d| d.snapshot.config.log_level);
+        crate::admin::log_level::on_live_generation(
+            previous_level,
+            decoded.snapshot.config.log_level,
+        );
         self.live_snapshot = Some(decoded);
         outcome
     }

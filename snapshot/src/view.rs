@@ -16,7 +16,7 @@ use kmesh_common::{
     BackendSetRecord, EndpointRecord, GenerationValue, Ip16, RouteRecord, ServiceKey,
     ServiceRecord, WorkloadRecord,
     authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason},
-    lb_policy, mode,
+    access_log, lb_policy, log_level, mode,
 };
 use serde::Serialize;
 
@@ -203,6 +203,10 @@ pub struct HeaderRow {
     /// Hex, as the agent logs it.
     pub content_hash: String,
     pub mode: Mode,
+    /// The agents' settings (`KmeshConfig.spec`): the log level's name (`None` for a value that
+    /// is no level), and whether the access log is on.
+    pub log_level: Option<&'static str>,
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -304,6 +308,8 @@ pub fn snapshot(snapshot: &Snapshot, content_hash: u64, names: &dyn Names) -> Sn
             generation: s.generation,
             content_hash: format!("{content_hash:016x}"),
             mode: Mode::from_raw(s.config.mode),
+            log_level: log_level::name(s.config.log_level),
+            access_log: s.config.access_log == access_log::ON,
         },
         services: s.services.iter().map(|r| service(r, names)).collect(),
         routes: s.routes.iter().map(|r| route(r, names)).collect(),
@@ -340,6 +346,8 @@ pub fn generation(value: &GenerationValue) -> HeaderRow {
         generation: value.meta.generation,
         content_hash: format!("{:016x}", value.meta.content_hash),
         mode: Mode::from_raw(value.config.mode),
+        log_level: log_level::name(value.config.log_level),
+        access_log: value.config.access_log == access_log::ON,
     }
 }
 
@@ -539,6 +547,8 @@ mod tests {
         assert_eq!(json["header"]["node_name"], "node-1");
         assert_eq!(json["header"]["content_hash"], "0000000000000abc");
         assert_eq!(json["header"]["mode"], "KernelNative");
+        assert_eq!(json["header"]["log_level"], "info");
+        assert_eq!(json["header"]["access_log"], false);
         assert_eq!(json["services"][0]["address"], "10.96.0.10:80");
         assert_eq!(json["services"][0]["service"], "svc-1");
         let destinations = &json["routes"][0]["destinations"];

@@ -7,10 +7,11 @@
 //! not parse changes nothing.
 //!
 //! Who wins ([`on_generation`], pure): a generation whose log level differs from the previous
-//! generation's sets the filter to it (a level the snapshot leaves unset restores the filter the
-//! agent started with). An admin override (`PUT /debug/log-level`) holds until that happens: a
-//! generation with the same level as the one before leaves the filter alone, so the override
-//! lasts until the next change of the KmeshConfig's `logLevel` (or a restart).
+//! generation's sets the filter to it, and the first generation since start sets its level. An
+//! override holds until the level changes: a generation with the same level as the one before
+//! leaves the filter alone. Overrides are `PUT /debug/log-level` (so one lasts until the next
+//! change of the KmeshConfig's `logLevel`, or a restart) and `RUST_LOG` at start (as in the
+//! operator: it holds past the first generation, until the level first changes).
 //!
 //! Accepted: a level (`debug`), or an EnvFilter directive list (`kmesh_agent=debug,info`). Stricter
 //! than EnvFilter in one way: a bare word that is not a level (`verbose`) is refused, where EnvFilter
@@ -28,9 +29,8 @@ pub type ReloadHandle = reload::Handle<EnvFilter, Registry>;
 /// The process's log filter, readable and replaceable.
 pub struct LogLevel {
     handle: ReloadHandle,
-    /// The filter at start (`--log-level` or `RUST_LOG`), restored when the snapshot sets none.
-    startup: String,
-    /// An admin override is in force (set by [`LogLevel::set`], ended by [`LogLevel::apply`]).
+    /// An override is in force: set by [`LogLevel::set`] (or `RUST_LOG` at start, see
+    /// [`install`]), ended by [`LogLevel::apply`].
     overridden: AtomicBool,
 }
 
@@ -51,52 +51,47 @@ pub enum LogLevelError {
     Unavailable(String),
 }
 
-/// The filter a generation's log level asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wanted {
-    /// A level of the snapshot.
-    Level(LevelFilter),
-    /// The snapshot sets none: the filter the agent started with (`--log-level` or `RUST_LOG`).
-    Startup,
-}
-
 /// What to do with the filter when a generation goes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnGeneration {
-    /// The level did not change: the filter in force stays (an admin override included).
+    /// The filter in force stays (an override included).
     Keep,
-    /// Set the filter; `ends_override` when an admin override was in force (it is logged).
-    Set { wanted: Wanted, ends_override: bool },
+    /// Set the filter to `level`; `ends_override` when an override was in force (it is logged).
+    Set {
+        level: LevelFilter,
+        ends_override: bool,
+    },
 }
 
-/// The level a node config's raw `log_level` stands for (`kmesh_common::log_level`: 1 error … 5
-/// trace; 0 none set). `None` for a value the format does not define (the decoder refuses it).
-pub fn snapshot_level(raw: u8) -> Option<Wanted> {
-    Some(match raw {
-        0 => Wanted::Startup,
-        1 => Wanted::Level(LevelFilter::ERROR),
-        2 => Wanted::Level(LevelFilter::WARN),
-        3 => Wanted::Level(LevelFilter::INFO),
-        4 => Wanted::Level(LevelFilter::DEBUG),
-        5 => Wanted::Level(LevelFilter::TRACE),
+/// The filter of a node config's `log_level` (`kmesh_common::log_level`); `None` for a value that
+/// is no level (the decoder refuses those).
+pub fn snapshot_level(raw: u8) -> Option<LevelFilter> {
+    Some(match kmesh_common::log_level::name(raw)? {
+        "error" => LevelFilter::ERROR,
+        "warn" => LevelFilter::WARN,
+        "info" => LevelFilter::INFO,
+        "debug" => LevelFilter::DEBUG,
+        "trace" => LevelFilter::TRACE,
         _ => return None,
     })
 }
 
 /// The decision for a generation with log level `new` (raw), after the generation `previous`
-/// (raw; `None`: the first since the agent started, which applies a set level and leaves the
-/// startup filter otherwise). `overridden`: an admin override is in force.
+/// (raw; `None`: the first since the agent started). `overridden`: an override is in force — set
+/// through the admin server, or `RUST_LOG` at start. A level that differs from the previous one
+/// applies and ends an override; the same level keeps what is in force; the first generation
+/// applies its level unless an override holds (as the operator does with `RUST_LOG`).
 pub fn on_generation(previous: Option<u8>, new: u8, overridden: bool) -> OnGeneration {
-    let Some(wanted) = snapshot_level(new) else {
+    let Some(level) = snapshot_level(new) else {
         return OnGeneration::Keep;
     };
-    let changed = match previous {
-        None => wanted != Wanted::Startup,
+    let apply = match previous {
         Some(previous) => previous != new,
+        None => !overridden,
     };
-    if changed {
+    if apply {
         OnGeneration::Set {
-            wanted,
+            level,
             ends_override: overridden,
         }
     } else {
@@ -112,7 +107,7 @@ pub fn on_live_generation(previous: Option<u8>, new: u8) {
         return;
     };
     let OnGeneration::Set {
-        wanted,
+        level: wanted,
         ends_override,
     } = on_generation(previous, new, level.overridden())
     else {
@@ -121,7 +116,7 @@ pub fn on_live_generation(previous: Option<u8>, new: u8) {
     let shown_now = tracing::enabled!(tracing::Level::INFO);
     let log = || {
         tracing::info!(
-            ?wanted,
+            level = %wanted,
             ends_override,
             "log filter set from the snapshot's log level (KmeshConfig logLevel)"
         )
@@ -138,10 +133,14 @@ pub fn on_live_generation(previous: Option<u8>, new: u8) {
 
 static PROCESS_LOG_LEVEL: OnceLock<LogLevel> = OnceLock::new();
 
-/// Makes the process's filter changeable through the admin server; called once by `main.rs`. A
-/// second call is ignored (the first subscriber stays the process's).
-pub fn install(handle: ReloadHandle) {
-    let _ = PROCESS_LOG_LEVEL.set(LogLevel::new(handle));
+/// Makes the process's filter changeable through the admin server and the snapshot; called once
+/// by `main.rs`, with `explicit_start` when `RUST_LOG` set the start filter (an override until the
+/// snapshot's level first changes). A second call is ignored (the first subscriber stays the
+/// process's).
+pub fn install(handle: ReloadHandle, explicit_start: bool) {
+    let level = LogLevel::new(handle);
+    level.overridden.store(explicit_start, Ordering::SeqCst);
+    let _ = PROCESS_LOG_LEVEL.set(level);
 }
 
 /// The process's filter, if [`install`] was called (the `kmesh-agent` binary always does).
@@ -151,12 +150,8 @@ pub fn process() -> Option<&'static LogLevel> {
 
 impl LogLevel {
     pub fn new(handle: ReloadHandle) -> LogLevel {
-        let startup = handle
-            .with_current(|filter| filter.to_string())
-            .unwrap_or_else(|_| "info".to_string());
         LogLevel {
             handle,
-            startup,
             overridden: AtomicBool::new(false),
         }
     }
@@ -166,18 +161,9 @@ impl LogLevel {
         self.overridden.load(Ordering::SeqCst)
     }
 
-    /// Sets the filter a generation asks for (see [`on_generation`]); ends an admin override.
-    pub fn apply(&self, wanted: Wanted) -> Result<String, LogLevelError> {
-        let text = match wanted {
-            Wanted::Level(level) => level.to_string(),
-            Wanted::Startup => self.startup.clone(),
-        };
-        let filter = EnvFilter::builder()
-            .parse(&text)
-            .map_err(|e| LogLevelError::Invalid {
-                filter: text.clone(),
-                message: e.to_string(),
-            })?;
+    /// Sets the level a generation asks for (see [`on_generation`]); ends an override.
+    pub fn apply(&self, level: LevelFilter) -> Result<String, LogLevelError> {
+        let filter = EnvFilter::builder().parse_lossy(level.to_string());
         self.handle
             .reload(filter)
             .map_err(|e| LogLevelError::Unavailable(e.to_string()))?;
@@ -252,23 +238,6 @@ mod tests {
     }
 
     #[test]
-    fn a_generations_level_ends_an_override_and_unset_restores_the_startup_filter() {
-        let (level, _subscriber) = log_level("kmesh_agent=debug,warn");
-        level.set("trace").unwrap();
-        assert!(level.overridden());
-        assert_eq!(
-            level.apply(Wanted::Level(LevelFilter::ERROR)).unwrap(),
-            "error"
-        );
-        assert!(!level.overridden());
-        let restored = level.apply(Wanted::Startup).unwrap();
-        assert!(
-            restored.contains("kmesh_agent=debug") && restored.contains("warn"),
-            "{restored}"
-        );
-    }
-
-    #[test]
     fn a_bad_filter_is_refused_and_changes_nothing() {
         let (level, _subscriber) = log_level("info");
         let refused = [
@@ -291,38 +260,47 @@ mod tests {
     #[test]
     fn a_generation_sets_the_level_only_when_it_changes() {
         use OnGeneration::{Keep, Set};
+        use kmesh_common::log_level::{DEBUG, ERROR, INFO, TRACE, WARN};
         let set = |level, ends_override| Set {
-            wanted: Wanted::Level(level),
+            level,
             ends_override,
         };
-        // The first generation since start: a set level applies, none keeps the startup filter.
+        // The first generation since start applies its level, unless RUST_LOG or an admin
+        // override holds.
         assert_eq!(
-            on_generation(None, 4, false),
+            on_generation(None, DEBUG, false),
             set(LevelFilter::DEBUG, false)
         );
-        assert_eq!(on_generation(None, 0, false), Keep);
-        // The same level again keeps what is in force: an admin override holds.
-        assert_eq!(on_generation(Some(4), 4, false), Keep);
-        assert_eq!(on_generation(Some(4), 4, true), Keep);
-        // A change of level ends the override.
+        assert_eq!(on_generation(None, DEBUG, true), Keep);
+        // The same level again keeps what is in force: an override holds.
+        assert_eq!(on_generation(Some(DEBUG), DEBUG, false), Keep);
+        assert_eq!(on_generation(Some(DEBUG), DEBUG, true), Keep);
+        // A change of level applies and ends the override.
         assert_eq!(
-            on_generation(Some(4), 1, true),
+            on_generation(Some(DEBUG), ERROR, true),
             set(LevelFilter::ERROR, true)
         );
         assert_eq!(
-            on_generation(Some(2), 5, false),
+            on_generation(Some(WARN), TRACE, false),
             set(LevelFilter::TRACE, false)
         );
-        // A level unset again restores the startup filter.
         assert_eq!(
-            on_generation(Some(3), 0, true),
-            Set {
-                wanted: Wanted::Startup,
-                ends_override: true
-            }
+            on_generation(Some(TRACE), INFO, false),
+            set(LevelFilter::INFO, false)
         );
-        // A value the format does not define changes nothing.
-        assert_eq!(on_generation(Some(3), 9, false), Keep);
+        // A value that is no level (the decoder refuses it) changes nothing.
+        assert_eq!(on_generation(Some(INFO), 0, false), Keep);
+        assert_eq!(on_generation(Some(INFO), 9, true), Keep);
+    }
+
+    #[test]
+    fn an_override_holds_until_a_generation_applies_a_level() {
+        let (level, _subscriber) = log_level("kmesh_agent=debug,warn");
+        assert!(!level.overridden());
+        level.set("trace").unwrap();
+        assert!(level.overridden());
+        assert_eq!(level.apply(LevelFilter::ERROR).unwrap(), "error");
+        assert!(!level.overridden());
     }
 
     #[test]

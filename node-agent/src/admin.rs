@@ -123,7 +123,7 @@ where
         AUTHZ_PATH => authz(status, maps),
         CONFIG_DUMP_PATH => match live_snapshot(status) {
             Ok(decoded) => json(&config_dump::view(&decoded)),
-            Err(response) => response,
+            Err(e) => no_snapshot(e),
         },
         CONFIG_DUMP_BINARY_PATH => match live_snapshot(status) {
             Ok(decoded) => match config_dump::binary(&decoded) {
@@ -133,7 +133,7 @@ where
                     .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
             },
-            Err(response) => response,
+            Err(e) => no_snapshot(e),
         },
         path if path.starts_with(BPF_PATH_PREFIX) => {
             bpf_table(&path[BPF_PATH_PREFIX.len()..], status, &*maps.slots)
@@ -142,12 +142,16 @@ where
     }
 }
 
-/// The live snapshot, or the answer that says why there is none (`503`).
+/// The live snapshot, or why there is none.
 fn live_snapshot(
     status: &SharedStatus,
-) -> Result<Arc<kmesh_snapshot::Decoded>, Response<Full<Bytes>>> {
-    let status = status.lock().unwrap_or_else(|p| p.into_inner());
-    config_dump::live(&status).map_err(|e| text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")))
+) -> Result<Arc<kmesh_snapshot::Decoded>, config_dump::ConfigDumpError> {
+    config_dump::live(&status.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// `503` with the reason there is no snapshot to show.
+fn no_snapshot(e: config_dump::ConfigDumpError) -> Response<Full<Bytes>> {
+    text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n"))
 }
 
 /// `/debug/bpf/<table>`: `404` with the table names for an unknown table.

@@ -14,9 +14,9 @@ use std::net::{IpAddr, SocketAddr};
 use kmesh_common::{
     AuthzPolicyRecord, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord,
     BackendSetRecord, EndpointRecord, GenerationValue, Ip16, RouteRecord, ServiceKey,
-    ServiceRecord, WorkloadRecord,
+    ServiceRecord, WorkloadRecord, access_log,
     authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason},
-    access_log, lb_policy, log_level, mode,
+    lb_policy, log_level, mode,
 };
 use serde::Serialize;
 

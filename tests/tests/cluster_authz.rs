@@ -21,8 +21,9 @@ use kmesh_tests::{
     cluster::{
         observe::{self, AgentPod, AgentState, agent_status, condition},
         scenario::{
-            ISTIO, REVIEWS_VERSIONS, TIMEOUT, istio, pod_name, pod_node, pods, probe, reference,
-            run_cluster, service_target, two_nodes, wait_until_steered,
+            REVIEWS_VERSIONS, enrol, install_istio_crds, istio, only_pod, pod_name, pod_node, pods,
+            probe, run_cluster, service_target, two_nodes, wait_available, wait_rolled_out,
+            wait_until_steered,
         },
     },
     progress,
@@ -118,9 +119,9 @@ fn authorization_policies_applied_with_kubectl_are_enforced_on_the_right_node() 
 fn run_scenario(cluster: &Cluster) {
     install(cluster);
     deploy(cluster);
-    let productpage = first_pod(cluster, "default", "productpage-");
-    let reviews = first_pod(cluster, "default", "reviews-v1-");
-    let outsider = first_pod(cluster, "outside", "sleep-");
+    let productpage = only_pod(cluster, "default", "productpage-");
+    let reviews = only_pod(cluster, "default", "reviews-v1-");
+    let outsider = only_pod(cluster, "outside", "sleep-");
     let ratings_vip = service_target(cluster, "ratings", 9080);
     let details_vip = service_target(cluster, "details", 9080);
     wait_until_steered(cluster, &productpage, &ratings_vip, &["ratings-"], 20);
@@ -140,59 +141,28 @@ fn run_scenario(cluster: &Cluster) {
 
 /// The README's install, and Istio's CRDs.
 fn install(cluster: &Cluster) {
-    let k = cluster.kubectl();
-    let istio = reference(&format!(
-        "{ISTIO}/manifests/charts/base/files/crd-all.gen.yaml"
-    ));
-    k.run(&["apply", "--server-side", "-f", &istio]).unwrap();
-    k.run(&["apply", "-k", "config/default"]).unwrap();
-    for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
-        k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
-            .unwrap();
-    }
+    install_istio_crds(cluster);
+    cluster
+        .kubectl()
+        .run(&["apply", "-k", "config/default"])
+        .unwrap();
+    wait_rolled_out(cluster);
 }
 
 /// Bookinfo in the enrolled `default`, and a sleep pod in `outside`, which is not enrolled.
 fn deploy(cluster: &Cluster) {
     let k = cluster.kubectl();
-    k.run(&[
-        "label",
-        "namespace",
-        "default",
-        "istio.io/dataplane-mode=Kmesh",
-    ])
-    .unwrap();
+    enrol(cluster, "default");
     k.run(&["create", "namespace", "outside"]).unwrap();
-    let bookinfo = reference(&format!(
-        "{ISTIO}/samples/bookinfo/platform/kube/bookinfo.yaml"
-    ));
-    let sleep = reference(&format!("{ISTIO}/samples/sleep/sleep.yaml"));
+    let bookinfo = istio("samples/bookinfo/platform/kube/bookinfo.yaml");
+    let sleep = istio("samples/sleep/sleep.yaml");
     k.run(&["apply", "-f", &bookinfo]).unwrap();
     k.run(&["apply", "-n", "outside", "-f", &sleep]).unwrap();
     k.run_full(&["apply", "-f", "-"], Some(PROBED)).unwrap();
     for namespace in ["default", "outside"] {
-        let available = "--for=condition=Available";
-        k.run(&[
-            "wait",
-            available,
-            "deployment",
-            "--all",
-            "-n",
-            namespace,
-            TIMEOUT,
-        ])
-        .unwrap();
+        wait_available(cluster, namespace);
     }
     k.run(&["get", "pods", "-A", "-o", "wide"]).unwrap();
-}
-
-fn first_pod(cluster: &Cluster, namespace: &str, prefix: &str) -> String {
-    let found = pods(cluster, namespace, prefix);
-    let pod = found
-        .first()
-        .unwrap_or_else(|| panic!("no {namespace}/{prefix}* pod"));
-    progress!("{namespace}/{} on {}", pod_name(pod), pod_node(pod));
-    pod_name(pod)
 }
 
 fn apply(cluster: &Cluster, yaml: &str) -> Instant {
@@ -276,7 +246,7 @@ fn allow_ratings_from_reviews_only(
     let denied = probe(cluster, productpage, ratings_vip, 200);
     assert_all_refused("productpage -> ratings", &denied, 200);
 
-    let ratings = first_pod(cluster, "default", "ratings-");
+    let ratings = only_pod(cluster, "default", "ratings-");
     let ratings_pod = pod_target(cluster, "default", &ratings, 9080);
     let outside = cluster
         .run_probe(
@@ -373,7 +343,7 @@ fn strict_peer_authentication(
         ])
         .unwrap();
     let applied = apply(cluster, STRICT_DEFAULT);
-    let details = first_pod(cluster, "default", "details-");
+    let details = only_pod(cluster, "default", "details-");
     let details_pod = pod_target(cluster, "default", &details, 9080);
     let took = wait_until_refused(cluster, "outside", outsider, &details_pod);
     progress!(

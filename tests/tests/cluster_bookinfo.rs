@@ -26,8 +26,9 @@ use kmesh_tests::{
     cluster::{
         observe::live_generation,
         scenario::{
-            GATEWAY_API_CRDS, ISTIO, REVIEWS_VERSIONS, TIMEOUT, pod_name, pod_node, pods, probe,
-            reference, run_cluster, service_target, two_nodes, wait_until_steered,
+            GATEWAY_API_CRDS, ISTIO, REVIEWS_VERSIONS, TIMEOUT, deploy_bookinfo,
+            install_istio_crds, pod_name, pod_node, pods, probe, reference, run_cluster,
+            service_target, two_nodes, wait_rolled_out, wait_until_steered,
         },
     },
     progress,
@@ -94,6 +95,10 @@ fn run_scenario(cluster: &Cluster) {
     install_crds(cluster);
     let (agents, install_time) = install_kmesh(cluster);
     deploy_bookinfo(cluster);
+    cluster
+        .kubectl()
+        .run(&["get", "pods", "-n", "default", "-o", "wide"])
+        .unwrap();
     check_bookinfo_pods(cluster);
     let client = replace_client(cluster);
     let target = service_target(cluster, "reviews", 9080);
@@ -136,12 +141,10 @@ fn run_scenario(cluster: &Cluster) {
 /// Istio's and the Gateway API's CRDs (server-side: some of Istio's are too big for the
 /// last-applied annotation of a client-side apply).
 fn install_crds(cluster: &Cluster) {
-    let k = cluster.kubectl();
-    let istio = reference(&format!(
-        "{ISTIO}/manifests/charts/base/files/crd-all.gen.yaml"
-    ));
-    k.run(&["apply", "--server-side", "-f", &istio]).unwrap();
-    k.run(&["apply", "--server-side", "-f", &reference(GATEWAY_API_CRDS)])
+    install_istio_crds(cluster);
+    cluster
+        .kubectl()
+        .run(&["apply", "--server-side", "-f", &reference(GATEWAY_API_CRDS)])
         .unwrap();
 }
 
@@ -159,10 +162,7 @@ fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
         applied.stderr.trim()
     );
     // One command: the operator creates the KmeshConfig `default`, its own CA and certificate.
-    for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
-        k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
-            .unwrap();
-    }
+    wait_rolled_out(cluster);
     let install_time = install.elapsed();
     progress!("install to agents ready: {install_time:.1?}");
     let agents = pods(cluster, "kmesh-system", "kmesh-agent-");
@@ -175,34 +175,6 @@ fn install_kmesh(cluster: &Cluster) -> (Vec<String>, Duration) {
     k.run(&["get", "pods", "-n", "kmesh-system", "-o", "wide"])
         .unwrap();
     (agents.iter().map(pod_name).collect(), install_time)
-}
-
-/// The enrolled namespace, bookinfo, its DestinationRules, a client; all available.
-fn deploy_bookinfo(cluster: &Cluster) {
-    let k = cluster.kubectl();
-    let enrol = "istio.io/dataplane-mode=Kmesh";
-    k.run(&["label", "namespace", "default", enrol]).unwrap();
-    for file in [
-        "samples/bookinfo/platform/kube/bookinfo.yaml",
-        "samples/bookinfo/networking/destination-rule-all.yaml",
-        "samples/sleep/sleep.yaml",
-    ] {
-        k.run(&["apply", "-f", &reference(&format!("{ISTIO}/{file}"))])
-            .unwrap();
-    }
-    let available = "--for=condition=Available";
-    k.run(&[
-        "wait",
-        available,
-        "deployment",
-        "--all",
-        "-n",
-        "default",
-        TIMEOUT,
-    ])
-    .unwrap();
-    k.run(&["get", "pods", "-n", "default", "-o", "wide"])
-        .unwrap();
 }
 
 /// Every bookinfo pod runs on one of the two nodes, both nodes are used, and each pod's server

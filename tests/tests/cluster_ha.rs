@@ -35,8 +35,9 @@ use kmesh_tests::{
     cluster::{
         observe,
         scenario::{
-            REVIEWS_VERSIONS, TIMEOUT, istio, pod_name, pod_node, pods, probe, run_cluster,
-            service_target, two_nodes, wait_until_steered,
+            REVIEWS_VERSIONS, TIMEOUT, deploy_bookinfo, install_istio_crds, istio, only_pod,
+            pod_name, pod_node, pods, probe, run_cluster, service_target, two_nodes,
+            wait_rolled_out, wait_until_steered,
         },
     },
     progress,
@@ -64,7 +65,7 @@ fn run_scenarios(cluster: &mut Cluster) {
         installing.elapsed()
     );
     deploy_bookinfo(cluster);
-    let client = first_pod(cluster, "default", "sleep-");
+    let client = only_pod(cluster, "default", "sleep-");
     let target = service_target(cluster, "reviews", 9080);
     wait_until_steered(cluster, &client, &target, &REVIEWS_VERSIONS, 60);
 
@@ -78,8 +79,7 @@ fn run_scenarios(cluster: &mut Cluster) {
 /// `kubectl apply -k config/default`, then the KmeshConfig; no Secret made by the test.
 fn install(cluster: &Cluster) {
     let k = cluster.kubectl();
-    let crds = istio("manifests/charts/base/files/crd-all.gen.yaml");
-    k.run(&["apply", "--server-side", "-f", &crds]).unwrap();
+    install_istio_crds(cluster);
     k.run(&["apply", "-k", "config/default"]).unwrap();
     k.run(&[
         "wait",
@@ -92,16 +92,7 @@ fn install(cluster: &Cluster) {
     // client-side apply racing it fails with AlreadyExists (seen here).
     k.run(&["apply", "--server-side", "-k", "config/kmeshconfig"])
         .unwrap();
-    for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
-        k.run(&["rollout", "status", "-n", NS, workload, TIMEOUT])
-            .unwrap();
-    }
-}
-
-fn first_pod(cluster: &Cluster, namespace: &str, prefix: &str) -> String {
-    let found = pods(cluster, namespace, prefix);
-    assert_eq!(found.len(), 1, "one {prefix}* pod: {found:?}");
-    pod_name(&found[0])
+    wait_rolled_out(cluster);
 }
 
 /// Agent pod per node.
@@ -203,34 +194,6 @@ fn wait_for_holder(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn deploy_bookinfo(cluster: &Cluster) {
-    let k = cluster.kubectl();
-    k.run(&[
-        "label",
-        "namespace",
-        "default",
-        "istio.io/dataplane-mode=Kmesh",
-    ])
-    .unwrap();
-    for file in [
-        "samples/bookinfo/platform/kube/bookinfo.yaml",
-        "samples/bookinfo/networking/destination-rule-all.yaml",
-        "samples/sleep/sleep.yaml",
-    ] {
-        k.run(&["apply", "-f", &istio(file)]).unwrap();
-    }
-    k.run(&[
-        "wait",
-        "--for=condition=Available",
-        "deployment",
-        "--all",
-        "-n",
-        "default",
-        TIMEOUT,
-    ])
-    .unwrap();
 }
 
 /// A client connecting to `target` every 5 ms until stopped.

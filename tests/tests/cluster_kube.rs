@@ -34,8 +34,9 @@ use kmesh_tests::{
         self,
         observe::{self, AgentPod, AgentState, Flip, condition, unwatched, wait_agents},
         scenario::{
-            GATEWAY_API_CRDS, ISTIO, REVIEWS_VERSIONS, TIMEOUT, probe, reference, run_cluster,
-            service_target, two_nodes, wait_until_steered,
+            GATEWAY_API_CRDS, ISTIO, REVIEWS_VERSIONS, TIMEOUT, enrol, probe, reference,
+            run_cluster, service_target, two_nodes, wait_available, wait_rolled_out,
+            wait_until_steered,
         },
     },
     probe::{Outcome, monotonic_ns},
@@ -137,10 +138,7 @@ fn install_in_one_command(cluster: &Cluster, figures: &mut Figures) -> Vec<Agent
         "the install warns: {}",
         applied.stderr
     );
-    for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
-        k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
-            .unwrap();
-    }
+    wait_rolled_out(cluster);
     figures.add(format!("install to agents ready {:.1?}", install.elapsed()));
     let created = "--for=create";
     k.run(&["wait", created, "kmeshconfig/default", "--timeout=60s"])
@@ -229,8 +227,7 @@ fn check_manifests(cluster: &Cluster) {
 /// `default` namespace; returns once both clients' connections to reviews are steered.
 fn deploy_bookinfo_and_clients(cluster: &Cluster, agents: Vec<AgentPod>) -> Mesh<'_> {
     let k = cluster.kubectl();
-    let enrol = "istio.io/dataplane-mode=Kmesh";
-    k.run(&["label", "namespace", "default", enrol]).unwrap();
+    enrol(cluster, "default");
     for file in [
         "samples/bookinfo/platform/kube/bookinfo.yaml",
         "samples/bookinfo/platform/kube/bookinfo-versions.yaml",
@@ -241,17 +238,7 @@ fn deploy_bookinfo_and_clients(cluster: &Cluster, agents: Vec<AgentPod>) -> Mesh
     }
     k.run_stdin(&["apply", "-f", "-"], &clients_and_tcp_service())
         .unwrap();
-    let available = "--for=condition=Available";
-    let all = [
-        "wait",
-        available,
-        "deployment",
-        "--all",
-        "-n",
-        "default",
-        TIMEOUT,
-    ];
-    k.run(&all).unwrap();
+    wait_available(cluster, "default");
     let ready = "--for=condition=Ready";
     k.run(&[
         "wait",

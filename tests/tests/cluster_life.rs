@@ -28,7 +28,10 @@ use kmesh_tests::{
     Cluster, ProbeHandle, ProbeReport, StopFile,
     cluster::{
         observe,
-        scenario::{ISTIO, TIMEOUT, probe, run_cluster, two_nodes, wait_until_steered},
+        scenario::{
+            ISTIO, TIMEOUT, enrol, probe, run_cluster, two_nodes, wait_available, wait_rolled_out,
+            wait_until_steered,
+        },
     },
     progress,
 };
@@ -121,10 +124,7 @@ fn install(cluster: &Cluster) {
         .create_tls_secret("kmesh-system", "kmesh-operator-tls", "kmesh-operator")
         .unwrap();
     k.run(&["apply", "-k", "config/default"]).unwrap();
-    for workload in ["deployment/kmesh-operator", AGENTS] {
-        k.run(&["rollout", "status", "-n", "kmesh-system", workload, TIMEOUT])
-            .unwrap();
-    }
+    wait_rolled_out(cluster);
     progress!("install to agents ready: {:.1?}", started.elapsed());
 }
 
@@ -133,13 +133,7 @@ fn install(cluster: &Cluster) {
 /// steered to both versions.
 fn deploy_app(cluster: &Cluster) -> String {
     let k = cluster.kubectl();
-    k.run(&[
-        "label",
-        "namespace",
-        "default",
-        "istio.io/dataplane-mode=Kmesh",
-    ])
-    .unwrap();
+    enrol(cluster, "default");
     let helloworld = format!("{ISTIO}/samples/helloworld/helloworld.yaml");
     k.run(&["apply", "-f", &helloworld]).unwrap();
     let clients: String = NODES
@@ -148,17 +142,7 @@ fn deploy_app(cluster: &Cluster) -> String {
         .collect::<Vec<_>>()
         .join("---\n");
     k.run_stdin(&["apply", "-f", "-"], &clients).unwrap();
-    let available = "--for=condition=Available";
-    k.run(&[
-        "wait",
-        available,
-        "deployment",
-        "--all",
-        "-n",
-        "default",
-        TIMEOUT,
-    ])
-    .unwrap();
+    wait_available(cluster, "default");
     let ready = "--for=condition=Ready";
     k.run(&[
         "wait",

@@ -1,6 +1,8 @@
 //! What the cluster scenarios (`tests/tests/cluster_*.rs`) share: the reference files they apply,
-//! their two nodes, pods found by name prefix, and connections from a client pod (the agents'
-//! data planes are read with [`super::observe`]). Scenario-specific steps stay in each test file.
+//! their two nodes, the install steps they have in common (Istio's CRDs, waiting for kmesh-rs to
+//! roll out, enrolling a namespace, bookinfo), pods found by name prefix, and connections from a
+//! client pod (the agents' data planes are read with [`super::observe`]). Scenario-specific steps
+//! (how each installs kmesh-rs, what it measures) stay in each test file.
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -17,6 +19,11 @@ pub const ISTIO: &str = "../shared/reference/istio";
 pub const GATEWAY_API_CRDS: &str = "../shared/reference/gateway-api/config/crd/standard";
 /// The name prefixes of the pods of bookinfo's three reviews versions.
 pub const REVIEWS_VERSIONS: [&str; 3] = ["reviews-v1-", "reviews-v2-", "reviews-v3-"];
+
+/// The namespace kmesh-rs is installed in.
+pub const KMESH_NAMESPACE: &str = "kmesh-system";
+/// The label that enrols a namespace's pods.
+pub const ENROL_LABEL: &str = "istio.io/dataplane-mode=Kmesh";
 
 /// `node-a` and `node-b` with the pod subnets `10.244.<a>.0/24` and `10.244.<b>.0/24` (each test
 /// file uses its own, so that their clusters never share addresses).
@@ -66,6 +73,87 @@ pub fn reference(path: &str) -> String {
 /// [`reference`] of a file below Istio's sources (`samples/bookinfo/...`).
 pub fn istio(path: &str) -> String {
     reference(&format!("{ISTIO}/{path}"))
+}
+
+/// Istio's CRDs (every kind of `crd-all.gen.yaml`), applied server-side as the README says.
+pub fn install_istio_crds(cluster: &Cluster) {
+    let crds = istio("manifests/charts/base/files/crd-all.gen.yaml");
+    cluster
+        .kubectl()
+        .run(&["apply", "--server-side", "-f", &crds])
+        .unwrap();
+}
+
+/// Waits until the operator Deployment and the agent DaemonSet have rolled out.
+pub fn wait_rolled_out(cluster: &Cluster) {
+    for workload in ["deployment/kmesh-operator", "daemonset/kmesh-agent"] {
+        cluster
+            .kubectl()
+            .run(&[
+                "rollout",
+                "status",
+                "-n",
+                KMESH_NAMESPACE,
+                workload,
+                TIMEOUT,
+            ])
+            .unwrap();
+    }
+}
+
+/// Labels `namespace` for enrolment.
+pub fn enrol(cluster: &Cluster, namespace: &str) {
+    cluster
+        .kubectl()
+        .run(&["label", "namespace", namespace, ENROL_LABEL])
+        .unwrap();
+}
+
+/// Waits until every Deployment of `namespace` is Available.
+pub fn wait_available(cluster: &Cluster, namespace: &str) {
+    let available = "--for=condition=Available";
+    cluster
+        .kubectl()
+        .run(&[
+            "wait",
+            available,
+            "deployment",
+            "--all",
+            "-n",
+            namespace,
+            TIMEOUT,
+        ])
+        .unwrap();
+}
+
+/// Istio's bookinfo with its DestinationRules and the `sleep` client in the enrolled `default`
+/// namespace, every Deployment available.
+pub fn deploy_bookinfo(cluster: &Cluster) {
+    enrol(cluster, "default");
+    for file in [
+        "samples/bookinfo/platform/kube/bookinfo.yaml",
+        "samples/bookinfo/networking/destination-rule-all.yaml",
+        "samples/sleep/sleep.yaml",
+    ] {
+        cluster
+            .kubectl()
+            .run(&["apply", "-f", &istio(file)])
+            .unwrap();
+    }
+    wait_available(cluster, "default");
+}
+
+/// The name of the one pod of `namespace` whose name starts with `prefix` (fails if there is
+/// none or more than one).
+pub fn only_pod(cluster: &Cluster, namespace: &str, prefix: &str) -> String {
+    let found = pods(cluster, namespace, prefix);
+    assert_eq!(found.len(), 1, "one {namespace}/{prefix}* pod: {found:?}");
+    progress!(
+        "{namespace}/{} on {}",
+        pod_name(&found[0]),
+        pod_node(&found[0])
+    );
+    pod_name(&found[0])
 }
 
 /// The pods of `namespace` whose name starts with `prefix`, except those being deleted.

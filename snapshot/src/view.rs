@@ -2,7 +2,8 @@
 //! names, route weights as percentages, and names beside ids where they are known. The one
 //! rendering of snapshot records for the agent's `/debug/config_dump` and `/debug/bpf/<table>`
 //! (which shows the kernel's maps in the same rows, so the two compare field by field) and for
-//! `kmeshctl explain`.
+//! `kmeshctl explain`. Its kinds ([`Action`], [`Reason`], [`PolicyKind`], ...) are the agent's too
+//! (`/debug/authz` and the metrics label its counters with them).
 //!
 //! Pure: records in, rows out. The rows derive `serde::Serialize`; the callers choose the format.
 //! Names the snapshot does not carry (services, routes, backend sets, identities, pods) come
@@ -122,12 +123,16 @@ pub enum Reason {
     NoAllowMatched,
     StrictMtls,
     Uncompilable,
+    /// The kernel found no verdict for a connection (an inconsistent table) and denied it; never
+    /// in a valid snapshot, counted by the authorization program as reason 0.
+    NoVerdict,
     Unknown(u8),
 }
 
 impl Reason {
     pub fn from_raw(raw: u8) -> Reason {
         match raw {
+            0 => Reason::NoVerdict,
             authz_reason::NO_ALLOW_POLICY => Reason::NoAllowPolicy,
             authz_reason::ALLOW_MATCHED => Reason::AllowMatched,
             authz_reason::DENY_MATCHED => Reason::DenyMatched,
@@ -141,6 +146,7 @@ impl Reason {
 
 /// The kind of a named policy (`kmesh_common::authz::authz_policy_kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
@@ -568,7 +574,7 @@ mod tests {
         assert_eq!(verdicts[1]["source_class"], "any");
         assert_eq!(verdicts[1]["reason"], "no_allow_matched");
         assert_eq!(verdicts[1]["policy"], serde_json::Value::Null);
-        assert_eq!(json["authz"]["policies"][0]["kind"], "AuthorizationPolicy");
+        assert_eq!(json["authz"]["policies"][0]["kind"], "authorization_policy");
     }
 
     #[test]

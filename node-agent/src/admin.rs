@@ -1,11 +1,15 @@
 //! The admin server: `/healthz`, `/readyz`, `/version`, `/debug/snapshot`, `/debug/authz` (the
-//! authorization counters per workload and policy, see `authz_counters.rs`) and `/debug/log-level`
-//! (the log filter, read and changed at runtime, see `admin/log_level.rs`). The paths `kmeshctl`
-//! reads are defined once, in `kmesh_snapshot::admin_contract`.
+//! authorization counters per workload and policy, see `authz_counters.rs`), `/debug/log-level`
+//! (the log filter, read and changed at runtime, see `admin/log_level.rs`), `/debug/config_dump`
+//! and `/debug/config_dump.bin` (the live snapshot, `admin/config_dump.rs`) and
+//! `/debug/bpf/<table>` (a map's active slot as the kernel holds it, `admin/bpf_dump.rs`). The
+//! paths `kmeshctl` reads are defined once, in `kmesh_snapshot::admin_contract`.
 //!
 //! `/readyz` answers 200 only while a snapshot is live, the links run this agent's programs (no
 //! upgrade pending), the agent has not uninstalled, and the data-plane thread runs; the agent exits
 //! soon after the data plane stops (see `supervise.rs`), and until then it is not ready.
+pub mod bpf_dump;
+pub mod config_dump;
 pub mod log_level;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -20,7 +24,8 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use kmesh_snapshot::admin_contract::{
-    AUTHZ_PATH, LOG_LEVEL_PATH, MAX_LOG_LEVEL_BODY, SNAPSHOT_PATH, VERSION_PATH,
+    AUTHZ_PATH, BPF_PATH_PREFIX, BPF_TABLES, CONFIG_DUMP_BINARY_PATH, CONFIG_DUMP_PATH,
+    LOG_LEVEL_PATH, MAX_LOG_LEVEL_BODY, SNAPSHOT_PATH, VERSION_PATH,
 };
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -28,7 +33,7 @@ use tracing::{info, warn};
 use crate::{
     agent::{DataPlaneState, SharedStatus, Status},
     authz_counters::{AuthzCount, AuthzCounterMap},
-    maps::{CounterMap, Counters},
+    maps::{CounterMap, Counters, KernelSlots},
 };
 
 /// What a request body's error must convert into (for [`Limited`]).
@@ -39,6 +44,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Maps {
     pub counters: Arc<CounterMap>,
     pub authz_counters: Arc<AuthzCounterMap>,
+    /// The per-generation maps, read only (`/debug/bpf/<table>`); the data plane writes them
+    /// through its own handles.
+    pub slots: Arc<KernelSlots>,
 }
 
 /// What `/debug/authz` answers.
@@ -113,7 +121,66 @@ where
             json(&snapshot)
         }
         AUTHZ_PATH => authz(status, maps),
+        CONFIG_DUMP_PATH => match live_snapshot(status) {
+            Ok(decoded) => json(&config_dump::view(&decoded)),
+            Err(e) => no_snapshot(e),
+        },
+        CONFIG_DUMP_BINARY_PATH => match live_snapshot(status) {
+            Ok(decoded) => match config_dump::binary(&decoded) {
+                Ok(bytes) => Response::builder()
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(Full::new(Bytes::from(bytes)))
+                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            },
+            Err(e) => no_snapshot(e),
+        },
+        path if path.starts_with(BPF_PATH_PREFIX) => {
+            bpf_table(&path[BPF_PATH_PREFIX.len()..], status, &*maps.slots)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The live snapshot, or why there is none.
+fn live_snapshot(
+    status: &SharedStatus,
+) -> Result<Arc<kmesh_snapshot::Decoded>, config_dump::ConfigDumpError> {
+    config_dump::live(&status.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// `503` with the reason there is no snapshot to show.
+fn no_snapshot(e: config_dump::ConfigDumpError) -> Response<Full<Bytes>> {
+    text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n"))
+}
+
+/// `/debug/bpf/<table>`: `404` with the table names for an unknown table.
+fn bpf_table<M: crate::slots::SlotMaps>(
+    name: &str,
+    status: &SharedStatus,
+    slots: &M,
+) -> Response<Full<Bytes>> {
+    let Some(table) = bpf_dump::table(name) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no table {name:?}; the tables are: {}\n",
+                BPF_TABLES.join(", ")
+            ),
+        );
+    };
+    // The kernel holds no policy names; the live snapshot's policy table names the verdicts.
+    let live = status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .live_snapshot
+        .clone();
+    let policies = live
+        .as_ref()
+        .map_or(&[][..], |d| &d.snapshot.authz.policies);
+    match bpf_dump::dump(slots, table, policies) {
+        Ok(dump) => json(&dump),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
     }
 }
 
@@ -127,7 +194,9 @@ fn version(status: &Status) -> Response<Full<Bytes>> {
 }
 
 /// `/debug/log-level`: `GET` answers the filter in force; `PUT` or `POST` replaces it with the body
-/// (`400` with the parser's message, and nothing changed, when it does not parse).
+/// (`400` with the parser's message, and nothing changed, when it does not parse). The new filter
+/// is an override: it holds until a generation changes the snapshot's log level (the next change of
+/// `KmeshConfig.spec.logLevel`, see `log_level::on_generation`) or the agent restarts.
 async fn log_level_endpoint<B>(
     req: Request<B>,
     level: &log_level::LogLevel,
@@ -288,6 +357,21 @@ mod tests {
         assert_eq!(call(&level, Method::PUT, &too_long).await.0, 413);
         assert_eq!(call(&level, Method::DELETE, "").await.0, 405);
         assert_eq!(call(&level, Method::GET, "").await, (200, "warn\n".into()));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_bpf_table_lists_the_tables() {
+        let status: SharedStatus = Default::default();
+        let slots = crate::fake_slots::FakeSlots::empty();
+        let response = bpf_table("nat", &status, &slots);
+        assert_eq!(response.status().as_u16(), 404);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            body.contains("no table \"nat\"; the tables are: generation, services, routes"),
+            "{body}"
+        );
+        assert_eq!(bpf_table("routes", &status, &slots).status().as_u16(), 200);
     }
 
     #[test]

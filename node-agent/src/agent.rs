@@ -211,6 +211,10 @@ pub struct Status {
     /// goes live. The event reader's sink is `telemetry::Recorder { telemetry, names }`.
     #[serde(skip)]
     pub live_names: LiveNames,
+    /// The live snapshot as decoded (`/debug/config_dump`), set under the same lock as `live`;
+    /// `None` until a snapshot is applied or confirmed live since the agent started.
+    #[serde(skip)]
+    pub live_snapshot: Option<Arc<kmesh_snapshot::Decoded>>,
 }
 
 /// How many flips `Status::recent_flips` keeps.
@@ -333,6 +337,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let maps_read = admin::Maps {
         counters,
         authz_counters,
+        slots: Arc::new(crate::maps::KernelSlots::open(&installation)?),
     };
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_addr)
         .await

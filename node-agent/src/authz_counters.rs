@@ -4,72 +4,12 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
-use kmesh_common::{
-    AuthzCounterKey, AuthzPolicyRecord,
-    authz::{authz_action, authz_policy_kind, authz_reason},
-    map_names,
-};
+use kmesh_common::{AuthzCounterKey, AuthzPolicyRecord, map_names};
 
 use crate::{loader::Installation, maps::MapsError};
 
-/// What happened to the connections of a counter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Allow,
-    Deny,
-    /// A value the program does not write (kept visible rather than dropped).
-    Unknown(u8),
-}
-
-impl Action {
-    pub fn from_raw(raw: u8) -> Action {
-        match raw {
-            authz_action::ALLOW => Action::Allow,
-            authz_action::DENY => Action::Deny,
-            other => Action::Unknown(other),
-        }
-    }
-}
-
-/// Why (see `kmesh_common::authz::authz_reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    NoAllowPolicy,
-    AllowMatched,
-    DenyMatched,
-    NoAllowMatched,
-    StrictMtls,
-    Uncompilable,
-    /// The live generation had no verdict for the connection (an inconsistent table): denied.
-    NoVerdict,
-    Unknown(u8),
-}
-
-impl Reason {
-    pub fn from_raw(raw: u8) -> Reason {
-        match raw {
-            0 => Reason::NoVerdict,
-            authz_reason::NO_ALLOW_POLICY => Reason::NoAllowPolicy,
-            authz_reason::ALLOW_MATCHED => Reason::AllowMatched,
-            authz_reason::DENY_MATCHED => Reason::DenyMatched,
-            authz_reason::NO_ALLOW_MATCHED => Reason::NoAllowMatched,
-            authz_reason::STRICT_MTLS => Reason::StrictMtls,
-            authz_reason::UNCOMPILABLE => Reason::Uncompilable,
-            other => Reason::Unknown(other),
-        }
-    }
-}
-
-/// The kind of a named policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicyKind {
-    AuthorizationPolicy,
-    PeerAuthentication,
-    Unknown(u8),
-}
+/// The kinds of a counter's key, defined once with the snapshot's rows.
+pub use kmesh_snapshot::view::{Action, PolicyKind, Reason};
 
 /// A policy's name, from the live snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -84,11 +24,7 @@ impl PolicyName {
         let len = usize::from(record.name_len).min(record.name.len());
         PolicyName {
             name: String::from_utf8_lossy(&record.name[..len]).into_owned(),
-            kind: match record.kind {
-                authz_policy_kind::AUTHORIZATION_POLICY => PolicyKind::AuthorizationPolicy,
-                authz_policy_kind::PEER_AUTHENTICATION => PolicyKind::PeerAuthentication,
-                other => PolicyKind::Unknown(other),
-            },
+            kind: PolicyKind::from_raw(record.kind),
         }
     }
 }
@@ -166,7 +102,7 @@ impl AuthzCounterMap {
 
 #[cfg(test)]
 mod tests {
-    use kmesh_common::authz::MAX_POLICY_NAME_LEN;
+    use kmesh_common::authz::{MAX_POLICY_NAME_LEN, authz_action, authz_policy_kind};
 
     use super::*;
 

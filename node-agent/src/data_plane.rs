@@ -5,12 +5,12 @@
 //! step with the node's namespaces between snapshots, and drives the pins' lifecycle
 //! (`lifecycle.rs`: an upgrade's link switch, the uninstall).
 use std::{
-    sync::mpsc,
+    sync::{Arc, mpsc},
     time::{Duration, SystemTime},
 };
 
 use kmesh_common::WorkloadRecord;
-use kmesh_snapshot::{AuthzTables, Limits, Snapshot};
+use kmesh_snapshot::{AuthzTables, Decoded, Limits, Snapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -64,11 +64,10 @@ pub struct Applier<M: SlotMaps = KernelSlots> {
     status: SharedStatus,
     /// The live generation, reported to the operator by the source.
     live: watch::Sender<u64>,
-    /// The live snapshot's workloads; `None` until a snapshot arrives, so that a restarted agent
-    /// does not empty the enrolled map before it knows what should be in it.
-    workloads: Option<Vec<WorkloadRecord>>,
-    /// The live snapshot's mode and authorization tables (to judge established connections).
-    authz: Option<(u32, AuthzTables)>,
+    /// The live snapshot (shared with the admin server through the status); `None` until a
+    /// snapshot arrives, so that a restarted agent does not empty the enrolled map before it knows
+    /// what should be in it. Its mode and authorization tables judge established connections.
+    live_snapshot: Option<Arc<Decoded>>,
 }
 
 impl<M: SlotMaps> Applier<M> {
@@ -85,19 +84,22 @@ impl<M: SlotMaps> Applier<M> {
             maps,
             status,
             live,
-            workloads: None,
-            authz: None,
+            live_snapshot: None,
         }
     }
 
     /// The mode and authorization tables of the snapshot last made or confirmed live.
     pub fn authz(&self) -> Option<(u32, &AuthzTables)> {
-        self.authz.as_ref().map(|(m, t)| (*m, t))
+        self.live_snapshot
+            .as_ref()
+            .map(|d| (d.snapshot.config.mode, &d.snapshot.authz))
     }
 
     /// The workloads of the snapshot last made or confirmed live.
     pub fn workloads(&self) -> Option<&[WorkloadRecord]> {
-        self.workloads.as_deref()
+        self.live_snapshot
+            .as_ref()
+            .map(|d| d.snapshot.workloads.as_slice())
     }
 
     /// Decodes, checks and applies `bytes`, and records the outcome.
@@ -209,8 +211,15 @@ impl<M: SlotMaps> Applier<M> {
                 (slot, Outcome::Applied { slot })
             }
         };
+        let generation = snapshot.generation;
+        let decoded = Arc::new(Decoded {
+            snapshot,
+            content_hash,
+        });
+        let snapshot = &decoded.snapshot;
         update(&self.status, |s| {
             s.ready = true;
+            s.live_snapshot = Some(decoded.clone());
             // Names are kept from every generation seen since start: a policy's id is the hash of
             // its kind, namespace and name (the same in every generation), and the kernel's
             // counters of a policy that left the snapshot stay, so they keep their name.
@@ -226,14 +235,20 @@ impl<M: SlotMaps> Applier<M> {
             });
         });
         // Wakes the operator source only when the generation changed (it re-polls to report it).
-        let generation = snapshot.generation;
         self.live.send_if_modified(|live| {
             let changed = *live != generation;
             *live = generation;
             changed
         });
-        self.authz = Some((snapshot.config.mode, snapshot.authz));
-        self.workloads = Some(snapshot.workloads);
+        let previous_level = self
+            .live_snapshot
+            .as_ref()
+            .map(|d| d.snapshot.config.log_level);
+        crate::admin::log_level::on_live_generation(
+            previous_level,
+            decoded.snapshot.config.log_level,
+        );
+        self.live_snapshot = Some(decoded);
         outcome
     }
 

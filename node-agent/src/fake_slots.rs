@@ -13,7 +13,7 @@ use std::{
 use kmesh_common::{GenerationValue, NodeConfig, SnapshotMeta, mode};
 use kmesh_snapshot::Snapshot;
 
-use crate::slots::{MapsError, Slot, SlotMaps, SlotTable};
+use crate::slots::{MapsError, Slot, SlotMaps, SlotTable, TableRecords};
 
 /// One operation on the slots, as recorded by [`FakeSlots`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +55,8 @@ struct State {
     active: Option<Slot>,
     /// What each (slot, table) holds: the generation header of the inner map installed there.
     installed: BTreeMap<(Slot, SlotTable), GenerationValue>,
+    /// The records of every filled generation, by (generation, content hash), for [`SlotMaps::read`].
+    filled: BTreeMap<(u64, u64), Snapshot>,
     log: Vec<Op>,
 }
 
@@ -148,11 +150,14 @@ impl SlotMaps for FakeSlots {
     fn fill(
         &self,
         header: GenerationValue,
-        _snapshot: &Snapshot,
+        snapshot: &Snapshot,
     ) -> Result<GenerationValue, MapsError> {
-        self.lock().log.push(Op::Fill {
+        let mut state = self.lock();
+        state.log.push(Op::Fill {
             generation: header.meta.generation,
         });
+        let key = (header.meta.generation, header.meta.content_hash);
+        state.filled.insert(key, snapshot.clone());
         Ok(header)
     }
 
@@ -189,6 +194,19 @@ impl SlotMaps for FakeSlots {
         state.log.push(Op::Clear { table, slot });
         state.installed.remove(&(slot, table));
         Ok(())
+    }
+
+    /// The filled snapshot's records of the generation installed there (empty tables for a
+    /// generation placed by [`FakeSlots::with_live`], which has no records).
+    fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
+        let state = self.lock();
+        let Some(header) = state.installed.get(&(slot, table)).copied() else {
+            return Ok(None);
+        };
+        let key = (header.meta.generation, header.meta.content_hash);
+        let empty = kmesh_snapshot::builder::SnapshotBuilder::new("", 0, 0).build();
+        let snapshot = state.filled.get(&key).unwrap_or(&empty);
+        Ok(Some(TableRecords::of(table, header, snapshot)))
     }
 }
 
@@ -269,5 +287,10 @@ impl<M: SlotMaps> SlotMaps for FaultySlots<M> {
     fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
         self.tick(table.map_name(), "delete")?;
         self.inner.clear(table, slot)
+    }
+
+    fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
+        self.tick(table.map_name(), "read")?;
+        self.inner.read(table, slot)
     }
 }

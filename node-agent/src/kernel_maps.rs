@@ -11,14 +11,18 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
 };
-use kmesh_common::{EnrolledNetns, GenerationValue, INNER_MAP_FLAGS, counter, map_names};
+use kmesh_common::{
+    AuthzSourceKey, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetRecord,
+    EndpointRecord, EnrolledNetns, GenerationValue, INNER_MAP_FLAGS, Ip16, RouteRecord,
+    ServiceRecord, counter, map_names,
+};
 use kmesh_snapshot::Snapshot;
 
 use crate::{
     loader::Installation,
-    slots::{MapsError, Slot, SlotMaps, SlotTable},
+    slots::{MapsError, Slot, SlotMaps, SlotTable, TableRecords},
     sys,
 };
 
@@ -205,6 +209,89 @@ impl SlotMaps for KernelSlots {
     fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
         self.outer(table).clear(slot)
     }
+
+    fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
+        let Some(id) = self.outer(table).inner_id(slot)? else {
+            return Ok(None);
+        };
+        let name = table.map_name();
+        let inner = MapData::from_id(id)
+            .and_then(Map::from_map_data)
+            .map_err(map_err(name))?;
+        Ok(Some(match table {
+            SlotTable::Generation => TableRecords::Generation(
+                read_hash::<u32, GenerationValue, _>(name, inner, |_, v| v)?,
+            ),
+            SlotTable::Services => TableRecords::Services(read_hash(name, inner, |key, value| {
+                ServiceRecord { key, value }
+            })?),
+            SlotTable::Routes => {
+                TableRecords::Routes(read_hash(name, inner, |route_id, value| RouteRecord {
+                    route_id,
+                    value,
+                })?)
+            }
+            SlotTable::BackendSets => {
+                TableRecords::BackendSets(read_hash(name, inner, |set_id, value| {
+                    BackendSetRecord { set_id, value }
+                })?)
+            }
+            SlotTable::Endpoints => {
+                TableRecords::Endpoints(read_hash(name, inner, |key, value| EndpointRecord {
+                    key,
+                    value,
+                })?)
+            }
+            SlotTable::AuthzWorkloads => {
+                TableRecords::AuthzWorkloads(read_hash(name, inner, |ip, value| {
+                    AuthzWorkloadRecord { ip, value }
+                })?)
+            }
+            SlotTable::AuthzSources => TableRecords::AuthzSources(read_trie(name, inner)?),
+            SlotTable::AuthzVerdicts => {
+                TableRecords::AuthzVerdicts(read_hash(name, inner, |key, value| {
+                    AuthzVerdictRecord { key, value }
+                })?)
+            }
+        }))
+    }
+}
+
+/// Every entry of an inner hash map as records, sorted.
+fn read_hash<K: Pod, V: Pod, R: Ord>(
+    name: &'static str,
+    inner: Map,
+    record: impl Fn(K, V) -> R,
+) -> Result<Vec<R>, MapsError> {
+    let map: HashMap<MapData, K, V> = HashMap::try_from(inner).map_err(map_err(name))?;
+    let mut records = map
+        .iter()
+        .map(|entry| entry.map(|(k, v)| record(k, v)))
+        .collect::<Result<Vec<R>, _>>()
+        .map_err(map_err(name))?;
+    records.sort_unstable();
+    Ok(records)
+}
+
+/// Every entry of the sources LPM trie as records, sorted.
+fn read_trie(name: &'static str, inner: Map) -> Result<Vec<AuthzSourceRecord>, MapsError> {
+    let map: LpmTrie<MapData, Ip16, kmesh_common::AuthzSourceValue> =
+        LpmTrie::try_from(inner).map_err(map_err(name))?;
+    let mut records = map
+        .iter()
+        .map(|entry| {
+            entry.map(|(key, value)| AuthzSourceRecord {
+                key: AuthzSourceKey {
+                    prefix_len: key.prefix_len(),
+                    ip: key.data(),
+                },
+                value,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(name))?;
+    records.sort_unstable();
+    Ok(records)
 }
 
 /// A fresh inner hash map holding `entries`, sized to fit them exactly.

@@ -106,7 +106,8 @@ struct RunArgs {
     /// counted in kmesh_telemetry_series_dropped_total instead.
     #[arg(long, default_value_t = DEFAULT_MAX_SERIES)]
     max_telemetry_series: usize,
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
+    /// Log filter (tracing EnvFilter syntax) until the first snapshot, whose log level
+    /// (KmeshConfig logLevel) then applies; RUST_LOG wins when set, until that level changes.
     #[arg(long, default_value = "info")]
     log_level: String,
     /// Test hook: the data-plane thread panics on receiving its Nth snapshot, so that a test can
@@ -154,12 +155,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to standard output through a filter the admin server can replace at runtime
-/// (`/debug/log-level`, see `admin/log_level.rs`): `RUST_LOG` when set, else `--log-level`.
+/// Logs to standard output through a filter the admin server (`/debug/log-level`) and the
+/// snapshot's log level replace at runtime (see `admin/log_level.rs`): `RUST_LOG` when set (then it
+/// holds until the snapshot's level first changes), else `--log-level` until the first snapshot.
 fn init_tracing(log_level: &str) {
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt as _, reload};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log_level));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let explicit_start = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(log_level));
     let (filter, handle) = reload::Layer::new(filter);
     // Colour codes only on a terminal: a container log or a file keeps plain text.
     let output = fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
@@ -167,7 +171,7 @@ fn init_tracing(log_level: &str) {
         .with(filter)
         .with(output)
         .init();
-    admin::log_level::install(handle);
+    admin::log_level::install(handle, explicit_start);
 }
 
 fn run(args: RunArgs) -> Result<(), String> {

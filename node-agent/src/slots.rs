@@ -8,7 +8,10 @@
 use std::fmt;
 
 use aya::maps::MapError;
-use kmesh_common::{GENERATION_SLOTS, GenerationValue, map_names};
+use kmesh_common::{
+    AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetRecord, EndpointRecord,
+    GENERATION_SLOTS, GenerationValue, RouteRecord, ServiceRecord, map_names,
+};
 use kmesh_snapshot::Snapshot;
 
 use crate::loader::LoaderError;
@@ -128,6 +131,40 @@ impl SlotTable {
     }
 }
 
+/// What one slot of one table holds, read back from the kernel (for `/debug/bpf/<table>`), in
+/// key order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableRecords {
+    Generation(Vec<GenerationValue>),
+    Services(Vec<ServiceRecord>),
+    Routes(Vec<RouteRecord>),
+    BackendSets(Vec<BackendSetRecord>),
+    Endpoints(Vec<EndpointRecord>),
+    AuthzWorkloads(Vec<AuthzWorkloadRecord>),
+    AuthzSources(Vec<AuthzSourceRecord>),
+    AuthzVerdicts(Vec<AuthzVerdictRecord>),
+}
+
+impl TableRecords {
+    /// What [`SlotMaps::fill`] writes into `table` for `header` and `snapshot`.
+    pub fn of(table: SlotTable, header: GenerationValue, snapshot: &Snapshot) -> TableRecords {
+        match table {
+            SlotTable::Generation => TableRecords::Generation(vec![header]),
+            SlotTable::Services => TableRecords::Services(snapshot.services.clone()),
+            SlotTable::Routes => TableRecords::Routes(snapshot.routes.clone()),
+            SlotTable::BackendSets => TableRecords::BackendSets(snapshot.backend_sets.clone()),
+            SlotTable::Endpoints => TableRecords::Endpoints(snapshot.endpoints.clone()),
+            SlotTable::AuthzWorkloads => {
+                TableRecords::AuthzWorkloads(snapshot.authz.workloads.clone())
+            }
+            SlotTable::AuthzSources => TableRecords::AuthzSources(snapshot.authz.sources.clone()),
+            SlotTable::AuthzVerdicts => {
+                TableRecords::AuthzVerdicts(snapshot.authz.verdicts.clone())
+            }
+        }
+    }
+}
+
 /// The operations of the swap protocol on the per-generation maps. Every write the agent makes to
 /// them goes through here; the rules of when each may be called are the protocol's (`maps.rs`).
 ///
@@ -159,4 +196,8 @@ pub trait SlotMaps: Sync {
 
     /// Empties `slot` of `table` (its inner map is freed once nothing references it).
     fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError>;
+
+    /// Every record `slot` of `table` holds, sorted by key; `None` when the slot is empty. Reads
+    /// only: the admin server calls it beside the data plane's writes.
+    fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError>;
 }

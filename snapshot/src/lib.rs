@@ -11,7 +11,8 @@
 //!
 //! [`builder`] makes valid snapshots for tests, demos and benchmarks. [`contract`] is the HTTP
 //! contract by which agents fetch their snapshot from the operator; [`admin_contract`] the paths of
-//! the agent's admin listener that `kmeshctl` reads.
+//! the agent's admin listener that `kmeshctl` reads. [`view`] renders a snapshot's records for
+//! people (the agent's `/debug/config_dump`); [`explain`] says where a connection goes and why.
 
 pub mod admin_contract;
 pub mod builder;
@@ -19,11 +20,13 @@ pub mod contract;
 mod decode;
 mod encode;
 mod error;
+pub mod explain;
 pub mod format;
 mod hash;
 pub mod names;
 mod validate;
 mod validate_authz;
+pub mod view;
 
 #[cfg(test)]
 mod proptests;

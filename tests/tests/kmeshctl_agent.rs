@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use kmesh_common::mode;
+use kmesh_common::{access_log, log_level, mode};
 use kmesh_snapshot::builder::SnapshotBuilder;
 use kmesh_tests::{
     Agent, AgentDir, AgentOptions, AgentSource, TempPath, TestCgroup, workspace_bin,
@@ -118,7 +118,14 @@ impl World {
 }
 
 fn write_generation(file: &TempPath, n: u64) {
-    let snapshot = SnapshotBuilder::new(NODE, n, mode::KERNEL_NATIVE).build();
+    write_generation_at(file, n, log_level::INFO);
+}
+
+/// Generation `n` with the snapshot's log level `level` (`kmesh_common::log_level`).
+fn write_generation_at(file: &TempPath, n: u64, level: u8) {
+    let mut b = SnapshotBuilder::new(NODE, n, mode::KERNEL_NATIVE);
+    b.agent_settings(access_log::OFF, level);
+    let snapshot = b.build();
     write_atomically(file.path(), &snapshot.encode().expect("encode")).expect("write snapshot");
 }
 
@@ -213,6 +220,44 @@ fn log_level_changes_the_live_agent() {
     );
 }
 
+/// The snapshot's log level (KmeshConfig `logLevel`) sets the agent's filter when it changes; an
+/// override through `log-level` holds while generations keep the same level and ends when the
+/// level changes. (The harness starts the agent with `RUST_LOG=info`, which holds until the level
+/// first changes: generation 1's `info` changes nothing.)
+#[test]
+fn the_snapshots_log_level_applies_and_an_override_holds_until_it_changes() {
+    let mut w = World::new("ctl-snaplog");
+    let admin = w.admin();
+    let level = || stdout_of(&["log-level", "--agent", &admin]);
+    assert_eq!(level(), "info\n");
+
+    let mut apply = |n: u64, level: u8| {
+        write_generation_at(&w.snapshot_file, n, level);
+        w.wait_live(n);
+    };
+    apply(2, log_level::DEBUG);
+    assert_eq!(level(), "debug\n", "generation 2's level did not apply");
+
+    assert_eq!(
+        stdout_of(&["log-level", "warn", "--agent", &admin]),
+        "warn\n"
+    );
+    apply(3, log_level::DEBUG);
+    assert_eq!(level(), "warn\n", "the same level again ended the override");
+
+    apply(4, log_level::TRACE);
+    assert_eq!(level(), "trace\n", "a new level did not end the override");
+    apply(5, log_level::TRACE);
+    assert_eq!(level(), "trace\n");
+    let log = w.agent.log();
+    assert_eq!(
+        log.matches("log filter set from the snapshot's log level")
+            .count(),
+        2,
+        "one line per change (generations 2 and 4):\n{log}"
+    );
+}
+
 /// Nothing listens: the exact error, naming the address, and a non-zero exit.
 #[test]
 fn an_unreachable_agent_is_named() {
@@ -253,7 +298,14 @@ fn completion_prints_a_script() {
         bash.contains("kmeshctl") && bash.contains("complete"),
         "{bash}"
     );
-    for sub in ["compile", "dump", "log-level", "version", "completion"] {
+    for sub in [
+        "compile",
+        "dump",
+        "explain",
+        "log-level",
+        "version",
+        "completion",
+    ] {
         assert!(bash.contains(sub), "bash completion lacks {sub}");
     }
 }

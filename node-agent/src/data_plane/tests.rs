@@ -242,3 +242,28 @@ fn an_unreadable_live_generation_refuses_without_writing() {
     );
     assert_eq!(writes(&h.applier.maps.slots().inner), vec![]);
 }
+
+/// The status keeps the snapshot that is live (for `/debug/config_dump`): set by an applied or an
+/// unchanged snapshot, kept by a refused one, with the generation `/debug/snapshot` reports.
+#[test]
+fn the_live_snapshot_is_kept_for_the_admin_server() {
+    let mut h = harness(FakeSlots::empty(), Limits::default());
+    assert!(status(&h).live_snapshot.is_none());
+    let (bytes, hash) = snapshot(NODE, 4, 2);
+    h.applier.on_snapshot(&bytes);
+    let kept = status(&h).live_snapshot.expect("the applied snapshot");
+    assert_eq!((kept.snapshot.generation, kept.content_hash), (4, hash));
+    assert_eq!(kept.snapshot.encode().unwrap(), bytes);
+
+    let (other, _) = snapshot("node-2", 5, 1);
+    assert!(matches!(h.applier.on_snapshot(&other), Outcome::Refused(_)));
+    let s = status(&h);
+    assert_eq!(s.live_snapshot.map(|d| d.snapshot.generation), Some(4));
+    assert_eq!(s.live.map(|l| l.generation), Some(4));
+
+    let (next, _) = snapshot(NODE, 6, 1);
+    h.applier.on_snapshot(&next);
+    let s = status(&h);
+    assert_eq!(s.live_snapshot.map(|d| d.snapshot.services.len()), Some(1));
+    assert_eq!(h.applier.workloads().map(<[_]>::len), Some(1));
+}

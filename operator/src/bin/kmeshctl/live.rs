@@ -1,9 +1,11 @@
-//! The subcommands that read or change a running agent: `version --agent`, `dump`, `log-level`.
+//! The subcommands that read or change a running agent: `version --agent`, `dump`, `log-level`
+//! (`explain` has its own module).
 //! Each returns the bytes to print on standard output, or an error naming the agent's address; the
 //! paths are the agent's admin contract (`kmesh_snapshot::admin_contract`).
 use clap::ValueEnum;
 use kmesh_snapshot::admin_contract::{
-    AUTHZ_PATH, LOG_LEVEL_PATH, METRICS_PATH, SNAPSHOT_PATH, VERSION_PATH,
+    AUTHZ_PATH, BPF_PATH_PREFIX, CONFIG_DUMP_PATH, LOG_LEVEL_PATH, METRICS_PATH, SNAPSHOT_PATH,
+    VERSION_PATH,
 };
 
 use crate::agent_client::{AgentClient, ClientError, Listener, ListenerAddr, Method};
@@ -17,6 +19,10 @@ pub enum DumpTarget {
     Authz,
     /// Prometheus metrics, from the agent's metrics listener (`--metrics`), as text.
     Metrics,
+    /// The live snapshot decoded: every table, names beside ids (`/debug/config_dump`, JSON).
+    Config,
+    /// One map's active slot as the kernel holds it (`/debug/bpf/<table>`, JSON; `--table`).
+    Bpf,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -26,9 +32,11 @@ pub enum LiveError {
     #[error("the agent at {addr} answered {path} with something that is not JSON: {message}")]
     NotJson {
         addr: ListenerAddr,
-        path: &'static str,
+        path: String,
         message: String,
     },
+    #[error("dump bpf needs --table")]
+    NoTable,
     #[error("the agent at {addr} refused the log filter: {message}")]
     LogLevelRefused { addr: ListenerAddr, message: String },
 }
@@ -44,17 +52,20 @@ pub fn agent_version(agent: &ListenerAddr) -> Result<Vec<u8>, LiveError> {
 /// own field order) or Prometheus text.
 pub fn dump(
     target: DumpTarget,
+    table: Option<&str>,
     agent: &ListenerAddr,
     metrics: &ListenerAddr,
 ) -> Result<Vec<u8>, LiveError> {
     let path = match target {
-        DumpTarget::Snapshot => SNAPSHOT_PATH,
-        DumpTarget::Authz => AUTHZ_PATH,
+        DumpTarget::Snapshot => SNAPSHOT_PATH.to_string(),
+        DumpTarget::Authz => AUTHZ_PATH.to_string(),
+        DumpTarget::Config => CONFIG_DUMP_PATH.to_string(),
+        DumpTarget::Bpf => format!("{BPF_PATH_PREFIX}{}", table.ok_or(LiveError::NoTable)?),
         DumpTarget::Metrics => {
             return Ok(AgentClient::new(Listener::Metrics, metrics.clone()).get(METRICS_PATH)?);
         }
     };
-    let mut body = AgentClient::new(Listener::Admin, agent.clone()).get(path)?;
+    let mut body = AgentClient::new(Listener::Admin, agent.clone()).get(&path)?;
     if let Err(e) = serde_json::from_slice::<serde_json::Value>(&body) {
         return Err(LiveError::NotJson {
             addr: agent.clone(),

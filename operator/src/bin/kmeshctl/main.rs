@@ -7,14 +7,18 @@
 //!
 //! `version`, `dump` and `log-level` read or change a running agent through its admin listener
 //! (`live.rs`, over `agent_client.rs`); they exit non-zero, with a message naming the address, when
-//! the agent cannot be reached or refuses. `completion` prints a shell completion script.
+//! the agent cannot be reached or refuses. `explain` says where a connection goes and whether it is
+//! let in, from a live agent or offline from YAML (`explain.rs`). `completion` prints a shell
+//! completion script.
 mod agent_client;
+mod explain;
 mod live;
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use agent_client::ListenerAddr;
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use explain::{ExplainOutput, Origin};
 use kmesh_operator::{
     Error, Result,
     compile::{CompileOptions, Compiled, compile},
@@ -22,7 +26,7 @@ use kmesh_operator::{
     dir_source::load,
     render::{json, summary},
 };
-use kmesh_snapshot::Snapshot;
+use kmesh_snapshot::{Snapshot, admin_contract::BPF_TABLES};
 use live::DumpTarget;
 
 /// The agent's default admin and metrics addresses (its `--admin-addr` and `--metrics-addr` ports).
@@ -96,15 +100,21 @@ Examples:
         agent: Option<ListenerAddr>,
     },
     /// Print what a running agent holds: its status and live snapshot, its authorization
-    /// counters, or its metrics.
+    /// counters, its metrics, its live snapshot decoded, or a map as the kernel holds it.
     #[command(after_help = agent_help!(
         "kmeshctl dump snapshot\n  \
          kmeshctl dump authz --agent 127.0.0.1:15200\n  \
-         kmeshctl dump metrics --metrics 127.0.0.1:15020"
+         kmeshctl dump metrics --metrics 127.0.0.1:15020\n  \
+         kmeshctl dump config                        # the live snapshot, every table\n  \
+         kmeshctl dump bpf --table routes            # the routes map's active slot"
     ))]
     Dump {
         #[arg(value_enum)]
         what: DumpTarget,
+        /// For `dump bpf`: which map.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(BPF_TABLES),
+              required_if_eq("what", "bpf"))]
+        table: Option<String>,
         /// The agent's admin address (HOST:PORT; its --admin-addr).
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_AGENT)]
         agent: ListenerAddr,
@@ -112,7 +122,39 @@ Examples:
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS)]
         metrics: ListenerAddr,
     },
-    /// Show a running agent's log filter, or change it until the agent restarts.
+    /// Show where a connection from a pod goes (service, route, weights, endpoints) and the
+    /// authorization verdict it gets, from a live agent or offline from YAML.
+    #[command(after_help = agent_help!(
+        "kmeshctl explain --from 10.244.1.20 --to 10.96.0.10:9080              # the local agent\n  \
+         kmeshctl explain --from 10.244.1.20 --to 10.96.0.10:9080 -o json\n  \
+         kmeshctl explain -f cluster/ --from default/productpage-v1-5d9 --to reviews:9080\n\n\
+Live, the client must be a pod of the agent's node, and a destination on another node gets\n\
+\"decided on the destination's node\". Offline (-f), the YAML is compiled for every node."
+    ))]
+    Explain {
+        /// The client: a pod IP, or namespace/pod (offline only).
+        #[arg(long, value_name = "POD")]
+        from: String,
+        /// The destination: IP:PORT, or HOST:PORT of a service (offline only).
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Explain offline from this YAML (file or directory; repeatable) instead of an agent.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// The agent's admin address (HOST:PORT; its --admin-addr), when live.
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_AGENT, conflicts_with = "files")]
+        agent: ListenerAddr,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = ExplainOutput::Text)]
+        output: ExplainOutput,
+        /// Offline: namespace of objects that name none.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Offline: Istio's root namespace.
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
+    },
+    /// Show a running agent's log filter, or change it until the next change of the
+    /// KmeshConfig's logLevel (or a restart).
     #[command(after_help = agent_help!(
         "kmeshctl log-level                          # show it\n  \
          kmeshctl log-level debug                    # everything at debug\n  \
@@ -157,9 +199,30 @@ fn main() -> ExitCode {
         Command::Version { agent } => version(agent.as_ref()),
         Command::Dump {
             what,
+            table,
             agent,
             metrics,
-        } => print(live::dump(what, &agent, &metrics)),
+        } => print(live::dump(what, table.as_deref(), &agent, &metrics)),
+        Command::Explain {
+            from,
+            to,
+            files,
+            agent,
+            output,
+            namespace,
+            root_namespace,
+        } => {
+            let origin = if files.is_empty() {
+                Origin::Live(&agent)
+            } else {
+                Origin::Offline {
+                    files: &files,
+                    namespace: &namespace,
+                    root_namespace,
+                }
+            };
+            print(explain::run(origin, &from, &to, output))
+        }
         Command::LogLevel { level, agent } => print(live::log_level(&agent, level.as_deref())),
         Command::Completion { shell } => {
             let mut script = Vec::new();
@@ -293,6 +356,7 @@ mod tests {
             what,
             agent,
             metrics,
+            ..
         }) = parse(&["dump", "snapshot"])
         else {
             panic!("dump snapshot did not parse");
@@ -306,6 +370,7 @@ mod tests {
             what,
             agent,
             metrics,
+            ..
         }) = parse(&[
             "dump",
             "metrics",
@@ -363,6 +428,73 @@ mod tests {
     }
 
     #[test]
+    fn dump_bpf_needs_a_known_table() {
+        let Ok(Command::Dump { what, table, .. }) = parse(&["dump", "bpf", "--table", "routes"])
+        else {
+            panic!("dump bpf --table routes did not parse");
+        };
+        assert_eq!((what, table.as_deref()), (DumpTarget::Bpf, Some("routes")));
+        let missing = parse(&["dump", "bpf"]).err().expect("bpf needs --table");
+        assert_eq!(missing.kind(), ErrorKind::MissingRequiredArgument);
+        let unknown = parse(&["dump", "bpf", "--table", "nat"])
+            .err()
+            .expect("no nat");
+        assert_eq!(unknown.kind(), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn explain_is_live_unless_given_yaml() {
+        let Ok(Command::Explain {
+            from,
+            to,
+            files,
+            agent,
+            output,
+            ..
+        }) = parse(&["explain", "--from", "10.244.1.5", "--to", "10.96.0.10:80"])
+        else {
+            panic!("explain did not parse");
+        };
+        assert_eq!(
+            (from.as_str(), to.as_str()),
+            ("10.244.1.5", "10.96.0.10:80")
+        );
+        assert!(files.is_empty());
+        assert_eq!((agent, output), (addr(DEFAULT_AGENT), ExplainOutput::Text));
+        let Ok(Command::Explain { files, output, .. }) = parse(&[
+            "explain",
+            "-f",
+            "dir",
+            "--from",
+            "ns/pod",
+            "--to",
+            "reviews:9080",
+            "-o",
+            "json",
+        ]) else {
+            panic!("explain -f did not parse");
+        };
+        assert_eq!(
+            (files, output),
+            (vec![PathBuf::from("dir")], ExplainOutput::Json)
+        );
+        let both = parse(&[
+            "explain",
+            "-f",
+            "dir",
+            "--agent",
+            "127.0.0.1:1",
+            "--from",
+            "a/b",
+            "--to",
+            "c:1",
+        ]);
+        assert_eq!(both.err().unwrap().kind(), ErrorKind::ArgumentConflict);
+        let missing = parse(&["explain", "--from", "a/b"]).err().unwrap();
+        assert_eq!(missing.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
     fn version_asks_an_agent_only_when_given_one() {
         assert!(matches!(
             parse(&["version"]),
@@ -415,14 +547,21 @@ mod tests {
     #[test]
     fn help_has_examples_and_the_port_forward() {
         let mut cli = Cli::command();
-        for sub in ["compile", "version", "dump", "log-level", "completion"] {
+        for sub in [
+            "compile",
+            "version",
+            "dump",
+            "explain",
+            "log-level",
+            "completion",
+        ] {
             let help = cli
                 .find_subcommand_mut(sub)
                 .unwrap()
                 .render_long_help()
                 .to_string();
             assert!(help.contains(&format!("kmeshctl {sub}")), "{sub}: {help}");
-            let reaches_an_agent = matches!(sub, "version" | "dump" | "log-level");
+            let reaches_an_agent = matches!(sub, "version" | "dump" | "explain" | "log-level");
             assert_eq!(
                 help.contains("kubectl -n kmesh-system port-forward pod/<agent pod> 15200"),
                 reaches_an_agent,

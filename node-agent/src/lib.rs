@@ -17,7 +17,7 @@
 //!   owns the maps and pins; [`lifecycle`]: an upgrade's link switch and the uninstall on it;
 //!   [`refusal`]: why a snapshot was refused; [`supervise`]: that thread's end;
 //! - [`connection`]: a finished connection and the names it is labelled with (kernel events to
-//!   telemetry);
+//!   telemetry); [`names`]: those names, looked up in the decoded snapshot;
 //! - [`admin`]: health and debug endpoints; [`authz_counters`]: what `/debug/authz` shows; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
@@ -37,6 +37,7 @@ pub mod link_switch;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod names;
 pub mod netns_links;
 pub mod refusal;
 pub mod slots;

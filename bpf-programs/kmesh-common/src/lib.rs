@@ -14,6 +14,7 @@
 
 pub mod authz;
 mod choice;
+pub mod names;
 pub use authz::{
     AuthzCounterKey, AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue,
     AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,

@@ -50,16 +50,6 @@ pub(crate) fn sample() -> Snapshot {
     b.build()
 }
 
-/// The sample's authorization tables, every reason and both kinds of policy in them. After
-/// sorting:
-/// - workloads 0 = 10.244.1.20 (set 1), 1 = 10.244.1.21 (set 2), 2 = fd00:10:244::9 (set 1);
-/// - sources 0 = 10.0.0.0/8 (class 2), 1 = 10.244.1.20/32 (class 1), 2 = fd00:10:244::7/128
-///   (class 3);
-/// - verdicts 0 = (1, 1, any) allow 5, 1 = (1, 1, 8080) allow 5, 2 = (1, 3, 9090) deny 9,
-///   3 = (1, any, any) deny no-allow-matched, 4 = (1, any, 8080) deny strict 7,
-///   5 = (2, 2, any) deny uncompilable 11, 6 = (2, any, any) allow no-allow-policy;
-/// - policies 0 = 5 default/allow-frontend, 1 = 7 istio-system/default (PeerAuthentication),
-///   2 = 9 default/deny-legacy, 3 = 11 legacy/broken.
 /// Names of two pods (10.244.1.20 and fd00::20, the second without a version) and of the service
 /// 10.96.0.10:80 (service_id 1).
 pub(crate) fn add_sample_names(b: &mut SnapshotBuilder) {
@@ -84,6 +74,16 @@ pub(crate) fn add_sample_names(b: &mut SnapshotBuilder) {
     b.service_names(1, &service);
 }
 
+/// The sample's authorization tables, every reason and both kinds of policy in them. After
+/// sorting:
+/// - workloads 0 = 10.244.1.20 (set 1), 1 = 10.244.1.21 (set 2), 2 = fd00:10:244::9 (set 1);
+/// - sources 0 = 10.0.0.0/8 (class 2), 1 = 10.244.1.20/32 (class 1), 2 = fd00:10:244::7/128
+///   (class 3);
+/// - verdicts 0 = (1, 1, any) allow 5, 1 = (1, 1, 8080) allow 5, 2 = (1, 3, 9090) deny 9,
+///   3 = (1, any, any) deny no-allow-matched, 4 = (1, any, 8080) deny strict 7,
+///   5 = (2, 2, any) deny uncompilable 11, 6 = (2, any, any) allow no-allow-policy;
+/// - policies 0 = 5 default/allow-frontend, 1 = 7 istio-system/default (PeerAuthentication),
+///   2 = 9 default/deny-legacy, 3 = 11 legacy/broken.
 pub(crate) fn add_sample_authz(b: &mut SnapshotBuilder) {
     use kmesh_common::authz::{
         ANY_CLASS as ANY, ANY_PORT, authz_action::*, authz_policy_kind::*, authz_reason::*,

@@ -107,7 +107,7 @@ fn check_references(
 /// checked (length 1..=MAX_NAME_LEN within the table, UTF-8, unique) and the tail after the last
 /// one is fewer than 8 zero bytes.
 pub(crate) fn string_offsets(strings: &[u8]) -> Result<Vec<u32>, ValidationError> {
-    if strings.len() % CHUNK != 0 || u32::try_from(strings.len()).is_err() {
+    if !strings.len().is_multiple_of(CHUNK) || u32::try_from(strings.len()).is_err() {
         return Err(ValidationError::NameTableLength { len: strings.len() });
     }
     let mut offsets = Vec::new();

@@ -64,6 +64,15 @@ impl Table {
         }
     }
 
+    /// Whether the agent loads the table into an eBPF map: every table but the names, which are
+    /// for user space only.
+    pub const fn is_map(self) -> bool {
+        !matches!(
+            self,
+            Table::NameStrings | Table::WorkloadNames | Table::ServiceNames
+        )
+    }
+
     /// The table's name in metric labels and JSON: `services`, `backend_sets`, `authz_sources`.
     pub const fn label(self) -> &'static str {
         match self {

@@ -243,6 +243,19 @@ fn names_over_the_node_limits_are_refused_before_reading_them() {
 }
 
 #[test]
+fn only_the_names_tables_stay_out_of_the_maps() {
+    let user_space: Vec<Table> = Table::ALL.into_iter().filter(|t| !t.is_map()).collect();
+    assert_eq!(
+        user_space,
+        [
+            Table::NameStrings,
+            Table::WorkloadNames,
+            Table::ServiceNames
+        ]
+    );
+}
+
+#[test]
 fn a_format_version_1_snapshot_is_refused_by_name() {
     let mut bytes = sample().encode().unwrap();
     bytes[8..10].copy_from_slice(&1u16.to_le_bytes());

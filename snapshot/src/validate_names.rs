@@ -4,10 +4,9 @@
 //! services table).
 //!
 //! The string table is walked once (linear), collecting the offset of every entry; a record's
-//! reference is a binary search in those offsets. Uniqueness of the strings is a hash set of
-//! borrowed slices, at most one entry per 3 bytes of the table.
-
-use std::collections::HashMap;
+//! reference is a binary search in those offsets. Uniqueness of the strings is a sort of a copy of
+//! the offsets by content: two `u32` per entry of at least 3 bytes, so the decoder's promise of
+//! allocating about the size of its input holds (a hash set of slices would cost ten times more).
 
 use kmesh_common::names::{MAX_NAME_LEN, NAME_LEN_BYTES, NO_NAME};
 
@@ -111,7 +110,6 @@ pub(crate) fn string_offsets(strings: &[u8]) -> Result<Vec<u32>, ValidationError
         return Err(ValidationError::NameTableLength { len: strings.len() });
     }
     let mut offsets = Vec::new();
-    let mut seen: HashMap<&[u8], u32> = HashMap::new();
     let mut pos = 0usize;
     while let Some(rest) = strings.get(pos..) {
         if rest.len() < CHUNK && rest.iter().all(|&b| b == 0) {
@@ -120,14 +118,28 @@ pub(crate) fn string_offsets(strings: &[u8]) -> Result<Vec<u32>, ValidationError
         // The table length fits u32 (checked above), so every position in it does.
         let offset = pos as u32;
         let string = entry(rest, offset)?;
-        if let Some(&first) = seen.get(string) {
-            return Err(ValidationError::NameDuplicate { offset, first });
-        }
-        seen.insert(string, offset);
         offsets.push(offset);
         pos += NAME_LEN_BYTES + string.len();
     }
+    check_unique(strings, &offsets)?;
     Ok(offsets)
+}
+
+/// No string of the table is stored twice. Of several repeats, the one reported is the smallest
+/// string's, at its second offset (deterministic).
+fn check_unique(strings: &[u8], offsets: &[u32]) -> Result<(), ValidationError> {
+    // Offsets come from the walk, so each starts a checked entry; a miss reads as "".
+    let text = |offset: u32| string_at(strings, offset).unwrap_or_default();
+    let mut by_content = offsets.to_vec();
+    by_content.sort_unstable_by(|&a, &b| text(a).cmp(text(b)).then(a.cmp(&b)));
+    for pair in by_content.windows(2) {
+        if let [first, offset] = *pair
+            && text(first) == text(offset)
+        {
+            return Err(ValidationError::NameDuplicate { offset, first });
+        }
+    }
+    Ok(())
 }
 
 /// The string of the entry at the start of `rest` (at `offset` in the table), checked.

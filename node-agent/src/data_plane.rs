@@ -220,6 +220,8 @@ impl<M: SlotMaps> Applier<M> {
         update(&self.status, |s| {
             s.ready = true;
             s.live_snapshot = Some(decoded.clone());
+            // Connections finished from now on are labelled with this generation's names.
+            s.live_names.set(decoded.clone());
             // Names are kept from every generation seen since start: a policy's id is the hash of
             // its kind, namespace and name (the same in every generation), and the kernel's
             // counters of a policy that left the snapshot stay, so they keep their name.

@@ -185,7 +185,8 @@ fn register_tables(registry: &mut Registry, status: &Status, limits: &Limits) {
     let entries = Family::<TableLabel, Gauge>::default();
     let capacity = Family::<TableLabel, Gauge>::default();
     let counts = status.live.as_ref().and_then(|l| l.counts.as_ref());
-    for table in Table::ALL {
+    // The names tables are user space only (no map to fill).
+    for table in Table::ALL.into_iter().filter(|t| t.is_map()) {
         let Some(max) = limits.max_of(table) else {
             continue;
         };

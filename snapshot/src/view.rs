@@ -54,6 +54,23 @@ pub trait Names {
 pub struct NoNames;
 impl Names for NoNames {}
 
+/// The names a snapshot carries in its names section: each service's host and, for a pod
+/// address, `namespace/workload` (the section names workloads, not pods: a Deployment's pods all
+/// show its name).
+pub struct SectionNames<'a>(pub &'a Snapshot);
+
+impl Names for SectionNames<'_> {
+    fn service(&self, service_id: u32, _key: &ServiceKey) -> Option<String> {
+        let names = self.0.names();
+        names.service_by_id(service_id).map(|s| s.host.to_string())
+    }
+    fn pod(&self, ip: &Ip16) -> Option<String> {
+        let names = self.0.names();
+        let w = names.workload(ip)?;
+        Some(format!("{}/{}", w.namespace, w.workload))
+    }
+}
+
 /// The node's mode (`kmesh_common::mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Mode {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use kmesh_snapshot::{
     Decoded,
-    view::{self, NoNames, SnapshotView},
+    view::{self, SectionNames, SnapshotView},
 };
 
 use crate::agent::Status;
@@ -39,7 +39,11 @@ pub fn live(status: &Status) -> Result<Arc<Decoded>, ConfigDumpError> {
 
 /// The view `/debug/config_dump` answers.
 pub fn view(decoded: &Decoded) -> SnapshotView {
-    view::snapshot(&decoded.snapshot, decoded.content_hash, &NoNames)
+    view::snapshot(
+        &decoded.snapshot,
+        decoded.content_hash,
+        &SectionNames(&decoded.snapshot),
+    )
 }
 
 /// The bytes `/debug/config_dump.bin` answers (the encoder is deterministic: these are the bytes

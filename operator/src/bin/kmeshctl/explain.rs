@@ -24,7 +24,7 @@ use kmesh_snapshot::{
     Limits, Snapshot,
     admin_contract::CONFIG_DUMP_BINARY_PATH,
     explain::{self, Explanation, Query, Snapshots},
-    view::{Names, NoNames},
+    view::{Names, SectionNames},
 };
 
 use crate::agent_client::{AgentClient, ClientError, Listener, ListenerAddr};
@@ -186,7 +186,9 @@ fn live(agent: &ListenerAddr, from: From, to: To) -> Result<Explanation, Explain
         destinations: &[&snapshot],
         every_node: false,
     };
-    Ok(explain::explain(Query { from, to }, &snapshots, &NoNames))
+    // The snapshot's names section names services and workloads (pods are named by workload).
+    let names = SectionNames(&snapshot);
+    Ok(explain::explain(Query { from, to }, &snapshots, &names))
 }
 
 fn offline(

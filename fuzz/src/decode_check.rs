@@ -40,6 +40,9 @@ const TIGHT: Limits = Limits {
     max_authz_sources: 3,
     max_authz_verdicts: 4,
     max_authz_policies: 2,
+    max_name_bytes: 64,
+    max_workload_names: 2,
+    max_service_names: 2,
 };
 
 /// Checks `data` as given and, when it is long enough to have a header, with its length and hash
@@ -111,6 +114,32 @@ pub fn check_one(bytes: &[u8]) {
     );
     check_routes(snapshot);
     check_authz(snapshot);
+    check_names(snapshot);
+}
+
+/// Every name of an accepted snapshot reads back: each record's lookup finds it, and every field is
+/// no name or a string of the table.
+fn check_names(snapshot: &Snapshot) {
+    let names = snapshot.names();
+    for w in &snapshot.names.workloads {
+        assert!(
+            names.workload(&w.ip).is_some(),
+            "a named address is not found"
+        );
+        for offset in [w.workload, w.namespace, w.service_account, w.app, w.version] {
+            assert!(
+                offset == kmesh_common::names::NO_NAME || names.string(offset).is_some(),
+                "an accepted workload name refers to no string"
+            );
+        }
+    }
+    for s in &snapshot.names.services {
+        let found = names.service_by_id(s.service_id);
+        assert!(
+            found.is_some_and(|n| !n.host.is_empty()),
+            "an accepted service name has no host"
+        );
+    }
 }
 
 /// A decode under `limits` must equal the unlimited decode, or be refused for a limit the
@@ -134,7 +163,10 @@ fn check_limits(
                 && s.authz.workloads.len() as u64 <= u64::from(limits.max_authz_workloads)
                 && s.authz.sources.len() as u64 <= u64::from(limits.max_authz_sources)
                 && s.authz.verdicts.len() as u64 <= u64::from(limits.max_authz_verdicts)
-                && s.authz.policies.len() as u64 <= u64::from(limits.max_authz_policies);
+                && s.authz.policies.len() as u64 <= u64::from(limits.max_authz_policies)
+                && s.names.strings.len() as u64 <= u64::from(limits.max_name_bytes)
+                && s.names.workloads.len() as u64 <= u64::from(limits.max_workload_names)
+                && s.names.services.len() as u64 <= u64::from(limits.max_service_names);
             assert!(
                 !fits,
                 "a snapshot within {limits:?} was refused under them: {e}"
@@ -142,7 +174,9 @@ fn check_limits(
             assert!(
                 matches!(
                     e,
-                    DecodeError::TooLarge { .. } | DecodeError::OverCapacity { .. }
+                    DecodeError::TooLarge { .. }
+                        | DecodeError::OverCapacity { .. }
+                        | DecodeError::NameBytesOverCapacity { .. }
                 ),
                 "a valid snapshot was refused under limits for another reason: {e}"
             );

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use arbitrary::Arbitrary;
 use kmesh_common::{RouteValue, ip16, lb_policy};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
-use kmesh_snapshot::{Limits, Snapshot};
+use kmesh_snapshot::{Limits, ServiceName, Snapshot, WorkloadName};
 
 use crate::authz_plan::{self, AuthzEdit, AuthzPlan};
 use crate::decode_check;
@@ -33,7 +33,19 @@ pub struct SnapshotPlan {
     services: Vec<ServicePlan>,
     workloads: Vec<(Addr, u32)>,
     authz: Option<AuthzPlan>,
+    names: NamesPlan,
     edit: Option<Edit>,
+}
+
+/// The names sections: strings (each mapped to a label; an empty one is no name) and which of
+/// them each named address and service takes.
+#[derive(Arbitrary, Debug)]
+struct NamesPlan {
+    strings: Vec<Vec<u8>>,
+    /// An address and the indexes (into `strings`) of its five names.
+    workloads: Vec<(Addr, [u8; 5])>,
+    /// For the service at this index (modulo the services built): its three names.
+    services: Vec<(u8, [u8; 3])>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -152,6 +164,21 @@ enum Edit {
         b: usize,
     },
     Authz(AuthzEdit),
+    /// Overwrites a byte of the string table.
+    NameByte {
+        index: usize,
+        value: u8,
+    },
+    /// Points a field (modulo the five) of a workload name at any offset.
+    WorkloadNameField {
+        index: usize,
+        field: u8,
+        offset: u32,
+    },
+    ServiceNameId {
+        index: usize,
+        service_id: u32,
+    },
 }
 
 impl SnapshotPlan {
@@ -178,6 +205,7 @@ impl SnapshotPlan {
             set_ids.push(b.backend_set(policy, &endpoints));
         }
         let mut keys = std::collections::BTreeSet::new();
+        let mut service_ids = Vec::new();
         for service in &self.services {
             let port = service.port.max(1);
             let destinations: Vec<(u32, u32)> = service
@@ -195,7 +223,8 @@ impl SnapshotPlan {
             {
                 continue;
             }
-            b.service(service.addr.ip(), port, &destinations);
+            let route = b.route(&destinations);
+            service_ids.push(b.service_with_route(service.addr.ip(), port, route));
         }
         let mut workload_ips = std::collections::BTreeSet::new();
         for &(addr, identity) in &self.workloads {
@@ -206,6 +235,7 @@ impl SnapshotPlan {
         if let Some(authz) = &self.authz {
             authz.add_to(&mut b);
         }
+        self.names.add_to(&mut b, &service_ids);
         b.build()
     }
 
@@ -221,6 +251,61 @@ impl SnapshotPlan {
             "node".to_string()
         } else {
             labels.join(".")
+        }
+    }
+}
+
+impl NamesPlan {
+    fn add_to(&self, b: &mut SnapshotBuilder, service_ids: &[u32]) {
+        let strings: Vec<String> = self
+            .strings
+            .iter()
+            .take(16)
+            .map(|s| {
+                if s.is_empty() {
+                    String::new()
+                } else {
+                    label(s, 40)
+                }
+            })
+            .collect();
+        let pick = |i: u8| {
+            strings
+                .get(usize::from(i) % strings.len().max(1))
+                .map_or("", String::as_str)
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for &(addr, [w, n, sa, app, v]) in self.workloads.iter().take(16) {
+            if !seen.insert(ip16(addr.ip())) {
+                continue;
+            }
+            let names = WorkloadName {
+                workload: pick(w),
+                namespace: pick(n),
+                service_account: pick(sa),
+                app: pick(app),
+                version: pick(v),
+            };
+            b.workload_names(addr.ip(), &names);
+        }
+        let mut named = std::collections::BTreeSet::new();
+        for &(service, [host, name, namespace]) in &self.services {
+            let Some(&id) = service_ids.get(usize::from(service) % service_ids.len().max(1)) else {
+                continue;
+            };
+            if !named.insert(id) {
+                continue;
+            }
+            let host = match pick(host) {
+                "" => "host",
+                host => host,
+            };
+            let names = ServiceName {
+                host,
+                name: pick(name),
+                namespace: pick(namespace),
+            };
+            b.service_names(id, &names);
         }
     }
 }
@@ -396,10 +481,36 @@ fn apply(s: &mut Snapshot, edit: &Edit) {
             }
         }),
         Edit::Authz(ref edit) => authz_plan::apply(s, edit),
+        Edit::NameByte { index, value } => {
+            if let Some(i) = pick(index, s.names.strings.len()) {
+                s.names.strings[i] = value;
+            }
+        }
+        Edit::WorkloadNameField {
+            index,
+            field,
+            offset,
+        } => {
+            if let Some(i) = pick(index, s.names.workloads.len()) {
+                let w = &mut s.names.workloads[i];
+                *[
+                    &mut w.workload,
+                    &mut w.namespace,
+                    &mut w.service_account,
+                    &mut w.app,
+                    &mut w.version,
+                ][usize::from(field) % 5] = offset;
+            }
+        }
+        Edit::ServiceNameId { index, service_id } => {
+            if let Some(i) = pick(index, s.names.services.len()) {
+                s.names.services[i].service_id = service_id;
+            }
+        }
     }
 }
 
-/// Reorders one table (`table` modulo the nine record tables) by an operation on the list of its
+/// Reorders one table (`table` modulo the eleven record tables) by an operation on the list of its
 /// record positions: `op` may duplicate, remove or swap positions.
 fn table_op(s: &mut Snapshot, table: u8, op: impl FnOnce(&mut Vec<usize>)) {
     fn permute<T: Copy>(records: &mut Vec<T>, op: impl FnOnce(&mut Vec<usize>)) {
@@ -407,7 +518,7 @@ fn table_op(s: &mut Snapshot, table: u8, op: impl FnOnce(&mut Vec<usize>)) {
         op(&mut order);
         *records = order.into_iter().map(|i| records[i]).collect();
     }
-    match table % 9 {
+    match table % 11 {
         0 => permute(&mut s.services, op),
         1 => permute(&mut s.routes, op),
         2 => permute(&mut s.backend_sets, op),
@@ -416,6 +527,8 @@ fn table_op(s: &mut Snapshot, table: u8, op: impl FnOnce(&mut Vec<usize>)) {
         5 => permute(&mut s.authz.workloads, op),
         6 => permute(&mut s.authz.sources, op),
         7 => permute(&mut s.authz.verdicts, op),
-        _ => permute(&mut s.authz.policies, op),
+        8 => permute(&mut s.authz.policies, op),
+        9 => permute(&mut s.names.workloads, op),
+        _ => permute(&mut s.names.services, op),
     }
 }

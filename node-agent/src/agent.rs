@@ -121,6 +121,8 @@ impl Counts {
             Table::AuthzSources => Some(self.authz_sources),
             Table::AuthzVerdicts => Some(self.authz_verdicts),
             Table::AuthzPolicies => Some(self.authz_policies),
+            // The names sections are user space only: not in a map.
+            Table::NameStrings | Table::WorkloadNames | Table::ServiceNames => None,
         }
     }
 }

@@ -19,7 +19,8 @@
 //! - [`connection`]: a finished connection and the names it is labelled with (kernel events to
 //!   telemetry); [`events`]: the kernel's connection events ring buffer, read and decoded into
 //!   connections for a [`events::ConnectionSink`], and its drop counters; [`telemetry`]: Istio's
-//!   TCP metrics and the access log from those connections;
+//!   TCP metrics and the access log from those connections; [`names`]: those names, looked up in the
+//!   decoded snapshot;
 //! - [`admin`]: health and debug endpoints; [`authz_counters`]: what `/debug/authz` shows; [`agent`]: the status and the wiring of it all.
 pub mod admin;
 pub mod agent;
@@ -40,6 +41,7 @@ pub mod link_switch;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod names;
 pub mod netns_links;
 pub mod refusal;
 pub mod slots;

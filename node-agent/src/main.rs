@@ -106,6 +106,15 @@ struct RunArgs {
     /// counted in kmesh_telemetry_series_dropped_total instead.
     #[arg(long, default_value_t = DEFAULT_MAX_SERIES)]
     max_telemetry_series: usize,
+    /// Capacity: bytes of name strings (telemetry's workload and service names).
+    #[arg(long, default_value_t = Limits::default().max_name_bytes)]
+    max_name_bytes: u32,
+    /// Capacity: named pod addresses (every pod of the cluster with an address).
+    #[arg(long, default_value_t = Limits::default().max_workload_names)]
+    max_workload_names: u32,
+    /// Capacity: named services.
+    #[arg(long, default_value_t = Limits::default().max_service_names)]
+    max_service_names: u32,
     /// Log filter (tracing EnvFilter syntax) until the first snapshot, whose log level
     /// (KmeshConfig logLevel) then applies; RUST_LOG wins when set, until that level changes.
     #[arg(long, default_value = "info")]
@@ -238,6 +247,9 @@ fn limits(args: &RunArgs) -> Limits {
         max_authz_sources: args.max_authz_sources,
         max_authz_verdicts: args.max_authz_verdicts,
         max_authz_policies: args.max_authz_policies,
+        max_name_bytes: args.max_name_bytes,
+        max_workload_names: args.max_workload_names,
+        max_service_names: args.max_service_names,
     }
 }
 
@@ -277,6 +289,9 @@ mod tests {
             "--max-authz-sources=7",
             "--max-authz-verdicts=8",
             "--max-authz-policies=9",
+            "--max-name-bytes=11",
+            "--max-workload-names=12",
+            "--max-service-names=13",
         ])
         .unwrap();
         let expected = Limits {
@@ -290,6 +305,9 @@ mod tests {
             max_authz_sources: 7,
             max_authz_verdicts: 8,
             max_authz_policies: 9,
+            max_name_bytes: 11,
+            max_workload_names: 12,
+            max_service_names: 13,
         };
         assert_eq!(limits(&cli.run), expected);
         let defaults = Cli::try_parse_from(["kmesh-agent"]).unwrap();

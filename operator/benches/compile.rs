@@ -25,8 +25,8 @@ fn main() {
         if smoke { "smoke run" } else { "full run" }
     );
     println!(
-        "  {:<44} {:>9} {:>10} {:>12} {:>11} {:>11}",
-        "input", "services", "endpoints", "snapshot B", "compile ms", "enc+dec ms"
+        "  {:<44} {:>9} {:>10} {:>12} {:>11} {:>11} {:>13}",
+        "input", "services", "endpoints", "snapshot B", "compile ms", "enc+dec ms", "names B/pod"
     );
     let bookinfo = bookinfo();
     measure(
@@ -60,14 +60,18 @@ fn measure(label: &str, inputs: &Inputs, rounds: u32) {
     let bytes = snapshot.encode().expect("valid snapshot");
     Snapshot::decode(&bytes, &Limits::UNLIMITED).expect("decodes");
     let codec = started.elapsed().as_secs_f64() * 1e3;
+    // The names sections per named pod address (the budget is 64 bytes).
+    let names = kmesh_operator::compile::names_bytes(&snapshot.names) as f64
+        / snapshot.names.workloads.len().max(1) as f64;
     println!(
-        "  {:<44} {:>9} {:>10} {:>12} {:>11.1} {:>11.1}",
+        "  {:<44} {:>9} {:>10} {:>12} {:>11.1} {:>11.1} {:>13.1}",
         label,
         snapshot.services.len(),
         snapshot.endpoints.len(),
         bytes.len(),
         best,
-        codec
+        codec,
+        names
     );
 }
 

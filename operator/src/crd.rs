@@ -253,7 +253,7 @@ impl LogLevel {
 /// Per-node table-size limits. Unset fields keep the defaults: 100000 services, 100000 routes,
 /// 200000 backend sets, 1000000 endpoints, 16384 workloads, 65536 authorization workloads,
 /// 1000000 authorization sources, 4000000 authorization verdicts, 100000 authorization policies,
-/// 256 MiB per snapshot.
+/// 32 MiB of name strings, 1000000 workload names, 100000 service names, 256 MiB per snapshot.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacitySpec {
@@ -293,6 +293,19 @@ pub struct CapacitySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_authz_policies: Option<u32>,
+    /// Most bytes of name strings (workload, namespace, service and app names for telemetry) in
+    /// one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_name_bytes: Option<u32>,
+    /// Most named pod addresses (every pod of the cluster with an address) in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_workload_names: Option<u32>,
+    /// Most named services in one node's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_service_names: Option<u32>,
     /// Largest encoded snapshot for one node, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -315,6 +328,9 @@ impl CapacitySpec {
             max_authz_sources: self.max_authz_sources.unwrap_or(d.max_authz_sources),
             max_authz_verdicts: self.max_authz_verdicts.unwrap_or(d.max_authz_verdicts),
             max_authz_policies: self.max_authz_policies.unwrap_or(d.max_authz_policies),
+            max_name_bytes: self.max_name_bytes.unwrap_or(d.max_name_bytes),
+            max_workload_names: self.max_workload_names.unwrap_or(d.max_workload_names),
+            max_service_names: self.max_service_names.unwrap_or(d.max_service_names),
         }
     }
 }
@@ -534,7 +550,8 @@ mod tests {
         let spec: CapacitySpec = serde_yaml::from_str(
             "maxServices: 1\nmaxRoutes: 2\nmaxBackendSets: 3\nmaxEndpoints: 4\nmaxWorkloads: 5\n\
              maxAuthzWorkloads: 6\nmaxAuthzSources: 7\nmaxAuthzVerdicts: 8\n\
-             maxAuthzPolicies: 9\nmaxSnapshotBytes: 10\n",
+             maxAuthzPolicies: 9\nmaxSnapshotBytes: 10\nmaxNameBytes: 11\n\
+             maxWorkloadNames: 12\nmaxServiceNames: 13\n",
         )
         .unwrap();
         let expected = kmesh_snapshot::Limits {
@@ -548,6 +565,9 @@ mod tests {
             max_authz_sources: 7,
             max_authz_verdicts: 8,
             max_authz_policies: 9,
+            max_name_bytes: 11,
+            max_workload_names: 12,
+            max_service_names: 13,
         };
         assert_eq!(spec.limits(), expected);
         assert_eq!(

@@ -219,6 +219,25 @@ pub fn json(s: &Snapshot, compiled: &Compiled) -> serde_json::Value {
                 "policyId": p.policy, "kind": p.kind, "name": policy_name(p),
             })).collect::<Vec<_>>(),
         },
+        "names": names_json(s),
         "diagnostics": compiled.diagnostics,
+    })
+}
+
+/// The names sections, strings resolved (absent ones `null`), and the string table's size.
+fn names_json(s: &Snapshot) -> serde_json::Value {
+    let names = s.names();
+    serde_json::json!({
+        "stringBytes": s.names.strings.len(),
+        "workloads": s.names.workloads.iter().map(|w| serde_json::json!({
+            "ip": ip(&w.ip).to_string(),
+            "workload": names.string(w.workload), "namespace": names.string(w.namespace),
+            "serviceAccount": names.string(w.service_account),
+            "app": names.string(w.app), "version": names.string(w.version),
+        })).collect::<Vec<_>>(),
+        "services": s.names.services.iter().map(|r| serde_json::json!({
+            "serviceId": r.service_id, "host": names.string(r.host),
+            "name": names.string(r.name), "namespace": names.string(r.namespace),
+        })).collect::<Vec<_>>(),
     })
 }

@@ -1018,3 +1018,32 @@ spec:
         compiled.diagnostics
     );
 }
+
+#[test]
+fn compile_json_shows_the_names_of_pods_and_services() {
+    let compiled = compile_node(&bookinfo_with(&[]));
+    let json = kmesh_operator::render::json(&compiled.snapshots[NODE], &compiled);
+    let names = &json["names"];
+    let productpage = names["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workload"] == "productpage-v1")
+        .unwrap_or_else(|| panic!("{names:#}"));
+    assert_eq!(productpage["namespace"], "default");
+    assert_eq!(productpage["serviceAccount"], "bookinfo-productpage");
+    assert_eq!(
+        (&productpage["app"], &productpage["version"]),
+        (&"productpage".into(), &"v1".into())
+    );
+    let services = names["services"].as_array().unwrap();
+    assert!(
+        services
+            .iter()
+            .any(|s| s["host"] == "reviews.default.svc.cluster.local"
+                && s["name"] == "reviews"
+                && s["namespace"] == "default"),
+        "{names:#}"
+    );
+    assert!(names["stringBytes"].as_u64().unwrap() > 0);
+}

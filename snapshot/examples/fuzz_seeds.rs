@@ -1,7 +1,7 @@
 //! Writes the builder-made seeds of the `snapshot_decode` fuzz target into a directory: snapshots
 //! with authorization tables (every verdict reason, both policy kinds, both address families,
 //! wildcard and exact verdict keys, blocks of several lengths, the longest policy name), which the
-//! compiler's output for the fixtures does not have yet. `scripts/fuzz.sh --seed` runs it; each seed
+//! compiler's output for the fixtures does not have yet; and one with names sections. `scripts/fuzz.sh --seed` runs it; each seed
 //! is under the target's 8 KB input limit.
 //!
 //! `cargo run -p kmesh-snapshot --example fuzz_seeds -- DIR`
@@ -13,8 +13,8 @@ use kmesh_common::authz::{
     ANY_CLASS, ANY_PORT, authz_action::*, authz_policy_kind::*, authz_reason::*,
 };
 use kmesh_common::{lb_policy, mode};
-use kmesh_snapshot::Snapshot;
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
+use kmesh_snapshot::{ServiceName, Snapshot, WorkloadName};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("seed address")
@@ -99,9 +99,62 @@ fn long_names() -> Snapshot {
     b.build()
 }
 
+/// The names sections: pods of both families, one without version, a service named by a Service
+/// and one by a ServiceEntry host, strings of 1 and of 253 bytes, multi-byte UTF-8.
+fn names() -> Snapshot {
+    let mut b = SnapshotBuilder::new("node-3", 4, mode::KERNEL_NATIVE);
+    let set = b.backend_set(
+        lb_policy::RANDOM,
+        &[Endpoint::new(ip("10.244.1.20"), 9080, 1)],
+    );
+    let route = b.route(&[(1, set)]);
+    let reviews = b.service_with_route(ip("10.96.0.13"), 9080, route);
+    let external = b.service_with_route(ip("240.240.0.1"), 443, route);
+    b.workload(ip("10.244.1.20"), 1);
+    let long = "w".repeat(253);
+    let pod = WorkloadName {
+        workload: "reviews-v1",
+        namespace: "bookinfo",
+        service_account: "bookinfo-reviews",
+        app: "reviews",
+        version: "v1",
+    };
+    b.workload_names(ip("10.244.1.20"), &pod);
+    b.workload_names(
+        ip("fd00:10:244::20"),
+        &WorkloadName {
+            version: "",
+            app: "é",
+            ..pod
+        },
+    );
+    b.workload_names(
+        ip("10.244.9.9"),
+        &WorkloadName {
+            workload: &long,
+            namespace: "x",
+            ..pod
+        },
+    );
+    let service = ServiceName {
+        host: "reviews.bookinfo.svc.cluster.local",
+        name: "reviews",
+        namespace: "bookinfo",
+    };
+    b.service_names(reviews, &service);
+    let host = ServiceName {
+        host: "api.example.com",
+        name: "",
+        namespace: "",
+    };
+    b.service_names(external, &host);
+    b.build()
+}
+
 fn main() {
     let dir = std::env::args().nth(1).expect("usage: fuzz_seeds DIR");
     let seeds = [
+        ("names", names()),
         ("authz-services", services_and_authz()),
         ("authz-ipv6", ipv6_authz()),
         ("authz-long-names", long_names()),

@@ -41,7 +41,10 @@ use kmesh_common::{
     ip16, lb_policy,
 };
 
+use kmesh_common::names::{ServiceNameRecord, WorkloadNameRecord};
+
 use crate::Snapshot;
+use crate::name_table::StringTable;
 
 /// An endpoint of a backend set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,8 @@ impl Endpoint {
 #[derive(Clone, Debug)]
 pub struct SnapshotBuilder {
     snapshot: Snapshot,
+    /// The names' string table, written into the snapshot by [`SnapshotBuilder::build`].
+    strings: StringTable,
     next_set_id: u32,
     next_route_id: u32,
     next_service_id: u32,
@@ -81,7 +86,9 @@ impl SnapshotBuilder {
                 endpoints: Vec::new(),
                 workloads: Vec::new(),
                 authz: Default::default(),
+                names: Default::default(),
             },
+            strings: StringTable::default(),
             next_set_id: 1,
             next_route_id: 1,
             next_service_id: 1,
@@ -247,11 +254,60 @@ impl SnapshotBuilder {
         });
     }
 
+    /// Adds the names of the pod holding `ip`; an empty string is no name.
+    pub fn workload_names(&mut self, ip: IpAddr, names: &crate::WorkloadName<'_>) {
+        let record = WorkloadNameRecord {
+            ip: ip16(ip),
+            workload: self.strings.intern(names.workload),
+            namespace: self.strings.intern(names.namespace),
+            service_account: self.strings.intern(names.service_account),
+            app: self.strings.intern(names.app),
+            version: self.strings.intern(names.version),
+        };
+        self.snapshot.names.workloads.push(record);
+    }
+
+    /// Adds the names of service `service_id` (as [`SnapshotBuilder::service_with_route`]
+    /// returns it); an empty string is no name.
+    pub fn service_names(&mut self, service_id: u32, names: &crate::ServiceName<'_>) {
+        let record = ServiceNameRecord {
+            service_id,
+            host: self.strings.intern(names.host),
+            name: self.strings.intern(names.name),
+            namespace: self.strings.intern(names.namespace),
+        };
+        self.snapshot.names.services.push(record);
+    }
+
     /// The snapshot, with every table sorted.
     pub fn build(self) -> Snapshot {
         let mut snapshot = self.snapshot;
+        snapshot.names.strings = self.strings.finish();
         snapshot.sort();
         snapshot
+    }
+}
+
+/// Names for `workloads` addresses from `base`, as [`generate_authz`] describes them.
+fn generated_workload_names(b: &mut SnapshotBuilder, workloads: u32, base: u32) {
+    let mut seen = std::collections::HashSet::new();
+    for w in 0..workloads {
+        let ip = Ipv4Addr::from(base + w % (1 << 23));
+        if !seen.insert(ip) {
+            continue;
+        }
+        let deployment = w / 10;
+        let workload = format!("app-{deployment}-{}", deployment % 7);
+        let namespace = format!("ns-{}", deployment % 100);
+        let version = format!("v{}", w % 3 + 1);
+        let names = crate::WorkloadName {
+            workload: &workload,
+            namespace: &namespace,
+            service_account: &workload,
+            app: &workload,
+            version: &version,
+        };
+        b.workload_names(IpAddr::V4(ip), &names);
     }
 }
 
@@ -311,11 +367,15 @@ pub fn generate(
     b.build()
 }
 
-/// A synthetic snapshot holding only authorization tables, for benchmarks, the same for the same
-/// arguments: `policies` AuthorizationPolicies (at least one), `workloads` workload addresses
-/// (10.0.0.0/8, from 10.0.0.1) sharing verdict sets four by four, about `verdicts` verdicts spread
-/// evenly over the sets (each set's default, then class entries allowed by a policy), and
-/// `sources` host routes in 10.128.0.0/9, whose classes cycle through 1..=1000.
+/// A synthetic snapshot holding only authorization tables and names, for benchmarks, the same for
+/// the same arguments: `policies` AuthorizationPolicies (at least one), `workloads` workload
+/// addresses (10.0.0.0/8, from 10.0.0.1) sharing verdict sets four by four, about `verdicts`
+/// verdicts spread evenly over the sets (each set's default, then class entries allowed by a
+/// policy), and `sources` host routes in 10.128.0.0/9, whose classes cycle through 1..=1000.
+///
+/// Every workload address has names as a cluster's would: ten pods per Deployment
+/// (`app-<n>-<k>`, its own service account and app), Deployments spread over 100 namespaces, three
+/// versions.
 pub fn generate_authz(
     node: &str,
     generation: u64,
@@ -366,6 +426,7 @@ pub fn generate_authz(
         let ip = Ipv4Addr::from(WORKLOAD_BASE + w % (1 << 23));
         b.authz_workload(IpAddr::V4(ip), 1 + w / 4);
     }
+    generated_workload_names(&mut b, workloads, WORKLOAD_BASE);
     for s in 0..sources {
         let ip = Ipv4Addr::from(SOURCE_BASE + s % (1 << 23));
         b.authz_source(IpAddr::V4(ip), 32, 1 + s % 1000);

@@ -2,6 +2,7 @@
 //! actually present before it is used, all offset arithmetic is checked, and no allocation is larger
 //! than the input itself.
 
+use kmesh_common::names::NameBytes;
 use kmesh_common::{LAYOUT_VERSION, NodeConfig};
 
 use crate::error::DecodeError;
@@ -11,7 +12,7 @@ use crate::format::{
     padding_after, read_records, record_size,
 };
 use crate::validate::validate_node_name;
-use crate::{AuthzTables, Decoded, Header, Limits, Snapshot, content_hash};
+use crate::{AuthzTables, Decoded, Header, Limits, NameTables, Snapshot, content_hash};
 
 /// A cursor over the input that never reads out of bounds.
 struct Reader<'a> {
@@ -198,6 +199,11 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
         verdicts: section(&mut r, limits)?,
         policies: section(&mut r, limits)?,
     };
+    let names = NameTables {
+        strings: string_section(&mut r, limits)?,
+        workloads: section(&mut r, limits)?,
+        services: section(&mut r, limits)?,
+    };
     if r.remaining() != 0 {
         return Err(DecodeError::TrailingData {
             offset: r.pos as u64,
@@ -215,6 +221,7 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
         endpoints,
         workloads,
         authz,
+        names,
     };
     snapshot.validate()?;
     Ok(Decoded {
@@ -223,9 +230,30 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
     })
 }
 
-/// Reads one section of `T` records: its header, `count` records and padding. `capacity` is the
-/// node's limit for the table, checked before the records are read.
+/// Reads one section of `T` records: its header, `count` records and padding. The node's limit for
+/// the table is checked before the records are read.
 fn section<T: WireRecord>(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<T>, DecodeError> {
+    Ok(read_records::<T>(section_bytes::<T>(r, limits)?))
+}
+
+/// Reads the names' string table: its section's bytes, checked against `max_name_bytes` before
+/// they are copied.
+fn string_section(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<u8>, DecodeError> {
+    let bytes = section_bytes::<NameBytes>(r, limits)?;
+    if bytes.len() as u64 > u64::from(limits.max_name_bytes) {
+        return Err(DecodeError::NameBytesOverCapacity {
+            bytes: bytes.len() as u64,
+            capacity: limits.max_name_bytes,
+        });
+    }
+    Ok(bytes.to_vec())
+}
+
+/// Reads one section's header, records and padding; returns the records' bytes.
+fn section_bytes<'a, T: WireRecord>(
+    r: &mut Reader<'a>,
+    limits: &Limits,
+) -> Result<&'a [u8], DecodeError> {
     let table = T::TABLE;
     let capacity = limits.max_of(table);
     let offset = r.pos;
@@ -282,7 +310,6 @@ fn section<T: WireRecord>(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<T>,
     }
     let needed = usize::try_from(needed).map_err(|_| overrun())?;
     let bytes = r.take(needed, || format!("{table} records"))?;
-    let records = read_records::<T>(bytes);
     r.padding(|| format!("{table} section"))?;
-    Ok(records)
+    Ok(bytes)
 }

@@ -1,6 +1,7 @@
 //! The encoder: writes the canonical bytes of a valid snapshot.
 
 use kmesh_common::LAYOUT_VERSION;
+use kmesh_common::names::NameBytes;
 
 use crate::error::{EncodeError, ValidationError};
 use crate::format::{
@@ -39,7 +40,10 @@ pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
         + section_len(&s.authz.workloads)
         + section_len(&s.authz.sources)
         + section_len(&s.authz.verdicts)
-        + section_len(&s.authz.policies);
+        + section_len(&s.authz.policies)
+        + section_bytes_len(&s.names.strings)
+        + section_len(&s.names.workloads)
+        + section_len(&s.names.services);
     let mut out = Vec::with_capacity(capacity);
 
     out.extend_from_slice(&MAGIC);
@@ -63,6 +67,9 @@ pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
     write_section(&mut out, &s.authz.sources)?;
     write_section(&mut out, &s.authz.verdicts)?;
     write_section(&mut out, &s.authz.policies)?;
+    write_string_section(&mut out, &s.names.strings)?;
+    write_section(&mut out, &s.names.workloads)?;
+    write_section(&mut out, &s.names.services)?;
 
     let total_len = out.len() as u64;
     let hash = content_hash(out.get(FIXED_HEADER_LEN..).unwrap_or_default());
@@ -77,16 +84,37 @@ fn section_len<T: WireRecord>(records: &[T]) -> usize {
     body + padding_after(body)
 }
 
+/// Bytes the string table's section takes, header and padding included.
+fn section_bytes_len(bytes: &[u8]) -> usize {
+    let body = SECTION_HEADER_LEN + bytes.len();
+    body + padding_after(body)
+}
+
 fn write_section<T: WireRecord>(out: &mut Vec<u8>, records: &[T]) -> Result<(), EncodeError> {
-    let count = u32::try_from(records.len()).map_err(|_| EncodeError::TooManyRecords {
+    write_section_of::<T>(out, records.len(), records_as_bytes(records))
+}
+
+/// The string table's section: its bytes are `NameBytes` chunks (a validated table is a whole
+/// number of them; the unchecked path rounds the count up and pads).
+fn write_string_section(out: &mut Vec<u8>, strings: &[u8]) -> Result<(), EncodeError> {
+    let chunks = strings.len().div_ceil(size_of::<NameBytes>());
+    write_section_of::<NameBytes>(out, chunks, strings)
+}
+
+fn write_section_of<T: WireRecord>(
+    out: &mut Vec<u8>,
+    count: usize,
+    bytes: &[u8],
+) -> Result<(), EncodeError> {
+    let count = u32::try_from(count).map_err(|_| EncodeError::TooManyRecords {
         table: T::TABLE,
-        count: records.len(),
+        count,
     })?;
     out.extend_from_slice(&T::KIND.to_le_bytes());
     out.extend_from_slice(&record_size::<T>().to_le_bytes());
     out.extend_from_slice(&count.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes()); // reserved
-    out.extend_from_slice(records_as_bytes(records));
+    out.extend_from_slice(bytes);
     pad(out);
     Ok(())
 }

@@ -22,11 +22,14 @@ pub enum Table {
     AuthzSources,
     AuthzVerdicts,
     AuthzPolicies,
+    NameStrings,
+    WorkloadNames,
+    ServiceNames,
 }
 
 impl Table {
     /// All tables in wire order.
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 13] = [
         Table::NodeConfig,
         Table::Services,
         Table::Routes,
@@ -37,6 +40,9 @@ impl Table {
         Table::AuthzSources,
         Table::AuthzVerdicts,
         Table::AuthzPolicies,
+        Table::NameStrings,
+        Table::WorkloadNames,
+        Table::ServiceNames,
     ];
 
     /// The section kind on the wire.
@@ -52,7 +58,19 @@ impl Table {
             Table::AuthzSources => 8,
             Table::AuthzVerdicts => 9,
             Table::AuthzPolicies => 10,
+            Table::NameStrings => 11,
+            Table::WorkloadNames => 12,
+            Table::ServiceNames => 13,
         }
+    }
+
+    /// Whether the agent loads the table into an eBPF map: every table but the names, which are
+    /// for user space only.
+    pub const fn is_map(self) -> bool {
+        !matches!(
+            self,
+            Table::NameStrings | Table::WorkloadNames | Table::ServiceNames
+        )
     }
 
     /// The table's name in metric labels and JSON: `services`, `backend_sets`, `authz_sources`.
@@ -68,6 +86,9 @@ impl Table {
             Table::AuthzSources => "authz_sources",
             Table::AuthzVerdicts => "authz_verdicts",
             Table::AuthzPolicies => "authz_policies",
+            Table::NameStrings => "name_strings",
+            Table::WorkloadNames => "workload_names",
+            Table::ServiceNames => "service_names",
         }
     }
 
@@ -84,6 +105,9 @@ impl Table {
             Table::AuthzSources => "authorization source",
             Table::AuthzVerdicts => "authorization verdict",
             Table::AuthzPolicies => "authorization policy",
+            Table::NameStrings => "name string chunk",
+            Table::WorkloadNames => "workload name",
+            Table::ServiceNames => "service name",
         }
     }
 }
@@ -102,6 +126,9 @@ impl fmt::Display for Table {
             Table::AuthzSources => "authorization sources",
             Table::AuthzVerdicts => "authorization verdicts",
             Table::AuthzPolicies => "authorization policies",
+            Table::NameStrings => "name strings",
+            Table::WorkloadNames => "workload names",
+            Table::ServiceNames => "service names",
         })
     }
 }
@@ -447,6 +474,59 @@ pub enum ValidationError {
         "the authorization workloads section is empty but the {table} section holds {count} records; authorization tables are all empty or have a workload"
     )]
     AuthzWithoutWorkloads { table: Table, count: usize },
+
+    // Names (see `kmesh_common::names`).
+    #[error("name strings: the table is {len} bytes, must be a multiple of 8 below 4 GiB")]
+    NameTableLength { len: usize },
+
+    #[error(
+        "name strings: the entry at offset {offset} has length {len}, must be 1..={}",
+        kmesh_common::names::MAX_NAME_LEN
+    )]
+    NameLength { offset: u32, len: usize },
+
+    #[error(
+        "name strings: the entry at offset {offset} needs {len} bytes, only {remaining} remain in the table"
+    )]
+    NameOverrun {
+        offset: u32,
+        len: usize,
+        remaining: usize,
+    },
+
+    #[error("name strings: the entry at offset {offset} is not UTF-8")]
+    NameNotUtf8 { offset: u32 },
+
+    #[error(
+        "name strings: the entry at offset {offset} repeats the one at offset {first}; each string is stored once"
+    )]
+    NameDuplicate { offset: u32, first: u32 },
+
+    /// A record's field is neither `NO_NAME` nor the offset of an entry of the string table.
+    #[error(
+        "{} {index} ({record}): {field} is offset {offset}, which is not the start of a string in the name strings section",
+        .table.record_name()
+    )]
+    NameOffset {
+        table: Table,
+        index: usize,
+        record: String,
+        field: &'static str,
+        offset: u32,
+    },
+
+    #[error("{} {index} ({record}): {field} is missing (NO_NAME)", .table.record_name())]
+    NameMissing {
+        table: Table,
+        index: usize,
+        record: String,
+        field: &'static str,
+    },
+
+    #[error(
+        "service name {index} (service_id {service_id}): no service of the services section has this service_id"
+    )]
+    ServiceNameWithoutService { index: usize, service_id: u32 },
 }
 
 /// The input is not a valid snapshot, or exceeds the node's limits.
@@ -537,6 +617,10 @@ pub enum DecodeError {
         count: u32,
         capacity: u32,
     },
+
+    /// The names' string table is larger than this node accepts (`Limits::max_name_bytes`).
+    #[error("name strings section holds {bytes} bytes, capacity is {capacity} bytes")]
+    NameBytesOverCapacity { bytes: u64, capacity: u32 },
 
     #[error("{len} bytes after the last section at offset {offset}")]
     TrailingData { offset: u64, len: u64 },

@@ -6,7 +6,7 @@
 //! ```text
 //! offset  field
 //! 0       magic           [u8; 8] = b"KMSNAP\r\n"
-//! 8       format_version  u16     = 1 (FORMAT_VERSION)
+//! 8       format_version  u16     = 2 (FORMAT_VERSION; 1 had no names sections)
 //! 10      layout_version  u16     = kmesh_common::LAYOUT_VERSION
 //! 12      flags           u32     = 0 (reserved, must be zero)
 //! 16      generation      u64
@@ -16,9 +16,10 @@
 //! 40      node_name_len   u16
 //! 42      node_name       [u8; node_name_len]
 //!         zero padding to the next multiple of 8
-//! then exactly ten sections, in this order of kind:
+//! then exactly thirteen sections, in this order of kind:
 //!         1 NodeConfig, 2 Services, 3 Routes, 4 BackendSets, 5 Endpoints, 6 Workloads,
-//!         7 AuthzWorkloads, 8 AuthzSources, 9 AuthzVerdicts, 10 AuthzPolicies
+//!         7 AuthzWorkloads, 8 AuthzSources, 9 AuthzVerdicts, 10 AuthzPolicies,
+//!         11 NameStrings, 12 WorkloadNames, 13 ServiceNames
 //! each section:
 //!         kind            u32
 //!         record_size     u32     = size_of the kmesh_common record of this kind
@@ -32,8 +33,10 @@
 //! Each record is exactly the in-memory bytes of the `#[repr(C)]` record of `kmesh_common`
 //! ([`NodeConfig`], [`ServiceRecord`], [`RouteRecord`], [`BackendSetRecord`], [`EndpointRecord`],
 //! [`WorkloadRecord`], [`AuthzWorkloadRecord`], [`AuthzSourceRecord`], [`AuthzVerdictRecord`],
-//! [`AuthzPolicyRecord`]) on a little-endian machine. The records have no implicit padding (asserted in
-//! `kmesh_common`), so every byte is a defined field and the encoding is unique.
+//! [`AuthzPolicyRecord`], [`NameBytes`], [`WorkloadNameRecord`], [`ServiceNameRecord`]) on a
+//! little-endian machine. The records have no implicit padding (asserted in `kmesh_common`), so
+//! every byte is a defined field and the encoding is unique. Sections 11-13 (`kmesh_common::names`)
+//! are for user space: the agent never copies them into a map.
 //!
 //! Rules a valid snapshot follows (the decoder checks all of them; the encoder refuses to produce a
 //! snapshot that breaks one):
@@ -77,10 +80,19 @@
 //!   `/`, and a DNS subdomain (at most 253 bytes): labels of `a-z`, `0-9` and `-`, each starting
 //!   and ending with a letter or digit.
 //!
+//! - NameStrings: the string table in 8-byte chunks (`NameBytes`): entries of a `u16` length in
+//!   `1..=MAX_NAME_LEN` (253) and that many bytes of UTF-8, back to back from offset 0, each string
+//!   once; after the last entry, fewer than 8 zero bytes up to the end of the last chunk;
+//! - WorkloadNames: strictly increasing by `ip`; `workload`, `namespace`, `service_account`,
+//!   `app` and `version` are each `NO_NAME` (`u32::MAX`) or the offset of an entry;
+//! - ServiceNames: strictly increasing by `service_id`; the `service_id` is one of the services
+//!   section; `host` is the offset of an entry; `name` and `namespace` are `NO_NAME` or one.
+//!
 //! Order means the derived `Ord` of the `kmesh_common` key types: addresses compare as big-endian
 //! byte strings, integers numerically, composite keys field by field.
 
 use crate::error::Table;
+use kmesh_common::names::{NameBytes, ServiceNameRecord, WorkloadNameRecord};
 use kmesh_common::{
     AuthzPolicyRecord, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord,
     BackendSetRecord, EndpointRecord, NodeConfig, RouteRecord, ServiceRecord, WorkloadRecord,
@@ -98,7 +110,7 @@ compile_error!(
 pub const MAGIC: [u8; 8] = *b"KMSNAP\r\n";
 
 /// Version of the framing described in this module.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Length of the fixed part of the header (magic to `total_len`); the content hash covers every
 /// byte from here to the end.
@@ -137,7 +149,7 @@ mod sealed {
 /// Implementors must be `#[repr(C)]`, made only of integers and integer arrays, with no implicit
 /// padding and a non-zero size: then every byte of a value is initialized (so it can be viewed as
 /// bytes) and every bit pattern is a valid value (so it can be read from arbitrary bytes). The trait
-/// is sealed; the ten implementations below are the only ones, and `kmesh_common` asserts their
+/// is sealed; the thirteen implementations below are the only ones, and `kmesh_common` asserts their
 /// sizes.
 pub unsafe trait WireRecord: Copy + sealed::Sealed {
     /// The section kind in the wire format.
@@ -168,6 +180,9 @@ wire_record!(AuthzWorkloadRecord, Table::AuthzWorkloads);
 wire_record!(AuthzSourceRecord, Table::AuthzSources);
 wire_record!(AuthzVerdictRecord, Table::AuthzVerdicts);
 wire_record!(AuthzPolicyRecord, Table::AuthzPolicies);
+wire_record!(NameBytes, Table::NameStrings);
+wire_record!(WorkloadNameRecord, Table::WorkloadNames);
+wire_record!(ServiceNameRecord, Table::ServiceNames);
 
 /// The wire `record_size` of `T`. Records are at most 328 bytes, so the cast cannot truncate.
 pub(crate) const fn record_size<T: WireRecord>() -> u32 {

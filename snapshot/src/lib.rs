@@ -23,16 +23,22 @@ mod error;
 pub mod explain;
 pub mod format;
 mod hash;
+mod name_lookup;
+pub mod name_table;
 pub mod names;
 mod validate;
 mod validate_authz;
 pub mod view;
+mod validate_names;
 
+#[cfg(test)]
+mod names_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;
 
+use kmesh_common::names::{ServiceNameRecord, WorkloadNameRecord};
 use kmesh_common::{
     AuthzPolicyRecord, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord,
     BackendSetRecord, EndpointRecord, NodeConfig, RouteRecord, ServiceRecord, WorkloadRecord,
@@ -41,6 +47,7 @@ use kmesh_common::{
 pub use error::{DecodeError, EncodeError, Table, ValidationError};
 pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, MAX_NODE_NAME_LEN};
 pub use hash::content_hash;
+pub use name_lookup::{ServiceName, SnapshotNames, WorkloadName};
 
 /// Everything the agent loads for one node and one generation.
 ///
@@ -65,6 +72,21 @@ pub struct Snapshot {
     pub workloads: Vec<WorkloadRecord>,
     /// Authorization of inbound connections (see `kmesh_common::authz`).
     pub authz: AuthzTables,
+    /// Names for telemetry (see `kmesh_common::names`); user space only, never loaded into a map.
+    pub names: NameTables,
+}
+
+/// The names sections of a snapshot (`kmesh_common::names` says what they hold). All empty: the
+/// snapshot names nothing, and telemetry labels everything `unknown`. Read them with
+/// [`Snapshot::names`]; write them with [`name_table::StringTable`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameTables {
+    /// The string table, a whole number of 8-byte chunks.
+    pub strings: Vec<u8>,
+    /// Sorted by `ip`, unique.
+    pub workloads: Vec<WorkloadNameRecord>,
+    /// Sorted by `service_id`, unique.
+    pub services: Vec<ServiceNameRecord>,
 }
 
 /// The authorization tables of a snapshot (`kmesh_common::authz` says what they mean). All empty:
@@ -104,10 +126,15 @@ pub struct Limits {
     pub max_authz_sources: u32,
     pub max_authz_verdicts: u32,
     pub max_authz_policies: u32,
+    /// Bytes of the names' string table.
+    pub max_name_bytes: u32,
+    pub max_workload_names: u32,
+    pub max_service_names: u32,
 }
 
 impl Limits {
-    /// The most records `table` may hold; `None` for the node config (always one record).
+    /// The most records `table` may hold; `None` for the node config (always one record) and for
+    /// the names' string table, whose limit is in bytes (`max_name_bytes`).
     pub const fn max_of(&self, table: Table) -> Option<u32> {
         match table {
             Table::NodeConfig => None,
@@ -120,6 +147,9 @@ impl Limits {
             Table::AuthzSources => Some(self.max_authz_sources),
             Table::AuthzVerdicts => Some(self.max_authz_verdicts),
             Table::AuthzPolicies => Some(self.max_authz_policies),
+            Table::NameStrings => None,
+            Table::WorkloadNames => Some(self.max_workload_names),
+            Table::ServiceNames => Some(self.max_service_names),
         }
     }
 
@@ -135,12 +165,17 @@ impl Limits {
         max_authz_sources: u32::MAX,
         max_authz_verdicts: u32::MAX,
         max_authz_policies: u32::MAX,
+        max_name_bytes: u32::MAX,
+        max_workload_names: u32::MAX,
+        max_service_names: u32::MAX,
     };
 }
 
 /// Defaults for a node: 256 MiB, 100,000 services, 100,000 routes, 200,000 backend sets,
 /// 1,000,000 endpoints, 16,384 workloads (`kmesh_common::MAX_ENROLLED_NETNS`); for authorization
-/// 65,536 workload addresses, 1,000,000 sources, 4,000,000 verdicts and 100,000 policies.
+/// 65,536 workload addresses, 1,000,000 sources, 4,000,000 verdicts and 100,000 policies; for
+/// names 32 MiB of strings, 1,000,000 workload addresses (every pod of the cluster) and 100,000
+/// services.
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -154,6 +189,9 @@ impl Default for Limits {
             max_authz_sources: 1_000_000,
             max_authz_verdicts: 4_000_000,
             max_authz_policies: 100_000,
+            max_name_bytes: 32 * 1024 * 1024,
+            max_workload_names: 1_000_000,
+            max_service_names: 100_000,
         }
     }
 }
@@ -193,6 +231,8 @@ impl Snapshot {
         self.authz.sources.sort_unstable();
         self.authz.verdicts.sort_unstable();
         self.authz.policies.sort_unstable();
+        self.names.workloads.sort_unstable();
+        self.names.services.sort_unstable();
     }
 
     /// Decodes and verifies a snapshot: framing, sizes, padding, the content hash, the node's

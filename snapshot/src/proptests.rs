@@ -22,7 +22,11 @@ use proptest::prelude::*;
 use crate::builder::{Endpoint, SnapshotBuilder};
 use crate::encode::encode_unchecked;
 use crate::tests::{fix, sample};
-use crate::{AuthzTables, FORMAT_VERSION, Limits, MAGIC, Snapshot, peek_header};
+use crate::{
+    AuthzTables, FORMAT_VERSION, Limits, MAGIC, NameTables, ServiceName, Snapshot, WorkloadName,
+    peek_header,
+};
+use kmesh_common::names::{NO_NAME, ServiceNameRecord, WorkloadNameRecord};
 
 /// Decodes with both limit sets and checks the canonical-encoding property. Panics only on a real
 /// failure of the property (an input that the decoder accepts but would not have produced).
@@ -69,6 +73,14 @@ fn config_records() -> impl Strategy<Value = Vec<Vec<u8>>> {
     ]
 }
 
+/// A string table's chunks: usually one entry `\x03\x00abc` and padding, sometimes random.
+fn string_chunks() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    prop_oneof![
+        4 => Just(vec![vec![3, 0, b'a', b'b', b'c', 0, 0, 0]]),
+        1 => random_records(8),
+    ]
+}
+
 /// One section: header fields usually right and sometimes wrong, the records (count usually
 /// matching), padding usually zero.
 fn arb_section(
@@ -111,26 +123,29 @@ fn arb_valid_snapshot() -> impl Strategy<Value = Snapshot> {
         (arb_ip(), 1u16.., vec((1u32..100, any::<usize>()), 1..4)),
         0..5,
     );
-    let workloads = vec((arb_ip(), any::<u32>()), 0..4);
+    let workloads = vec((arb_ip(), any::<u32>(), any::<bool>()), 0..4);
+    let names = vec(
+        prop_oneof![4 => "[a-z][a-z0-9-]{0,12}", 1 => Just(String::new()), 1 => "\\PC{1,20}"],
+        5,
+    );
     (
-        "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]{1,4}){0,2}",
-        any::<u64>(),
-        (0u32..3, 0u8..2, 1u8..6),
-        sets,
-        services,
-        workloads,
-        prop_oneof![1 => Just(None), 3 => arb_authz_plan().prop_map(Some)],
+        names,
+        (
+            "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z0-9]{1,4}){0,2}",
+            any::<u64>(),
+            (0u32..3, 0u8..2, 1u8..6),
+            sets,
+            services,
+            workloads,
+            prop_oneof![1 => Just(None), 3 => arb_authz_plan().prop_map(Some)],
+        ),
     )
         .prop_map(
             |(
-                name,
-                generation,
-                (mode, access_log, log_level),
-                sets,
-                services,
-                workloads,
-                authz,
+                strings,
+                (name, generation, (mode, access_log, log_level), sets, services, workloads, authz),
             )| {
+                let pick = |i: usize| strings[i % strings.len()].as_str();
                 let mut b = SnapshotBuilder::new(&name, generation, mode);
                 b.agent_settings(access_log, log_level);
                 let mut set_ids = Vec::new();
@@ -150,12 +165,34 @@ fn arb_valid_snapshot() -> impl Strategy<Value = Snapshot> {
                         .into_iter()
                         .map(|(weight, pick)| (weight, set_ids[pick % set_ids.len()]))
                         .collect();
-                    b.service(ip, port, &destinations);
+                    let route = b.route(&destinations);
+                    let service_id = b.service_with_route(ip, port, route);
+                    if port % 2 == 0 {
+                        let host = pick(port as usize);
+                        let host = if host.is_empty() { "host" } else { host };
+                        let names = ServiceName {
+                            host,
+                            name: pick(port as usize + 1),
+                            namespace: pick(port as usize + 2),
+                        };
+                        b.service_names(service_id, &names);
+                    }
                 }
                 let mut seen = HashSet::new();
-                for (ip, identity) in workloads {
+                for (ip, identity, named) in workloads {
                     if seen.insert(ip) {
                         b.workload(ip, identity);
+                        if named {
+                            let i = identity as usize;
+                            let names = WorkloadName {
+                                workload: pick(i),
+                                namespace: pick(i + 1),
+                                service_account: pick(i + 2),
+                                app: pick(i + 3),
+                                version: pick(i + 4),
+                            };
+                            b.workload_names(ip, &names);
+                        }
                     }
                 }
                 if let Some(authz) = authz {
@@ -446,6 +483,7 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
         prop_oneof![6 => Just(true), 1 => Just(false)],
         prop_oneof![3 => Just(true), 1 => Just(false)],
         prop_oneof![1 => Just(AuthzTables::default()), 3 => arb_raw_authz()],
+        prop_oneof![1 => Just(NameTables::default()), 3 => arb_raw_names()],
     )
         .prop_map(
             |(
@@ -458,6 +496,7 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                 sorted,
                 link,
                 authz,
+                names,
             )| {
                 let mut s = Snapshot {
                     node_name: "node-a1".into(),
@@ -469,6 +508,7 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                     endpoints,
                     workloads,
                     authz,
+                    names,
                 };
                 if sorted {
                     s.sort();
@@ -481,6 +521,8 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                     s.authz.sources.dedup_by_key(|r| r.key);
                     s.authz.verdicts.dedup_by_key(|r| r.key);
                     s.authz.policies.dedup_by_key(|r| r.policy);
+                    s.names.workloads.dedup_by_key(|r| r.ip);
+                    s.names.services.dedup_by_key(|r| r.service_id);
                 }
                 if link {
                     link_references(&mut s);
@@ -489,6 +531,90 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
                 s
             },
         )
+}
+
+/// Names sections whose string table usually is well formed (occasionally an empty, too long,
+/// non-UTF-8, repeated or overrunning entry, or non-zero padding) and whose records usually refer to
+/// its entries (occasionally to no entry, or to a service that does not exist).
+fn arb_raw_names() -> impl Strategy<Value = NameTables> {
+    let entry = prop_oneof![
+        20 => "[a-z]{1,6}".prop_map(String::into_bytes),
+        1 => Just(Vec::new()),
+        1 => Just(vec![0xff, 0xfe]),
+        1 => Just(vec![b'x'; 254]),
+    ];
+    let reference = prop_oneof![
+        20 => any::<usize>().prop_map(Some),
+        2 => Just(None),
+        1 => (0u32..64).prop_map(|o| Some(usize::MAX - o as usize)),
+    ];
+    let workload = (0u8..3, vec(reference.clone(), 5));
+    let service = (
+        prop_oneof![20 => Just(1u32), 1 => Just(2u32)],
+        vec(reference, 3),
+    );
+    (
+        vec(entry, 0..5),
+        prop_oneof![20 => Just(None), 1 => Just(Some(0usize)), 1 => Just(Some(1usize))],
+        prop_oneof![20 => Just(0u8), 1 => 1u8..],
+        vec(workload, 0..3),
+        vec(service, 0..2),
+    )
+        .prop_map(|(entries, flaw, tail, workloads, services)| {
+            let mut strings = Vec::new();
+            let mut offsets = Vec::new();
+            for entry in &entries {
+                offsets.push(strings.len() as u32);
+                strings.extend_from_slice(&(entry.len() as u16).to_le_bytes());
+                strings.extend_from_slice(entry);
+            }
+            match (flaw, entries.first()) {
+                // The first entry again.
+                (Some(0), Some(first)) => {
+                    strings.extend_from_slice(&(first.len() as u16).to_le_bytes());
+                    strings.extend_from_slice(first);
+                }
+                // An entry claiming more bytes than the table has.
+                (Some(1), _) => strings.extend_from_slice(&200u16.to_le_bytes()),
+                _ => {}
+            }
+            let unpadded = strings.len();
+            strings.resize(unpadded.next_multiple_of(8), 0);
+            if let Some(pad) = strings.get_mut(unpadded) {
+                *pad = tail;
+            }
+            // Some(i): the i-th entry (or, past them, a made-up offset); None: no name.
+            let offset = |r: &Option<usize>| match r {
+                None => NO_NAME,
+                Some(i) if *i > usize::MAX - 64 => (usize::MAX - i) as u32,
+                Some(i) => offsets.get(i % offsets.len().max(1)).copied().unwrap_or(3),
+            };
+            let workloads = workloads
+                .iter()
+                .map(|(ip, r)| WorkloadNameRecord {
+                    ip: ipv4_mapped([10, 244, 1, *ip]),
+                    workload: offset(&r[0]),
+                    namespace: offset(&r[1]),
+                    service_account: offset(&r[2]),
+                    app: offset(&r[3]),
+                    version: offset(&r[4]),
+                })
+                .collect();
+            let services = services
+                .iter()
+                .map(|(service_id, r)| ServiceNameRecord {
+                    service_id: *service_id,
+                    host: offset(&r[0]),
+                    name: offset(&r[1]),
+                    namespace: offset(&r[2]),
+                })
+                .collect();
+            NameTables {
+                strings,
+                workloads,
+                services,
+            }
+        })
 }
 
 /// Authorization tables with fields from small ranges, each occasionally wrong (pads, unknown
@@ -717,11 +843,17 @@ proptest! {
             arb_section(9, 20, random_records(20)),
             arb_section(10, 328, random_records(328)),
         ),
+        names in (
+            arb_section(11, 8, string_chunks()),
+            arb_section(12, 36, random_records(36)),
+            arb_section(13, 16, random_records(16)),
+        ),
         trailing in vec(any::<u8>(), 0..3),
     ) {
         let mut bytes = header_prefix();
         let (a, b, c, d, e, f, g, h, i, j) = sections;
-        for s in [a, b, c, d, e, f, g, h, i, j] {
+        let (k, l, m) = names;
+        for s in [a, b, c, d, e, f, g, h, i, j, k, l, m] {
             bytes.extend_from_slice(&s);
         }
         bytes.extend_from_slice(&trailing);

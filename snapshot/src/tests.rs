@@ -18,7 +18,7 @@ use crate::{
     DecodeError, EncodeError, Limits, Snapshot, Table, ValidationError, content_hash, peek_header,
 };
 
-fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
@@ -46,7 +46,32 @@ pub(crate) fn sample() -> Snapshot {
     b.workload(ip("10.244.1.20"), 3);
     b.workload(ip("10.244.1.21"), 4);
     add_sample_authz(&mut b);
+    add_sample_names(&mut b);
     b.build()
+}
+
+/// Names of two pods (10.244.1.20 and fd00::20, the second without a version) and of the service
+/// 10.96.0.10:80 (service_id 1).
+pub(crate) fn add_sample_names(b: &mut SnapshotBuilder) {
+    let reviews = crate::WorkloadName {
+        workload: "reviews-v1",
+        namespace: "default",
+        service_account: "bookinfo-reviews",
+        app: "reviews",
+        version: "v1",
+    };
+    b.workload_names(ip("10.244.1.20"), &reviews);
+    let unversioned = crate::WorkloadName {
+        version: "",
+        ..reviews
+    };
+    b.workload_names(ip("fd00::20"), &unversioned);
+    let service = crate::ServiceName {
+        host: "reviews.default.svc.cluster.local",
+        name: "reviews",
+        namespace: "default",
+    };
+    b.service_names(1, &service);
 }
 
 /// The sample's authorization tables, every reason and both kinds of policy in them. After
@@ -83,9 +108,9 @@ pub(crate) fn add_sample_authz(b: &mut SnapshotBuilder) {
 }
 
 /// Length of the sample's encoding.
-const SAMPLE_LEN: usize = 2520;
+const SAMPLE_LEN: usize = 2744;
 
-fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
     Snapshot::decode(bytes, &Limits::default()).map(|d| d.snapshot)
 }
 
@@ -102,11 +127,11 @@ pub(crate) fn fix(bytes: &mut [u8]) {
 }
 
 /// Offsets of the ten section headers of a valid encoding, in wire order.
-fn section_offsets(bytes: &[u8]) -> [usize; 10] {
+fn section_offsets(bytes: &[u8]) -> [usize; 13] {
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) as usize;
     let name_len = u16::from_le_bytes([bytes[40], bytes[41]]) as usize;
     let mut pos = (42 + name_len).next_multiple_of(8);
-    let mut offsets = [0; 10];
+    let mut offsets = [0; 13];
     for offset in &mut offsets {
         *offset = pos;
         pos = (pos + 16 + u32_at(pos + 4) * u32_at(pos + 8)).next_multiple_of(8);
@@ -121,7 +146,7 @@ fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
 
 /// Asserts that both the encoder and the decoder refuse `s` with `expected`.
 #[track_caller]
-fn assert_invalid(s: Snapshot, expected: ValidationError) {
+pub(crate) fn assert_invalid(s: Snapshot, expected: ValidationError) {
     assert_eq!(s.encode(), Err(EncodeError::Invalid(expected.clone())));
     assert_eq!(decode(&raw(&s)), Err(DecodeError::Invalid(expected)));
 }
@@ -149,7 +174,7 @@ fn round_trip() {
     assert_eq!(bytes.len() % 8, 0);
 
     let header = peek_header(&bytes).unwrap();
-    assert_eq!(header.format_version, 1);
+    assert_eq!(header.format_version, 2);
     assert_eq!(header.layout_version, LAYOUT_VERSION);
     assert_eq!(header.generation, 7);
     assert_eq!(header.content_hash, decoded.content_hash);
@@ -161,8 +186,8 @@ fn round_trip() {
 fn round_trip_of_an_empty_snapshot() {
     let s = SnapshotBuilder::new("n", 0, mode::DISABLED).build();
     let bytes = s.encode().unwrap();
-    // 40 fixed + 2 + 1 name + 5 padding, NodeConfig section 16 + 8, nine empty sections of 16.
-    assert_eq!(bytes.len(), 48 + 24 + 9 * 16);
+    // 40 fixed + 2 + 1 name + 5 padding, NodeConfig section 16 + 8, twelve empty sections of 16.
+    assert_eq!(bytes.len(), 48 + 24 + 12 * 16);
     assert_eq!(decode(&bytes).unwrap(), s);
 }
 
@@ -197,7 +222,7 @@ fn hash_is_stable() {
         peek_header(&bytes).unwrap().content_hash,
         content_hash(&bytes[40..])
     );
-    assert_eq!(content_hash(&bytes[40..]), 0x9ce8_409b_5e45_08d8);
+    assert_eq!(content_hash(&bytes[40..]), 0xb46c_1474_4340_a547);
 }
 
 #[test]
@@ -348,7 +373,7 @@ fn every_flipped_header_byte_is_refused_or_is_the_generation() {
             0..8 => assert!(matches!(result, Err(DecodeError::BadMagic { .. }))),
             8..10 => assert!(matches!(
                 result,
-                Err(DecodeError::UnsupportedFormatVersion { supported: 1, .. })
+                Err(DecodeError::UnsupportedFormatVersion { supported: 2, .. })
             )),
             10..12 => assert!(matches!(
                 result,
@@ -371,12 +396,12 @@ fn every_flipped_header_byte_is_refused_or_is_the_generation() {
 fn versions_and_flags() {
     let bytes = sample().encode().unwrap();
     let mut v = bytes.clone();
-    v[8..10].copy_from_slice(&2u16.to_le_bytes());
+    v[8..10].copy_from_slice(&3u16.to_le_bytes());
     assert_eq!(
         decode(&v),
         Err(DecodeError::UnsupportedFormatVersion {
-            found: 2,
-            supported: 1
+            found: 3,
+            supported: 2
         })
     );
     assert!(peek_header(&v).is_err());
@@ -560,7 +585,7 @@ fn sections_must_come_in_order() {
     let offsets = section_offsets(&bytes);
     for (i, table) in Table::ALL.iter().enumerate() {
         // The kind of the next section (of the first for the last): a section out of place.
-        let found = table.kind() % 10 + 1;
+        let found = table.kind() % 13 + 1;
         let mut b = bytes.clone();
         put_u32(&mut b, offsets[i], found);
         fix(&mut b);
@@ -580,7 +605,7 @@ fn sections_must_come_in_order() {
 fn record_size_must_match() {
     let bytes = sample().encode().unwrap();
     let offsets = section_offsets(&bytes);
-    let sizes = [8, 28, 140, 12, 32, 24, 24, 24, 20, 328];
+    let sizes = [8, 28, 140, 12, 32, 24, 24, 24, 20, 328, 8, 36, 16];
     for (i, table) in Table::ALL.iter().enumerate() {
         let mut b = bytes.clone();
         put_u32(&mut b, offsets[i] + 4, sizes[i] + 1);
@@ -686,15 +711,15 @@ fn missing_section() {
 fn data_after_the_last_section() {
     let bytes = sample().encode().unwrap();
     let offsets = section_offsets(&bytes);
-    // A repeated authorization policies section is data after the last section.
+    // A repeated service names section is data after the last section.
     let mut b = bytes.clone();
-    b.extend_from_slice(&bytes[offsets[9]..]);
+    b.extend_from_slice(&bytes[offsets[12]..]);
     fix(&mut b);
     assert_eq!(
         decode(&b),
         Err(DecodeError::TrailingData {
             offset: SAMPLE_LEN as u64,
-            len: (SAMPLE_LEN - offsets[9]) as u64
+            len: (SAMPLE_LEN - offsets[12]) as u64
         })
     );
 }
@@ -742,6 +767,8 @@ fn over_capacity() {
         (Table::AuthzSources, 3),
         (Table::AuthzVerdicts, 7),
         (Table::AuthzPolicies, 4),
+        (Table::WorkloadNames, 2),
+        (Table::ServiceNames, 1),
     ];
     for (table, count) in counts {
         let limit = |n: u32| {
@@ -756,7 +783,9 @@ fn over_capacity() {
                 Table::AuthzSources => l.max_authz_sources = n,
                 Table::AuthzVerdicts => l.max_authz_verdicts = n,
                 Table::AuthzPolicies => l.max_authz_policies = n,
-                Table::NodeConfig => unreachable!(),
+                Table::WorkloadNames => l.max_workload_names = n,
+                Table::ServiceNames => l.max_service_names = n,
+                Table::NodeConfig | Table::NameStrings => unreachable!(),
             }
             l
         };

@@ -17,8 +17,8 @@ impl Snapshot {
     ///
     /// Rules are checked table by table in wire order (node name, node config, services, routes,
     /// backend sets, endpoints, workloads), then the references between tables, then the
-    /// authorization tables the same way (`validate_authz`), so the first error reported is
-    /// deterministic.
+    /// authorization tables the same way (`validate_authz`), then the names (`validate_names`), so
+    /// the first error reported is deterministic.
     pub fn validate(&self) -> Result<(), ValidationError> {
         validate_node_name(self.node_name.as_bytes())?;
         self.validate_config()?;
@@ -31,7 +31,8 @@ impl Snapshot {
         self.validate_service_routes()?;
         self.validate_route_sets()?;
         self.validate_set_endpoints()?;
-        self.validate_authz()
+        self.validate_authz()?;
+        self.validate_names()
     }
 
     fn validate_config(&self) -> Result<(), ValidationError> {

@@ -18,6 +18,8 @@
 //! - `backend_sets.rs`: DestinationRule subsets and load balancer, the endpoints of each backend set;
 //! - `workloads.rs`: enrolment, the workloads of each node;
 //! - `tables.rs`: stable IDs, the cluster-wide tables and each node's snapshot;
+//! - `name_tables.rs`: the names section (workload, app, version of every pod address; each
+//!   service's host and name), Istio's telemetry labels;
 //! - authorization (issue #8): `authz_convert.rs` (AuthorizationPolicy specs into their L4 form,
 //!   what is dropped and why), `authz_rules.rs` (that form and when it matches, ztunnel's model),
 //!   `peer_authentication.rs` (effective mTLS per workload and port), `authz_sources.rs`
@@ -43,6 +45,7 @@ mod catalog;
 mod duplicates;
 mod mesh_routes;
 mod mesh_rules;
+mod name_tables;
 mod peer_authentication;
 mod routes;
 mod tables;
@@ -65,6 +68,7 @@ use crate::{
 
 pub use authorization::{EffectiveAction, EffectivePolicy, WorkloadAuthz};
 use backend_sets::DestinationRules;
+pub use name_tables::names_bytes;
 use workloads::PodsByLabel;
 
 /// Settings that are not objects.
@@ -158,7 +162,15 @@ pub fn compile(
     for (object, id) in authz_inputs.ids() {
         names.policies.insert(*id, object.to_string());
     }
-    let snapshots = c.snapshots(&tables, workloads, authz_tables, nodes, generation);
+    let name_tables = c.name_tables(&tables.service_names);
+    let snapshots = c.snapshots(
+        &tables,
+        workloads,
+        authz_tables,
+        &name_tables,
+        nodes,
+        generation,
+    );
     c.report_kinds_not_compiled();
     let mut diagnostics = c.diagnostics;
     diagnostics.sort();

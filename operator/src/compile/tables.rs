@@ -24,6 +24,7 @@ use super::{
     Compiler, Names,
     backend_sets::{BackendSet, BackendSetKey},
     catalog::Catalog,
+    name_tables::ServiceNames,
     routes::RoutedPort,
     workloads::pod_identity,
 };
@@ -37,6 +38,8 @@ pub(super) struct Tables {
     backend_sets: Vec<BackendSetRecord>,
     endpoints: Vec<EndpointRecord>,
     pub(super) names: Names,
+    /// The names of each service id, for the names section.
+    pub(super) service_names: BTreeMap<u32, ServiceNames>,
 }
 
 /// Each entry of `named` with its stable ID: the low 32 bits of the name's FNV-1a 64 hash, 0
@@ -153,6 +156,15 @@ impl Compiler<'_> {
                     };
                     t.services.push(ServiceRecord { key, value });
                     t.names.services.insert(service_id, fqdn.clone());
+                    let service = routed.target.service;
+                    t.service_names.insert(
+                        service_id,
+                        ServiceNames {
+                            host: fqdn.clone(),
+                            name: service.object.name.clone(),
+                            namespace: service.namespace.clone(),
+                        },
+                    );
                 }
             }
         }
@@ -184,13 +196,14 @@ impl Compiler<'_> {
         }
     }
 
-    /// Each node's snapshot: the cluster-wide tables, its workloads and the mode. A snapshot over
+    /// Each node's snapshot: the cluster-wide tables and names, its workloads and the mode. A snapshot over
     /// the configured capacity is not produced (reported): the node keeps the one it has.
     pub(super) fn snapshots(
         &mut self,
         tables: &Tables,
         workloads: BTreeMap<String, Vec<WorkloadRecord>>,
         mut authz: BTreeMap<String, kmesh_snapshot::AuthzTables>,
+        names: &kmesh_snapshot::NameTables,
         nodes: &[String],
         generation: u64,
     ) -> BTreeMap<String, Snapshot> {
@@ -212,6 +225,7 @@ impl Compiler<'_> {
                 endpoints: tables.endpoints.clone(),
                 workloads: workloads.get(node).cloned().unwrap_or_default(),
                 authz: authz.remove(node).unwrap_or_default(),
+                names: names.clone(),
             };
             snapshot.sort();
             if let Some(reason) = over_capacity(&snapshot, &limits) {
@@ -302,8 +316,26 @@ fn over_capacity(snapshot: &Snapshot, limits: &kmesh_snapshot::Limits) -> Option
             limits.max_authz_policies,
         ),
     ];
+    let names = [
+        (
+            "workload names",
+            snapshot.names.workloads.len(),
+            limits.max_workload_names,
+        ),
+        (
+            "service names",
+            snapshot.names.services.len(),
+            limits.max_service_names,
+        ),
+        (
+            "bytes of name strings",
+            snapshot.names.strings.len(),
+            limits.max_name_bytes,
+        ),
+    ];
     tables
         .into_iter()
+        .chain(names)
         .find(|(_, count, capacity)| *count as u64 > u64::from(*capacity))
         .map(|(table, count, capacity)| format!("holds {count} {table}, capacity is {capacity}"))
 }

@@ -1,0 +1,181 @@
+//! The content rules of the names sections (11 NameStrings, 12 WorkloadNames, 13 ServiceNames;
+//! see [`crate::format`] and `kmesh_common::names`). Run by the decoder on every input and by the
+//! encoder on every snapshot it writes, after the other tables (a service name refers to the
+//! services table).
+//!
+//! The string table is walked once (linear), collecting the offset of every entry; a record's
+//! reference is a binary search in those offsets. Uniqueness of the strings is a sort of a copy of
+//! the offsets by content: two `u32` per entry of at least 3 bytes, so the decoder's promise of
+//! allocating about the size of its input holds (a hash set of slices would cost ten times more).
+
+use kmesh_common::names::{MAX_NAME_LEN, NAME_LEN_BYTES, NO_NAME};
+
+use crate::Snapshot;
+use crate::error::{Table, ValidationError, ip_to_addr};
+use crate::validate::check_order;
+
+/// The table is a whole number of these (the section's record size).
+const CHUNK: usize = 8;
+
+impl Snapshot {
+    pub(crate) fn validate_names(&self) -> Result<(), ValidationError> {
+        let offsets = string_offsets(&self.names.strings)?;
+        self.validate_workload_names(&offsets)?;
+        self.validate_service_names(&offsets)
+    }
+
+    fn validate_workload_names(&self, offsets: &[u32]) -> Result<(), ValidationError> {
+        const T: Table = Table::WorkloadNames;
+        let describe = |ip: &kmesh_common::Ip16| ip_to_addr(ip).to_string();
+        let records = &self.names.workloads;
+        for (index, w) in records.iter().enumerate() {
+            if let Some(p) = index.checked_sub(1).and_then(|i| records.get(i)) {
+                check_order(T, index, &p.ip, &w.ip, describe)?;
+            }
+            let fields = [
+                ("workload", w.workload),
+                ("namespace", w.namespace),
+                ("service_account", w.service_account),
+                ("app", w.app),
+                ("version", w.version),
+            ];
+            check_references(T, index, || describe(&w.ip), &fields, offsets)?;
+        }
+        Ok(())
+    }
+
+    fn validate_service_names(&self, offsets: &[u32]) -> Result<(), ValidationError> {
+        const T: Table = Table::ServiceNames;
+        let describe = |id: &u32| format!("service_id {id}");
+        let mut service_ids: Vec<u32> = self.services.iter().map(|s| s.value.service_id).collect();
+        service_ids.sort_unstable();
+        service_ids.dedup();
+        let records = &self.names.services;
+        for (index, s) in records.iter().enumerate() {
+            if let Some(p) = index.checked_sub(1).and_then(|i| records.get(i)) {
+                check_order(T, index, &p.service_id, &s.service_id, describe)?;
+            }
+            if service_ids.binary_search(&s.service_id).is_err() {
+                return Err(ValidationError::ServiceNameWithoutService {
+                    index,
+                    service_id: s.service_id,
+                });
+            }
+            if s.host == NO_NAME {
+                return Err(ValidationError::NameMissing {
+                    table: T,
+                    index,
+                    record: describe(&s.service_id),
+                    field: "host",
+                });
+            }
+            let fields = [
+                ("host", s.host),
+                ("name", s.name),
+                ("namespace", s.namespace),
+            ];
+            check_references(T, index, || describe(&s.service_id), &fields, offsets)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every `(field, offset)` is [`NO_NAME`] or the offset of an entry of the table.
+fn check_references(
+    table: Table,
+    index: usize,
+    describe: impl Fn() -> String,
+    fields: &[(&'static str, u32)],
+    offsets: &[u32],
+) -> Result<(), ValidationError> {
+    for &(field, offset) in fields {
+        if offset != NO_NAME && offsets.binary_search(&offset).is_err() {
+            return Err(ValidationError::NameOffset {
+                table,
+                index,
+                record: describe(),
+                field,
+                offset,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Walks the string table: the offsets of its entries, in increasing order, once every entry is
+/// checked (length 1..=MAX_NAME_LEN within the table, UTF-8, unique) and the tail after the last
+/// one is fewer than 8 zero bytes.
+pub(crate) fn string_offsets(strings: &[u8]) -> Result<Vec<u32>, ValidationError> {
+    if !strings.len().is_multiple_of(CHUNK) || u32::try_from(strings.len()).is_err() {
+        return Err(ValidationError::NameTableLength { len: strings.len() });
+    }
+    let mut offsets = Vec::new();
+    let mut pos = 0usize;
+    while let Some(rest) = strings.get(pos..) {
+        if rest.len() < CHUNK && rest.iter().all(|&b| b == 0) {
+            break;
+        }
+        // The table length fits u32 (checked above), so every position in it does.
+        let offset = pos as u32;
+        let string = entry(rest, offset)?;
+        offsets.push(offset);
+        pos += NAME_LEN_BYTES + string.len();
+    }
+    check_unique(strings, &offsets)?;
+    Ok(offsets)
+}
+
+/// No string of the table is stored twice. Of several repeats, the one reported is the smallest
+/// string's, at its second offset (deterministic).
+fn check_unique(strings: &[u8], offsets: &[u32]) -> Result<(), ValidationError> {
+    // Offsets come from the walk, so each starts a checked entry; a miss reads as "".
+    let text = |offset: u32| string_at(strings, offset).unwrap_or_default();
+    let mut by_content = offsets.to_vec();
+    by_content.sort_unstable_by(|&a, &b| text(a).cmp(text(b)).then(a.cmp(&b)));
+    for pair in by_content.windows(2) {
+        if let [first, offset] = *pair
+            && text(first) == text(offset)
+        {
+            return Err(ValidationError::NameDuplicate { offset, first });
+        }
+    }
+    Ok(())
+}
+
+/// The string of the entry at the start of `rest` (at `offset` in the table), checked.
+fn entry(rest: &[u8], offset: u32) -> Result<&[u8], ValidationError> {
+    let Some((len, body)) = rest.split_first_chunk::<NAME_LEN_BYTES>() else {
+        return Err(ValidationError::NameOverrun {
+            offset,
+            len: 0,
+            remaining: rest.len(),
+        });
+    };
+    let len = usize::from(u16::from_le_bytes(*len));
+    if len == 0 || len > MAX_NAME_LEN {
+        return Err(ValidationError::NameLength { offset, len });
+    }
+    let Some(string) = body.get(..len) else {
+        return Err(ValidationError::NameOverrun {
+            offset,
+            len,
+            remaining: body.len(),
+        });
+    };
+    if core::str::from_utf8(string).is_err() {
+        return Err(ValidationError::NameNotUtf8 { offset });
+    }
+    Ok(string)
+}
+
+/// The string at `offset` of a validated table; `None` for [`NO_NAME`] or an offset that is not an
+/// entry's start in a table that was not validated (never a panic).
+pub(crate) fn string_at(strings: &[u8], offset: u32) -> Option<&str> {
+    if offset == NO_NAME {
+        return None;
+    }
+    let rest = strings.get(usize::try_from(offset).ok()?..)?;
+    let (len, body) = rest.split_first_chunk::<NAME_LEN_BYTES>()?;
+    let string = body.get(..usize::from(u16::from_le_bytes(*len)))?;
+    core::str::from_utf8(string).ok()
+}

@@ -220,6 +220,7 @@ impl<M: SlotMaps> Applier<M> {
         update(&self.status, |s| {
             s.ready = true;
             s.live_snapshot = Some(decoded.clone());
+            s.live_names.set(Arc::new(decoded.snapshot.clone()));
             // Names are kept from every generation seen since start: a policy's id is the hash of
             // its kind, namespace and name (the same in every generation), and the kernel's
             // counters of a policy that left the snapshot stay, so they keep their name.

@@ -28,8 +28,8 @@ pub mod name_table;
 pub mod names;
 mod validate;
 mod validate_authz;
-pub mod view;
 mod validate_names;
+pub mod view;
 
 #[cfg(test)]
 mod names_tests;

@@ -30,6 +30,7 @@ pub mod bookinfo;
 pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
+pub mod events_world;
 pub mod names;
 pub mod netns;
 pub mod peer;

@@ -7,8 +7,7 @@
 //!
 //! Run as root after `cargo build --workspace --bins` (scripts/test.sh does both).
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU8, Ordering},
         mpsc,
@@ -19,186 +18,28 @@ use std::{
 use kmesh_agent::{
     connection::{Connection, Direction, Outcome},
     events::{DroppedCounter, EventReader},
-    loader::BpfObject,
 };
-use kmesh_common::{
-    authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason},
-    lb_policy, mode,
-};
-use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, Pod, TestCgroup, TestNetwork,
+    events_world::{
+        CLOSED_PORT, DENIED_PORT, DENY_POLICY, EventsWorld, PORT, PeerExchange, REPLY, SENT,
+    },
     peer::{Close, PeerConnection, PeerHandle},
-    write_atomically,
 };
 
-const NODE: &str = "node-1";
-const READY: Duration = Duration::from_secs(20);
-/// The server's port, and a port nothing listens on, and the port policy denies the client.
-const PORT: u16 = 8080;
-const CLOSED_PORT: u16 = 7070;
-const DENIED_PORT: u16 = 9090;
-/// The policy id that denies the client on DENIED_PORT.
-const DENY_POLICY: u32 = 42;
-const SERVICE_PORT: u16 = 80;
-/// Byte counts that cannot be mistaken for one another.
-const SENT: u64 = 12_345;
-const REPLY: u64 = 3_210;
-
-/// One test's node: an enrolled client and server, a pod that is not enrolled, a service to the
-/// server and one without endpoints, a deny policy on DENIED_PORT. Pod addresses are
-/// 10.244.<subnet>.x with subnets from 150 up (apart from the other kernel tests').
-struct World {
-    net: TestNetwork,
-    cgroup: TestCgroup,
-    dir: AgentDir,
-    client: Pod,
-    server: Pod,
-    outsider: Pod,
-    vip: Ipv4Addr,
-    vip_empty: Ipv4Addr,
-    snapshot_file: PathBuf,
+/// The world of one test, its pods in a subnet of their own from 150 up (apart from the other
+/// kernel tests').
+fn world(name: &str) -> EventsWorld {
+    static NEXT_SUBNET: AtomicU8 = AtomicU8::new(150);
+    EventsWorld::new(name, NEXT_SUBNET.fetch_add(1, Ordering::Relaxed))
 }
 
-impl World {
-    fn new(name: &str) -> World {
-        static NEXT_SUBNET: AtomicU8 = AtomicU8::new(150);
-        let subnet = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
-        let net = TestNetwork::new(name).expect("test network");
-        let cgroup = TestCgroup::new(name).expect("test cgroup");
-        let dir = AgentDir::new(name).expect("pin directory");
-        let pod = |pod: &str, host: u8| {
-            net.add_pod(pod, Ipv4Addr::new(10, 244, subnet, host), None)
-                .expect("pod")
-        };
-        let (client, server, outsider) = (pod("client", 10), pod("server", 100), pod("out", 20));
-        let snapshot_file =
-            std::env::temp_dir().join(format!("kmt-{name}-{}.snap", std::process::id()));
-        World {
-            vip: Ipv4Addr::new(10, 96, subnet, 1),
-            vip_empty: Ipv4Addr::new(10, 96, subnet, 2),
-            net,
-            cgroup,
-            dir,
-            client,
-            server,
-            outsider,
-            snapshot_file,
-        }
-    }
-
-    fn write_snapshot(&self) {
-        let mut b = SnapshotBuilder::new(NODE, 1, mode::KERNEL_NATIVE);
-        b.workload(IpAddr::V4(self.client.ipv4()), 1);
-        b.workload(IpAddr::V4(self.server.ipv4()), 2);
-        let set = b.backend_set(
-            lb_policy::RANDOM,
-            &[Endpoint::new(IpAddr::V4(self.server.ipv4()), PORT, 2)],
-        );
-        b.service(self.vip.into(), SERVICE_PORT, &[(1, set)]);
-        let empty = b.backend_set(lb_policy::RANDOM, &[]);
-        b.service(self.vip_empty.into(), SERVICE_PORT, &[(1, empty)]);
-        // The server's policy: the client is denied on DENIED_PORT, everything else allowed.
-        b.authz_workload(IpAddr::V4(self.server.ipv4()), 1);
-        b.authz_source(IpAddr::V4(self.client.ipv4()), 32, 1);
-        b.authz_verdict(
-            1,
-            1,
-            DENIED_PORT,
-            authz_action::DENY,
-            authz_reason::DENY_MATCHED,
-            DENY_POLICY,
-        );
-        b.authz_verdict(
-            1,
-            ANY_CLASS,
-            ANY_PORT,
-            authz_action::ALLOW,
-            authz_reason::NO_ALLOW_POLICY,
-            0,
-        );
-        b.authz_policy(
-            DENY_POLICY,
-            authz_policy_kind::AUTHORIZATION_POLICY,
-            "default/deny-client",
-        );
-        let snapshot = b.build();
-        write_atomically(&self.snapshot_file, &snapshot.encode().expect("encode"))
-            .expect("write snapshot");
-    }
-
-    /// The agent, ready with both pods enrolled and the server's authorization link attached.
-    fn start_agent(&self, extra_args: &[&str]) -> Agent {
-        self.write_snapshot();
-        let mut agent = Agent::start(&AgentOptions {
-            node_name: NODE,
-            source: AgentSource::File(&self.snapshot_file),
-            dir: &self.dir,
-            cgroup: &self.cgroup,
-            extra_args: [
-                "--host-netns",
-                &self.net.node_netns_path().display().to_string(),
-            ]
-            .iter()
-            .chain(extra_args)
-            .map(|s| s.to_string())
-            .collect(),
-        })
-        .expect("start kmesh-agent");
-        agent.wait_ready(READY).expect("agent ready");
-        agent
-            .wait_for(Duration::from_secs(10), "2 pods enrolled", |a| {
-                let s = a.debug_snapshot()?;
-                Ok(s["enrolled_netns"].as_u64() == Some(2)
-                    && s["authz_links"].as_u64() == Some(2)
-                    && s["host_addrs"].as_u64() > Some(0))
-            })
-            .expect("enrolment");
-        agent
-    }
-
-    fn layout_dir(&self) -> PathBuf {
-        self.dir.path().join(BpfObject::Shipped.layout().dir_name())
-    }
-
-    fn reader(&self) -> EventReader {
-        EventReader::open_pinned(&self.layout_dir()).expect("the pinned events ring")
-    }
-
-    fn server_addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.server.ipv4().into(), port)
-    }
-
-    fn service_addr(&self, vip: Ipv4Addr) -> SocketAddr {
-        SocketAddr::new(vip.into(), SERVICE_PORT)
-    }
-
-    /// One connection from `from` to `target` with a server on the server pod's PORT.
-    fn exchange(&self, from: &Pod, target: SocketAddr, close: Close) -> PeerExchange {
-        let server = PeerHandle::serve(&self.server, &self.cgroup, PORT, REPLY, 1).expect("serve");
-        let client = PeerHandle::connect(from, &self.cgroup, target, SENT, 1, close)
-            .expect("client")
-            .connections;
-        let server = server
-            .wait(Duration::from_secs(10))
-            .expect("server")
-            .connections;
-        PeerExchange {
-            client: client[0].clone(),
-            server: server[0].clone(),
-        }
-    }
+/// The agent on the world's generation 1, ready with both pods enrolled.
+fn start_agent(w: &EventsWorld, extra_args: &[&str]) -> kmesh_tests::Agent {
+    w.start_agent(w.snapshot(1).builder.build(), extra_args)
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.snapshot_file);
-    }
-}
-
-struct PeerExchange {
-    client: PeerConnection,
-    server: PeerConnection,
+fn open_ring(w: &EventsWorld) -> EventReader {
+    EventReader::open_pinned(&w.layout_dir()).expect("the pinned events ring")
 }
 
 /// Drains `reader` until `n` events came (or 5 s passed), then half a second more to catch any
@@ -227,7 +68,7 @@ fn one(events: &[Connection], direction: Direction) -> &Connection {
 
 /// The events of a clean close and of a reset must describe both ends exactly.
 fn check_both_ends(
-    w: &World,
+    w: &EventsWorld,
     x: &PeerExchange,
     events: &[Connection],
     service: Option<SocketAddr>,
@@ -267,9 +108,9 @@ fn check_both_ends(
 
 #[test]
 fn a_connection_through_a_service_is_reported_by_both_ends() {
-    let w = World::new("evsvc");
-    let _agent = w.start_agent(&["--no-events-reader"]);
-    let mut reader = w.reader();
+    let w = world("evsvc");
+    let _agent = start_agent(&w, &["--no-events-reader"]);
+    let mut reader = open_ring(&w);
 
     let x = w.exchange(&w.client, w.service_addr(w.vip), Close::Fin);
     assert_eq!(
@@ -312,9 +153,9 @@ fn a_connection_through_a_service_is_reported_by_both_ends() {
 
 #[test]
 fn refusals_are_reported_by_the_side_that_saw_them() {
-    let w = World::new("evrefuse");
-    let _agent = w.start_agent(&["--no-events-reader"]);
-    let mut reader = w.reader();
+    let w = world("evrefuse");
+    let _agent = start_agent(&w, &["--no-events-reader"]);
+    let mut reader = open_ring(&w);
     let client_ip: IpAddr = w.client.ipv4().into();
 
     // Nothing listens: the client's connect fails (SYN answered by a RST).
@@ -411,8 +252,8 @@ fn refusals_are_reported_by_the_side_that_saw_them() {
 #[test]
 fn a_full_ring_drops_events_counts_them_and_holds_up_no_connection() {
     const CONNECTIONS: u64 = 150;
-    let w = World::new("evfull");
-    let _agent = w.start_agent(&["--no-events-reader", "--events-ring-bytes", "4096"]);
+    let w = world("evfull");
+    let _agent = start_agent(&w, &["--no-events-reader", "--events-ring-bytes", "4096"]);
     let server = PeerHandle::serve(&w.server, &w.cgroup, PORT, REPLY, CONNECTIONS).expect("serve");
     let report = PeerHandle::connect(
         &w.client,
@@ -435,7 +276,7 @@ fn a_full_ring_drops_events_counts_them_and_holds_up_no_connection() {
     // Every connection has two enrolled ends: 2 events each, in the ring or dropped.
     let expected = 2 * CONNECTIONS;
     let dropped_counter = DroppedCounter::open_pinned(&w.layout_dir()).expect("drop counters");
-    let mut reader = w.reader();
+    let mut reader = open_ring(&w);
     let (tx, rx) = mpsc::channel();
     let mut sink = tx;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -471,8 +312,8 @@ fn a_full_ring_drops_events_counts_them_and_holds_up_no_connection() {
 /// The agent reading the ring itself: its metrics count the events per outcome.
 #[test]
 fn the_agent_reads_the_ring_and_counts_events() {
-    let w = World::new("evagent");
-    let mut agent = w.start_agent(&[]);
+    let w = world("evagent");
+    let mut agent = start_agent(&w, &[]);
     w.exchange(&w.client, w.service_addr(w.vip), Close::Fin);
     w.exchange(&w.client, w.service_addr(w.vip), Close::Rst);
     let _ = PeerHandle::connect(

@@ -97,11 +97,6 @@ fn run_scenarios(cluster: &Cluster, figures: &mut Figures) {
     install_crds_but_tcp_route(cluster);
     let agents = install_in_one_command(cluster, figures);
     let mesh = deploy_bookinfo_and_clients(cluster, agents);
-    if std::env::var("TMP_ONLY").is_ok() {
-        apply_sample(&mesh, "virtual-service-all-v1.yaml");
-        log_level_and_access_log(&mesh, figures);
-        return;
-    }
     crd_installed_after_the_operator(&mesh, figures);
     invalid_virtual_service(&mesh);
     let restored = forbidden_kinds(&mesh, figures);

@@ -14,15 +14,18 @@
 //! 5. a Deployment scaled up and down, and a pod deleted: the endpoints follow in the kernel;
 //! 6. `kubectl patch` of the mode to Disabled and back, with the time until every node applies
 //!    it and `kubectl wait --for=condition=Ready` returning within 2 s of the last node;
-//! 7. a Rolling rollout with a canary node: only the canary changes first, in the agents' flips
+//! 7. `kubectl patch` of `logLevel` and `accessLog`: in force on every node within 2 s (each
+//!    agent's `/debug/log-level`, its live snapshot's header), and while the access log is on a
+//!    client's connections are logged by its node's agent, field by field; off, none are;
+//! 8. a Rolling rollout with a canary node: only the canary changes first, in the agents' flips
 //!    and in the traffic of a client on each node;
-//! 8. the time from `kubectl apply` to every node's kernel over 22 changes (p50, p99).
+//! 9. the time from `kubectl apply` to every node's kernel over 22 changes (p50, p99).
 //!
 //! Timings are printed as `figure:` lines. Needs root and the control-plane binaries
 //! (`scripts/control-plane-bins.sh`); `KMESH_TEST_CLUSTER_HOLD_SECS=N` keeps the cluster N
 //! seconds after the scenarios.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -32,6 +35,7 @@ use kmesh_tests::{
     Cluster, ProbeReport, StopFile,
     cluster::{
         self,
+        access_log::{self, AccessLogLine},
         observe::{self, AgentPod, AgentState, Flip, condition, unwatched, wait_agents},
         scenario::{
             GATEWAY_API_CRDS, ISTIO, REVIEWS_VERSIONS, TIMEOUT, enrol, probe, reference,
@@ -50,6 +54,11 @@ const TCP_ROUTE_CRD: &str = "gateway.networking.k8s.io_tcproutes.yaml";
 const NETWORKING: &str = "samples/bookinfo/networking";
 /// How long an agent may take to follow a change before the scenario fails.
 const FOLLOW: Duration = Duration::from_secs(30);
+/// How long a KmeshConfig setting of the agents (`logLevel`, `accessLog`) may take, from the start
+/// of `kubectl patch`, to be in force on a node (issue #9).
+const SETTING_IN_FORCE: Duration = Duration::from_secs(2);
+/// Connections a client makes to check the access log.
+const LOGGED_CONNECTIONS: u32 = 5;
 
 /// The mesh the scenarios act on: the agents (by node), a client pod on each node, and the VIPs.
 struct Mesh<'a> {
@@ -93,6 +102,7 @@ fn run_scenarios(cluster: &Cluster, figures: &mut Figures) {
     let restored = forbidden_kinds(&mesh, figures);
     scale_and_delete(&mesh, figures);
     mode_switch(&mesh, figures);
+    log_level_and_access_log(&mesh, figures);
     rolling_with_a_canary(&mesh, figures);
     apply_to_kernel_latency(&mesh, figures);
     forbidden_kinds_recover(&mesh, restored);
@@ -856,7 +866,247 @@ fn mode_switch(mesh: &Mesh<'_>, figures: &mut Figures) {
     }
 }
 
-/// Scenario 7: Rolling with node-b as the canary. Reviews moves from v1 to v3 while a client on
+/// `kubectl patch kmeshconfig default --type merge` of `spec` (the `spec` object's JSON).
+fn patch_spec(mesh: &Mesh<'_>, spec: &str) {
+    let patch = format!("{{\"spec\":{spec}}}");
+    let args = ["patch", "kmeshconfig", "default", "--type", "merge", "-p"];
+    mesh.cluster
+        .kubectl()
+        .run(&[&args[..], &[patch.as_str()]].concat())
+        .unwrap();
+}
+
+/// `kubectl patch` of `spec`, then polls every agent with `read` until `done` holds for each:
+/// prints when each node had it in force, from the start of kubectl, and asserts each within
+/// [`SETTING_IN_FORCE`].
+fn patch_until_in_force<T: std::fmt::Debug>(
+    mesh: &Mesh<'_>,
+    spec: &str,
+    read: impl Fn(&Cluster, &AgentPod) -> std::io::Result<T>,
+    done: impl Fn(&T) -> bool,
+    figures: &mut Figures,
+) {
+    let started = Instant::now();
+    patch_spec(mesh, spec);
+    let reached = observe::wait_each_agent(mesh.cluster, &mesh.agents, FOLLOW, read, done)
+        .unwrap_or_else(|e| panic!("kubectl patch {spec}: {e}"));
+    let took: Vec<(&str, Duration)> = mesh
+        .agents
+        .iter()
+        .zip(&reached)
+        .map(|(a, (_, at))| (a.node.as_str(), at.duration_since(started)))
+        .collect();
+    let per_node: Vec<String> = took.iter().map(|(n, t)| format!("{n} {t:.0?}")).collect();
+    figures.add(format!(
+        "kubectl patch {spec} -> in force, from the start of kubectl: {}",
+        per_node.join(", ")
+    ));
+    for (node, took) in took {
+        assert!(
+            took <= SETTING_IN_FORCE,
+            "kubectl patch {spec}: in force on {node} after {took:?}, more than \
+             {SETTING_IN_FORCE:?}"
+        );
+    }
+}
+
+/// Whether the snapshot live in `agent` has the access log on (its `/debug/config_dump` header).
+fn live_access_log(cluster: &Cluster, agent: &AgentPod) -> std::io::Result<Option<bool>> {
+    observe::config_header(cluster, agent).map(|h| h["access_log"].as_bool())
+}
+
+/// Scenario 7: `kubectl patch` of `logLevel` to debug and back to info: every agent's filter in
+/// force (`/debug/log-level`) follows within 2 s. `accessLog` on: every node's live snapshot has it
+/// within 2 s, and connections from a client on each node are logged by that node's agent, one
+/// line per connection with the client's address; off again: connections the agent did see (its
+/// kernel events counter grows) write no line.
+fn log_level_and_access_log(mesh: &Mesh<'_>, figures: &mut Figures) {
+    for agent in &mesh.agents {
+        let level = observe::log_level(mesh.cluster, agent).unwrap();
+        assert_eq!(level, "info", "{} before the patch", agent.pod);
+    }
+    for level in ["debug", "info"] {
+        let spec = format!("{{\"logLevel\":\"{level}\"}}");
+        let read = observe::log_level;
+        patch_until_in_force(mesh, &spec, read, |l| l == level, figures);
+    }
+    for agent in &mesh.agents {
+        assert_eq!(
+            live_access_log(mesh.cluster, agent).unwrap(),
+            Some(false),
+            "{}: off by default",
+            agent.pod
+        );
+        let lines = access_log::agent_lines(mesh.cluster, &agent.pod).unwrap();
+        assert!(
+            lines.is_empty(),
+            "{}: logged while off: {lines:?}",
+            agent.pod
+        );
+    }
+    let on = r#"{"accessLog":true}"#;
+    patch_until_in_force(mesh, on, live_access_log, |v| *v == Some(true), figures);
+    for (agent, client) in mesh.agents.iter().zip(&mesh.clients) {
+        connections_logged(mesh, agent, client);
+    }
+    let off = r#"{"accessLog":false}"#;
+    patch_until_in_force(mesh, off, live_access_log, |v| *v == Some(false), figures);
+    for (agent, client) in mesh.agents.iter().zip(&mesh.clients) {
+        connections_not_logged(mesh, agent, client);
+    }
+}
+
+/// The IP of pod `default/<name>`.
+fn pod_ip(mesh: &Mesh<'_>, name: &str) -> std::net::IpAddr {
+    let (_, _, ip) = mesh.cluster.sandbox("default", name).unwrap();
+    ip.into()
+}
+
+/// [`LOGGED_CONNECTIONS`] connections from `client` to reviews (all-v1): `agent` (its node's)
+/// writes one outbound line for each (its own source port), naming the client's address, the
+/// reviews VIP it dialed and the reviews-v1 pod it reached, the bytes of that pod's reply (its
+/// name and a newline; the client sends nothing), no response flag and no denial. The names
+/// (workload, namespace, service) come with the snapshot's names section: while the agent has
+/// none they are null, and a name it gives must be the right one.
+fn connections_logged(mesh: &Mesh<'_>, agent: &AgentPod, client: &str) {
+    let client_ip = pod_ip(mesh, client);
+    let vip: std::net::SocketAddr = mesh.reviews.parse().unwrap();
+    let v1: BTreeMap<std::net::IpAddr, String> = reviews_v1_pods(mesh.cluster)
+        .into_iter()
+        .map(|p| (pod_ip(mesh, &p), p))
+        .collect();
+    let before = access_log::agent_lines(mesh.cluster, &agent.pod)
+        .unwrap()
+        .len();
+    let report = probe(mesh.cluster, client, &mesh.reviews, LOGGED_CONNECTIONS);
+    assert_eq!(
+        report.ok,
+        u64::from(LOGGED_CONNECTIONS),
+        "{client}: {report:?}"
+    );
+    let logged = wait_for_lines(mesh, agent, before, client_ip);
+    let mut ports = BTreeSet::new();
+    for line in &logged {
+        let shown = &line.line;
+        assert_eq!(line.dst_service_addr, Some(vip), "the VIP dialed: {shown}");
+        let Some(pod) = v1.get(&line.dst_addr.ip()) else {
+            panic!("not a reviews-v1 pod {v1:?}: {shown}");
+        };
+        assert_eq!(line.dst_addr.port(), vip.port(), "{shown}");
+        assert_eq!(line.response_flags, "-", "{shown}");
+        assert_eq!(line.verdict, "-", "{shown}");
+        assert_eq!(line.bytes_sent, 0, "the client sends nothing: {shown}");
+        let reply = pod.len() as u64 + 1;
+        assert_eq!(line.bytes_received, reply, "{pod} and a newline: {shown}");
+        let named = |field: &Option<String>, name: &str| field.as_deref().is_none_or(|f| f == name);
+        assert!(named(&line.src_namespace, "default"), "{shown}");
+        assert!(named(&line.src_workload, client), "{shown}");
+        let host = "reviews.default.svc.cluster.local";
+        assert!(named(&line.dst_service, host), "{shown}");
+        ports.insert(line.src_addr.port());
+    }
+    assert_eq!(
+        ports.len(),
+        logged.len(),
+        "each line its own connection: {logged:?}"
+    );
+    let names = logged[0].src_workload.is_some() && logged[0].dst_service.is_some();
+    progress!(
+        "{}: {client}'s connections logged ({}): {}",
+        agent.pod,
+        if names {
+            "named"
+        } else {
+            "no names: the snapshot has no names section"
+        },
+        logged[0].line
+    );
+}
+
+/// Waits (up to 5 s: the agent reads the kernel's events every 100 ms) for [`LOGGED_CONNECTIONS`]
+/// outbound lines from `client_ip` after the first `before` lines of `agent`'s access log; asserts
+/// no more come, and returns them.
+fn wait_for_lines(
+    mesh: &Mesh<'_>,
+    agent: &AgentPod,
+    before: usize,
+    client_ip: std::net::IpAddr,
+) -> Vec<AccessLogLine> {
+    let of_client = |l: &AccessLogLine| l.direction == "outbound" && l.src_addr.ip() == client_ip;
+    let new_lines = || {
+        let lines = access_log::agent_lines(mesh.cluster, &agent.pod).unwrap();
+        let new = lines[before..].iter().filter(|l| of_client(l));
+        new.cloned().collect::<Vec<_>>()
+    };
+    let started = Instant::now();
+    loop {
+        let new = new_lines();
+        if new.len() >= LOGGED_CONNECTIONS as usize {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}: {} of {LOGGED_CONNECTIONS} connections from {client_ip} logged: {new:?}\n{}",
+            agent.pod,
+            new.len(),
+            mesh.cluster
+                .pod_log(&format!("kmesh-system_{}_", agent.pod))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A line written twice would come right after the first.
+    std::thread::sleep(Duration::from_millis(300));
+    let logged = new_lines();
+    assert_eq!(
+        logged.len(),
+        LOGGED_CONNECTIONS as usize,
+        "one line per connection: {logged:?}"
+    );
+    logged
+}
+
+/// With the access log off: [`LOGGED_CONNECTIONS`] connections from `client`, which `agent`'s
+/// kernel events counter shows it read, write no access-log line.
+fn connections_not_logged(mesh: &Mesh<'_>, agent: &AgentPod, client: &str) {
+    let closed = r#"kmesh_events_total{outcome="closed"}"#;
+    let events = || {
+        observe::metric(mesh.cluster, agent, closed)
+            .unwrap()
+            .unwrap_or(0.0)
+    };
+    let events_before = events();
+    let before = access_log::agent_lines(mesh.cluster, &agent.pod)
+        .unwrap()
+        .len();
+    let report = probe(mesh.cluster, client, &mesh.reviews, LOGGED_CONNECTIONS);
+    assert_eq!(
+        report.ok,
+        u64::from(LOGGED_CONNECTIONS),
+        "{client}: {report:?}"
+    );
+    let started = Instant::now();
+    while events() < events_before + f64::from(LOGGED_CONNECTIONS) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}: its kernel events do not count {client}'s {LOGGED_CONNECTIONS} connections \
+             ({closed} {events_before} -> {}): no line would prove nothing",
+            agent.pod,
+            events()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The counter is bumped just before a line would be written: let a late line show.
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = access_log::agent_lines(mesh.cluster, &agent.pod).unwrap();
+    assert!(
+        lines.len() == before,
+        "{}: access log off, yet: {:?}",
+        agent.pod,
+        &lines[before..]
+    );
+}
+
+/// Scenario 8: Rolling with node-b as the canary. Reviews moves from v1 to v3 while a client on
 /// each node connects every millisecond: node-b's agent flips first, node-a's only after it;
 /// node-a's client still reaches v1 between the two flips while node-b's reaches v3.
 fn rolling_with_a_canary(mesh: &Mesh<'_>, figures: &mut Figures) {
@@ -993,7 +1243,7 @@ fn check_canary_traffic(
     );
 }
 
-/// Scenario 8: 22 changes alternating Istio's 90/10 and v3 reviews VirtualServices; the time from
+/// Scenario 9: 22 changes alternating Istio's 90/10 and v3 reviews VirtualServices; the time from
 /// the start of `kubectl apply` (and from its return) to the last node's flip, p50 and p99.
 fn apply_to_kernel_latency(mesh: &Mesh<'_>, figures: &mut Figures) {
     let mut from_start = Vec::new();

@@ -21,12 +21,13 @@
 //! | cert-manager | [`Cluster::create_tls_secret`]: a CA and a leaf, in a `kubernetes.io/tls` Secret (optional: the operator makes its own) |
 //!
 //! What the tests observe of the mesh (each agent's live generation, mode and flip times, the
-//! KmeshConfig status) is read by [`observe`].
+//! KmeshConfig status) is read by [`observe`]; their access logs by [`access_log`].
 //!
 //! Everything is named `kmt-<name>[-<node>][-<pid>]` and removed when the [`Cluster`] is dropped,
 //! also when a test panics (the pods' logs and the control plane's are printed first); what a
 //! killed test process leaves behind is removed by the next run's sweep ([`crate::sweep_leftovers`]):
 //! the control plane runs in a cgroup named with the pid, like the nodes.
+pub mod access_log;
 pub mod app_pod;
 pub mod bins;
 pub mod container;

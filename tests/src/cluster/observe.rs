@@ -2,7 +2,10 @@
 //! `/debug/snapshot` ([`AgentState`]: the live generation, content hash and mode, the table
 //! counts, and when each generation went live, on the same CLOCK_MONOTONIC as
 //! [`crate::probe::monotonic_ns`]), waiting until every agent satisfies a condition, and the
-//! KmeshConfig `default` (its status, read with the admin client).
+//! KmeshConfig `default` (its status, read with the admin client). Also each agent's settings in
+//! force (its log filter from `/debug/log-level`, the live snapshot's header from
+//! `/debug/config_dump`), a series of its metrics, and when each agent first satisfied a
+//! condition on any of these ([`wait_each_agent`]).
 use std::{
     io,
     time::{Duration, Instant},
@@ -21,6 +24,7 @@ use super::Cluster;
 const AGENT_NAMESPACE: &str = "kmesh-system";
 const AGENT_PREFIX: &str = "kmesh-agent-";
 const ADMIN_PORT: u16 = 15200;
+const METRICS_PORT: u16 = 15020;
 
 /// One agent pod: its name and node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +183,101 @@ pub fn wait_agents(
     }
 }
 
+/// Agent pod `kmesh-system/<pod>`'s answer to `GET path` on `port`: the body of a 200, else an
+/// error naming the pod, the path and the answer.
+fn agent_get(cluster: &Cluster, pod: &str, port: u16, path: &str) -> io::Result<String> {
+    let (code, body) = cluster.pod_get(AGENT_NAMESPACE, pod, port, path)?;
+    if code != 200 {
+        return Err(io::Error::other(format!(
+            "{pod}: {path} answered {code}: {body}"
+        )));
+    }
+    Ok(body)
+}
+
+/// The log filter in force in `agent` (`GET /debug/log-level`, e.g. `info`).
+pub fn log_level(cluster: &Cluster, agent: &AgentPod) -> io::Result<String> {
+    agent_get(cluster, &agent.pod, ADMIN_PORT, "/debug/log-level").map(|b| b.trim().to_string())
+}
+
+/// The header of the snapshot live in `agent` (`GET /debug/config_dump`): generation, mode,
+/// `log_level`, `access_log`.
+pub fn config_header(cluster: &Cluster, agent: &AgentPod) -> io::Result<Value> {
+    let body = agent_get(cluster, &agent.pod, ADMIN_PORT, "/debug/config_dump")?;
+    let dump: Value = serde_json::from_str(&body).map_err(|e| {
+        io::Error::other(format!(
+            "{}: /debug/config_dump is not JSON ({e})",
+            agent.pod
+        ))
+    })?;
+    match &dump["header"] {
+        Value::Object(_) => Ok(dump["header"].clone()),
+        _ => Err(io::Error::other(format!(
+            "{}: /debug/config_dump has no header: {body}",
+            agent.pod
+        ))),
+    }
+}
+
+/// The value of `series` (written exactly as in the exposition, labels included, e.g.
+/// `kmesh_events_total{outcome="closed"}`) in `agent`'s metrics; `None` when it is not there.
+pub fn metric(cluster: &Cluster, agent: &AgentPod, series: &str) -> io::Result<Option<f64>> {
+    let text = agent_get(cluster, &agent.pod, METRICS_PORT, "/metrics")?;
+    Ok(series_value(&text, series))
+}
+
+/// The value of `series` in a Prometheus text exposition.
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Polls `read` on every agent (every 10 ms) until `done(value)` holds for each, or `timeout`
+/// passes (an error naming the agents still waiting and their last value or error). Returns, in
+/// the order of `agents`, the value that satisfied `done` and when it was first read.
+pub fn wait_each_agent<T: std::fmt::Debug>(
+    cluster: &Cluster,
+    agents: &[AgentPod],
+    timeout: Duration,
+    read: impl Fn(&Cluster, &AgentPod) -> io::Result<T>,
+    done: impl Fn(&T) -> bool,
+) -> io::Result<Vec<(T, Instant)>> {
+    let started = Instant::now();
+    let mut reached: Vec<Option<(T, Instant)>> = agents.iter().map(|_| None).collect();
+    let mut last: Vec<String> = vec!["not read".into(); agents.len()];
+    loop {
+        for (i, agent) in agents.iter().enumerate() {
+            if reached[i].is_some() {
+                continue;
+            }
+            match read(cluster, agent) {
+                Ok(value) if done(&value) => reached[i] = Some((value, Instant::now())),
+                Ok(value) => last[i] = format!("{value:?}"),
+                Err(e) => last[i] = format!("error: {e}"),
+            }
+        }
+        if reached.iter().all(Option::is_some) {
+            return Ok(reached.into_iter().flatten().collect());
+        }
+        if started.elapsed() > timeout {
+            let waiting: Vec<String> = agents
+                .iter()
+                .zip(&reached)
+                .zip(&last)
+                .filter(|((_, r), _)| r.is_none())
+                .map(|((a, _), last)| format!("{} on {}: {last}", a.pod, a.node))
+                .collect();
+            return Err(io::Error::other(format!(
+                "after {timeout:?}, still waiting for {}",
+                waiting.join("; ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The KmeshConfig `default` as JSON (`None` when it does not exist).
 pub fn kmeshconfig(cluster: &Cluster) -> io::Result<Option<Value>> {
     let gvk = GroupVersionKind::gvk("kmesh.net", "v1alpha1", "KmeshConfig");
@@ -263,6 +362,23 @@ mod tests {
         let empty = r#"{"live":null,"applied":0,"recent_flips":[]}"#;
         let empty = AgentState::parse(&serde_json::from_str(empty).unwrap());
         assert_eq!(empty.generation(), 0);
+    }
+
+    #[test]
+    fn a_series_is_found_exactly() {
+        let text = "# TYPE kmesh_events_total counter\n\
+                    kmesh_events_total{outcome=\"closed\"} 12\n\
+                    kmesh_events_total{outcome=\"closed_early\"} 3\n\
+                    kmesh_live_generation 7\n";
+        let closed = "kmesh_events_total{outcome=\"closed\"}";
+        assert_eq!(series_value(text, closed), Some(12.0));
+        assert_eq!(series_value(text, "kmesh_live_generation"), Some(7.0));
+        assert_eq!(
+            series_value(text, "kmesh_live"),
+            None,
+            "a prefix is not the series"
+        );
+        assert_eq!(series_value(text, "kmesh_events_total"), None);
     }
 
     #[test]

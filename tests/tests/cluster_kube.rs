@@ -998,7 +998,8 @@ fn connections_logged(mesh: &Mesh<'_>, agent: &AgentPod, client: &str) {
         assert_eq!(line.bytes_sent, 0, "the client sends nothing: {shown}");
         let reply = pod.len() as u64 + 1;
         assert_eq!(line.bytes_received, reply, "{pod} and a newline: {shown}");
-        let named = |field: &Option<String>, name: &str| field.as_deref().is_none_or(|f| f == name);
+        // The snapshot's names section names the client's workload and the service.
+        let named = |field: &Option<String>, name: &str| field.as_deref() == Some(name);
         assert!(named(&line.src_namespace, "default"), "{shown}");
         assert!(named(&line.src_workload, client), "{shown}");
         let host = "reviews.default.svc.cluster.local";

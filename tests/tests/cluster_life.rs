@@ -326,7 +326,11 @@ fn assert_switched(cluster: &Cluster, node: &str, before: &Value, after: &Value)
         let links = s["links"].as_array().cloned().unwrap_or_default();
         links.iter().filter_map(|l| l[field].as_u64()).collect()
     };
-    assert_eq!(ids(after, "link_id").len(), 2, "{node}: {after}");
+    assert_eq!(
+        ids(after, "link_id").len(),
+        3,
+        "{node}: connect4, connect6, sockops: {after}"
+    );
     assert_eq!(
         ids(after, "link_id"),
         ids(before, "link_id"),

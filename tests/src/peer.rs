@@ -63,7 +63,11 @@ impl PeerHandle {
         reply_bytes: u64,
         count: u64,
     ) -> io::Result<PeerHandle> {
-        let ready = TempPath::new("peer-ready");
+        // Unique per server: the tests of one binary run in parallel threads of one process, and
+        // a path unique only to the process let one server's ready file stand for another's.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ready = TempPath::new(&format!("peer-ready-{n}"));
         let handle = spawn(
             pod,
             cgroup,

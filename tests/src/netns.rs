@@ -374,6 +374,23 @@ impl Pod {
         self.run_in(kmesh_agent::sys::netns_cookie)
     }
 
+    /// A `TcpExt` counter of the pod's netns (`/proc/net/netstat`, e.g. `TCPSynRetrans`):
+    /// what explains a connection the kernel looked up more than once.
+    pub fn tcp_ext_counter(&self, name: &str) -> io::Result<u64> {
+        let text = self.run_in(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))?;
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next(), lines.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            return Err(io::Error::other("no TcpExt lines in /proc/net/netstat"));
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no TcpExt counter {name}")))
+    }
+
     /// Listens on `[::]:port` (dual-stack) inside the pod's netns and answers every
     /// connection with one line, `<pod name>\n`, then closes it. Port 0 picks a free
     /// port (see [`TcpServer::port`]).

@@ -6,7 +6,10 @@
 //! API server, and every replica — the leader included — adopts what is stored
 //! ([`Publisher::adopt`]), so all replicas serve a node the same generation of the same content.
 //! A replica decided on content it has not compiled (yet) serves the decision without bytes
-//! until its own compile catches up (compiles are deterministic).
+//! until its own compile catches up (compiles are deterministic). It may never catch up: inputs
+//! that changed twice in quick succession can leave the leader's decision on content this replica
+//! skipped, while a rolling rollout waits for that content to go live. So the server holds such a
+//! request only briefly and sends the agent to ask again, on a new connection (`server.rs`).
 //!
 //! Per node, a new decision only when the content changed, so agents are woken for real changes
 //! only. `AllAtOnce` moves every changed node at once. `Rolling` keeps at most `maxUnavailable`

@@ -5,7 +5,9 @@
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
 //!   60 s), or names a newer generation than this replica's (it lags behind another replica: it
 //!   never sends an agent back); `404` for a node the operator has no snapshot for (yet); `503`
-//!   when this replica has not compiled the node's decided content yet (see [`Published`]);
+//!   when this replica has not compiled the node's decided content (see [`Published`]), after
+//!   holding the request at most [`CATCH_UP`] for it, with `Connection: close` so that the agent
+//!   asks again on a new connection, which may reach another replica;
 //!   `410 Gone` to every agent while the agents are being removed (`uninstall.rs`), held requests
 //!   at once.
 //! - Every replica serves the leader's decisions ([`crate::publish`]), so the ETag of a node's
@@ -27,7 +29,7 @@ use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header,
+    header::{self, HeaderValue},
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -392,6 +394,12 @@ async fn serve_snapshot<A: Authenticator>(
     )
 }
 
+/// How long a long poll is held, after a decision this replica has no bytes for, for its own
+/// compile to catch up; then the agent is told to ask again (`503`). Replicas compile the same
+/// inputs within a debounce of each other, so content the leader decided is normally here well
+/// within this; when it is not, the inputs changed again and only the leader still has it.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
 /// The answer to a request whose caller may fetch `node`'s snapshot.
 async fn serve_authenticated(
     req: &hyper::http::request::Parts,
@@ -428,9 +436,16 @@ async fn serve_authenticated(
         |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
     if !deliverable(&current(&updates)) && !wait.is_zero() {
         // Long poll: hold until the snapshot changes, an uninstall starts, or the wait runs out.
+        // A decision this replica has no bytes for is held only [`CATCH_UP`] longer: its own
+        // compile may never produce that content (the inputs moved on meanwhile), and the agent
+        // must then ask another replica rather than wait out the poll here.
         let held = async {
+            let news = async {
+                let _ = updates.wait_for(|p| changed(p)).await;
+                let _ = tokio::time::timeout(CATCH_UP, updates.wait_for(|p| deliverable(p))).await;
+            };
             tokio::select! {
-                _ = updates.wait_for(|p| deliverable(p)) => {}
+                _ = news => {}
                 _ = uninstalling.wait_for(|u| *u) => {}
             }
         };
@@ -451,12 +466,19 @@ async fn serve_authenticated(
             }
             resp
         }
-        Some(Published { bytes: None, .. }) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "this replica has not compiled node {node:?}'s decided snapshot yet; ask again\n"
-            ),
-        ),
+        Some(Published { bytes: None, .. }) => {
+            let mut resp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "this replica has not compiled node {node:?}'s decided snapshot; ask again\n"
+                ),
+            );
+            // Closed, so that the agent's next request opens a new connection, which the
+            // Service may send to another replica (a kept-alive one would come back here).
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
         Some(p) => {
             let etag = p.etag();
             Response::builder()
@@ -652,6 +674,97 @@ mod tests {
             );
             assert!(rendered.lines().any(|l| l == line), "{line} in\n{rendered}");
         }
+    }
+
+    /// A long poll of `node-a` for an agent that runs `held` (generation, content hash).
+    fn long_poll(held: (u64, u64)) -> hyper::http::request::Parts {
+        Request::get(contract::snapshot_url(
+            "",
+            "node-a",
+            Duration::from_secs(30),
+        ))
+        .header(header::IF_NONE_MATCH, contract::etag(held.0, held.1))
+        .body(())
+        .expect("request")
+        .into_parts()
+        .0
+    }
+
+    /// The answer to `long_poll(held)` and the (virtual) time it was held.
+    async fn answer(store: &SnapshotStore, held: (u64, u64)) -> (Response<Full<Bytes>>, Duration) {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let response = respond(&long_poll(held), store, &NoAuth, &Metrics::default(), peer).await;
+        (response, started.elapsed())
+    }
+
+    fn decided(generation: u64, bytes: Option<&'static [u8]>) -> Published {
+        Published {
+            generation,
+            content_hash: generation * 100,
+            bytes: bytes.map(Bytes::from_static),
+        }
+    }
+
+    /// A replica that knows a decision it has no bytes for (its compile never made that
+    /// content: the inputs moved on) answers `503` after `CATCH_UP`, not after the agent's
+    /// whole wait, and closes the connection so that the agent's next request may reach
+    /// another replica.
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_without_bytes_is_answered_after_the_catch_up_on_a_closed_connection() {
+        let store = SnapshotStore::default();
+        store.publish("node-a", decided(2, None));
+        let (response, held) = answer(&store, (1, 100)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(held, CATCH_UP);
+        assert_eq!(
+            response
+                .headers()
+                .get(header::CONNECTION)
+                .map(|v| v.as_bytes()),
+            Some(&b"close"[..])
+        );
+
+        // The same when the decision arrives during the long poll: 10 s in, answered 2 s later.
+        let store = Arc::new(SnapshotStore::default());
+        store.publish("node-a", decided(1, Some(b"one")));
+        let later = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            later.publish("node-a", decided(2, None));
+        });
+        let (response, held) = answer(&store, (1, 100)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(held, Duration::from_secs(10) + CATCH_UP);
+    }
+
+    /// Bytes that arrive within the catch-up (this replica's compile lagged the leader's a
+    /// little) are delivered on the held request.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_compiled_within_the_catch_up_are_delivered() {
+        let store = Arc::new(SnapshotStore::default());
+        store.publish("node-a", decided(2, None));
+        let later = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CATCH_UP / 2).await;
+            later.publish("node-a", decided(2, Some(b"two")));
+        });
+        let (response, held) = answer(&store, (1, 100)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(held, CATCH_UP / 2);
+        assert_eq!(
+            response
+                .headers()
+                .get(header::ETAG)
+                .map(|v| v.to_str().unwrap().to_string()),
+            Some(contract::etag(2, 200))
+        );
+        assert_eq!(response.headers().get(header::CONNECTION), None);
+
+        // Nothing new: held the whole wait, then 304.
+        let (response, held) = answer(&store, (2, 200)).await;
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(held, Duration::from_secs(30));
     }
 
     #[test]

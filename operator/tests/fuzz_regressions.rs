@@ -68,6 +68,14 @@ fn a_bound_pod_without_an_address_adds_no_authorization_tables() {
     check_text(&reproducer("bound-pod-without-an-address.yaml"));
 }
 
+// Finding 6: two pods claiming one address; the authorization tables took the pod read first,
+// so the document order changed the snapshot.
+
+#[test]
+fn pods_sharing_an_address_compile_the_same_in_either_order() {
+    check_text(&reproducer("pods-sharing-an-address.yaml"));
+}
+
 /// The oracle passes on real input: the bookinfo cluster with Istio's canary, in both modes.
 #[test]
 fn bookinfo_with_a_canary_passes_the_fuzz_oracle() {

@@ -26,7 +26,6 @@ use kmesh_common::{
         AuthzPolicyRecord, AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord,
         AuthzWorkloadValue, MAX_POLICY_NAME_LEN, authz_action, authz_policy_kind, authz_reason,
     },
-    ip16,
 };
 use kmesh_snapshot::AuthzTables;
 
@@ -39,7 +38,7 @@ use super::{
     name_of, namespace_of,
     peer_authentication::{PeerPolicy, WorkloadMtls, selects, workload_mtls},
     tables::with_ids,
-    workloads::{node_of, pod_ips},
+    workloads::{address_owners, node_of, pod_ips},
 };
 use crate::{crd::Mode, diagnostics::ObjectRef, kinds::Kind};
 
@@ -214,12 +213,15 @@ impl<'a> Compiler<'a> {
         let sources = source_classes(&a.identities, &blocks);
         let mut out = NodeAuthz::default();
         out.tables.sources = sources.records.clone();
-        let mut by_ip: Vec<(Ip16, &Bound<'a>)> = bound
-            .iter()
-            .flat_map(|b| pod_ips(b.pod).into_iter().map(move |ip| (ip16(ip), b)))
+        // Each address for the pod that owns it among the node's pods (not the first bound pod
+        // read: that made the tables depend on input order; fuzz finding 6).
+        let node_pods = a.pods_by_node.get(node).into_iter().flatten().copied();
+        let bound_by_pod: BTreeMap<*const Pod, &Bound<'a>> =
+            bound.iter().map(|b| (b.pod as *const Pod, b)).collect();
+        let by_ip: Vec<(Ip16, &Bound<'a>)> = address_owners(node_pods)
+            .into_iter()
+            .filter_map(|(ip, owner)| Some((ip, *bound_by_pod.get(&(owner as *const Pod))?)))
             .collect();
-        by_ip.sort_by_key(|(ip, _)| *ip);
-        by_ip.dedup_by_key(|(ip, _)| *ip);
         let mut grids: BTreeMap<GridKey, super::authz_grid::Entries> = BTreeMap::new();
         let mut sets: BTreeMap<super::authz_grid::Entries, u32> = BTreeMap::new();
         let mut referenced: BTreeSet<u32> = BTreeSet::new();

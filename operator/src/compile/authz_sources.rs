@@ -21,14 +21,13 @@ use k8s_openapi::api::core::v1::Pod;
 use kmesh_common::{
     Ip16,
     authz::{AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue, UNKNOWN_SOURCE, prefix_contains},
-    ip16,
 };
 
 use super::{
     authz_convert::TRUST_DOMAIN,
     authz_rules::{Block, block_holds, is_v4_block},
     namespace_of,
-    workloads::{finished, pod_ips},
+    workloads::address_owners,
 };
 
 /// A mesh identity: namespace and service account.
@@ -60,21 +59,11 @@ impl Identity {
     }
 }
 
-/// The identity of every mesh address of the cluster.
+/// The identity of every mesh address of the cluster: its owner's ([`address_owners`]).
 pub(super) fn mesh_identities(mesh_pods: &[&Pod]) -> BTreeMap<Ip16, Identity> {
-    // (finished, identity): a running pod sorts first.
-    let mut by_ip: BTreeMap<Ip16, BTreeSet<(bool, Identity)>> = BTreeMap::new();
-    for pod in mesh_pods {
-        for ip in pod_ips(pod) {
-            by_ip
-                .entry(ip16(ip))
-                .or_default()
-                .insert((finished(pod), Identity::of(pod)));
-        }
-    }
-    by_ip
+    address_owners(mesh_pods.iter().copied())
         .into_iter()
-        .filter_map(|(ip, ids)| Some((ip, ids.into_iter().next()?.1)))
+        .map(|(ip, pod)| (ip, Identity::of(pod)))
         .collect()
 }
 

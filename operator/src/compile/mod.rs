@@ -70,6 +70,7 @@ pub use authorization::{EffectiveAction, EffectivePolicy, WorkloadAuthz};
 use backend_sets::DestinationRules;
 pub use name_tables::names_bytes;
 use workloads::PodsByLabel;
+pub use workloads::{address_owners, pod_ips};
 
 /// Settings that are not objects.
 #[derive(Clone, Debug)]

@@ -19,15 +19,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use kmesh_common::{
-    Ip16, ip16,
+    Ip16,
     names::{ServiceNameRecord, WorkloadNameRecord},
 };
 use kmesh_snapshot::{NameTables, name_table::StringTable};
 
-use super::{
-    Compiler, name_of, namespace_of,
-    workloads::{finished, pod_ips},
-};
+use super::{Compiler, name_of, namespace_of, workloads::address_owners};
 
 /// The names of one pod, as strings.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,29 +75,17 @@ impl Compiler<'_> {
         }
     }
 
-    /// The names of every pod address (see the module doc), sorted by address.
+    /// The names of every pod address (see the module doc), sorted by address: its owner's
+    /// ([`address_owners`]).
     fn pod_names(&self) -> BTreeMap<Ip16, PodNames> {
-        // (finished, names): a running pod sorts first.
-        let mut by_ip: BTreeMap<Ip16, (bool, PodNames)> = BTreeMap::new();
-        for pod in &self.inputs.pods {
-            if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
-                continue;
-            }
-            let ips = pod_ips(pod);
-            if ips.is_empty() {
-                continue;
-            }
-            let candidate = (finished(pod), pod_names(pod));
-            for ip in ips {
-                let entry = by_ip.entry(ip16(ip)).or_insert_with(|| candidate.clone());
-                if candidate < *entry {
-                    *entry = candidate.clone();
-                }
-            }
-        }
-        by_ip
+        let pods = self
+            .inputs
+            .pods
+            .iter()
+            .filter(|pod| pod.spec.as_ref().and_then(|s| s.host_network) != Some(true));
+        address_owners(pods)
             .into_iter()
-            .map(|(ip, (_, names))| (ip, names))
+            .map(|(ip, pod)| (ip, pod_names(pod)))
             .collect()
     }
 }

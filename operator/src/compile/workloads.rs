@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kmesh_common::{WorkloadRecord, ip16};
+use kmesh_common::{Ip16, WorkloadRecord, ip16};
 
 use super::{Compiler, catalog, name_of, namespace_of};
 
@@ -62,34 +62,64 @@ impl<'a> Compiler<'a> {
             .collect()
     }
 
-    /// Enrolled workloads, by node.
+    /// Enrolled workloads, by node: each address once, for the pod that owns it on that node
+    /// ([`address_owners`]).
     pub(super) fn workloads(
         &self,
         identities: &BTreeMap<String, u32>,
     ) -> BTreeMap<String, Vec<WorkloadRecord>> {
-        let mut by_node: BTreeMap<String, Vec<WorkloadRecord>> = BTreeMap::new();
+        let mut pods_by_node: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
         for pod in self.mesh_pods() {
-            let Some(node) = node_of(pod) else {
-                continue;
-            };
-            let identity = identities.get(&pod_identity(pod)).copied().unwrap_or(0);
-            for ip in pod_ips(pod) {
-                by_node
-                    .entry(node.to_string())
-                    .or_default()
-                    .push(WorkloadRecord {
-                        ip: ip16(ip),
-                        identity,
-                        pad: 0,
-                    });
+            if let Some(node) = node_of(pod) {
+                pods_by_node.entry(node).or_default().push(pod);
             }
         }
-        for workloads in by_node.values_mut() {
-            workloads.sort();
-            workloads.dedup_by_key(|w| w.ip);
-        }
-        by_node
+        pods_by_node
+            .into_iter()
+            .map(|(node, pods)| {
+                let records = address_owners(pods)
+                    .into_iter()
+                    .map(|(ip, pod)| WorkloadRecord {
+                        ip,
+                        identity: identities.get(&pod_identity(pod)).copied().unwrap_or(0),
+                        pad: 0,
+                    })
+                    .collect();
+                (node.to_string(), records)
+            })
+            .collect()
     }
+}
+
+/// The pod that owns each address of `pods`, by address. Several pods can claim one address: a
+/// finished pod's address may already belong to a new pod, and input can be wrong. The owner is
+/// a pod that has not finished before one that has, then the smallest namespace and name: a rule
+/// of the pods alone, never of the order they were read in. Every table keyed by a pod address
+/// (workloads, authorization, identities, names) picks its pod with this one rule.
+pub fn address_owners<'p>(pods: impl IntoIterator<Item = &'p Pod>) -> BTreeMap<Ip16, &'p Pod> {
+    let mut owners: BTreeMap<Ip16, &'p Pod> = BTreeMap::new();
+    for pod in pods {
+        for ip in pod_ips(pod) {
+            owners
+                .entry(ip16(ip))
+                .and_modify(|owner| {
+                    if owner_rank(pod) < owner_rank(owner) {
+                        *owner = pod;
+                    }
+                })
+                .or_insert(pod);
+        }
+    }
+    owners
+}
+
+/// How [`address_owners`] ranks the pods claiming one address: smallest first.
+fn owner_rank(pod: &Pod) -> (bool, &str, &str) {
+    (
+        finished(pod),
+        namespace_of(&pod.metadata),
+        pod.metadata.name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// The node a pod is placed on.
@@ -115,7 +145,8 @@ fn healthy(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-pub(super) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+/// A pod's addresses: `status.podIPs`, else `status.podIP`; entries that do not parse are left out.
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let status = pod.status.as_ref();
     let mut ips: Vec<IpAddr> = status
         .and_then(|s| s.pod_ips.as_ref())

@@ -16,7 +16,7 @@ use clap::ValueEnum;
 use k8s_openapi::api::core::v1::Pod;
 use kmesh_common::{Ip16, ServiceKey, ip16};
 use kmesh_operator::{
-    compile::{CompileOptions, Names as CompiledNames, compile},
+    compile::{CompileOptions, Names as CompiledNames, address_owners, compile, pod_ips},
     dir_source::load,
     inputs::Inputs,
 };
@@ -251,10 +251,8 @@ fn offline(
 /// The client's address and pod.
 fn client<'a>(inputs: &'a Inputs, from: &From) -> Result<(IpAddr, &'a Pod), ExplainError> {
     match from {
-        From::Ip(ip) => inputs
-            .pods
-            .iter()
-            .find(|p| pod_ips(p).contains(ip))
+        From::Ip(ip) => address_owners(&inputs.pods)
+            .remove(&ip16(*ip))
             .map(|p| (*ip, p))
             .ok_or(ExplainError::NoPod {
                 from: ip.to_string(),
@@ -285,25 +283,6 @@ fn client<'a>(inputs: &'a Inputs, from: &From) -> Result<(IpAddr, &'a Pod), Expl
     }
 }
 
-/// A pod's addresses (`status.podIPs`, else `status.podIP`), as the compiler reads them.
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let status = pod.status.as_ref();
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if ips.is_empty() {
-        ips.extend(
-            status
-                .and_then(|s| s.pod_ip.as_ref())
-                .and_then(|ip| ip.parse::<IpAddr>().ok()),
-        );
-    }
-    ips
-}
-
 /// Every node the YAML names: its Nodes and the nodes its pods run on.
 fn node_names(inputs: &Inputs) -> Vec<String> {
     let mut nodes: BTreeSet<String> = inputs
@@ -320,19 +299,19 @@ fn node_names(inputs: &Inputs) -> Vec<String> {
     nodes.into_iter().collect()
 }
 
+/// The pod that owns each address, as the compiler picks it.
 fn pods_by_ip(inputs: &Inputs) -> BTreeMap<Ip16, String> {
-    let mut pods = BTreeMap::new();
-    for pod in &inputs.pods {
-        let name = format!(
-            "{}/{}",
-            pod.metadata.namespace.as_deref().unwrap_or("default"),
-            pod.metadata.name.as_deref().unwrap_or_default()
-        );
-        for ip in pod_ips(pod) {
-            pods.entry(ip16(ip)).or_insert_with(|| name.clone());
-        }
-    }
-    pods
+    address_owners(&inputs.pods)
+        .into_iter()
+        .map(|(ip, pod)| {
+            let name = format!(
+                "{}/{}",
+                pod.metadata.namespace.as_deref().unwrap_or("default"),
+                pod.metadata.name.as_deref().unwrap_or_default()
+            );
+            (ip, name)
+        })
+        .collect()
 }
 
 /// A service host (`reviews`, `reviews.bookinfo`, `reviews.bookinfo.svc.cluster.local`, or a

@@ -47,7 +47,7 @@ use kmesh_common::{
 pub use error::{DecodeError, EncodeError, Table, ValidationError};
 pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, MAX_NODE_NAME_LEN};
 pub use hash::content_hash;
-pub use name_lookup::{ServiceName, SnapshotNames, WorkloadName};
+pub use name_lookup::{EndpointServices, ServiceName, SnapshotNames, WorkloadName};
 
 /// Everything the agent loads for one node and one generation.
 ///

@@ -98,3 +98,90 @@ impl<'a> SnapshotNames<'a> {
         }
     }
 }
+
+/// The service each endpoint of this node's workloads is a backend of: what names the
+/// `destination_service` of an inbound connection, whose server never sees the address the
+/// client dialed (the client's node rewrote it). Built once per snapshot ([`EndpointServices::of`]),
+/// looked up per connection (a binary search).
+///
+/// An endpoint several services select (two Services over one pod port) is named after the one
+/// with the smallest host, then the smallest id: a rule of the snapshot alone, the same on every
+/// node; a service without names comes after every named one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointServices {
+    /// (address, port) to service id, sorted by (address, port), unique.
+    by_endpoint: Vec<((Ip16, u16), u32)>,
+}
+
+impl EndpointServices {
+    /// The index of `snapshot`: every endpoint, reached from a service through its route and
+    /// backend sets, whose address is a workload of the node (`snapshot.workloads`).
+    pub fn of(snapshot: &Snapshot) -> EndpointServices {
+        let names = snapshot.names();
+        let rank = |service_id: u32| {
+            let host = names
+                .service_by_id(service_id)
+                .map(|n| n.host)
+                .unwrap_or("");
+            (host.is_empty(), host, service_id)
+        };
+        let local = |ip: &Ip16| {
+            snapshot
+                .workloads
+                .binary_search_by(|w| w.ip.cmp(ip))
+                .is_ok()
+        };
+        let mut best: std::collections::BTreeMap<(Ip16, u16), u32> = Default::default();
+        for service in &snapshot.services {
+            let service_id = service.value.service_id;
+            let Ok(route) = snapshot
+                .routes
+                .binary_search_by_key(&service.value.route_id, |r| r.route_id)
+            else {
+                continue;
+            };
+            let route = &snapshot.routes[route].value;
+            let count = (route.destination_count as usize).min(route.backend_set.len());
+            for &set_id in &route.backend_set[..count] {
+                let start = snapshot
+                    .endpoints
+                    .partition_point(|e| e.key.set_id < set_id);
+                let set = snapshot.endpoints[start..]
+                    .iter()
+                    .take_while(|e| e.key.set_id == set_id);
+                for endpoint in set.filter(|e| local(&e.value.ip)) {
+                    let key = (endpoint.value.ip, endpoint.value.port);
+                    best.entry(key)
+                        .and_modify(|held| {
+                            if rank(service_id) < rank(*held) {
+                                *held = service_id;
+                            }
+                        })
+                        .or_insert(service_id);
+                }
+            }
+        }
+        EndpointServices {
+            by_endpoint: best.into_iter().collect(),
+        }
+    }
+
+    /// The id of the service `ip`:`port` is named after, if it is an endpoint of one.
+    pub fn service_id(&self, ip: &Ip16, port: u16) -> Option<u32> {
+        let key = (*ip, port);
+        let index = self
+            .by_endpoint
+            .binary_search_by(|(k, _)| k.cmp(&key))
+            .ok()?;
+        self.by_endpoint.get(index).map(|(_, id)| *id)
+    }
+
+    /// How many endpoints the index holds.
+    pub fn len(&self) -> usize {
+        self.by_endpoint.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_endpoint.is_empty()
+    }
+}

@@ -268,3 +268,55 @@ fn a_format_version_1_snapshot_is_refused_by_name() {
         })
     );
 }
+
+/// The service of an inbound connection's destination: each endpoint of the node's workloads is
+/// named after the service with the smallest host among those routing to it (a service without
+/// names last); endpoints of other nodes, and other ports, are not in the index.
+#[test]
+fn endpoints_of_local_workloads_are_named_after_their_service() {
+    use crate::EndpointServices;
+    use crate::builder::{Endpoint, SnapshotBuilder};
+    use kmesh_common::{lb_policy, mode};
+
+    let mut b = SnapshotBuilder::new("node-1", 1, mode::KERNEL_NATIVE);
+    let local = Endpoint::new(ip("10.244.1.7"), 9080, 1);
+    let remote = Endpoint::new(ip("10.244.2.9"), 9080, 1);
+    let both = b.backend_set(lb_policy::RANDOM, &[local, remote]);
+    let only_local = b.backend_set(lb_policy::RANDOM, &[local]);
+    let named = |host| ServiceName {
+        host,
+        name: "n",
+        namespace: "ns",
+    };
+    // Three services route to the local endpoint: "reviews" (through a second destination of
+    // its route), "a-reviews-alias" (smaller host) and one without names.
+    let reviews = b.service(ip("10.96.0.20"), 9080, &[(1, only_local), (1, both)]);
+    b.service_names(reviews, &named("reviews.ns.svc.cluster.local"));
+    let unnamed = b.service(ip("10.96.0.21"), 9080, &[(1, only_local)]);
+    let alias = b.service(ip("10.96.0.22"), 9080, &[(1, both)]);
+    b.service_names(alias, &named("a-reviews-alias.ns.svc.cluster.local"));
+    b.workload(ip("10.244.1.7"), 1);
+    let s = decode(&b.build().encode().unwrap()).unwrap();
+
+    let index = EndpointServices::of(&s);
+    assert_eq!(index.len(), 1, "only the node's workload: {index:?}");
+    assert_eq!(index.service_id(&ip16(ip("10.244.1.7")), 9080), Some(alias));
+    assert_eq!(index.service_id(&ip16(ip("10.244.1.7")), 9081), None);
+    assert_eq!(index.service_id(&ip16(ip("10.244.2.9")), 9080), None);
+    assert_ne!(unnamed, alias);
+
+    // Without the alias, the named service wins over the unnamed one, whatever their ids.
+    let mut b = SnapshotBuilder::new("node-1", 1, mode::KERNEL_NATIVE);
+    let set = b.backend_set(lb_policy::RANDOM, &[local]);
+    let unnamed = b.service(ip("10.96.0.19"), 9080, &[(1, set)]);
+    let reviews = b.service(ip("10.96.0.20"), 9080, &[(1, set)]);
+    b.service_names(reviews, &named("reviews.ns.svc.cluster.local"));
+    b.workload(ip("10.244.1.7"), 1);
+    let s = decode(&b.build().encode().unwrap()).unwrap();
+    let index = EndpointServices::of(&s);
+    assert!(unnamed < reviews);
+    assert_eq!(
+        index.service_id(&ip16(ip("10.244.1.7")), 9080),
+        Some(reviews)
+    );
+}

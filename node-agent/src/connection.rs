@@ -78,6 +78,9 @@ pub trait NameLookup {
     fn workload(&self, ip: IpAddr) -> Option<WorkloadNames<'_>>;
     /// The service at `address` (a service address and port), if any.
     fn service(&self, address: SocketAddr) -> Option<ServiceNames<'_>>;
+    /// The service `endpoint` (a workload of this node's address and port) is a backend of, if
+    /// any: what names an inbound connection's destination service.
+    fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<ServiceNames<'_>>;
     /// The `namespace/name` of an authorization policy id, if known.
     fn policy(&self, id: u32) -> Option<&str>;
 }

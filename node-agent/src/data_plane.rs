@@ -217,11 +217,13 @@ impl<M: SlotMaps> Applier<M> {
             content_hash,
         });
         let snapshot = &decoded.snapshot;
+        // Indexed before the status lock is taken: readers never wait for it.
+        let lookup = Arc::new(crate::names::SnapshotLookup::new(decoded.clone()));
         update(&self.status, |s| {
             s.ready = true;
             s.live_snapshot = Some(decoded.clone());
             // Connections finished from now on are labelled with this generation's names.
-            s.live_names.set(decoded.clone());
+            s.live_names.set(lookup);
             // Names are kept from every generation seen since start: a policy's id is the hash of
             // its kind, namespace and name (the same in every generation), and the kernel's
             // counters of a policy that left the snapshot stay, so they keep their name.

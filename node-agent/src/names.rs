@@ -1,21 +1,55 @@
 //! The agent's [`NameLookup`]: telemetry's names, read from a decoded snapshot. Workloads and
 //! services come from the snapshot's names sections (`kmesh_snapshot::SnapshotNames`), policies
-//! from its AuthzPolicies section. Every lookup is a binary search in a sorted table and borrows
-//! the snapshot's strings; nothing is copied per connection.
+//! from its AuthzPolicies section; the service an inbound connection's destination is an endpoint
+//! of from [`EndpointServices`], indexed once per live generation. Every lookup is a binary search
+//! in a sorted table and borrows the snapshot's strings; nothing is copied per connection.
 //!
 //! A name the snapshot does not have is `None` (telemetry writes Istio's `unknown`), so labels are
 //! bounded by the snapshot: never made from a raw address.
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use kmesh_common::{IPPROTO_TCP, ServiceKey, ip16};
-use kmesh_snapshot::Snapshot;
+use kmesh_snapshot::{Decoded, EndpointServices, ServiceName, Snapshot};
 
 use crate::connection::{NameLookup, ServiceNames, WorkloadNames};
 
-impl NameLookup for Snapshot {
+/// The live snapshot as telemetry reads it: the decoded snapshot and the index of the services
+/// of its endpoints, built once when the generation goes live.
+#[derive(Debug)]
+pub struct SnapshotLookup {
+    decoded: Arc<Decoded>,
+    endpoint_services: EndpointServices,
+}
+
+impl SnapshotLookup {
+    pub fn new(decoded: Arc<Decoded>) -> SnapshotLookup {
+        let endpoint_services = EndpointServices::of(&decoded.snapshot);
+        SnapshotLookup {
+            decoded,
+            endpoint_services,
+        }
+    }
+
+    fn snapshot(&self) -> &Snapshot {
+        &self.decoded.snapshot
+    }
+}
+
+fn service_names(names: ServiceName<'_>) -> ServiceNames<'_> {
+    ServiceNames {
+        host: names.host,
+        name: names.name,
+        namespace: names.namespace,
+    }
+}
+
+impl NameLookup for SnapshotLookup {
     fn workload(&self, ip: IpAddr) -> Option<WorkloadNames<'_>> {
         // ip16 maps IPv4 (and keeps IPv4-mapped IPv6) as the snapshot stores addresses.
-        let names = self.names().workload(&ip16(ip))?;
+        let names = self.snapshot().names().workload(&ip16(ip))?;
         Some(WorkloadNames {
             workload: names.workload,
             namespace: names.namespace,
@@ -32,33 +66,22 @@ impl NameLookup for Snapshot {
             protocol: IPPROTO_TCP,
             pad: 0,
         };
-        let names = self.names().service(&key)?;
-        Some(ServiceNames {
-            host: names.host,
-            name: names.name,
-            namespace: names.namespace,
-        })
+        self.snapshot().names().service(&key).map(service_names)
+    }
+
+    fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<ServiceNames<'_>> {
+        let id = self
+            .endpoint_services
+            .service_id(&ip16(endpoint.ip()), endpoint.port())?;
+        self.snapshot().names().service_by_id(id).map(service_names)
     }
 
     fn policy(&self, id: u32) -> Option<&str> {
-        let policies = &self.authz.policies;
+        let policies = &self.snapshot().authz.policies;
         let index = policies.binary_search_by_key(&id, |p| p.policy).ok()?;
         let record = policies.get(index)?;
         let name = record.name.get(..usize::from(record.name_len))?;
         std::str::from_utf8(name).ok()
-    }
-}
-
-/// The live snapshot as the data plane keeps it (what `LiveNames` holds).
-impl NameLookup for kmesh_snapshot::Decoded {
-    fn workload(&self, ip: IpAddr) -> Option<WorkloadNames<'_>> {
-        self.snapshot.workload(ip)
-    }
-    fn service(&self, address: SocketAddr) -> Option<ServiceNames<'_>> {
-        self.snapshot.service(address)
-    }
-    fn policy(&self, id: u32) -> Option<&str> {
-        self.snapshot.policy(id)
     }
 }
 
@@ -70,6 +93,7 @@ mod tests {
     use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
     use kmesh_snapshot::{Limits, ServiceName, Snapshot, WorkloadName};
 
+    use super::SnapshotLookup;
     use crate::connection::NameLookup;
 
     fn ip(s: &str) -> IpAddr {
@@ -77,7 +101,7 @@ mod tests {
     }
 
     /// A decoded snapshot with two named pods, a named service and a policy.
-    fn snapshot() -> Snapshot {
+    fn snapshot() -> SnapshotLookup {
         let mut b = SnapshotBuilder::new("node-1", 1, mode::KERNEL_NATIVE);
         let set = b.backend_set(
             lb_policy::RANDOM,
@@ -124,9 +148,8 @@ mod tests {
             5,
         );
         let bytes = b.build().encode().unwrap();
-        Snapshot::decode(&bytes, &Limits::default())
-            .unwrap()
-            .snapshot
+        let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
+        SnapshotLookup::new(std::sync::Arc::new(decoded))
     }
 
     #[test]
@@ -158,6 +181,17 @@ mod tests {
             s.service(SocketAddr::new(ip("10.96.0.20"), 80)),
             None,
             "other port"
+        );
+
+        // The node's reviews-v2 pod, inbound on the service's target port, is its endpoint.
+        let endpoint = s
+            .service_of_endpoint(SocketAddr::new(ip("10.244.1.7"), 9080))
+            .unwrap();
+        assert_eq!(endpoint, svc);
+        assert_eq!(
+            s.service_of_endpoint(SocketAddr::new(ip("10.244.1.7"), 15000)),
+            None,
+            "a port no service routes to"
         );
 
         assert_eq!(s.policy(5), Some("bookinfo/allow-productpage"));

@@ -47,6 +47,9 @@ impl NameLookup for Names {
             namespace: "default",
         })
     }
+    fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<ServiceNames<'_>> {
+        self.service(endpoint)
+    }
     fn policy(&self, _: u32) -> Option<&str> {
         Some("default/deny")
     }

@@ -449,26 +449,27 @@ fn expected_series(after_switch: u64) -> Vec<(SeriesKey, f64)> {
     let service = Some(&RATINGS_SERVICE);
     let stock = Some(&STOCK_SERVICE);
     [
-        // Through the service, closed in order: both ends; the server's end does not know the
-        // service dialed.
+        // Through the service, closed in order: both ends; the server's end, which never sees
+        // the address dialed, names the service its address and port are an endpoint of.
         series(
             &label("source", sleep, service, ratings, "-"),
             1 + after_switch,
             closed_bytes,
         ),
         series(
-            &label("destination", sleep, None, ratings, "-"),
+            &label("destination", sleep, service, ratings, "-"),
             1 + after_switch,
             closed_bytes,
         ),
         // Reset by the client.
         series(&label("source", sleep, service, ratings, "UR"), 1, RESET),
-        series(&label("destination", sleep, None, ratings, "UR"), 1, RESET),
+        series(&label("destination", sleep, service, ratings, "UR"), 1, RESET),
         // No endpoint: only the client's end, refused before any packet; the destination is the
         // service address, which names no workload.
         series(&label("source", sleep, stock, None, "UH"), 1, (0, 0)),
         // Denied by the server's policy: the server's end says why, the client's end saw a
-        // refused connection to an address that is no service.
+        // refused connection to an address that is no service (the denied port is no service's
+        // endpoint either).
         series(&label("source", sleep, None, ratings, "UF"), 1, (0, 0)),
         series(
             &label("destination", sleep, None, ratings, "DENY"),
@@ -477,7 +478,7 @@ fn expected_series(after_switch: u64) -> Vec<(SeriesKey, f64)> {
         ),
         // The outsider is not enrolled (only the server reports) and not named: unknown.
         series(
-            &label("destination", None, None, ratings, "-"),
+            &label("destination", None, service, ratings, "-"),
             2,
             (2 * OUTSIDER.0, 2 * OUTSIDER.1),
         ),
@@ -507,7 +508,8 @@ fn expected_lines(w: &EventsWorld, t: &Traffic) -> Vec<Line> {
                 json!({
                     "direction": "inbound", "src_addr": client.to_string(),
                     "src_workload": "sleep", "src_namespace": "shop",
-                    "dst_addr": server, "dst_service_addr": null, "dst_service": null,
+                    "dst_addr": server, "dst_service_addr": null,
+                    "dst_service": "ratings.books.svc.cluster.local",
                     "dst_workload": "ratings-v2", "dst_namespace": "books",
                     "bytes_sent": bytes.1, "bytes_received": bytes.0,
                     "response_flags": flags, "verdict": "-", "policy": "-",
@@ -536,7 +538,8 @@ fn expected_lines(w: &EventsWorld, t: &Traffic) -> Vec<Line> {
             json!({
                 "direction": "inbound", "src_addr": client.to_string(),
                 "src_workload": null, "src_namespace": null,
-                "dst_addr": server, "dst_service_addr": null, "dst_service": null,
+                "dst_addr": server, "dst_service_addr": null,
+                "dst_service": "ratings.books.svc.cluster.local",
                 "dst_workload": "ratings-v2", "dst_namespace": "books",
                 "bytes_sent": OUTSIDER.1, "bytes_received": OUTSIDER.0,
                 "response_flags": "-", "verdict": "-", "policy": "-",

@@ -30,7 +30,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::labels::{ResponseFlags, dialed_service};
+use super::labels::{ResponseFlags, destination_service};
 use crate::connection::{Connection, Direction, NameLookup, Outcome};
 
 /// Whether access-log lines are written: the live snapshot's `NodeConfig.access_log`.
@@ -95,7 +95,7 @@ impl<'a> AccessLogEntry<'a> {
         let destination = names
             .workload(connection.destination.ip())
             .unwrap_or_default();
-        let service = dialed_service(connection).and_then(|address| names.service(address));
+        let service = destination_service(connection, names);
         let start = closed_at
             .checked_sub(connection.duration)
             .unwrap_or(UNIX_EPOCH);
@@ -305,7 +305,8 @@ mod tests {
         assert_eq!(parsed.as_object().unwrap().len(), FIELDS);
     }
 
-    /// The text line of a denied inbound connection (golden): the deciding policy is named.
+    /// The text line of a denied inbound connection (golden): the deciding policy is named, and
+    /// the service the destination is an endpoint of (the dialed address is the client's node's).
     #[test]
     fn text_line_of_a_denied_inbound_connection() {
         let names = bookshop();
@@ -321,7 +322,7 @@ mod tests {
             line,
             "start_time=2026-11-27T00:59:59.999Z direction=inbound src_addr=10.0.0.1:40000 \
              src_workload=sleep src_namespace=shop dst_addr=10.0.1.2:9080 dst_service_addr=- \
-             dst_service=- dst_workload=reviews-v2 dst_namespace=books bytes_sent=0 \
+             dst_service=reviews.books.svc.cluster.local dst_workload=reviews-v2 dst_namespace=books bytes_sent=0 \
              bytes_received=0 duration_ms=0.042 response_flags=DENY verdict=deny \
              policy=books/deny-sleep"
         );

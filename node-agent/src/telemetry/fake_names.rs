@@ -20,6 +20,8 @@ pub struct OwnedWorkload {
 pub struct FakeNames {
     pub workloads: HashMap<IpAddr, OwnedWorkload>,
     pub services: HashMap<SocketAddr, [String; 3]>,
+    /// Endpoint to service address (a key of `services`).
+    pub endpoints: HashMap<SocketAddr, SocketAddr>,
     pub policies: HashMap<u32, String>,
 }
 
@@ -44,6 +46,10 @@ impl NameLookup for FakeNames {
             })
     }
 
+    fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<ServiceNames<'_>> {
+        self.service(*self.endpoints.get(&endpoint)?)
+    }
+
     fn policy(&self, id: u32) -> Option<&str> {
         self.policies.get(&id).map(String::as_str)
     }
@@ -54,7 +60,8 @@ pub fn addr(text: &str) -> SocketAddr {
 }
 
 /// `sleep` (10.0.0.1, namespace `shop`) calls the `reviews` service at 10.96.0.10:9080, served by
-/// `reviews-v2` (10.0.1.2:9080, namespace `books`); policy 7 is `books/deny-sleep`.
+/// `reviews-v2` (10.0.1.2:9080, namespace `books`, an endpoint of `reviews`); policy 7 is
+/// `books/deny-sleep`.
 pub fn bookshop() -> FakeNames {
     let mut names = FakeNames::default();
     names.workloads.insert(
@@ -85,6 +92,9 @@ pub fn bookshop() -> FakeNames {
             "books".into(),
         ],
     );
+    names
+        .endpoints
+        .insert(addr("10.0.1.2:9080"), addr("10.96.0.10:9080"));
     names.policies.insert(7, "books/deny-sleep".into());
     names
 }

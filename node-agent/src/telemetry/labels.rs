@@ -5,7 +5,7 @@
 //! snapshot lacks is `unknown`, as ztunnel's `DefaultedUnknown`. No address or port ever becomes a
 //! label value, so the number of label sets is bounded by the snapshot's workloads and services,
 //! not by the traffic.
-use std::{fmt::Write as _, net::SocketAddr};
+use std::fmt::Write as _;
 
 use prometheus_client::encoding::{
     EncodeLabel as _, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
@@ -175,9 +175,7 @@ impl TrafficLabels {
         TrafficLabels {
             reporter: Reporter::of(connection.direction),
             source: WorkloadLabels::of(names.workload(connection.source.ip())),
-            destination_service: ServiceLabels::of(
-                dialed_service(connection).and_then(|address| names.service(address)),
-            ),
+            destination_service: ServiceLabels::of(destination_service(connection, names)),
             destination: WorkloadLabels::of(names.workload(connection.destination.ip())),
             response_flags: ResponseFlags::of(connection.outcome),
         }
@@ -195,15 +193,19 @@ impl TrafficLabels {
     }
 }
 
-/// The address that names the destination service: for an outbound connection, the service
-/// address connect4 rewrote, else the address dialed (a connection refused for want of an
-/// endpoint was never rewritten; a direct connection to a pod names no service, as the lookup
-/// finds none). An inbound connection carries no dialed service: its destination service is
-/// left `unknown` (the names section cannot yet say which service's endpoints hold an address).
-pub fn dialed_service(connection: &Connection) -> Option<SocketAddr> {
+/// The destination service of `connection`. Outbound: the service at the address connect4
+/// rewrote, else at the address dialed (a connection refused for want of an endpoint was never
+/// rewritten; a direct connection to a pod names no service, as the lookup finds none). Inbound:
+/// the server never sees the address the client dialed (the client's node rewrote it), so the
+/// service is the one the destination, an endpoint of this node, is a backend of (as Kmesh names
+/// it, by the workload's services and the target port).
+pub fn destination_service<'n>(
+    connection: &Connection,
+    names: &'n dyn NameLookup,
+) -> Option<ServiceNames<'n>> {
     match connection.direction {
-        Direction::Outbound => Some(connection.service.unwrap_or(connection.destination)),
-        Direction::Inbound => None,
+        Direction::Outbound => names.service(connection.service.unwrap_or(connection.destination)),
+        Direction::Inbound => names.service_of_endpoint(connection.destination),
     }
 }
 

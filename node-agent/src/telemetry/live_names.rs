@@ -23,6 +23,9 @@ impl NameLookup for NoNames {
     fn service(&self, _: SocketAddr) -> Option<ServiceNames<'_>> {
         None
     }
+    fn service_of_endpoint(&self, _: SocketAddr) -> Option<ServiceNames<'_>> {
+        None
+    }
     fn policy(&self, _: u32) -> Option<&str> {
         None
     }

@@ -132,11 +132,34 @@ fn both_reporters_count_bytes_in_istios_sense() {
     for line in &sent {
         assert!(line.ends_with("} 4500"), "{line}");
     }
-    // The server's node knows no dialed service: the destination service is unknown there.
+    // The server's node never sees the dialed service: it names the service the destination is
+    // an endpoint of.
     let inbound = format!(
-        "istio_tcp_sent_bytes_total{{reporter=\"destination\",{SLEEP},{UNKNOWN_SERVICE},{REVIEWS_V2},"
+        "istio_tcp_sent_bytes_total{{reporter=\"destination\",{SLEEP},{REVIEWS_SERVICE},{REVIEWS_V2},"
     );
     assert!(sent.iter().any(|l| l.starts_with(&inbound)), "{text}");
+}
+
+/// An inbound connection to a port of the workload that no service routes to has an unknown
+/// destination service (the workload is still named).
+#[test]
+fn an_inbound_connection_to_no_services_endpoint_names_no_service() {
+    let (telemetry, _) = telemetry(TelemetrySettings::default());
+    let direct = Connection {
+        destination: addr("10.0.1.2:15000"),
+        ..inbound_to_reviews()
+    };
+    telemetry.record(&direct, &bookshop());
+    let text = scrape(&telemetry);
+    let inbound = format!(
+        "istio_tcp_connections_opened_total{{reporter=\"destination\",{SLEEP},{UNKNOWN_SERVICE},{REVIEWS_V2},"
+    );
+    assert!(
+        series(&text, "istio_tcp_connections_opened_total")
+            .iter()
+            .any(|l| l.starts_with(&inbound)),
+        "{text}"
+    );
 }
 
 #[test]
@@ -312,6 +335,7 @@ fn the_access_log_writes_a_line_per_connection_only_while_on() {
     assert_eq!(first["dst_service"], "reviews.books.svc.cluster.local");
     let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(second["direction"], "inbound");
+    assert_eq!(second["dst_service"], "reviews.books.svc.cluster.local");
     assert_eq!(second["bytes_sent"], 4500);
     // Metrics count whether the log is on or off.
     let text = scrape(&telemetry);

@@ -617,6 +617,12 @@ fn check_cardinality(w: &EventsWorld, agent: &Agent, label_sets: usize) {
             assert!(!line.contains(address.as_str()), "{address} in {line}");
         }
     }
+    // The connections closed cleanly, as both ends count them (README's excerpt is this).
+    for line in scrape.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{") && l.contains("response_flags=\"-\"")
+    }) {
+        println!("scrape: {line}");
+    }
     let kept = format!("kmesh_telemetry_series {label_sets}\n");
     assert!(scrape.contains(&kept), "{kept:?} in\n{scrape}");
     assert!(

@@ -15,7 +15,8 @@
 //! 6. `kubectl patch` of the mode to Disabled and back, with the time until every node applies
 //!    it and `kubectl wait --for=condition=Ready` returning within 2 s of the last node;
 //! 7. `kubectl patch` of `logLevel` and `accessLog`: in force on every node within 2 s (each
-//!    agent's `/debug/log-level`, its live snapshot's header), and while the access log is on a
+//!    agent's `/debug/log-level`, its live snapshot's header; the operators' own log follows
+//!    `logLevel` too), and while the access log is on a
 //!    client's connections are logged by its node's agent, field by field; off, none are;
 //! 8. a Rolling rollout with a canary node: only the canary changes first, in the agents' flips
 //!    and in the traffic of a client on each node;
@@ -910,13 +911,83 @@ fn patch_until_in_force<T: std::fmt::Debug>(
     }
 }
 
+/// The operators' own filter follows `logLevel` too: the replicas that log the change to `level`
+/// (every one that compiled it) write debug lines after it when `level` is debug (the leader's
+/// "recorded live generations", as the agents report the new snapshot live), and none after it
+/// when it is info. The log lines are the operators' standard output (`<time> LEVEL target: ...`).
+fn operators_follow_log_level(cluster: &Cluster, level: &str) {
+    let change = "log level changed by KmeshConfig spec.logLevel from=";
+    let to = format!("to=\"{level}\"");
+    // Each operator log's lines after its last change to `level`, for the logs that have one.
+    let after_change = || -> Vec<(String, Vec<String>)> {
+        cluster
+            .pod_logs()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("kmesh-system_kmesh-operator-"))
+            .filter_map(|(key, log)| {
+                let lines: Vec<&str> = log.lines().collect();
+                let last = lines
+                    .iter()
+                    .rposition(|l| l.contains(change) && l.contains(&to))?;
+                // Back to info: only the replicas that went to debug (not those whose one change
+                // to info was at their start, before they died in an earlier scenario).
+                let went_to_debug = |l: &&str| l.contains(change) && l.contains("to=\"debug\"");
+                if level != "debug" && !lines[..last].iter().any(went_to_debug) {
+                    return None;
+                }
+                let rest = lines[last + 1..].iter().map(|l| l.to_string()).collect();
+                Some((key, rest))
+            })
+            .collect()
+    };
+    let is_debug = |line: &String| line.split_whitespace().nth(1) == Some("DEBUG");
+    let started = Instant::now();
+    loop {
+        let logs = after_change();
+        let debug_lines: usize = logs
+            .iter()
+            .map(|(_, l)| l.iter().filter(|l| is_debug(l)).count())
+            .sum();
+        let done = match level {
+            // Some replica logged the change and then wrote debug lines.
+            "debug" => !logs.is_empty() && debug_lines > 0,
+            // Given the agents time to report the snapshot live (logged at debug if the filter
+            // had not changed), no replica wrote a debug line after the change.
+            _ => started.elapsed() >= Duration::from_secs(3),
+        };
+        if done {
+            assert!(!logs.is_empty(), "no operator logged its change to {level}");
+            if level != "debug" {
+                for (pod, lines) in &logs {
+                    let debug: Vec<&String> = lines.iter().filter(|l| is_debug(l)).collect();
+                    assert!(
+                        debug.is_empty(),
+                        "{pod} at {level} still logs debug: {debug:?}"
+                    );
+                }
+            }
+            progress!(
+                "operators follow logLevel {level}: {} replica(s) logged the change, {debug_lines} \
+                 debug line(s) after it",
+                logs.len()
+            );
+            return;
+        }
+        assert!(
+            started.elapsed() < SETTING_IN_FORCE * 5,
+            "logLevel {level}: no operator wrote debug lines after its change: {logs:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Whether the snapshot live in `agent` has the access log on (its `/debug/config_dump` header).
 fn live_access_log(cluster: &Cluster, agent: &AgentPod) -> std::io::Result<Option<bool>> {
     observe::config_header(cluster, agent).map(|h| h["access_log"].as_bool())
 }
 
 /// Scenario 7: `kubectl patch` of `logLevel` to debug and back to info: every agent's filter in
-/// force (`/debug/log-level`) follows within 2 s. `accessLog` on: every node's live snapshot has it
+/// force (`/debug/log-level`) follows within 2 s, and the operators' own filter follows. `accessLog` on: every node's live snapshot has it
 /// within 2 s, and connections from a client on each node are logged by that node's agent, one
 /// line per connection with the client's address; off again: connections the agent did see (its
 /// kernel events counter grows) write no line.
@@ -929,6 +1000,7 @@ fn log_level_and_access_log(mesh: &Mesh<'_>, figures: &mut Figures) {
         let spec = format!("{{\"logLevel\":\"{level}\"}}");
         let read = observe::log_level;
         patch_until_in_force(mesh, &spec, read, |l| l == level, figures);
+        operators_follow_log_level(mesh.cluster, level);
     }
     for agent in &mesh.agents {
         assert_eq!(

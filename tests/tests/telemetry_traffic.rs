@@ -463,7 +463,11 @@ fn expected_series(after_switch: u64) -> Vec<(SeriesKey, f64)> {
         ),
         // Reset by the client.
         series(&label("source", sleep, service, ratings, "UR"), 1, RESET),
-        series(&label("destination", sleep, service, ratings, "UR"), 1, RESET),
+        series(
+            &label("destination", sleep, service, ratings, "UR"),
+            1,
+            RESET,
+        ),
         // No endpoint: only the client's end, refused before any packet; the destination is the
         // service address, which names no workload.
         series(&label("source", sleep, stock, None, "UH"), 1, (0, 0)),

@@ -373,13 +373,77 @@ impl Cluster {
         port: u16,
         path: &str,
     ) -> io::Result<(u16, String)> {
-        let (_, _, ip) = self.sandbox(namespace, name)?;
+        let (netns, _, ip) = self.sandbox(namespace, name)?;
         http::get_in_netns(
             &self.network().node_netns_path(),
             SocketAddr::V4(SocketAddrV4::new(ip, port)),
             path,
             Duration::from_secs(2),
         )
+        .map_err(|e| {
+            if e.kind() != io::ErrorKind::TimedOut {
+                return e;
+            }
+            // An unanswered SYN: say where it may have gone (seen twice in CI, not explained).
+            let diagnostics = self.unanswered_connect(&netns, ip, port);
+            io::Error::new(
+                e.kind(),
+                format!("{namespace}/{name} {ip}:{port}: {e}\n{diagnostics}"),
+            )
+        })
+    }
+
+    /// What the kernel says about a connect to `ip`:`port` in pod netns `netns` that timed out:
+    /// the listeners and half-open connections there, its drop counters, and the cluster
+    /// network's neighbour entry for the address.
+    fn unanswered_connect(&self, netns: &str, ip: Ipv4Addr, port: u16) -> String {
+        let run = |args: &[&str]| {
+            let mut cmd = std::process::Command::new(args[0]);
+            cmd.args(&args[1..]);
+            crate::cmd::run(&mut cmd).unwrap_or_else(|e| format!("({e})"))
+        };
+        let sport = format!("sport = :{port}");
+        let node = self.network().node_netns_name().to_string();
+        let ip_text = ip.to_string();
+        [
+            (
+                "listeners",
+                run(&["ip", "netns", "exec", netns, "ss", "-Htln", &sport]),
+            ),
+            (
+                "half-open",
+                run(&[
+                    "ip", "netns", "exec", netns, "ss", "-Htn", "state", "syn-recv",
+                ]),
+            ),
+            (
+                "counters",
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    "nstat",
+                    "-asz",
+                    "TcpExtListenOverflows",
+                    "TcpExtListenDrops",
+                    "TcpExtTCPReqQFullDrop",
+                    "TcpInSegs",
+                    "TcpOutSegs",
+                    "IpInDiscards",
+                    "TcpExtTCPBacklogDrop",
+                ]),
+            ),
+            (
+                "neighbour",
+                run(&["ip", "-n", &node, "neigh", "show", &ip_text]),
+            ),
+            ("route", run(&["ip", "-n", &node, "route", "get", &ip_text])),
+        ]
+        .iter()
+        .map(|(what, out)| format!("--- {what}:\n{}", out.trim_end()))
+        .collect::<Vec<_>>()
+        .join("\n")
     }
 
     /// Connects to pod `namespace/name`'s `port` from the cluster network and returns the first

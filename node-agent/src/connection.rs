@@ -52,25 +52,9 @@ pub struct Connection {
     pub outcome: Outcome,
 }
 
-/// Names of a workload (a pod) for Istio's labels; an empty string means unknown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct WorkloadNames<'a> {
-    /// The owner's name as Istio's `workload` label (Deployment name, not the pod's).
-    pub workload: &'a str,
-    pub namespace: &'a str,
-    pub service_account: &'a str,
-    pub app: &'a str,
-    pub version: &'a str,
-}
-
-/// Names of a service for Istio's `destination_service*` labels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ServiceNames<'a> {
-    /// Fully qualified host, e.g. `reviews.default.svc.cluster.local`.
-    pub host: &'a str,
-    pub name: &'a str,
-    pub namespace: &'a str,
-}
+/// Names of a workload (a pod) and of a service, for Istio's labels; an empty string means
+/// unknown. The snapshot's own name records (one definition), borrowed from its string table.
+pub use kmesh_snapshot::{ServiceName as ServiceNames, WorkloadName as WorkloadNames};
 
 /// The names of the live snapshot, as telemetry reads them.
 pub trait NameLookup {

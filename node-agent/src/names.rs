@@ -12,7 +12,7 @@ use std::{
 };
 
 use kmesh_common::{IPPROTO_TCP, ServiceKey, ip16};
-use kmesh_snapshot::{Decoded, EndpointServices, ServiceName, Snapshot};
+use kmesh_snapshot::{Decoded, EndpointServices, Snapshot};
 
 use crate::connection::{NameLookup, ServiceNames, WorkloadNames};
 
@@ -38,25 +38,10 @@ impl SnapshotLookup {
     }
 }
 
-fn service_names(names: ServiceName<'_>) -> ServiceNames<'_> {
-    ServiceNames {
-        host: names.host,
-        name: names.name,
-        namespace: names.namespace,
-    }
-}
-
 impl NameLookup for SnapshotLookup {
     fn workload(&self, ip: IpAddr) -> Option<WorkloadNames<'_>> {
         // ip16 maps IPv4 (and keeps IPv4-mapped IPv6) as the snapshot stores addresses.
-        let names = self.snapshot().names().workload(&ip16(ip))?;
-        Some(WorkloadNames {
-            workload: names.workload,
-            namespace: names.namespace,
-            service_account: names.service_account,
-            app: names.app,
-            version: names.version,
-        })
+        self.snapshot().names().workload(&ip16(ip))
     }
 
     fn service(&self, address: SocketAddr) -> Option<ServiceNames<'_>> {
@@ -66,14 +51,14 @@ impl NameLookup for SnapshotLookup {
             protocol: IPPROTO_TCP,
             pad: 0,
         };
-        self.snapshot().names().service(&key).map(service_names)
+        self.snapshot().names().service(&key)
     }
 
     fn service_of_endpoint(&self, endpoint: SocketAddr) -> Option<ServiceNames<'_>> {
         let id = self
             .endpoint_services
             .service_id(&ip16(endpoint.ip()), endpoint.port())?;
-        self.snapshot().names().service_by_id(id).map(service_names)
+        self.snapshot().names().service_by_id(id)
     }
 
     fn policy(&self, id: u32) -> Option<&str> {

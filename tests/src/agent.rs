@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -320,6 +320,7 @@ fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     Ok((code, body))
 }
 
+/// A loopback address the agent can bind a moment later (see `crate::ports`).
 fn free_local_addr() -> io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+    crate::ports::free_loopback_addr()
 }

@@ -34,6 +34,7 @@ pub mod events_world;
 pub mod names;
 pub mod netns;
 pub mod peer;
+pub mod ports;
 pub mod probe;
 pub mod snapshot_server;
 pub mod sweep;

@@ -10,7 +10,6 @@
 //!
 //! Run as root after `cargo build --workspace --bins` (kmeshctl and kmesh-agent).
 use std::{
-    net::TcpListener,
     process::{Command, Output},
     time::Duration,
 };
@@ -261,10 +260,8 @@ fn the_snapshots_log_level_applies_and_an_override_holds_until_it_changes() {
 /// Nothing listens: the exact error, naming the address, and a non-zero exit.
 #[test]
 fn an_unreachable_agent_is_named() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    // Outside the ephemeral range: no connection of this machine takes it meanwhile.
+    let port = kmesh_tests::ports::free_loopback_port().expect("a free port");
     let addr = format!("127.0.0.1:{port}");
     let refused = format!("kmeshctl: cannot reach the agent at {addr}: connection refused\n");
     assert_eq!(

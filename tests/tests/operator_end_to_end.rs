@@ -4,7 +4,7 @@
 //! Changing the YAML reaches the kernel through the long poll; a token of another node gets 403.
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -32,11 +32,7 @@ fn networking(file: &str) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    kmesh_tests::ports::free_loopback_port().expect("a free loopback port")
 }
 
 struct Operator {

@@ -8,7 +8,7 @@
 use std::{
     fs,
     io::{self, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -66,8 +66,11 @@ pub struct ControlPlane {
     pub ca_pem: String,
 }
 
+/// A loopback port outside the ephemeral range: kube-apiserver binds its port only after etcd
+/// is up (and again when restarted), and a port from the ephemeral range may be taken by any
+/// connection in between (see `crate::ports`).
 fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    crate::ports::free_loopback_port()
 }
 
 fn write(dir: &Path, name: &str, contents: &str) -> io::Result<PathBuf> {

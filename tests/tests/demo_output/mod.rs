@@ -70,13 +70,33 @@ pub fn run_demo(args: &[&str]) -> (i32, String) {
     let output = child.wait_with_output().expect("waiting for kmesh-demo");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "kmesh-demo {args:?} failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
+    if !output.status.success() {
+        // The whole output first, the demo's error last: a CI log that keeps only the head and
+        // the tail of a failure still shows what went wrong.
+        println!("kmesh-demo {args:?} stdout:\n{stdout}\nkmesh-demo {args:?} stderr:\n{stderr}");
+        panic!(
+            "kmesh-demo {args:?} failed ({}) after {:.1?}; its error (the whole output is above):\n{}",
+            output.status,
+            started.elapsed(),
+            demo_error(&stderr)
+        );
+    }
     println!("kmesh-demo {args:?} ran in {:.1?}", started.elapsed());
     (pid, stdout)
+}
+
+/// The error `kmesh-demo` ended with (from its last `kmesh-demo: ` line on), at most 60 lines.
+fn demo_error(stderr: &str) -> String {
+    let from = stderr.rfind("kmesh-demo: ").unwrap_or(0);
+    let lines: Vec<&str> = stderr[from..].lines().collect();
+    let mut error = lines[..lines.len().min(60)].join("\n");
+    if lines.len() > 60 {
+        error.push_str(&format!(
+            "\n... ({} more lines: the whole output is above)",
+            lines.len() - 60
+        ));
+    }
+    error
 }
 
 /// Checks the steps `stdout` prints, in order, against the story.

@@ -260,15 +260,46 @@ fn generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, Strin
     Ok(states.iter().map(|s| s.generation()).collect())
 }
 
-/// [`generations`], asked again until every agent answers.
+/// [`generations`], asked again until every agent answers; on a timeout, the last error and the
+/// end of each agent's log.
 fn wait_generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, String> {
-    interrupt::wait_until(
+    let last_error = std::cell::RefCell::new(String::new());
+    let seen = interrupt::wait_until(
         Duration::from_secs(20),
         "every agent's /debug/snapshot",
-        || Ok(generations(cluster, agents)),
-        Result::is_ok,
-        String::new,
-    )?
+        || {
+            let now = generations(cluster, agents);
+            if let Err(e) = &now {
+                *last_error.borrow_mut() = e.clone();
+            }
+            Ok(now.ok())
+        },
+        Option::is_some,
+        || {
+            format!(
+                "the last error:\n{}\n{}",
+                last_error.borrow(),
+                agent_log_tails(cluster, 15)
+            )
+        },
+    )?;
+    seen.ok_or_else(|| "every agent's /debug/snapshot: no answer".to_string())
+}
+
+/// The last `lines` lines of each agent's log.
+fn agent_log_tails(cluster: &Cluster, lines: usize) -> String {
+    let mut out = String::new();
+    for (pod, log) in cluster.pod_logs() {
+        if pod.contains("kmesh-agent") {
+            let all: Vec<&str> = log.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            out.push_str(&format!(
+                "--- {pod} (last {lines} lines)\n{}\n",
+                tail.join("\n")
+            ));
+        }
+    }
+    out
 }
 
 /// Applies a step with kubectl and waits until every node runs it; returns how long that took

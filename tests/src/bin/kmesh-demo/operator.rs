@@ -3,7 +3,7 @@
 //! process is killed and its log removed when dropped.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -105,7 +105,5 @@ impl Drop for Operator {
 
 /// A loopback address whose port was free a moment ago.
 fn free_local_addr() -> Result<SocketAddr, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(context("finding a free port"))
+    kmesh_tests::ports::free_loopback_addr().map_err(context("finding a free port"))
 }

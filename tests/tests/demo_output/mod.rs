@@ -82,6 +82,9 @@ pub fn run_demo(args: &[&str]) -> (i32, String) {
         );
     }
     println!("kmesh-demo {args:?} ran in {:.1?}", started.elapsed());
+    for note in stderr.lines().filter(|l| l.starts_with("kmesh-demo note:")) {
+        println!("{note}");
+    }
     (pid, stdout)
 }
 

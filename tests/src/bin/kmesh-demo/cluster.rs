@@ -260,29 +260,42 @@ fn generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, Strin
     Ok(states.iter().map(|s| s.generation()).collect())
 }
 
-/// [`generations`], asked again until every agent answers; on a timeout, the last error and the
-/// end of each agent's log.
+/// [`generations`], asked again until every agent answers (as long as a step may take to land);
+/// on a timeout, the last error and the end of each agent's log. A wait of more than one try is
+/// told on stderr with the errors seen (one CI run saw no answer for 20 s, unexplained).
 fn wait_generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, String> {
-    let last_error = std::cell::RefCell::new(String::new());
+    let started = Instant::now();
+    let errors = std::cell::RefCell::new(Vec::<String>::new());
     let seen = interrupt::wait_until(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "every agent's /debug/snapshot",
         || {
             let now = generations(cluster, agents);
             if let Err(e) = &now {
-                *last_error.borrow_mut() = e.clone();
+                errors.borrow_mut().push(e.clone());
             }
             Ok(now.ok())
         },
         Option::is_some,
         || {
+            let errors = errors.borrow();
             format!(
-                "the last error:\n{}\n{}",
-                last_error.borrow(),
+                "{} errors; the last:\n{}\n{}",
+                errors.len(),
+                errors.last().map(String::as_str).unwrap_or_default(),
                 agent_log_tails(cluster, 15)
             )
         },
     )?;
+    let errors = errors.into_inner();
+    if let Some(last) = errors.last() {
+        eprintln!(
+            "kmesh-demo note: the agents' /debug/snapshot answered after {:.1?} and {} errors; \
+             the last: {last}",
+            started.elapsed(),
+            errors.len()
+        );
+    }
     seen.ok_or_else(|| "every agent's /debug/snapshot: no answer".to_string())
 }
 

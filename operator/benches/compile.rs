@@ -18,6 +18,9 @@ use kmesh_operator::{
 };
 use kmesh_snapshot::{Limits, Snapshot};
 
+#[path = "compile_parts/every_node.rs"]
+mod every_node;
+
 fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
     println!(
@@ -41,6 +44,8 @@ fn main() {
         &generated,
         3,
     );
+    drop(generated);
+    every_node::run(smoke);
 }
 
 fn measure(label: &str, inputs: &Inputs, rounds: u32) {
@@ -93,7 +98,7 @@ fn bookinfo() -> Inputs {
 
 /// `services` Services in 100 namespaces, each selecting `pods_per_service` ready pods spread over
 /// `nodes` nodes.
-fn generated(services: u32, pods_per_service: u32, nodes: u32) -> Inputs {
+pub(crate) fn generated(services: u32, pods_per_service: u32, nodes: u32) -> Inputs {
     let mut inputs = Inputs::default();
     let mut pod_index: u32 = 0;
     for s in 0..services {

@@ -1,0 +1,189 @@
+//! What the operator does for one change, on every node: `compile` for all the cluster's nodes,
+//! then the publisher's two steps (a content hash per node's snapshot, which encodes it; then the
+//! bytes served to each node whose content changed, which encodes it again). The change is one
+//! pod's address, which every node's snapshot carries (endpoints are cluster-wide), so every
+//! node is served.
+//!
+//! The baseline, in the same run, is the same change in the same cluster compiled and published for
+//! one of its nodes: the ratio says how the work grows with the number of nodes (about 1 would
+//! mean that the cluster-wide part is done once and only each node's own part repeats). RSS is the process's after the change (the peak so far is
+//! printed too; the scenarios run smallest first).
+//!
+//! A scenario whose snapshots would need more memory than half of what the machine has available
+//! is not run; the table says so, with the estimate.
+use std::{sync::Arc, time::Instant};
+
+use kmesh_operator::{
+    compile::{CompileOptions, Compiled, compile},
+    inputs::Inputs,
+    metrics::Metrics,
+    publish::Publisher,
+    server::SnapshotStore,
+};
+
+use super::generated;
+
+/// (services, nodes) per scenario, smallest first.
+const FULL: &[(u32, u32)] = &[(1_000, 100), (1_000, 1_000), (10_000, 100), (10_000, 1_000)];
+const SMOKE: &[(u32, u32)] = &[(200, 10)];
+
+/// Pods per service, as in the one-node benchmark.
+const PODS_PER_SERVICE: u32 = 10;
+
+pub fn run(smoke: bool) {
+    println!();
+    println!(
+        "one change (a pod's address) on every node: compile all nodes, hash each node's \
+         snapshot, encode each changed node's bytes"
+    );
+    println!(
+        "  {:>8} {:>6} {:>10} {:>11} {:>11} {:>9} {:>9} {:>12} {:>14} {:>7} {:>8}",
+        "services",
+        "nodes",
+        "snapshot B",
+        "compile ms",
+        "publish ms",
+        "serve ms",
+        "total ms",
+        "1 node ms",
+        "ratio to 1 node",
+        "RSS MB",
+        "peak MB"
+    );
+    for &(services, nodes) in if smoke { SMOKE } else { FULL } {
+        scenario(services, nodes);
+    }
+}
+
+fn scenario(services: u32, nodes: u32) {
+    let inputs = generated(services, PODS_PER_SERVICE, nodes);
+    let one = one_change(&inputs, 1);
+    // Each node's snapshot lives about four times at once (the compile's, the publisher's latest
+    // and decided content, the bytes served); twice that during the change.
+    let estimate = one.snapshot_bytes as u64 * u64::from(nodes) * 8;
+    let available = mem_available_bytes();
+    if estimate > available / 2 {
+        println!(
+            "  {services:>8} {nodes:>6} {:>10}  not run: about {} MB of snapshots, more than half \
+             of the {} MB available",
+            one.snapshot_bytes,
+            estimate >> 20,
+            available >> 20
+        );
+        return;
+    }
+    let all = one_change(&inputs, nodes);
+    println!(
+        "  {services:>8} {nodes:>6} {:>10} {:>11.1} {:>11.1} {:>9.1} {:>9.1} {:>12.1} {:>14.1} \
+         {:>7} {:>8}",
+        all.snapshot_bytes,
+        all.compile_ms,
+        all.publish_ms,
+        all.serve_ms,
+        all.total_ms(),
+        one.total_ms(),
+        all.total_ms() / one.total_ms(),
+        all.rss_mb,
+        all.peak_mb
+    );
+}
+
+/// The cost of one change.
+struct Change {
+    snapshot_bytes: usize,
+    compile_ms: f64,
+    publish_ms: f64,
+    serve_ms: f64,
+    rss_mb: u64,
+    peak_mb: u64,
+}
+
+impl Change {
+    fn total_ms(&self) -> f64 {
+        self.compile_ms + self.publish_ms + self.serve_ms
+    }
+}
+
+/// Publishes `inputs` for its first `nodes` nodes once (each served its first generation),
+/// changes one pod's address, and measures the operator's work for that change.
+fn one_change(inputs: &Inputs, nodes: u32) -> Change {
+    let names: Vec<String> = (1..=nodes).map(|n| format!("node-{n}")).collect();
+    let options = CompileOptions::default();
+    let mut publisher = Publisher::new(SnapshotStore::default(), Arc::new(Metrics::default()), 1);
+    let first = compile(inputs, &names, 1, &options);
+    publish_all(&mut publisher, &first, nodes);
+    let snapshot_bytes = first.snapshots["node-1"]
+        .encode()
+        .expect("a generated snapshot encodes")
+        .len();
+    drop(first);
+
+    let mut changed = inputs.clone();
+    let status = changed.pods[0]
+        .status
+        .as_mut()
+        .expect("generated pods have a status");
+    let moved = "10.255.255.254".to_string();
+    status.pod_ip = Some(moved.clone());
+    status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: moved }]);
+
+    let started = Instant::now();
+    let compiled = compile(&changed, &names, 1, &options);
+    let compile_ms = ms_since(started);
+    let started = Instant::now();
+    publisher.publish(&compiled);
+    let publish_ms = ms_since(started);
+    let started = Instant::now();
+    let served = publisher.advance(&|_| None);
+    let serve_ms = ms_since(started);
+    assert_eq!(
+        served.len(),
+        nodes as usize,
+        "the change reaches every node"
+    );
+    let (rss_mb, peak_mb) = rss_mb();
+    Change {
+        snapshot_bytes,
+        compile_ms,
+        publish_ms,
+        serve_ms,
+        rss_mb,
+        peak_mb,
+    }
+}
+
+/// Takes `compiled` as the content and serves it to every node.
+fn publish_all(publisher: &mut Publisher, compiled: &Compiled, nodes: u32) {
+    publisher.publish(compiled);
+    let served = publisher.advance(&|_| None);
+    assert_eq!(served.len(), nodes as usize, "every node is served");
+}
+
+fn ms_since(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+/// (VmRSS, VmHWM) of this process, in MB.
+fn rss_mb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb >> 10)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (0 if unreadable: nothing large is run).
+fn mem_available_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}

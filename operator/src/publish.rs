@@ -152,11 +152,12 @@ impl std::fmt::Display for Decision {
 /// Decisions by node.
 pub type Decisions = BTreeMap<String, Decision>;
 
-/// One node's compiled content and its hash.
+/// One node's compiled content: its hash, and its bytes as encoded once (at the compile's
+/// generation; served at a decision's with [`kmesh_snapshot::set_generation`]).
 #[derive(Clone, Debug)]
 struct Content {
     hash: u64,
-    snapshot: Snapshot,
+    bytes: Bytes,
 }
 
 pub struct Publisher {
@@ -197,13 +198,10 @@ impl Publisher {
     /// yet is served now if this compile produced it.
     pub fn publish(&mut self, compiled: &Compiled) {
         for (node, snapshot) in &compiled.snapshots {
-            let Some(hash) = content_hash(node, snapshot) else {
+            let Some(content) = encoded(node, snapshot) else {
                 continue;
             };
-            let content = Content {
-                hash,
-                snapshot: snapshot.clone(),
-            };
+            let hash = content.hash;
             self.latest.insert(node.clone(), content.clone());
             if let Some(decision) = self.decided.get(node).copied()
                 && decision.content_hash == hash
@@ -352,13 +350,13 @@ impl Publisher {
             .decided_content
             .get(node)
             .filter(|c| c.hash == decision.content_hash);
+        // The content was validated and encoded once when compiled; only the generation differs.
         let bytes = content.and_then(|c| {
-            let mut snapshot = c.snapshot.clone();
-            snapshot.generation = decision.generation;
-            match snapshot.encode() {
-                Ok(b) => Some(Bytes::from(b)),
+            let mut bytes = c.bytes.to_vec();
+            match kmesh_snapshot::set_generation(&mut bytes, decision.generation) {
+                Ok(()) => Some(Bytes::from(bytes)),
                 Err(e) => {
-                    error!(node, error = %e, "encoding failed; not served");
+                    error!(node, error = %e, "setting the generation failed; not served");
                     None
                 }
             }
@@ -405,14 +403,17 @@ impl Publisher {
     }
 }
 
-/// The content hash of a compiled snapshot (it does not cover the generation: encode once to
-/// learn it); `None`, logged, when the snapshot does not encode.
-fn content_hash(node: &str, snapshot: &Snapshot) -> Option<u64> {
+/// A compiled snapshot's bytes and content hash (which does not cover the generation: encoding
+/// validates the snapshot and gives both); `None`, logged, when the snapshot does not encode.
+fn encoded(node: &str, snapshot: &Snapshot) -> Option<Content> {
     match snapshot
         .encode()
-        .map(|b| kmesh_snapshot::peek_header(&b).map(|h| h.content_hash))
+        .map(|b| kmesh_snapshot::peek_header(&b).map(|h| (h.content_hash, b)))
     {
-        Ok(Ok(hash)) => Some(hash),
+        Ok(Ok((hash, bytes))) => Some(Content {
+            hash,
+            bytes: Bytes::from(bytes),
+        }),
         Ok(Err(e)) => {
             error!(node, error = %e, "compiled snapshot does not decode; not published");
             None
@@ -465,6 +466,24 @@ mod tests {
         p.publish(&compiled(&["a", "b"], 81));
         assert_eq!(p.advance(&|_| None), vec!["a", "b"]);
         assert_eq!(store.get("b").unwrap().generation, 101);
+    }
+
+    #[test]
+    fn served_bytes_are_the_snapshot_encoded_at_the_decided_generation() {
+        let (mut p, store) = publisher(RolloutPolicy::AllAtOnce);
+        for (content, generation) in [(80, 100), (81, 101)] {
+            let compiled = compiled(&["a"], content);
+            p.publish(&compiled);
+            assert_eq!(p.advance(&|_| None), vec!["a"]);
+            let mut expected = compiled.snapshots["a"].clone();
+            expected.generation = generation;
+            let published = store.get("a").unwrap();
+            assert_eq!(published.generation, generation);
+            assert_eq!(
+                published.bytes.as_deref(),
+                Some(expected.encode().unwrap().as_slice())
+            );
+        }
     }
 
     #[test]

@@ -252,3 +252,17 @@ impl Snapshot {
 pub fn peek_header(bytes: &[u8]) -> Result<Header, DecodeError> {
     decode::peek_header(bytes)
 }
+
+/// Sets the generation of `encoded`, the bytes of a snapshot as [`Snapshot::encode`] wrote them.
+///
+/// The generation is outside the content hash (which covers what follows the fixed header), so
+/// the result is byte for byte what encoding the same snapshot at `generation` gives: the
+/// operator encodes (and validates) each node's content once and serves it at whatever generation
+/// a rollout decides. Refuses, changing nothing, bytes whose header [`peek_header`] refuses.
+pub fn set_generation(encoded: &mut [u8], generation: u64) -> Result<(), DecodeError> {
+    decode::peek_header(encoded)?;
+    let field = format::OFF_GENERATION..format::OFF_GENERATION + size_of::<u64>();
+    // In bounds: `peek_header` read the whole fixed header, which holds the generation.
+    encoded[field].copy_from_slice(&generation.to_le_bytes());
+    Ok(())
+}

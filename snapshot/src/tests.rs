@@ -16,6 +16,7 @@ use crate::encode::encode_unchecked;
 use crate::format::{FIXED_HEADER_LEN, OFF_CONTENT_HASH, OFF_TOTAL_LEN};
 use crate::{
     DecodeError, EncodeError, Limits, Snapshot, Table, ValidationError, content_hash, peek_header,
+    set_generation,
 };
 
 pub(crate) fn ip(s: &str) -> IpAddr {
@@ -180,6 +181,36 @@ fn round_trip() {
     assert_eq!(header.content_hash, decoded.content_hash);
     assert_eq!(header.total_len, bytes.len() as u64);
     assert_eq!(header.node_name, "node-a1");
+}
+
+#[test]
+fn set_generation_gives_the_bytes_of_that_generation() {
+    let s = sample();
+    let mut bytes = s.encode().unwrap();
+    let mut later = s.clone();
+    later.generation = 1_795_760_368;
+    set_generation(&mut bytes, later.generation).unwrap();
+    assert_eq!(bytes, later.encode().unwrap());
+    let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
+    assert_eq!(decoded.snapshot, later);
+}
+
+#[test]
+fn set_generation_refuses_what_is_not_a_snapshot_and_changes_nothing() {
+    let mut short = sample().encode().unwrap()[..20].to_vec();
+    let before = short.clone();
+    assert!(matches!(
+        set_generation(&mut short, 9),
+        Err(DecodeError::TooShort { .. })
+    ));
+    assert_eq!(short, before);
+    let mut other = b"GIF89a and then some more bytes than a header takes up".to_vec();
+    let before = other.clone();
+    assert!(matches!(
+        set_generation(&mut other, 9),
+        Err(DecodeError::BadMagic { .. })
+    ));
+    assert_eq!(other, before);
 }
 
 #[test]

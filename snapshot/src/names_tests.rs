@@ -117,6 +117,14 @@ fn the_string_table_is_whole_chunks_of_well_formed_unique_entries() {
             first: 0,
         },
     );
+    // Of several repeats, the smallest string's, at its second offset.
+    check(
+        b"\x01\x00b\x01\x00a\x01\x00b\x01\x00a\x00\x00\x00\x00".to_vec(),
+        ValidationError::NameDuplicate {
+            offset: 9,
+            first: 3,
+        },
+    );
     // Padding is fewer than eight zero bytes: a stray byte in it is an entry of its own.
     check(
         b"\x01\x00a\x00\x07\x00\x00\x00".to_vec(),

@@ -128,13 +128,16 @@ pub(crate) fn string_offsets(strings: &[u8]) -> Result<Vec<u32>, ValidationError
 /// No string of the table is stored twice. Of several repeats, the one reported is the smallest
 /// string's, at its second offset (deterministic).
 fn check_unique(strings: &[u8], offsets: &[u32]) -> Result<(), ValidationError> {
-    // Offsets come from the walk, so each starts a checked entry; a miss reads as "".
-    let text = |offset: u32| string_at(strings, offset).unwrap_or_default();
-    let mut by_content = offsets.to_vec();
-    by_content.sort_unstable_by(|&a, &b| text(a).cmp(text(b)).then(a.cmp(&b)));
+    // Offsets come from the walk, so each starts a checked entry (UTF-8 already: compared as
+    // bytes, which orders as the strings do); a miss reads as "".
+    let mut by_content: Vec<(&[u8], u32)> = offsets
+        .iter()
+        .map(|&offset| (bytes_at(strings, offset).unwrap_or_default(), offset))
+        .collect();
+    by_content.sort_unstable();
     for pair in by_content.windows(2) {
-        if let [first, offset] = *pair
-            && text(first) == text(offset)
+        if let [(first_text, first), (text, offset)] = *pair
+            && first_text == text
         {
             return Err(ValidationError::NameDuplicate { offset, first });
         }
@@ -171,11 +174,15 @@ fn entry(rest: &[u8], offset: u32) -> Result<&[u8], ValidationError> {
 /// The string at `offset` of a validated table; `None` for [`NO_NAME`] or an offset that is not an
 /// entry's start in a table that was not validated (never a panic).
 pub(crate) fn string_at(strings: &[u8], offset: u32) -> Option<&str> {
+    core::str::from_utf8(bytes_at(strings, offset)?).ok()
+}
+
+/// The bytes of the string at `offset`, as [`string_at`] but without the UTF-8 check.
+fn bytes_at(strings: &[u8], offset: u32) -> Option<&[u8]> {
     if offset == NO_NAME {
         return None;
     }
     let rest = strings.get(usize::try_from(offset).ok()?..)?;
     let (len, body) = rest.split_first_chunk::<NAME_LEN_BYTES>()?;
-    let string = body.get(..usize::from(u16::from_le_bytes(*len)))?;
-    core::str::from_utf8(string).ok()
+    body.get(..usize::from(u16::from_le_bytes(*len)))
 }

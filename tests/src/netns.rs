@@ -145,6 +145,9 @@ impl TestNetwork {
     pub const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
     /// IPv6 address of the node's bridge.
     pub const BRIDGE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
+    /// MAC of the node's bridge: fixed (locally administered), so that it never changes as pods
+    /// come and go (see [`TestNetwork::new`]).
+    pub const BRIDGE_MAC: &str = "02:00:0a:f4:00:01";
 
     /// Creates the node namespace and its bridge. `name` must be unique among the live
     /// networks of this process; it may contain letters, digits, `_` and `-` but no
@@ -171,12 +174,20 @@ impl TestNetwork {
         // From here on, Drop cleans up whatever was created.
         let node = net.node.as_str();
         netns_add(node)?;
+        // The bridge gets a MAC of its own, as CNI bridges do. Without one, it borrows the lowest
+        // MAC of its ports and takes another when that port goes (a pod deleted): pods that
+        // learned the old MAC for 10.244.0.1 keep sending their answers to it, which nobody
+        // receives, until their neighbour entry expires (up to about 50 s). Seen as SYN-ACKs to
+        // the node lost after an agent rollout: the node learns a pod's address from the pod's
+        // own ARP requests, so it never asks the pod again and the pod never learns the new MAC.
         ip_in(
             node,
             &[
                 "link",
                 "add",
                 "br0",
+                "address",
+                Self::BRIDGE_MAC,
                 "type",
                 "bridge",
                 "stp_state",

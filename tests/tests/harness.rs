@@ -59,6 +59,37 @@ fn two_pods_v4_connect() {
     assert_eq!(r.errors_of("ECONNREFUSED"), 2, "{r:?}");
 }
 
+/// The bridge keeps its own MAC while pods come and go. A bridge without one takes the lowest MAC
+/// of its ports and changes it when that port is removed; pods that learned the old MAC for the
+/// bridge's address then send their answers into the void until their neighbour entry expires
+/// (the lost SYN-ACKs of the cluster tests after an agent rollout).
+#[test]
+fn the_bridge_mac_survives_pods_coming_and_going() {
+    let net = TestNetwork::new("brmac").unwrap();
+    let bridge_mac = || {
+        let link = net.ip_node(&["-br", "link", "show", "br0"]).unwrap();
+        link.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(bridge_mac(), TestNetwork::BRIDGE_MAC);
+    let pods = ["a", "b", "c", "d"];
+    for (i, pod) in pods.iter().enumerate() {
+        net.add_pod(pod, Ipv4Addr::new(10, 244, 9, 10 + i as u8), None)
+            .unwrap();
+        assert_eq!(bridge_mac(), TestNetwork::BRIDGE_MAC, "after adding {pod}");
+    }
+    for pod in pods {
+        net.remove_pod(pod).unwrap();
+        assert_eq!(
+            bridge_mac(),
+            TestNetwork::BRIDGE_MAC,
+            "after removing {pod}"
+        );
+    }
+}
+
 #[test]
 fn unroutable_vip_fails_fast_with_enetunreach() {
     require_root();

@@ -439,6 +439,31 @@ impl Cluster {
                 run(&["ip", "-n", &node, "neigh", "show", &ip_text]),
             ),
             ("route", run(&["ip", "-n", &node, "route", "get", &ip_text])),
+            // Where the pod sends its answers: its neighbour entries (the bridge's address and
+            // MAC), the bridge's MAC now and its own forwarding entries, and the pod's link
+            // counters (a half-open connection means the SYN came in and the SYN-ACK got lost).
+            ("pod neighbours", run(&["ip", "-n", netns, "neigh", "show"])),
+            (
+                "pod link",
+                run(&["ip", "-n", netns, "-s", "link", "show", "eth0"]),
+            ),
+            (
+                "bridge",
+                run(&["ip", "-n", &node, "-br", "link", "show", "br0"]),
+            ),
+            (
+                "bridge's own fdb entries",
+                run(&[
+                    "bridge",
+                    "-n",
+                    &node,
+                    "fdb",
+                    "show",
+                    "br",
+                    "br0",
+                    "permanent",
+                ]),
+            ),
         ]
         .iter()
         .map(|(what, out)| format!("--- {what}:\n{}", out.trim_end()))

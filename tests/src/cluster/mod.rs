@@ -384,7 +384,8 @@ impl Cluster {
             if e.kind() != io::ErrorKind::TimedOut {
                 return e;
             }
-            // An unanswered SYN: say where it may have gone (seen twice in CI, not explained).
+            // An unanswered SYN: say where it may have gone (this found the bridge MAC change that
+            // `TestNetwork::BRIDGE_MAC` now prevents).
             let diagnostics = self.unanswered_connect(&netns, ip, port);
             io::Error::new(
                 e.kind(),

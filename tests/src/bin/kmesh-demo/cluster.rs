@@ -262,7 +262,8 @@ fn generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, Strin
 
 /// [`generations`], asked again until every agent answers (as long as a step may take to land);
 /// on a timeout, the last error and the end of each agent's log. A wait of more than one try is
-/// told on stderr with the errors seen (one CI run saw no answer for 20 s, unexplained).
+/// told on stderr with the errors seen (one CI run saw no answer for 20 s: the bridge MAC change
+/// that `TestNetwork::BRIDGE_MAC` now prevents).
 fn wait_generations(cluster: &Cluster, agents: &[AgentPod]) -> Result<Vec<u64>, String> {
     let started = Instant::now();
     let errors = std::cell::RefCell::new(Vec::<String>::new());

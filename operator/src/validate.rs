@@ -27,8 +27,14 @@ pub fn service_entry(spec: &ServiceEntrySpec) -> Result<(), Invalid> {
     if spec.hosts.is_empty() {
         return invalid("spec.hosts", "at least one host is required");
     }
-    if let Some(i) = spec.hosts.iter().position(|h| h == "*") {
-        return invalid(&format!("spec.hosts[{i}]"), "hostname cannot be wildcard");
+    for (i, host) in spec.hosts.iter().enumerate() {
+        let field = format!("spec.hosts[{i}]");
+        if host == "*" {
+            return invalid(&field, "hostname cannot be wildcard");
+        }
+        if let Err(reason) = partial_wildcard_domain(host) {
+            return invalid(&field, reason);
+        }
     }
     let resolution = spec.resolution.as_deref().unwrap_or("NONE");
     if let Some(i) = spec.addresses.iter().position(|a| a.contains('/'))
@@ -100,6 +106,72 @@ pub fn service_entry(spec: &ServiceEntrySpec) -> Result<(), Invalid> {
     }
 }
 
+/// Istio's `ValidatePartialWildcardDomain`: an FQDN whose first label may be `*`, or a DNS-1123
+/// label prefixed by `*` or `*-`; at most 255 bytes; the last label may be empty (`istio.io.`)
+/// and the top-level one is not all digits. The reasons are Istio's words.
+fn partial_wildcard_domain(domain: &str) -> Result<(), String> {
+    if domain.len() > 255 {
+        return Err(format!("domain name {domain:?} too long (max 255)"));
+    }
+    if domain.is_empty() {
+        return Err("empty domain name not allowed".to_string());
+    }
+    let (first, rest) = match domain.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (domain, None),
+    };
+    let unprefixed = first
+        .strip_prefix("*-")
+        .or_else(|| first.strip_prefix('*'))
+        .unwrap_or(first);
+    let wildcard_label = first.len() <= 63 && (first == "*" || dns1123_label(unprefixed));
+    if !wildcard_label {
+        return Err(format!(
+            "domain name {domain:?} invalid (label {first:?} invalid)"
+        ));
+    }
+    match rest {
+        Some(rest) => dns1123_labels(rest),
+        None => Ok(()),
+    }
+}
+
+/// Istio's `ValidateDNS1123Labels`.
+fn dns1123_labels(domain: &str) -> Result<(), String> {
+    let labels: Vec<&str> = domain.split('.').collect();
+    let top_level = labels.last().copied().unwrap_or_default();
+    if top_level.parse::<i64>().is_ok() {
+        return Err(format!(
+            "domain name {domain:?} invalid (top level domain {top_level:?} cannot be all-numeric)"
+        ));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        // The last label may be empty: `istio.io.` is unambiguous.
+        if i == labels.len() - 1 && label.is_empty() {
+            return Ok(());
+        }
+        if !dns1123_label(label) {
+            return Err(format!(
+                "domain name {domain:?} invalid (label {label:?} invalid)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A DNS-1123 label as Istio checks it: 1 to 63 ASCII letters, digits and `-`, starting and
+/// ending with a letter or digit (either case).
+fn dns1123_label(label: &str) -> bool {
+    let bytes = label.as_bytes();
+    let edge = |b: Option<&u8>| b.is_some_and(u8::is_ascii_alphanumeric);
+    (1..=63).contains(&bytes.len())
+        && edge(bytes.first())
+        && edge(bytes.last())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+}
+
 pub fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), Invalid> {
     if spec.host.is_empty() {
         return invalid("spec.host", "a host is required");
@@ -151,4 +223,86 @@ fn traffic_policy(field: &str, policy: &TrafficPolicy) -> Result<(), Invalid> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_entry_hosts_are_checked_as_istio_does() {
+        for host in [
+            "reviews.default.svc.cluster.local",
+            "*.example.com",
+            "*-foo.example.com",
+            "*foo.example.com",
+            "istio.io.",
+            "api.Example.COM",
+            "localhost",
+            &format!("{}.com", "a".repeat(63)),
+        ] {
+            assert_eq!(partial_wildcard_domain(host), Ok(()), "{host}");
+        }
+        let long = format!("{}.com", vec!["a".repeat(60); 5].join("."));
+        let cases: [(&str, String); 9] = [
+            ("", "empty domain name not allowed".into()),
+            (
+                &long,
+                format!("domain name {long:?} too long (max 255)"),
+            ),
+            (
+                "bad_host.com",
+                r#"domain name "bad_host.com" invalid (label "bad_host" invalid)"#.into(),
+            ),
+            (
+                "a..b",
+                r#"domain name ".b" invalid (label "" invalid)"#.into(),
+            ),
+            (
+                "-a.com",
+                r#"domain name "-a.com" invalid (label "-a" invalid)"#.into(),
+            ),
+            (
+                "www.example.123",
+                r#"domain name "example.123" invalid (top level domain "123" cannot be all-numeric)"#
+                    .into(),
+            ),
+            (
+                "db.legacy.internal\u{FFFD}",
+                "domain name \"legacy.internal\u{FFFD}\" invalid (label \"internal\u{FFFD}\" invalid)"
+                    .into(),
+            ),
+            (
+                "foo.*.com",
+                r#"domain name "*.com" invalid (label "*" invalid)"#.into(),
+            ),
+            (
+                &format!("{}.com", "a".repeat(64)),
+                format!(
+                    "domain name {:?} invalid (label {:?} invalid)",
+                    format!("{}.com", "a".repeat(64)),
+                    "a".repeat(64)
+                ),
+            ),
+        ];
+        for (host, reason) in cases {
+            assert_eq!(partial_wildcard_domain(host), Err(reason), "{host:?}");
+        }
+    }
+
+    #[test]
+    fn a_service_entry_names_its_first_invalid_host() {
+        let spec: ServiceEntrySpec = serde_json::from_value(serde_json::json!({
+            "hosts": ["db.example.com", "bad_host.example.com", "*"],
+        }))
+        .unwrap();
+        assert_eq!(
+            service_entry(&spec),
+            Err(Invalid {
+                field: "spec.hosts[1]".into(),
+                reason: r#"domain name "bad_host.example.com" invalid (label "bad_host" invalid)"#
+                    .into(),
+            })
+        );
+    }
 }

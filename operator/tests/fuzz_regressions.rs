@@ -96,3 +96,16 @@ fn bookinfo_with_a_canary_passes_the_fuzz_oracle() {
     }
     check_text(text.as_bytes());
 }
+
+// Finding 7: a ServiceEntry host the names section cannot hold reached it with no host, and the
+// encoder refused every node's snapshot.
+
+#[test]
+fn a_service_entry_host_that_is_not_a_domain_is_rejected_not_compiled() {
+    check_text(&reproducer("service-entry-host-not-a-domain.yaml"));
+}
+
+#[test]
+fn a_service_entry_host_longer_than_a_name_compiles_unnamed() {
+    check_text(&reproducer("service-entry-host-of-254-bytes.yaml"));
+}

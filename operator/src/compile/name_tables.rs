@@ -59,13 +59,19 @@ impl Compiler<'_> {
                 version: strings.intern(&names.version),
             });
         }
+        // A service must be named by a host; one whose host the table cannot hold (254 or 255
+        // bytes: valid for Istio, longer than the format's names) gets no record and reads as
+        // unknown, rather than making the node's snapshot invalid (fuzz finding 7).
         let services = services
             .iter()
-            .map(|(&service_id, names)| ServiceNameRecord {
-                service_id,
-                host: strings.intern(&names.host),
-                name: strings.intern(&names.name),
-                namespace: strings.intern(&names.namespace),
+            .filter_map(|(&service_id, names)| {
+                let host = strings.intern(&names.host);
+                (host != kmesh_common::names::NO_NAME).then(|| ServiceNameRecord {
+                    service_id,
+                    host,
+                    name: strings.intern(&names.name),
+                    namespace: strings.intern(&names.namespace),
+                })
             })
             .collect();
         NameTables {

@@ -174,12 +174,14 @@ impl TestNetwork {
         // From here on, Drop cleans up whatever was created.
         let node = net.node.as_str();
         netns_add(node)?;
-        // The bridge gets a MAC of its own, as CNI bridges do. Without one, it borrows the lowest
-        // MAC of its ports and takes another when that port goes (a pod deleted): pods that
-        // learned the old MAC for 10.244.0.1 keep sending their answers to it, which nobody
-        // receives, until their neighbour entry expires (up to about 50 s). Seen as SYN-ACKs to
-        // the node lost after an agent rollout: the node learns a pod's address from the pod's
-        // own ARP requests, so it never asks the pod again and the pod never learns the new MAC.
+        // The bridge gets a MAC of its own, as CNI bridges do. Without one, it takes the lowest
+        // MAC of its ports, so it changes when a pod with a lower one comes or the pod whose MAC
+        // it took goes. Pods that learned the old MAC for 10.244.0.1 keep sending their answers
+        // to it, which the bridge drops (another port's MAC) or nobody has (a deleted port's),
+        // until their neighbour entry expires (up to about 50 s). Seen as SYN-ACKs to the node
+        // lost after an agent rollout and after bookinfo was deployed: the node learns a pod's
+        // address from the pod's own ARP requests (for the Service forwarders' addresses), so it
+        // never asks the pod again and the pod never learns the new MAC.
         ip_in(
             node,
             &[

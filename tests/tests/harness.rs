@@ -60,9 +60,9 @@ fn two_pods_v4_connect() {
 }
 
 /// The bridge keeps its own MAC while pods come and go. A bridge without one takes the lowest MAC
-/// of its ports and changes it when that port is removed; pods that learned the old MAC for the
-/// bridge's address then send their answers into the void until their neighbour entry expires
-/// (the lost SYN-ACKs of the cluster tests after an agent rollout).
+/// of its ports, changing it as pods come and go; pods that learned the old MAC for the bridge's
+/// address then send their answers into the void until their neighbour entry expires (the lost
+/// SYN-ACKs of the cluster tests after an agent rollout or a deployment).
 #[test]
 fn the_bridge_mac_survives_pods_coming_and_going() {
     let net = TestNetwork::new("brmac").unwrap();

@@ -109,3 +109,11 @@ fn a_service_entry_host_that_is_not_a_domain_is_rejected_not_compiled() {
 fn a_service_entry_host_longer_than_a_name_compiles_unnamed() {
     check_text(&reproducer("service-entry-host-of-254-bytes.yaml"));
 }
+
+// Finding 8: a bound pod whose address another pod of its node owns gave the node sources and no
+// workload, which the snapshot's validation refuses.
+
+#[test]
+fn a_bound_pod_owning_no_address_adds_no_authorization_tables() {
+    check_text(&reproducer("bound-pod-owning-no-address.yaml"));
+}

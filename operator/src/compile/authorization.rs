@@ -200,19 +200,6 @@ impl<'a> Compiler<'a> {
                     || b.mtls.strict_ports().next().is_some()
             })
             .collect();
-        if bound.is_empty() {
-            return NodeAuthz::default();
-        }
-        let blocks: BTreeSet<Block> = bound
-            .iter()
-            .flat_map(|b| &b.policies)
-            .filter_map(|i| a.policies.get(*i).and_then(enforced))
-            .flat_map(|(_, rules)| source_blocks_named(rules))
-            .copied()
-            .collect();
-        let sources = source_classes(&a.identities, &blocks);
-        let mut out = NodeAuthz::default();
-        out.tables.sources = sources.records.clone();
         // Each address for the pod that owns it among the node's pods (not the first bound pod
         // read: that made the tables depend on input order; fuzz finding 6).
         let node_pods = a.pods_by_node.get(node).into_iter().flatten().copied();
@@ -222,6 +209,22 @@ impl<'a> Compiler<'a> {
             .into_iter()
             .filter_map(|(ip, owner)| Some((ip, *bound_by_pod.get(&(owner as *const Pod))?)))
             .collect();
+        // Only bound pods that own an address enforce anything: one whose every address another
+        // pod owns has no workload, and the node's tables must not hold sources for no workload
+        // (fuzz finding 8).
+        if by_ip.is_empty() {
+            return NodeAuthz::default();
+        }
+        let blocks: BTreeSet<Block> = by_ip
+            .iter()
+            .flat_map(|(_, b)| &b.policies)
+            .filter_map(|i| a.policies.get(*i).and_then(enforced))
+            .flat_map(|(_, rules)| source_blocks_named(rules))
+            .copied()
+            .collect();
+        let sources = source_classes(&a.identities, &blocks);
+        let mut out = NodeAuthz::default();
+        out.tables.sources = sources.records.clone();
         let mut grids: BTreeMap<GridKey, super::authz_grid::Entries> = BTreeMap::new();
         let mut sets: BTreeMap<super::authz_grid::Entries, u32> = BTreeMap::new();
         let mut referenced: BTreeSet<u32> = BTreeSet::new();

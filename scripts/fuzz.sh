@@ -12,6 +12,11 @@
 #                                            nice); new inputs go to fuzz/work/<target>, the log to
 #                                            fuzz/work/<target>.log. FORK=N runs N libFuzzer
 #                                            workers (-fork=N; executions are counted over all).
+#                                            JOBS=N runs N independent workers instead (-jobs=N,
+#                                            RUNS/N executions each, sharing fuzz/work/<target>;
+#                                            their logs are fuzz/work/<target>.job<i>.log): on
+#                                            the compiler nearly twice fork mode's speed, which
+#                                            restarts its workers and replays inputs all the time.
 #   scripts/fuzz.sh --merge [TARGET ...]     adds to fuzz/corpus what fuzz/work holds that reaches new
 #                                            code (review the size, then commit).
 #   scripts/fuzz.sh --seed                   rebuilds fuzz/corpus and fuzz/dict from their sources
@@ -134,14 +139,29 @@ long() {
   for t in $(targets_or_all "$@"); do
     mkdir -p "fuzz/work/$t"
     log "$t: $RUNS executions or $LONG_SECONDS s (0: no limit), whichever ends first; log in fuzz/work/$t.log"
-    if ! (cd fuzz && nice -n "$NICE" cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "work/$t" "corpus/$t" -- \
-      $(target_options "$t") -runs="$RUNS" -max_total_time="$LONG_SECONDS" ${FORK:+-fork="$FORK"} \
-      -print_final_stats=1) >"fuzz/work/$t.log" 2>&1; then
-      tail -n 40 "fuzz/work/$t.log" >&2
+    local runs=$RUNS parallel=() status=0 i
+    if [ -n "${JOBS:-}" ]; then
+      runs=$((RUNS / JOBS))
+      parallel=(-jobs="$JOBS" -workers="$JOBS")
+      rm -f fuzz/fuzz-*.log
+    fi
+    (cd fuzz && nice -n "$NICE" cargo fuzz run $(build_flags "$(long_build "$t")") "$t" "work/$t" "corpus/$t" -- \
+      $(target_options "$t") -runs="$runs" -max_total_time="$LONG_SECONDS" ${FORK:+-fork="$FORK"} \
+      "${parallel[@]}" -print_final_stats=1) >"fuzz/work/$t.log" 2>&1 || status=$?
+    # With -jobs each worker writes fuzz-<i>.log in the fuzz directory.
+    for i in $(seq 0 $((${JOBS:-0} - 1))); do
+      [ -f "fuzz/fuzz-$i.log" ] && mv "fuzz/fuzz-$i.log" "fuzz/work/$t.job$i.log"
+    done
+    if [ "$status" -ne 0 ]; then
+      tail -n 40 "fuzz/work/$t.log" ${JOBS:+fuzz/work/$t.job*.log} >&2
       log "$t: FAILED; the input is in fuzz/artifacts/$t"
       exit 1
     fi
     summarize "fuzz/work/$t.log"
+    for i in $(seq 0 $((${JOBS:-0} - 1))); do
+      log "$t: worker $i"
+      summarize "fuzz/work/$t.job$i.log"
+    done
   done
 }
 

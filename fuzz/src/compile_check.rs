@@ -106,27 +106,34 @@ pub fn check_text(data: &[u8]) {
     for d in read_diagnostics.iter().chain(&first.diagnostics) {
         let _ = d.to_string();
     }
-    for snapshot in first.snapshots.values() {
+    for snapshot in first.snapshots().values() {
         let _ = render::summary(snapshot, &first);
         let _ = render::json(snapshot, &first);
     }
 }
 
 /// Encodes every snapshot of `compiled` (the compiler must only produce valid ones) and checks it
-/// decodes to itself; returns the bytes by node.
+/// decodes to itself, and that its parts encoded apart, as the operator serves them, are the same
+/// bytes; returns the bytes by node.
 fn check_snapshots(compiled: &Compiled) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for (node, snapshot) in &compiled.snapshots {
+    let cluster = compiled
+        .cluster
+        .encode()
+        .unwrap_or_else(|e| panic!("the compiler produced invalid cluster tables: {e}"));
+    for (node, snapshot) in compiled.snapshots() {
         let bytes = snapshot.encode().unwrap_or_else(|e| {
             panic!("the compiler produced an invalid snapshot for {node}: {e}")
         });
         let decoded = Snapshot::decode(&bytes, &Limits::UNLIMITED)
             .unwrap_or_else(|e| panic!("a compiled snapshot does not decode: {e}"));
-        assert_eq!(
-            &decoded.snapshot, snapshot,
-            "a compiled snapshot round trip"
-        );
-        out.push((node.clone(), bytes));
+        assert_eq!(decoded.snapshot, snapshot, "a compiled snapshot round trip");
+        let mut joined = compiled.nodes[&node]
+            .encode(compiled.generation, cluster.summary())
+            .unwrap_or_else(|e| panic!("{node}'s own tables are invalid: {e}"));
+        joined.extend_from_slice(cluster.bytes());
+        assert!(joined == bytes, "the parts joined are not the snapshot");
+        out.push((node, bytes));
     }
     out
 }
@@ -134,11 +141,12 @@ fn check_snapshots(compiled: &Compiled) -> Vec<(String, Vec<u8>)> {
 /// `other` must equal `first` (whose snapshots encode to `first_bytes`) in every respect.
 fn assert_same(first: &Compiled, first_bytes: &[(String, Vec<u8>)], other: &Compiled, what: &str) {
     assert_eq!(
-        first.snapshots, other.snapshots,
+        first.snapshots(),
+        other.snapshots(),
         "{what} changed the snapshots"
     );
     let other_bytes: Vec<(String, Vec<u8>)> = other
-        .snapshots
+        .snapshots()
         .iter()
         .map(|(node, s)| (node.clone(), s.encode().unwrap_or_default()))
         .collect();

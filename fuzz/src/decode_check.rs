@@ -6,7 +6,7 @@
 //! A panic here is a finding: either the decoder panicked, or one of these properties failed:
 //! - `Snapshot::decode` and `peek_header` return (accept or refuse) and never panic, and every
 //!   refusal renders as a message;
-//! - an accepted input is canonical: `encode(decode(b)) == b`;
+//! - an accepted input is canonical: `encode(decode(b)) == b`, in the input's format (2 or 3);
 //! - limits only refuse: what decodes under the node's limits decodes identically without limits,
 //!   and what decodes without limits and fits the limits decodes under them;
 //! - `peek_header` agrees with the decoder on every input the decoder accepts;
@@ -22,7 +22,10 @@
 
 use kmesh_common::RouteValue;
 use kmesh_common::authz::{ANY_CLASS, AuthzVerdictKey, resolve_verdict, source_class};
-use kmesh_snapshot::{DecodeError, FIXED_HEADER_LEN, Limits, Snapshot, content_hash, peek_header};
+use kmesh_snapshot::{
+    DecodeError, FIXED_HEADER_LEN, Limits, Snapshot, computed_content_hash, content_hash,
+    peek_header,
+};
 
 /// Offsets of the two header fields [`fixed_up`] rewrites (see `kmesh_snapshot::format`).
 const OFF_CONTENT_HASH: usize = 24;
@@ -63,9 +66,11 @@ pub fn fixed_up(data: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let mut fixed = data.to_vec();
-    let hash = content_hash(&fixed[FIXED_HEADER_LEN..]);
     let len = fixed.len() as u64;
     fixed[OFF_TOTAL_LEN..OFF_TOTAL_LEN + 8].copy_from_slice(&len.to_le_bytes());
+    // The hash of the input's format; format 2's when the header is refused before hashing.
+    let hash =
+        computed_content_hash(&fixed).unwrap_or_else(|_| content_hash(&fixed[FIXED_HEADER_LEN..]));
     fixed[OFF_CONTENT_HASH..OFF_CONTENT_HASH + 8].copy_from_slice(&hash.to_le_bytes());
     Some(fixed)
 }
@@ -88,7 +93,7 @@ pub fn check_one(bytes: &[u8]) {
         }
     };
     let snapshot = &decoded.snapshot;
-    let again = snapshot.encode();
+    let again = snapshot.encode_as(decoded.format);
     assert_eq!(
         again.as_deref(),
         Ok(bytes),

@@ -42,6 +42,7 @@ pub enum Outcome {
 struct Accepted {
     snapshot: Snapshot,
     content_hash: u64,
+    format: kmesh_snapshot::Format,
     change: Change,
 }
 
@@ -152,6 +153,7 @@ impl<M: SlotMaps> Applier<M> {
         Ok(Accepted {
             snapshot,
             content_hash: decoded.content_hash,
+            format: decoded.format,
             change,
         })
     }
@@ -160,6 +162,7 @@ impl<M: SlotMaps> Applier<M> {
         let Accepted {
             snapshot,
             content_hash,
+            format,
             change,
         } = accepted;
         let counts = Counts {
@@ -215,6 +218,7 @@ impl<M: SlotMaps> Applier<M> {
         let decoded = Arc::new(Decoded {
             snapshot,
             content_hash,
+            format,
         });
         let snapshot = &decoded.snapshot;
         // Indexed before the status lock is taken: readers never wait for it.

@@ -60,7 +60,7 @@ fn measure(label: &str, inputs: &Inputs, rounds: u32) {
         compiled = Some(c);
     }
     let compiled = compiled.expect("at least one round");
-    let snapshot = &compiled.snapshots["node-1"];
+    let snapshot = &compiled.snapshot("node-1").unwrap();
     let started = Instant::now();
     let bytes = snapshot.encode().expect("valid snapshot");
     Snapshot::decode(&bytes, &Limits::UNLIMITED).expect("decodes");

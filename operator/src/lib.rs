@@ -20,6 +20,7 @@ pub mod reconcile;
 pub mod render;
 pub mod replicas;
 pub mod server;
+pub mod snapshot_body;
 pub mod tokenreview;
 pub mod uninstall;
 pub mod validate;

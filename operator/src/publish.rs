@@ -21,13 +21,14 @@ use std::{
 };
 
 use hyper::body::Bytes;
-use kmesh_snapshot::Snapshot;
+use kmesh_snapshot::NodeTables;
 use tracing::{error, info};
 
 use crate::{
     compile::Compiled,
     metrics::Metrics,
     server::{Published, SnapshotStore},
+    snapshot_body::{SharedCluster, SnapshotBody},
 };
 
 /// How changed snapshots reach the nodes.
@@ -152,12 +153,15 @@ impl std::fmt::Display for Decision {
 /// Decisions by node.
 pub type Decisions = BTreeMap<String, Decision>;
 
-/// One node's compiled content: its hash, and its bytes as encoded once (at the compile's
-/// generation; served at a decision's with [`kmesh_snapshot::set_generation`]).
+/// One node's compiled content: its hash, and its snapshot as encoded once: its node part (at the
+/// compile's generation; served at a decision's with [`kmesh_snapshot::set_generation`]) and the
+/// cluster part every node of the compile shares.
 #[derive(Clone, Debug)]
 struct Content {
     hash: u64,
-    bytes: Bytes,
+    node_part: Bytes,
+    node: Arc<NodeTables>,
+    cluster: Arc<SharedCluster>,
 }
 
 pub struct Publisher {
@@ -197,8 +201,16 @@ impl Publisher {
     /// next once a decision says so). A node decided on content this replica had not compiled
     /// yet is served now if this compile produced it.
     pub fn publish(&mut self, compiled: &Compiled) {
-        for (node, snapshot) in &compiled.snapshots {
-            let Some(content) = encoded(node, snapshot) else {
+        // The cluster's tables are validated and encoded once, for every node.
+        let cluster = match SharedCluster::encode(compiled.cluster.clone()) {
+            Ok(cluster) => Arc::new(cluster),
+            Err(e) => {
+                error!(error = %e, "compiled cluster tables are invalid; nothing published");
+                return;
+            }
+        };
+        for (node, own) in &compiled.nodes {
+            let Some(content) = encoded(node, own, compiled.generation, &cluster) else {
                 continue;
             };
             let hash = content.hash;
@@ -351,10 +363,15 @@ impl Publisher {
             .get(node)
             .filter(|c| c.hash == decision.content_hash);
         // The content was validated and encoded once when compiled; only the generation differs.
-        let bytes = content.and_then(|c| {
-            let mut bytes = c.bytes.to_vec();
-            match kmesh_snapshot::set_generation(&mut bytes, decision.generation) {
-                Ok(()) => Some(Bytes::from(bytes)),
+        let body = content.and_then(|c| {
+            let mut node_part = c.node_part.to_vec();
+            match kmesh_snapshot::set_generation(&mut node_part, decision.generation) {
+                Ok(()) => Some(SnapshotBody {
+                    node_part: Bytes::from(node_part),
+                    cluster: c.cluster.clone(),
+                    node: c.node.clone(),
+                    generation: decision.generation,
+                }),
                 Err(e) => {
                     error!(node, error = %e, "setting the generation failed; not served");
                     None
@@ -365,10 +382,10 @@ impl Publisher {
             node,
             generation = decision.generation,
             hash = format!("{:016x}", decision.content_hash),
-            bytes = bytes.as_ref().map(Bytes::len),
+            bytes = body.as_ref().map(SnapshotBody::len),
             "serving snapshot"
         );
-        if let Some(b) = &bytes {
+        if let Some(b) = &body {
             self.metrics.snapshot_size(node, b.len());
         }
         self.metrics.published(node, decision.generation);
@@ -377,7 +394,7 @@ impl Publisher {
             Published {
                 generation: decision.generation,
                 content_hash: decision.content_hash,
-                bytes,
+                body,
             },
         );
     }
@@ -403,16 +420,24 @@ impl Publisher {
     }
 }
 
-/// A compiled snapshot's bytes and content hash (which does not cover the generation: encoding
-/// validates the snapshot and gives both); `None`, logged, when the snapshot does not encode.
-fn encoded(node: &str, snapshot: &Snapshot) -> Option<Content> {
-    match snapshot
-        .encode()
+/// A node's compiled content: its node part encoded for `cluster`, and the content hash (which
+/// does not cover the generation: encoding validates the node's tables and gives both); `None`,
+/// logged, when the node's tables do not encode.
+fn encoded(
+    node: &str,
+    own: &NodeTables,
+    generation: u64,
+    cluster: &Arc<SharedCluster>,
+) -> Option<Content> {
+    match own
+        .encode(generation, cluster.summary)
         .map(|b| kmesh_snapshot::peek_header(&b).map(|h| (h.content_hash, b)))
     {
-        Ok(Ok((hash, bytes))) => Some(Content {
+        Ok(Ok((hash, node_part))) => Some(Content {
             hash,
-            bytes: Bytes::from(bytes),
+            node_part: Bytes::from(node_part),
+            node: Arc::new(own.clone()),
+            cluster: cluster.clone(),
         }),
         Ok(Err(e)) => {
             error!(node, error = %e, "compiled snapshot does not decode; not published");
@@ -430,17 +455,23 @@ mod tests {
     use std::cell::RefCell;
 
     use kmesh_common::mode;
+    use kmesh_snapshot::Format;
     use kmesh_snapshot::builder::SnapshotBuilder;
 
     use super::*;
 
     fn compiled(nodes: &[&str], content: u16) -> Compiled {
-        let mut c = Compiled::default();
+        let mut c = Compiled {
+            generation: 1,
+            ..Compiled::default()
+        };
         for node in nodes {
             let mut b = SnapshotBuilder::new(node, 1, mode::KERNEL_NATIVE);
             let set = b.backend_set(0, &[]);
             b.service("10.96.0.1".parse().unwrap(), content, &[(1, set)]);
-            c.snapshots.insert(node.to_string(), b.build());
+            let (own, cluster) = b.build().into_parts();
+            c.nodes.insert(node.to_string(), own);
+            c.cluster = Arc::new(cluster);
         }
         c
     }
@@ -475,13 +506,22 @@ mod tests {
             let compiled = compiled(&["a"], content);
             p.publish(&compiled);
             assert_eq!(p.advance(&|_| None), vec!["a"]);
-            let mut expected = compiled.snapshots["a"].clone();
+            let mut expected = compiled.snapshot("a").unwrap();
             expected.generation = generation;
             let published = store.get("a").unwrap();
             assert_eq!(published.generation, generation);
+            let body = published.body.unwrap();
+            for format in Format::ALL {
+                assert_eq!(
+                    body.to_vec(format).unwrap(),
+                    expected.encode_as(format).unwrap()
+                );
+            }
             assert_eq!(
-                published.bytes.as_deref(),
-                Some(expected.encode().unwrap().as_slice())
+                kmesh_snapshot::peek_header(&body.to_vec(Format::V3).unwrap())
+                    .unwrap()
+                    .content_hash,
+                published.content_hash
             );
         }
     }

@@ -25,7 +25,6 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::Full;
 use hyper::{
     Request, Response, StatusCode,
     body::{Bytes, Incoming},
@@ -38,6 +37,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::snapshot_body::{Chunks, SnapshotBody};
 
 /// One node's current snapshot: the leader's decision, and its bytes when this replica has
 /// compiled that content (`None`: not yet; an agent holding the decision gets `304`, others wait).
@@ -45,7 +45,7 @@ use crate::metrics::Metrics;
 pub struct Published {
     pub generation: u64,
     pub content_hash: u64,
-    pub bytes: Option<Bytes>,
+    pub body: Option<SnapshotBody>,
 }
 
 impl Published {
@@ -313,7 +313,7 @@ async fn handle<A: Authenticator>(
     auth: &A,
     metrics: &Metrics,
     peer: SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<Chunks> {
     let (request, _body) = req.into_parts();
     respond(&request, store, auth, metrics, peer).await
 }
@@ -325,7 +325,7 @@ async fn respond<A: Authenticator>(
     auth: &A,
     metrics: &Metrics,
     peer: SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<Chunks> {
     let Some(node) = contract::node_of_snapshot_path(request.uri.path()).map(str::to_string) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
@@ -362,7 +362,7 @@ async fn serve_snapshot<A: Authenticator>(
     auth: &A,
     metrics: &Metrics,
     peer: SocketAddr,
-) -> (Response<Full<Bytes>>, Option<Caller>) {
+) -> (Response<Chunks>, Option<Caller>) {
     if req.method != hyper::Method::GET {
         return (text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"), None);
     }
@@ -406,7 +406,7 @@ async fn serve_authenticated(
     node: &str,
     store: &SnapshotStore,
     metrics: &Metrics,
-) -> Response<Full<Bytes>> {
+) -> Response<Chunks> {
     // Only an authenticated agent of this node may say what runs there. Reported now, not when
     // the long poll ends: agents re-poll as soon as their live generation changes.
     if let Some(live) = req
@@ -433,7 +433,7 @@ async fn serve_authenticated(
     let changed = |p: &Option<Published>| is_news(p.as_ref(), if_none_match.as_deref());
     // What ends a long poll: a snapshot other than the agent's, with its bytes here.
     let deliverable =
-        |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.bytes.is_some());
+        |p: &Option<Published>| changed(p) && p.as_ref().is_some_and(|p| p.body.is_some());
     if !deliverable(&current(&updates)) && !wait.is_zero() {
         // Long poll: hold until the snapshot changes, an uninstall starts, or the wait runs out.
         // A decision this replica has no bytes for is held only [`CATCH_UP`] longer: its own
@@ -466,7 +466,7 @@ async fn serve_authenticated(
             }
             resp
         }
-        Some(Published { bytes: None, .. }) => {
+        Some(Published { body: None, .. }) => {
             let mut resp = text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!(
@@ -480,11 +480,24 @@ async fn serve_authenticated(
             resp
         }
         Some(p) => {
-            let etag = p.etag();
+            let format = contract::served_format(req.uri.query());
+            let chunks = match p.body.as_ref().map(|b| b.chunks(format)) {
+                Some(Ok(chunks)) => chunks,
+                other => {
+                    let error = other.and_then(Result::err);
+                    warn!(
+                        node,
+                        ?format,
+                        ?error,
+                        "the snapshot does not encode in the asked format"
+                    );
+                    return text(StatusCode::INTERNAL_SERVER_ERROR, "snapshot encoding\n");
+                }
+            };
             Response::builder()
-                .header(header::ETAG, etag)
+                .header(header::ETAG, p.etag())
                 .header(header::CONTENT_TYPE, contract::MEDIA_TYPE)
-                .body(Full::new(p.bytes.clone().unwrap_or_default()))
+                .body(chunks)
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
     }
@@ -514,15 +527,15 @@ fn wait_param(query: Option<&str>) -> Duration {
 }
 
 /// The contract's uninstall.
-fn gone() -> Response<Full<Bytes>> {
+fn gone() -> Response<Chunks> {
     text(
         StatusCode::from_u16(contract::UNINSTALL_STATUS).unwrap_or(StatusCode::GONE),
         "the node agents are being removed: detach the programs and remove every pin\n",
     )
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+fn text(status: StatusCode, body: &str) -> Response<Chunks> {
+    let mut resp = Response::new(Chunks::from(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp
 }
@@ -585,7 +598,7 @@ mod tests {
         let at = |generation| Published {
             generation,
             content_hash: 0xab,
-            bytes: None,
+            body: None,
         };
         let held = contract::etag(7, 0xab);
         assert!(!is_news(Some(&at(7)), Some(&held)), "the same snapshot");
@@ -630,7 +643,7 @@ mod tests {
         let published = Published {
             generation: 1,
             content_hash: 7,
-            bytes: Some(Bytes::from_static(b"snapshot")),
+            body: Some(crate::snapshot_body::for_tests("node-a", 1)),
         };
         store.publish("node-a", published);
         let tokens = StaticTokens::parse("token-a node-a\n").unwrap();
@@ -690,19 +703,50 @@ mod tests {
         .0
     }
 
+    /// An agent from before format 3 (it names no format) gets format 2; today's agent, whose
+    /// URL names format 3, gets format 3: the same snapshot, under the same ETag, so a rolling
+    /// upgrade of the agents changes what they run in nothing.
+    #[tokio::test]
+    async fn each_agent_gets_the_newest_format_it_reads() {
+        use http_body_util::BodyExt;
+        use kmesh_snapshot::{Format, Limits, Snapshot};
+        let store = SnapshotStore::default();
+        store.publish("node-a", decided(3, true));
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let old = Request::get("/v1/nodes/node-a/snapshot?wait=0s");
+        let new = Request::get(contract::snapshot_url("", "node-a", Duration::ZERO));
+        let mut seen = Vec::new();
+        for (request, format) in [(old, Format::V2), (new, Format::V3)] {
+            let request = request.body(()).expect("request").into_parts().0;
+            let response = respond(&request, &store, &NoAuth, &Metrics::default(), peer).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let etag = response.headers().get(header::ETAG).cloned();
+            let length = response.headers().get(header::CONTENT_LENGTH).cloned();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
+            assert_eq!(decoded.format, format);
+            assert_eq!(decoded.snapshot.generation, 3);
+            assert_eq!(etag, Some(contract::etag(3, 300).parse().unwrap()));
+            assert_eq!(length, None, "set by hyper from the exact size hint");
+            seen.push(decoded.snapshot);
+        }
+        assert_eq!(seen[0], seen[1]);
+    }
+
     /// The answer to `long_poll(held)` and the (virtual) time it was held.
-    async fn answer(store: &SnapshotStore, held: (u64, u64)) -> (Response<Full<Bytes>>, Duration) {
+    async fn answer(store: &SnapshotStore, held: (u64, u64)) -> (Response<Chunks>, Duration) {
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let started = tokio::time::Instant::now();
         let response = respond(&long_poll(held), store, &NoAuth, &Metrics::default(), peer).await;
         (response, started.elapsed())
     }
 
-    fn decided(generation: u64, bytes: Option<&'static [u8]>) -> Published {
+    /// The decision of `generation`, with a body when this replica compiled it.
+    fn decided(generation: u64, compiled: bool) -> Published {
         Published {
             generation,
             content_hash: generation * 100,
-            bytes: bytes.map(Bytes::from_static),
+            body: compiled.then(|| crate::snapshot_body::for_tests("node-a", generation)),
         }
     }
 
@@ -713,7 +757,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_decision_without_bytes_is_answered_after_the_catch_up_on_a_closed_connection() {
         let store = SnapshotStore::default();
-        store.publish("node-a", decided(2, None));
+        store.publish("node-a", decided(2, false));
         let (response, held) = answer(&store, (1, 100)).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(held, CATCH_UP);
@@ -727,11 +771,11 @@ mod tests {
 
         // The same when the decision arrives during the long poll: 10 s in, answered 2 s later.
         let store = Arc::new(SnapshotStore::default());
-        store.publish("node-a", decided(1, Some(b"one")));
+        store.publish("node-a", decided(1, true));
         let later = store.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            later.publish("node-a", decided(2, None));
+            later.publish("node-a", decided(2, false));
         });
         let (response, held) = answer(&store, (1, 100)).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -743,11 +787,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bytes_compiled_within_the_catch_up_are_delivered() {
         let store = Arc::new(SnapshotStore::default());
-        store.publish("node-a", decided(2, None));
+        store.publish("node-a", decided(2, false));
         let later = store.clone();
         tokio::spawn(async move {
             tokio::time::sleep(CATCH_UP / 2).await;
-            later.publish("node-a", decided(2, Some(b"two")));
+            later.publish("node-a", decided(2, true));
         });
         let (response, held) = answer(&store, (1, 100)).await;
         assert_eq!(response.status(), StatusCode::OK);

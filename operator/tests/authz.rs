@@ -92,7 +92,7 @@ fn compile_with(policies: &str) -> Compiled {
 /// authorization entry (allowed, not counted), else "ALLOW"/"DENY", the reason and the deciding
 /// policy's name ("" for none).
 fn decide_on(c: &Compiled, node: &str, src: &str, dst: &str, port: u16) -> Option<String> {
-    let s = &c.snapshots[node];
+    let s = &c.snapshot(node).unwrap();
     let dst = ip16(dst.parse().unwrap());
     let w = s.authz.workloads.iter().find(|w| w.ip == dst)?;
     let class = source_class(&s.authz.sources, &ip16(src.parse().unwrap()));
@@ -675,7 +675,7 @@ fn custom_audit_dry_run_and_target_refs_are_reported_not_enforced() {
     for ip in [SERVER, SERVER2] {
         assert_eq!(decide(&c, A, ip, 80), None);
     }
-    let s = &c.snapshots[NODE].authz;
+    let s = &c.snapshot(NODE).unwrap().authz;
     assert!(
         s.workloads.is_empty()
             && s.sources.is_empty()
@@ -700,14 +700,14 @@ fn only_the_nodes_of_bound_workloads_get_tables() {
         "p",
         "  selector: {matchLabels: {app: server2}}\n  rules: [{}]",
     ));
-    let other = &c.snapshots[OTHER_NODE].authz;
+    let other = &c.snapshot(OTHER_NODE).unwrap().authz;
     assert!(
         other.workloads.is_empty()
             && other.sources.is_empty()
             && other.verdicts.is_empty()
             && other.policies.is_empty()
     );
-    let here = &c.snapshots[NODE].authz;
+    let here = &c.snapshot(NODE).unwrap().authz;
     assert_eq!(here.workloads.len(), 1);
     assert_eq!(here.policies.len(), 1);
     // Every mesh address of the cluster has a source entry (5 mesh pods; `plain` is not in the mesh).
@@ -739,10 +739,10 @@ fn workloads_with_the_same_verdicts_share_a_set_and_the_summary_shows_them() {
         "ns-wide",
         "  rules: [{from: [{source: {namespaces: [foo]}}], to: [{operation: {ports: [\"80\"], methods: [GET]}}]}, {from: [{source: {namespaces: [bar]}}]}]",
     ));
-    let w = &c.snapshots[NODE].authz.workloads;
+    let w = &c.snapshot(NODE).unwrap().authz.workloads;
     assert_eq!(w.len(), 2);
     assert_eq!(w[0].value.policy_set, w[1].value.policy_set);
-    let text = summary(&c.snapshots[NODE], &c);
+    let text = summary(&c.snapshot(NODE).unwrap(), &c);
     assert!(
         text.contains("authorization on node-1 (2 workloads"),
         "{text}"
@@ -802,13 +802,14 @@ fn snapshots_do_not_depend_on_input_order_and_policy_ids_are_stable() {
     let backward = compile_with(&reversed.into_iter().cloned().collect::<String>());
     for node in [NODE, OTHER_NODE] {
         assert_eq!(
-            forward.snapshots[node].encode().unwrap(),
-            backward.snapshots[node].encode().unwrap(),
+            forward.snapshot(node).unwrap().encode().unwrap(),
+            backward.snapshot(node).unwrap().encode().unwrap(),
             "{node}"
         );
     }
     let ids = |c: &Compiled| -> Vec<u32> {
-        c.snapshots[NODE]
+        c.snapshot(NODE)
+            .unwrap()
             .authz
             .policies
             .iter()

@@ -423,7 +423,7 @@ fn reference(objs: &[Obj], rejected: &BTreeSet<(String, String, String)>, c: &Co
 // The compiled side: the tables, read as the kernel reads them.
 
 fn compiled_verdict(c: &Compiled, src: IpAddr, dst: IpAddr, port: u16) -> String {
-    let s = &c.snapshots[NODE];
+    let s = &c.snapshot(NODE).unwrap();
     let Some(w) = s.authz.workloads.iter().find(|w| w.ip == ip16(dst)) else {
         return "ALLOW NO_ALLOW_POLICY".to_string();
     };
@@ -466,7 +466,7 @@ fn compiled_verdict(c: &Compiled, src: IpAddr, dst: IpAddr, port: u16) -> String
 /// policy a verdict names, and reasons that agree with actions; and the snapshot round-trips.
 fn check_tables(origin: &str, c: &Compiled) {
     use kmesh_common::authz::{ANY_CLASS, ANY_PORT, UNKNOWN_SOURCE, prefix_is_canonical};
-    let s = &c.snapshots[NODE];
+    let s = &c.snapshot(NODE).unwrap();
     let t = &s.authz;
     assert!(
         t.workloads.windows(2).all(|w| w[0].ip < w[1].ip),

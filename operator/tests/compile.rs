@@ -116,7 +116,7 @@ fn bookinfo_samples_match_their_goldens() {
     ];
     for (case, vs) in cases {
         let compiled = compile_node(&bookinfo_with(&["destination-rule-all.yaml", vs]));
-        check_golden(case, &summary(&compiled.snapshots[NODE], &compiled));
+        check_golden(case, &summary(&compiled.snapshot(NODE).unwrap(), &compiled));
     }
 }
 
@@ -163,7 +163,7 @@ fn same_input_gives_the_same_bytes_whatever_the_order() {
     reversed.services.reverse();
     reversed.destination_rules.reverse();
     let b = compile_node(&reversed);
-    let bytes = |c: &Compiled| c.snapshots[NODE].encode().unwrap();
+    let bytes = |c: &Compiled| c.snapshot(NODE).unwrap().encode().unwrap();
     assert_eq!(bytes(&a), bytes(&a.clone()));
     assert_eq!(bytes(&a), bytes(&b), "input order changed the snapshot");
 }
@@ -185,8 +185,8 @@ spec:
   selector: {app: nothing}
 "#;
     assert!(more.add_yaml(extra, "extra", "default").is_empty());
-    let a = compile_node(&base).snapshots[NODE].clone();
-    let b = compile_node(&more).snapshots[NODE].clone();
+    let a = compile_node(&base).snapshot(NODE).unwrap().clone();
+    let b = compile_node(&more).snapshot(NODE).unwrap().clone();
     for r in &a.services {
         assert!(b.services.contains(r), "service record changed: {r:?}");
     }
@@ -247,7 +247,7 @@ this: is: not: yaml
     );
     // The rejected VirtualServices are left out: reviews and ratings keep their default routing
     // (all their endpoints), and the other services are untouched.
-    let s = &compiled.snapshots[NODE];
+    let s = &compiled.snapshot(NODE).unwrap();
     assert_eq!(s.services.len(), 4, "{s:?}");
     let text = summary(s, &compiled);
     assert!(
@@ -359,7 +359,7 @@ fn ambient_argo_http_route_matches_its_golden() {
         add(&mut inputs, &text, file, "ambient");
     }
     let compiled = compile_node(&inputs);
-    let text = summary(&compiled.snapshots[NODE], &compiled);
+    let text = summary(&compiled.snapshot(NODE).unwrap(), &compiled);
     check_golden("gamma-ambient-reviews-90-10", &text);
     assert!(
         text.contains(
@@ -387,7 +387,7 @@ fn istio_gateway_testdata_mesh_routes_match_their_goldens() {
         let d = read(&mut inputs, &reference(&format!("{testdata}/{file}")));
         assert!(d.is_empty(), "{file}: {d:?}");
         let compiled = compile_node(&inputs);
-        check_golden(case, &summary(&compiled.snapshots[NODE], &compiled));
+        check_golden(case, &summary(&compiled.snapshot(NODE).unwrap(), &compiled));
     }
     // weighted, zero and tcp attach their routes to Gateways only: as they are, nothing of them
     // is for the node, and they are noted. Re-attached to Services, their rules are compiled.
@@ -403,8 +403,12 @@ fn istio_gateway_testdata_mesh_routes_match_their_goldens() {
         add(&mut as_is, &text, file, "default");
         let compiled = compile_node(&as_is);
         assert_eq!(
-            compiled.snapshots[NODE].encode().unwrap(),
-            compile_node(&base).snapshots[NODE].encode().unwrap(),
+            compiled.snapshot(NODE).unwrap().encode().unwrap(),
+            compile_node(&base)
+                .snapshot(NODE)
+                .unwrap()
+                .encode()
+                .unwrap(),
             "{file}: Gateway routes changed the node's snapshot"
         );
         assert!(
@@ -423,7 +427,7 @@ fn istio_gateway_testdata_mesh_routes_match_their_goldens() {
             "default",
         );
         let compiled = compile_node(&mesh);
-        check_golden(case, &summary(&compiled.snapshots[NODE], &compiled));
+        check_golden(case, &summary(&compiled.snapshot(NODE).unwrap(), &compiled));
     }
 }
 
@@ -447,8 +451,12 @@ fn gateway_api_traffic_splitting_examples_match_their_goldens() {
         add(&mut as_is, &text, file, "default");
         let compiled = compile_node(&as_is);
         assert_eq!(
-            compiled.snapshots[NODE].encode().unwrap(),
-            compile_node(&base).snapshots[NODE].encode().unwrap(),
+            compiled.snapshot(NODE).unwrap().encode().unwrap(),
+            compile_node(&base)
+                .snapshot(NODE)
+                .unwrap()
+                .encode()
+                .unwrap(),
             "{file}"
         );
         let mut attached = base.clone();
@@ -459,13 +467,13 @@ fn gateway_api_traffic_splitting_examples_match_their_goldens() {
             "default",
         );
         let compiled = compile_node(&attached);
-        check_golden(case, &summary(&compiled.snapshots[NODE], &compiled));
+        check_golden(case, &summary(&compiled.snapshot(NODE).unwrap(), &compiled));
     }
 }
 
 /// The route of Service foo's port 8080: (weight, backend set name) per destination.
 fn foo_route(compiled: &Compiled) -> Vec<(u32, String)> {
-    let s = &compiled.snapshots[NODE];
+    let s = &compiled.snapshot(NODE).unwrap();
     let service = s
         .services
         .iter()
@@ -491,7 +499,7 @@ fn foo_route(compiled: &Compiled) -> Vec<(u32, String)> {
 
 /// Endpoints of the backend set named `name`.
 fn set_endpoints(compiled: &Compiled, name: &str) -> usize {
-    let s = &compiled.snapshots[NODE];
+    let s = &compiled.snapshot(NODE).unwrap();
     let set = s
         .backend_sets
         .iter()
@@ -579,7 +587,9 @@ fn all_zero_weights_are_rejected_and_refuse_connections() {
     let refused = "foo.default.svc.cluster.local:8080 no backends (v4)";
     assert_eq!(foo_route(&compiled), vec![(1, refused.to_string())]);
     assert_eq!(set_endpoints(&compiled, refused), 0);
-    compiled.snapshots[NODE]
+    compiled
+        .snapshot(NODE)
+        .unwrap()
         .encode()
         .expect("the snapshot is valid");
 }
@@ -936,7 +946,7 @@ spec:
     assert!(inputs.add_yaml(config, "config.yaml", "default").is_empty());
     let compiled = compile_node(&inputs);
     assert!(
-        !compiled.snapshots.contains_key(NODE),
+        !compiled.nodes.contains_key(NODE),
         "an over-capacity snapshot must not be produced"
     );
     let text: Vec<String> = compiled.diagnostics.iter().map(|d| d.to_string()).collect();
@@ -973,7 +983,7 @@ fn kmeshconfig_access_log_and_log_level_reach_every_node_config_and_are_enforced
                 .any(|d| d.contains("spec.accessLog") || d.contains("spec.logLevel")),
             "{text:#?}"
         );
-        compiled.snapshots[NODE].config
+        compiled.snapshot(NODE).unwrap().config
     };
     let on = config_of(&with_config("{accessLog: true, logLevel: debug}"));
     assert_eq!(
@@ -987,7 +997,7 @@ fn kmeshconfig_access_log_and_log_level_reach_every_node_config_and_are_enforced
     );
     // Without a KmeshConfig: its defaults.
     let none = compile_node(&bookinfo_with(&["destination-rule-all.yaml"]));
-    let none = none.snapshots[NODE].config;
+    let none = none.snapshot(NODE).unwrap().config;
     assert_eq!(
         (none.access_log, none.log_level),
         (access_log::OFF, log_level::INFO)
@@ -1022,7 +1032,7 @@ spec:
 #[test]
 fn compile_json_shows_the_names_of_pods_and_services() {
     let compiled = compile_node(&bookinfo_with(&[]));
-    let json = kmesh_operator::render::json(&compiled.snapshots[NODE], &compiled);
+    let json = kmesh_operator::render::json(&compiled.snapshot(NODE).unwrap(), &compiled);
     let names = &json["names"];
     let productpage = names["workloads"]
         .as_array()

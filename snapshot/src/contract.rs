@@ -3,7 +3,7 @@
 //! server all use it. It has no HTTP library in it, only names and formats, so that the agent keeps
 //! having no Kubernetes client and the operator no agent code.
 //!
-//! `GET /v1/nodes/{node}/snapshot?wait=30s`
+//! `GET /v1/nodes/{node}/snapshot?wait=30s&format=3`
 //!
 //! Request headers:
 //! - `If-None-Match: <etag>`: the ETag of the snapshot the agent holds (none on its first request);
@@ -14,7 +14,8 @@
 //! - `Accept: application/vnd.kmesh.snapshot` ([`MEDIA_TYPE`]).
 //!
 //! Answers:
-//! - `200 OK`: the body is the snapshot (`kmesh-snapshot` format, [`MEDIA_TYPE`]); `ETag` names it
+//! - `200 OK`: the body is the snapshot (`kmesh-snapshot` format, in the format [`served_format`]
+//!   picks for the request's `format`; [`MEDIA_TYPE`]); `ETag` names it
 //!   ([`etag`]: generation and content hash). Agents treat the ETag as opaque and echo it.
 //! - `304 Not Modified`: the agent's ETag was still current after the server held the request for
 //!   up to `wait` (capped at [`MAX_WAIT`]): a long poll. The agent asks again at once.
@@ -28,12 +29,21 @@
 //!   keeping the snapshot it has.
 use core::time::Duration;
 
+use crate::format::{FORMAT_VERSION, Format};
+
 /// The snapshot path is `SNAPSHOT_PATH_PREFIX + node + SNAPSHOT_PATH_SUFFIX`.
 pub const SNAPSHOT_PATH_PREFIX: &str = "/v1/nodes/";
 pub const SNAPSHOT_PATH_SUFFIX: &str = "/snapshot";
 
 /// The query parameter naming how long the server may hold a request.
 pub const WAIT_PARAM: &str = "wait";
+
+/// The query parameter naming the newest snapshot format the agent reads (`format=3`). An agent
+/// that sends none reads format 2 only (agents before format 3): the server answers each agent in
+/// the newest format both know ([`served_format`]), so that during a rolling upgrade old agents
+/// and new operators, and new agents and old operators (which ignore the parameter and send
+/// format 2, which new agents read), keep working.
+pub const FORMAT_PARAM: &str = "format";
 
 /// The longest a server holds a request, whatever `wait` asks for.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -53,14 +63,34 @@ pub fn snapshot_path(node: &str) -> String {
     format!("{SNAPSHOT_PATH_PREFIX}{node}{SNAPSHOT_PATH_SUFFIX}")
 }
 
-/// The full URL an agent long-polls: `{base}/v1/nodes/{node}/snapshot?wait={wait}s`.
+/// The full URL an agent long-polls:
+/// `{base}/v1/nodes/{node}/snapshot?wait={wait}s&format={FORMAT_VERSION}`.
 pub fn snapshot_url(base: &str, node: &str, wait: Duration) -> String {
     format!(
-        "{}{}?{}",
+        "{}{}?{}&{FORMAT_PARAM}={FORMAT_VERSION}",
         base.trim_end_matches('/'),
         snapshot_path(node),
         wait_query(wait)
     )
+}
+
+/// The format to answer a request with query `query` in: the newest this build writes that is not
+/// newer than the agent's `format`; format 2 when the agent names none (or names one older than
+/// any this build writes, or not a number).
+pub fn served_format(query: Option<&str>) -> Format {
+    let asked = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix(FORMAT_PARAM)?.strip_prefix('='))
+        .and_then(|v| v.parse::<u16>().ok());
+    let Some(asked) = asked else {
+        return Format::V2;
+    };
+    Format::ALL
+        .into_iter()
+        .rev()
+        .find(|f| f.number() <= asked)
+        .unwrap_or(Format::V2)
 }
 
 /// The node named by a snapshot path, or `None` when `path` is not one (an empty node name or one
@@ -124,7 +154,10 @@ mod tests {
     #[test]
     fn urls_carry_the_wait() {
         let url = snapshot_url("https://op:15300/", "n", Duration::from_secs(30));
-        assert_eq!(url, "https://op:15300/v1/nodes/n/snapshot?wait=30s");
+        assert_eq!(
+            url,
+            "https://op:15300/v1/nodes/n/snapshot?wait=30s&format=3"
+        );
         let query = url.split_once('?').unwrap().1;
         assert_eq!(parse_wait(query), Some(Duration::from_secs(30)));
     }
@@ -137,6 +170,21 @@ mod tests {
         assert_eq!(parse_wait("wait=soon"), None);
         assert_eq!(parse_wait("waiting=5"), None);
         assert_eq!(parse_wait(""), None);
+    }
+
+    #[test]
+    fn the_served_format_is_the_newest_both_sides_know() {
+        assert_eq!(served_format(None), Format::V2, "an agent before format 3");
+        assert_eq!(served_format(Some("wait=30s")), Format::V2);
+        assert_eq!(served_format(Some("wait=30s&format=3")), Format::V3);
+        assert_eq!(served_format(Some("format=2&wait=1s")), Format::V2);
+        assert_eq!(served_format(Some("format=9")), Format::V3, "a newer agent");
+        assert_eq!(served_format(Some("format=1")), Format::V2);
+        assert_eq!(served_format(Some("format=three")), Format::V2);
+        assert_eq!(served_format(Some("formats=3")), Format::V2);
+        let url = snapshot_url("https://op", "n", Duration::from_secs(5));
+        let query = url.split_once('?').unwrap().1;
+        assert_eq!(served_format(Some(query)), Format::V3);
     }
 
     #[test]

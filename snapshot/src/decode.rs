@@ -7,10 +7,11 @@ use kmesh_common::{LAYOUT_VERSION, NodeConfig};
 
 use crate::error::DecodeError;
 use crate::format::{
-    FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, OFF_CONTENT_HASH, OFF_FLAGS, OFF_FORMAT_VERSION,
-    OFF_GENERATION, OFF_LAYOUT_VERSION, OFF_TOTAL_LEN, SECTION_HEADER_LEN, WireRecord,
-    padding_after, read_records, record_size,
+    ALIGN, FIXED_HEADER_LEN, Format, MAGIC, OFF_CLUSTER_OFFSET, OFF_CONTENT_HASH, OFF_FLAGS,
+    OFF_FORMAT_VERSION, OFF_GENERATION, OFF_LAYOUT_VERSION, OFF_TOTAL_LEN, SECTION_HEADER_LEN,
+    WireRecord, padding_after, read_records, record_size,
 };
+use crate::hash::parts_hash;
 use crate::validate::validate_node_name;
 use crate::{AuthzTables, Decoded, Header, Limits, NameTables, Snapshot, content_hash};
 
@@ -83,7 +84,7 @@ fn field<const N: usize>(bytes: &[u8], offset: usize) -> [u8; N] {
 
 /// The fixed header, checked as far as it can be without hashing: magic, length, format version and
 /// flags. The layout version, total length and hash are returned unchecked.
-fn fixed_header(bytes: &[u8]) -> Result<Header, DecodeError> {
+fn fixed_header(bytes: &[u8]) -> Result<(Format, Header), DecodeError> {
     // Magic first, on whatever prefix exists, so that a file of another kind is named as such.
     let prefix = bytes.get(..MAGIC.len()).unwrap_or(bytes);
     if prefix != &MAGIC[..prefix.len()] {
@@ -98,32 +99,75 @@ fn fixed_header(bytes: &[u8]) -> Result<Header, DecodeError> {
         });
     }
     let format_version = le_u16(bytes, OFF_FORMAT_VERSION);
-    if format_version != FORMAT_VERSION {
+    let Some(format) = Format::from_number(format_version) else {
         return Err(DecodeError::UnsupportedFormatVersion {
             found: format_version,
-            supported: FORMAT_VERSION,
         });
-    }
+    };
     let flags = le_u32(bytes, OFF_FLAGS);
     if flags != 0 {
         return Err(DecodeError::HeaderFlags { flags });
     }
-    Ok(Header {
-        format_version,
-        layout_version: le_u16(bytes, OFF_LAYOUT_VERSION),
-        generation: le_u64(bytes, OFF_GENERATION),
-        content_hash: le_u64(bytes, OFF_CONTENT_HASH),
-        total_len: le_u64(bytes, OFF_TOTAL_LEN),
-        node_name: String::new(),
-    })
+    Ok((
+        format,
+        Header {
+            format_version,
+            layout_version: le_u16(bytes, OFF_LAYOUT_VERSION),
+            generation: le_u64(bytes, OFF_GENERATION),
+            content_hash: le_u64(bytes, OFF_CONTENT_HASH),
+            total_len: le_u64(bytes, OFF_TOTAL_LEN),
+            node_name: String::new(),
+        },
+    ))
+}
+
+/// Format 3's `cluster_offset`, checked against the input: it must leave room for the node
+/// name's length, be a multiple of 8 and lie within the input.
+fn cluster_offset(bytes: &[u8]) -> Result<usize, DecodeError> {
+    let min = Format::V3.node_name_offset();
+    if bytes.len() < min {
+        return Err(DecodeError::TooShort {
+            len: bytes.len() as u64,
+            min: min as u64,
+        });
+    }
+    let offset = le_u64(bytes, OFF_CLUSTER_OFFSET);
+    match usize::try_from(offset) {
+        Ok(o) if o >= min && o % ALIGN == 0 && o <= bytes.len() => Ok(o),
+        _ => Err(DecodeError::ClusterOffset {
+            offset,
+            len: bytes.len() as u64,
+        }),
+    }
+}
+
+/// See [`crate::computed_content_hash`].
+pub(crate) fn computed_content_hash(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let (format, _) = fixed_header(bytes)?;
+    Ok(hash_of(bytes, format)?.0)
+}
+
+/// The content hash of `bytes` as `format` defines it, and where the cluster part starts (format
+/// 3; the end of the input in format 2).
+fn hash_of(bytes: &[u8], format: Format) -> Result<(u64, usize), DecodeError> {
+    let after_fixed = |end: usize| bytes.get(FIXED_HEADER_LEN..end).unwrap_or_default();
+    match format {
+        Format::V2 => Ok((content_hash(after_fixed(bytes.len())), bytes.len())),
+        Format::V3 => {
+            let offset = cluster_offset(bytes)?;
+            let node = content_hash(after_fixed(offset));
+            let cluster = content_hash(bytes.get(offset..).unwrap_or_default());
+            Ok((parts_hash(node, cluster), offset))
+        }
+    }
 }
 
 /// Reads and checks the node name and its padding; returns it and the reader positioned at the
 /// first section.
-fn node_name(bytes: &[u8]) -> Result<(String, Reader<'_>), DecodeError> {
+fn node_name(bytes: &[u8], format: Format) -> Result<(String, Reader<'_>), DecodeError> {
     let mut r = Reader {
         bytes,
-        pos: FIXED_HEADER_LEN,
+        pos: format.node_name_offset(),
     };
     let len = le_u16(r.take(2, || String::from("node name length"))?, 0);
     let name = r.take(usize::from(len), || String::from("node name"))?;
@@ -136,8 +180,8 @@ fn node_name(bytes: &[u8]) -> Result<(String, Reader<'_>), DecodeError> {
 
 /// See [`crate::peek_header`].
 pub(crate) fn peek_header(bytes: &[u8]) -> Result<Header, DecodeError> {
-    let mut header = fixed_header(bytes)?;
-    header.node_name = node_name(bytes)?.0;
+    let (format, mut header) = fixed_header(bytes)?;
+    header.node_name = node_name(bytes, format)?.0;
     Ok(header)
 }
 
@@ -151,7 +195,7 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
             max: limits.max_bytes,
         });
     }
-    let header = fixed_header(bytes)?;
+    let (format, header) = fixed_header(bytes)?;
     if header.layout_version != LAYOUT_VERSION {
         return Err(DecodeError::LayoutVersionMismatch {
             found: header.layout_version,
@@ -170,7 +214,7 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
             got: len,
         });
     }
-    let computed = content_hash(bytes.get(FIXED_HEADER_LEN..).unwrap_or_default());
+    let (computed, cluster_offset) = hash_of(bytes, format)?;
     if header.content_hash != computed {
         return Err(DecodeError::HashMismatch {
             header: header.content_hash,
@@ -178,31 +222,10 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
         });
     }
 
-    let (node_name, mut r) = node_name(bytes)?;
-    let config = section::<NodeConfig>(&mut r, limits)?;
-    let config = match config.as_slice() {
-        [only] => *only,
-        _ => {
-            return Err(DecodeError::NodeConfigCount {
-                count: u32::try_from(config.len()).unwrap_or(u32::MAX),
-            });
-        }
-    };
-    let services = section(&mut r, limits)?;
-    let routes = section(&mut r, limits)?;
-    let backend_sets = section(&mut r, limits)?;
-    let endpoints = section(&mut r, limits)?;
-    let workloads = section(&mut r, limits)?;
-    let authz = AuthzTables {
-        workloads: section(&mut r, limits)?,
-        sources: section(&mut r, limits)?,
-        verdicts: section(&mut r, limits)?,
-        policies: section(&mut r, limits)?,
-    };
-    let names = NameTables {
-        strings: string_section(&mut r, limits)?,
-        workloads: section(&mut r, limits)?,
-        services: section(&mut r, limits)?,
+    let (node_name, mut r) = node_name(bytes, format)?;
+    let snapshot = match format {
+        Format::V2 => sections_v2(&mut r, node_name, header.generation, limits)?,
+        Format::V3 => sections_v3(&mut r, cluster_offset, node_name, header.generation, limits)?,
     };
     if r.remaining() != 0 {
         return Err(DecodeError::TrailingData {
@@ -210,23 +233,92 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
             len: r.remaining() as u64,
         });
     }
-
-    let snapshot = Snapshot {
-        node_name,
-        generation: header.generation,
-        config,
-        services,
-        routes,
-        backend_sets,
-        endpoints,
-        workloads,
-        authz,
-        names,
-    };
     snapshot.validate()?;
     Ok(Decoded {
         snapshot,
         content_hash: computed,
+        format,
+    })
+}
+
+/// The NodeConfig section, which holds exactly one record.
+fn node_config(r: &mut Reader<'_>, limits: &Limits) -> Result<NodeConfig, DecodeError> {
+    let config = section::<NodeConfig>(r, limits)?;
+    match config.as_slice() {
+        [only] => Ok(*only),
+        _ => Err(DecodeError::NodeConfigCount {
+            count: u32::try_from(config.len()).unwrap_or(u32::MAX),
+        }),
+    }
+}
+
+fn authz_sections(r: &mut Reader<'_>, limits: &Limits) -> Result<AuthzTables, DecodeError> {
+    Ok(AuthzTables {
+        workloads: section(r, limits)?,
+        sources: section(r, limits)?,
+        verdicts: section(r, limits)?,
+        policies: section(r, limits)?,
+    })
+}
+
+fn names_sections(r: &mut Reader<'_>, limits: &Limits) -> Result<NameTables, DecodeError> {
+    Ok(NameTables {
+        strings: string_section(r, limits)?,
+        workloads: section(r, limits)?,
+        services: section(r, limits)?,
+    })
+}
+
+/// Format 2's sections: all thirteen in kind order.
+fn sections_v2(
+    r: &mut Reader<'_>,
+    node_name: String,
+    generation: u64,
+    limits: &Limits,
+) -> Result<Snapshot, DecodeError> {
+    Ok(Snapshot {
+        node_name,
+        generation,
+        config: node_config(r, limits)?,
+        services: section(r, limits)?,
+        routes: section(r, limits)?,
+        backend_sets: section(r, limits)?,
+        endpoints: section(r, limits)?,
+        workloads: section(r, limits)?,
+        authz: authz_sections(r, limits)?,
+        names: names_sections(r, limits)?,
+    })
+}
+
+/// Format 3's sections: the node part's, which must end exactly at `cluster_offset`, then the
+/// cluster part's.
+fn sections_v3(
+    r: &mut Reader<'_>,
+    cluster_offset: usize,
+    node_name: String,
+    generation: u64,
+    limits: &Limits,
+) -> Result<Snapshot, DecodeError> {
+    let config = node_config(r, limits)?;
+    let workloads = section(r, limits)?;
+    let authz = authz_sections(r, limits)?;
+    if r.pos != cluster_offset {
+        return Err(DecodeError::NodePartEnd {
+            end: r.pos as u64,
+            cluster_offset: cluster_offset as u64,
+        });
+    }
+    Ok(Snapshot {
+        node_name,
+        generation,
+        config,
+        services: section(r, limits)?,
+        routes: section(r, limits)?,
+        backend_sets: section(r, limits)?,
+        endpoints: section(r, limits)?,
+        workloads,
+        authz,
+        names: names_sections(r, limits)?,
     })
 }
 

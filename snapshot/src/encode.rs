@@ -1,34 +1,111 @@
-//! The encoder: writes the canonical bytes of a valid snapshot.
+//! The encoder: writes the canonical bytes of a valid snapshot, in format 3 as its two parts (see
+//! [`crate::parts`]) or in format 2.
 
 use kmesh_common::LAYOUT_VERSION;
 use kmesh_common::names::NameBytes;
 
 use crate::error::{EncodeError, ValidationError};
 use crate::format::{
-    FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, OFF_CONTENT_HASH, OFF_TOTAL_LEN, SECTION_HEADER_LEN,
-    WireRecord, padding_after, record_size, records_as_bytes,
+    FIXED_HEADER_LEN, Format, MAGIC, OFF_CLUSTER_OFFSET, OFF_CONTENT_HASH, OFF_TOTAL_LEN,
+    SECTION_HEADER_LEN, WireRecord, padding_after, record_size, records_as_bytes,
 };
+use crate::hash::parts_hash;
+use crate::parts::{ClusterPart, ClusterSummary, ClusterView, NodeView};
 use crate::validate::shown_name;
 use crate::{Snapshot, content_hash};
 
-/// See [`Snapshot::encode`].
-pub(crate) fn encode(snapshot: &Snapshot) -> Result<Vec<u8>, EncodeError> {
+/// See [`Snapshot::encode_as`].
+pub(crate) fn encode(snapshot: &Snapshot, format: Format) -> Result<Vec<u8>, EncodeError> {
     snapshot.validate()?;
-    encode_unchecked(snapshot)
+    encode_unchecked(snapshot, format)
 }
 
-/// Writes the bytes of `snapshot` without checking its content rules. Only the encoder (after
-/// validation) and tests (to produce well-framed invalid snapshots) call this.
-pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
+/// Writes the bytes of `snapshot` in `format` without checking its content rules. Only the
+/// encoder (after validation) and tests (to produce well-framed invalid snapshots) call this.
+pub(crate) fn encode_unchecked(s: &Snapshot, format: Format) -> Result<Vec<u8>, EncodeError> {
+    match format {
+        Format::V2 => encode_v2(s),
+        Format::V3 => {
+            let cluster = cluster_part(s.cluster_view())?;
+            let mut out = node_part(s.node_view(), s.generation, cluster.summary())?;
+            out.extend_from_slice(cluster.bytes());
+            Ok(out)
+        }
+    }
+}
+
+/// The cluster part: its sections, and their hash.
+pub(crate) fn cluster_part(c: ClusterView<'_>) -> Result<ClusterPart, EncodeError> {
+    let capacity = section_len(c.services)
+        + section_len(c.routes)
+        + section_len(c.backend_sets)
+        + section_len(c.endpoints)
+        + section_bytes_len(&c.names.strings)
+        + section_len(&c.names.workloads)
+        + section_len(&c.names.services);
+    let mut out = Vec::with_capacity(capacity);
+    write_section(&mut out, c.services)?;
+    write_section(&mut out, c.routes)?;
+    write_section(&mut out, c.backend_sets)?;
+    write_section(&mut out, c.endpoints)?;
+    write_string_section(&mut out, &c.names.strings)?;
+    write_section(&mut out, &c.names.workloads)?;
+    write_section(&mut out, &c.names.services)?;
+    let hash = content_hash(&out);
+    Ok(ClusterPart { bytes: out, hash })
+}
+
+/// The node part at `generation`, with the header of the whole snapshot it starts: its total
+/// length and content hash count `cluster`, which follows it.
+pub(crate) fn node_part(
+    n: NodeView<'_>,
+    generation: u64,
+    cluster: ClusterSummary,
+) -> Result<Vec<u8>, EncodeError> {
+    let name = n.node_name.as_bytes();
+    let name_len = name_len(name)?;
+    let header_len = Format::V3.node_name_offset() + 2 + name.len();
+    let capacity = header_len
+        + padding_after(header_len)
+        + section_len(core::slice::from_ref(n.config))
+        + section_len(n.workloads)
+        + section_len(&n.authz.workloads)
+        + section_len(&n.authz.sources)
+        + section_len(&n.authz.verdicts)
+        + section_len(&n.authz.policies);
+    let mut out = Vec::with_capacity(capacity);
+    fixed_header(&mut out, Format::V3, generation);
+    out.extend_from_slice(&0u64.to_le_bytes()); // cluster_offset, filled in below
+    out.extend_from_slice(&name_len.to_le_bytes());
+    out.extend_from_slice(name);
+    pad(&mut out);
+    write_section(&mut out, core::slice::from_ref(n.config))?;
+    write_section(&mut out, n.workloads)?;
+    write_section(&mut out, &n.authz.workloads)?;
+    write_section(&mut out, &n.authz.sources)?;
+    write_section(&mut out, &n.authz.verdicts)?;
+    write_section(&mut out, &n.authz.policies)?;
+
+    let cluster_offset = out.len() as u64;
+    let total_len = cluster_offset + cluster.len;
+    patch(&mut out, OFF_CLUSTER_OFFSET, &cluster_offset.to_le_bytes());
+    let node_hash = content_hash(out.get(FIXED_HEADER_LEN..).unwrap_or_default());
+    patch(&mut out, OFF_TOTAL_LEN, &total_len.to_le_bytes());
+    patch(
+        &mut out,
+        OFF_CONTENT_HASH,
+        &parts_hash(node_hash, cluster.hash).to_le_bytes(),
+    );
+    Ok(out)
+}
+
+/// Format 2: the thirteen sections in kind order, one hash over all of them.
+fn encode_v2(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
     let name = s.node_name.as_bytes();
-    // Names longer than 253 bytes fail validation; this only guards the unchecked path.
-    let name_len = u16::try_from(name.len()).map_err(|_| ValidationError::InvalidNodeName {
-        name: shown_name(name),
-        reason: "is longer than 253 bytes",
-    })?;
+    let name_len = name_len(name)?;
 
     // Exact size up front: one allocation, even for a million endpoints.
-    let header_len = FIXED_HEADER_LEN + 2 + name.len();
+    let header_len = Format::V2.node_name_offset() + 2 + name.len();
     let capacity = header_len
         + padding_after(header_len)
         + section_len(core::slice::from_ref(&s.config))
@@ -46,13 +123,7 @@ pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
         + section_len(&s.names.services);
     let mut out = Vec::with_capacity(capacity);
 
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes()); // flags
-    out.extend_from_slice(&s.generation.to_le_bytes());
-    out.extend_from_slice(&0u64.to_le_bytes()); // content_hash, filled in below
-    out.extend_from_slice(&0u64.to_le_bytes()); // total_len, filled in below
+    fixed_header(&mut out, Format::V2, s.generation);
     out.extend_from_slice(&name_len.to_le_bytes());
     out.extend_from_slice(name);
     pad(&mut out);
@@ -76,6 +147,28 @@ pub(crate) fn encode_unchecked(s: &Snapshot) -> Result<Vec<u8>, EncodeError> {
     patch(&mut out, OFF_TOTAL_LEN, &total_len.to_le_bytes());
     patch(&mut out, OFF_CONTENT_HASH, &hash.to_le_bytes());
     Ok(out)
+}
+
+/// The fixed header with the content hash and total length zero (patched once known).
+fn fixed_header(out: &mut Vec<u8>, format: Format, generation: u64) {
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&format.number().to_le_bytes());
+    out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes()); // flags
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes()); // content_hash
+    out.extend_from_slice(&0u64.to_le_bytes()); // total_len
+}
+
+/// The node name's length field. Names longer than 253 bytes fail validation; this only guards
+/// the unchecked path.
+fn name_len(name: &[u8]) -> Result<u16, EncodeError> {
+    u16::try_from(name.len()).map_err(|_| {
+        EncodeError::Invalid(ValidationError::InvalidNodeName {
+            name: shown_name(name),
+            reason: "is longer than 253 bytes",
+        })
+    })
 }
 
 /// Bytes a section of `records` takes, header and padding included.
@@ -120,7 +213,8 @@ fn write_section_of<T: WireRecord>(
 }
 
 /// Appends zeros up to the next multiple of 8. Sections start at multiples of 8 from the start of
-/// the snapshot, so padding relative to `out.len()` is padding relative to the section.
+/// the snapshot (and of the cluster part, which starts at one), so padding relative to
+/// `out.len()` is padding relative to the section.
 fn pad(out: &mut Vec<u8>) {
     out.resize(out.len() + padding_after(out.len()), 0);
 }

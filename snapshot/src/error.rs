@@ -546,8 +546,20 @@ pub enum DecodeError {
     #[error("truncated: {len} bytes, shorter than the {min}-byte fixed header")]
     TooShort { len: u64, min: u64 },
 
-    #[error("unsupported snapshot format version {found}, this build reads version {supported}")]
-    UnsupportedFormatVersion { found: u16, supported: u16 },
+    #[error("unsupported snapshot format version {found}, this build reads versions 2 and 3")]
+    UnsupportedFormatVersion { found: u16 },
+
+    /// Format 3: `cluster_offset` is before the node name, not a multiple of 8, or past the end.
+    #[error(
+        "the cluster part's offset {offset} is not a multiple of 8 between 48 and the snapshot's length {len}"
+    )]
+    ClusterOffset { offset: u64, len: u64 },
+
+    /// Format 3: the node part's sections do not end where the cluster part starts.
+    #[error(
+        "the node part's sections end at offset {end}, the cluster part starts at {cluster_offset}"
+    )]
+    NodePartEnd { end: u64, cluster_offset: u64 },
 
     #[error("snapshot layout version {found} differs from this build's layout version {expected}")]
     LayoutVersionMismatch { found: u16, expected: u16 },

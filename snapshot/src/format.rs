@@ -6,20 +6,26 @@
 //! ```text
 //! offset  field
 //! 0       magic           [u8; 8] = b"KMSNAP\r\n"
-//! 8       format_version  u16     = 2 (FORMAT_VERSION; 1 had no names sections)
+//! 8       format_version  u16     = 3 (FORMAT_VERSION); 2 is still read and written (below)
 //! 10      layout_version  u16     = kmesh_common::LAYOUT_VERSION
 //! 12      flags           u32     = 0 (reserved, must be zero)
 //! 16      generation      u64
-//! 24      content_hash    u64     = FNV-1a 64 (see `content_hash`) over every byte from offset 40
-//!                                   to the end
+//! 24      content_hash    u64     = FNV-1a 64 (see `content_hash`) of the 16 bytes
+//!                                   le(node_hash) ++ le(cluster_hash), where node_hash is FNV-1a 64
+//!                                   of bytes [40, cluster_offset) and cluster_hash of bytes
+//!                                   [cluster_offset, total_len)
 //! 32      total_len       u64     = length of the whole snapshot in bytes
-//! 40      node_name_len   u16
-//! 42      node_name       [u8; node_name_len]
+//! 40      cluster_offset  u64     = where the cluster part starts: a multiple of 8, at most
+//!                                   total_len, and exactly where the node part's sections end
+//! 48      node_name_len   u16
+//! 50      node_name       [u8; node_name_len]
 //!         zero padding to the next multiple of 8
-//! then exactly thirteen sections, in this order of kind:
-//!         1 NodeConfig, 2 Services, 3 Routes, 4 BackendSets, 5 Endpoints, 6 Workloads,
-//!         7 AuthzWorkloads, 8 AuthzSources, 9 AuthzVerdicts, 10 AuthzPolicies,
-//!         11 NameStrings, 12 WorkloadNames, 13 ServiceNames
+//! the node part: six sections, in this order of kind:
+//!         1 NodeConfig, 6 Workloads, 7 AuthzWorkloads, 8 AuthzSources, 9 AuthzVerdicts,
+//!         10 AuthzPolicies
+//! the cluster part (at cluster_offset): seven sections, in this order of kind:
+//!         2 Services, 3 Routes, 4 BackendSets, 5 Endpoints, 11 NameStrings, 12 WorkloadNames,
+//!         13 ServiceNames
 //! each section:
 //!         kind            u32
 //!         record_size     u32     = size_of the kmesh_common record of this kind
@@ -29,6 +35,19 @@
 //!         zero padding to the next multiple of 8
 //! nothing after the last section
 //! ```
+//!
+//! The cluster part is what every node of a compile shares (services, routes, backend sets,
+//! endpoints and names): it holds nothing of the node, the generation or the node part, and it
+//! starts on a multiple of 8, so its bytes are the same in every node's snapshot. The operator
+//! validates, encodes and hashes it once per compile ([`crate::ClusterTables::encode`]) and sends
+//! each node its own node part followed by those shared bytes; the content hash needs only the two
+//! parts' hashes. The node part is the rest: the header, the node name, and the node's own tables.
+//!
+//! Format 2 (agents before format 3 read only it; the operator still serves it to an agent that
+//! does not ask for format 3, see [`crate::contract`]) differs in three points: there is no
+//! `cluster_offset` (the node name length is at offset 40, the name at 42); the thirteen sections
+//! come in the order of their kinds (1 to 13); and `content_hash` is FNV-1a 64 over every byte
+//! from offset 40 to the end. Every other rule is the same. Format 1 had no names sections.
 //!
 //! Each record is exactly the in-memory bytes of the `#[repr(C)]` record of `kmesh_common`
 //! ([`NodeConfig`], [`ServiceRecord`], [`RouteRecord`], [`BackendSetRecord`], [`EndpointRecord`],
@@ -41,7 +60,7 @@
 //! Rules a valid snapshot follows (the decoder checks all of them; the encoder refuses to produce a
 //! snapshot that breaks one):
 //!
-//! - header: magic, `format_version == 1`, `layout_version == LAYOUT_VERSION`, `flags == 0`,
+//! - header: magic, `format_version` 2 or 3, `layout_version == LAYOUT_VERSION`, `flags == 0`,
 //!   `total_len` equals the length of the input, the hash matches;
 //! - node name: 1..=253 bytes, a DNS subdomain as Kubernetes validates node names: dot-separated
 //!   labels of `a-z`, `0-9` and `-`, each label starting and ending with a letter or digit;
@@ -109,11 +128,53 @@ compile_error!(
 /// ends.
 pub const MAGIC: [u8; 8] = *b"KMSNAP\r\n";
 
-/// Version of the framing described in this module.
-pub const FORMAT_VERSION: u16 = 2;
+/// The version of the framing described in this module, the one [`crate::Snapshot::encode`]
+/// writes.
+pub const FORMAT_VERSION: u16 = Format::V3.number();
 
-/// Length of the fixed part of the header (magic to `total_len`); the content hash covers every
-/// byte from here to the end.
+/// A version of the wire format this build reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Format {
+    /// The thirteen sections in kind order, one hash over them all: what agents before format 3
+    /// read.
+    V2,
+    /// A node part and a cluster part shared by every node, hashed apart (the current format).
+    V3,
+}
+
+impl Format {
+    /// Every format this build reads, oldest first.
+    pub const ALL: [Format; 2] = [Format::V2, Format::V3];
+
+    /// The `format_version` header field.
+    pub const fn number(self) -> u16 {
+        match self {
+            Format::V2 => 2,
+            Format::V3 => 3,
+        }
+    }
+
+    /// The format of a `format_version` field; `None` for one this build does not read.
+    pub const fn from_number(number: u16) -> Option<Format> {
+        match number {
+            2 => Some(Format::V2),
+            3 => Some(Format::V3),
+            _ => None,
+        }
+    }
+
+    /// Where the node name's length is: after the fixed header, and in format 3 after
+    /// `cluster_offset`.
+    pub(crate) const fn node_name_offset(self) -> usize {
+        match self {
+            Format::V2 => FIXED_HEADER_LEN,
+            Format::V3 => OFF_CLUSTER_OFFSET + size_of::<u64>(),
+        }
+    }
+}
+
+/// Length of the fixed part of the header (magic to `total_len`), the same in every format; the
+/// content hash covers every byte from here to the end.
 pub const FIXED_HEADER_LEN: usize = 40;
 
 /// Longest node name (a DNS subdomain).
@@ -132,6 +193,8 @@ pub(crate) const OFF_FLAGS: usize = 12;
 pub(crate) const OFF_GENERATION: usize = 16;
 pub(crate) const OFF_CONTENT_HASH: usize = 24;
 pub(crate) const OFF_TOTAL_LEN: usize = 32;
+/// Format 3 only.
+pub(crate) const OFF_CLUSTER_OFFSET: usize = 40;
 
 /// Number of zero bytes that follow `len` bytes to reach the next multiple of [`ALIGN`].
 pub(crate) const fn padding_after(len: usize) -> usize {

@@ -26,11 +26,14 @@ mod hash;
 mod name_lookup;
 pub mod name_table;
 pub mod names;
+mod parts;
 mod validate;
 mod validate_authz;
 mod validate_names;
 pub mod view;
 
+#[cfg(test)]
+mod format3_tests;
 #[cfg(test)]
 mod names_tests;
 #[cfg(test)]
@@ -45,9 +48,10 @@ use kmesh_common::{
 };
 
 pub use error::{DecodeError, EncodeError, Table, ValidationError};
-pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC, MAX_NODE_NAME_LEN};
+pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, Format, MAGIC, MAX_NODE_NAME_LEN};
 pub use hash::content_hash;
 pub use name_lookup::{EndpointServices, ServiceName, SnapshotNames, WorkloadName};
+pub use parts::{ClusterPart, ClusterSummary, ClusterTables, NodeTables};
 
 /// Everything the agent loads for one node and one generation.
 ///
@@ -109,6 +113,8 @@ pub struct Decoded {
     pub snapshot: Snapshot,
     /// The content hash, as in the header and verified against the bytes.
     pub content_hash: u64,
+    /// The format the bytes were in.
+    pub format: Format,
 }
 
 /// What a node accepts. A snapshot beyond a table's limit is refused with
@@ -214,7 +220,13 @@ impl Snapshot {
     /// decoder checks (with [`Limits::UNLIMITED`]), is refused with [`EncodeError::Invalid`], so an
     /// invalid snapshot is never produced.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        encode::encode(self)
+        self.encode_as(Format::V3)
+    }
+
+    /// The canonical bytes of the snapshot in `format`: [`Format::V2`] for agents that read
+    /// nothing newer. Refuses an invalid snapshot as [`encode`](Self::encode) does.
+    pub fn encode_as(&self, format: Format) -> Result<Vec<u8>, EncodeError> {
+        encode::encode(self, format)
     }
 
     /// Sorts every table into canonical order. Records are ordered by key, then by the rest of the
@@ -243,6 +255,14 @@ impl Snapshot {
     }
 }
 
+/// The content hash the header of `bytes` must hold, computed as its format defines it (see
+/// [`format`](mod@format)), whatever the header holds; for tests and the fuzzer, which make a
+/// changed snapshot's hash right again. Refuses what the hash cannot be computed for: a header the
+/// decoder refuses before hashing (magic, format version, flags, length, `cluster_offset`).
+pub fn computed_content_hash(bytes: &[u8]) -> Result<u64, DecodeError> {
+    decode::computed_content_hash(bytes)
+}
+
 /// Reads the header (magic, versions, generation, content hash, total length, node name) without
 /// hashing or reading sections, for cheap "is this the snapshot I already have?" checks.
 ///
@@ -253,7 +273,8 @@ pub fn peek_header(bytes: &[u8]) -> Result<Header, DecodeError> {
     decode::peek_header(bytes)
 }
 
-/// Sets the generation of `encoded`, the bytes of a snapshot as [`Snapshot::encode`] wrote them.
+/// Sets the generation of `encoded`, the bytes of a snapshot as [`Snapshot::encode`] wrote them
+/// (in either format), or of a node part as [`NodeTables::encode`] wrote it.
 ///
 /// The generation is outside the content hash (which covers what follows the fixed header), so
 /// the result is byte for byte what encoding the same snapshot at `generation` gives: the

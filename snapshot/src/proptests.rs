@@ -23,8 +23,8 @@ use crate::builder::{Endpoint, SnapshotBuilder};
 use crate::encode::encode_unchecked;
 use crate::tests::{fix, sample};
 use crate::{
-    AuthzTables, FORMAT_VERSION, Limits, MAGIC, NameTables, ServiceName, Snapshot, WorkloadName,
-    peek_header,
+    AuthzTables, FORMAT_VERSION, Format, Limits, MAGIC, NameTables, ServiceName, Snapshot,
+    WorkloadName, peek_header,
 };
 use kmesh_common::names::{NO_NAME, ServiceNameRecord, WorkloadNameRecord};
 
@@ -34,7 +34,7 @@ fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
     let _ = peek_header(bytes);
     let _ = Snapshot::decode(bytes, &Limits::default());
     if let Ok(decoded) = Snapshot::decode(bytes, &Limits::UNLIMITED) {
-        let again = decoded.snapshot.encode();
+        let again = decoded.snapshot.encode_as(decoded.format);
         prop_assert_eq!(
             again.as_deref(),
             Ok(bytes),
@@ -44,18 +44,38 @@ fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// A valid fixed header and node name, ready for sections to be appended; `fix` sets length and
-/// hash afterwards.
+/// A valid format 2 fixed header and node name, ready for sections to be appended; `fix` sets
+/// length and hash afterwards.
 fn header_prefix() -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&Format::V2.number().to_le_bytes());
     out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
     out.extend_from_slice(&[0; 4 + 8 + 8 + 8]);
     out.extend_from_slice(&7u16.to_le_bytes());
     out.extend_from_slice(b"node-a1");
     out.resize(56, 0);
     out
+}
+
+/// A valid format 3 header and node name; the caller appends the node part's sections, sets
+/// `cluster_offset` with [`set_cluster_offset`], appends the cluster part's, and `fix`es.
+fn header_prefix_v3() -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 4 + 8 + 8 + 8 + 8]);
+    out.extend_from_slice(&7u16.to_le_bytes());
+    out.extend_from_slice(b"node-a1");
+    out.resize(64, 0);
+    out
+}
+
+/// Sets format 3's `cluster_offset` to where `bytes` ends now.
+fn set_cluster_offset(bytes: &mut [u8]) {
+    let offset = bytes.len() as u64;
+    bytes[40..48].copy_from_slice(&offset.to_le_bytes());
 }
 
 /// Random records of `size` bytes.
@@ -861,6 +881,43 @@ proptest! {
         check(&bytes)?;
     }
 
+    /// Format 3's framing: the node part's six sections, then the cluster part's seven.
+    #[test]
+    fn arbitrary_sections_of_format_3_never_panic(
+        node in (
+            arb_section(1, 8, config_records()),
+            arb_section(6, 24, random_records(24)),
+            arb_section(7, 24, random_records(24)),
+            arb_section(8, 24, random_records(24)),
+            arb_section(9, 20, random_records(20)),
+            arb_section(10, 328, random_records(328)),
+        ),
+        cluster in (
+            arb_section(2, 28, random_records(28)),
+            arb_section(3, 140, random_records(140)),
+            arb_section(4, 12, random_records(12)),
+            arb_section(5, 32, random_records(32)),
+            arb_section(11, 8, string_chunks()),
+            arb_section(12, 36, random_records(36)),
+            arb_section(13, 16, random_records(16)),
+        ),
+        trailing in vec(any::<u8>(), 0..3),
+    ) {
+        let mut bytes = header_prefix_v3();
+        let (a, b, c, d, e, f) = node;
+        for s in [a, b, c, d, e, f] {
+            bytes.extend_from_slice(&s);
+        }
+        set_cluster_offset(&mut bytes);
+        let (g, h, i, j, k, l, m) = cluster;
+        for s in [g, h, i, j, k, l, m] {
+            bytes.extend_from_slice(&s);
+        }
+        bytes.extend_from_slice(&trailing);
+        fix(&mut bytes);
+        check(&bytes)?;
+    }
+
     #[test]
     fn mutations_of_a_valid_encoding_never_panic(
         writes in vec((any::<usize>(), any::<u8>()), 1..6),
@@ -892,8 +949,21 @@ proptest! {
         let decoded = Snapshot::decode(&bytes, &Limits::default())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&decoded.snapshot, &s);
-        prop_assert_eq!(decoded.snapshot.encode().unwrap(), bytes);
+        prop_assert_eq!(&decoded.snapshot.encode().unwrap(), &bytes);
         every_connection_finds_a_verdict(&s)?;
+        // The parts, encoded apart, are the same bytes; format 2 holds the same snapshot.
+        let (node, cluster) = s.clone().into_parts();
+        let cluster = cluster.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut joined = node
+            .encode(s.generation, cluster.summary())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        joined.extend_from_slice(cluster.bytes());
+        prop_assert_eq!(&joined, &bytes);
+        let v2 = s.encode_as(Format::V2).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let decoded = Snapshot::decode(&v2, &Limits::default())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(decoded.snapshot, s);
+        prop_assert_eq!(decoded.format, Format::V2);
     }
 
     /// Mutations of random valid snapshots, with the hash recomputed so that the mutated record
@@ -917,7 +987,7 @@ proptest! {
     /// accepts, with the same error, and what they accept round-trips.
     #[test]
     fn encoder_and_decoder_agree(s in arb_raw_snapshot()) {
-        let raw = encode_unchecked(&s).unwrap();
+        let raw = encode_unchecked(&s, crate::Format::V3).unwrap();
         let decoded = Snapshot::decode(&raw, &Limits::UNLIMITED);
         match s.encode() {
             Ok(bytes) => {

@@ -13,7 +13,7 @@ use kmesh_common::{
 
 use crate::builder::{Endpoint, SnapshotBuilder, generate};
 use crate::encode::encode_unchecked;
-use crate::format::{FIXED_HEADER_LEN, OFF_CONTENT_HASH, OFF_TOTAL_LEN};
+use crate::format::{FIXED_HEADER_LEN, Format, OFF_CONTENT_HASH, OFF_TOTAL_LEN};
 use crate::{
     DecodeError, EncodeError, Limits, Snapshot, Table, ValidationError, content_hash, peek_header,
     set_generation,
@@ -115,19 +115,27 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
     Snapshot::decode(bytes, &Limits::default()).map(|d| d.snapshot)
 }
 
-fn raw(s: &Snapshot) -> Vec<u8> {
-    encode_unchecked(s).expect("unchecked encoding")
+fn raw(s: &Snapshot, format: Format) -> Vec<u8> {
+    encode_unchecked(s, format).expect("unchecked encoding")
+}
+
+/// The format 2 encoding of `s`: the framing tests below were written for it, and it is still read
+/// (`format3_tests` has format 3's own).
+pub(crate) fn v2(s: &Snapshot) -> Vec<u8> {
+    s.encode_as(Format::V2).expect("format 2 encoding")
 }
 
 /// Recomputes `total_len` and the content hash after a test changed the bytes.
 pub(crate) fn fix(bytes: &mut [u8]) {
     let len = bytes.len() as u64;
     bytes[OFF_TOTAL_LEN..OFF_TOTAL_LEN + 8].copy_from_slice(&len.to_le_bytes());
-    let hash = content_hash(&bytes[FIXED_HEADER_LEN..]);
+    // A header the decoder refuses before hashing (a test's point) keeps format 2's hash.
+    let hash = crate::computed_content_hash(bytes)
+        .unwrap_or_else(|_| content_hash(&bytes[FIXED_HEADER_LEN..]));
     bytes[OFF_CONTENT_HASH..OFF_CONTENT_HASH + 8].copy_from_slice(&hash.to_le_bytes());
 }
 
-/// Offsets of the ten section headers of a valid encoding, in wire order.
+/// Offsets of the thirteen section headers of a valid format 2 encoding, in wire order.
 fn section_offsets(bytes: &[u8]) -> [usize; 13] {
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) as usize;
     let name_len = u16::from_le_bytes([bytes[40], bytes[41]]) as usize;
@@ -149,7 +157,17 @@ fn put_u32(bytes: &mut [u8], offset: usize, value: u32) {
 #[track_caller]
 pub(crate) fn assert_invalid(s: Snapshot, expected: ValidationError) {
     assert_eq!(s.encode(), Err(EncodeError::Invalid(expected.clone())));
-    assert_eq!(decode(&raw(&s)), Err(DecodeError::Invalid(expected)));
+    assert_eq!(
+        s.encode_as(Format::V2),
+        Err(EncodeError::Invalid(expected.clone()))
+    );
+    for format in Format::ALL {
+        assert_eq!(
+            decode(&raw(&s, format)),
+            Err(DecodeError::Invalid(expected.clone())),
+            "{format:?}"
+        );
+    }
 }
 
 fn invalid_with(change: impl FnOnce(&mut Snapshot), expected: ValidationError) {
@@ -167,15 +185,18 @@ fn round_trip() {
     let bytes = s.encode().unwrap();
     let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
     assert_eq!(decoded.snapshot, s);
-    assert_eq!(
-        decoded.content_hash,
-        content_hash(&bytes[FIXED_HEADER_LEN..])
-    );
+    assert_eq!(decoded.format, Format::V3);
+    // Format 3's hash, spelled out: FNV-1a of the two parts' FNV-1a hashes.
+    let cluster_offset = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let node_hash = content_hash(&bytes[FIXED_HEADER_LEN..cluster_offset]);
+    let cluster_hash = content_hash(&bytes[cluster_offset..]);
+    let both = [node_hash.to_le_bytes(), cluster_hash.to_le_bytes()].concat();
+    assert_eq!(decoded.content_hash, content_hash(&both));
     assert_eq!(decoded.snapshot.encode().unwrap(), bytes);
     assert_eq!(bytes.len() % 8, 0);
 
     let header = peek_header(&bytes).unwrap();
-    assert_eq!(header.format_version, 2);
+    assert_eq!(header.format_version, 3);
     assert_eq!(header.layout_version, LAYOUT_VERSION);
     assert_eq!(header.generation, 7);
     assert_eq!(header.content_hash, decoded.content_hash);
@@ -217,7 +238,11 @@ fn set_generation_refuses_what_is_not_a_snapshot_and_changes_nothing() {
 fn round_trip_of_an_empty_snapshot() {
     let s = SnapshotBuilder::new("n", 0, mode::DISABLED).build();
     let bytes = s.encode().unwrap();
-    // 40 fixed + 2 + 1 name + 5 padding, NodeConfig section 16 + 8, twelve empty sections of 16.
+    // 40 fixed + 8 cluster_offset + 2 + 1 name + 5 padding, NodeConfig section 16 + 8, twelve
+    // empty sections of 16 (format 2 has no cluster_offset).
+    assert_eq!(bytes.len(), 56 + 24 + 12 * 16);
+    assert_eq!(decode(&bytes).unwrap(), s);
+    let bytes = v2(&s);
     assert_eq!(bytes.len(), 48 + 24 + 12 * 16);
     assert_eq!(decode(&bytes).unwrap(), s);
 }
@@ -247,13 +272,20 @@ fn encoding_is_deterministic_and_independent_of_insertion_order() {
 #[test]
 fn hash_is_stable() {
     // Guards against accidental format changes: update deliberately with a format or layout bump.
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     assert_eq!(bytes.len(), SAMPLE_LEN);
     assert_eq!(
         peek_header(&bytes).unwrap().content_hash,
         content_hash(&bytes[40..])
     );
     assert_eq!(content_hash(&bytes[40..]), 0xb46c_1474_4340_a547);
+    // Format 3: the same sections in two parts and 8 bytes more of header.
+    let bytes = sample().encode().unwrap();
+    assert_eq!(bytes.len(), SAMPLE_LEN + 8);
+    assert_eq!(
+        peek_header(&bytes).unwrap().content_hash,
+        0xa3ea_7433_f5b8_b42b
+    );
 }
 
 #[test]
@@ -330,7 +362,7 @@ fn bad_magic() {
 
 #[test]
 fn truncation_at_every_length() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     for len in 0..bytes.len() {
         let expected = if len < FIXED_HEADER_LEN {
             DecodeError::TooShort {
@@ -354,7 +386,7 @@ fn truncation_at_every_length() {
 
 #[test]
 fn trailing_bytes() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     bytes.push(0);
     assert_eq!(
         decode(&bytes),
@@ -367,7 +399,7 @@ fn trailing_bytes() {
 
 #[test]
 fn every_flipped_content_byte_is_a_hash_mismatch() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let header_hash = peek_header(&bytes).unwrap().content_hash;
     for i in FIXED_HEADER_LEN..bytes.len() {
         let mut corrupt = bytes.clone();
@@ -395,16 +427,19 @@ fn every_flipped_content_byte_is_a_hash_mismatch() {
 
 #[test]
 fn every_flipped_header_byte_is_refused_or_is_the_generation() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     for i in 0..FIXED_HEADER_LEN {
         let mut corrupt = bytes.clone();
         corrupt[i] ^= 0x01;
         let result = decode(&corrupt);
         match i {
             0..8 => assert!(matches!(result, Err(DecodeError::BadMagic { .. }))),
-            8..10 => assert!(matches!(
+            // Format 2's bit 0 flipped reads as format 3, whose cluster_offset (the node name
+            // length and the name's first bytes here) is no offset of a part.
+            8 => assert!(matches!(result, Err(DecodeError::ClusterOffset { .. }))),
+            9 => assert!(matches!(
                 result,
-                Err(DecodeError::UnsupportedFormatVersion { supported: 2, .. })
+                Err(DecodeError::UnsupportedFormatVersion { .. })
             )),
             10..12 => assert!(matches!(
                 result,
@@ -425,15 +460,12 @@ fn every_flipped_header_byte_is_refused_or_is_the_generation() {
 
 #[test]
 fn versions_and_flags() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let mut v = bytes.clone();
-    v[8..10].copy_from_slice(&3u16.to_le_bytes());
+    v[8..10].copy_from_slice(&4u16.to_le_bytes());
     assert_eq!(
         decode(&v),
-        Err(DecodeError::UnsupportedFormatVersion {
-            found: 3,
-            supported: 2
-        })
+        Err(DecodeError::UnsupportedFormatVersion { found: 4 })
     );
     assert!(peek_header(&v).is_err());
 
@@ -456,7 +488,7 @@ fn versions_and_flags() {
 
 #[test]
 fn max_bytes_is_checked_before_anything_else() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     let limits = Limits {
         max_bytes: SAMPLE_LEN as u64 - 1,
         ..Limits::default()
@@ -474,12 +506,12 @@ fn max_bytes_is_checked_before_anything_else() {
         max_bytes: SAMPLE_LEN as u64,
         ..Limits::default()
     };
-    assert!(Snapshot::decode(&sample().encode().unwrap(), &exact).is_ok());
+    assert!(Snapshot::decode(&v2(&sample()), &exact).is_ok());
 }
 
 #[test]
 fn peek_header_reads_only_the_header() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     // The header and name end at offset 56; sections are not needed, nor checked.
     let header = peek_header(&bytes[..56]).unwrap();
     assert_eq!(header.total_len, SAMPLE_LEN as u64);
@@ -523,7 +555,7 @@ fn node_name_rules() {
         }))
     ));
     assert!(matches!(
-        decode(&raw(&s)),
+        decode(&raw(&s, Format::V3)),
         Err(DecodeError::Invalid(ValidationError::InvalidNodeName {
             reason: "is longer than 253 bytes",
             ..
@@ -567,7 +599,7 @@ fn node_name_rules() {
 
 #[test]
 fn node_name_that_is_not_utf8() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     bytes[43] = 0xff;
     fix(&mut bytes);
     assert!(matches!(
@@ -579,7 +611,7 @@ fn node_name_that_is_not_utf8() {
 
 #[test]
 fn node_name_longer_than_the_input() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     bytes[40..42].copy_from_slice(&60_000u16.to_le_bytes());
     fix(&mut bytes);
     assert_eq!(
@@ -595,7 +627,7 @@ fn node_name_longer_than_the_input() {
 
 #[test]
 fn node_name_padding_must_be_zero() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     bytes[42 + 7] = 1; // "node-a1" ends at 49; 49..56 is padding
     fix(&mut bytes);
     assert_eq!(
@@ -612,7 +644,7 @@ fn node_name_padding_must_be_zero() {
 
 #[test]
 fn sections_must_come_in_order() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     for (i, table) in Table::ALL.iter().enumerate() {
         // The kind of the next section (of the first for the last): a section out of place.
@@ -634,7 +666,7 @@ fn sections_must_come_in_order() {
 
 #[test]
 fn record_size_must_match() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     let sizes = [8, 28, 140, 12, 32, 24, 24, 24, 20, 328, 8, 36, 16];
     for (i, table) in Table::ALL.iter().enumerate() {
@@ -654,7 +686,7 @@ fn record_size_must_match() {
 
 #[test]
 fn section_reserved_must_be_zero() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     put_u32(&mut bytes, offsets[3] + 12, 0x10);
     fix(&mut bytes);
@@ -669,7 +701,7 @@ fn section_reserved_must_be_zero() {
 
 #[test]
 fn section_padding_must_be_zero() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     // Services: 16 + 3 * 28 = 100 bytes, then 4 bytes of padding.
     let padding = offsets[1] + 100;
@@ -687,7 +719,7 @@ fn section_padding_must_be_zero() {
 
 #[test]
 fn record_count_beyond_the_input_does_not_allocate() {
-    let mut bytes = sample().encode().unwrap();
+    let mut bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     put_u32(&mut bytes, offsets[4] + 8, u32::MAX);
     fix(&mut bytes);
@@ -717,7 +749,7 @@ fn record_count_beyond_the_input_does_not_allocate() {
 
 #[test]
 fn missing_section() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     // Cut before a section of each group: the workloads, and the last (authorization policies).
     for (section, what) in [
@@ -740,7 +772,7 @@ fn missing_section() {
 
 #[test]
 fn data_after_the_last_section() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     // A repeated service names section is data after the last section.
     let mut b = bytes.clone();
@@ -757,7 +789,7 @@ fn data_after_the_last_section() {
 
 #[test]
 fn node_config_needs_exactly_one_record() {
-    let bytes = sample().encode().unwrap();
+    let bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
     let config = offsets[0];
     // No record: count 0 and the 8 record bytes removed.

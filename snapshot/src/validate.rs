@@ -11,32 +11,39 @@ use kmesh_common::{
 use crate::Snapshot;
 use crate::error::{Table, ValidationError, describe_service, ip_to_addr};
 use crate::format::MAX_NODE_NAME_LEN;
+use crate::parts::{ClusterView, NodeView};
 
 impl Snapshot {
     /// Checks every content rule of the format. The tables must already be sorted ([`Snapshot::sort`]).
     ///
-    /// Rules are checked table by table in wire order (node name, node config, services, routes,
-    /// backend sets, endpoints, workloads), then the references between tables, then the
-    /// authorization tables the same way (`validate_authz`), then the names (`validate_names`), so
-    /// the first error reported is deterministic.
+    /// Rules are checked table by table in the order of their kinds (node name, node config,
+    /// services, routes, backend sets, endpoints, workloads), then the references between tables,
+    /// then the authorization tables the same way (`validate_authz`), then the names
+    /// (`validate_names`), so the first error reported is deterministic. No rule relates a node's
+    /// own tables to the cluster's (see [`crate::parts`]), so the rules are those of the two parts.
     pub fn validate(&self) -> Result<(), ValidationError> {
+        let (node, cluster) = (self.node_view(), self.cluster_view());
+        validate_node_name(node.node_name.as_bytes())?;
+        node.validate_config()?;
+        cluster.validate_tables()?;
+        node.validate_workloads()?;
+        cluster.validate_references()?;
+        node.validate_authz()?;
+        cluster.validate_names()
+    }
+}
+
+impl NodeView<'_> {
+    /// The rules of the node part, in the order of [`Snapshot::validate`].
+    pub(crate) fn validate(&self) -> Result<(), ValidationError> {
         validate_node_name(self.node_name.as_bytes())?;
         self.validate_config()?;
-        self.validate_services()?;
-        self.validate_routes()?;
-        self.validate_backend_sets()?;
-        self.validate_endpoints()?;
         self.validate_workloads()?;
-        // Lookups below rely on the tables being sorted, which the checks above established.
-        self.validate_service_routes()?;
-        self.validate_route_sets()?;
-        self.validate_set_endpoints()?;
-        self.validate_authz()?;
-        self.validate_names()
+        self.validate_authz()
     }
 
     fn validate_config(&self) -> Result<(), ValidationError> {
-        let c = &self.config;
+        let c = self.config;
         if !matches!(
             c.mode,
             mode::DISABLED | mode::KERNEL_NATIVE | mode::DUAL_ENGINE
@@ -59,6 +66,51 @@ impl Snapshot {
             });
         }
         Ok(())
+    }
+
+    fn validate_workloads(&self) -> Result<(), ValidationError> {
+        const T: Table = Table::Workloads;
+        let describe = |ip: &kmesh_common::Ip16| ip_to_addr(ip).to_string();
+        for (index, w) in self.workloads.iter().enumerate() {
+            if let Some(p) = index.checked_sub(1).and_then(|i| self.workloads.get(i)) {
+                check_order(T, index, &p.ip, &w.ip, describe)?;
+            }
+            if w.pad != 0 {
+                return Err(ValidationError::NonZeroPad {
+                    table: T,
+                    index,
+                    record: describe(&w.ip),
+                    field: "pad",
+                    value: w.pad,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ClusterView<'_> {
+    /// The rules of the cluster part, in the order of [`Snapshot::validate`].
+    pub(crate) fn validate(&self) -> Result<(), ValidationError> {
+        self.validate_tables()?;
+        self.validate_references()?;
+        self.validate_names()
+    }
+
+    /// Each table's own rules.
+    fn validate_tables(&self) -> Result<(), ValidationError> {
+        self.validate_services()?;
+        self.validate_routes()?;
+        self.validate_backend_sets()?;
+        self.validate_endpoints()
+    }
+
+    /// The references between the tables; lookups rely on the tables being sorted, which
+    /// [`validate_tables`](Self::validate_tables) established.
+    fn validate_references(&self) -> Result<(), ValidationError> {
+        self.validate_service_routes()?;
+        self.validate_route_sets()?;
+        self.validate_set_endpoints()
     }
 
     fn validate_services(&self) -> Result<(), ValidationError> {
@@ -146,26 +198,6 @@ impl Snapshot {
                     record: describe(&e.key),
                     field: "pad",
                     value: u32::from(e.value.pad),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_workloads(&self) -> Result<(), ValidationError> {
-        const T: Table = Table::Workloads;
-        let describe = |ip: &kmesh_common::Ip16| ip_to_addr(ip).to_string();
-        for (index, w) in self.workloads.iter().enumerate() {
-            if let Some(p) = index.checked_sub(1).and_then(|i| self.workloads.get(i)) {
-                check_order(T, index, &p.ip, &w.ip, describe)?;
-            }
-            if w.pad != 0 {
-                return Err(ValidationError::NonZeroPad {
-                    table: T,
-                    index,
-                    record: describe(&w.ip),
-                    field: "pad",
-                    value: w.pad,
                 });
             }
         }

@@ -15,16 +15,16 @@ use kmesh_common::authz::{
     prefix_contains, prefix_is_canonical,
 };
 
-use crate::Snapshot;
 use crate::error::{Table, ValidationError, ip_to_addr};
 use crate::names;
+use crate::parts::NodeView;
 use crate::validate::check_order;
 
 /// The first address of the IPv4-mapped range `::ffff:0:0/96`.
 const IPV4_MAPPED_BASE: Ip16 = kmesh_common::ipv4_mapped([0, 0, 0, 0]);
 
-impl Snapshot {
-    /// Every rule of the authorization tables. Called by [`Snapshot::validate`] after the other
+impl NodeView<'_> {
+    /// Every rule of the authorization tables. Called by `Snapshot::validate` after the other
     /// tables' rules.
     pub(crate) fn validate_authz(&self) -> Result<(), ValidationError> {
         self.validate_authz_presence()?;

@@ -13,14 +13,14 @@
 
 use kmesh_common::names::{MAX_NAME_LEN, NAME_LEN_BYTES, NO_NAME};
 
-use crate::Snapshot;
 use crate::error::{Table, ValidationError, ip_to_addr};
+use crate::parts::ClusterView;
 use crate::validate::check_order;
 
 /// The table is a whole number of these (the section's record size).
 const CHUNK: usize = 8;
 
-impl Snapshot {
+impl ClusterView<'_> {
     pub(crate) fn validate_names(&self) -> Result<(), ValidationError> {
         let offsets = string_offsets(&self.names.strings)?;
         let entries = EntryStarts::new(self.names.strings.len(), &offsets);

@@ -22,6 +22,8 @@ use kmesh_snapshot::contract;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeenRequest {
     pub path: String,
+    /// What follows the `?` (empty without one).
+    pub query: String,
     pub if_none_match: Option<String>,
     pub authorization: Option<String>,
     /// The `Kmesh-Live-Generation` the agent reported.
@@ -219,6 +221,7 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
     };
     st.seen.push(SeenRequest {
         path: request.path.clone(),
+        query: request.query.clone(),
         if_none_match: request.if_none_match.clone(),
         authorization: request.authorization.clone(),
         live_generation: request.live_generation,

@@ -1,12 +1,14 @@
 //! The agent's operator source, end to end: the real agent long-polls a loopback server that speaks
 //! the snapshot contract (`kmesh_tests::SnapshotServer`), with ETags, 304s, a bearer token and
-//! failures it must ride out, and the kernel steers traffic by what it fetched.
+//! failures it must ride out, and the kernel steers traffic by what it fetched, in either snapshot
+//! format (an operator from before format 3 sends format 2).
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use kmesh_common::{lb_policy, mode};
+use kmesh_snapshot::Format;
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
     Agent, AgentDir, AgentOptions, AgentSource, SnapshotServer, TestCgroup, TestNetwork,
@@ -31,7 +33,8 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         .add_pod("b", Ipv4Addr::new(10, 244, 200, 102), None)
         .expect("b");
     let _servers = (a.serve_tcp(PORT).unwrap(), b.serve_tcp(PORT).unwrap());
-    let snapshot_to = |generation: u64, pod: &kmesh_tests::Pod| {
+    // In `format`: an operator from before format 3 sends format 2 whatever the agent asks.
+    let snapshot_in = |format: Format, generation: u64, pod: &kmesh_tests::Pod| {
         let mut s = SnapshotBuilder::new(NODE, generation, mode::KERNEL_NATIVE);
         s.workload(IpAddr::V4(client.ipv4()), 1);
         let set = s.backend_set(
@@ -39,8 +42,10 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
             &[Endpoint::new(IpAddr::V4(pod.ipv4()), PORT, 1)],
         );
         s.service(VIP.into(), 80, &[(1, set)]);
-        s.build().encode().unwrap()
+        s.build().encode_as(format).unwrap()
     };
+    let snapshot_to =
+        |generation: u64, pod: &kmesh_tests::Pod| snapshot_in(Format::V3, generation, pod);
     let token =
         TokenFile(std::env::temp_dir().join(format!("kmt-opsrc-{}.token", std::process::id())));
     let token_file = token.0.as_path();
@@ -84,6 +89,10 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
     assert_eq!(seen[0].if_none_match, None, "{seen:?}");
     assert_eq!(seen[0].authorization.as_deref(), Some("Bearer agent-token"));
     assert!(
+        seen[0].query.split('&').any(|kv| kv == "format=3"),
+        "the agent names the newest format it reads: {seen:?}"
+    );
+    assert!(
         seen.iter()
             .any(|r| r.status == 304 && r.if_none_match.as_deref() == Some("\"g1\"")),
         "{seen:?}"
@@ -95,9 +104,10 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
     );
     assert_eq!(agent.debug_snapshot().unwrap()["applied"], 1);
 
-    // A new snapshot wakes the held request: applied well within a second.
+    // A new snapshot wakes the held request: applied well within a second. It comes in format
+    // 2, as from an operator that predates format 3: the agent reads it too.
     let published = Instant::now();
-    server.publish(NODE, "g2", snapshot_to(2, &b));
+    server.publish(NODE, "g2", snapshot_in(Format::V2, 2, &b));
     agent
         .wait_for(Duration::from_secs(5), "generation 2", |a| {
             Ok(a.debug_snapshot()?["live"]["generation"] == 2)

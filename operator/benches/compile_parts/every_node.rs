@@ -112,7 +112,9 @@ fn one_change(inputs: &Inputs, nodes: u32) -> Change {
     let mut publisher = Publisher::new(SnapshotStore::default(), Arc::new(Metrics::default()), 1);
     let first = compile(inputs, &names, 1, &options);
     publish_all(&mut publisher, &first, nodes);
-    let snapshot_bytes = first.snapshots["node-1"]
+    let snapshot_bytes = first
+        .snapshot("node-1")
+        .unwrap()
         .encode()
         .expect("a generated snapshot encodes")
         .len();

@@ -676,7 +676,8 @@ spec:
                 "rejected: ServiceEntry default/ext spec.endpoints[0].ports.https: port out of range: left out, so a target port naming it does not resolve to it",
             ]
         );
-        let snapshot = compiled.snapshots.values().next().expect("a snapshot");
+        let snapshots = compiled.snapshots();
+        let snapshot = snapshots.values().next().expect("a snapshot");
         snapshot.encode().expect("the snapshot encodes");
         let text = summary(&compiled);
         assert!(text.contains("services (3 VIP:port)"), "{text}");

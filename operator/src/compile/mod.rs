@@ -54,10 +54,10 @@ mod testing;
 mod virtual_service;
 mod workloads;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kmesh_snapshot::Snapshot;
+use kmesh_snapshot::{ClusterTables, NodeTables, Snapshot};
 
 use crate::{
     crd::Mode,
@@ -109,8 +109,14 @@ impl CompileOptions {
 /// The compiler's result.
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {
-    /// One snapshot per requested node.
-    pub snapshots: BTreeMap<String, Snapshot>,
+    /// The tables every node's snapshot shares, held once however many nodes there are.
+    pub cluster: Arc<ClusterTables>,
+    /// Each requested node's own tables (a node over capacity has none: it is reported and keeps
+    /// its snapshot). A node's snapshot is these and [`cluster`](Self::cluster): see
+    /// [`snapshot`](Self::snapshot).
+    pub nodes: BTreeMap<String, NodeTables>,
+    /// The generation the snapshots are stamped with.
+    pub generation: u64,
     /// Sorted, de-duplicated.
     pub diagnostics: Vec<Diagnostic>,
     /// Human names of the IDs in the snapshots, for summaries and logs.
@@ -118,6 +124,27 @@ pub struct Compiled {
     /// By node: each workload's effective authorization (only workloads with an entry in the
     /// node's authorization tables), for `kmeshctl`.
     pub authz: BTreeMap<String, Vec<WorkloadAuthz>>,
+}
+
+impl Compiled {
+    /// `node`'s whole snapshot: its own tables with a copy of the cluster's.
+    pub fn snapshot(&self, node: &str) -> Option<Snapshot> {
+        let own = self.nodes.get(node)?;
+        Some(Snapshot::from_parts(
+            own.clone(),
+            (*self.cluster).clone(),
+            self.generation,
+        ))
+    }
+
+    /// Every node's whole snapshot. Each holds a copy of the cluster's tables: for tools and
+    /// tests, not for a thousand nodes (the operator encodes the parts, see `publish`).
+    pub fn snapshots(&self) -> BTreeMap<String, Snapshot> {
+        self.nodes
+            .keys()
+            .filter_map(|node| Some((node.clone(), self.snapshot(node)?)))
+            .collect()
+    }
 }
 
 /// What the IDs in a snapshot stand for.
@@ -164,20 +191,16 @@ pub fn compile(
         names.policies.insert(*id, object.to_string());
     }
     let name_tables = c.name_tables(&tables.service_names);
-    let snapshots = c.snapshots(
-        &tables,
-        workloads,
-        authz_tables,
-        &name_tables,
-        nodes,
-        generation,
-    );
+    let (cluster, node_tables) =
+        c.snapshot_parts(tables, workloads, authz_tables, name_tables, nodes);
     c.report_kinds_not_compiled();
     let mut diagnostics = c.diagnostics;
     diagnostics.sort();
     diagnostics.dedup();
     Compiled {
-        snapshots,
+        cluster: Arc::new(cluster),
+        nodes: node_tables,
+        generation,
         diagnostics,
         names,
         authz,

@@ -283,7 +283,7 @@ status: {{podIP: 192.168.0.1}}
 "
         );
         let compiled = compile_yaml(&yaml);
-        let s = &compiled.snapshots[NODE];
+        let s = &compiled.snapshot(NODE).unwrap();
         let names = s.names();
         let ip = |a: &str| ip16(a.parse().unwrap());
         let reviews = names.workload(&ip("10.244.0.21")).unwrap();
@@ -328,7 +328,8 @@ status: {{podIP: 192.168.0.1}}
                 pod(order[1], phases(order[1]))
             );
             let compiled = compile_yaml(&yaml);
-            let names = compiled.snapshots[NODE].names();
+            let snapshot = compiled.snapshot(NODE).unwrap();
+            let names = snapshot.names();
             let w = names
                 .workload(&ip16("10.244.0.5".parse().unwrap()))
                 .unwrap();
@@ -413,7 +414,7 @@ status: {{podIP: 192.168.0.1}}
     fn names_cost_at_most_64_bytes_per_pod_on_a_10k_pod_cluster() {
         let inputs = deployments(1_000, 10);
         let compiled = compile(&inputs, &[NODE.to_string()], 1, &CompileOptions::default());
-        let names = &compiled.snapshots[NODE].names;
+        let names = &compiled.snapshot(NODE).unwrap().names;
         assert_eq!(names.workloads.len(), 10_000, "every pod is named");
         assert_eq!(names.services.len(), 1_000);
         let per_pod = names_bytes(names) as f64 / 10_000.0;

@@ -18,7 +18,7 @@ use kmesh_common::{
     NodeConfig, RouteRecord, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord, access_log,
     ip16,
 };
-use kmesh_snapshot::Snapshot;
+use kmesh_snapshot::{ClusterTables, NodeTables};
 
 use super::{
     Compiler, Names,
@@ -196,39 +196,43 @@ impl Compiler<'_> {
         }
     }
 
-    /// Each node's snapshot: the cluster-wide tables and names, its workloads and the mode. A snapshot over
-    /// the configured capacity is not produced (reported): the node keeps the one it has.
-    pub(super) fn snapshots(
+    /// The tables every node's snapshot shares (the services, routes, backend sets, endpoints
+    /// and names), once, and each node's own: its workloads, its authorization and the node
+    /// settings. A node whose snapshot would be over the configured capacity gets none
+    /// (reported): it keeps the one it has.
+    pub(super) fn snapshot_parts(
         &mut self,
-        tables: &Tables,
-        workloads: BTreeMap<String, Vec<WorkloadRecord>>,
+        tables: Tables,
+        mut workloads: BTreeMap<String, Vec<WorkloadRecord>>,
         mut authz: BTreeMap<String, kmesh_snapshot::AuthzTables>,
-        names: &kmesh_snapshot::NameTables,
+        names: kmesh_snapshot::NameTables,
         nodes: &[String],
-        generation: u64,
-    ) -> BTreeMap<String, Snapshot> {
+    ) -> (ClusterTables, BTreeMap<String, NodeTables>) {
         let config = self.inputs.config.as_ref();
         let limits = config
             .and_then(|cfg| cfg.spec.capacity.as_ref())
             .map(|cap| cap.limits())
             .unwrap_or_default();
         let config_ref = ObjectRef::new(Kind::KmeshConfig, None, crate::crd::SINGLETON_NAME);
-        let mut snapshots = BTreeMap::new();
+        let mut cluster = ClusterTables {
+            services: tables.services,
+            routes: tables.routes,
+            backend_sets: tables.backend_sets,
+            endpoints: tables.endpoints,
+            names,
+        };
+        cluster.sort();
+        let node_config = self.node_config();
+        let mut parts = BTreeMap::new();
         for node in nodes {
-            let mut snapshot = Snapshot {
+            let mut own = NodeTables {
                 node_name: node.clone(),
-                generation,
-                config: self.node_config(),
-                services: tables.services.clone(),
-                routes: tables.routes.clone(),
-                backend_sets: tables.backend_sets.clone(),
-                endpoints: tables.endpoints.clone(),
-                workloads: workloads.get(node).cloned().unwrap_or_default(),
+                config: node_config,
+                workloads: workloads.remove(node).unwrap_or_default(),
                 authz: authz.remove(node).unwrap_or_default(),
-                names: names.clone(),
             };
-            snapshot.sort();
-            if let Some(reason) = over_capacity(&snapshot, &limits) {
+            own.sort();
+            if let Some(reason) = over_capacity(&own, &cluster, &limits) {
                 self.reject(
                     &config_ref,
                     "spec.capacity",
@@ -236,9 +240,9 @@ impl Compiler<'_> {
                 );
                 continue;
             }
-            snapshots.insert(node.clone(), snapshot);
+            parts.insert(node.clone(), own);
         }
-        snapshots
+        (cluster, parts)
     }
 }
 
@@ -284,52 +288,56 @@ fn backend_set_records<'s>(
 }
 
 /// Why `snapshot` does not fit `limits`, if it does not.
-fn over_capacity(snapshot: &Snapshot, limits: &kmesh_snapshot::Limits) -> Option<String> {
+fn over_capacity(
+    node: &NodeTables,
+    cluster: &ClusterTables,
+    limits: &kmesh_snapshot::Limits,
+) -> Option<String> {
     let tables = [
-        ("services", snapshot.services.len(), limits.max_services),
-        ("routes", snapshot.routes.len(), limits.max_routes),
+        ("services", cluster.services.len(), limits.max_services),
+        ("routes", cluster.routes.len(), limits.max_routes),
         (
             "backend sets",
-            snapshot.backend_sets.len(),
+            cluster.backend_sets.len(),
             limits.max_backend_sets,
         ),
-        ("endpoints", snapshot.endpoints.len(), limits.max_endpoints),
-        ("workloads", snapshot.workloads.len(), limits.max_workloads),
+        ("endpoints", cluster.endpoints.len(), limits.max_endpoints),
+        ("workloads", node.workloads.len(), limits.max_workloads),
         (
             "authorization workloads",
-            snapshot.authz.workloads.len(),
+            node.authz.workloads.len(),
             limits.max_authz_workloads,
         ),
         (
             "authorization sources",
-            snapshot.authz.sources.len(),
+            node.authz.sources.len(),
             limits.max_authz_sources,
         ),
         (
             "authorization verdicts",
-            snapshot.authz.verdicts.len(),
+            node.authz.verdicts.len(),
             limits.max_authz_verdicts,
         ),
         (
             "authorization policies",
-            snapshot.authz.policies.len(),
+            node.authz.policies.len(),
             limits.max_authz_policies,
         ),
     ];
     let names = [
         (
             "workload names",
-            snapshot.names.workloads.len(),
+            cluster.names.workloads.len(),
             limits.max_workload_names,
         ),
         (
             "service names",
-            snapshot.names.services.len(),
+            cluster.names.services.len(),
             limits.max_service_names,
         ),
         (
             "bytes of name strings",
-            snapshot.names.strings.len(),
+            cluster.names.strings.len(),
             limits.max_name_bytes,
         ),
     ];

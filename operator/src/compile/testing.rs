@@ -36,11 +36,8 @@ pub(super) fn compile_yaml(yaml: &str) -> Compiled {
 
 /// The node's snapshot in human terms, diagnostics included.
 pub(super) fn summary(compiled: &Compiled) -> String {
-    let snapshot = compiled
-        .snapshots
-        .get(NODE)
-        .expect("the node has a snapshot");
-    crate::render::summary(snapshot, compiled)
+    let snapshot = compiled.snapshot(NODE).expect("the node has a snapshot");
+    crate::render::summary(&snapshot, compiled)
 }
 
 /// The diagnostics, as the operator prints them.

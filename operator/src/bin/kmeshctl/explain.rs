@@ -218,8 +218,8 @@ fn offline(
         ..Default::default()
     };
     let compiled = compile(&inputs, &nodes, 1, &options);
-    let source = compiled
-        .snapshots
+    let all = compiled.snapshots();
+    let source = all
         .get(&node)
         .ok_or_else(|| ExplainError::NoSnapshot { node: node.clone() })?;
     let names = OfflineNames {
@@ -235,7 +235,7 @@ fn offline(
         To::Addr(addr) => addr,
         To::Host { host, port } => resolve(source, &names, &host, port, client_namespace)?,
     };
-    let destinations: Vec<&Snapshot> = compiled.snapshots.values().collect();
+    let destinations: Vec<&Snapshot> = all.values().collect();
     let snapshots = Snapshots {
         source,
         destinations: &destinations,

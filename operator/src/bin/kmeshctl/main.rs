@@ -283,13 +283,13 @@ fn run_compile(
     let mut compiled = compile(&inputs, std::slice::from_ref(&node), generation, &options);
     compiled.diagnostics.extend(diagnostics);
     compiled.diagnostics.sort();
-    let Some(snapshot) = compiled.snapshots.get(&node) else {
+    let Some(snapshot) = compiled.snapshot(&node) else {
         // Only a snapshot over the configured capacity is withheld; the diagnostics say why.
         print_diagnostics(&compiled.diagnostics);
         eprintln!("kmeshctl: no snapshot for node {node}");
         return ExitCode::FAILURE;
     };
-    if let Err(e) = write(output, snapshot, &compiled) {
+    if let Err(e) = write(output, &snapshot, &compiled) {
         eprintln!("kmeshctl: {e}");
         return ExitCode::from(2);
     }

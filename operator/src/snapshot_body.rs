@@ -1,0 +1,181 @@
+//! A node's snapshot as the server sends it, without a copy of its own of the cluster's tables.
+//!
+//! A compile's cluster part (services, routes, backend sets, endpoints and names; the same for
+//! every node) is validated, encoded and hashed once ([`SharedCluster`]); each node's response is
+//! its small node part followed by those shared bytes, in format 3. An agent that asks for nothing
+//! newer than format 2 (one from before format 3) gets format 2, encoded when it asks: that costs
+//! a copy of the cluster's tables per request, only while such agents remain.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use hyper::body::{Body, Bytes, Frame, SizeHint};
+use kmesh_snapshot::{ClusterSummary, ClusterTables, EncodeError, Format, NodeTables, Snapshot};
+
+/// One compile's cluster part: its bytes, which every node's response shares, and the tables they
+/// were encoded from (for format 2).
+#[derive(Debug)]
+pub struct SharedCluster {
+    pub part: Bytes,
+    /// The part's length and hash, for the node parts' headers.
+    pub summary: ClusterSummary,
+    pub tables: Arc<ClusterTables>,
+}
+
+impl SharedCluster {
+    /// Validates and encodes `tables` once for every node.
+    pub fn encode(tables: Arc<ClusterTables>) -> Result<SharedCluster, EncodeError> {
+        let part = tables.encode()?;
+        Ok(SharedCluster {
+            summary: part.summary(),
+            part: Bytes::from(part.into_bytes()),
+            tables,
+        })
+    }
+}
+
+/// A node's snapshot at one generation.
+#[derive(Clone, Debug)]
+pub struct SnapshotBody {
+    /// The node part, at `generation`.
+    pub node_part: Bytes,
+    pub cluster: Arc<SharedCluster>,
+    /// The node's own tables, for format 2.
+    pub node: Arc<NodeTables>,
+    pub generation: u64,
+}
+
+impl SnapshotBody {
+    /// The length of the format 3 snapshot.
+    pub fn len(&self) -> usize {
+        self.node_part.len() + self.cluster.part.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The snapshot in `format`: format 3 as the node part and the shared cluster part, format 2
+    /// encoded now.
+    pub fn chunks(&self, format: Format) -> Result<Chunks, EncodeError> {
+        match format {
+            Format::V3 => Ok(Chunks::from([
+                self.node_part.clone(),
+                self.cluster.part.clone(),
+            ])),
+            Format::V2 => {
+                let snapshot = Snapshot::from_parts(
+                    (*self.node).clone(),
+                    (*self.cluster.tables).clone(),
+                    self.generation,
+                );
+                Ok(Chunks::from([Bytes::from(snapshot.encode_as(Format::V2)?)]))
+            }
+        }
+    }
+
+    /// The whole snapshot in `format`, in one buffer (for tests and tools).
+    pub fn to_vec(&self, format: Format) -> Result<Vec<u8>, EncodeError> {
+        let chunks = self.chunks(format)?;
+        Ok(chunks.0.iter().flat_map(|b| b.iter().copied()).collect())
+    }
+}
+
+/// A response body of byte chunks sent in order, none copied into another: a snapshot's node part
+/// and the cluster part that a thousand responses share.
+#[derive(Debug, Default)]
+pub struct Chunks(VecDeque<Bytes>);
+
+impl<const N: usize> From<[Bytes; N]> for Chunks {
+    fn from(chunks: [Bytes; N]) -> Self {
+        Chunks(chunks.into_iter().filter(|b| !b.is_empty()).collect())
+    }
+}
+
+impl From<Bytes> for Chunks {
+    fn from(bytes: Bytes) -> Self {
+        Chunks::from([bytes])
+    }
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Exact, so that the response has a `Content-Length`.
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
+    }
+}
+
+/// A small valid snapshot body of `node` at `generation`, for tests of what serves bodies.
+#[cfg(test)]
+pub(crate) fn for_tests(node: &str, generation: u64) -> SnapshotBody {
+    use kmesh_common::mode;
+    use kmesh_snapshot::builder::SnapshotBuilder;
+    let mut b = SnapshotBuilder::new(node, generation, mode::KERNEL_NATIVE);
+    let set = b.backend_set(0, &[]);
+    b.service("10.96.0.1".parse().expect("an address"), 80, &[(1, set)]);
+    let (own, cluster) = b.build().into_parts();
+    let cluster = Arc::new(SharedCluster::encode(Arc::new(cluster)).expect("valid tables"));
+    let node_part = own
+        .encode(generation, cluster.summary)
+        .expect("valid tables");
+    SnapshotBody {
+        node_part: Bytes::from(node_part),
+        cluster,
+        node: Arc::new(own),
+        generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use kmesh_snapshot::Limits;
+
+    use super::*;
+
+    fn body() -> (Snapshot, SnapshotBody) {
+        let body = for_tests("node-1", 9);
+        let snapshot =
+            Snapshot::from_parts((*body.node).clone(), (*body.cluster.tables).clone(), 9);
+        (snapshot, body)
+    }
+
+    #[tokio::test]
+    async fn both_formats_are_the_snapshot_and_format_3_is_sent_in_two_chunks() {
+        let (snapshot, body) = body();
+        for format in Format::ALL {
+            let chunks = body.chunks(format).unwrap();
+            let expected = snapshot.encode_as(format).unwrap();
+            assert_eq!(chunks.size_hint().exact(), Some(expected.len() as u64));
+            let frames = chunks.0.len();
+            assert_eq!(frames, if format == Format::V3 { 2 } else { 1 });
+            let sent = chunks.collect().await.unwrap().to_bytes();
+            assert_eq!(sent, expected, "{format:?}");
+            let decoded = Snapshot::decode(&sent, &Limits::default()).unwrap();
+            assert_eq!(
+                (decoded.snapshot, decoded.format),
+                (snapshot.clone(), format)
+            );
+        }
+        assert_eq!(body.len(), snapshot.encode().unwrap().len());
+    }
+}

@@ -5,15 +5,16 @@
 //!
 //! The oracle ([`check_plan`]): a valid snapshot is accepted by the encoder and
 //! `decode(encode(s)) == s`, under the node's default limits too; an edited one is either refused by
-//! the encoder or round-trips the same way. Every encoding is also put through the decoder oracle of
-//! [`crate::decode_check`].
+//! the encoder or round-trips the same way, in both formats (2 and 3); the format 3 encoding is the
+//! snapshot's node and cluster parts encoded apart. Every encoding is also put through the decoder
+//! oracle of [`crate::decode_check`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::Arbitrary;
 use kmesh_common::{RouteValue, ip16, lb_policy};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
-use kmesh_snapshot::{Limits, ServiceName, Snapshot, WorkloadName};
+use kmesh_snapshot::{Format, Limits, ServiceName, Snapshot, WorkloadName};
 
 use crate::authz_plan::{self, AuthzEdit, AuthzPlan};
 use crate::decode_check;
@@ -337,6 +338,11 @@ pub fn check_plan(plan: &SnapshotPlan) {
         .encode()
         .unwrap_or_else(|e| panic!("the encoder refuses a valid snapshot: {e}\n{valid:?}"));
     check_round_trip(&valid, &bytes);
+    check_parts(&valid, &bytes);
+    let v2 = valid
+        .encode_as(Format::V2)
+        .unwrap_or_else(|e| panic!("the format 2 encoder refuses a valid snapshot: {e}"));
+    check_round_trip(&valid, &v2);
 
     let Some(edit) = &plan.edit else { return };
     let mut edited = valid.clone();
@@ -356,6 +362,19 @@ fn check_round_trip(snapshot: &Snapshot, bytes: &[u8]) {
         .unwrap_or_else(|e| panic!("the default limits refuse a small snapshot: {e}"));
     assert_eq!(under_defaults, decoded);
     decode_check::check_one(bytes);
+}
+
+/// The snapshot's two parts encoded apart, as the operator serves them, are `bytes`.
+fn check_parts(snapshot: &Snapshot, bytes: &[u8]) {
+    let (node, cluster) = snapshot.clone().into_parts();
+    let cluster = cluster
+        .encode()
+        .unwrap_or_else(|e| panic!("the cluster part of a valid snapshot is refused: {e}"));
+    let mut joined = node
+        .encode(snapshot.generation, cluster.summary())
+        .unwrap_or_else(|e| panic!("the node part of a valid snapshot is refused: {e}"));
+    joined.extend_from_slice(cluster.bytes());
+    assert!(joined == bytes, "the parts encoded apart differ from the snapshot");
 }
 
 /// Index `index` of a table of `len` records, or `None` for an empty table.

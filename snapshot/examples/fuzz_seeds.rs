@@ -14,7 +14,7 @@ use kmesh_common::authz::{
 };
 use kmesh_common::{lb_policy, mode};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
-use kmesh_snapshot::{ServiceName, Snapshot, WorkloadName};
+use kmesh_snapshot::{Format, ServiceName, Snapshot, WorkloadName};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("seed address")
@@ -159,12 +159,15 @@ fn main() {
         ("authz-ipv6", ipv6_authz()),
         ("authz-long-names", long_names()),
     ];
+    // Each in both formats the decoder reads.
     for (name, snapshot) in seeds {
-        let bytes = snapshot
-            .encode()
-            .unwrap_or_else(|e| panic!("seed {name} is invalid: {e}"));
-        assert!(bytes.len() <= 8192, "seed {name} is {} bytes", bytes.len());
-        let path = Path::new(&dir).join(format!("{name}.bin"));
-        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for (format, suffix) in [(Format::V3, ""), (Format::V2, "-v2")] {
+            let bytes = snapshot
+                .encode_as(format)
+                .unwrap_or_else(|e| panic!("seed {name} is invalid: {e}"));
+            assert!(bytes.len() <= 8192, "seed {name} is {} bytes", bytes.len());
+            let path = Path::new(&dir).join(format!("{name}{suffix}.bin"));
+            std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
     }
 }

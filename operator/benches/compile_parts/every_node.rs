@@ -1,13 +1,13 @@
 //! What the operator does for one change, on every node: `compile` for all the cluster's nodes,
-//! then the publisher's two steps (a content hash per node's snapshot, which encodes it; then the
-//! bytes served to each node whose content changed, which encodes it again). The change is one
-//! pod's address, which every node's snapshot carries (endpoints are cluster-wide), so every
-//! node is served.
+//! then the publisher's two steps (encode the cluster part once and each node's own part, which
+//! gives its content hash; then the node parts served to each node whose content changed, at
+//! their generation). The change is one pod's address, which every node's snapshot carries
+//! (endpoints are cluster-wide), so every node is served.
 //!
 //! The baseline, in the same run, is the same change in the same cluster compiled and published for
-//! one of its nodes: the ratio says how the work grows with the number of nodes (about 1 would
-//! mean that the cluster-wide part is done once and only each node's own part repeats). RSS is the process's after the change (the peak so far is
-//! printed too; the scenarios run smallest first).
+//! one of its nodes: the ratio says how the work grows with the number of nodes (about 1 means
+//! that the cluster-wide part is done once and only each node's own part repeats). RSS is the
+//! process's after the change (the peak so far is printed too; the scenarios run smallest first).
 //!
 //! A scenario whose snapshots would need more memory than half of what the machine has available
 //! is not run; the table says so, with the estimate.
@@ -58,9 +58,11 @@ pub fn run(smoke: bool) {
 fn scenario(services: u32, nodes: u32) {
     let inputs = generated(services, PODS_PER_SERVICE, nodes);
     let one = one_change(&inputs, 1);
-    // Each node's snapshot lives about four times at once (the compile's, the publisher's latest
-    // and decided content, the bytes served); twice that during the change.
-    let estimate = one.snapshot_bytes as u64 * u64::from(nodes) * 8;
+    // The cluster's tables and part, and each node's own tables and part, live about four times
+    // at once (the compile's, the publisher's latest and decided content, the bytes served);
+    // twice that during the change.
+    let per_node = one.node_part_bytes as u64 * u64::from(nodes);
+    let estimate = (one.snapshot_bytes as u64 + per_node) * 8;
     let available = mem_available_bytes();
     if estimate > available / 2 {
         println!(
@@ -91,6 +93,8 @@ fn scenario(services: u32, nodes: u32) {
 /// The cost of one change.
 struct Change {
     snapshot_bytes: usize,
+    /// Of the first node's snapshot, its own part (the rest is shared by every node).
+    node_part_bytes: usize,
     compile_ms: f64,
     publish_ms: f64,
     serve_ms: f64,
@@ -112,13 +116,13 @@ fn one_change(inputs: &Inputs, nodes: u32) -> Change {
     let mut publisher = Publisher::new(SnapshotStore::default(), Arc::new(Metrics::default()), 1);
     let first = compile(inputs, &names, 1, &options);
     publish_all(&mut publisher, &first, nodes);
-    let snapshot_bytes = first
-        .snapshot("node-1")
-        .unwrap()
-        .encode()
-        .expect("a generated snapshot encodes")
+    let cluster = first.cluster.encode().expect("generated tables encode");
+    let node_part_bytes = first.nodes["node-1"]
+        .encode(1, cluster.summary())
+        .expect("generated tables encode")
         .len();
-    drop(first);
+    let snapshot_bytes = node_part_bytes + cluster.bytes().len();
+    drop((first, cluster));
 
     let mut changed = inputs.clone();
     let status = changed.pods[0]
@@ -146,6 +150,7 @@ fn one_change(inputs: &Inputs, nodes: u32) -> Change {
     let (rss_mb, peak_mb) = rss_mb();
     Change {
         snapshot_bytes,
+        node_part_bytes,
         compile_ms,
         publish_ms,
         serve_ms,

@@ -374,7 +374,10 @@ fn check_parts(snapshot: &Snapshot, bytes: &[u8]) {
         .encode(snapshot.generation, cluster.summary())
         .unwrap_or_else(|e| panic!("the node part of a valid snapshot is refused: {e}"));
     joined.extend_from_slice(cluster.bytes());
-    assert!(joined == bytes, "the parts encoded apart differ from the snapshot");
+    assert!(
+        joined == bytes,
+        "the parts encoded apart differ from the snapshot"
+    );
 }
 
 /// Index `index` of a table of `len` records, or `None` for an empty table.

@@ -62,6 +62,7 @@ cargo test -p kmesh-agent --bench dataplane --locked -- --smoke
 cargo test -p kmesh-agent --bench events --locked -- --smoke
 cargo test -p kmesh-agent --bench authz --locked -- --smoke
 cargo test -p kmesh-operator --bench compile --locked -- --smoke
+cargo test -p kmesh-operator --bench fanout --locked -- --smoke
 
 step "the OCI image: static musl binaries in a FROM scratch image, unpacked and run from its root"
 bash scripts/image.sh

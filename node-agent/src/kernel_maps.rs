@@ -112,6 +112,31 @@ impl KernelSlots {
     fn outer(&self, table: SlotTable) -> &OuterMap {
         &self.outer[table.position()]
     }
+
+    /// The kernel memory of each table's inner map in `slot` (tables with none left out): the
+    /// `memlock` the kernel reports for the map in its fdinfo, which is what the map's memory
+    /// accounting charges (since Linux 6.6 a hash map's actual use, not its capacity).
+    pub fn memory_in(&self, slot: Slot) -> Result<Vec<TableMemory>, MapsError> {
+        let mut out = Vec::new();
+        for table in SlotTable::ALL {
+            let name = table.map_name();
+            let Some(id) = self.outer(table).inner_id(slot)? else {
+                continue;
+            };
+            let inner = MapData::from_id(id).map_err(map_err(name))?;
+            let bytes =
+                sys::map_memlock(inner.fd().as_fd()).map_err(syscall_err(name, "fdinfo"))?;
+            out.push(TableMemory { table, bytes });
+        }
+        Ok(out)
+    }
+}
+
+/// The kernel memory of one table's inner map (see [`KernelSlots::memory_in`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableMemory {
+    pub table: SlotTable,
+    pub bytes: u64,
 }
 
 impl SlotMaps for KernelSlots {

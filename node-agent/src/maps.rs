@@ -116,6 +116,12 @@ impl GenerationMaps<KernelSlots> {
     pub fn open(installation: &Installation) -> Result<Self, MapsError> {
         Self::new(KernelSlots::open(installation)?)
     }
+
+    /// The kernel memory of the live generation's maps, table by table.
+    pub fn live_memory(&self) -> Result<Vec<crate::kernel_maps::TableMemory>, MapsError> {
+        let slot = self.maps.active_slot()?;
+        self.maps.memory_in(slot)
+    }
 }
 
 impl<M: SlotMaps> GenerationMaps<M> {

@@ -233,6 +233,16 @@ fn c_path(path: &Path) -> io::Result<CString> {
 }
 
 /// Opens the object pinned at `path` (`BPF_OBJ_GET`): a map, a program or a link.
+/// The `memlock:` of a BPF map's fdinfo: the bytes the kernel charges for the map.
+pub fn map_memlock(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let info = std::fs::read_to_string(path)?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no memlock in the map's fdinfo"))
+}
+
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let name = c_path(path)?;
     let mut attr = ObjAttr {

@@ -162,6 +162,11 @@ impl Agent {
         })
     }
 
+    /// The agent's process id (for `/proc/<pid>`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
     }

@@ -105,21 +105,37 @@ impl<M: SlotMaps> Applier<M> {
 
     /// Decodes, checks and applies `bytes`, and records the outcome.
     pub fn on_snapshot(&mut self, bytes: &[u8]) -> Outcome {
-        match self.accept(bytes) {
+        let decoded = self.decode(bytes);
+        self.on_decoded(decoded)
+    }
+
+    /// [`on_snapshot`](Self::on_snapshot), freeing `bytes` once decoded: the apply needs only the
+    /// decoded tables, and at 100,000 services the bytes are another 50 MB at the agent's peak.
+    pub fn on_snapshot_owned(&mut self, bytes: Vec<u8>) -> Outcome {
+        let decoded = self.decode(&bytes);
+        drop(bytes);
+        self.on_decoded(decoded)
+    }
+
+    fn on_decoded(&mut self, decoded: Result<Decoded, Box<Refused>>) -> Outcome {
+        match decoded.and_then(|decoded| self.accept(decoded)) {
             Ok(accepted) => self.record(accepted),
             Err(refused) => self.refuse(*refused),
         }
     }
 
-    fn accept(&mut self, bytes: &[u8]) -> Result<Accepted, Box<Refused>> {
-        let decoded = Snapshot::decode(bytes, &self.limits).map_err(|e| {
+    fn decode(&self, bytes: &[u8]) -> Result<Decoded, Box<Refused>> {
+        Snapshot::decode(bytes, &self.limits).map_err(|e| {
             Box::new(Refused {
                 generation: kmesh_snapshot::peek_header(bytes)
                     .ok()
                     .map(|h| h.generation),
                 refusal: e.into(),
             })
-        })?;
+        })
+    }
+
+    fn accept(&mut self, decoded: Decoded) -> Result<Accepted, Box<Refused>> {
         let snapshot = decoded.snapshot;
         let refused = |refusal| {
             Box::new(Refused {
@@ -335,7 +351,7 @@ impl DataPlane {
     pub fn run(mut self, rx: mpsc::Receiver<Delivery>) {
         loop {
             match rx.recv_timeout(ENROL_INTERVAL) {
-                Ok(Delivery::Snapshot(bytes)) => self.on_snapshot(&bytes),
+                Ok(Delivery::Snapshot(bytes)) => self.on_snapshot(bytes),
                 Ok(Delivery::Uninstall) => self.lifecycle.uninstall(),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -350,7 +366,7 @@ impl DataPlane {
         }
     }
 
-    fn on_snapshot(&mut self, bytes: &[u8]) {
+    fn on_snapshot(&mut self, bytes: Vec<u8>) {
         self.snapshots_received += 1;
         if self.test_panic_at_snapshot == Some(self.snapshots_received) {
             panic!(
@@ -362,7 +378,7 @@ impl DataPlane {
             warn!("snapshot ignored: this agent uninstalled; restart it to install again");
             return;
         }
-        if let Outcome::Applied { .. } = self.applier.on_snapshot(bytes) {
+        if let Outcome::Applied { .. } = self.applier.on_snapshot_owned(bytes) {
             self.sweep_pending = true;
         }
     }

@@ -429,8 +429,9 @@ async fn fetch(
                 .collect()
                 .await
                 .map_err(|e| FetchError::Body(e.to_string()))?;
+            // One copy at most (of a body in several frames), none more: a snapshot may be 50 MB.
             Ok(Fetched::Snapshot {
-                bytes: body.to_bytes().to_vec(),
+                bytes: Vec::from(body.to_bytes()),
                 etag,
             })
         }

@@ -7,6 +7,13 @@
 //!    100,000 services with 10 endpoints each, and the kernel memory of the live generation's maps
 //!    (their fdinfo `memlock`): in all, and per service and per endpoint of their own maps.
 //! 3. the agent process's memory (`kmesh-agent`, steady RSS and peak) with those snapshots.
+//! 4. HTTP with `wrk` through three paths: direct, the mesh's VIP, and a haproxy pair in the pods
+//!    (a userspace L4 proxy per pod, the sidecars' shape), keep-alive and a connection per request:
+//!    requests/s, p50, p90 and p99, as ratios to the direct path (`dataplane_parts/http.rs`).
+//! 5. connect()+close() through the VIP with 2 services loaded and with 100,000 more (1,000,000
+//!    endpoints; 10,000 in the smoke run).
+//!
+//! Needs root, `wrk` and `haproxy` (scripts/setup.sh installs both).
 //!
 //! `cargo bench -p kmesh-agent --bench dataplane` for the full run, `-- --smoke` for the short run
 //! CI does (fewer connections, no 100,000-service snapshot). The connect loops run in the
@@ -29,6 +36,13 @@ use kmesh_snapshot::{
 };
 use kmesh_tests::{Agent, AgentDir, AgentOptions, AgentSource, Pod, TestCgroup, TestNetwork};
 
+#[path = "dataplane_parts/http.rs"]
+mod http;
+#[path = "authz/http_server.rs"]
+mod http_server;
+#[path = "authz/wrk.rs"]
+mod wrk;
+
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const POD_PORT: u16 = 8080;
 
@@ -38,6 +52,10 @@ struct Plan {
     service_counts: &'static [u32],
     /// Snapshots the agent process's memory is measured at.
     agent_service_counts: &'static [u32],
+    http: http::HttpPlan,
+    /// Services of 10 endpoints each loaded beside the measured one for the connect() cost at
+    /// scale.
+    scale_services: u32,
 }
 
 fn main() {
@@ -48,6 +66,11 @@ fn main() {
             connections: 2_000,
             service_counts: &[1_000, 10_000],
             agent_service_counts: &[1_000],
+            http: http::HttpPlan {
+                rounds: 1,
+                seconds: 1,
+            },
+            scale_services: 10_000,
         }
     } else {
         Plan {
@@ -55,6 +78,11 @@ fn main() {
             connections: 20_000,
             service_counts: &[1_000, 10_000, 100_000],
             agent_service_counts: &[1_000, 10_000, 100_000],
+            http: http::HttpPlan {
+                rounds: 5,
+                seconds: 2,
+            },
+            scale_services: 100_000,
         }
     };
     println!(
@@ -81,13 +109,7 @@ fn main() {
             .expect("install programs");
     let mut maps = GenerationMaps::open(&installation).expect("generation maps");
     let mut enrolled = EnrolledMap::open(&installation).expect("enrolled map");
-    let mut b = SnapshotBuilder::new("bench-node", 1, mode::KERNEL_NATIVE);
-    let set = b.backend_set(
-        lb_policy::RANDOM,
-        &[Endpoint::new(IpAddr::V4(server.ipv4()), POD_PORT, 1)],
-    );
-    b.service(VIP.into(), 80, &[(1, set)]);
-    let snapshot = b.build();
+    let snapshot = mesh_snapshot(&server, 1, 0);
     maps.apply(&snapshot, 1).expect("apply");
     enrolled
         .insert(
@@ -101,8 +123,98 @@ fn main() {
         .expect("enrol client");
 
     connect_cost(&plan, &client, &server, &plain, &mesh);
+    http::run(&plan.http, &client, &server, VIP, &plain, &mesh);
     swap_cost(&plan, &mut maps);
+    // After the swap costs: its large generations are freed by the kernel in the background
+    // (RCU), which would weigh on whatever runs next.
+    connect_at_scale(&plan, &mut maps, &client, &server, &mesh);
     agent_memory(&plan);
+}
+
+/// The measured services (the VIP's port 80 to the probe server, its [`http::HTTP_PORT`] to the
+/// HTTP server), and `extra` services of 10 endpoints each that no traffic goes to (the table
+/// sizes of a large cluster).
+fn mesh_snapshot(server: &Pod, generation: u64, extra: u32) -> Snapshot {
+    let mut b = SnapshotBuilder::new("bench-node", generation, mode::KERNEL_NATIVE);
+    let server_ip = IpAddr::V4(server.ipv4());
+    let probe = b.backend_set(lb_policy::RANDOM, &[Endpoint::new(server_ip, POD_PORT, 1)]);
+    b.service(VIP.into(), 80, &[(1, probe)]);
+    let web = b.backend_set(
+        lb_policy::RANDOM,
+        &[Endpoint::new(server_ip, http::HTTP_PORT, 1)],
+    );
+    b.service(VIP.into(), http::HTTP_PORT, &[(1, web)]);
+    for i in 0..extra {
+        let endpoints: Vec<Endpoint> = (0..10u32)
+            .map(|e| {
+                let n = i * 10 + e;
+                let ip = Ipv4Addr::new(10, 200 + (n >> 16) as u8, (n >> 8) as u8, n as u8);
+                Endpoint::new(IpAddr::V4(ip), 8080, 1)
+            })
+            .collect();
+        let set = b.backend_set(lb_policy::RANDOM, &endpoints);
+        let vip = Ipv4Addr::new(10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        b.service(vip.into(), 80, &[(1, set)]);
+    }
+    b.build()
+}
+
+/// connect()+close() through the VIP with only the measured services loaded, and with
+/// `plan.scale_services` more (10 endpoints each): the kernel's lookups are hash lookups, so the
+/// ratio should be 1. The two alternate by round (each round applies its snapshot first and lets
+/// the kernel free the one before); the ratio is printed as the min, median and max of the rounds'
+/// ratios.
+fn connect_at_scale(
+    plan: &Plan,
+    maps: &mut GenerationMaps,
+    client: &Pod,
+    server: &Pod,
+    mesh: &TestCgroup,
+) {
+    let vip = format!("{VIP}:80");
+    let small = mesh_snapshot(server, 20, 0);
+    let large = mesh_snapshot(server, 21, plan.scale_services);
+    let endpoints = large.endpoints.len();
+    let (mut few, mut many, mut ratios) = (vec![], vec![], vec![]);
+    // A swap away from a large generation leaves the kernel freeing its maps (RCU callbacks) for
+    // a while: each measurement waits for that to end, then warms up.
+    let settle = |maps: &mut GenerationMaps, snapshot: &Snapshot, hash: u64| {
+        maps.apply(snapshot, hash).expect("apply");
+        std::thread::sleep(Duration::from_secs(2));
+        per_connection_us(client, mesh, &vip, plan.connections / 10);
+    };
+    for _ in 0..plan.rounds {
+        settle(maps, &small, 20);
+        let a = per_connection_us(client, mesh, &vip, plan.connections);
+        settle(maps, &large, 21);
+        let b = per_connection_us(client, mesh, &vip, plan.connections);
+        few.push(a);
+        many.push(b);
+        ratios.push(b / a);
+    }
+    let (lo, hi) = (
+        ratios.iter().copied().fold(f64::MAX, f64::min),
+        ratios.iter().copied().fold(f64::MIN, f64::max),
+    );
+    println!();
+    println!(
+        "connect()+close() through the VIP by table size, median of {} rounds of {} connections:",
+        plan.rounds, plan.connections
+    );
+    println!(
+        "  {:<52} {:>8.2} us",
+        "2 services, 2 endpoints",
+        median(few)
+    );
+    println!(
+        "  {:<52} {:>8.2} us   ratio min / median / max {lo:.3} / {:.3} / {hi:.3}",
+        format!(
+            "{} services, {endpoints} endpoints",
+            plan.scale_services + 2
+        ),
+        median(many),
+        median(ratios.clone()),
+    );
 }
 
 /// The agent process's memory: a `kmesh-agent` (the release binary, file source) of its own

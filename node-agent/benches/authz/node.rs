@@ -13,6 +13,7 @@ use crate::{
     Variant,
     http_server::HttpServer,
     tables::{self, Binding, Parties, TableSizes},
+    wrk,
 };
 
 pub const PROBE_PORT: u16 = 8080;
@@ -181,33 +182,13 @@ fn add_pair(net: &TestNetwork, variant: Variant) -> Pair {
     let client = net
         .add_pod(&format!("cli{name}"), nth(CLIENT_BASE), None)
         .expect("client pod");
-    reuse_time_wait_ports(&client);
+    wrk::reuse_time_wait_ports(&client);
     Pair {
         variant,
         client,
         server: net
             .add_pod(&format!("srv{name}"), nth(SERVER_BASE), None)
             .expect("server pod"),
-    }
-}
-
-/// Lets the client's connect() take over a port whose TIME_WAIT (to the same server) is older
-/// than a second (`net.ipv4.tcp_tw_reuse = 1` in the client's namespace; the default, 2, allows
-/// it on loopback only). Why: a wrk client often closes at the same time as the server, so both
-/// ends keep a TIME_WAIT for 60 s; once a client holds TIME_WAITs to its server on more than
-/// half of its 28,232 ephemeral ports, every connect() scans all the even ports in vain before
-/// an odd one (measured: +2 ms per connect() on this machine), and with all of them taken
-/// connect() fails with EADDRNOTAVAIL. Requests/s then collapse for whichever variants' client
-/// crossed that line, whatever sk_lookup does. With reuse, the first port tried is free.
-fn reuse_time_wait_ports(client: &Pod) {
-    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
-    let set = client.run_in(|| {
-        std::fs::write(SYSCTL, "1")?;
-        std::fs::read_to_string(SYSCTL)
-    });
-    match set {
-        Ok(v) if v.trim() == "1" => {}
-        other => panic!("{SYSCTL} = 1 in pod {}: {other:?}", client.name()),
     }
 }
 

@@ -88,6 +88,7 @@ fn median_result(runs: &[Observed<WrkRun>]) -> Option<WrkResult> {
     Some(WrkResult {
         requests_per_s: median(ok.iter().map(|r| r.requests_per_s).collect()),
         p50_us: median(ok.iter().map(|r| r.p50_us).collect()),
+        p90_us: median(ok.iter().map(|r| r.p90_us).collect()),
         p99_us: median(ok.iter().map(|r| r.p99_us).collect()),
     })
 }

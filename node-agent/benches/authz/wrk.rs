@@ -3,13 +3,16 @@
 //! (socket errors: connect, read, write, timeout; non-2xx/3xx answers). A run with failures is
 //! returned as such, with its figures, so that the benchmark prints it and keeps it out of the
 //! medians: a figure never hides failed requests.
-use std::{fmt, process::Command};
+use std::{fmt, path::Path, process::Command};
+
+use kmesh_tests::Pod;
 
 /// What the benchmark keeps of one wrk run.
 #[derive(Clone, Copy, Debug)]
 pub struct WrkResult {
     pub requests_per_s: f64,
     pub p50_us: f64,
+    pub p90_us: f64,
     pub p99_us: f64,
 }
 
@@ -70,7 +73,24 @@ pub fn require_wrk() {
 /// `wrk` against `url` from the namespace `netns`, for `seconds` seconds over `connections`
 /// connections of one thread. Panics if wrk does not run or its report cannot be read.
 pub fn run(netns: &str, url: &str, mode: Connections, seconds: u32, connections: usize) -> WrkRun {
+    run_in(netns, None, url, mode, seconds, connections)
+}
+
+/// [`run`], in the cgroup directory `cgroup` when given (where cgroup programs see wrk's
+/// connections).
+pub fn run_in(
+    netns: &str,
+    cgroup: Option<&Path>,
+    url: &str,
+    mode: Connections,
+    seconds: u32,
+    connections: usize,
+) -> WrkRun {
     let mut cmd = Command::new("ip");
+    if let Some(cgroup) = cgroup {
+        kmesh_tests::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup)
+            .expect("wrk joins its cgroup");
+    }
     cmd.args(["netns", "exec", netns, "wrk", "--latency", "-t1"])
         .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"));
@@ -93,6 +113,7 @@ fn parse(text: &str) -> Result<WrkRun, String> {
         .and_then(|v| v.parse::<f64>().ok())
         .ok_or("no Requests/sec")?;
     let p50_us = field(text, "50%").and_then(duration_us).ok_or("no p50")?;
+    let p90_us = field(text, "90%").and_then(duration_us).ok_or("no p90")?;
     let p99_us = field(text, "99%").and_then(duration_us).ok_or("no p99")?;
     let mut errors = socket_errors(text)?;
     if let Some(n) = field(text, "Non-2xx or 3xx responses:") {
@@ -105,6 +126,7 @@ fn parse(text: &str) -> Result<WrkRun, String> {
         result: WrkResult {
             requests_per_s,
             p50_us,
+            p90_us,
             p99_us,
         },
         errors,
@@ -161,4 +183,24 @@ fn duration_us(v: &str) -> Option<f64> {
         _ => return None,
     };
     Some(number * scale)
+}
+
+/// Lets the client's connect() take over a port whose TIME_WAIT (to the same server) is older
+/// than a second (`net.ipv4.tcp_tw_reuse = 1` in the client's namespace; the default, 2, allows
+/// it on loopback only). Why: a wrk client often closes at the same time as the server, so both
+/// ends keep a TIME_WAIT for 60 s; once a client holds TIME_WAITs to its server on more than
+/// half of its 28,232 ephemeral ports, every connect() scans all the even ports in vain before
+/// an odd one (measured: +2 ms per connect() on this machine), and with all of them taken
+/// connect() fails with EADDRNOTAVAIL. Requests/s then collapse for whichever variants' client
+/// crossed that line, whatever sk_lookup does. With reuse, the first port tried is free.
+pub fn reuse_time_wait_ports(client: &Pod) {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+    let set = client.run_in(|| {
+        std::fs::write(SYSCTL, "1")?;
+        std::fs::read_to_string(SYSCTL)
+    });
+    match set {
+        Ok(v) if v.trim() == "1" => {}
+        other => panic!("{SYSCTL} = 1 in pod {}: {other:?}", client.name()),
+    }
 }

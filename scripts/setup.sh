@@ -22,9 +22,10 @@ fi
 
 # 1. Debian packages: LLVM for bpf-linker, iproute2 for the netns harness, unzip for the Go
 # toolchain that scripts/control-plane-bins.sh fetches when Go is missing, wrk for the
-# benchmarks' HTTP runs, haproxy for the data plane benchmark's proxy pair (the sidecars' shape).
+# benchmarks' HTTP runs, haproxy for the data plane benchmark's proxy pair (the sidecars' shape),
+# DejaVu Sans for the benchmarks' charts (bench-plots).
 need_pkgs=()
-for p in llvm-${LLVM_VERSION}-dev libpolly-${LLVM_VERSION}-dev libzstd-dev zlib1g-dev iproute2 curl ca-certificates pkg-config build-essential unzip wrk haproxy; do
+for p in llvm-${LLVM_VERSION}-dev libpolly-${LLVM_VERSION}-dev libzstd-dev zlib1g-dev iproute2 curl ca-certificates pkg-config build-essential unzip wrk haproxy fonts-dejavu-core; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

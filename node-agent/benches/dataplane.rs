@@ -13,7 +13,8 @@
 //! 5. connect()+close() through the VIP with 2 services loaded and with 100,000 more (1,000,000
 //!    endpoints; 10,000 in the smoke run).
 //!
-//! Needs root, `wrk` and `haproxy` (scripts/setup.sh installs both).
+//! Needs root, `wrk` and `haproxy` (scripts/setup.sh installs both). Writes charts of parts 2 to 4
+//! (PNG) to `kmesh_bench_plots::plots_dir()` (`target/plots`, or `$KMESH_PLOTS_DIR`).
 //!
 //! `cargo bench -p kmesh-agent --bench dataplane` for the full run, `-- --smoke` for the short run
 //! CI does (fewer connections, no 100,000-service snapshot). The connect loops run in the
@@ -123,12 +124,99 @@ fn main() {
         .expect("enrol client");
 
     connect_cost(&plan, &client, &server, &plain, &mesh);
-    http::run(&plan.http, &client, &server, VIP, &plain, &mesh);
-    swap_cost(&plan, &mut maps);
+    let http = http::run(&plan.http, &client, &server, VIP, &plain, &mesh);
+    let swaps = swap_cost(&plan, &mut maps);
     // After the swap costs: its large generations are freed by the kernel in the background
     // (RCU), which would weigh on whatever runs next.
     connect_at_scale(&plan, &mut maps, &client, &server, &mesh);
-    agent_memory(&plan);
+    let memory = agent_memory(&plan);
+    charts(&http, &swaps, &memory);
+}
+
+/// One snapshot's apply (`swap_cost`): services, then decode, fill, flip, total in ms, then the
+/// kernel memory of its maps in MB.
+type Swap = (u32, [f64; 4], f64);
+
+/// The charts of this run, in `kmesh_bench_plots::plots_dir()`.
+fn charts(http: &[http::HttpFigures], swaps: &[Swap], memory: &[(u32, f64, f64)]) {
+    use kmesh_bench_plots::{BarGroup, Series, grouped_bars, log_log_lines, plots_dir};
+    let dir = plots_dir();
+    let mut written = Vec::new();
+    for (figures, file) in http
+        .iter()
+        .zip(["http-keep-alive.png", "http-per-request.png"])
+    {
+        let groups: Vec<BarGroup> = figures
+            .paths
+            .iter()
+            .map(|(path, values)| BarGroup {
+                name: path.to_string(),
+                values: values.to_vec(),
+            })
+            .collect();
+        let title = format!(
+            "HTTP latency, {} (wrk, medians of the rounds)",
+            figures.mode
+        );
+        let path = dir.join(file);
+        grouped_bars(&path, &title, "µs", &["p50", "p90", "p99"], &groups).expect("chart");
+        written.push(path);
+    }
+    let line = |name: &str, points: Vec<(f64, f64)>| Series {
+        name: name.to_string(),
+        points,
+    };
+    let of = |i: usize| -> Vec<(f64, f64)> {
+        swaps
+            .iter()
+            .map(|(services, ms, _)| (f64::from(*services), ms[i]))
+            .collect()
+    };
+    let path = dir.join("node-apply.png");
+    log_log_lines(
+        &path,
+        "Applying a snapshot on the node (10 endpoints per service)",
+        "services",
+        "ms",
+        &[
+            line("decode", of(0)),
+            line("fill", of(1)),
+            line("flip", of(2)),
+            line("total", of(3)),
+        ],
+    )
+    .expect("chart");
+    written.push(path);
+    let path = dir.join("node-memory.png");
+    log_log_lines(
+        &path,
+        "Memory on the node (10 endpoints per service)",
+        "services",
+        "MB",
+        &[
+            line(
+                "kernel: the live generation's maps",
+                swaps
+                    .iter()
+                    .map(|(services, _, mb)| (f64::from(*services), *mb))
+                    .collect(),
+            ),
+            line(
+                "agent RSS, steady",
+                memory.iter().map(|m| (f64::from(m.0), m.1)).collect(),
+            ),
+            line(
+                "agent RSS, peak",
+                memory.iter().map(|m| (f64::from(m.0), m.2)).collect(),
+            ),
+        ],
+    )
+    .expect("chart");
+    written.push(path);
+    println!();
+    for path in written {
+        println!("chart: {}", path.display());
+    }
 }
 
 /// The measured services (the VIP's port 80 to the probe server, its [`http::HTTP_PORT`] to the
@@ -220,7 +308,8 @@ fn connect_at_scale(
 /// The agent process's memory: a `kmesh-agent` (the release binary, file source) of its own
 /// cgroup and pins applies a generated snapshot; its RSS two seconds after the snapshot is live
 /// (steady), and its peak (VmHWM, start and apply included).
-fn agent_memory(plan: &Plan) {
+fn agent_memory(plan: &Plan) -> Vec<(u32, f64, f64)> {
+    let mut figures = Vec::new();
     println!();
     println!("agent process memory (kmesh-agent, file source, 10 endpoints per service):");
     println!(
@@ -272,7 +361,9 @@ fn agent_memory(plan: &Plan) {
         );
         let _ = agent.terminate();
         let _ = std::fs::remove_file(&file);
+        figures.push((services, steady, peak));
     }
+    figures
 }
 
 /// Microseconds per connect()+close() of one probe run.
@@ -349,7 +440,8 @@ fn connect_cost(plan: &Plan, client: &Pod, server: &Pod, plain: &TestCgroup, mes
     );
 }
 
-fn swap_cost(plan: &Plan, maps: &mut GenerationMaps) {
+fn swap_cost(plan: &Plan, maps: &mut GenerationMaps) -> Vec<Swap> {
+    let mut figures = Vec::new();
     println!();
     println!("snapshot decode + fill + flip (10 endpoints per service):");
     println!(
@@ -398,5 +490,17 @@ fn swap_cost(plan: &Plan, maps: &mut GenerationMaps) {
             of(SlotTable::Services) as f64 / f64::from(services),
             of(SlotTable::Endpoints) as f64 / endpoints.max(1) as f64,
         );
+        let ms = |micros: u64| micros as f64 / 1e3;
+        figures.push((
+            services,
+            [
+                decode.as_secs_f64() * 1e3,
+                ms(stats.fill_micros),
+                ms(stats.flip_micros),
+                total.as_secs_f64() * 1e3,
+            ],
+            kernel as f64 / 1e6,
+        ));
     }
+    figures
 }

@@ -3,6 +3,8 @@
 //! time to encode and decode the resulting snapshot (the agent's share of the same data).
 //!
 //! `cargo bench -p kmesh-operator --bench compile` (`-- --smoke` compiles 1,000 services instead).
+//! Writes a chart of the every-node change against the number of nodes to
+//! `kmesh_bench_plots::plots_dir()`.
 use std::{path::Path, time::Instant};
 
 use kmesh_operator::{

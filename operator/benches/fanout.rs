@@ -17,7 +17,8 @@
 //! The baseline, in the same run, is the compile and publish alone (what the operator does before
 //! the first byte goes out): the rest is the fan-out.
 //!
-//! `cargo bench -p kmesh-operator --bench fanout` (`-- --smoke`: 200 services, 20 agents).
+//! `cargo bench -p kmesh-operator --bench fanout` (`-- --smoke`: 200 services, 20 agents). Writes a
+//! chart of the times against the bytes sent to `kmesh_bench_plots::plots_dir()`.
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -73,12 +74,43 @@ fn main() {
         "peak MB"
     );
     println!("  (RSS: the process's over what it held before the operator started, the inputs)");
-    for &(services, agents) in if smoke { SMOKE } else { FULL } {
-        scenario(services, agents);
-    }
+    let rows: Vec<Row> = (if smoke { SMOKE } else { FULL })
+        .iter()
+        .map(|&(services, agents)| scenario(services, agents))
+        .collect();
+    chart(&rows);
 }
 
-fn scenario(services: u32, agents: u32) {
+/// A scenario's result: MB sent for the change, then p50, p99 and the last agent's ms.
+type Row = (f64, [f64; 3]);
+
+/// The times against the bytes a change sends (every scenario on one axis: the bytes are the
+/// floor).
+fn chart(rows: &[Row]) {
+    use kmesh_bench_plots::{Series, log_log_lines, plots_dir};
+    let mut rows = rows.to_vec();
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let series = ["p50", "p99", "last agent"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Series {
+            name: name.to_string(),
+            points: rows.iter().map(|r| (r.0, r.1[i])).collect(),
+        })
+        .collect::<Vec<_>>();
+    let path = plots_dir().join("fanout.png");
+    log_log_lines(
+        &path,
+        "Fan-out: from a change to the agents holding it",
+        "MB sent per change (snapshot bytes x agents)",
+        "ms",
+        &series,
+    )
+    .expect("chart");
+    println!("chart: {}", path.display());
+}
+
+fn scenario(services: u32, agents: u32) -> Row {
     let inputs = generated_cluster::generated(services, PODS_PER_SERVICE, agents);
     let mut changed = inputs.clone();
     let status = changed.pods[0]
@@ -142,6 +174,14 @@ fn scenario(services: u32, agents: u32) {
     );
     clients.shutdown_background();
     drop(operator);
+    (
+        sent as f64 / 1e6,
+        [
+            ms(percentile(&delays, 0.50)),
+            ms(percentile(&delays, 0.99)),
+            ms(*delays.last().unwrap_or(&Duration::ZERO)),
+        ],
+    )
 }
 
 fn ms(d: Duration) -> f64 {

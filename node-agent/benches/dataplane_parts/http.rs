@@ -49,6 +49,14 @@ enum Path3 {
 impl Path3 {
     const ALL: [Path3; 3] = [Path3::Direct, Path3::Mesh, Path3::ProxyPair];
 
+    fn short(self) -> &'static str {
+        match self {
+            Path3::Direct => "direct",
+            Path3::Mesh => "mesh (VIP)",
+            Path3::ProxyPair => "haproxy pair",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Path3::Direct => "baseline: pod IP, no programs",
@@ -56,6 +64,12 @@ impl Path3 {
             Path3::ProxyPair => "proxy pair: haproxy in both pods",
         }
     }
+}
+
+/// One mode's medians (p50, p90, p99 in µs) per path, for the charts.
+pub struct HttpFigures {
+    pub mode: &'static str,
+    pub paths: Vec<(&'static str, [f64; 3])>,
 }
 
 /// Measures the three paths; `vip` is a Service VIP whose port [`HTTP_PORT`] the mesh routes to
@@ -67,7 +81,7 @@ pub fn run(
     vip: Ipv4Addr,
     plain: &TestCgroup,
     mesh: &TestCgroup,
-) {
+) -> Vec<HttpFigures> {
     wrk::require_wrk();
     require_haproxy();
     wrk::reuse_time_wait_ports(client);
@@ -85,6 +99,7 @@ pub fn run(
          each round's figure over the same round's baseline, min / median / max of the rounds",
         plan.rounds, plan.seconds
     );
+    let mut figures = Vec::new();
     for mode in [Connections::KeepAlive, Connections::PerRequest] {
         let mut rounds: Vec<[Option<WrkResult>; 3]> = Vec::new();
         for round in 0..plan.rounds {
@@ -118,18 +133,19 @@ pub fn run(
             }
             rounds.push(results);
         }
-        print_mode(mode, &rounds);
+        figures.push(print_mode(mode, &rounds));
     }
+    figures
 }
 
-fn print_mode(mode: Connections, rounds: &[[Option<WrkResult>; 3]]) {
-    println!(
-        "  {}:",
-        match mode {
-            Connections::KeepAlive => "keep-alive",
-            Connections::PerRequest => "a new connection per request",
-        }
-    );
+/// Prints one mode's table; returns its medians.
+fn print_mode(mode: Connections, rounds: &[[Option<WrkResult>; 3]]) -> HttpFigures {
+    let label = match mode {
+        Connections::KeepAlive => "keep-alive",
+        Connections::PerRequest => "a new connection per request",
+    };
+    println!("  {label}:");
+    let mut medians = Vec::new();
     println!(
         "    {:<36} {:>9} {:>9} {:>9} {:>9}   {:>20} {:>20} {:>20} {:>20}",
         "path",
@@ -176,6 +192,11 @@ fn print_mode(mode: Connections, rounds: &[[Option<WrkResult>; 3]]) {
             spread(2),
             spread(3)
         );
+        medians.push((path.short(), [median_of(1), median_of(2), median_of(3)]));
+    }
+    HttpFigures {
+        mode: label,
+        paths: medians,
     }
 }
 

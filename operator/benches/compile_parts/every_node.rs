@@ -50,12 +50,47 @@ pub fn run(smoke: bool) {
         "RSS MB",
         "peak MB"
     );
-    for &(services, nodes) in if smoke { SMOKE } else { FULL } {
-        scenario(services, nodes);
-    }
+    let rows: Vec<Row> = (if smoke { SMOKE } else { FULL })
+        .iter()
+        .filter_map(|&(services, nodes)| scenario(services, nodes))
+        .collect();
+    chart(&rows);
 }
 
-fn scenario(services: u32, nodes: u32) {
+/// A scenario's result: services, nodes, the change's total ms, and one node's.
+type Row = (u32, u32, f64, f64);
+
+/// The total against the number of nodes, a line per cluster size (one node is the baseline).
+fn chart(rows: &[Row]) {
+    use kmesh_bench_plots::{Series, log_log_lines, plots_dir};
+    let mut sizes: Vec<u32> = rows.iter().map(|r| r.0).collect();
+    sizes.dedup();
+    let series: Vec<Series> = sizes
+        .iter()
+        .map(|&services| {
+            let of_size = rows.iter().filter(|r| r.0 == services);
+            let one = of_size.clone().map(|r| r.3).fold(f64::NAN, f64::min);
+            let mut points = vec![(1.0, one)];
+            points.extend(of_size.map(|r| (f64::from(r.1), r.2)));
+            Series {
+                name: format!("{services} services"),
+                points,
+            }
+        })
+        .collect();
+    let path = plots_dir().join("operator-change.png");
+    log_log_lines(
+        &path,
+        "One change on every node: compile, encode, serve",
+        "nodes",
+        "ms",
+        &series,
+    )
+    .expect("chart");
+    println!("chart: {}", path.display());
+}
+
+fn scenario(services: u32, nodes: u32) -> Option<Row> {
     let inputs = generated(services, PODS_PER_SERVICE, nodes);
     let one = one_change(&inputs, 1);
     // The cluster's tables and part, and each node's own tables and part, live about four times
@@ -72,7 +107,7 @@ fn scenario(services: u32, nodes: u32) {
             estimate >> 20,
             available >> 20
         );
-        return;
+        return None;
     }
     let all = one_change(&inputs, nodes);
     println!(
@@ -88,6 +123,7 @@ fn scenario(services: u32, nodes: u32) {
         all.rss_mb,
         all.peak_mb
     );
+    Some((services, nodes, all.total_ms(), one.total_ms()))
 }
 
 /// The cost of one change.

@@ -17,6 +17,8 @@ use kmesh_snapshot::{Limits, Snapshot};
 mod every_node;
 #[path = "compile_parts/generated.rs"]
 mod generated_cluster;
+#[path = "compile_parts/process.rs"]
+mod process;
 
 use generated_cluster::generated;
 

@@ -44,6 +44,12 @@ use tokio::{net::TcpStream, sync::watch};
 
 #[path = "compile_parts/generated.rs"]
 mod generated_cluster;
+// Only its rss_mb: the compile benchmark's scenarios also check the memory available.
+#[allow(dead_code)]
+#[path = "compile_parts/process.rs"]
+mod process;
+
+use process::rss_mb;
 
 const FULL: &[(u32, u32)] = &[(1_000, 1_000), (10_000, 100), (10_000, 1_000)];
 const SMOKE: &[(u32, u32)] = &[(200, 20)];
@@ -493,18 +499,4 @@ fn thread_cpu(path: &std::path::Path) -> Duration {
         .and_then(|f| f.parse::<u64>().ok())
         .unwrap_or(0);
     Duration::from_nanos(nanos)
-}
-
-/// (VmRSS, VmHWM) of this process, in MB.
-fn rss_mb() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb >> 10)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }

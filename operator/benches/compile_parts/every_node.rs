@@ -22,6 +22,7 @@ use kmesh_operator::{
 };
 
 use super::generated;
+use super::process::{mem_available_bytes, rss_mb};
 
 /// (services, nodes) per scenario, smallest first.
 const FULL: &[(u32, u32)] = &[(1_000, 100), (1_000, 1_000), (10_000, 100), (10_000, 1_000)];
@@ -33,8 +34,8 @@ const PODS_PER_SERVICE: u32 = 10;
 pub fn run(smoke: bool) {
     println!();
     println!(
-        "one change (a pod's address) on every node: compile all nodes, hash each node's \
-         snapshot, encode each changed node's bytes"
+        "one change (a pod's address) on every node: compile all nodes, encode the cluster part \
+         once and each node's part, serve each node"
     );
     println!(
         "  {:>8} {:>6} {:>10} {:>11} {:>11} {:>9} {:>9} {:>12} {:>14} {:>7} {:>8}",
@@ -204,29 +205,4 @@ fn publish_all(publisher: &mut Publisher, compiled: &Compiled, nodes: u32) {
 
 fn ms_since(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1e3
-}
-
-/// (VmRSS, VmHWM) of this process, in MB.
-fn rss_mb() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb >> 10)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// `MemAvailable` of `/proc/meminfo`, in bytes (0 if unreadable: nothing large is run).
-fn mem_available_bytes() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb << 10)
 }

@@ -18,6 +18,7 @@ pub mod admin_contract;
 pub mod builder;
 pub mod contract;
 mod decode;
+pub mod delta;
 mod encode;
 mod error;
 pub mod explain;
@@ -32,6 +33,8 @@ mod validate_authz;
 mod validate_names;
 pub mod view;
 
+#[cfg(test)]
+mod delta_tests;
 #[cfg(test)]
 mod format3_tests;
 #[cfg(test)]

@@ -135,14 +135,7 @@ pub fn log_log_lines(
             .draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart).map_err(|e| format!("{}: {e}", path.display()))?;
     root.present().map_err(err)
 }
 
@@ -211,6 +204,14 @@ pub fn grouped_bars(
             .label(*measure)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
     }
+    legend(&mut chart).map_err(|e| format!("{}: {e}", path.display()))?;
+    root.present().map_err(err)
+}
+
+/// The series' legend, in the upper left corner.
+fn legend<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, CT>,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
         .label_font(("sans-serif", 15))
@@ -218,8 +219,7 @@ pub fn grouped_bars(
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+        .map_err(|e| e.to_string())
 }
 
 /// An axis label: `1k`, `100k`, `1M` for round thousands and millions, else at most two

@@ -118,14 +118,7 @@ fn chart(rows: &[Row]) {
 
 fn scenario(services: u32, agents: u32) -> Row {
     let inputs = generated_cluster::generated(services, PODS_PER_SERVICE, agents);
-    let mut changed = inputs.clone();
-    let status = changed.pods[0]
-        .status
-        .as_mut()
-        .expect("generated pods have a status");
-    let moved = "10.255.255.254".to_string();
-    status.pod_ip = Some(moved.clone());
-    status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: moved }]);
+    let changed = generated_cluster::one_pod_moved(&inputs);
     let nodes: Vec<String> = (1..=agents).map(|n| format!("node-{n}")).collect();
     // What the process holds before the operator starts: the two sets of inputs.
     let (inputs_rss, _) = rss_mb();

@@ -22,6 +22,7 @@ use kmesh_operator::{
 };
 
 use super::generated;
+use super::generated_cluster::one_pod_moved;
 use super::process::{mem_available_bytes, rss_mb};
 
 /// (services, nodes) per scenario, smallest first.
@@ -161,14 +162,7 @@ fn one_change(inputs: &Inputs, nodes: u32) -> Change {
     let snapshot_bytes = node_part_bytes + cluster.bytes().len();
     drop((first, cluster));
 
-    let mut changed = inputs.clone();
-    let status = changed.pods[0]
-        .status
-        .as_mut()
-        .expect("generated pods have a status");
-    let moved = "10.255.255.254".to_string();
-    status.pod_ip = Some(moved.clone());
-    status.pod_ips = Some(vec![k8s_openapi::api::core::v1::PodIP { ip: moved }]);
+    let changed = one_pod_moved(inputs);
 
     let started = Instant::now();
     let compiled = compile(&changed, &names, 1, &options);

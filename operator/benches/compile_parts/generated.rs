@@ -86,3 +86,15 @@ pub fn generated(services: u32, pods_per_service: u32, nodes: u32) -> Inputs {
     }
     inputs
 }
+
+/// `inputs` with the first pod's address changed: the change the benchmarks measure (every node's
+/// snapshot carries the pod's endpoint and name).
+pub fn one_pod_moved(inputs: &Inputs) -> Inputs {
+    let mut changed = inputs.clone();
+    if let Some(status) = changed.pods.first_mut().and_then(|p| p.status.as_mut()) {
+        let moved = "10.255.255.254".to_string();
+        status.pod_ip = Some(moved.clone());
+        status.pod_ips = Some(vec![PodIP { ip: moved }]);
+    }
+    changed
+}

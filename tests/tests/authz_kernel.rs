@@ -780,10 +780,15 @@ fn check_flip_outcomes(w: &World, run: &FlipRun) {
 /// The per-policy counters add up to each client's connections, each generation's policies
 /// counting only their own verdicts.
 ///
-/// A verdict is counted per SYN the kernel looks up, so a SYN dropped after its verdict (the
-/// server's accept queue overflowed on a loaded machine) and sent again is counted again: each
-/// client's count may exceed its connections by at most its SYN retransmissions, and is exact
-/// when it retransmitted none.
+/// A verdict is counted per segment the kernel looks up at the listener, so a SYN dropped after
+/// its verdict (the server's accept queue overflowed on a loaded machine) and sent again is
+/// counted again, and so is a late segment of a connection already gone from the server (no
+/// established or TIME_WAIT socket left to find: sk_lookup runs for any segment that reaches the
+/// listener lookup, not only for SYNs). CI saw one in 23,211 of alice's connections with no SYN
+/// resent (a fresh-clone CI run of `64da9b0`). So each client's count may exceed its connections
+/// by its SYN retransmissions plus one stray segment per 10,000 connections (and one), never fall
+/// below them; a verdict counted twice per connection, or under another generation's policy,
+/// still fails.
 fn check_flip_counters(agent: &Agent, run: &FlipRun) {
     let FlipRun {
         alice,
@@ -796,10 +801,11 @@ fn check_flip_counters(agent: &Agent, run: &FlipRun) {
     let authz = debug_authz(agent);
     let of = |k: u32| move |id: u32| id > 1000 && id % 10 == k;
     let within = |counted: u64, connections: u64, who: &str, verdict: &str| {
+        let stray = connections / 10_000 + 1;
         assert!(
-            (connections..=connections + resent[who]).contains(&counted),
-            "{who}: {counted} {verdict} verdicts counted for {connections} connections and {} \
-             SYN retransmissions",
+            (connections..=connections + resent[who] + stray).contains(&counted),
+            "{who}: {counted} {verdict} verdicts counted for {connections} connections, {} \
+             SYN retransmissions and at most {stray} stray segments",
             resent[who]
         );
     };

@@ -280,10 +280,6 @@ fn connect_at_scale(
         many.push(b);
         ratios.push(b / a);
     }
-    let (lo, hi) = (
-        ratios.iter().copied().fold(f64::MAX, f64::min),
-        ratios.iter().copied().fold(f64::MIN, f64::max),
-    );
     println!();
     println!(
         "connect()+close() through the VIP by table size, median of {} rounds of {} connections:",
@@ -295,13 +291,13 @@ fn connect_at_scale(
         median(few)
     );
     println!(
-        "  {:<52} {:>8.2} us   ratio min / median / max {lo:.3} / {:.3} / {hi:.3}",
+        "  {:<52} {:>8.2} us   ratio min / median / max {}",
         format!(
             "{} services, {endpoints} endpoints",
             plan.scale_services + 2
         ),
         median(many),
-        median(ratios.clone()),
+        spread(&ratios),
     );
 }
 
@@ -415,6 +411,10 @@ fn connect_cost(plan: &Plan, client: &Pod, server: &Pod, plain: &TestCgroup, mes
             }
         }
     }
+    // Each round's ratio to the same round's baseline, for the spread.
+    let per_round =
+        |v: &[f64]| -> Vec<f64> { v.iter().zip(&baseline).map(|(x, b)| x / b).collect() };
+    let (vip_ratios, direct_ratios) = (per_round(&through_vip), per_round(&direct_with_programs));
     let (b, v, d) = (
         median(baseline),
         median(through_vip),
@@ -422,22 +422,32 @@ fn connect_cost(plan: &Plan, client: &Pod, server: &Pod, plain: &TestCgroup, mes
     );
     println!();
     println!(
-        "connect()+close(), median of {} rounds of {} connections:",
+        "connect()+close(), median of {} rounds of {} connections; the ratio of the medians, and \
+         each round's ratio to its baseline min / median / max:",
         plan.rounds, plan.connections
     );
     println!("  {:<52} {:>8.2} us", "baseline: pod IP, no programs", b);
     println!(
-        "  {:<52} {:>8.2} us   ratio {:.3}",
+        "  {:<52} {:>8.2} us   ratio {:.3}   {}",
         "mesh: service VIP rewritten by cgroup/connect4",
         v,
-        v / b
+        v / b,
+        spread(&vip_ratios)
     );
     println!(
-        "  {:<52} {:>8.2} us   ratio {:.3}",
+        "  {:<52} {:>8.2} us   ratio {:.3}   {}",
         "mesh: pod IP, programs attached (pass-through)",
         d,
-        d / b
+        d / b,
+        spread(&direct_ratios)
     );
+}
+
+/// `min / median / max` of `ratios`, three decimals.
+fn spread(ratios: &[f64]) -> String {
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.3} / {:.3} / {hi:.3}", median(ratios.to_vec()))
 }
 
 fn swap_cost(plan: &Plan, maps: &mut GenerationMaps) -> Vec<Swap> {

@@ -43,6 +43,7 @@ struct Accepted {
     snapshot: Snapshot,
     content_hash: u64,
     format: kmesh_snapshot::Format,
+    cluster_hashes: Option<kmesh_snapshot::ClusterHashes>,
     change: Change,
 }
 
@@ -170,6 +171,7 @@ impl<M: SlotMaps> Applier<M> {
             snapshot,
             content_hash: decoded.content_hash,
             format: decoded.format,
+            cluster_hashes: decoded.cluster_hashes,
             change,
         })
     }
@@ -179,6 +181,7 @@ impl<M: SlotMaps> Applier<M> {
             snapshot,
             content_hash,
             format,
+            cluster_hashes,
             change,
         } = accepted;
         let counts = Counts {
@@ -235,6 +238,7 @@ impl<M: SlotMaps> Applier<M> {
             snapshot,
             content_hash,
             format,
+            cluster_hashes,
         });
         let snapshot = &decoded.snapshot;
         // Indexed before the status lock is taken: readers never wait for it.

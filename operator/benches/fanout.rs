@@ -1,5 +1,5 @@
 //! Control-plane fan-out: simulated agents long-poll one operator's snapshot server, as the real
-//! agents do (HTTP/1.1 over TLS, a static token per node, `If-None-Match`, `?wait=30s&format=3`),
+//! agents do (HTTP/1.1 over TLS, a static token per node, `If-None-Match`, `?wait=30s&format=4`),
 //! without a kernel; a client reads each snapshot's bytes as they arrive and checks its header (it
 //! does not decode it: the agents' decode is the agent benchmark's). The operator is the real
 //! publisher and server (`kmesh_operator::{publish, server}`) on a runtime of its own, whose threads

@@ -518,7 +518,7 @@ mod tests {
                 );
             }
             assert_eq!(
-                kmesh_snapshot::peek_header(&body.to_vec(Format::V3).unwrap())
+                kmesh_snapshot::peek_header(&body.to_vec(Format::V4).unwrap())
                     .unwrap()
                     .content_hash,
                 published.content_hash

@@ -703,9 +703,10 @@ mod tests {
         .0
     }
 
-    /// An agent from before format 3 (it names no format) gets format 2; today's agent, whose
-    /// URL names format 3, gets format 3: the same snapshot, under the same ETag, so a rolling
-    /// upgrade of the agents changes what they run in nothing.
+    /// An agent from before format 3 (it names no format) gets format 2, one that names format 3
+    /// gets format 3, and today's agent, whose URL names format 4, gets format 4: the same
+    /// snapshot, under the same ETag, so a rolling upgrade of the agents changes what they run in
+    /// nothing.
     #[tokio::test]
     async fn each_agent_gets_the_newest_format_it_reads() {
         use http_body_util::BodyExt;
@@ -714,9 +715,10 @@ mod tests {
         store.publish("node-a", decided(3, true));
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let old = Request::get("/v1/nodes/node-a/snapshot?wait=0s");
+        let format_3 = Request::get("/v1/nodes/node-a/snapshot?wait=0s&format=3");
         let new = Request::get(contract::snapshot_url("", "node-a", Duration::ZERO));
         let mut seen = Vec::new();
-        for (request, format) in [(old, Format::V2), (new, Format::V3)] {
+        for (request, format) in [(old, Format::V2), (format_3, Format::V3), (new, Format::V4)] {
             let request = request.body(()).expect("request").into_parts().0;
             let response = respond(&request, &store, &NoAuth, &Metrics::default(), peer).await;
             assert_eq!(response.status(), StatusCode::OK);
@@ -731,6 +733,7 @@ mod tests {
             seen.push(decoded.snapshot);
         }
         assert_eq!(seen[0], seen[1]);
+        assert_eq!(seen[1], seen[2]);
     }
 
     /// The answer to `long_poll(held)` and the (virtual) time it was held.

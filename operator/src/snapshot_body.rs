@@ -2,9 +2,11 @@
 //!
 //! A compile's cluster part (services, routes, backend sets, endpoints and names; the same for
 //! every node) is validated, encoded and hashed once ([`SharedCluster`]); each node's response is
-//! its small node part followed by those shared bytes, in format 3. An agent that asks for nothing
-//! newer than format 2 (one from before format 3) gets format 2, encoded when it asks: that costs
-//! a copy of the cluster's tables per request, only while such agents remain.
+//! its small node part followed by those shared bytes, in format 4, or in format 3 for an agent
+//! that reads nothing newer (its node part is encoded when it asks; the cluster part's bytes are
+//! the same). An agent that asks for nothing newer than format 2 (one from before format 3) gets
+//! format 2, encoded when it asks: that costs a copy of the cluster's tables per request, only
+//! while such agents remain.
 
 use std::{
     collections::VecDeque,
@@ -42,7 +44,7 @@ impl SharedCluster {
 /// A node's snapshot at one generation.
 #[derive(Clone, Debug)]
 pub struct SnapshotBody {
-    /// The node part, at `generation`.
+    /// The node part in format 4, at `generation`.
     pub node_part: Bytes,
     pub cluster: Arc<SharedCluster>,
     /// The node's own tables, for format 2.
@@ -51,7 +53,7 @@ pub struct SnapshotBody {
 }
 
 impl SnapshotBody {
-    /// The length of the format 3 snapshot.
+    /// The length of the snapshot in format 4 (or 3: the same length).
     pub fn len(&self) -> usize {
         self.node_part.len() + self.cluster.part.len()
     }
@@ -60,14 +62,24 @@ impl SnapshotBody {
         self.len() == 0
     }
 
-    /// The snapshot in `format`: format 3 as the node part and the shared cluster part, format 2
-    /// encoded now.
+    /// The snapshot in `format`: format 4 as the node part and the shared cluster part; format 3
+    /// as a node part of its own, encoded now (the cluster part's bytes are the same), and the
+    /// shared cluster part; format 2 encoded now.
     pub fn chunks(&self, format: Format) -> Result<Chunks, EncodeError> {
         match format {
-            Format::V3 => Ok(Chunks::from([
+            Format::V4 => Ok(Chunks::from([
                 self.node_part.clone(),
                 self.cluster.part.clone(),
             ])),
+            Format::V3 => {
+                let node_part =
+                    self.node
+                        .encode_as(Format::V3, self.generation, self.cluster.summary)?;
+                Ok(Chunks::from([
+                    Bytes::from(node_part),
+                    self.cluster.part.clone(),
+                ]))
+            }
             Format::V2 => {
                 let snapshot = Snapshot::from_parts(
                     (*self.node).clone(),
@@ -160,14 +172,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn both_formats_are_the_snapshot_and_format_3_is_sent_in_two_chunks() {
+    async fn every_format_is_the_snapshot_and_formats_3_and_4_are_sent_in_two_chunks() {
         let (snapshot, body) = body();
         for format in Format::ALL {
             let chunks = body.chunks(format).unwrap();
             let expected = snapshot.encode_as(format).unwrap();
             assert_eq!(chunks.size_hint().exact(), Some(expected.len() as u64));
             let frames = chunks.0.len();
-            assert_eq!(frames, if format == Format::V3 { 2 } else { 1 });
+            assert_eq!(frames, if format.has_parts() { 2 } else { 1 });
             let sent = chunks.collect().await.unwrap().to_bytes();
             assert_eq!(sent, expected, "{format:?}");
             let decoded = Snapshot::decode(&sent, &Limits::default()).unwrap();

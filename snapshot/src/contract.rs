@@ -3,7 +3,7 @@
 //! server all use it. It has no HTTP library in it, only names and formats, so that the agent keeps
 //! having no Kubernetes client and the operator no agent code.
 //!
-//! `GET /v1/nodes/{node}/snapshot?wait=30s&format=3`
+//! `GET /v1/nodes/{node}/snapshot?wait=30s&format=4`
 //!
 //! Request headers:
 //! - `If-None-Match: <etag>`: the ETag of the snapshot the agent holds (none on its first request);
@@ -38,7 +38,7 @@ pub const SNAPSHOT_PATH_SUFFIX: &str = "/snapshot";
 /// The query parameter naming how long the server may hold a request.
 pub const WAIT_PARAM: &str = "wait";
 
-/// The query parameter naming the newest snapshot format the agent reads (`format=3`). An agent
+/// The query parameter naming the newest snapshot format the agent reads (`format=4`). An agent
 /// that sends none reads format 2 only (agents before format 3): the server answers each agent in
 /// the newest format both know ([`served_format`]), so that during a rolling upgrade old agents
 /// and new operators, and new agents and old operators (which ignore the parameter and send
@@ -156,7 +156,7 @@ mod tests {
         let url = snapshot_url("https://op:15300/", "n", Duration::from_secs(30));
         assert_eq!(
             url,
-            "https://op:15300/v1/nodes/n/snapshot?wait=30s&format=3"
+            "https://op:15300/v1/nodes/n/snapshot?wait=30s&format=4"
         );
         let query = url.split_once('?').unwrap().1;
         assert_eq!(parse_wait(query), Some(Duration::from_secs(30)));
@@ -178,13 +178,14 @@ mod tests {
         assert_eq!(served_format(Some("wait=30s")), Format::V2);
         assert_eq!(served_format(Some("wait=30s&format=3")), Format::V3);
         assert_eq!(served_format(Some("format=2&wait=1s")), Format::V2);
-        assert_eq!(served_format(Some("format=9")), Format::V3, "a newer agent");
+        assert_eq!(served_format(Some("format=4&wait=1s")), Format::V4);
+        assert_eq!(served_format(Some("format=9")), Format::V4, "a newer agent");
         assert_eq!(served_format(Some("format=1")), Format::V2);
         assert_eq!(served_format(Some("format=three")), Format::V2);
         assert_eq!(served_format(Some("formats=3")), Format::V2);
         let url = snapshot_url("https://op", "n", Duration::from_secs(5));
         let query = url.split_once('?').unwrap().1;
-        assert_eq!(served_format(Some(query)), Format::V3);
+        assert_eq!(served_format(Some(query)), Format::V4);
     }
 
     #[test]

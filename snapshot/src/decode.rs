@@ -2,8 +2,10 @@
 //! actually present before it is used, all offset arithmetic is checked, and no allocation is larger
 //! than the input itself.
 
-use kmesh_common::names::NameBytes;
-use kmesh_common::{LAYOUT_VERSION, NodeConfig};
+use kmesh_common::names::{NameBytes, ServiceNameRecord, WorkloadNameRecord};
+use kmesh_common::{
+    BackendSetRecord, EndpointRecord, LAYOUT_VERSION, NodeConfig, RouteRecord, ServiceRecord,
+};
 
 use crate::error::DecodeError;
 use crate::format::{
@@ -11,18 +13,26 @@ use crate::format::{
     OFF_FORMAT_VERSION, OFF_GENERATION, OFF_LAYOUT_VERSION, OFF_TOTAL_LEN, SECTION_HEADER_LEN,
     WireRecord, padding_after, read_records, record_size,
 };
-use crate::hash::parts_hash;
+use crate::hash::{ClusterHashes, TableHash, parts_hash};
 use crate::validate::validate_node_name;
 use crate::{AuthzTables, Decoded, Header, Limits, NameTables, Snapshot, content_hash};
 
 /// A cursor over the input that never reads out of bounds.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
+    pub(crate) fn new(bytes: &'a [u8], pos: usize) -> Reader<'a> {
+        Reader { bytes, pos }
+    }
+
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
         self.bytes.len().saturating_sub(self.pos)
     }
 
@@ -60,15 +70,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn le_u16(bytes: &[u8], offset: usize) -> u16 {
+pub(crate) fn le_u16(bytes: &[u8], offset: usize) -> u16 {
     u16::from_le_bytes(field(bytes, offset))
 }
 
-fn le_u32(bytes: &[u8], offset: usize) -> u32 {
+pub(crate) fn le_u32(bytes: &[u8], offset: usize) -> u32 {
     u32::from_le_bytes(field(bytes, offset))
 }
 
-fn le_u64(bytes: &[u8], offset: usize) -> u64 {
+pub(crate) fn le_u64(bytes: &[u8], offset: usize) -> u64 {
     u64::from_le_bytes(field(bytes, offset))
 }
 
@@ -121,10 +131,10 @@ fn fixed_header(bytes: &[u8]) -> Result<(Format, Header), DecodeError> {
     ))
 }
 
-/// Format 3's `cluster_offset`, checked against the input: it must leave room for the node
-/// name's length, be a multiple of 8 and lie within the input.
+/// The `cluster_offset` of formats 3 and 4, checked against the input: it must leave room for the
+/// node name's length, be a multiple of 8 and lie within the input.
 fn cluster_offset(bytes: &[u8]) -> Result<usize, DecodeError> {
-    let min = Format::V3.node_name_offset();
+    let min = Format::V4.node_name_offset();
     if bytes.len() < min {
         return Err(DecodeError::TooShort {
             len: bytes.len() as u64,
@@ -144,27 +154,74 @@ fn cluster_offset(bytes: &[u8]) -> Result<usize, DecodeError> {
 /// See [`crate::computed_content_hash`].
 pub(crate) fn computed_content_hash(bytes: &[u8]) -> Result<u64, DecodeError> {
     let (format, _) = fixed_header(bytes)?;
-    Ok(hash_of(bytes, format)?.0)
+    Ok(hash_of(bytes, format)?.hash)
 }
 
-/// The content hash of `bytes` as `format` defines it, and where the cluster part starts (format
-/// 3; the end of the input in format 2).
-fn hash_of(bytes: &[u8], format: Format) -> Result<(u64, usize), DecodeError> {
+/// What hashing a snapshot finds.
+struct Hashed {
+    /// The content hash as the snapshot's format defines it.
+    hash: u64,
+    /// Where the cluster part starts (the end of the input in format 2).
+    cluster_offset: usize,
+    /// Format 4's section hashes of the cluster part.
+    cluster_hashes: Option<ClusterHashes>,
+}
+
+/// The content hash of `bytes` as `format` defines it. Format 4's cluster hash is made of the
+/// hashes of its sections' records, so the cluster sections' framing is read here (without
+/// limits: the bytes bound every count), and an error in it is reported as the section's.
+fn hash_of(bytes: &[u8], format: Format) -> Result<Hashed, DecodeError> {
     let after_fixed = |end: usize| bytes.get(FIXED_HEADER_LEN..end).unwrap_or_default();
     match format {
-        Format::V2 => Ok((content_hash(after_fixed(bytes.len())), bytes.len())),
+        Format::V2 => Ok(Hashed {
+            hash: content_hash(after_fixed(bytes.len())),
+            cluster_offset: bytes.len(),
+            cluster_hashes: None,
+        }),
         Format::V3 => {
             let offset = cluster_offset(bytes)?;
             let node = content_hash(after_fixed(offset));
             let cluster = content_hash(bytes.get(offset..).unwrap_or_default());
-            Ok((parts_hash(node, cluster), offset))
+            Ok(Hashed {
+                hash: parts_hash(node, cluster),
+                cluster_offset: offset,
+                cluster_hashes: None,
+            })
+        }
+        Format::V4 => {
+            let offset = cluster_offset(bytes)?;
+            let node = content_hash(after_fixed(offset));
+            let mut r = Reader { bytes, pos: offset };
+            let hashes = cluster_section_hashes(&mut r)?;
+            Ok(Hashed {
+                hash: parts_hash(node, hashes.cluster_hash()),
+                cluster_offset: offset,
+                cluster_hashes: Some(hashes),
+            })
         }
     }
 }
 
+/// Reads the framing of the seven cluster sections from `r` and hashes them as format 4 does.
+pub(crate) fn cluster_section_hashes(r: &mut Reader<'_>) -> Result<ClusterHashes, DecodeError> {
+    fn table<T: WireRecord>(r: &mut Reader<'_>) -> Result<TableHash, DecodeError> {
+        let bytes = section_bytes::<T>(r, &Limits::UNLIMITED)?;
+        Ok(TableHash::of_record_bytes(T::KIND, size_of::<T>(), bytes))
+    }
+    Ok(ClusterHashes {
+        services: table::<ServiceRecord>(r)?,
+        routes: table::<RouteRecord>(r)?,
+        backend_sets: table::<BackendSetRecord>(r)?,
+        endpoints: table::<EndpointRecord>(r)?,
+        name_strings: TableHash::of_strings(section_bytes::<NameBytes>(r, &Limits::UNLIMITED)?),
+        workload_names: table::<WorkloadNameRecord>(r)?,
+        service_names: table::<ServiceNameRecord>(r)?,
+    })
+}
+
 /// Reads and checks the node name and its padding; returns it and the reader positioned at the
 /// first section.
-fn node_name(bytes: &[u8], format: Format) -> Result<(String, Reader<'_>), DecodeError> {
+pub(crate) fn node_name(bytes: &[u8], format: Format) -> Result<(String, Reader<'_>), DecodeError> {
     let mut r = Reader {
         bytes,
         pos: format.node_name_offset(),
@@ -214,18 +271,24 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
             got: len,
         });
     }
-    let (computed, cluster_offset) = hash_of(bytes, format)?;
-    if header.content_hash != computed {
+    let hashed = hash_of(bytes, format)?;
+    if header.content_hash != hashed.hash {
         return Err(DecodeError::HashMismatch {
             header: header.content_hash,
-            computed,
+            computed: hashed.hash,
         });
     }
 
     let (node_name, mut r) = node_name(bytes, format)?;
     let snapshot = match format {
         Format::V2 => sections_v2(&mut r, node_name, header.generation, limits)?,
-        Format::V3 => sections_v3(&mut r, cluster_offset, node_name, header.generation, limits)?,
+        Format::V3 | Format::V4 => sections_v3(
+            &mut r,
+            hashed.cluster_offset,
+            node_name,
+            header.generation,
+            limits,
+        )?,
     };
     if r.remaining() != 0 {
         return Err(DecodeError::TrailingData {
@@ -236,13 +299,14 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Decoded, DecodeErr
     snapshot.validate()?;
     Ok(Decoded {
         snapshot,
-        content_hash: computed,
+        content_hash: hashed.hash,
         format,
+        cluster_hashes: hashed.cluster_hashes,
     })
 }
 
 /// The NodeConfig section, which holds exactly one record.
-fn node_config(r: &mut Reader<'_>, limits: &Limits) -> Result<NodeConfig, DecodeError> {
+pub(crate) fn node_config(r: &mut Reader<'_>, limits: &Limits) -> Result<NodeConfig, DecodeError> {
     let config = section::<NodeConfig>(r, limits)?;
     match config.as_slice() {
         [only] => Ok(*only),
@@ -252,7 +316,10 @@ fn node_config(r: &mut Reader<'_>, limits: &Limits) -> Result<NodeConfig, Decode
     }
 }
 
-fn authz_sections(r: &mut Reader<'_>, limits: &Limits) -> Result<AuthzTables, DecodeError> {
+pub(crate) fn authz_sections(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+) -> Result<AuthzTables, DecodeError> {
     Ok(AuthzTables {
         workloads: section(r, limits)?,
         sources: section(r, limits)?,
@@ -290,8 +357,8 @@ fn sections_v2(
     })
 }
 
-/// Format 3's sections: the node part's, which must end exactly at `cluster_offset`, then the
-/// cluster part's.
+/// The sections of formats 3 and 4: the node part's, which must end exactly at `cluster_offset`,
+/// then the cluster part's.
 fn sections_v3(
     r: &mut Reader<'_>,
     cluster_offset: usize,
@@ -324,13 +391,16 @@ fn sections_v3(
 
 /// Reads one section of `T` records: its header, `count` records and padding. The node's limit for
 /// the table is checked before the records are read.
-fn section<T: WireRecord>(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<T>, DecodeError> {
+pub(crate) fn section<T: WireRecord>(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+) -> Result<Vec<T>, DecodeError> {
     Ok(read_records::<T>(section_bytes::<T>(r, limits)?))
 }
 
 /// Reads the names' string table: its section's bytes, checked against `max_name_bytes` before
 /// they are copied.
-fn string_section(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<u8>, DecodeError> {
+pub(crate) fn string_section(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<u8>, DecodeError> {
     let bytes = section_bytes::<NameBytes>(r, limits)?;
     if bytes.len() as u64 > u64::from(limits.max_name_bytes) {
         return Err(DecodeError::NameBytesOverCapacity {
@@ -342,7 +412,7 @@ fn string_section(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<u8>, Decode
 }
 
 /// Reads one section's header, records and padding; returns the records' bytes.
-fn section_bytes<'a, T: WireRecord>(
+pub(crate) fn section_bytes<'a, T: WireRecord>(
     r: &mut Reader<'a>,
     limits: &Limits,
 ) -> Result<&'a [u8], DecodeError> {

@@ -9,7 +9,7 @@ use kmesh_common::{EndpointKey, EndpointRecord, EndpointValue};
 use crate::builder::generate;
 use crate::delta::{ClusterDelta, DeltaError, TableDelta};
 use crate::error::Table;
-use crate::{ClusterTables, Snapshot};
+use crate::{ClusterTables, Snapshot, TableHash};
 
 fn endpoint(set_id: u32, index: u32, port: u16) -> EndpointRecord {
     EndpointRecord {
@@ -47,13 +47,7 @@ fn removals_additions_and_changes() {
     let old = [endpoint(1, 0, 80), endpoint(1, 1, 80), endpoint(2, 0, 80)];
     let new = [endpoint(1, 0, 81), endpoint(2, 0, 80), endpoint(3, 0, 80)];
     let delta = TableDelta::between(&old, &new);
-    assert_eq!(
-        delta.removed,
-        [EndpointKey {
-            set_id: 1,
-            index: 1
-        }]
-    );
+    assert_eq!(delta.removed, [endpoint(1, 1, 80)]);
     assert_eq!(delta.upserted, [endpoint(1, 0, 81), endpoint(3, 0, 80)]);
     assert_eq!(delta.apply(&old).unwrap(), new);
 }
@@ -62,24 +56,33 @@ fn removals_additions_and_changes() {
 fn a_delta_that_does_not_fit_is_refused() {
     let base = [endpoint(1, 0, 80), endpoint(2, 0, 80)];
     let key = |set_id| EndpointKey { set_id, index: 0 };
-    let refused = |removed: Vec<EndpointKey>, upserted: Vec<EndpointRecord>| {
+    let gone = |set_id| endpoint(set_id, 0, 80);
+    let refused = |removed: Vec<EndpointRecord>, upserted: Vec<EndpointRecord>| {
         TableDelta { removed, upserted }.apply(&base).unwrap_err()
     };
     assert_eq!(
-        refused(vec![key(3)], vec![]),
+        refused(vec![gone(3)], vec![]),
         DeltaError::RemovedMissing {
             table: Table::Endpoints,
             key: format!("{:?}", key(3)),
         }
     );
     assert!(matches!(
-        refused(vec![key(0)], vec![]),
+        refused(vec![gone(0)], vec![]),
         DeltaError::RemovedMissing { .. }
     ));
+    assert_eq!(
+        refused(vec![endpoint(2, 0, 81)], vec![]),
+        DeltaError::RemovedDiffers {
+            table: Table::Endpoints,
+            key: format!("{:?}", key(2)),
+        },
+        "the base holds another record at the key"
+    );
     assert!(matches!(
-        refused(vec![key(2), key(1)], vec![]),
+        refused(vec![gone(2), gone(1)], vec![]),
         DeltaError::Unsorted {
-            list: "removed keys",
+            list: "removed records",
             index: 1,
             ..
         }
@@ -93,7 +96,7 @@ fn a_delta_that_does_not_fit_is_refused() {
         }
     ));
     assert!(matches!(
-        refused(vec![key(1)], vec![endpoint(1, 0, 99)]),
+        refused(vec![gone(1)], vec![endpoint(1, 0, 99)]),
         DeltaError::RemovedAndUpserted { .. }
     ));
     let unsorted_base = [endpoint(2, 0, 80), endpoint(1, 0, 80)];
@@ -115,11 +118,14 @@ fn arb_endpoints() -> impl Strategy<Value = Vec<EndpointRecord>> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
-    /// The diff and the apply agree on any two tables, and a delta names nothing unchanged.
+    /// The diff and the apply agree on any two tables, a delta names nothing unchanged, and the
+    /// hash the apply updates is the hash of the result.
     #[test]
     fn apply_of_between_is_the_new_table(old in arb_endpoints(), new in arb_endpoints()) {
         let delta = TableDelta::between(&old, &new);
-        prop_assert_eq!(delta.apply(&old).unwrap(), new.clone());
+        let mut hash = TableHash::of(&old);
+        prop_assert_eq!(delta.apply_hashed(&old, &mut hash).unwrap(), new.clone());
+        prop_assert_eq!(hash, TableHash::of(&new));
         let unchanged = old.iter().filter(|r| new.contains(r)).count();
         prop_assert_eq!(delta.upserted.len() + unchanged, new.len());
     }
@@ -131,6 +137,7 @@ proptest! {
         steps in vec((1u32..40, 1u32..5, any::<u64>()), 1..5),
     ) {
         let mut held = ClusterTables::default();
+        let mut held_hashes = held.encode().unwrap().hashes();
         for (services, endpoints, seed) in steps {
             let mut next = cluster(generate("n", 1, services, endpoints));
             // Vary the records beyond what generate makes, by the seed.
@@ -140,8 +147,11 @@ proptest! {
                 }
             }
             let delta = ClusterDelta::between(&held, &next);
-            held = delta.apply(&held).unwrap();
+            let (applied, hashes) = delta.apply_hashed(&held, &held_hashes).unwrap();
+            held = applied;
+            held_hashes = hashes;
             prop_assert_eq!(&held, &next);
+            prop_assert_eq!(held_hashes, next.encode().unwrap().hashes());
         }
     }
 }

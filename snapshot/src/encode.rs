@@ -1,5 +1,5 @@
-//! The encoder: writes the canonical bytes of a valid snapshot, in format 3 as its two parts (see
-//! [`crate::parts`]) or in format 2.
+//! The encoder: writes the canonical bytes of a valid snapshot, in formats 3 and 4 as its two parts
+//! (see [`crate::parts`]) or in format 2.
 
 use kmesh_common::LAYOUT_VERSION;
 use kmesh_common::names::NameBytes;
@@ -9,7 +9,7 @@ use crate::format::{
     FIXED_HEADER_LEN, Format, MAGIC, OFF_CLUSTER_OFFSET, OFF_CONTENT_HASH, OFF_TOTAL_LEN,
     SECTION_HEADER_LEN, WireRecord, padding_after, record_size, records_as_bytes,
 };
-use crate::hash::parts_hash;
+use crate::hash::{ClusterHashes, parts_hash};
 use crate::parts::{ClusterPart, ClusterSummary, ClusterView, NodeView};
 use crate::validate::shown_name;
 use crate::{Snapshot, content_hash};
@@ -25,9 +25,9 @@ pub(crate) fn encode(snapshot: &Snapshot, format: Format) -> Result<Vec<u8>, Enc
 pub(crate) fn encode_unchecked(s: &Snapshot, format: Format) -> Result<Vec<u8>, EncodeError> {
     match format {
         Format::V2 => encode_v2(s),
-        Format::V3 => {
+        Format::V3 | Format::V4 => {
             let cluster = cluster_part(s.cluster_view())?;
-            let mut out = node_part(s.node_view(), s.generation, cluster.summary())?;
+            let mut out = node_part(s.node_view(), format, s.generation, cluster.summary())?;
             out.extend_from_slice(cluster.bytes());
             Ok(out)
         }
@@ -51,20 +51,29 @@ pub(crate) fn cluster_part(c: ClusterView<'_>) -> Result<ClusterPart, EncodeErro
     write_string_section(&mut out, &c.names.strings)?;
     write_section(&mut out, &c.names.workloads)?;
     write_section(&mut out, &c.names.services)?;
-    let hash = content_hash(&out);
-    Ok(ClusterPart { bytes: out, hash })
+    Ok(ClusterPart {
+        bytes_hash: content_hash(&out),
+        hashes: ClusterHashes::of(c),
+        bytes: out,
+    })
 }
 
-/// The node part at `generation`, with the header of the whole snapshot it starts: its total
-/// length and content hash count `cluster`, which follows it.
+/// The node part at `generation` in `format` (3 or 4), with the header of the whole snapshot it
+/// starts: its total length and content hash count `cluster`, which follows it.
 pub(crate) fn node_part(
     n: NodeView<'_>,
+    format: Format,
     generation: u64,
     cluster: ClusterSummary,
 ) -> Result<Vec<u8>, EncodeError> {
+    if !format.has_parts() {
+        return Err(EncodeError::NoParts {
+            format: format.number(),
+        });
+    }
     let name = n.node_name.as_bytes();
     let name_len = name_len(name)?;
-    let header_len = Format::V3.node_name_offset() + 2 + name.len();
+    let header_len = format.node_name_offset() + 2 + name.len();
     let capacity = header_len
         + padding_after(header_len)
         + section_len(core::slice::from_ref(n.config))
@@ -74,7 +83,7 @@ pub(crate) fn node_part(
         + section_len(&n.authz.verdicts)
         + section_len(&n.authz.policies);
     let mut out = Vec::with_capacity(capacity);
-    fixed_header(&mut out, Format::V3, generation);
+    fixed_header(&mut out, format, generation);
     out.extend_from_slice(&0u64.to_le_bytes()); // cluster_offset, filled in below
     out.extend_from_slice(&name_len.to_le_bytes());
     out.extend_from_slice(name);
@@ -87,14 +96,14 @@ pub(crate) fn node_part(
     write_section(&mut out, &n.authz.policies)?;
 
     let cluster_offset = out.len() as u64;
-    let total_len = cluster_offset + cluster.len;
+    let total_len = cluster_offset + cluster.len();
     patch(&mut out, OFF_CLUSTER_OFFSET, &cluster_offset.to_le_bytes());
     let node_hash = content_hash(out.get(FIXED_HEADER_LEN..).unwrap_or_default());
     patch(&mut out, OFF_TOTAL_LEN, &total_len.to_le_bytes());
     patch(
         &mut out,
         OFF_CONTENT_HASH,
-        &parts_hash(node_hash, cluster.hash).to_le_bytes(),
+        &parts_hash(node_hash, cluster.cluster_hash(format)).to_le_bytes(),
     );
     Ok(out)
 }
@@ -172,24 +181,27 @@ fn name_len(name: &[u8]) -> Result<u16, EncodeError> {
 }
 
 /// Bytes a section of `records` takes, header and padding included.
-fn section_len<T: WireRecord>(records: &[T]) -> usize {
+pub(crate) fn section_len<T: WireRecord>(records: &[T]) -> usize {
     let body = SECTION_HEADER_LEN + size_of_val(records);
     body + padding_after(body)
 }
 
 /// Bytes the string table's section takes, header and padding included.
-fn section_bytes_len(bytes: &[u8]) -> usize {
+pub(crate) fn section_bytes_len(bytes: &[u8]) -> usize {
     let body = SECTION_HEADER_LEN + bytes.len();
     body + padding_after(body)
 }
 
-fn write_section<T: WireRecord>(out: &mut Vec<u8>, records: &[T]) -> Result<(), EncodeError> {
+pub(crate) fn write_section<T: WireRecord>(
+    out: &mut Vec<u8>,
+    records: &[T],
+) -> Result<(), EncodeError> {
     write_section_of::<T>(out, records.len(), records_as_bytes(records))
 }
 
 /// The string table's section: its bytes are `NameBytes` chunks (a validated table is a whole
 /// number of them; the unchecked path rounds the count up and pads).
-fn write_string_section(out: &mut Vec<u8>, strings: &[u8]) -> Result<(), EncodeError> {
+pub(crate) fn write_string_section(out: &mut Vec<u8>, strings: &[u8]) -> Result<(), EncodeError> {
     let chunks = strings.len().div_ceil(size_of::<NameBytes>());
     write_section_of::<NameBytes>(out, chunks, strings)
 }
@@ -220,7 +232,7 @@ fn pad(out: &mut Vec<u8>) {
 }
 
 /// Overwrites the header field at `offset` (always within the fixed header just written).
-fn patch(out: &mut [u8], offset: usize, value: &[u8; 8]) {
+pub(crate) fn patch(out: &mut [u8], offset: usize, value: &[u8; 8]) {
     if let Some(field) = out.get_mut(offset..offset + value.len()) {
         field.copy_from_slice(value);
     }

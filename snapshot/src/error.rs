@@ -546,8 +546,26 @@ pub enum DecodeError {
     #[error("truncated: {len} bytes, shorter than the {min}-byte fixed header")]
     TooShort { len: u64, min: u64 },
 
-    #[error("unsupported snapshot format version {found}, this build reads versions 2 and 3")]
+    #[error("unsupported snapshot format version {found}, this build reads versions 2, 3 and 4")]
     UnsupportedFormatVersion { found: u16 },
+
+    /// `found` holds the first (up to) eight bytes of the input.
+    #[error(
+        "not a kmesh snapshot delta: magic is {found:02x?}, expected {:02x?}",
+        crate::delta_format::DELTA_MAGIC
+    )]
+    DeltaMagic { found: Vec<u8> },
+
+    /// A delta's `node_part_len` is not a multiple of 8 at least as long as a node part's fixed
+    /// fields, or runs past the end of the delta.
+    #[error(
+        "the delta's node part is {len} bytes: not a multiple of 8 of at least 16 within the {available} bytes after the header"
+    )]
+    DeltaNodePartLen { len: u64, available: u64 },
+
+    /// A delta's string table section holds bytes, but its flags do not say the table is replaced.
+    #[error("the delta's string table holds {bytes} bytes but its flags do not replace the table")]
+    DeltaStrings { bytes: u64 },
 
     /// Format 3: `cluster_offset` is before the node name, not a multiple of 8, or past the end.
     #[error(
@@ -654,6 +672,20 @@ pub enum EncodeError {
         u32::MAX
     )]
     TooManyRecords { table: Table, count: usize },
+
+    /// A node part asked for in a format that has none (format 2 is one piece).
+    #[error("format {format} has no node and cluster parts")]
+    NoParts { format: u16 },
+
+    /// A delta's node part is not a format 4 node part as [`crate::NodeTables::encode`] writes it.
+    #[error("not a format 4 node part: {0}")]
+    NotANodePart(Box<DecodeError>),
+
+    /// A delta's node part was encoded for another cluster part than the delta's result.
+    #[error(
+        "the node part's content hash {node_part:016x} is not that of the delta's result {delta:016x}"
+    )]
+    NodePartOfAnotherCluster { node_part: u64, delta: u64 },
 }
 
 /// An address for messages: dotted quad for IPv4-mapped addresses, IPv6 notation otherwise.

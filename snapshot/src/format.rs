@@ -6,14 +6,15 @@
 //! ```text
 //! offset  field
 //! 0       magic           [u8; 8] = b"KMSNAP\r\n"
-//! 8       format_version  u16     = 3 (FORMAT_VERSION); 2 is still read and written (below)
+//! 8       format_version  u16     = 4 (FORMAT_VERSION); 3 and 2 are still read and written
+//!                                   (below)
 //! 10      layout_version  u16     = kmesh_common::LAYOUT_VERSION
 //! 12      flags           u32     = 0 (reserved, must be zero)
 //! 16      generation      u64
 //! 24      content_hash    u64     = FNV-1a 64 (see `content_hash`) of the 16 bytes
 //!                                   le(node_hash) ++ le(cluster_hash), where node_hash is FNV-1a 64
-//!                                   of bytes [40, cluster_offset) and cluster_hash of bytes
-//!                                   [cluster_offset, total_len)
+//!                                   of bytes [40, cluster_offset) and cluster_hash is the cluster
+//!                                   part's (below)
 //! 32      total_len       u64     = length of the whole snapshot in bytes
 //! 40      cluster_offset  u64     = where the cluster part starts: a multiple of 8, at most
 //!                                   total_len, and exactly where the node part's sections end
@@ -43,6 +44,18 @@
 //! each node its own node part followed by those shared bytes; the content hash needs only the two
 //! parts' hashes. The node part is the rest: the header, the node name, and the node's own tables.
 //!
+//! The cluster hash is [`ClusterHashes::cluster_hash`](crate::ClusterHashes::cluster_hash) of the
+//! seven sections: for each, in order, its record count and the wrapping sum over its records of
+//! `fmix64(FNV-1a 64 of le(kind) ++ record bytes)` (murmur3's 64-bit finalizer), or for the string
+//! table its chunk count and FNV-1a 64 of its bytes; then FNV-1a 64 of `le(kind) ++ le(count) ++
+//! le(hash)` (20 bytes a section) over the seven. A change of a few records changes the sums by
+//! those records' hashes alone, so a receiver holding the old tables and their sums can check the
+//! content hash of a changed snapshot without hashing all of it (the deltas of
+//! [`crate::delta_format`]).
+//!
+//! Format 3 (agents that read format 3 but not 4 ask for it) differs in one point: its
+//! cluster_hash is FNV-1a 64 of the cluster part's bytes `[cluster_offset, total_len)`.
+//!
 //! Format 2 (agents before format 3 read only it; the operator still serves it to an agent that
 //! does not ask for format 3, see [`crate::contract`]) differs in three points: there is no
 //! `cluster_offset` (the node name length is at offset 40, the name at 42); the thirteen sections
@@ -60,7 +73,7 @@
 //! Rules a valid snapshot follows (the decoder checks all of them; the encoder refuses to produce a
 //! snapshot that breaks one):
 //!
-//! - header: magic, `format_version` 2 or 3, `layout_version == LAYOUT_VERSION`, `flags == 0`,
+//! - header: magic, `format_version` 2, 3 or 4, `layout_version == LAYOUT_VERSION`, `flags == 0`,
 //!   `total_len` equals the length of the input, the hash matches;
 //! - node name: 1..=253 bytes, a DNS subdomain as Kubernetes validates node names: dot-separated
 //!   labels of `a-z`, `0-9` and `-`, each label starting and ending with a letter or digit;
@@ -130,7 +143,7 @@ pub const MAGIC: [u8; 8] = *b"KMSNAP\r\n";
 
 /// The version of the framing described in this module, the one [`crate::Snapshot::encode`]
 /// writes.
-pub const FORMAT_VERSION: u16 = Format::V3.number();
+pub const FORMAT_VERSION: u16 = Format::V4.number();
 
 /// A version of the wire format this build reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,19 +151,23 @@ pub enum Format {
     /// The thirteen sections in kind order, one hash over them all: what agents before format 3
     /// read.
     V2,
-    /// A node part and a cluster part shared by every node, hashed apart (the current format).
+    /// A node part and a cluster part shared by every node, hashed apart.
     V3,
+    /// Format 3's bytes, with a cluster hash that can be updated record by record (the current
+    /// format).
+    V4,
 }
 
 impl Format {
     /// Every format this build reads, oldest first.
-    pub const ALL: [Format; 2] = [Format::V2, Format::V3];
+    pub const ALL: [Format; 3] = [Format::V2, Format::V3, Format::V4];
 
     /// The `format_version` header field.
     pub const fn number(self) -> u16 {
         match self {
             Format::V2 => 2,
             Format::V3 => 3,
+            Format::V4 => 4,
         }
     }
 
@@ -159,16 +176,22 @@ impl Format {
         match number {
             2 => Some(Format::V2),
             3 => Some(Format::V3),
+            4 => Some(Format::V4),
             _ => None,
         }
     }
 
-    /// Where the node name's length is: after the fixed header, and in format 3 after
+    /// Whether the snapshot is a node part and a cluster part (format 3 on).
+    pub const fn has_parts(self) -> bool {
+        !matches!(self, Format::V2)
+    }
+
+    /// Where the node name's length is: after the fixed header, and from format 3 on after
     /// `cluster_offset`.
     pub(crate) const fn node_name_offset(self) -> usize {
         match self {
             Format::V2 => FIXED_HEADER_LEN,
-            Format::V3 => OFF_CLUSTER_OFFSET + size_of::<u64>(),
+            Format::V3 | Format::V4 => OFF_CLUSTER_OFFSET + size_of::<u64>(),
         }
     }
 }
@@ -193,7 +216,7 @@ pub(crate) const OFF_FLAGS: usize = 12;
 pub(crate) const OFF_GENERATION: usize = 16;
 pub(crate) const OFF_CONTENT_HASH: usize = 24;
 pub(crate) const OFF_TOTAL_LEN: usize = 32;
-/// Format 3 only.
+/// Format 3 on.
 pub(crate) const OFF_CLUSTER_OFFSET: usize = 40;
 
 /// Number of zero bytes that follow `len` bytes to reach the next multiple of [`ALIGN`].

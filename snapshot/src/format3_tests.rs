@@ -1,6 +1,6 @@
-//! Format 3's own framing: the two parts, `cluster_offset` and the hash of the parts. The rules
-//! both formats share are tested in `tests` (on format 2's framing, and every content rule on both
-//! formats' bytes).
+//! The framing of formats 3 and 4: the two parts, `cluster_offset` and the hash of the parts. The
+//! rules every format shares are tested in `tests` (on format 2's framing, and every content rule
+//! on the formats' bytes); format 4's hash of the cluster part in `format4_tests`.
 
 use crate::error::Table;
 use crate::tests::{decode, fix, sample, v2};
@@ -37,7 +37,21 @@ fn the_parts_encoded_apart_are_the_snapshot() {
     joined.extend_from_slice(part.bytes());
     assert_eq!(joined, s.encode().unwrap());
     assert_eq!(cluster_offset(&joined), node_len);
-    assert_eq!(part.hash(), content_hash(part.bytes()));
+    assert_eq!(part.cluster_hash(Format::V3), content_hash(part.bytes()));
+    assert_eq!(part.cluster_hash(Format::V4), part.hashes().cluster_hash());
+    let mut v3 = node
+        .encode_as(Format::V3, s.generation, part.summary())
+        .unwrap();
+    v3.extend_from_slice(part.bytes());
+    assert_eq!(
+        v3,
+        s.encode_as(Format::V3).unwrap(),
+        "the same part in format 3"
+    );
+    assert_eq!(
+        node.encode_as(Format::V2, s.generation, part.summary()),
+        Err(EncodeError::NoParts { format: 2 })
+    );
     assert_eq!(
         Snapshot::from_parts(node, cluster, s.generation),
         s,
@@ -56,25 +70,48 @@ fn every_node_of_a_cluster_ends_with_the_same_bytes() {
 }
 
 #[test]
-fn both_formats_hold_the_same_snapshot() {
+fn every_format_holds_the_same_snapshot() {
     let s = sample();
-    let (new, old) = (s.encode().unwrap(), v2(&s));
-    assert_ne!(new, old);
-    let new = Snapshot::decode(&new, &Limits::default()).unwrap();
-    let old = Snapshot::decode(&old, &Limits::default()).unwrap();
-    assert_eq!((new.format, old.format), (Format::V3, Format::V2));
-    assert_eq!(new.snapshot, s);
-    assert_eq!(old.snapshot, s);
-    assert_ne!(
-        new.content_hash, old.content_hash,
-        "each format has its hash"
+    let encoded: Vec<(Format, Vec<u8>)> = Format::ALL
+        .into_iter()
+        .map(|f| (f, s.encode_as(f).unwrap()))
+        .collect();
+    assert_eq!(
+        encoded.last().unwrap().1,
+        s.encode().unwrap(),
+        "encode writes the newest"
     );
-    for bytes in [s.encode().unwrap(), v2(&s)] {
-        let header = peek_header(&bytes).unwrap();
+    let (v3, v4) = (&encoded[1].1, &encoded[2].1);
+    assert_eq!(
+        v3[10..24],
+        v4[10..24],
+        "only the format version and hash differ"
+    );
+    assert_eq!(
+        v3[32..],
+        v4[32..],
+        "only the format version and hash differ"
+    );
+    let mut hashes = Vec::new();
+    for (format, bytes) in &encoded {
+        let decoded = Snapshot::decode(bytes, &Limits::default()).unwrap();
+        assert_eq!(decoded.format, *format);
+        assert_eq!(decoded.snapshot, s);
+        assert_eq!(
+            decoded.cluster_hashes.is_some(),
+            *format == Format::V4,
+            "section hashes come with format 4"
+        );
+        let header = peek_header(bytes).unwrap();
+        assert_eq!(header.format_version, format.number());
         assert_eq!(header.node_name, "node-a1");
         assert_eq!(header.generation, 7);
-        assert_eq!(Ok(header.content_hash), computed_content_hash(&bytes));
+        assert_eq!(Ok(header.content_hash), computed_content_hash(bytes));
+        assert_eq!(header.content_hash, decoded.content_hash);
+        hashes.push(decoded.content_hash);
     }
+    hashes.dedup();
+    assert_eq!(hashes.len(), 3, "each format has its hash");
 }
 
 #[test]
@@ -90,20 +127,43 @@ fn set_generation_works_on_a_node_part() {
 
 #[test]
 fn every_flipped_byte_after_the_fixed_header_is_refused() {
-    let bytes = sample().encode().unwrap();
-    let header_hash = peek_header(&bytes).unwrap().content_hash;
-    for i in 40..bytes.len() {
-        let mut corrupt = bytes.clone();
-        corrupt[i] ^= 0x01;
-        match (i, decode(&corrupt)) {
-            // cluster_offset: odd, or past the end (a move within the snapshot moves the
-            // parts' boundary, and so their hashes).
-            (40..48, Err(DecodeError::ClusterOffset { .. })) => {}
-            (_, Err(DecodeError::HashMismatch { header, computed })) => {
-                assert_eq!(header, header_hash);
-                assert_eq!(Ok(computed), computed_content_hash(&corrupt));
+    for format in [Format::V3, Format::V4] {
+        let bytes = sample().encode_as(format).unwrap();
+        let header_hash = peek_header(&bytes).unwrap().content_hash;
+        let cluster = cluster_offset(&bytes);
+        let mut framing = 0;
+        for i in 40..bytes.len() {
+            let mut corrupt = bytes.clone();
+            corrupt[i] ^= 0x01;
+            match (i, decode(&corrupt)) {
+                // cluster_offset: odd, or past the end (a move within the snapshot moves the
+                // parts' boundary, and so their hashes).
+                (40..48, Err(DecodeError::ClusterOffset { .. })) => {}
+                (_, Err(DecodeError::HashMismatch { header, computed })) => {
+                    assert_eq!(header, header_hash);
+                    assert_eq!(Ok(computed), computed_content_hash(&corrupt));
+                }
+                // Format 4 reads the cluster sections' framing to hash their records, so a
+                // flipped section header or padding byte there, or a cluster_offset moved to
+                // where no section starts, is refused as what it breaks.
+                (
+                    _,
+                    Err(
+                        DecodeError::SectionKind { .. }
+                        | DecodeError::RecordSize { .. }
+                        | DecodeError::SectionReserved { .. }
+                        | DecodeError::SectionOverrun { .. }
+                        | DecodeError::NonZeroPadding { .. }
+                        | DecodeError::Overrun { .. },
+                    ),
+                ) if format == Format::V4 && (i >= cluster || (40..48).contains(&i)) => {
+                    framing += 1
+                }
+                (_, other) => panic!("format {format:?}, byte {i}: {other:?}"),
             }
-            (_, other) => panic!("byte {i}: {other:?}"),
+        }
+        if format == Format::V4 {
+            assert!(framing > 0, "some bytes of format 4 are framing");
         }
     }
 }
@@ -134,7 +194,9 @@ fn cluster_offset_must_be_a_multiple_of_8_within_the_snapshot() {
 
 #[test]
 fn the_node_part_must_end_where_the_cluster_part_starts() {
-    let bytes = sample().encode().unwrap();
+    // Format 3: format 4 reads the cluster sections from cluster_offset to hash them, so an offset
+    // moved to where no section starts is refused by that reading first.
+    let bytes = sample().encode_as(Format::V3).unwrap();
     let offset = cluster_offset(&bytes) as u64;
     for moved in [offset - 8, offset + 8, bytes.len() as u64] {
         let mut b = bytes.clone();

@@ -19,6 +19,7 @@ pub mod builder;
 pub mod contract;
 mod decode;
 pub mod delta;
+pub mod delta_format;
 mod encode;
 mod error;
 pub mod explain;
@@ -34,9 +35,13 @@ mod validate_names;
 pub mod view;
 
 #[cfg(test)]
+mod delta_format_tests;
+#[cfg(test)]
 mod delta_tests;
 #[cfg(test)]
 mod format3_tests;
+#[cfg(test)]
+mod format4_tests;
 #[cfg(test)]
 mod names_tests;
 #[cfg(test)]
@@ -52,7 +57,7 @@ use kmesh_common::{
 
 pub use error::{DecodeError, EncodeError, Table, ValidationError};
 pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, Format, MAGIC, MAX_NODE_NAME_LEN};
-pub use hash::content_hash;
+pub use hash::{ClusterHashes, TableHash, content_hash, record_hash};
 pub use name_lookup::{EndpointServices, ServiceName, SnapshotNames, WorkloadName};
 pub use parts::{ClusterPart, ClusterSummary, ClusterTables, NodeTables};
 
@@ -118,6 +123,9 @@ pub struct Decoded {
     pub content_hash: u64,
     /// The format the bytes were in.
     pub format: Format,
+    /// Format 4's section hashes of the cluster part (`None` for the older formats): what a delta
+    /// from this snapshot updates.
+    pub cluster_hashes: Option<ClusterHashes>,
 }
 
 /// What a node accepts. A snapshot beyond a table's limit is refused with
@@ -223,7 +231,7 @@ impl Snapshot {
     /// decoder checks (with [`Limits::UNLIMITED`]), is refused with [`EncodeError::Invalid`], so an
     /// invalid snapshot is never produced.
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        self.encode_as(Format::V3)
+        self.encode_as(Format::V4)
     }
 
     /// The canonical bytes of the snapshot in `format`: [`Format::V2`] for agents that read

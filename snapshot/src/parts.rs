@@ -1,4 +1,4 @@
-//! The two parts of a snapshot (format 3, see [`crate::format`]): what every node of a compile
+//! The two parts of a snapshot (formats 3 and 4, see [`crate::format`]): what every node of a compile
 //! shares, and what is the node's own.
 //!
 //! The operator compiles one [`ClusterTables`] and one [`NodeTables`] per node, validates and
@@ -12,7 +12,8 @@ use kmesh_common::{
 };
 
 use crate::error::{EncodeError, ValidationError};
-use crate::{AuthzTables, NameTables, Snapshot, encode};
+use crate::hash::ClusterHashes;
+use crate::{AuthzTables, Format, NameTables, Snapshot, encode};
 
 /// The tables of a snapshot that are the same for every node of a compile: the format's cluster
 /// part. Each table is sorted by key with no duplicates, as in [`Snapshot`].
@@ -34,11 +35,15 @@ pub struct NodeTables {
     pub authz: AuthzTables,
 }
 
-/// A validated and encoded cluster part: the last bytes of every format 3 snapshot of its compile.
+/// A validated and encoded cluster part: the last bytes of every format 3 and format 4 snapshot of
+/// its compile (the two formats' parts are the same bytes, hashed differently).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterPart {
     pub(crate) bytes: Vec<u8>,
-    pub(crate) hash: u64,
+    /// Format 3's cluster hash: FNV-1a 64 of the bytes.
+    pub(crate) bytes_hash: u64,
+    /// Format 4's section hashes.
+    pub(crate) hashes: ClusterHashes,
 }
 
 impl ClusterPart {
@@ -51,9 +56,15 @@ impl ClusterPart {
         self.bytes
     }
 
-    /// FNV-1a 64 of [`bytes`](Self::bytes): the cluster half of every node's content hash.
-    pub fn hash(&self) -> u64 {
-        self.hash
+    /// The cluster half of the content hash of every node's snapshot in `format` (format 3 or 4;
+    /// format 2 has no parts, and gets format 3's).
+    pub fn cluster_hash(&self, format: Format) -> u64 {
+        self.summary().cluster_hash(format)
+    }
+
+    /// Format 4's section hashes, which a delta from this part updates.
+    pub fn hashes(&self) -> ClusterHashes {
+        self.hashes
     }
 
     /// What a node part's header needs of this part, kept when the bytes go elsewhere (the
@@ -61,18 +72,39 @@ impl ClusterPart {
     pub fn summary(&self) -> ClusterSummary {
         ClusterSummary {
             len: self.bytes.len() as u64,
-            hash: self.hash,
+            bytes_hash: self.bytes_hash,
+            hashes: self.hashes,
         }
     }
 }
 
-/// The length and hash of an encoded cluster part ([`ClusterPart::summary`]): what the header of a
-/// node part that it follows counts in its total length and content hash. Made only from a
+/// The length and hashes of an encoded cluster part ([`ClusterPart::summary`]): what the header of
+/// a node part that it follows counts in its total length and content hash. Made only from a
 /// [`ClusterPart`], so that a node part is never encoded for a cluster part that does not exist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClusterSummary {
     pub(crate) len: u64,
-    pub(crate) hash: u64,
+    pub(crate) bytes_hash: u64,
+    pub(crate) hashes: ClusterHashes,
+}
+
+impl ClusterSummary {
+    /// See [`ClusterPart::cluster_hash`].
+    pub fn cluster_hash(&self, format: Format) -> u64 {
+        match format {
+            Format::V4 => self.hashes.cluster_hash(),
+            Format::V2 | Format::V3 => self.bytes_hash,
+        }
+    }
+
+    /// The part's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The cluster tables of a [`Snapshot`] or a [`ClusterTables`], borrowed: what the cluster part's
@@ -155,12 +187,24 @@ impl NodeTables {
     }
 
     /// Validates and encodes the node's part at `generation`, for the cluster part `cluster`
-    /// summarizes: the node's format 3 snapshot is these bytes followed by that part's bytes (its
-    /// header counts them in the total length and the content hash).
+    /// summarizes, in the current format ([`FORMAT_VERSION`](crate::FORMAT_VERSION)): the node's
+    /// snapshot is these bytes followed by that part's bytes (its header counts them in the total
+    /// length and the content hash).
     pub fn encode(&self, generation: u64, cluster: ClusterSummary) -> Result<Vec<u8>, EncodeError> {
+        self.encode_as(Format::V4, generation, cluster)
+    }
+
+    /// [`encode`](Self::encode) in `format`, 3 or 4 (format 2 has no parts: refused with
+    /// [`EncodeError::NoParts`]).
+    pub fn encode_as(
+        &self,
+        format: Format,
+        generation: u64,
+        cluster: ClusterSummary,
+    ) -> Result<Vec<u8>, EncodeError> {
         let view = self.view();
         view.validate()?;
-        encode::node_part(view, generation, cluster)
+        encode::node_part(view, format, generation, cluster)
     }
 }
 

@@ -987,7 +987,7 @@ proptest! {
     /// accepts, with the same error, and what they accept round-trips.
     #[test]
     fn encoder_and_decoder_agree(s in arb_raw_snapshot()) {
-        let raw = encode_unchecked(&s, crate::Format::V3).unwrap();
+        let raw = encode_unchecked(&s, crate::Format::V4).unwrap();
         let decoded = Snapshot::decode(&raw, &Limits::UNLIMITED);
         match s.encode() {
             Ok(bytes) => {

@@ -185,18 +185,30 @@ fn round_trip() {
     let bytes = s.encode().unwrap();
     let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
     assert_eq!(decoded.snapshot, s);
-    assert_eq!(decoded.format, Format::V3);
-    // Format 3's hash, spelled out: FNV-1a of the two parts' FNV-1a hashes.
+    assert_eq!(decoded.format, Format::V4);
+    // Format 4's hash: FNV-1a of the node part's FNV-1a hash and the cluster part's section
+    // hashes (format4_tests spells those out).
     let cluster_offset = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
     let node_hash = content_hash(&bytes[FIXED_HEADER_LEN..cluster_offset]);
-    let cluster_hash = content_hash(&bytes[cluster_offset..]);
+    let cluster_hash = decoded.cluster_hashes.unwrap().cluster_hash();
     let both = [node_hash.to_le_bytes(), cluster_hash.to_le_bytes()].concat();
     assert_eq!(decoded.content_hash, content_hash(&both));
     assert_eq!(decoded.snapshot.encode().unwrap(), bytes);
     assert_eq!(bytes.len() % 8, 0);
+    // Format 3's, spelled out: FNV-1a of the two parts' FNV-1a hashes.
+    let v3 = s.encode_as(Format::V3).unwrap();
+    let cluster_hash = content_hash(&v3[cluster_offset..]);
+    let both = [node_hash.to_le_bytes(), cluster_hash.to_le_bytes()].concat();
+    assert_eq!(
+        Snapshot::decode(&v3, &Limits::default())
+            .unwrap()
+            .content_hash,
+        content_hash(&both)
+    );
+    assert_eq!(&v3[40..cluster_offset], &bytes[40..cluster_offset]);
 
     let header = peek_header(&bytes).unwrap();
-    assert_eq!(header.format_version, 3);
+    assert_eq!(header.format_version, 4);
     assert_eq!(header.layout_version, LAYOUT_VERSION);
     assert_eq!(header.generation, 7);
     assert_eq!(header.content_hash, decoded.content_hash);
@@ -280,11 +292,18 @@ fn hash_is_stable() {
     );
     assert_eq!(content_hash(&bytes[40..]), 0xb46c_1474_4340_a547);
     // Format 3: the same sections in two parts and 8 bytes more of header.
-    let bytes = sample().encode().unwrap();
+    let bytes = sample().encode_as(Format::V3).unwrap();
     assert_eq!(bytes.len(), SAMPLE_LEN + 8);
     assert_eq!(
         peek_header(&bytes).unwrap().content_hash,
         0xa3ea_7433_f5b8_b42b
+    );
+    // Format 4: format 3's bytes, the cluster part hashed by sections.
+    let bytes = sample().encode().unwrap();
+    assert_eq!(bytes.len(), SAMPLE_LEN + 8);
+    assert_eq!(
+        peek_header(&bytes).unwrap().content_hash,
+        0xb480_2696_bf0f_f80a
     );
 }
 
@@ -462,10 +481,10 @@ fn every_flipped_header_byte_is_refused_or_is_the_generation() {
 fn versions_and_flags() {
     let bytes = v2(&sample());
     let mut v = bytes.clone();
-    v[8..10].copy_from_slice(&4u16.to_le_bytes());
+    v[8..10].copy_from_slice(&5u16.to_le_bytes());
     assert_eq!(
         decode(&v),
-        Err(DecodeError::UnsupportedFormatVersion { found: 4 })
+        Err(DecodeError::UnsupportedFormatVersion { found: 5 })
     );
     assert!(peek_header(&v).is_err());
 

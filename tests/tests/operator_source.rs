@@ -33,7 +33,8 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         .add_pod("b", Ipv4Addr::new(10, 244, 200, 102), None)
         .expect("b");
     let _servers = (a.serve_tcp(PORT).unwrap(), b.serve_tcp(PORT).unwrap());
-    // In `format`: an operator from before format 3 sends format 2 whatever the agent asks.
+    // In `format`: an operator from before format 3 sends format 2 whatever the agent asks, one
+    // from before format 4 sends format 3.
     let snapshot_in = |format: Format, generation: u64, pod: &kmesh_tests::Pod| {
         let mut s = SnapshotBuilder::new(NODE, generation, mode::KERNEL_NATIVE);
         s.workload(IpAddr::V4(client.ipv4()), 1);
@@ -45,7 +46,7 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         s.build().encode_as(format).unwrap()
     };
     let snapshot_to =
-        |generation: u64, pod: &kmesh_tests::Pod| snapshot_in(Format::V3, generation, pod);
+        |generation: u64, pod: &kmesh_tests::Pod| snapshot_in(Format::V4, generation, pod);
     let token =
         TokenFile(std::env::temp_dir().join(format!("kmt-opsrc-{}.token", std::process::id())));
     let token_file = token.0.as_path();
@@ -89,7 +90,7 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
     assert_eq!(seen[0].if_none_match, None, "{seen:?}");
     assert_eq!(seen[0].authorization.as_deref(), Some("Bearer agent-token"));
     assert!(
-        seen[0].query.split('&').any(|kv| kv == "format=3"),
+        seen[0].query.split('&').any(|kv| kv == "format=4"),
         "the agent names the newest format it reads: {seen:?}"
     );
     assert!(
@@ -143,7 +144,8 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         10,
         "an outage of the server changed routing"
     );
-    server.publish(NODE, "g3", snapshot_to(3, &a));
+    // Generation 3 comes in format 3, as from an operator that predates format 4.
+    server.publish(NODE, "g3", snapshot_in(Format::V3, 3, &a));
     agent
         .wait_for(
             Duration::from_secs(20),

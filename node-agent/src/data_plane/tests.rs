@@ -171,8 +171,10 @@ fn garbage_is_refused_as_undecodable() {
 #[test]
 fn a_corrupt_snapshot_is_refused_with_its_generation() {
     let (mut bytes, _) = snapshot(NODE, 2, 1);
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
+    // A byte of the first service record (after the cluster part's first section header): a
+    // record byte, which only the content hash covers.
+    let cluster = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    bytes[cluster + 16 + 4] ^= 0xff;
     assert_refused(&bytes, Limits::default(), RefusalKind::Undecodable, "hash");
     let mut h = harness(FakeSlots::with_live(Slot::Zero, 1, 0x1), Limits::default());
     h.applier.on_snapshot(&bytes);

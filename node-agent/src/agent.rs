@@ -362,12 +362,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         move || read_live_config(&live_config),
         telemetry,
     ));
+    let (held_tx, held_rx) = watch::channel(source::Held::default());
     let (tx, rx) = mpsc::channel();
     tokio::spawn(source::run(
         config.source.clone(),
         config.node_name.clone(),
         config.limits.max_bytes,
         live_rx,
+        held_rx,
         tx.clone(),
     ));
     let applier = Applier::new(
@@ -376,7 +378,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         maps,
         status.clone(),
         live_tx,
-    );
+    )
+    .with_held(held_tx);
     let data_plane = DataPlane::new(applier, enroller, lifecycle, status.clone())
         .with_test_panic_at_snapshot(config.test_panic_at_snapshot);
     let data_plane = supervise::spawn("data-plane", status.clone(), move || data_plane.run(rx))

@@ -10,6 +10,7 @@ use std::{
 };
 
 use kmesh_common::WorkloadRecord;
+use kmesh_snapshot::delta_format::{Delta, is_delta};
 use kmesh_snapshot::{AuthzTables, Decoded, Limits, Snapshot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -20,8 +21,8 @@ use crate::{
     enrol::{EnrolError, Enroller},
     lifecycle::Lifecycle,
     maps::{ApplyStats, GenerationMaps, KernelSlots, Slot, SlotMaps},
-    refusal::{Refusal, RefusalKind},
-    source::Delivery,
+    refusal::{DeltaRefusal, Refusal, RefusalKind},
+    source::{Delivery, Held},
 };
 
 /// How often namespaces are rescanned (the issue allows 2 s to pick up a change).
@@ -68,8 +69,11 @@ pub struct Applier<M: SlotMaps = KernelSlots> {
     live: watch::Sender<u64>,
     /// The live snapshot (shared with the admin server through the status); `None` until a
     /// snapshot arrives, so that a restarted agent does not empty the enrolled map before it knows
-    /// what should be in it. Its mode and authorization tables judge established connections.
+    /// what should be in it. Its mode and authorization tables judge established connections, and
+    /// deltas apply to it.
     live_snapshot: Option<Arc<Decoded>>,
+    /// What the source asks deltas from (see [`Held`]); `None`: nobody asks.
+    held: Option<watch::Sender<Held>>,
 }
 
 impl<M: SlotMaps> Applier<M> {
@@ -87,7 +91,14 @@ impl<M: SlotMaps> Applier<M> {
             status,
             live,
             live_snapshot: None,
+            held: None,
         }
+    }
+
+    /// Reports what the live snapshot is to `held`, for the operator source's deltas.
+    pub fn with_held(mut self, held: watch::Sender<Held>) -> Self {
+        self.held = Some(held);
+        self
     }
 
     /// The mode and authorization tables of the snapshot last made or confirmed live.
@@ -104,7 +115,8 @@ impl<M: SlotMaps> Applier<M> {
             .map(|d| d.snapshot.workloads.as_slice())
     }
 
-    /// Decodes, checks and applies `bytes`, and records the outcome.
+    /// Decodes, checks and applies `bytes` (a snapshot, or a delta from the live one), and
+    /// records the outcome.
     pub fn on_snapshot(&mut self, bytes: &[u8]) -> Outcome {
         let decoded = self.decode(bytes);
         self.on_decoded(decoded)
@@ -126,6 +138,9 @@ impl<M: SlotMaps> Applier<M> {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Decoded, Box<Refused>> {
+        if is_delta(bytes) {
+            return self.apply_delta(bytes);
+        }
         Snapshot::decode(bytes, &self.limits).map_err(|e| {
             Box::new(Refused {
                 generation: kmesh_snapshot::peek_header(bytes)
@@ -134,6 +149,26 @@ impl<M: SlotMaps> Applier<M> {
                 refusal: e.into(),
             })
         })
+    }
+
+    /// The snapshot a delta makes of the live one: read, applied and checked as a snapshot is
+    /// (`kmesh_snapshot::delta_format`), before anything reaches the kernel.
+    fn apply_delta(&self, bytes: &[u8]) -> Result<Decoded, Box<Refused>> {
+        let refused = |generation, refusal| {
+            Box::new(Refused {
+                generation,
+                refusal: Refusal::Delta(refusal),
+            })
+        };
+        let delta = Delta::decode(bytes, &self.limits)
+            .map_err(|e| refused(None, DeltaRefusal::Undecodable(e)))?;
+        let generation = Some(delta.generation);
+        let Some(base) = &self.live_snapshot else {
+            return Err(refused(generation, DeltaRefusal::NoBase));
+        };
+        delta
+            .apply(base, &self.limits)
+            .map_err(|e| refused(generation, DeltaRefusal::DoesNotApply(e)))
     }
 
     fn accept(&mut self, decoded: Decoded) -> Result<Accepted, Box<Refused>> {
@@ -262,6 +297,16 @@ impl<M: SlotMaps> Applier<M> {
                 counts: Some(counts),
             });
         });
+        // What the source asks deltas from, set before the live generation wakes it: it reads
+        // this when it asks again.
+        if let Some(held) = &self.held {
+            let cluster_hash = decoded.cluster_hashes.map(|h| h.cluster_hash());
+            held.send_if_modified(|h| {
+                let changed = h.cluster_hash != cluster_hash;
+                h.cluster_hash = cluster_hash;
+                changed
+            });
+        }
         // Wakes the operator source only when the generation changed (it re-polls to report it).
         self.live.send_if_modified(|live| {
             let changed = *live != generation;
@@ -287,6 +332,12 @@ impl<M: SlotMaps> Applier<M> {
         } = refused;
         let kind = refusal.kind();
         let reason = refusal.to_string();
+        if kind == RefusalKind::Delta
+            && let Some(held) = &self.held
+        {
+            // The source asks for the whole snapshot next.
+            held.send_modify(|h| h.deltas_refused += 1);
+        }
         error!(
             generation,
             ?kind,

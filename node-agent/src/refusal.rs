@@ -2,6 +2,7 @@
 //! [`RefusalKind`] is what `/debug/snapshot` and the log show beside the message. In every case the
 //! live generation stays in force.
 use kmesh_snapshot::DecodeError;
+use kmesh_snapshot::delta::DeltaError;
 
 use crate::maps::{MapsError, SwapError};
 
@@ -24,6 +25,21 @@ pub enum Refusal {
     /// The swap failed before its flip.
     #[error("applying: {0}")]
     ApplyFailed(SwapError),
+    /// A delta that could not be read, or that does not give the snapshot it names from the live
+    /// one. The source then asks for the whole snapshot.
+    #[error("delta: {0}")]
+    Delta(DeltaRefusal),
+}
+
+/// Why a delta was refused.
+#[derive(thiserror::Error, Debug)]
+pub enum DeltaRefusal {
+    #[error(transparent)]
+    Undecodable(DecodeError),
+    #[error("no snapshot is live to apply it to")]
+    NoBase,
+    #[error(transparent)]
+    DoesNotApply(DeltaError),
 }
 
 /// The kind of a [`Refusal`], as shown on `/debug/snapshot` (`"over_capacity"`, ...).
@@ -35,15 +51,17 @@ pub enum RefusalKind {
     OtherNode,
     LiveUnreadable,
     ApplyFailed,
+    Delta,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 5] = [
+    pub const ALL: [RefusalKind; 6] = [
         RefusalKind::Undecodable,
         RefusalKind::OverCapacity,
         RefusalKind::OtherNode,
         RefusalKind::LiveUnreadable,
         RefusalKind::ApplyFailed,
+        RefusalKind::Delta,
     ];
 
     /// As serialized (`over_capacity`, ...), for metric labels.
@@ -54,6 +72,7 @@ impl RefusalKind {
             RefusalKind::OtherNode => "other_node",
             RefusalKind::LiveUnreadable => "live_unreadable",
             RefusalKind::ApplyFailed => "apply_failed",
+            RefusalKind::Delta => "delta",
         }
     }
 }
@@ -66,6 +85,7 @@ impl Refusal {
             Refusal::OtherNode { .. } => RefusalKind::OtherNode,
             Refusal::LiveUnreadable(_) => RefusalKind::LiveUnreadable,
             Refusal::ApplyFailed(_) => RefusalKind::ApplyFailed,
+            Refusal::Delta(_) => RefusalKind::Delta,
         }
     }
 }

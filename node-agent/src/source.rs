@@ -63,6 +63,15 @@ pub enum Delivery {
     Uninstall,
 }
 
+/// What the data plane holds, for the source's next request: the format 4 cluster hash of the live
+/// snapshot (the base a delta is asked from; `None`: none live, or not from format 4), and how many
+/// deltas it has refused (after a refusal the source asks for the whole snapshot once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub cluster_hash: Option<u64>,
+    pub deltas_refused: u64,
+}
+
 /// How long the server may hold a long-poll request.
 const LONG_POLL: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -70,13 +79,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_MAX_TRANSPORT: Duration = Duration::from_secs(2);
 const FILE_POLL: Duration = Duration::from_millis(100);
 
-/// Delivers snapshot bytes to `tx` until the receiver is gone. `live` is the generation the data
-/// plane has live (0: none), reported to the operator as soon as it changes.
+/// Delivers snapshot bytes (or deltas) to `tx` until the receiver is gone. `live` is the
+/// generation the data plane has live (0: none), reported to the operator as soon as it changes;
+/// `held` what it holds, to ask for deltas from.
 pub async fn run(
     source: Source,
     node: String,
     max_bytes: u64,
     live: watch::Receiver<u64>,
+    held: watch::Receiver<Held>,
     tx: Sender<Delivery>,
 ) {
     match source {
@@ -88,7 +99,8 @@ pub async fn run(
         } => match https_connector(ca_file.as_deref()) {
             Ok(connector) => {
                 let ca = TrustedCa::new(ca_file);
-                poll_operator(url, node, token_file, (ca, connector), max_bytes, live, tx).await
+                let watched = (live, held);
+                poll_operator(url, node, token_file, (ca, connector), max_bytes, watched, tx).await
             }
             // Checked at start-up (see `check`); reaching here means the file changed since.
             Err(e) => tracing::error!(error = %e, "cannot set up TLS to the operator"),
@@ -312,19 +324,29 @@ async fn poll_operator(
     token_file: Option<PathBuf>,
     (mut ca, connector): (TrustedCa, Connector),
     max_bytes: u64,
-    mut live: watch::Receiver<u64>,
+    (mut live, mut held): (watch::Receiver<u64>, watch::Receiver<Held>),
     tx: Sender<Delivery>,
 ) {
     let mut client = client_of(connector);
-    let url = contract::snapshot_url(&base, &node, LONG_POLL);
     let mut etag: Option<String> = None;
     let mut backoff = BACKOFF_MIN;
     let mut gone = false;
+    let mut deltas_refused = held.borrow().deltas_refused;
     loop {
         if let Some(connector) = ca.reloaded() {
             client = client_of(connector);
         }
         let live_generation = *live.borrow_and_update();
+        let holding = *held.borrow_and_update();
+        let since = if holding.deltas_refused != deltas_refused {
+            // The last delta did not apply: ask for the whole snapshot, as a first request does.
+            deltas_refused = holding.deltas_refused;
+            etag = None;
+            None
+        } else {
+            holding.cluster_hash
+        };
+        let url = contract::snapshot_url_since(&base, &node, LONG_POLL, since);
         let request = tokio::time::timeout(
             LONG_POLL + Duration::from_secs(15),
             fetch(
@@ -343,6 +365,13 @@ async fn poll_operator(
                     return; // the data plane is gone
                 }
                 debug!(live = *live.borrow(), "live generation changed; asking again to report it");
+                continue;
+            }
+            changed = held.wait_for(|h| h.deltas_refused != deltas_refused) => {
+                if changed.is_err() {
+                    return;
+                }
+                debug!("a delta was refused; asking for the whole snapshot");
                 continue;
             }
         };

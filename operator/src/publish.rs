@@ -209,6 +209,7 @@ impl Publisher {
                 return;
             }
         };
+        self.store.remember_cluster(&cluster);
         for (node, own) in &compiled.nodes {
             let Some(content) = encoded(node, own, compiled.generation, &cluster) else {
                 continue;

@@ -18,10 +18,10 @@
 //!   node A asking for node B gets `403`.
 //! - TLS when a certificate is given; the agent checks it against `--operator-ca`.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -32,12 +32,12 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kmesh_snapshot::contract;
+use kmesh_snapshot::{Format, contract};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::snapshot_body::{Chunks, SnapshotBody};
+use crate::snapshot_body::{Chunks, SharedCluster, SnapshotBody};
 
 /// One node's current snapshot: the leader's decision, and its bytes when this replica has
 /// compiled that content (`None`: not yet; an agent holding the decision gets `304`, others wait).
@@ -69,6 +69,21 @@ pub struct SnapshotStore {
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// The agents are being removed: every request is answered `410 Gone` (see `uninstall.rs`).
     uninstalling: Arc<watch::Sender<bool>>,
+    /// Recent compiles' cluster parts: the bases of deltas.
+    clusters: Arc<Mutex<ClusterHistory>>,
+}
+
+/// How many of the latest compiles' cluster parts are kept for deltas beyond those that published
+/// snapshots still hold: an agent asks for a delta from the part it runs, which the compile after
+/// it no longer publishes.
+const RECENT_CLUSTERS: usize = 3;
+
+/// Cluster parts by their format 4 cluster hash: the last [`RECENT_CLUSTERS`] compiles' held here,
+/// any other while something else holds it.
+#[derive(Debug, Default)]
+struct ClusterHistory {
+    recent: VecDeque<Arc<SharedCluster>>,
+    any: BTreeMap<u64, Weak<SharedCluster>>,
 }
 
 impl Default for SnapshotStore {
@@ -80,6 +95,7 @@ impl Default for SnapshotStore {
             reported_here: Arc::default(),
             ready: Arc::default(),
             uninstalling: Arc::new(watch::channel(false).0),
+            clusters: Arc::default(),
         }
     }
 }
@@ -100,6 +116,27 @@ impl SnapshotStore {
             .entry(node.to_string())
             .or_insert_with(|| watch::channel(None).0)
             .clone()
+    }
+
+    /// Keeps `cluster` (a compile's cluster part) as a base agents may take deltas from.
+    pub fn remember_cluster(&self, cluster: &Arc<SharedCluster>) {
+        let mut history = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let hash = cluster.cluster_hash();
+        if history.recent.back().is_some_and(|c| c.cluster_hash() == hash) {
+            return;
+        }
+        history.recent.push_back(cluster.clone());
+        if history.recent.len() > RECENT_CLUSTERS {
+            history.recent.pop_front();
+        }
+        history.any.retain(|_, c| c.strong_count() > 0);
+        history.any.insert(hash, Arc::downgrade(cluster));
+    }
+
+    /// The cluster part whose format 4 cluster hash is `hash`, if still kept.
+    pub fn cluster(&self, hash: u64) -> Option<Arc<SharedCluster>> {
+        let history = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        history.any.get(&hash).and_then(Weak::upgrade)
     }
 
     /// Makes `published` the node's snapshot and wakes its waiting requests.
@@ -481,6 +518,9 @@ async fn serve_authenticated(
         }
         Some(p) => {
             let format = contract::served_format(req.uri.query());
+            if let Some(delta) = delta_response(req, store, &p, format).await {
+                return delta;
+            }
             let chunks = match p.body.as_ref().map(|b| b.chunks(format)) {
                 Some(Ok(chunks)) => chunks,
                 other => {
@@ -501,6 +541,36 @@ async fn serve_authenticated(
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response\n"))
         }
     }
+}
+
+/// The answer to an agent that names in `since` the cluster part it holds, when a delta from it
+/// can be made and is smaller than the snapshot: the node's delta. `None`: the whole snapshot is
+/// sent (the agent reads an older format, names no base or one no longer kept).
+async fn delta_response(
+    req: &hyper::http::request::Parts,
+    store: &SnapshotStore,
+    published: &Published,
+    format: Format,
+) -> Option<Response<Chunks>> {
+    let since = req.uri.query().and_then(contract::parse_since)?;
+    let body = published.body.as_ref()?;
+    if format != Format::V4 {
+        return None;
+    }
+    let base = store.cluster(since)?;
+    let delta = body.cluster.delta_from(base).await?;
+    let chunks = match body.delta_chunks(&delta) {
+        Ok(chunks) => chunks?,
+        Err(e) => {
+            warn!(error = %e, "a node's delta does not encode; the snapshot is sent");
+            return None;
+        }
+    };
+    Response::builder()
+        .header(header::ETAG, published.etag())
+        .header(header::CONTENT_TYPE, contract::DELTA_MEDIA_TYPE)
+        .body(chunks)
+        .ok()
 }
 
 /// Whether `published` is news to an agent holding `if_none_match`: a snapshot other than the one
@@ -734,6 +804,74 @@ mod tests {
         }
         assert_eq!(seen[0], seen[1]);
         assert_eq!(seen[1], seen[2]);
+    }
+
+    /// An agent that names the cluster part it holds gets a delta from it, which applied to what
+    /// it holds is the published snapshot; one that names a part the server no longer keeps, or
+    /// reads only format 3, gets the whole snapshot.
+    #[tokio::test]
+    async fn an_agent_naming_the_part_it_holds_gets_a_delta() {
+        use http_body_util::BodyExt;
+        use kmesh_snapshot::builder::generate;
+        use kmesh_snapshot::delta_format::Delta;
+        use kmesh_snapshot::{Limits, Snapshot};
+        let held = generate("node-a", 3, 200, 4);
+        let mut next = held.clone();
+        next.generation = 4;
+        next.endpoints[17].value.ip[15] ^= 1;
+        let (held_body, body) = (
+            crate::snapshot_body::body_of(held.clone()),
+            crate::snapshot_body::body_of(next.clone()),
+        );
+        let store = SnapshotStore::default();
+        store.remember_cluster(&held_body.cluster);
+        store.remember_cluster(&body.cluster);
+        store.publish(
+            "node-a",
+            Published {
+                generation: 4,
+                content_hash: 400,
+                body: Some(body.clone()),
+            },
+        );
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let since = held_body.cluster.cluster_hash();
+        let ask = |query: String| async move {
+            let request = Request::get(format!("/v1/nodes/node-a/snapshot?{query}"))
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            let response = respond(&request, &store, &NoAuth, &Metrics::default(), peer).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(
+                response.headers().get(header::ETAG),
+                Some(&contract::etag(4, 400).parse().unwrap())
+            );
+            let media = response.headers().get(header::CONTENT_TYPE).cloned().unwrap();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (media, bytes)
+        };
+        let held_decoded = Snapshot::decode(&held.encode().unwrap(), &Limits::default()).unwrap();
+        let next_decoded = Snapshot::decode(&next.encode().unwrap(), &Limits::default()).unwrap();
+
+        let (media, bytes) = ask(format!("wait=0s&format=4&since={since:016x}")).await;
+        assert_eq!(media, contract::DELTA_MEDIA_TYPE);
+        assert!(bytes.len() * 20 < body.len(), "{} of {}", bytes.len(), body.len());
+        let delta = Delta::decode(&bytes, &Limits::default()).unwrap();
+        assert_eq!(delta.apply(&held_decoded, &Limits::default()), Ok(next_decoded.clone()));
+
+        for (query, format) in [
+            (format!("wait=0s&format=4&since={:016x}", since ^ 1), Format::V4),
+            (format!("wait=0s&format=3&since={since:016x}"), Format::V3),
+            ("wait=0s&format=4".to_string(), Format::V4),
+        ] {
+            let (media, bytes) = ask(query.clone()).await;
+            assert_eq!(media, contract::MEDIA_TYPE, "{query}");
+            let decoded = Snapshot::decode(&bytes, &Limits::default()).unwrap();
+            assert_eq!(decoded.format, format, "{query}");
+            assert_eq!(decoded.snapshot, next, "{query}");
+        }
     }
 
     /// The answer to `long_poll(held)` and the (virtual) time it was held.

@@ -9,24 +9,39 @@
 //! while such agents remain.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     convert::Infallible,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
 use hyper::body::{Body, Bytes, Frame, SizeHint};
+use kmesh_snapshot::delta::ClusterDelta;
+use kmesh_snapshot::delta_format::{ClusterDeltaPart, delta_head};
 use kmesh_snapshot::{ClusterSummary, ClusterTables, EncodeError, Format, NodeTables, Snapshot};
+use tokio::sync::OnceCell;
 
-/// One compile's cluster part: its bytes, which every node's response shares, and the tables they
-/// were encoded from (for format 2).
+/// One compile's cluster part: its bytes, which every node's response shares, the tables they
+/// were encoded from (for format 2, and for deltas), and the deltas to it from earlier compiles'
+/// parts, each made once for every node that holds that base.
 #[derive(Debug)]
 pub struct SharedCluster {
     pub part: Bytes,
-    /// The part's length and hash, for the node parts' headers.
+    /// The part's length and hashes, for the node parts' headers.
     pub summary: ClusterSummary,
     pub tables: Arc<ClusterTables>,
+    /// By the base's format 4 cluster hash; `None` once the delta was found not to encode.
+    deltas: Mutex<BTreeMap<u64, Arc<OnceCell<Option<Arc<DeltaBody>>>>>>,
+}
+
+/// The changes from one cluster part to another, encoded once: what ends every node's delta from
+/// that base.
+#[derive(Debug)]
+pub struct DeltaBody {
+    pub part: ClusterDeltaPart,
+    /// `part`'s bytes, shared by every response.
+    pub bytes: Bytes,
 }
 
 impl SharedCluster {
@@ -37,7 +52,46 @@ impl SharedCluster {
             summary: part.summary(),
             part: Bytes::from(part.into_bytes()),
             tables,
+            deltas: Mutex::default(),
         })
+    }
+
+    /// The format 4 cluster hash, which agents name in `since`.
+    pub fn cluster_hash(&self) -> u64 {
+        self.summary.cluster_hash(Format::V4)
+    }
+
+    /// The changes from `base` to this part, made on a blocking thread the first time a node
+    /// asks and shared by every later one (requests that ask meanwhile wait for the same work).
+    pub async fn delta_from(&self, base: Arc<SharedCluster>) -> Option<Arc<DeltaBody>> {
+        let cell = {
+            let mut deltas = self.deltas.lock().unwrap_or_else(|p| p.into_inner());
+            deltas.entry(base.cluster_hash()).or_default().clone()
+        };
+        let (tables, summary) = (self.tables.clone(), self.summary);
+        cell.get_or_init(|| async move {
+            let made = tokio::task::spawn_blocking(move || {
+                let changes = ClusterDelta::between(&base.tables, &tables);
+                ClusterDeltaPart::encode(&changes, &base.summary, &summary)
+            })
+            .await;
+            match made {
+                Ok(Ok(part)) => Some(Arc::new(DeltaBody {
+                    bytes: Bytes::copy_from_slice(part.bytes()),
+                    part,
+                })),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a cluster delta does not encode; full snapshots are sent");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "making a cluster delta failed; full snapshots are sent");
+                    None
+                }
+            }
+        })
+        .await
+        .clone()
     }
 }
 
@@ -89,6 +143,16 @@ impl SnapshotBody {
                 Ok(Chunks::from([Bytes::from(snapshot.encode_as(Format::V2)?)]))
             }
         }
+    }
+
+    /// The node's delta from the base of `delta`: its head (header and node part) and the
+    /// shared changes; `None` when the delta would not be smaller than the snapshot.
+    pub fn delta_chunks(&self, delta: &DeltaBody) -> Result<Option<Chunks>, EncodeError> {
+        let head = delta_head(&self.node_part, &delta.part)?;
+        if head.len() + delta.bytes.len() >= self.len() {
+            return Ok(None);
+        }
+        Ok(Some(Chunks::from([Bytes::from(head), delta.bytes.clone()])))
     }
 
     /// The whole snapshot in `format`, in one buffer (for tests and tools).
@@ -144,7 +208,14 @@ pub(crate) fn for_tests(node: &str, generation: u64) -> SnapshotBody {
     let mut b = SnapshotBuilder::new(node, generation, mode::KERNEL_NATIVE);
     let set = b.backend_set(0, &[]);
     b.service("10.96.0.1".parse().expect("an address"), 80, &[(1, set)]);
-    let (own, cluster) = b.build().into_parts();
+    body_of(b.build())
+}
+
+/// The body of `snapshot`, as the publisher makes it.
+#[cfg(test)]
+pub(crate) fn body_of(snapshot: Snapshot) -> SnapshotBody {
+    let generation = snapshot.generation;
+    let (own, cluster) = snapshot.into_parts();
     let cluster = Arc::new(SharedCluster::encode(Arc::new(cluster)).expect("valid tables"));
     let node_part = own
         .encode(generation, cluster.summary)

@@ -15,8 +15,11 @@
 //!
 //! Answers:
 //! - `200 OK`: the body is the snapshot (`kmesh-snapshot` format, in the format [`served_format`]
-//!   picks for the request's `format`; [`MEDIA_TYPE`]); `ETag` names it
-//!   ([`etag`]: generation and content hash). Agents treat the ETag as opaque and echo it.
+//!   picks for the request's `format`; [`MEDIA_TYPE`]), or, for an agent that names the snapshot
+//!   it holds in `since` ([`SINCE_PARAM`]), a delta from it (`crate::delta_format`;
+//!   [`DELTA_MEDIA_TYPE`]; the agent tells them apart by their magic); `ETag` names the snapshot
+//!   ([`etag`]: generation and content hash) either way. Agents treat the ETag as opaque and echo
+//!   it.
 //! - `304 Not Modified`: the agent's ETag was still current after the server held the request for
 //!   up to `wait` (capped at [`MAX_WAIT`]): a long poll. The agent asks again at once.
 //! - `410 Gone` ([`UNINSTALL_STATUS`]): the node's agents are being removed for good (their
@@ -58,6 +61,15 @@ pub const UNINSTALL_STATUS: u16 = 410;
 /// The media type of a snapshot body.
 pub const MEDIA_TYPE: &str = "application/vnd.kmesh.snapshot";
 
+/// The media type of a delta body (`crate::delta_format`).
+pub const DELTA_MEDIA_TYPE: &str = "application/vnd.kmesh.snapshot-delta";
+
+/// The query parameter naming the format 4 cluster hash of the snapshot the agent holds, from
+/// which it takes a delta (`since=0123456789abcdef`). A server that cannot answer with a delta
+/// from it (it does not know that cluster part, or the agent reads an older format) answers with
+/// the whole snapshot, as does a server from before deltas, which ignores the parameter.
+pub const SINCE_PARAM: &str = "since";
+
 /// The path of `node`'s snapshot.
 pub fn snapshot_path(node: &str) -> String {
     format!("{SNAPSHOT_PATH_PREFIX}{node}{SNAPSHOT_PATH_SUFFIX}")
@@ -72,6 +84,27 @@ pub fn snapshot_url(base: &str, node: &str, wait: Duration) -> String {
         snapshot_path(node),
         wait_query(wait)
     )
+}
+
+/// [`snapshot_url`] of an agent that holds a format 4 snapshot whose cluster hash is `held` and
+/// takes a delta from it: `…&since={held as 16 hex digits}`.
+pub fn snapshot_url_since(base: &str, node: &str, wait: Duration, held: Option<u64>) -> String {
+    let url = snapshot_url(base, node, wait);
+    match held {
+        Some(hash) => format!("{url}&{SINCE_PARAM}={hash:016x}"),
+        None => url,
+    }
+}
+
+/// The cluster hash an agent's `since` names; `None` when absent or not 16 hex digits.
+pub fn parse_since(query: &str) -> Option<u64> {
+    let value = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(SINCE_PARAM)?.strip_prefix('='))?;
+    if value.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(value, 16).ok()
 }
 
 /// The format to answer a request with query `query` in: the newest this build writes that is not
@@ -160,6 +193,26 @@ mod tests {
         );
         let query = url.split_once('?').unwrap().1;
         assert_eq!(parse_wait(query), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn since_names_the_held_cluster_part() {
+        let url = snapshot_url_since("https://op", "n", Duration::from_secs(5), Some(0xabc));
+        assert_eq!(
+            url,
+            "https://op/v1/nodes/n/snapshot?wait=5s&format=4&since=0000000000000abc"
+        );
+        let query = url.split_once('?').unwrap().1;
+        assert_eq!(parse_since(query), Some(0xabc));
+        assert_eq!(served_format(Some(query)), Format::V4);
+        assert_eq!(
+            snapshot_url_since("https://op", "n", Duration::from_secs(5), None),
+            snapshot_url("https://op", "n", Duration::from_secs(5))
+        );
+        assert_eq!(parse_since("wait=5s"), None);
+        assert_eq!(parse_since("since=abc"), None, "not 16 digits");
+        assert_eq!(parse_since("since=000000000000000g"), None);
+        assert_eq!(parse_since("sinced=0000000000000abc"), None);
     }
 
     #[test]

@@ -55,7 +55,8 @@ use crate::error::{EncodeError, Table};
 use crate::format::{ALIGN, FIXED_HEADER_LEN, Format};
 use crate::hash::parts_hash;
 use crate::{
-    ClusterSummary, DecodeError, Decoded, Limits, NodeTables, Snapshot, content_hash, peek_header,
+    ClusterSummary, ClusterTables, DecodeError, Decoded, Limits, NodeTables, Snapshot,
+    content_hash, peek_header,
 };
 
 /// First eight bytes of every delta.
@@ -420,6 +421,22 @@ fn within_limits(s: &Snapshot, limits: &Limits) -> Result<(), DeltaError> {
         });
     }
     Ok(())
+}
+
+/// The whole delta from `base` to `next` (the node's snapshots of two compiles; `next`'s node is
+/// the delta's), as the operator serves it: for tests and tools, which hold whole snapshots.
+pub fn delta_between(base: &Snapshot, next: &Snapshot) -> Result<Vec<u8>, EncodeError> {
+    let base_cluster = ClusterTables::from(base);
+    let (node, next_cluster) = next.clone().into_parts();
+    let (base_part, next_part) = (base_cluster.encode()?, next_cluster.encode()?);
+    let part = ClusterDeltaPart::encode(
+        &ClusterDelta::between(&base_cluster, &next_cluster),
+        &base_part.summary(),
+        &next_part.summary(),
+    )?;
+    let mut bytes = delta_head(&node.encode(next.generation, next_part.summary())?, &part)?;
+    bytes.extend_from_slice(part.bytes());
+    Ok(bytes)
 }
 
 /// Sets the generation of `encoded`, the bytes of a delta as [`delta_head`] wrote them (with or

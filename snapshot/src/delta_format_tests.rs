@@ -10,8 +10,8 @@ use kmesh_common::mode;
 use crate::builder::{SnapshotBuilder, generate};
 use crate::delta::{ClusterDelta, DeltaError};
 use crate::delta_format::{
-    ClusterDeltaPart, DELTA_HEADER_LEN, Delta, STRINGS_REPLACED, delta_head, is_delta,
-    set_delta_generation,
+    ClusterDeltaPart, DELTA_HEADER_LEN, Delta, STRINGS_REPLACED, delta_between, delta_head,
+    is_delta, set_delta_generation,
 };
 use crate::error::Table;
 use crate::tests::sample;
@@ -19,8 +19,11 @@ use crate::{
     DecodeError, Decoded, EncodeError, Format, Limits, Snapshot, WorkloadName, set_generation,
 };
 
-/// What the operator serves a node holding `base` when `next` is compiled: the node's delta.
+/// What the operator serves a node holding `base` when `next` is compiled: the node's delta, at
+/// `next`'s generation.
 fn delta_bytes(base: &Snapshot, next: &Snapshot) -> Vec<u8> {
+    let bytes = delta_between(base, next).unwrap();
+    // The operator's path: the node part encoded at another generation, then set.
     let (_, base_cluster) = base.clone().into_parts();
     let (node, next_cluster) = next.clone().into_parts();
     let base_part = base_cluster.encode().unwrap();
@@ -30,8 +33,9 @@ fn delta_bytes(base: &Snapshot, next: &Snapshot) -> Vec<u8> {
         ClusterDeltaPart::encode(&changes, &base_part.summary(), &next_part.summary()).unwrap();
     let mut node_part = node.encode(1, next_part.summary()).unwrap();
     set_generation(&mut node_part, next.generation).unwrap();
-    let mut bytes = delta_head(&node_part, &part).unwrap();
-    bytes.extend_from_slice(part.bytes());
+    let mut served = delta_head(&node_part, &part).unwrap();
+    served.extend_from_slice(part.bytes());
+    assert_eq!(served, bytes, "delta_between is what the operator serves");
     bytes
 }
 

@@ -208,6 +208,19 @@ impl NodeTables {
     }
 }
 
+impl From<&Snapshot> for ClusterTables {
+    /// A copy of the snapshot's cluster tables.
+    fn from(s: &Snapshot) -> ClusterTables {
+        ClusterTables {
+            services: s.services.clone(),
+            routes: s.routes.clone(),
+            backend_sets: s.backend_sets.clone(),
+            endpoints: s.endpoints.clone(),
+            names: s.names.clone(),
+        }
+    }
+}
+
 impl Snapshot {
     /// The snapshot of a node's tables joined with the cluster's.
     pub fn from_parts(node: NodeTables, cluster: ClusterTables, generation: u64) -> Snapshot {

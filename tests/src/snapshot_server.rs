@@ -5,8 +5,9 @@
 //! The operator's real server (`kmesh-operator`, tested end to end in `operator_end_to_end.rs`)
 //! serves the same contract. This stand-in is small and controllable: it can fail requests on
 //! purpose, to test the agent's retries, answer `410 Gone` (the contract's uninstall) with or
-//! without waking the requests it holds, and it records what each request carried (ETag, token,
-//! live generation). Its ETags are whatever a test publishes, which also checks that the agent
+//! without waking the requests it holds, answer an agent that names the snapshot it holds in
+//! `since` with a delta a test publishes, and it records what each request carried (ETag, token,
+//! live generation, `since`) and whether it was answered with a delta. Its ETags are whatever a test publishes, which also checks that the agent
 //! treats them as opaque (the operator's are `contract::etag`).
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
@@ -29,12 +30,17 @@ pub struct SeenRequest {
     /// The `Kmesh-Live-Generation` the agent reported.
     pub live_generation: Option<u64>,
     pub status: u16,
+    /// Answered with a delta rather than the snapshot.
+    pub delta: bool,
 }
 
 #[derive(Default)]
 struct State {
     /// (etag, body) per node.
     snapshots: std::collections::BTreeMap<String, (String, Vec<u8>)>,
+    /// Per node: the cluster hash a delta applies to, and the delta, sent for the snapshot of
+    /// `snapshots` to an agent whose `since` names that hash.
+    deltas: std::collections::BTreeMap<String, (u64, Vec<u8>)>,
     /// Requests to answer with 503 before serving again.
     fail_next: u32,
     /// When set, requests must carry `Authorization: Bearer <token>`.
@@ -83,10 +89,28 @@ impl SnapshotServer {
     /// Publishes `bytes` for `node` under `etag`, waking held requests.
     pub fn publish(&self, node: &str, etag: &str, bytes: Vec<u8>) {
         let (lock, cv) = &*self.state;
-        lock.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshots
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.snapshots
             .insert(node.to_string(), (format!("\"{etag}\""), bytes));
+        st.deltas.remove(node);
+        cv.notify_all();
+    }
+
+    /// Publishes `bytes` as [`publish`](Self::publish) does, and `delta` (from the snapshot whose
+    /// format 4 cluster hash is `since`) for the agents that name that hash.
+    pub fn publish_with_delta(
+        &self,
+        node: &str,
+        etag: &str,
+        bytes: Vec<u8>,
+        since: u64,
+        delta: Vec<u8>,
+    ) {
+        let (lock, cv) = &*self.state;
+        let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.snapshots
+            .insert(node.to_string(), (format!("\"{etag}\""), bytes));
+        st.deltas.insert(node.to_string(), (since, delta));
         cv.notify_all();
     }
 
@@ -142,14 +166,14 @@ struct Incoming {
     live_generation: Option<u64>,
 }
 
-/// A response: status, ETag, body.
-type Answer = (u16, Option<String>, Vec<u8>);
+/// A response: status, ETag, body, and whether the body is a delta.
+type Answer = (u16, Option<String>, Vec<u8>, bool);
 
 fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), hold: Duration) -> io::Result<()> {
     let request = read_request(&stream)?;
     let hold = hold.min(contract::parse_wait(&request.query).unwrap_or(Duration::ZERO));
-    let (status, etag, body) = answer(&request, state, hold);
-    write_response(stream, status, etag, &body)
+    let (status, etag, body, delta) = answer(&request, state, hold);
+    write_response(stream, status, etag, &body, delta)
 }
 
 fn read_request(stream: &TcpStream) -> io::Result<Incoming> {
@@ -192,13 +216,13 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
     let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
     let answer: Answer = if st.fail_next > 0 {
         st.fail_next -= 1;
-        (503, None, b"failing on purpose\n".to_vec())
+        (503, None, b"failing on purpose\n".to_vec(), false)
     } else if st
         .token
         .as_ref()
         .is_some_and(|t| request.authorization.as_deref() != Some(&format!("Bearer {t}")))
     {
-        (401, None, b"bad token\n".to_vec())
+        (401, None, b"bad token\n".to_vec(), false)
     } else if let Some(node) = contract::node_of_snapshot_path(&request.path) {
         let current = |st: &State| st.snapshots.get(node).cloned();
         if !st.gone {
@@ -210,14 +234,26 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
                 .unwrap_or_else(|p| p.into_inner());
             st = guard;
         }
+        let since = contract::parse_since(&request.query);
+        let delta = st
+            .deltas
+            .get(node)
+            .filter(|(base, _)| Some(*base) == since)
+            .map(|(_, delta)| delta.clone());
         match current(&st) {
-            _ if st.gone => (contract::UNINSTALL_STATUS, None, b"uninstalling\n".to_vec()),
-            Some((etag, _)) if Some(&etag) == if_none_match => (304, Some(etag), vec![]),
-            Some((etag, bytes)) => (200, Some(etag), bytes),
-            None => (404, None, b"unknown node\n".to_vec()),
+            _ if st.gone => (
+                contract::UNINSTALL_STATUS,
+                None,
+                b"uninstalling\n".to_vec(),
+                false,
+            ),
+            Some((etag, _)) if Some(&etag) == if_none_match => (304, Some(etag), vec![], false),
+            Some((etag, _)) if delta.is_some() => (200, Some(etag), delta.unwrap_or_default(), true),
+            Some((etag, bytes)) => (200, Some(etag), bytes, false),
+            None => (404, None, b"unknown node\n".to_vec(), false),
         }
     } else {
-        (404, None, b"not found\n".to_vec())
+        (404, None, b"not found\n".to_vec(), false)
     };
     st.seen.push(SeenRequest {
         path: request.path.clone(),
@@ -226,6 +262,7 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
         authorization: request.authorization.clone(),
         live_generation: request.live_generation,
         status: answer.0,
+        delta: answer.3,
     });
     answer
 }
@@ -235,6 +272,7 @@ fn write_response(
     status: u16,
     etag: Option<String>,
     body: &[u8],
+    delta: bool,
 ) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
@@ -252,7 +290,12 @@ fn write_response(
     if let Some(etag) = etag {
         write!(out, "ETag: {etag}\r\n")?;
     }
-    write!(out, "Content-Type: {}\r\n\r\n", contract::MEDIA_TYPE)?;
+    let media = if delta {
+        contract::DELTA_MEDIA_TYPE
+    } else {
+        contract::MEDIA_TYPE
+    };
+    write!(out, "Content-Type: {media}\r\n\r\n")?;
     out.write_all(body)?;
     out.flush()
 }

@@ -1,7 +1,8 @@
 //! The agent's operator source, end to end: the real agent long-polls a loopback server that speaks
 //! the snapshot contract (`kmesh_tests::SnapshotServer`), with ETags, 304s, a bearer token and
-//! failures it must ride out, and the kernel steers traffic by what it fetched, in either snapshot
-//! format (an operator from before format 3 sends format 2).
+//! failures it must ride out, and the kernel steers traffic by what it fetched, in every snapshot
+//! format (an operator from before format 3 sends format 2, one from before format 4 format 3),
+//! and from deltas (and a corrupt one refused).
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
@@ -35,7 +36,7 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
     let _servers = (a.serve_tcp(PORT).unwrap(), b.serve_tcp(PORT).unwrap());
     // In `format`: an operator from before format 3 sends format 2 whatever the agent asks, one
     // from before format 4 sends format 3.
-    let snapshot_in = |format: Format, generation: u64, pod: &kmesh_tests::Pod| {
+    let snapshot_of = |generation: u64, pod: &kmesh_tests::Pod| {
         let mut s = SnapshotBuilder::new(NODE, generation, mode::KERNEL_NATIVE);
         s.workload(IpAddr::V4(client.ipv4()), 1);
         let set = s.backend_set(
@@ -43,7 +44,10 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
             &[Endpoint::new(IpAddr::V4(pod.ipv4()), PORT, 1)],
         );
         s.service(VIP.into(), 80, &[(1, set)]);
-        s.build().encode_as(format).unwrap()
+        s.build()
+    };
+    let snapshot_in = |format: Format, generation: u64, pod: &kmesh_tests::Pod| {
+        snapshot_of(generation, pod).encode_as(format).unwrap()
     };
     let snapshot_to =
         |generation: u64, pod: &kmesh_tests::Pod| snapshot_in(Format::V4, generation, pod);
@@ -178,6 +182,69 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
             |a| Ok(a.debug_snapshot()?["live"]["generation"] == 4),
         )
         .unwrap();
+    assert_eq!(probe(10).replies("b"), 10);
+
+    // Generation 5 comes as a delta from generation 4, which the agent holds and names in
+    // `since` (the format 4 cluster hash); applied, it steers to a again.
+    let cluster_hash = |s: &kmesh_snapshot::Snapshot| {
+        kmesh_snapshot::ClusterTables::from(s)
+            .encode()
+            .unwrap()
+            .cluster_hash(Format::V4)
+    };
+    let (g4, g5) = (snapshot_of(4, &b), snapshot_of(5, &a));
+    let delta = kmesh_snapshot::delta_format::delta_between(&g4, &g5).unwrap();
+    let full = g5.encode().unwrap();
+    assert!(delta.len() < full.len());
+    let since = format!("since={:016x}", cluster_hash(&g4));
+    server.publish_with_delta(NODE, "g5", full, cluster_hash(&g4), delta);
+    agent
+        .wait_for(Duration::from_secs(10), "generation 5 from a delta", |a| {
+            Ok(a.debug_snapshot()?["live"]["generation"] == 5)
+        })
+        .unwrap();
+    assert!(
+        server
+            .seen()
+            .iter()
+            .any(|r| r.delta && r.status == 200 && r.query.split('&').any(|kv| kv == since)),
+        "the agent took generation 5 as a delta from generation 4: {:?}",
+        server.seen()
+    );
+    assert_eq!(probe(10).replies("a"), 10);
+
+    // Generation 6's delta is corrupt (a changed endpoint port: its framing is right, its hash
+    // is not): the agent refuses it, keeps generation 5, and asks for the whole snapshot, with
+    // neither `since` nor an ETag, which it applies.
+    let g6 = snapshot_of(6, &b);
+    let mut corrupt = kmesh_snapshot::delta_format::delta_between(&g5, &g6).unwrap();
+    let port = PORT.to_le_bytes();
+    let at = corrupt
+        .windows(2)
+        .rposition(|w| w == port)
+        .expect("the upserted endpoint's port");
+    corrupt[at] ^= 1;
+    let before = server.seen().len();
+    server.publish_with_delta(NODE, "g6", g6.encode().unwrap(), cluster_hash(&g5), corrupt);
+    agent
+        .wait_for(Duration::from_secs(10), "generation 6 after a refused delta", |a| {
+            Ok(a.debug_snapshot()?["live"]["generation"] == 6)
+        })
+        .unwrap();
+    let debug = agent.debug_snapshot().unwrap();
+    assert_eq!(debug["refused_by_kind"]["delta"], 1, "{debug}");
+    let seen = server.seen()[before..].to_vec();
+    let refused_at = seen
+        .iter()
+        .position(|r| r.delta)
+        .expect("the corrupt delta was served");
+    assert!(
+        seen[refused_at + 1..]
+            .iter()
+            .any(|r| r.status == 200 && !r.delta && r.if_none_match.is_none()
+                && !r.query.contains("since=")),
+        "after the refusal the agent asks for the whole snapshot: {seen:?}"
+    );
     assert_eq!(probe(10).replies("b"), 10);
 }
 

@@ -269,3 +269,79 @@ fn the_live_snapshot_is_kept_for_the_admin_server() {
     assert_eq!(s.live_snapshot.map(|d| d.snapshot.services.len()), Some(1));
     assert_eq!(h.applier.workloads().map(<[_]>::len), Some(1));
 }
+
+/// The delta the operator serves a node that holds `base` when `next` is compiled.
+fn delta(base: &Snapshot, next: &Snapshot) -> Vec<u8> {
+    kmesh_snapshot::delta_format::delta_between(base, next).unwrap()
+}
+
+/// `snapshot`'s tables, decoded.
+fn tables(bytes: &[u8]) -> Snapshot {
+    Snapshot::decode(bytes, &Limits::UNLIMITED).unwrap().snapshot
+}
+
+/// A delta from the live snapshot is applied as the snapshot it makes; the source learns the new
+/// base; a delta from another base is refused, changes nothing, and makes the source ask for the
+/// whole snapshot.
+#[test]
+fn deltas_apply_to_the_live_snapshot_only() {
+    let mut h = harness(FakeSlots::with_live(Slot::Zero, 1, 0x1), Limits::default());
+    let (held_tx, held_rx) = watch::channel(Held::default());
+    h.applier = h.applier.with_held(held_tx);
+    let (first, _) = snapshot(NODE, 2, 3);
+    assert_eq!(
+        h.applier.on_snapshot(&first),
+        Outcome::Applied { slot: Slot::One }
+    );
+    let base = tables(&first);
+    let base_hash = held_rx.borrow().cluster_hash.expect("a format 4 base");
+
+    let (next_bytes, next_hash) = snapshot(NODE, 3, 5);
+    let next = tables(&next_bytes);
+    let bytes = delta(&base, &next);
+    assert!(bytes.len() < next_bytes.len());
+    assert_eq!(
+        h.applier.on_snapshot(&bytes),
+        Outcome::Applied { slot: Slot::Zero }
+    );
+    let s = status(&h);
+    let live = s.live.unwrap();
+    assert_eq!(live.generation, 3);
+    assert_eq!(live.content_hash, format!("{next_hash:016x}"));
+    assert_eq!(live.counts.unwrap().services, 5);
+    let held = *held_rx.borrow();
+    assert_ne!(held.cluster_hash, Some(base_hash), "the base moved on");
+    assert_eq!(held.deltas_refused, 0);
+
+    // The same delta again: its base is gone.
+    h.applier.maps.slots().clear_log();
+    assert_eq!(
+        h.applier.on_snapshot(&bytes),
+        Outcome::Refused(RefusalKind::Delta)
+    );
+    assert_eq!(writes(h.applier.maps.slots()), vec![]);
+    assert_eq!(held_rx.borrow().deltas_refused, 1);
+    let s = status(&h);
+    assert_eq!(s.live.unwrap().generation, 3);
+    assert!(
+        s.last_rejection
+            .unwrap()
+            .reason
+            .starts_with("delta: the delta applies to the cluster part"),
+    );
+}
+
+#[test]
+fn a_delta_before_any_snapshot_is_refused() {
+    let mut h = harness(FakeSlots::with_live(Slot::Zero, 1, 0x1), Limits::default());
+    let (a, _) = snapshot(NODE, 2, 3);
+    let (b, _) = snapshot(NODE, 3, 4);
+    assert_eq!(
+        h.applier.on_snapshot(&delta(&tables(&a), &tables(&b))),
+        Outcome::Refused(RefusalKind::Delta)
+    );
+    assert_eq!(
+        status(&h).last_rejection.unwrap().reason,
+        "delta: no snapshot is live to apply it to"
+    );
+}

@@ -6,7 +6,9 @@
 //! A panic here is a finding: either the decoder panicked, or one of these properties failed:
 //! - `Snapshot::decode` and `peek_header` return (accept or refuse) and never panic, and every
 //!   refusal renders as a message;
-//! - an accepted input is canonical: `encode(decode(b)) == b`, in the input's format (2 or 3);
+//! - an accepted input is canonical: `encode(decode(b)) == b`, in the input's format (2, 3 or 4);
+//! - `Delta::decode` returns and never panics on any input either (a delta's framing is read by
+//!   the same readers), and its refusals render as messages;
 //! - limits only refuse: what decodes under the node's limits decodes identically without limits,
 //!   and what decodes without limits and fits the limits decodes under them;
 //! - `peek_header` agrees with the decoder on every input the decoder accepts;
@@ -77,6 +79,9 @@ pub fn fixed_up(data: &[u8]) -> Option<Vec<u8>> {
 
 /// Every property of the module documentation, for one input.
 pub fn check_one(bytes: &[u8]) {
+    if let Err(e) = kmesh_snapshot::delta_format::Delta::decode(bytes, &Limits::default()) {
+        assert!(!e.to_string().is_empty(), "{e:?} renders as an empty message");
+    }
     let header = peek_header(bytes);
     let unlimited = Snapshot::decode(bytes, &Limits::UNLIMITED);
     for limits in [Limits::default(), TIGHT] {

@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use arbitrary::Arbitrary;
 use kmesh_common::{RouteValue, ip16, lb_policy};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
+use kmesh_snapshot::delta_format::{Delta, delta_between};
 use kmesh_snapshot::{Format, Limits, ServiceName, Snapshot, WorkloadName};
 
 use crate::authz_plan::{self, AuthzEdit, AuthzPlan};
@@ -339,18 +340,37 @@ pub fn check_plan(plan: &SnapshotPlan) {
         .unwrap_or_else(|e| panic!("the encoder refuses a valid snapshot: {e}\n{valid:?}"));
     check_round_trip(&valid, &bytes);
     check_parts(&valid, &bytes);
-    let v2 = valid
-        .encode_as(Format::V2)
-        .unwrap_or_else(|e| panic!("the format 2 encoder refuses a valid snapshot: {e}"));
-    check_round_trip(&valid, &v2);
+    for format in [Format::V2, Format::V3] {
+        let older = valid
+            .encode_as(format)
+            .unwrap_or_else(|e| panic!("the {format:?} encoder refuses a valid snapshot: {e}"));
+        check_round_trip(&valid, &older);
+    }
 
     let Some(edit) = &plan.edit else { return };
     let mut edited = valid.clone();
     apply(&mut edited, edit);
     match edited.encode() {
-        Ok(bytes) => check_round_trip(&edited, &bytes),
+        Ok(edited_bytes) => {
+            check_round_trip(&edited, &edited_bytes);
+            check_delta(&valid, &bytes, &edited, &edited_bytes);
+        }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
+}
+
+/// The delta from `base` (encoded as `base_bytes`) to `next` (as `next_bytes`), applied to `base`
+/// decoded, is `next` decoded: tables, content hash and section hashes.
+fn check_delta(base: &Snapshot, base_bytes: &[u8], next: &Snapshot, next_bytes: &[u8]) {
+    let delta = delta_between(base, next)
+        .unwrap_or_else(|e| panic!("the delta between two valid snapshots is refused: {e}"));
+    let held = Snapshot::decode(base_bytes, &Limits::UNLIMITED).expect("checked above");
+    let result = Delta::decode(&delta, &Limits::UNLIMITED)
+        .unwrap_or_else(|e| panic!("a delta as encoded does not decode: {e}"))
+        .apply(&held, &Limits::UNLIMITED)
+        .unwrap_or_else(|e| panic!("a delta does not apply to its base: {e}"));
+    let expected = Snapshot::decode(next_bytes, &Limits::UNLIMITED).expect("checked above");
+    assert_eq!(result, expected, "base + delta(base, next) != next");
 }
 
 fn check_round_trip(snapshot: &Snapshot, bytes: &[u8]) {

@@ -836,13 +836,15 @@ mod tests {
         );
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let since = held_body.cluster.cluster_hash();
-        let ask = |query: String| async move {
+        let ask = |query: String| {
+            let store = &store;
+            async move {
             let request = Request::get(format!("/v1/nodes/node-a/snapshot?{query}"))
                 .body(())
                 .unwrap()
                 .into_parts()
                 .0;
-            let response = respond(&request, &store, &NoAuth, &Metrics::default(), peer).await;
+            let response = respond(&request, store, &NoAuth, &Metrics::default(), peer).await;
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(
                 response.headers().get(header::ETAG),
@@ -851,6 +853,7 @@ mod tests {
             let media = response.headers().get(header::CONTENT_TYPE).cloned().unwrap();
             let bytes = response.into_body().collect().await.unwrap().to_bytes();
             (media, bytes)
+            }
         };
         let held_decoded = Snapshot::decode(&held.encode().unwrap(), &Limits::default()).unwrap();
         let next_decoded = Snapshot::decode(&next.encode().unwrap(), &Limits::default()).unwrap();

@@ -80,7 +80,10 @@ pub fn fixed_up(data: &[u8]) -> Option<Vec<u8>> {
 /// Every property of the module documentation, for one input.
 pub fn check_one(bytes: &[u8]) {
     if let Err(e) = kmesh_snapshot::delta_format::Delta::decode(bytes, &Limits::default()) {
-        assert!(!e.to_string().is_empty(), "{e:?} renders as an empty message");
+        assert!(
+            !e.to_string().is_empty(),
+            "{e:?} renders as an empty message"
+        );
     }
     let header = peek_header(bytes);
     let unlimited = Snapshot::decode(bytes, &Limits::UNLIMITED);

@@ -100,7 +100,16 @@ pub async fn run(
             Ok(connector) => {
                 let ca = TrustedCa::new(ca_file);
                 let watched = (live, held);
-                poll_operator(url, node, token_file, (ca, connector), max_bytes, watched, tx).await
+                poll_operator(
+                    url,
+                    node,
+                    token_file,
+                    (ca, connector),
+                    max_bytes,
+                    watched,
+                    tx,
+                )
+                .await
             }
             // Checked at start-up (see `check`); reaching here means the file changed since.
             Err(e) => tracing::error!(error = %e, "cannot set up TLS to the operator"),

@@ -122,7 +122,11 @@ impl SnapshotStore {
     pub fn remember_cluster(&self, cluster: &Arc<SharedCluster>) {
         let mut history = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         let hash = cluster.cluster_hash();
-        if history.recent.back().is_some_and(|c| c.cluster_hash() == hash) {
+        if history
+            .recent
+            .back()
+            .is_some_and(|c| c.cluster_hash() == hash)
+        {
             return;
         }
         history.recent.push_back(cluster.clone());
@@ -839,20 +843,24 @@ mod tests {
         let ask = |query: String| {
             let store = &store;
             async move {
-            let request = Request::get(format!("/v1/nodes/node-a/snapshot?{query}"))
-                .body(())
-                .unwrap()
-                .into_parts()
-                .0;
-            let response = respond(&request, store, &NoAuth, &Metrics::default(), peer).await;
-            assert_eq!(response.status(), StatusCode::OK);
-            assert_eq!(
-                response.headers().get(header::ETAG),
-                Some(&contract::etag(4, 400).parse().unwrap())
-            );
-            let media = response.headers().get(header::CONTENT_TYPE).cloned().unwrap();
-            let bytes = response.into_body().collect().await.unwrap().to_bytes();
-            (media, bytes)
+                let request = Request::get(format!("/v1/nodes/node-a/snapshot?{query}"))
+                    .body(())
+                    .unwrap()
+                    .into_parts()
+                    .0;
+                let response = respond(&request, store, &NoAuth, &Metrics::default(), peer).await;
+                assert_eq!(response.status(), StatusCode::OK);
+                assert_eq!(
+                    response.headers().get(header::ETAG),
+                    Some(&contract::etag(4, 400).parse().unwrap())
+                );
+                let media = response
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .cloned()
+                    .unwrap();
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                (media, bytes)
             }
         };
         let held_decoded = Snapshot::decode(&held.encode().unwrap(), &Limits::default()).unwrap();
@@ -860,12 +868,23 @@ mod tests {
 
         let (media, bytes) = ask(format!("wait=0s&format=4&since={since:016x}")).await;
         assert_eq!(media, contract::DELTA_MEDIA_TYPE);
-        assert!(bytes.len() * 20 < body.len(), "{} of {}", bytes.len(), body.len());
+        assert!(
+            bytes.len() * 20 < body.len(),
+            "{} of {}",
+            bytes.len(),
+            body.len()
+        );
         let delta = Delta::decode(&bytes, &Limits::default()).unwrap();
-        assert_eq!(delta.apply(&held_decoded, &Limits::default()), Ok(next_decoded.clone()));
+        assert_eq!(
+            delta.apply(&held_decoded, &Limits::default()),
+            Ok(next_decoded.clone())
+        );
 
         for (query, format) in [
-            (format!("wait=0s&format=4&since={:016x}", since ^ 1), Format::V4),
+            (
+                format!("wait=0s&format=4&since={:016x}", since ^ 1),
+                Format::V4,
+            ),
             (format!("wait=0s&format=3&since={since:016x}"), Format::V3),
             ("wait=0s&format=4".to_string(), Format::V4),
         ] {

@@ -31,9 +31,13 @@ pub struct SharedCluster {
     /// The part's length and hashes, for the node parts' headers.
     pub summary: ClusterSummary,
     pub tables: Arc<ClusterTables>,
-    /// By the base's format 4 cluster hash; `None` once the delta was found not to encode.
-    deltas: Mutex<BTreeMap<u64, Arc<OnceCell<Option<Arc<DeltaBody>>>>>>,
+    /// By the base's format 4 cluster hash.
+    deltas: Mutex<BTreeMap<u64, Arc<DeltaCell>>>,
 }
+
+/// The delta from one base, made by the first request that asks for it; `None` once it was found
+/// not to encode (the whole snapshot is sent then).
+type DeltaCell = OnceCell<Option<Arc<DeltaBody>>>;
 
 /// The changes from one cluster part to another, encoded once: what ends every node's delta from
 /// that base.

@@ -251,7 +251,7 @@ impl Delta {
         }
         let node_part_len = le_u64(bytes, OFF_NODE_PART_LEN);
         let available = len - DELTA_HEADER_LEN as u64;
-        if node_part_len % ALIGN as u64 != 0
+        if !node_part_len.is_multiple_of(ALIGN as u64)
             || node_part_len < MIN_NODE_PART_LEN
             || node_part_len > available
         {
@@ -397,7 +397,7 @@ fn strings(
 fn within_limits(s: &Snapshot, limits: &Limits) -> Result<(), DeltaError> {
     let over = |table: Table, count: usize| {
         let capacity = limits.max_of(table).unwrap_or(u32::MAX);
-        (count > capacity as usize).then(|| DeltaError::OverCapacity {
+        (count > capacity as usize).then_some(DeltaError::OverCapacity {
             table,
             count: count as u64,
             capacity,

@@ -248,7 +248,9 @@ fn answer(request: &Incoming, state: &(Mutex<State>, Condvar), hold: Duration) -
                 false,
             ),
             Some((etag, _)) if Some(&etag) == if_none_match => (304, Some(etag), vec![], false),
-            Some((etag, _)) if delta.is_some() => (200, Some(etag), delta.unwrap_or_default(), true),
+            Some((etag, _)) if delta.is_some() => {
+                (200, Some(etag), delta.unwrap_or_default(), true)
+            }
             Some((etag, bytes)) => (200, Some(etag), bytes, false),
             None => (404, None, b"unknown node\n".to_vec(), false),
         }

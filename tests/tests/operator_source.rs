@@ -227,9 +227,11 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
     let before = server.seen().len();
     server.publish_with_delta(NODE, "g6", g6.encode().unwrap(), cluster_hash(&g5), corrupt);
     agent
-        .wait_for(Duration::from_secs(10), "generation 6 after a refused delta", |a| {
-            Ok(a.debug_snapshot()?["live"]["generation"] == 6)
-        })
+        .wait_for(
+            Duration::from_secs(10),
+            "generation 6 after a refused delta",
+            |a| Ok(a.debug_snapshot()?["live"]["generation"] == 6),
+        )
         .unwrap();
     let debug = agent.debug_snapshot().unwrap();
     assert_eq!(debug["refused_by_kind"]["delta"], 1, "{debug}");
@@ -239,10 +241,10 @@ fn agent_follows_the_operator_with_etags_long_polls_and_retries() {
         .position(|r| r.delta)
         .expect("the corrupt delta was served");
     assert!(
-        seen[refused_at + 1..]
-            .iter()
-            .any(|r| r.status == 200 && !r.delta && r.if_none_match.is_none()
-                && !r.query.contains("since=")),
+        seen[refused_at + 1..].iter().any(|r| r.status == 200
+            && !r.delta
+            && r.if_none_match.is_none()
+            && !r.query.contains("since=")),
         "after the refusal the agent asks for the whole snapshot: {seen:?}"
     );
     assert_eq!(probe(10).replies("b"), 10);

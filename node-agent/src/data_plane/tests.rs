@@ -277,7 +277,9 @@ fn delta(base: &Snapshot, next: &Snapshot) -> Vec<u8> {
 
 /// `snapshot`'s tables, decoded.
 fn tables(bytes: &[u8]) -> Snapshot {
-    Snapshot::decode(bytes, &Limits::UNLIMITED).unwrap().snapshot
+    Snapshot::decode(bytes, &Limits::UNLIMITED)
+        .unwrap()
+        .snapshot
 }
 
 /// A delta from the live snapshot is applied as the snapshot it makes; the source learns the new

@@ -32,8 +32,9 @@ use kmesh_agent::{
 };
 use kmesh_common::{EnrolledNetns, ip16, lb_policy, mode};
 use kmesh_snapshot::{
-    Limits, Snapshot,
+    Decoded, Limits, Snapshot,
     builder::{Endpoint, SnapshotBuilder, generate},
+    delta_format::{Delta, delta_between},
 };
 use kmesh_tests::{Agent, AgentDir, AgentOptions, AgentSource, Pod, TestCgroup, TestNetwork};
 
@@ -111,7 +112,7 @@ fn main() {
     let mut maps = GenerationMaps::open(&installation).expect("generation maps");
     let mut enrolled = EnrolledMap::open(&installation).expect("enrolled map");
     let snapshot = mesh_snapshot(&server, 1, 0);
-    maps.apply(&snapshot, 1).expect("apply");
+    maps.apply(&snapshot, 1, None).expect("apply");
     enrolled
         .insert(
             client.netns_cookie().expect("client cookie"),
@@ -126,6 +127,7 @@ fn main() {
     connect_cost(&plan, &client, &server, &plain, &mesh);
     let http = http::run(&plan.http, &client, &server, VIP, &plain, &mesh);
     let swaps = swap_cost(&plan, &mut maps);
+    one_endpoint_change(&plan, &mut maps);
     // After the swap costs: its large generations are freed by the kernel in the background
     // (RCU), which would weigh on whatever runs next.
     connect_at_scale(&plan, &mut maps, &client, &server, &mesh);
@@ -267,7 +269,7 @@ fn connect_at_scale(
     // A swap away from a large generation leaves the kernel freeing its maps (RCU callbacks) for
     // a while: each measurement waits for that to end, then warms up.
     let settle = |maps: &mut GenerationMaps, snapshot: &Snapshot, hash: u64| {
-        maps.apply(snapshot, hash).expect("apply");
+        maps.apply(snapshot, hash, None).expect("apply");
         std::thread::sleep(Duration::from_secs(2));
         per_connection_us(client, mesh, &vip, plan.connections / 10);
     };
@@ -474,7 +476,7 @@ fn swap_cost(plan: &Plan, maps: &mut GenerationMaps) -> Vec<Swap> {
         let decoded = Snapshot::decode(&bytes, &Limits::default()).expect("decode");
         let decode = started.elapsed();
         let stats = maps
-            .apply(&decoded.snapshot, decoded.content_hash)
+            .apply(&decoded.snapshot, decoded.content_hash, None)
             .expect("apply");
         let total = started.elapsed();
         // The live generation's maps, as the kernel charges them (memlock).
@@ -513,4 +515,117 @@ fn swap_cost(plan: &Plan, maps: &mut GenerationMaps) -> Vec<Swap> {
         ));
     }
     figures
+}
+
+/// CPU time of this process so far (every thread), in microseconds.
+fn process_cpu_micros() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
+/// #10's one-endpoint change at 10,000 services and 100,000 endpoints, from the bytes received to
+/// the flip: as a delta against the live snapshot, applied in memory, then a swap of the shards it
+/// touches; and, in the same run and alternating with it, as the whole snapshot decoded and swapped
+/// whole (what an agent without a base does). Each round moves another endpoint of the live
+/// generation. CPU is the process's over the whole apply, on every thread, including the installs'
+/// and the mirror writes after the flip; grace periods are waits, not CPU.
+fn one_endpoint_change(plan: &Plan, maps: &mut GenerationMaps) {
+    let limits = Limits::default();
+    let first = generate("bench-node", 1_000, 10_000, 10);
+    let bytes = first.encode().expect("encode");
+    let mut held: Decoded = Snapshot::decode(&bytes, &limits).expect("decode");
+    maps.apply(&held.snapshot, held.content_hash, None)
+        .expect("apply");
+    std::thread::sleep(Duration::from_secs(1));
+    // Per variant: wire bytes, receipt to flip (ms), CPU (ms), inner maps rebuilt.
+    let (mut delta, mut whole): (Vec<[f64; 4]>, Vec<[f64; 4]>) = (vec![], vec![]);
+    for round in 0..plan.rounds * 2 {
+        let mut next = held.snapshot.clone();
+        next.generation += 1;
+        let moved = (round * 7_919) % next.endpoints.len();
+        next.endpoints[moved].value.port ^= 1;
+        let full = next.encode().expect("encode");
+        let incremental = round % 2 == 0;
+        let wire = if incremental {
+            delta_between(&held.snapshot, &next).expect("delta")
+        } else {
+            full.clone()
+        };
+        let (received_ns, cpu_before) = (kmesh_agent::sys::monotonic_ns(), process_cpu_micros());
+        let (decoded, stats) = if incremental {
+            let decoded = Delta::decode(&wire, &limits)
+                .expect("decode the delta")
+                .apply(&held, &limits)
+                .expect("apply the delta");
+            let stats = maps
+                .apply(
+                    &decoded.snapshot,
+                    decoded.content_hash,
+                    Some(&held.snapshot),
+                )
+                .expect("incremental swap");
+            (decoded, stats)
+        } else {
+            let decoded = Snapshot::decode(&wire, &limits).expect("decode");
+            let stats = maps
+                .apply(&decoded.snapshot, decoded.content_hash, None)
+                .expect("whole swap");
+            (decoded, stats)
+        };
+        let cpu = process_cpu_micros() - cpu_before;
+        assert_eq!(
+            decoded.snapshot, next,
+            "the node holds another snapshot than was sent"
+        );
+        let to_flip_ms = stats.flipped_between_ns[1].saturating_sub(received_ns) as f64 / 1e6;
+        let figures = [
+            wire.len() as f64,
+            to_flip_ms,
+            cpu as f64 / 1e3,
+            stats.maps_rebuilt as f64,
+        ];
+        if incremental {
+            delta.push(figures);
+        } else {
+            whole.push(figures);
+        }
+        held = decoded;
+        // The kernel frees the replaced maps in the background (RCU callbacks).
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let medians = |rows: &[[f64; 4]]| -> [f64; 4] {
+        std::array::from_fn(|i| median(rows.iter().map(|r| r[i]).collect()))
+    };
+    let (d, w) = (medians(&delta), medians(&whole));
+    println!();
+    println!(
+        "one endpoint moved at 10,000 services and 100,000 endpoints (medians of {} rounds each, \
+         alternating):",
+        plan.rounds
+    );
+    println!(
+        "  {:<44} {:>12} {:>16} {:>10} {:>14}",
+        "", "wire bytes", "receipt→flip ms", "CPU ms", "maps rebuilt"
+    );
+    for (name, f) in [
+        ("delta + sharded swap of the changed shards", d),
+        ("whole snapshot + whole swap (baseline)", w),
+    ] {
+        println!(
+            "  {:<44} {:>12.0} {:>16.1} {:>10.1} {:>14.0}",
+            name, f[0], f[1], f[2], f[3]
+        );
+    }
+    println!(
+        "  ratios delta / whole: wire {:.5}, receipt→flip {:.3}, CPU {:.3}",
+        d[0] / w[0],
+        d[1] / w[1],
+        d[2] / w[2]
+    );
 }

@@ -125,7 +125,7 @@ fn apply_service(installation: &Installation, client: &Pod, server: &Pod) {
         &[Endpoint::new(IpAddr::V4(server.ipv4()), POD_PORT, 1)],
     );
     b.service(VIP.into(), 80, &[(1, set)]);
-    maps.apply(&b.build(), 1).expect("apply");
+    maps.apply(&b.build(), 1, None).expect("apply");
     enrolled
         .insert(
             client.netns_cookie().expect("client cookie"),

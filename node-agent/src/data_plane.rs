@@ -198,7 +198,11 @@ impl<M: SlotMaps> Applier<M> {
             }
             _ => Change::Applied(
                 self.maps
-                    .apply(&snapshot, decoded.content_hash)
+                    .apply(
+                        &snapshot,
+                        decoded.content_hash,
+                        self.live_snapshot.as_deref().map(|d| &d.snapshot),
+                    )
                     .map_err(|e| refused(Refusal::ApplyFailed(e)))?,
             ),
         };

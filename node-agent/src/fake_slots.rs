@@ -13,7 +13,7 @@ use std::{
 use kmesh_common::{GenerationValue, NodeConfig, SnapshotMeta, mode};
 use kmesh_snapshot::Snapshot;
 
-use crate::slots::{MapsError, Slot, SlotMaps, SlotTable, TableRecords};
+use crate::slots::{Changes, MapsError, Slot, SlotMaps, SlotTable, TableRecords};
 
 /// One operation on the slots, as recorded by [`FakeSlots`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,32 +29,28 @@ pub enum Op {
         table: SlotTable,
         slot: Slot,
         generation: u64,
+        /// The shards written (bit `s`: shard `s`).
+        shards: u64,
     },
     Flip {
         slot: Slot,
     },
     Barrier,
-    Clear {
-        table: SlotTable,
-        slot: Slot,
-    },
 }
 
 impl Op {
     /// Whether the operation changes what the kernel holds.
     pub fn is_write(&self) -> bool {
-        matches!(
-            self,
-            Op::Install { .. } | Op::Flip { .. } | Op::Clear { .. }
-        )
+        matches!(self, Op::Install { .. } | Op::Flip { .. })
     }
 }
 
 #[derive(Default)]
 struct State {
     active: Option<Slot>,
-    /// What each (slot, table) holds: the generation header of the inner map installed there.
-    installed: BTreeMap<(Slot, SlotTable), GenerationValue>,
+    /// What each (slot, table, shard) holds: the generation header of the inner map installed
+    /// there (a shard a swap leaves alone keeps the map of the generation that last changed it).
+    installed: BTreeMap<(Slot, SlotTable, u32), GenerationValue>,
     /// The records of every filled generation, by (generation, content hash), for [`SlotMaps::read`].
     filled: BTreeMap<(u64, u64), Snapshot>,
     log: Vec<Op>,
@@ -77,16 +73,19 @@ impl FakeSlots {
         }
     }
 
-    /// Slots with `generation` (content hash `hash`) live in `slot` in every table.
+    /// Slots with `generation` (content hash `hash`) live in `slot` in every shard of every
+    /// table, and nothing in the other.
     pub fn with_live(slot: Slot, generation: u64, hash: u64) -> FakeSlots {
         let fake = FakeSlots::empty();
         {
             let mut state = fake.lock();
             state.active = Some(slot);
             for table in SlotTable::ALL {
-                state
-                    .installed
-                    .insert((slot, table), header(generation, hash));
+                for shard in 0..table.shards() {
+                    state
+                        .installed
+                        .insert((slot, table, shard), header(generation, hash));
+                }
             }
         }
         fake
@@ -110,13 +109,13 @@ impl FakeSlots {
         self.lock().active.unwrap_or(Slot::Zero)
     }
 
-    /// The generation each table of `slot` holds (absent: empty).
-    pub fn contents(&self, slot: Slot) -> BTreeMap<SlotTable, u64> {
+    /// The generation of the map each shard of each table of `slot` holds (absent: empty).
+    pub fn contents(&self, slot: Slot) -> BTreeMap<(SlotTable, u32), u64> {
         self.lock()
             .installed
             .iter()
-            .filter(|((s, _), _)| *s == slot)
-            .map(|((_, table), value)| (*table, value.meta.generation))
+            .filter(|((s, _, _), _)| *s == slot)
+            .map(|((_, table, shard), value)| ((*table, *shard), value.meta.generation))
             .collect()
     }
 }
@@ -133,7 +132,8 @@ pub fn header(generation: u64, content_hash: u64) -> GenerationValue {
 }
 
 impl SlotMaps for FakeSlots {
-    type Filled = GenerationValue;
+    /// The generation filled, and which shards of it.
+    type Filled = (GenerationValue, Changes);
 
     fn active_slot(&self) -> Result<Slot, MapsError> {
         let mut state = self.lock();
@@ -144,36 +144,43 @@ impl SlotMaps for FakeSlots {
     fn generation_in(&self, slot: Slot) -> Result<Option<GenerationValue>, MapsError> {
         let mut state = self.lock();
         state.log.push(Op::ReadGeneration { slot });
-        Ok(state.installed.get(&(slot, SlotTable::Generation)).copied())
+        Ok(state
+            .installed
+            .get(&(slot, SlotTable::Generation, 0))
+            .copied())
     }
 
     fn fill(
         &self,
         header: GenerationValue,
         snapshot: &Snapshot,
-    ) -> Result<GenerationValue, MapsError> {
+        changes: &Changes,
+    ) -> Result<(GenerationValue, Changes), MapsError> {
         let mut state = self.lock();
         state.log.push(Op::Fill {
             generation: header.meta.generation,
         });
         let key = (header.meta.generation, header.meta.content_hash);
         state.filled.insert(key, snapshot.clone());
-        Ok(header)
+        Ok((header, *changes))
     }
 
     fn install(
         &self,
         table: SlotTable,
         slot: Slot,
-        filled: &GenerationValue,
+        (header, changes): &(GenerationValue, Changes),
     ) -> Result<(), MapsError> {
         let mut state = self.lock();
         state.log.push(Op::Install {
             table,
             slot,
-            generation: filled.meta.generation,
+            generation: header.meta.generation,
+            shards: changes.mask(table),
         });
-        state.installed.insert((slot, table), *filled);
+        for shard in changes.shards(table) {
+            state.installed.insert((slot, table, shard), *header);
+        }
         Ok(())
     }
 
@@ -189,24 +196,25 @@ impl SlotMaps for FakeSlots {
         Ok(())
     }
 
-    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
-        let mut state = self.lock();
-        state.log.push(Op::Clear { table, slot });
-        state.installed.remove(&(slot, table));
-        Ok(())
-    }
-
-    /// The filled snapshot's records of the generation installed there (empty tables for a
-    /// generation placed by [`FakeSlots::with_live`], which has no records).
+    /// The records of the generation whose map each shard holds, of that shard (empty tables
+    /// for a generation placed by [`FakeSlots::with_live`], which has no records).
     fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
         let state = self.lock();
-        let Some(header) = state.installed.get(&(slot, table)).copied() else {
-            return Ok(None);
-        };
-        let key = (header.meta.generation, header.meta.content_hash);
         let empty = kmesh_snapshot::builder::SnapshotBuilder::new("", 0, 0).build();
-        let snapshot = state.filled.get(&key).unwrap_or(&empty);
-        Ok(Some(TableRecords::of(table, header, snapshot)))
+        let mut records: Option<TableRecords> = None;
+        for shard in 0..table.shards() {
+            let Some(header) = state.installed.get(&(slot, table, shard)).copied() else {
+                continue;
+            };
+            let key = (header.meta.generation, header.meta.content_hash);
+            let snapshot = state.filled.get(&key).unwrap_or(&empty);
+            let of_shard = TableRecords::of(table, header, snapshot).of_shard(table, shard);
+            records = Some(match records {
+                None => of_shard,
+                Some(so_far) => so_far.joined(of_shard),
+            });
+        }
+        Ok(records)
     }
 }
 
@@ -264,9 +272,14 @@ impl<M: SlotMaps> SlotMaps for FaultySlots<M> {
         self.inner.generation_in(slot)
     }
 
-    fn fill(&self, header: GenerationValue, snapshot: &Snapshot) -> Result<M::Filled, MapsError> {
+    fn fill(
+        &self,
+        header: GenerationValue,
+        snapshot: &Snapshot,
+        changes: &Changes,
+    ) -> Result<M::Filled, MapsError> {
         self.tick("inner maps", "create")?;
-        self.inner.fill(header, snapshot)
+        self.inner.fill(header, snapshot, changes)
     }
 
     fn install(&self, table: SlotTable, slot: Slot, filled: &M::Filled) -> Result<(), MapsError> {
@@ -282,11 +295,6 @@ impl<M: SlotMaps> SlotMaps for FaultySlots<M> {
     fn grace_period_barrier(&self) -> Result<(), MapsError> {
         self.tick(SlotTable::Generation.map_name(), "barrier update")?;
         self.inner.grace_period_barrier()
-    }
-
-    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
-        self.tick(table.map_name(), "delete")?;
-        self.inner.clear(table, slot)
     }
 
     fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {

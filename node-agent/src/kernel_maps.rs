@@ -17,12 +17,13 @@ use kmesh_common::{
     AuthzSourceKey, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetRecord,
     EndpointRecord, EnrolledNetns, GenerationValue, INNER_MAP_FLAGS, Ip16, RouteRecord,
     ServiceRecord, counter, map_names,
+    shard::{shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service},
 };
 use kmesh_snapshot::Snapshot;
 
 use crate::{
     loader::Installation,
-    slots::{MapsError, Slot, SlotMaps, SlotTable, TableRecords},
+    slots::{Changes, MapsError, Slot, SlotMaps, SlotTable, TableRecords},
     sys,
 };
 
@@ -44,32 +45,42 @@ struct OuterMap {
 }
 
 impl OuterMap {
-    /// Points `slot` at `inner`. Returns after an RCU grace period (kernel behaviour for
+    /// Points `entry` at `inner`. Returns after an RCU grace period (kernel behaviour for
     /// map-in-map updates), which the reuse rule relies on.
-    fn set(&self, slot: Slot, inner: BorrowedFd<'_>) -> Result<(), MapsError> {
+    fn set(&self, entry: u32, inner: BorrowedFd<'_>) -> Result<(), MapsError> {
         let value: u32 = inner.as_raw_fd() as u32;
-        sys::map_update_elem(self.map.fd().as_fd(), &slot.index(), &value)
+        sys::map_update_elem(self.map.fd().as_fd(), &entry, &value)
             .map_err(syscall_err(self.name, "update"))
     }
 
-    /// Empties `slot` (frees the inner map once nothing references it).
-    fn clear(&self, slot: Slot) -> Result<(), MapsError> {
-        match sys::map_delete_elem(self.map.fd().as_fd(), &slot.index()) {
-            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
-                Err(syscall_err(self.name, "delete")(e))
-            }
-            _ => Ok(()),
-        }
+    /// Points each of `entries` at the inner map of the same position in `inner`, in one
+    /// `BPF_MAP_UPDATE_BATCH`: the kernel waits for one grace period after the batch, not one per
+    /// entry.
+    fn set_all(&self, entries: &[u32], inner: &[BorrowedFd<'_>]) -> Result<(), MapsError> {
+        let values: Vec<u32> = inner.iter().map(|fd| fd.as_raw_fd() as u32).collect();
+        sys::map_update_batch(self.map.fd().as_fd(), entries, &values)
+            .map_err(syscall_err(self.name, "batch update"))
     }
 
-    /// The id of the inner map in `slot`, if any.
-    fn inner_id(&self, slot: Slot) -> Result<Option<u32>, MapsError> {
+    /// The id of the inner map at `entry`, if any.
+    fn inner_id(&self, entry: u32) -> Result<Option<u32>, MapsError> {
         let mut id: u32 = 0;
-        match sys::map_lookup_elem(self.map.fd().as_fd(), &slot.index(), &mut id) {
+        match sys::map_lookup_elem(self.map.fd().as_fd(), &entry, &mut id) {
             Ok(()) => Ok(Some(id)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(syscall_err(self.name, "lookup")(e)),
         }
+    }
+
+    /// The ids of the inner maps of every shard of `slot` of `table` that has one.
+    fn inner_ids(&self, table: SlotTable, slot: Slot) -> Result<Vec<u32>, MapsError> {
+        let mut ids = Vec::new();
+        for shard in 0..table.shards() {
+            if let Some(id) = self.inner_id(table.entry(slot, shard))? {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -80,9 +91,10 @@ pub struct KernelSlots {
     outer: [OuterMap; SlotTable::ALL.len()],
 }
 
-/// One generation's inner maps, indexed by [`SlotTable::position`].
+/// One generation's rebuilt inner maps: per table (indexed by [`SlotTable::position`]), the shard
+/// and map of each.
 pub struct KernelGeneration {
-    inner: [MapData; SlotTable::ALL.len()],
+    inner: [Vec<(u32, MapData)>; SlotTable::ALL.len()],
 }
 
 impl KernelSlots {
@@ -120,12 +132,16 @@ impl KernelSlots {
         let mut out = Vec::new();
         for table in SlotTable::ALL {
             let name = table.map_name();
-            let Some(id) = self.outer(table).inner_id(slot)? else {
+            let ids = self.outer(table).inner_ids(table, slot)?;
+            if ids.is_empty() {
                 continue;
-            };
-            let inner = MapData::from_id(id).map_err(map_err(name))?;
-            let bytes =
-                sys::map_memlock(inner.fd().as_fd()).map_err(syscall_err(name, "fdinfo"))?;
+            }
+            let mut bytes = 0;
+            for id in ids {
+                let inner = MapData::from_id(id).map_err(map_err(name))?;
+                bytes +=
+                    sys::map_memlock(inner.fd().as_fd()).map_err(syscall_err(name, "fdinfo"))?;
+            }
             out.push(TableMemory { table, bytes });
         }
         Ok(out)
@@ -150,7 +166,8 @@ impl SlotMaps for KernelSlots {
     }
 
     fn generation_in(&self, slot: Slot) -> Result<Option<GenerationValue>, MapsError> {
-        let Some(id) = self.outer(SlotTable::Generation).inner_id(slot)? else {
+        let entry = SlotTable::Generation.entry(slot, 0);
+        let Some(id) = self.outer(SlotTable::Generation).inner_id(entry)? else {
             return Ok(None);
         };
         let inner: HashMap<MapData, u32, GenerationValue> = MapData::from_id(id)
@@ -168,40 +185,65 @@ impl SlotMaps for KernelSlots {
         &self,
         header: GenerationValue,
         snapshot: &Snapshot,
+        changes: &Changes,
     ) -> Result<KernelGeneration, MapsError> {
-        Ok(KernelGeneration {
-            inner: [
-                fill(map_names::GENERATION, [(0u32, header)].into_iter())?,
-                fill(
-                    map_names::SERVICES,
-                    snapshot.services.iter().map(|r| (r.key, r.value)),
+        let mut inner: [Vec<(u32, MapData)>; SlotTable::ALL.len()] = Default::default();
+        for table in changes.tables() {
+            let name = table.map_name();
+            let a = &snapshot.authz;
+            inner[table.position()] = match table {
+                SlotTable::Generation => vec![(0, fill(name, [(0u32, header)].into_iter())?)],
+                SlotTable::Services => fill_shards(
+                    name,
+                    table,
+                    changes,
+                    snapshot
+                        .services
+                        .iter()
+                        .map(|r| (shard_of_service(&r.key), (r.key, r.value))),
                 )?,
-                fill(
-                    map_names::ROUTES,
-                    snapshot.routes.iter().map(|r| (r.route_id, r.value)),
+                SlotTable::Routes => fill_shards(
+                    name,
+                    table,
+                    changes,
+                    snapshot
+                        .routes
+                        .iter()
+                        .map(|r| (shard_of_route(r.route_id), (r.route_id, r.value))),
                 )?,
-                fill(
-                    map_names::BACKEND_SETS,
-                    snapshot.backend_sets.iter().map(|r| (r.set_id, r.value)),
+                SlotTable::BackendSets => fill_shards(
+                    name,
+                    table,
+                    changes,
+                    snapshot
+                        .backend_sets
+                        .iter()
+                        .map(|r| (shard_of_backend_set(r.set_id), (r.set_id, r.value))),
                 )?,
-                fill(
-                    map_names::ENDPOINTS,
-                    snapshot.endpoints.iter().map(|r| (r.key, r.value)),
+                SlotTable::Endpoints => fill_shards(
+                    name,
+                    table,
+                    changes,
+                    snapshot
+                        .endpoints
+                        .iter()
+                        .map(|r| (shard_of_endpoint(&r.key), (r.key, r.value))),
                 )?,
-                fill(
-                    map_names::AUTHZ_WORKLOADS,
-                    snapshot.authz.workloads.iter().map(|r| (r.ip, r.value)),
-                )?,
-                fill_trie(
-                    map_names::AUTHZ_SOURCES,
-                    snapshot.authz.sources.iter().map(|r| (r.key, r.value)),
-                )?,
-                fill(
-                    map_names::AUTHZ_VERDICTS,
-                    snapshot.authz.verdicts.iter().map(|r| (r.key, r.value)),
-                )?,
-            ],
-        })
+                SlotTable::AuthzWorkloads => {
+                    vec![(0, fill(name, a.workloads.iter().map(|r| (r.ip, r.value)))?)]
+                }
+                SlotTable::AuthzSources => {
+                    vec![(
+                        0,
+                        fill_trie(name, a.sources.iter().map(|r| (r.key, r.value)))?,
+                    )]
+                }
+                SlotTable::AuthzVerdicts => {
+                    vec![(0, fill(name, a.verdicts.iter().map(|r| (r.key, r.value)))?)]
+                }
+            };
+        }
+        Ok(KernelGeneration { inner })
     }
 
     fn install(
@@ -210,8 +252,16 @@ impl SlotMaps for KernelSlots {
         slot: Slot,
         filled: &KernelGeneration,
     ) -> Result<(), MapsError> {
-        self.outer(table)
-            .set(slot, filled.inner[table.position()].fd().as_fd())
+        let maps = &filled.inner[table.position()];
+        if maps.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<u32> = maps
+            .iter()
+            .map(|(shard, _)| table.entry(slot, *shard))
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = maps.iter().map(|(_, map)| map.fd().as_fd()).collect();
+        self.outer(table).set_all(&entries, &fds)
     }
 
     fn flip(&self, slot: Slot) -> Result<(), MapsError> {
@@ -224,62 +274,70 @@ impl SlotMaps for KernelSlots {
     fn grace_period_barrier(&self) -> Result<(), MapsError> {
         let slot = self.active_slot()?;
         let generation = self.outer(SlotTable::Generation);
-        let Some(id) = generation.inner_id(slot)? else {
+        let entry = SlotTable::Generation.entry(slot, 0);
+        let Some(id) = generation.inner_id(entry)? else {
             return Ok(()); // nothing was ever installed: no program can be using a slot
         };
         let inner = MapData::from_id(id).map_err(map_err(map_names::GENERATION))?;
-        generation.set(slot, inner.fd().as_fd())
-    }
-
-    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
-        self.outer(table).clear(slot)
+        generation.set(entry, inner.fd().as_fd())
     }
 
     fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
-        let Some(id) = self.outer(table).inner_id(slot)? else {
+        let ids = self.outer(table).inner_ids(table, slot)?;
+        if ids.is_empty() {
             return Ok(None);
-        };
-        let name = table.map_name();
-        let inner = MapData::from_id(id)
-            .and_then(Map::from_map_data)
-            .map_err(map_err(name))?;
-        Ok(Some(match table {
-            SlotTable::Generation => TableRecords::Generation(
-                read_hash::<u32, GenerationValue, _>(name, inner, |_, v| v)?,
-            ),
-            SlotTable::Services => TableRecords::Services(read_hash(name, inner, |key, value| {
-                ServiceRecord { key, value }
-            })?),
-            SlotTable::Routes => {
-                TableRecords::Routes(read_hash(name, inner, |route_id, value| RouteRecord {
-                    route_id,
-                    value,
-                })?)
-            }
-            SlotTable::BackendSets => {
-                TableRecords::BackendSets(read_hash(name, inner, |set_id, value| {
-                    BackendSetRecord { set_id, value }
-                })?)
-            }
-            SlotTable::Endpoints => {
-                TableRecords::Endpoints(read_hash(name, inner, |key, value| EndpointRecord {
-                    key,
-                    value,
-                })?)
-            }
-            SlotTable::AuthzWorkloads => {
-                TableRecords::AuthzWorkloads(read_hash(name, inner, |ip, value| {
-                    AuthzWorkloadRecord { ip, value }
-                })?)
-            }
-            SlotTable::AuthzSources => TableRecords::AuthzSources(read_trie(name, inner)?),
-            SlotTable::AuthzVerdicts => {
-                TableRecords::AuthzVerdicts(read_hash(name, inner, |key, value| {
-                    AuthzVerdictRecord { key, value }
-                })?)
-            }
-        }))
+        }
+        let mut records: Option<TableRecords> = None;
+        for id in ids {
+            let shard = read_inner(table, id)?;
+            records = Some(match records {
+                None => shard,
+                Some(so_far) => so_far.joined(shard),
+            });
+        }
+        Ok(records)
     }
+}
+
+/// The records of one inner map of `table`, sorted.
+fn read_inner(table: SlotTable, id: u32) -> Result<TableRecords, MapsError> {
+    let name = table.map_name();
+    let inner = MapData::from_id(id)
+        .and_then(Map::from_map_data)
+        .map_err(map_err(name))?;
+    Ok(match table {
+        SlotTable::Generation => {
+            TableRecords::Generation(read_hash::<u32, GenerationValue, _>(name, inner, |_, v| v)?)
+        }
+        SlotTable::Services => TableRecords::Services(read_hash(name, inner, |key, value| {
+            ServiceRecord { key, value }
+        })?),
+        SlotTable::Routes => TableRecords::Routes(read_hash(name, inner, |route_id, value| {
+            RouteRecord { route_id, value }
+        })?),
+        SlotTable::BackendSets => {
+            TableRecords::BackendSets(read_hash(name, inner, |set_id, value| BackendSetRecord {
+                set_id,
+                value,
+            })?)
+        }
+        SlotTable::Endpoints => TableRecords::Endpoints(read_hash(name, inner, |key, value| {
+            EndpointRecord { key, value }
+        })?),
+        SlotTable::AuthzWorkloads => {
+            TableRecords::AuthzWorkloads(read_hash(name, inner, |ip, value| AuthzWorkloadRecord {
+                ip,
+                value,
+            })?)
+        }
+        SlotTable::AuthzSources => TableRecords::AuthzSources(read_trie(name, inner)?),
+        SlotTable::AuthzVerdicts => {
+            TableRecords::AuthzVerdicts(read_hash(name, inner, |key, value| AuthzVerdictRecord {
+                key,
+                value,
+            })?)
+        }
+    })
 }
 
 /// Every entry of an inner hash map as records, sorted.
@@ -317,6 +375,31 @@ fn read_trie(name: &'static str, inner: Map) -> Result<Vec<AuthzSourceRecord>, M
         .map_err(map_err(name))?;
     records.sort_unstable();
     Ok(records)
+}
+
+/// A fresh inner hash map per shard of `table` that `changes` names, holding the entries of
+/// `records` (each with its shard) of that shard; an emptied shard gets an empty map.
+fn fill_shards<K: Pod, V: Pod>(
+    name: &'static str,
+    table: SlotTable,
+    changes: &Changes,
+    records: impl Iterator<Item = (u32, (K, V))>,
+) -> Result<Vec<(u32, MapData)>, MapsError> {
+    let mut buckets: Vec<Vec<(K, V)>> = (0..table.shards()).map(|_| Vec::new()).collect();
+    for (shard, entry) in records {
+        if changes.contains(table, shard)
+            && let Some(bucket) = buckets.get_mut(shard as usize)
+        {
+            bucket.push(entry);
+        }
+    }
+    changes
+        .shards(table)
+        .map(|shard| {
+            let bucket = std::mem::take(&mut buckets[shard as usize]);
+            Ok((shard, fill(name, bucket.into_iter())?))
+        })
+        .collect()
 }
 
 /// A fresh inner hash map holding `entries`, sized to fit them exactly.

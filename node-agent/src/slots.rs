@@ -11,6 +11,9 @@ use aya::maps::MapError;
 use kmesh_common::{
     AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetRecord, EndpointRecord,
     GENERATION_SLOTS, GenerationValue, RouteRecord, ServiceRecord, map_names,
+    shard::{
+        CLUSTER_SHARDS, shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service,
+    },
 };
 use kmesh_snapshot::Snapshot;
 
@@ -56,7 +59,7 @@ impl Slot {
     }
 
     /// The value `KM_ACTIVE` holds for this slot, and the key of this slot in an outer map.
-    pub fn index(self) -> u32 {
+    pub const fn index(self) -> u32 {
         match self {
             Slot::Zero => 0,
             Slot::One => 1,
@@ -85,8 +88,8 @@ impl fmt::Display for Slot {
     }
 }
 
-/// A per-generation table: an outer `ARRAY_OF_MAPS` with one inner map per slot (a hash map; an
-/// LPM trie for [`SlotTable::AuthzSources`]).
+/// A per-generation table: an outer `ARRAY_OF_MAPS` with [`SlotTable::shards`] inner maps per slot
+/// (hash maps; an LPM trie for [`SlotTable::AuthzSources`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SlotTable {
     Generation,
@@ -129,6 +132,176 @@ impl SlotTable {
     pub const fn position(self) -> usize {
         self as usize
     }
+
+    /// Inner maps per slot: the cluster tables are split into `CLUSTER_SHARDS` by key
+    /// (`kmesh_common::shard`); the node's own tables are one map each.
+    pub const fn shards(self) -> u32 {
+        match self {
+            SlotTable::Services
+            | SlotTable::Routes
+            | SlotTable::BackendSets
+            | SlotTable::Endpoints => CLUSTER_SHARDS,
+            SlotTable::Generation
+            | SlotTable::AuthzWorkloads
+            | SlotTable::AuthzSources
+            | SlotTable::AuthzVerdicts => 1,
+        }
+    }
+
+    /// The outer map's entry that holds `shard` of `slot` (the programs' `outer_index` for the
+    /// cluster tables, the slot itself for the others).
+    pub const fn entry(self, slot: Slot, shard: u32) -> u32 {
+        slot.index() * self.shards() + shard
+    }
+}
+
+/// The shards of each table a swap rebuilds: bit `s` of a table's word is its shard `s` (a table
+/// has at most 64 shards).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes([u64; SlotTable::ALL.len()]);
+
+const _: () = assert!(CLUSTER_SHARDS <= 64);
+
+impl Changes {
+    /// Every shard of every table: a full fill.
+    pub fn all() -> Changes {
+        let mut changes = Changes::default();
+        for table in SlotTable::ALL {
+            for shard in 0..table.shards() {
+                changes.mark(table, shard);
+            }
+        }
+        changes
+    }
+
+    pub fn mark(&mut self, table: SlotTable, shard: u32) {
+        self.0[table.position()] |= 1 << shard;
+    }
+
+    pub fn contains(&self, table: SlotTable, shard: u32) -> bool {
+        self.0[table.position()] & (1 << shard) != 0
+    }
+
+    /// The rebuilt shards of `table` as a bit set (bit `s`: shard `s`).
+    pub fn mask(&self, table: SlotTable) -> u64 {
+        self.0[table.position()]
+    }
+
+    /// Whether any shard of `table` is rebuilt.
+    pub fn touches(&self, table: SlotTable) -> bool {
+        self.0[table.position()] != 0
+    }
+
+    /// The rebuilt shards of `table`, in order.
+    pub fn shards(&self, table: SlotTable) -> impl Iterator<Item = u32> + '_ {
+        (0..table.shards()).filter(move |&s| self.contains(table, s))
+    }
+
+    /// The tables with a rebuilt shard.
+    pub fn tables(&self) -> impl Iterator<Item = SlotTable> + '_ {
+        SlotTable::ALL.into_iter().filter(|&t| self.touches(t))
+    }
+
+    /// Inner maps rebuilt, over every table.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What a swap from `base` (the snapshot live in the kernel) to `next` rebuilds: the shard of
+    /// every cluster table key removed, changed or added (a merge walk of the sorted tables), each
+    /// node table that differs, and the generation header, which every swap changes.
+    pub fn between(base: &Snapshot, next: &Snapshot) -> Changes {
+        let mut changes = Changes::default();
+        changes.mark(SlotTable::Generation, 0);
+        let mut marks: Vec<(SlotTable, u32)> = Vec::new();
+        differing(
+            &base.services,
+            &next.services,
+            |r| r.key,
+            |r| shard_of_service(&r.key),
+            |s| marks.push((SlotTable::Services, s)),
+        );
+        differing(
+            &base.routes,
+            &next.routes,
+            |r| r.route_id,
+            |r| shard_of_route(r.route_id),
+            |s| marks.push((SlotTable::Routes, s)),
+        );
+        differing(
+            &base.backend_sets,
+            &next.backend_sets,
+            |r| r.set_id,
+            |r| shard_of_backend_set(r.set_id),
+            |s| marks.push((SlotTable::BackendSets, s)),
+        );
+        differing(
+            &base.endpoints,
+            &next.endpoints,
+            |r| r.key,
+            |r| shard_of_endpoint(&r.key),
+            |s| marks.push((SlotTable::Endpoints, s)),
+        );
+        for (table, shard) in marks {
+            changes.mark(table, shard);
+        }
+        if base.authz.workloads != next.authz.workloads {
+            changes.mark(SlotTable::AuthzWorkloads, 0);
+        }
+        if base.authz.sources != next.authz.sources {
+            changes.mark(SlotTable::AuthzSources, 0);
+        }
+        if base.authz.verdicts != next.authz.verdicts {
+            changes.mark(SlotTable::AuthzVerdicts, 0);
+        }
+        changes
+    }
+}
+
+/// Calls `mark` with the shard of every key that `base` and `next` (both sorted by `key`, unique)
+/// do not hold alike: removed, changed or added.
+fn differing<R: PartialEq, K: Ord>(
+    base: &[R],
+    next: &[R],
+    key: impl Fn(&R) -> K,
+    shard: impl Fn(&R) -> u32,
+    mut mark: impl FnMut(u32),
+) {
+    let (mut b, mut n) = (base.iter().peekable(), next.iter().peekable());
+    loop {
+        match (b.peek(), n.peek()) {
+            (Some(x), Some(y)) => match key(x).cmp(&key(y)) {
+                std::cmp::Ordering::Less => {
+                    mark(shard(x));
+                    b.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    mark(shard(y));
+                    n.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if x != y {
+                        mark(shard(y));
+                    }
+                    b.next();
+                    n.next();
+                }
+            },
+            (Some(x), None) => {
+                mark(shard(x));
+                b.next();
+            }
+            (None, Some(y)) => {
+                mark(shard(y));
+                n.next();
+            }
+            (None, None) => return,
+        }
+    }
 }
 
 /// What one slot of one table holds, read back from the kernel (for `/debug/bpf/<table>`), in
@@ -146,6 +319,49 @@ pub enum TableRecords {
 }
 
 impl TableRecords {
+    /// The records of `shard` alone (all of them for a table of one shard).
+    pub fn of_shard(self, table: SlotTable, shard: u32) -> TableRecords {
+        fn keep<R>(records: Vec<R>, shard_of: impl Fn(&R) -> u32, shard: u32) -> Vec<R> {
+            records
+                .into_iter()
+                .filter(|r| shard_of(r) == shard)
+                .collect()
+        }
+        if table.shards() == 1 {
+            return self;
+        }
+        use TableRecords as T;
+        match self {
+            T::Services(r) => T::Services(keep(r, |r| shard_of_service(&r.key), shard)),
+            T::Routes(r) => T::Routes(keep(r, |r| shard_of_route(r.route_id), shard)),
+            T::BackendSets(r) => T::BackendSets(keep(r, |r| shard_of_backend_set(r.set_id), shard)),
+            T::Endpoints(r) => T::Endpoints(keep(r, |r| shard_of_endpoint(&r.key), shard)),
+            other => other,
+        }
+    }
+
+    /// The records of both, sorted: the shards of one table read apart, joined. Records of
+    /// different tables are not joined: `other` is dropped (a caller's bug, not input).
+    pub fn joined(self, other: TableRecords) -> TableRecords {
+        fn join<R: Ord>(mut a: Vec<R>, b: Vec<R>) -> Vec<R> {
+            a.extend(b);
+            a.sort_unstable();
+            a
+        }
+        use TableRecords as T;
+        match (self, other) {
+            (T::Generation(a), T::Generation(b)) => T::Generation(join(a, b)),
+            (T::Services(a), T::Services(b)) => T::Services(join(a, b)),
+            (T::Routes(a), T::Routes(b)) => T::Routes(join(a, b)),
+            (T::BackendSets(a), T::BackendSets(b)) => T::BackendSets(join(a, b)),
+            (T::Endpoints(a), T::Endpoints(b)) => T::Endpoints(join(a, b)),
+            (T::AuthzWorkloads(a), T::AuthzWorkloads(b)) => T::AuthzWorkloads(join(a, b)),
+            (T::AuthzSources(a), T::AuthzSources(b)) => T::AuthzSources(join(a, b)),
+            (T::AuthzVerdicts(a), T::AuthzVerdicts(b)) => T::AuthzVerdicts(join(a, b)),
+            (a, _) => a,
+        }
+    }
+
     /// What [`SlotMaps::fill`] writes into `table` for `header` and `snapshot`.
     pub fn of(table: SlotTable, header: GenerationValue, snapshot: &Snapshot) -> TableRecords {
         match table {
@@ -179,12 +395,17 @@ pub trait SlotMaps: Sync {
     /// The generation header installed in `slot`, if any.
     fn generation_in(&self, slot: Slot) -> Result<Option<GenerationValue>, MapsError>;
 
-    /// Creates fresh inner maps for every table and fills them with `header` and `snapshot`'s
-    /// records. Nothing can see them until they are installed.
-    fn fill(&self, header: GenerationValue, snapshot: &Snapshot)
-    -> Result<Self::Filled, MapsError>;
+    /// Creates a fresh inner map for every shard `changes` names and fills it with `header` and
+    /// `snapshot`'s records of that shard. Nothing can see them until they are installed.
+    fn fill(
+        &self,
+        header: GenerationValue,
+        snapshot: &Snapshot,
+        changes: &Changes,
+    ) -> Result<Self::Filled, MapsError>;
 
-    /// Points `slot` of `table` at `filled`'s inner map of that table.
+    /// Points the entries of `slot` of `table` whose shards `filled` holds at those inner maps,
+    /// in one write of the outer map (the kernel waits for one grace period per write).
     fn install(&self, table: SlotTable, slot: Slot, filled: &Self::Filled)
     -> Result<(), MapsError>;
 
@@ -194,10 +415,7 @@ pub trait SlotMaps: Sync {
     /// Returns once every program that started before the call has finished (an RCU grace period).
     fn grace_period_barrier(&self) -> Result<(), MapsError>;
 
-    /// Empties `slot` of `table` (its inner map is freed once nothing references it).
-    fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError>;
-
-    /// Every record `slot` of `table` holds, sorted by key; `None` when the slot is empty. Reads
-    /// only: the admin server calls it beside the data plane's writes.
+    /// Every record `slot` of `table` holds (over its shards), sorted by key; `None` when the slot
+    /// is empty. Reads only: the admin server calls it beside the data plane's writes.
     fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError>;
 }

@@ -16,6 +16,7 @@ pub mod authz;
 mod choice;
 pub mod events;
 pub mod names;
+pub mod shard;
 pub use authz::{
     AuthzCounterKey, AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue,
     AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,

@@ -12,10 +12,13 @@
 //! `sock_ops` `kmesh_sockops` (`events.rs`, a child module too) reports every finished connection of
 //! an enrolled workload into a ring buffer; connect4/6 tell it the service they rewrote or refused.
 //!
-//! Generations: every table below except `KM_ENROLLED` and `KM_COUNTERS` is an array of two inner
-//! maps, one per generation slot. A program reads the active slot from `KM_ACTIVE` once, then does
-//! every lookup in that slot's maps, so it sees one whole snapshot (the agent fills a fresh slot
-//! and flips `KM_ACTIVE` in one write; see node-agent/src/maps.rs for the reuse rule).
+//! Generations: every table below except `KM_ENROLLED` and `KM_COUNTERS` is an array of inner
+//! maps per generation slot: one for `KM_GENERATION`, and `CLUSTER_SHARDS` for each cluster table
+//! (services, routes, backend sets, endpoints), the key's shard (`kmesh_common::shard`) choosing
+//! among them. A program reads the active slot from `KM_ACTIVE` once, then does every lookup in
+//! that slot's maps, so it sees one whole snapshot (the agent fills the changed shards' maps,
+//! installs them in the idle slot and flips `KM_ACTIVE` in one write; see node-agent/src/maps.rs
+//! for the reuse rule).
 use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_set_retval},
@@ -25,7 +28,12 @@ use aya_ebpf::{
 use kmesh_common::{
     BackendSetValue, EndpointKey, EndpointValue, EnrolledNetns, GENERATION_SLOTS, GenerationValue,
     INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, RouteValue, ServiceKey, ServiceValue, counter, lb_policy,
-    mode, source_hash,
+    mode,
+    shard::{
+        CLUSTER_SHARDS, outer_index, shard_of_backend_set, shard_of_endpoint, shard_of_route,
+        shard_of_service,
+    },
+    source_hash,
 };
 
 #[path = "authz.rs"]
@@ -34,6 +42,8 @@ mod authz;
 mod events;
 
 const SLOTS: usize = GENERATION_SLOTS as usize;
+/// Entries of a cluster table's outer map: every shard of both slots.
+const SHARDED_SLOTS: usize = SLOTS * CLUSTER_SHARDS as usize;
 const INNER_FLAGS: usize = INNER_MAP_FLAGS as usize;
 // The inner templates' max_entries only describe the template: the agent creates each
 // generation's hash maps with the capacity that generation needs (hash inner maps may differ
@@ -56,20 +66,22 @@ static KM_GENERATION: ArrayOfMaps<
 #[btf_map]
 static KM_SERVICES: ArrayOfMaps<
     HashMap<ServiceKey, ServiceValue, TEMPLATE_ENTRIES, INNER_FLAGS>,
-    SLOTS,
+    SHARDED_SLOTS,
 > = ArrayOfMaps::new();
 #[btf_map]
-static KM_ROUTES: ArrayOfMaps<HashMap<u32, RouteValue, TEMPLATE_ENTRIES, INNER_FLAGS>, SLOTS> =
-    ArrayOfMaps::new();
+static KM_ROUTES: ArrayOfMaps<
+    HashMap<u32, RouteValue, TEMPLATE_ENTRIES, INNER_FLAGS>,
+    SHARDED_SLOTS,
+> = ArrayOfMaps::new();
 #[btf_map]
 static KM_BACKEND_SETS: ArrayOfMaps<
     HashMap<u32, BackendSetValue, TEMPLATE_ENTRIES, INNER_FLAGS>,
-    SLOTS,
+    SHARDED_SLOTS,
 > = ArrayOfMaps::new();
 #[btf_map]
 static KM_ENDPOINTS: ArrayOfMaps<
     HashMap<EndpointKey, EndpointValue, TEMPLATE_ENTRIES, INNER_FLAGS>,
-    SLOTS,
+    SHARDED_SLOTS,
 > = ArrayOfMaps::new();
 #[btf_map]
 static KM_ENROLLED: HashMap<u64, EnrolledNetns, { super::ENROLLED_CAPACITY as usize }> =
@@ -208,7 +220,9 @@ fn decide(ctx: &SockAddrContext, ip: Ip16, port: u16) -> Verdict {
         protocol: IPPROTO_TCP,
         pad: 0,
     };
-    let Some(service) = KM_SERVICES.get_value_ptr_mut(slot, &key) else {
+    let Some(service) =
+        KM_SERVICES.get_value_ptr_mut(outer_index(slot, shard_of_service(&key)), &key)
+    else {
         return Verdict::Pass;
     };
     // SAFETY: as above.
@@ -234,7 +248,10 @@ fn choose_endpoint(
     client: &EnrolledNetns,
 ) -> Result<EndpointValue, u32> {
     let route = KM_ROUTES
-        .get_value_ptr_mut(slot, &service.route_id)
+        .get_value_ptr_mut(
+            outer_index(slot, shard_of_route(service.route_id)),
+            &service.route_id,
+        )
         .ok_or(counter::INCONSISTENT)?;
     // SAFETY: pointer from a successful lookup. Copied: map memory may change under us, and
     // the checked values below must be the values we use.
@@ -244,7 +261,7 @@ fn choose_endpoint(
         .pick(unsafe { bpf_get_prandom_u32() })
         .ok_or(counter::INCONSISTENT)?;
     let set = KM_BACKEND_SETS
-        .get_value_ptr_mut(slot, &set_id)
+        .get_value_ptr_mut(outer_index(slot, shard_of_backend_set(set_id)), &set_id)
         .ok_or(counter::INCONSISTENT)?;
     // SAFETY: pointer from a successful lookup; read by copy.
     let set = unsafe { *set };
@@ -261,7 +278,7 @@ fn choose_endpoint(
             .ok_or(counter::REFUSED_NO_ENDPOINT)?,
     };
     let ep = KM_ENDPOINTS
-        .get_value_ptr_mut(slot, &key)
+        .get_value_ptr_mut(outer_index(slot, shard_of_endpoint(&key)), &key)
         .ok_or(counter::INCONSISTENT)?;
     // SAFETY: pointer from a successful lookup; read by copy.
     Ok(unsafe { *ep })

@@ -113,7 +113,7 @@ impl Node {
         self.generation += 1;
         snapshot.generation = self.generation;
         self.maps
-            .apply(&snapshot, self.generation)
+            .apply(&snapshot, self.generation, None)
             .expect("apply the variant's snapshot");
         std::thread::sleep(SETTLE);
     }

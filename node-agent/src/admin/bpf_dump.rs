@@ -189,9 +189,9 @@ mod tests {
     fn the_active_slots_records_are_shown_as_config_dump_rows() {
         let mut maps = GenerationMaps::new(FakeSlots::empty()).unwrap();
         let first = snapshot(1, 8080);
-        maps.apply(&first, 11).unwrap();
+        maps.apply(&first, 11, None).unwrap();
         let second = snapshot(2, 9090);
-        maps.apply(&second, 22).unwrap();
+        maps.apply(&second, 22, Some(&first)).unwrap();
         let slots = maps.slots();
         let dump = super::dump(slots, SlotTable::Endpoints, &[]).unwrap();
         assert_eq!(
@@ -243,8 +243,9 @@ mod tests {
             &self,
             header: kmesh_common::GenerationValue,
             snapshot: &kmesh_snapshot::Snapshot,
+            changes: &crate::slots::Changes,
         ) -> Result<Self::Filled, MapsError> {
-            self.0.fill(header, snapshot)
+            self.0.fill(header, snapshot, changes)
         }
         fn install(
             &self,
@@ -259,9 +260,6 @@ mod tests {
         }
         fn grace_period_barrier(&self) -> Result<(), MapsError> {
             self.0.grace_period_barrier()
-        }
-        fn clear(&self, table: SlotTable, slot: Slot) -> Result<(), MapsError> {
-            self.0.clear(table, slot)
         }
         fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
             let records = self.0.read(table, slot);

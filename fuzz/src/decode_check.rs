@@ -250,7 +250,11 @@ fn check_authz(snapshot: &Snapshot) {
     let mut classes: Vec<u32> = authz.sources.iter().map(|s| s.value.source_class).collect();
     classes.extend([0, u32::MAX - 1]);
     let classes = distinct(classes);
-    let mut ports: Vec<u32> = authz.verdicts.iter().map(|v| u32::from(v.key.port)).collect();
+    let mut ports: Vec<u32> = authz
+        .verdicts
+        .iter()
+        .map(|v| u32::from(v.key.port))
+        .collect();
     ports.extend([1, u32::from(u16::MAX)]);
     let ports = distinct(ports);
     for &set in &sets {

@@ -12,7 +12,8 @@ use kmesh_common::{
     AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetRecord, EndpointRecord,
     GENERATION_SLOTS, GenerationValue, RouteRecord, ServiceRecord, map_names,
     shard::{
-        CLUSTER_SHARDS, shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service,
+        CLUSTER_SHARDS, outer_index, shard_of_backend_set, shard_of_endpoint, shard_of_route,
+        shard_of_service,
     },
 };
 use kmesh_snapshot::Snapshot;
@@ -151,7 +152,11 @@ impl SlotTable {
     /// The outer map's entry that holds `shard` of `slot` (the programs' `outer_index` for the
     /// cluster tables, the slot itself for the others).
     pub const fn entry(self, slot: Slot, shard: u32) -> u32 {
-        slot.index() * self.shards() + shard
+        if self.shards() == 1 {
+            slot.index()
+        } else {
+            outer_index(slot.index(), shard)
+        }
     }
 }
 

@@ -70,6 +70,13 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The prefix of `bytes` (as much as exists, up to the magic's length) when it is not `magic`'s:
+/// checked before any length, so that a file of another kind is named as such.
+pub(crate) fn wrong_magic(bytes: &[u8], magic: &[u8]) -> Option<Vec<u8>> {
+    let prefix = bytes.get(..magic.len()).unwrap_or(bytes);
+    (prefix != &magic[..prefix.len()]).then(|| prefix.to_vec())
+}
+
 pub(crate) fn le_u16(bytes: &[u8], offset: usize) -> u16 {
     u16::from_le_bytes(field(bytes, offset))
 }
@@ -96,11 +103,8 @@ fn field<const N: usize>(bytes: &[u8], offset: usize) -> [u8; N] {
 /// flags. The layout version, total length and hash are returned unchecked.
 fn fixed_header(bytes: &[u8]) -> Result<(Format, Header), DecodeError> {
     // Magic first, on whatever prefix exists, so that a file of another kind is named as such.
-    let prefix = bytes.get(..MAGIC.len()).unwrap_or(bytes);
-    if prefix != &MAGIC[..prefix.len()] {
-        return Err(DecodeError::BadMagic {
-            found: prefix.to_vec(),
-        });
+    if let Some(found) = wrong_magic(bytes, &MAGIC) {
+        return Err(DecodeError::BadMagic { found });
     }
     if bytes.len() < FIXED_HEADER_LEN {
         return Err(DecodeError::TooShort {

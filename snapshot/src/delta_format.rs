@@ -48,6 +48,7 @@ use kmesh_common::{BackendSetRecord, EndpointRecord, RouteRecord, ServiceRecord}
 
 use crate::decode::{
     Reader, authz_sections, le_u16, le_u32, le_u64, node_config, node_name, section, section_bytes,
+    wrong_magic,
 };
 use crate::delta::{ClusterDelta, DeltaError, Keyed, TableDelta};
 use crate::encode::{patch, write_section, write_string_section};
@@ -207,11 +208,8 @@ impl Delta {
                 max: limits.max_bytes,
             });
         }
-        let prefix = bytes.get(..DELTA_MAGIC.len()).unwrap_or(bytes);
-        if prefix != &DELTA_MAGIC[..prefix.len()] {
-            return Err(DecodeError::DeltaMagic {
-                found: prefix.to_vec(),
-            });
+        if let Some(found) = wrong_magic(bytes, &DELTA_MAGIC) {
+            return Err(DecodeError::DeltaMagic { found });
         }
         if bytes.len() < DELTA_HEADER_LEN {
             return Err(DecodeError::TooShort {

@@ -2,7 +2,7 @@
 //! (`kmesh_common::names`), each once, and hands back their offsets for the records. Used by the
 //! operator's compiler and by the [`builder`](crate::builder).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kmesh_common::names::{MAX_NAME_LEN, NAME_LEN_BYTES, NO_NAME};
 
@@ -18,7 +18,7 @@ impl StringTable {
     /// ([`NO_NAME`]), and so is one the format cannot hold: longer than [`MAX_NAME_LEN`] bytes
     /// (no Kubernetes name or label value is), or past 4 GiB of table.
     pub fn intern(&mut self, string: &str) -> u32 {
-        if string.is_empty() || string.len() > MAX_NAME_LEN {
+        if !Self::can_hold(string) {
             return NO_NAME;
         }
         if let Some(&offset) = self.offsets.get(string) {
@@ -36,6 +36,30 @@ impl StringTable {
         self.bytes.extend_from_slice(string.as_bytes());
         self.offsets.insert(string.to_owned(), offset);
         offset
+    }
+
+    /// A table of `strings`, each once, in sorted order: its bytes depend on the set of strings
+    /// alone, not on the order they come in, so a change that adds or removes no string (a pod
+    /// moving to another address) keeps every offset, and a delta carries no record for them.
+    /// Those the table cannot hold ([`Self::intern`]) are left out.
+    pub fn of_sorted<'a>(strings: impl IntoIterator<Item = &'a str>) -> StringTable {
+        let mut unique: Vec<&str> = strings
+            .into_iter()
+            .filter(|s| Self::can_hold(s))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        unique.sort_unstable();
+        let mut table = StringTable::default();
+        for string in unique {
+            table.intern(string);
+        }
+        table
+    }
+
+    /// Whether a string can have an entry: a name of 1 to [`MAX_NAME_LEN`] bytes.
+    pub fn can_hold(string: &str) -> bool {
+        !string.is_empty() && string.len() <= MAX_NAME_LEN
     }
 
     /// Bytes written so far, before the final padding.
@@ -77,5 +101,17 @@ mod tests {
         assert_eq!(bytes.len(), 24);
         assert_eq!(&bytes[..9], b"\x07\x00reviews");
         assert!(bytes[18..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_sorted_table_depends_on_the_set_of_strings_alone() {
+        let a = StringTable::of_sorted(["reviews", "default", "", "reviews", "bookinfo"]);
+        let b = StringTable::of_sorted(["bookinfo", "reviews", "default"]);
+        assert_eq!(a.clone().finish(), b.finish());
+        let mut a = a;
+        assert_eq!(a.intern("bookinfo"), 0, "sorted: bookinfo first");
+        assert_eq!(a.intern("default"), 10);
+        assert_eq!(a.intern("reviews"), 19);
+        assert_eq!(a.len(), 28, "nothing added by interning what is there");
     }
 }

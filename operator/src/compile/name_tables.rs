@@ -36,6 +36,18 @@ pub(super) struct PodNames {
     pub version: String,
 }
 
+impl PodNames {
+    fn strings(&self) -> [&str; 5] {
+        [
+            &self.workload,
+            &self.namespace,
+            &self.service_account,
+            &self.app,
+            &self.version,
+        ]
+    }
+}
+
 /// The names of one service, as strings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceNames {
@@ -47,9 +59,17 @@ pub(super) struct ServiceNames {
 impl Compiler<'_> {
     /// The names sections: every named pod address, and `services` (by service id).
     pub(super) fn name_tables(&self, services: &BTreeMap<u32, ServiceNames>) -> NameTables {
-        let mut strings = StringTable::default();
+        let pods = self.pod_names();
+        // Every name the records will intern, so that the table is in sorted order (see
+        // `StringTable::of_sorted`): the names of a service without a host are not stored.
+        let pod_strings = pods.values().flat_map(PodNames::strings);
+        let service_strings = services
+            .values()
+            .filter(|names| StringTable::can_hold(&names.host))
+            .flat_map(ServiceNames::strings);
+        let mut strings = StringTable::of_sorted(pod_strings.chain(service_strings));
         let mut workloads = Vec::new();
-        for (ip, names) in self.pod_names() {
+        for (ip, names) in pods {
             workloads.push(WorkloadNameRecord {
                 ip,
                 workload: strings.intern(&names.workload),
@@ -93,6 +113,12 @@ impl Compiler<'_> {
             .into_iter()
             .map(|(ip, pod)| (ip, pod_names(pod)))
             .collect()
+    }
+}
+
+impl ServiceNames {
+    fn strings(&self) -> [&str; 3] {
+        [&self.host, &self.name, &self.namespace]
     }
 }
 
@@ -429,6 +455,48 @@ status: {{podIP: 192.168.0.1}}
             names.strings.len() < 100_000,
             "{} bytes of strings",
             names.strings.len()
+        );
+    }
+
+    #[test]
+    fn pods_moving_to_new_addresses_change_their_name_records_alone() {
+        // The first Deployment's pods (the first addresses) move to the last addresses of all:
+        // were the strings interned in the order of the addresses, its names would move to the
+        // end of the table and shift the offsets of every name after them (every record, in a
+        // delta).
+        let inputs = deployments(20, 3);
+        let mut moved = inputs.clone();
+        for (i, pod) in moved.pods[..3].iter_mut().enumerate() {
+            let status = pod.status.as_mut().unwrap();
+            let ip = format!("10.255.255.{}", 250 + i);
+            status.pod_ip = Some(ip.clone());
+            status.pod_ips = Some(vec![PodIP { ip }]);
+        }
+        let nodes = [NODE.to_string()];
+        let before = compile(&inputs, &nodes, 1, &CompileOptions::default());
+        let after = compile(&moved, &nodes, 1, &CompileOptions::default());
+        let (before, after) = (&before.cluster.names, &after.cluster.names);
+        assert_eq!(
+            before.strings, after.strings,
+            "the string table is unchanged"
+        );
+        assert_eq!(before.services, after.services);
+        let gone: Vec<_> = before
+            .workloads
+            .iter()
+            .filter(|r| !after.workloads.contains(r))
+            .collect();
+        let new: Vec<_> = after
+            .workloads
+            .iter()
+            .filter(|r| !before.workloads.contains(r))
+            .collect();
+        assert_eq!((gone.len(), new.len()), (3, 3), "{gone:?} -> {new:?}");
+        assert!(
+            gone.iter()
+                .chain(&new)
+                .all(|r| r.workload == gone[0].workload),
+            "the same names at the new addresses"
         );
     }
 }

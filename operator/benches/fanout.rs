@@ -1,27 +1,33 @@
 //! Control-plane fan-out: simulated agents long-poll one operator's snapshot server, as the real
-//! agents do (HTTP/1.1 over TLS, a static token per node, `If-None-Match`, `?wait=30s&format=4`),
-//! without a kernel; a client reads each snapshot's bytes as they arrive and checks its header (it
-//! does not decode it: the agents' decode is the agent benchmark's). The operator is the real
-//! publisher and server (`kmesh_operator::{publish, server}`) on a runtime of its own, whose threads
-//! are named `operator*`: the CPU it spends is read from those threads alone (the clients run in the
-//! same process, on other threads).
+//! agents do (HTTP/1.1 over TLS, a static token per node, `If-None-Match`, `?wait=…&format=4`, and
+//! `since=<cluster hash>` when they ask for deltas), without a kernel; a client reads each body's
+//! bytes as they arrive, keeps its header and node part and checks them (it does not decode the
+//! rest: the agents' decode is the agent benchmark's). The operator is the real publisher and
+//! server (`kmesh_operator::{publish, server}`) on a runtime of its own, whose threads are named
+//! `operator*`: the CPU it spends is read from those threads alone (the clients run in the same
+//! process, on other threads).
 //!
-//! Per scenario (services, nodes = agents): every agent is served its first snapshot, then one pod's
-//! address changes (every node's snapshot carries it) and the operator compiles all nodes,
-//! publishes and serves. Printed: the time from the change to each agent holding the new snapshot
-//! (p50, p99, max: the last node served), the bytes sent, the operator's CPU for the change, and the
+//! Per scenario (services, nodes = agents): every agent is served its first snapshot; then one
+//! pod's address changes (every node's snapshot carries it), the operator compiles all nodes,
+//! publishes and serves, and the agents, naming no base, get whole snapshots; then the agents name
+//! the cluster part they hold and the pod moves back, which they get as deltas. Printed per change:
+//! the time from the change to each agent holding the new generation (p50, p99, max: the last node
+//! served), how many got a delta, the bytes sent, the operator's CPU for the change, and the
 //! process's RSS and peak over what it held before the operator started (the generated inputs; the
 //! clients keep no snapshot, they count its bytes, so the rest is the operator's and the
 //! connections' buffers).
 //!
 //! The baseline, in the same run, is the compile and publish alone (what the operator does before
-//! the first byte goes out): the rest is the fan-out.
+//! the first byte goes out): the rest is the fan-out. The whole snapshots are the deltas' baseline.
 //!
 //! `cargo bench -p kmesh-operator --bench fanout` (`-- --smoke`: 200 services, 20 agents). Writes a
 //! chart of the times against the bytes sent to `kmesh_bench_plots::plots_dir()`.
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -39,7 +45,11 @@ use kmesh_operator::{
     publish::Publisher,
     server::{self, SnapshotStore, StaticTokens},
 };
-use kmesh_snapshot::{FIXED_HEADER_LEN, MAGIC, contract};
+use kmesh_snapshot::{
+    MAGIC, contract,
+    delta_format::{DELTA_HEADER_LEN, DELTA_MAGIC},
+    parts_hash,
+};
 use tokio::{net::TcpStream, sync::watch};
 
 #[path = "compile_parts/generated.rs"]
@@ -56,6 +66,9 @@ const SMOKE: &[(u32, u32)] = &[(200, 20)];
 const PODS_PER_SERVICE: u32 = 10;
 /// How long a scenario may take to serve every agent once.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The agents' long-poll wait: short, so that they all name their base soon after being told to
+/// ask for deltas (a real agent waits 30 s; the wait does not delay a change).
+const POLL_WAIT: Duration = Duration::from_secs(2);
 
 fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
@@ -65,10 +78,12 @@ fn main() {
         if smoke { "smoke run" } else { "full run" }
     );
     println!(
-        "  {:>8} {:>6} {:>10} {:>11} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>8}",
+        "  {:>8} {:>6} {:>6} {:>14} {:>10} {:>11} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>8}",
         "services",
         "agents",
-        "snapshot B",
+        "served",
+        "deltas/agents",
+        "B/agent",
         "first sync",
         "compile+pub",
         "p50 ms",
@@ -82,12 +97,12 @@ fn main() {
     println!("  (RSS: the process's over what it held before the operator started, the inputs)");
     let rows: Vec<Row> = (if smoke { SMOKE } else { FULL })
         .iter()
-        .map(|&(services, agents)| scenario(services, agents))
+        .flat_map(|&(services, agents)| scenario(services, agents))
         .collect();
     chart(&rows);
 }
 
-/// A scenario's result: MB sent for the change, then p50, p99 and the last agent's ms.
+/// A change's result: MB sent, then p50, p99 and the last agent's ms.
 type Row = (f64, [f64; 3]);
 
 /// The times against the bytes a change sends (every scenario on one axis: the bytes are the
@@ -116,7 +131,7 @@ fn chart(rows: &[Row]) {
     println!("chart: {}", path.display());
 }
 
-fn scenario(services: u32, agents: u32) -> Row {
+fn scenario(services: u32, agents: u32) -> Vec<Row> {
     let inputs = generated_cluster::generated(services, PODS_PER_SERVICE, agents);
     let changed = generated_cluster::one_pod_moved(&inputs);
     let nodes: Vec<String> = (1..=agents).map(|n| format!("node-{n}")).collect();
@@ -130,12 +145,15 @@ fn scenario(services: u32, agents: u32) -> Row {
         .build()
         .expect("the agents' runtime");
     let received = Arc::new(Received::new(agents as usize));
+    let ask_deltas = Arc::new(AtomicBool::new(false));
     for node in &nodes {
         let agent = SimulatedAgent {
             node: node.clone(),
             addr: operator.addr,
             tls: operator.client_tls.clone(),
             received: received.clone(),
+            ask_deltas: ask_deltas.clone(),
+            clusters: operator.clusters.clone(),
         };
         clients.spawn(agent.run());
     }
@@ -145,42 +163,80 @@ fn scenario(services: u32, agents: u32) -> Row {
     received.wait_all(1, started, SERVE_TIMEOUT);
     let first_sync = started.elapsed();
 
-    let cpu_before = operator_cpu();
-    let sent_before = received.bytes();
-    let changed_at = Instant::now();
-    let compile_cpu = operator.compile_and_publish(&changed, &nodes);
-    let published = changed_at.elapsed();
-    let mut delays = received.wait_all(2, changed_at, SERVE_TIMEOUT);
-    let cpu = operator_cpu().saturating_sub(cpu_before) + compile_cpu;
-    let sent = received.bytes() - sent_before;
-    delays.sort();
-    let snapshot_bytes = sent / u64::from(agents);
+    // The change served whole (the agents name no base), then the pod moving back served as
+    // deltas, by the same operator to the same agents.
+    let whole = change(&operator, &received, &changed, &nodes, 2);
+    ask_deltas.store(true, Ordering::SeqCst);
+    // Every agent's next poll names its base: the polls held now end within POLL_WAIT.
+    std::thread::sleep(POLL_WAIT + Duration::from_millis(500));
+    let delta = change(&operator, &received, &inputs, &nodes, 3);
+
     let (rss, peak) = rss_mb();
     let (rss, peak) = (
         rss.saturating_sub(inputs_rss),
         peak.saturating_sub(inputs_rss),
     );
-    println!(
-        "  {services:>8} {agents:>6} {snapshot_bytes:>10} {:>10.2}s {:>10.1}ms {:>9.1} {:>9.1} \
-         {:>9.1} {:>9.1} {:>10.1} {rss:>7} {peak:>8}",
-        first_sync.as_secs_f64(),
-        ms(published),
-        ms(percentile(&delays, 0.50)),
-        ms(percentile(&delays, 0.99)),
-        ms(*delays.last().unwrap_or(&Duration::ZERO)),
-        sent as f64 / 1e6,
-        cpu.as_secs_f64() * 1e3,
-    );
+    let mut rows = Vec::new();
+    for (served, c) in [("whole", whole), ("delta", delta)] {
+        let first_sync = if served == "whole" {
+            format!("{:.2}s", first_sync.as_secs_f64())
+        } else {
+            "-".to_string()
+        };
+        let p50 = ms(percentile(&c.delays, 0.50));
+        let p99 = ms(percentile(&c.delays, 0.99));
+        let last = ms(*c.delays.last().unwrap_or(&Duration::ZERO));
+        println!(
+            "  {services:>8} {agents:>6} {served:>6} {:>8}/{agents:<5} {:>10} {first_sync:>11} \
+             {:>10.1}ms {p50:>9.1} {p99:>9.1} {last:>9.1} {:>9.3} {:>10.1} {rss:>7} {peak:>8}",
+            c.deltas,
+            c.sent / u64::from(agents),
+            ms(c.published),
+            c.sent as f64 / 1e6,
+            c.cpu.as_secs_f64() * 1e3,
+        );
+        rows.push((c.sent as f64 / 1e6, [p50, p99, last]));
+    }
     clients.shutdown_background();
     drop(operator);
-    (
-        sent as f64 / 1e6,
-        [
-            ms(percentile(&delays, 0.50)),
-            ms(percentile(&delays, 0.99)),
-            ms(*delays.last().unwrap_or(&Duration::ZERO)),
-        ],
-    )
+    rows
+}
+
+/// What one change cost: from the change to every agent holding `generation`.
+struct Change {
+    /// The compile and publish (until the first byte can go out).
+    published: Duration,
+    /// From the change to each agent holding the new generation, sorted.
+    delays: Vec<Duration>,
+    /// The operator's CPU: the compile thread's and the server's.
+    cpu: Duration,
+    /// Bytes sent to every agent.
+    sent: u64,
+    /// How many agents got the generation as a delta.
+    deltas: usize,
+}
+
+fn change(
+    operator: &Operator,
+    received: &Received,
+    inputs: &Inputs,
+    nodes: &[String],
+    generation: u64,
+) -> Change {
+    let cpu_before = operator_cpu();
+    let sent_before = received.bytes();
+    let changed_at = Instant::now();
+    let compile_cpu = operator.compile_and_publish(inputs, nodes);
+    let published = changed_at.elapsed();
+    let mut delays = received.wait_all(generation, changed_at, SERVE_TIMEOUT);
+    delays.sort();
+    Change {
+        published,
+        delays,
+        cpu: operator_cpu().saturating_sub(cpu_before) + compile_cpu,
+        sent: received.bytes() - sent_before,
+        deltas: received.deltas(generation),
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -200,8 +256,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 struct Operator {
     runtime: tokio::runtime::Runtime,
     publisher: Mutex<Publisher>,
+    store: SnapshotStore,
     addr: SocketAddr,
     client_tls: tokio_rustls::TlsConnector,
+    /// The format 4 cluster hash of every compile's cluster part, told to the agents (see
+    /// [`SimulatedAgent::clusters`]).
+    clusters: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Operator {
@@ -226,15 +286,17 @@ impl Operator {
         runtime.spawn(server::serve(
             listener,
             Some(acceptor),
-            store,
+            store.clone(),
             Arc::new(tokens),
             metrics,
         ));
         Operator {
             runtime,
             publisher: Mutex::new(publisher),
+            store,
             addr,
             client_tls,
+            clusters: Arc::default(),
         }
     }
 
@@ -242,7 +304,7 @@ impl Operator {
     /// thread of its own; returns the CPU time that thread spent (it is gone before the runtime's
     /// threads are read).
     fn compile_and_publish(&self, inputs: &Inputs, nodes: &[String]) -> Duration {
-        let publisher = &self.publisher;
+        let (publisher, store, clusters) = (&self.publisher, &self.store, &self.clusters);
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("operator-compile".into())
@@ -250,6 +312,13 @@ impl Operator {
                     let compiled = compile(inputs, nodes, 1, &CompileOptions::default());
                     let mut publisher = publisher.lock().unwrap_or_else(|p| p.into_inner());
                     publisher.publish(&compiled);
+                    // Told before anything is served, so that an agent always finds its part.
+                    if let Some(hash) = store.newest_cluster_hash() {
+                        clusters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(hash);
+                    }
                     publisher.advance(&|_| None);
                     drop(publisher);
                     drop(compiled);
@@ -310,8 +379,8 @@ struct Received {
 }
 
 struct ReceivedState {
-    /// (node, generation, when) of every snapshot received.
-    snapshots: Vec<(String, u64, Instant)>,
+    /// Every snapshot or delta received.
+    snapshots: Vec<Arrival>,
     bytes: u64,
     agents: usize,
 }
@@ -328,10 +397,13 @@ impl Received {
         }
     }
 
-    fn record(&self, node: &str, generation: u64, bytes: u64) {
+    fn record(&self, generation: u64, bytes: u64, delta: bool) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.snapshots
-            .push((node.to_string(), generation, Instant::now()));
+        st.snapshots.push(Arrival {
+            generation,
+            at: Instant::now(),
+            delta,
+        });
         st.bytes += bytes;
         drop(st);
         self.changed.send_replace(());
@@ -339,6 +411,15 @@ impl Received {
 
     fn bytes(&self) -> u64 {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+
+    /// How many agents got `generation` as a delta.
+    fn deltas(&self, generation: u64) -> usize {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.snapshots
+            .iter()
+            .filter(|a| a.generation == generation && a.delta)
+            .count()
     }
 
     /// Waits until every agent holds `generation`; returns how long after `since` each got it.
@@ -350,8 +431,8 @@ impl Received {
                 let arrived: Vec<Duration> = st
                     .snapshots
                     .iter()
-                    .filter(|(_, g, _)| *g == generation)
-                    .map(|(_, _, at)| at.saturating_duration_since(began))
+                    .filter(|a| a.generation == generation)
+                    .map(|a| a.at.saturating_duration_since(began))
                     .collect();
                 if arrived.len() >= st.agents {
                     return arrived;
@@ -368,12 +449,25 @@ impl Received {
     }
 }
 
+/// A snapshot or a delta that reached an agent.
+struct Arrival {
+    generation: u64,
+    at: Instant,
+    delta: bool,
+}
+
 /// One node's agent, without a kernel: it long-polls its snapshot and counts its bytes.
 struct SimulatedAgent {
     node: String,
     addr: SocketAddr,
     tls: tokio_rustls::TlsConnector,
     received: Arc<Received>,
+    /// Whether to name the cluster part held (`since`), asking for deltas.
+    ask_deltas: Arc<AtomicBool>,
+    /// The cluster hashes of the operator's compiles. A real agent computes its cluster hash
+    /// while decoding (the agent benchmark's cost); this one reads only a body's head and hashes
+    /// its node part, and finds which of these completes the content hash in the header.
+    clusters: Arc<Mutex<Vec<u64>>>,
 }
 
 impl SimulatedAgent {
@@ -402,9 +496,11 @@ impl SimulatedAgent {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        let url = contract::snapshot_url("", &self.node, Duration::from_secs(30));
         let mut etag: Option<String> = None;
+        let mut held_cluster: Option<u64> = None;
         loop {
+            let since = held_cluster.filter(|_| self.ask_deltas.load(Ordering::SeqCst));
+            let url = contract::snapshot_url_since("", &self.node, POLL_WAIT, since);
             let mut request = Request::get(url.as_str())
                 .header(HOST, "localhost")
                 .header(AUTHORIZATION, format!("Bearer token-{}", self.node));
@@ -425,8 +521,13 @@ impl SimulatedAgent {
                         .get(ETAG)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
-                    let (generation, bytes) = read_snapshot(response.into_body()).await?;
-                    self.received.record(&self.node, generation, bytes);
+                    let head = read_head(response.into_body()).await?;
+                    held_cluster = self.cluster_of(&head);
+                    if held_cluster.is_none() {
+                        eprintln!("agent {}: no known cluster part matches", self.node);
+                    }
+                    self.received
+                        .record(head.generation, head.len, head.is_delta);
                 }
                 StatusCode::NOT_MODIFIED => {}
                 other => return Err(format!("status {other}")),
@@ -435,36 +536,91 @@ impl SimulatedAgent {
     }
 }
 
-/// Reads a snapshot body frame by frame, keeping only its header: checks the magic and that the
-/// body is as long as the header says; returns the generation and the length.
-async fn read_snapshot(mut body: hyper::body::Incoming) -> Result<(u64, u64), String> {
-    let mut header = Vec::with_capacity(FIXED_HEADER_LEN);
+impl SimulatedAgent {
+    /// The cluster hash of what `head` makes the agent hold: the operator's compile whose cluster
+    /// hash, with the node part's, gives the content hash in the header.
+    fn cluster_of(&self, head: &Head) -> Option<u64> {
+        let node_hash = kmesh_snapshot::content_hash(&head.node_part);
+        let clusters = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        clusters
+            .iter()
+            .copied()
+            .find(|&cluster| parts_hash(node_hash, cluster) == head.content_hash)
+    }
+}
+
+/// What a simulated agent keeps of a format 4 snapshot or a delta: its header's fields and its
+/// node part (the bytes from 40 to the cluster part of a snapshot; the delta carries the same bytes
+/// after its 56-byte header).
+struct Head {
+    is_delta: bool,
+    generation: u64,
+    content_hash: u64,
+    node_part: Vec<u8>,
+    /// The whole body's length.
+    len: u64,
+}
+
+/// A node part longer than this is refused (it is a node's workloads and authorization: kilobytes).
+const MAX_NODE_PART: u64 = 1 << 24;
+
+/// Reads a snapshot or delta body frame by frame, keeping only its header and node part; checks
+/// the magic and that the body is as long as the header says.
+async fn read_head(mut body: hyper::body::Incoming) -> Result<Head, String> {
+    let mut head = Vec::with_capacity(DELTA_HEADER_LEN);
+    // How much of the body to keep: the header, then (once the header is read) the node part.
+    let mut keep = DELTA_HEADER_LEN;
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
-        if let Some(data) = frame.data_ref() {
-            let wanted = FIXED_HEADER_LEN
-                .saturating_sub(header.len())
-                .min(data.len());
-            header.extend_from_slice(&data[..wanted]);
-            len += data.len() as u64;
+        let Some(mut data) = frame.data_ref().map(|d| &d[..]) else {
+            continue;
+        };
+        len += data.len() as u64;
+        while head.len() < keep && !data.is_empty() {
+            let take = (keep - head.len()).min(data.len());
+            head.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if head.len() == DELTA_HEADER_LEN {
+                keep = node_part_end(&head)?;
+            }
         }
     }
     let field = |at: usize| {
-        header
-            .get(at..at + 8)
+        head.get(at..at + 8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
+            .unwrap_or(0)
     };
-    if header.get(..MAGIC.len()) != Some(&MAGIC[..]) {
-        return Err("the body is not a snapshot".into());
+    if head.len() < keep || field(32) != len {
+        return Err(format!("the body's header does not match its {len} bytes"));
     }
-    match (field(16), field(32)) {
-        (Some(generation), Some(total)) if total == len => Ok((generation, len)),
-        _ => Err(format!(
-            "the snapshot's header does not match its {len} bytes"
-        )),
+    let is_delta = head.starts_with(&DELTA_MAGIC);
+    let node_part_start = if is_delta { DELTA_HEADER_LEN } else { 40 };
+    Ok(Head {
+        is_delta,
+        generation: field(16),
+        content_hash: field(24),
+        node_part: head[node_part_start..].to_vec(),
+        len,
+    })
+}
+
+/// Where the node part of a body whose first 56 bytes are `header` ends.
+fn node_part_end(header: &[u8]) -> Result<usize, String> {
+    let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+    let end = if header.starts_with(&DELTA_MAGIC) {
+        DELTA_HEADER_LEN as u64 + field(48)
+    } else if header.starts_with(&MAGIC) {
+        // A format 4 snapshot's cluster_offset.
+        field(40)
+    } else {
+        return Err("the body is neither a snapshot nor a delta".into());
+    };
+    if end > MAX_NODE_PART || end < DELTA_HEADER_LEN as u64 {
+        return Err(format!("a node part ending at {end}"));
     }
+    Ok(end as usize)
 }
 
 /// CPU time of the operator runtime's threads (named `operator`).

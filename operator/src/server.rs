@@ -137,6 +137,12 @@ impl SnapshotStore {
         history.any.insert(hash, Arc::downgrade(cluster));
     }
 
+    /// The format 4 cluster hash of the newest compile's cluster part.
+    pub fn newest_cluster_hash(&self) -> Option<u64> {
+        let history = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        history.recent.back().map(|c| c.cluster_hash())
+    }
+
     /// The cluster part whose format 4 cluster hash is `hash`, if still kept.
     pub fn cluster(&self, hash: u64) -> Option<Arc<SharedCluster>> {
         let history = self.clusters.lock().unwrap_or_else(|p| p.into_inner());

@@ -24,7 +24,7 @@ pub fn content_hash(section_bytes: &[u8]) -> u64 {
 
 /// A format 3 content hash: FNV-1a 64 of `le(node_hash) ++ le(cluster_hash)`, the hashes of the
 /// node part (from offset 40) and of the cluster part (see [`crate::format`]).
-pub(crate) fn parts_hash(node_hash: u64, cluster_hash: u64) -> u64 {
+pub fn parts_hash(node_hash: u64, cluster_hash: u64) -> u64 {
     let mut both = [0u8; 16];
     both[..8].copy_from_slice(&node_hash.to_le_bytes());
     both[8..].copy_from_slice(&cluster_hash.to_le_bytes());

@@ -57,7 +57,7 @@ use kmesh_common::{
 
 pub use error::{DecodeError, EncodeError, Table, ValidationError};
 pub use format::{FIXED_HEADER_LEN, FORMAT_VERSION, Format, MAGIC, MAX_NODE_NAME_LEN};
-pub use hash::{ClusterHashes, TableHash, content_hash, record_hash};
+pub use hash::{ClusterHashes, TableHash, content_hash, parts_hash, record_hash};
 pub use name_lookup::{EndpointServices, ServiceName, SnapshotNames, WorkloadName};
 pub use parts::{ClusterPart, ClusterSummary, ClusterTables, NodeTables};
 

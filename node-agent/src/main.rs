@@ -145,6 +145,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    kmesh_agent::sys::single_malloc_arena();
     let cli = Cli::parse();
     init_tracing(&cli.run.log_level);
 

@@ -11,13 +11,13 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
 };
 use kmesh_common::{
-    AuthzSourceKey, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetRecord,
-    EndpointRecord, EnrolledNetns, GenerationValue, INNER_MAP_FLAGS, Ip16, RouteRecord,
-    ServiceRecord, counter, map_names,
-    shard::{shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service},
+    AuthzSourceKey, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetEntry,
+    BackendSetRecord, EndpointKey, EndpointRecord, EndpointValue, EnrolledNetns, GenerationValue,
+    INNER_ARRAY_FLAGS, INNER_MAP_FLAGS, Ip16, RouteRecord, ServiceRecord, counter, map_names,
+    shard::{CLUSTER_SHARDS, shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service},
 };
 use kmesh_snapshot::Snapshot;
 
@@ -98,6 +98,53 @@ pub struct KernelGeneration {
 }
 
 impl KernelSlots {
+    /// The endpoints of `slot` as records: each shard's array read with the backend sets of the
+    /// same shard, which say where each set's endpoints are (see [`BackendSetEntry`]).
+    fn read_endpoints(&self, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
+        let name = map_names::ENDPOINTS;
+        let (endpoints, sets) = (SlotTable::Endpoints, SlotTable::BackendSets);
+        let mut records = Vec::new();
+        let mut any = false;
+        for shard in 0..endpoints.shards() {
+            let Some(id) = self.outer(endpoints).inner_id(endpoints.entry(slot, shard))? else {
+                continue;
+            };
+            any = true;
+            let array = MapData::from_id(id)
+                .and_then(Map::from_map_data)
+                .and_then(Array::<MapData, EndpointValue>::try_from)
+                .map_err(map_err(name))?;
+            let values = (0..array.len())
+                .map(|i| array.get(&i, 0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_err(name))?;
+            let entries = match self.outer(sets).inner_id(sets.entry(slot, shard))? {
+                Some(id) => read_backend_set_entries(id)?,
+                None => Vec::new(),
+            };
+            for (set_id, entry) in entries {
+                for index in 0..entry.endpoint_count {
+                    let at = entry.first_endpoint.checked_add(index);
+                    let value = at.and_then(|at| values.get(at as usize)).ok_or_else(|| {
+                        MapsError::Map {
+                            map: name,
+                            source: Box::new(MapError::OutOfBounds {
+                                index: at.unwrap_or(u32::MAX),
+                                max_entries: array.len(),
+                            }),
+                        }
+                    })?;
+                    records.push(EndpointRecord {
+                        key: EndpointKey { set_id, index },
+                        value: *value,
+                    });
+                }
+            }
+        }
+        records.sort_unstable();
+        Ok(any.then_some(TableRecords::Endpoints(records)))
+    }
+
     pub fn open(installation: &Installation) -> Result<Self, MapsError> {
         let outer = |table: SlotTable| -> Result<OuterMap, MapsError> {
             Ok(OuterMap {
@@ -211,23 +258,17 @@ impl SlotMaps for KernelSlots {
                         .iter()
                         .map(|r| (shard_of_route(r.route_id), (r.route_id, r.value))),
                 )?,
-                SlotTable::BackendSets => fill_shards(
-                    name,
-                    table,
-                    changes,
-                    snapshot
-                        .backend_sets
-                        .iter()
-                        .map(|r| (shard_of_backend_set(r.set_id), (r.set_id, r.value))),
-                )?,
-                SlotTable::Endpoints => fill_shards(
+                SlotTable::BackendSets => {
+                    fill_shards(name, table, changes, backend_set_entries(snapshot))?
+                }
+                SlotTable::Endpoints => fill_array_shards(
                     name,
                     table,
                     changes,
                     snapshot
                         .endpoints
                         .iter()
-                        .map(|r| (shard_of_endpoint(&r.key), (r.key, r.value))),
+                        .map(|r| (shard_of_endpoint(&r.key), r.value)),
                 )?,
                 SlotTable::AuthzWorkloads => {
                     vec![(0, fill(name, a.workloads.iter().map(|r| (r.ip, r.value)))?)]
@@ -283,6 +324,9 @@ impl SlotMaps for KernelSlots {
     }
 
     fn read(&self, table: SlotTable, slot: Slot) -> Result<Option<TableRecords>, MapsError> {
+        if table == SlotTable::Endpoints {
+            return self.read_endpoints(slot);
+        }
         let ids = self.outer(table).inner_ids(table, slot)?;
         if ids.is_empty() {
             return Ok(None);
@@ -315,15 +359,16 @@ fn read_inner(table: SlotTable, id: u32) -> Result<TableRecords, MapsError> {
         SlotTable::Routes => TableRecords::Routes(read_hash(name, inner, |route_id, value| {
             RouteRecord { route_id, value }
         })?),
-        SlotTable::BackendSets => {
-            TableRecords::BackendSets(read_hash(name, inner, |set_id, value| BackendSetRecord {
+        SlotTable::BackendSets => TableRecords::BackendSets(read_hash(
+            name,
+            inner,
+            |set_id, entry: BackendSetEntry| BackendSetRecord {
                 set_id,
-                value,
-            })?)
-        }
-        SlotTable::Endpoints => TableRecords::Endpoints(read_hash(name, inner, |key, value| {
-            EndpointRecord { key, value }
-        })?),
+                value: entry.value(),
+            },
+        )?),
+        // Read with their backend sets ([`KernelSlots::read_endpoints`]).
+        SlotTable::Endpoints => unreachable!("the endpoints are read by read_endpoints"),
         SlotTable::AuthzWorkloads => {
             TableRecords::AuthzWorkloads(read_hash(name, inner, |ip, value| AuthzWorkloadRecord {
                 ip,
@@ -377,6 +422,32 @@ fn read_trie(name: &'static str, inner: Map) -> Result<Vec<AuthzSourceRecord>, M
     Ok(records)
 }
 
+/// The backend sets' map entries, each with its shard: a set's endpoints start in its shard's
+/// endpoints array where those of the sets before it in the shard end (the array holds the shard's
+/// endpoints in the snapshot's order, by set id then index, and a valid snapshot's sets, sorted by
+/// id, have exactly the endpoints `0..endpoint_count`).
+fn backend_set_entries(
+    snapshot: &Snapshot,
+) -> impl Iterator<Item = (u32, (u32, BackendSetEntry))> + '_ {
+    let mut next_endpoint = [0u32; CLUSTER_SHARDS as usize];
+    snapshot.backend_sets.iter().map(move |r| {
+        let shard = shard_of_backend_set(r.set_id);
+        let next = &mut next_endpoint[shard as usize];
+        let first = *next;
+        *next = first.saturating_add(r.value.endpoint_count);
+        (shard, (r.set_id, BackendSetEntry::new(r.value, first)))
+    })
+}
+
+/// The backend sets map's entries of one inner map, by set id.
+fn read_backend_set_entries(id: u32) -> Result<Vec<(u32, BackendSetEntry)>, MapsError> {
+    let name = map_names::BACKEND_SETS;
+    let inner = MapData::from_id(id)
+        .and_then(Map::from_map_data)
+        .map_err(map_err(name))?;
+    read_hash(name, inner, |set_id, entry| (set_id, entry))
+}
+
 /// A fresh inner hash map per shard of `table` that `changes` names, holding the entries of
 /// `records` (each with its shard) of that shard; an emptied shard gets an empty map.
 fn fill_shards<K: Pod, V: Pod>(
@@ -385,20 +456,54 @@ fn fill_shards<K: Pod, V: Pod>(
     changes: &Changes,
     records: impl Iterator<Item = (u32, (K, V))>,
 ) -> Result<Vec<(u32, MapData)>, MapsError> {
-    let mut buckets: Vec<Vec<(K, V)>> = (0..table.shards()).map(|_| Vec::new()).collect();
-    for (shard, entry) in records {
+    shard_buckets(table, changes, records)
+        .into_iter()
+        .map(|(shard, bucket)| Ok((shard, fill(name, bucket.into_iter())?)))
+        .collect()
+}
+
+/// A fresh inner array per shard of `table` that `changes` names, holding the values of `values`
+/// (each with its shard) of that shard, in order.
+fn fill_array_shards<V: Pod>(
+    name: &'static str,
+    table: SlotTable,
+    changes: &Changes,
+    values: impl Iterator<Item = (u32, V)>,
+) -> Result<Vec<(u32, MapData)>, MapsError> {
+    shard_buckets(table, changes, values)
+        .into_iter()
+        .map(|(shard, bucket)| {
+            let map = create_inner::<u32, V>(
+                name,
+                sys::BPF_MAP_TYPE_ARRAY,
+                bucket.len(),
+                INNER_ARRAY_FLAGS,
+            )?;
+            // A shard holds at most the snapshot's endpoints, far fewer than 2^32.
+            let indexed = bucket.into_iter().enumerate().map(|(i, v)| (i as u32, v));
+            Ok((shard, fill_batches(name, map, indexed)?))
+        })
+        .collect()
+}
+
+/// The items of the shards of `table` that `changes` names, by shard, in order; an emptied shard
+/// gets no items.
+fn shard_buckets<T>(
+    table: SlotTable,
+    changes: &Changes,
+    items: impl Iterator<Item = (u32, T)>,
+) -> Vec<(u32, Vec<T>)> {
+    let mut buckets: Vec<Vec<T>> = (0..table.shards()).map(|_| Vec::new()).collect();
+    for (shard, item) in items {
         if changes.contains(table, shard)
             && let Some(bucket) = buckets.get_mut(shard as usize)
         {
-            bucket.push(entry);
+            bucket.push(item);
         }
     }
     changes
         .shards(table)
-        .map(|shard| {
-            let bucket = std::mem::take(&mut buckets[shard as usize]);
-            Ok((shard, fill(name, bucket.into_iter())?))
-        })
+        .map(|shard| (shard, std::mem::take(&mut buckets[shard as usize])))
         .collect()
 }
 
@@ -407,7 +512,7 @@ fn fill<K: Pod, V: Pod>(
     name: &'static str,
     entries: impl ExactSizeIterator<Item = (K, V)>,
 ) -> Result<MapData, MapsError> {
-    let map = create_inner::<K, V>(name, sys::BPF_MAP_TYPE_HASH, entries.len())?;
+    let map = create_inner::<K, V>(name, sys::BPF_MAP_TYPE_HASH, entries.len(), INNER_MAP_FLAGS)?;
     fill_batches(name, map, entries)
 }
 
@@ -418,22 +523,29 @@ fn fill_trie<K: Pod, V: Pod>(
     name: &'static str,
     entries: impl ExactSizeIterator<Item = (K, V)>,
 ) -> Result<MapData, MapsError> {
-    let map = create_inner::<K, V>(name, sys::BPF_MAP_TYPE_LPM_TRIE, entries.len())?;
+    let map = create_inner::<K, V>(
+        name,
+        sys::BPF_MAP_TYPE_LPM_TRIE,
+        entries.len(),
+        INNER_MAP_FLAGS,
+    )?;
     fill_batches(name, map, entries)
 }
 
-/// A fresh, empty inner map of `map_type` for `len` entries (the kernel wants at least one).
+/// A fresh, empty inner map of `map_type` for `len` entries (the kernel wants at least one), with
+/// `flags` (its template's).
 fn create_inner<K: Pod, V: Pod>(
     name: &'static str,
     map_type: u32,
     len: usize,
+    flags: u32,
 ) -> Result<MapData, MapsError> {
     let definition = aya_obj::Map::new_from_params(
         map_type,
         size_of::<K>() as u32,
         size_of::<V>() as u32,
         len.max(1) as u32,
-        INNER_MAP_FLAGS,
+        flags,
     );
     MapData::create(definition, name, None).map_err(map_err(name))
 }

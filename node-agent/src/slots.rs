@@ -179,8 +179,19 @@ impl Changes {
         changes
     }
 
+    /// Marks `shard` of `table` rebuilt; a shard of the backend sets and the same shard of the
+    /// endpoints go together: the sets' entries say where their endpoints are in the shard's
+    /// array (`kmesh_common::BackendSetEntry`), so neither is rebuilt without the other.
     pub fn mark(&mut self, table: SlotTable, shard: u32) {
         self.0[table.position()] |= 1 << shard;
+        let partner = match table {
+            SlotTable::BackendSets => Some(SlotTable::Endpoints),
+            SlotTable::Endpoints => Some(SlotTable::BackendSets),
+            _ => None,
+        };
+        if let Some(partner) = partner {
+            self.0[partner.position()] |= 1 << shard;
+        }
     }
 
     pub fn contains(&self, table: SlotTable, shard: u32) -> bool {

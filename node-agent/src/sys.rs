@@ -21,6 +21,8 @@ use aya::Pod;
 
 /// `BPF_MAP_TYPE_HASH`, for creating inner maps.
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_ARRAY`, for creating the endpoints' inner arrays.
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 /// `BPF_MAP_TYPE_LPM_TRIE`, for creating the inner maps of the authorization sources.
 pub const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 

@@ -131,8 +131,9 @@ pub struct RouteValue {
     pub backend_set: [u32; MAX_ROUTE_DESTINATIONS],
 }
 
-/// Value of the backend sets table: how many endpoints the set has and how to choose one.
-/// The endpoints are `EndpointKey { set_id, index: 0..endpoint_count }`.
+/// Value of the backend sets table of a snapshot: how many endpoints the set has and how to choose
+/// one. The endpoints are `EndpointKey { set_id, index: 0..endpoint_count }`. The kernel's map
+/// holds a [`BackendSetEntry`] made from it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendSetValue {
@@ -142,7 +143,46 @@ pub struct BackendSetValue {
     pub lb_policy: u32,
 }
 
-/// Key of the endpoints table.
+/// Value of the backend sets map: a snapshot's [`BackendSetValue`], and where the set's endpoints
+/// start in its shard's endpoints array.
+///
+/// The endpoints map holds, per shard (`shard::shard_of_backend_set`, a set's endpoints share its
+/// shard), one `ARRAY` of [`EndpointValue`]s: the shard's endpoints in the snapshot's order (by set
+/// id, then index). A set's endpoint `i` is the array's element `first_endpoint + i`. An array
+/// element costs its value alone (24 bytes), where a hash element costs a 48-byte header, its key
+/// and a bucket besides. The agent computes `first_endpoint` (it is not on the wire) and always
+/// rebuilds a shard's backend sets and endpoints together, so the two agree in every generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSetEntry {
+    pub endpoint_count: u32,
+    pub lb_policy: u32,
+    /// The set's first endpoint in its shard's endpoints array.
+    pub first_endpoint: u32,
+    pub pad: u32,
+}
+
+impl BackendSetEntry {
+    pub const fn new(value: BackendSetValue, first_endpoint: u32) -> BackendSetEntry {
+        BackendSetEntry {
+            endpoint_count: value.endpoint_count,
+            lb_policy: value.lb_policy,
+            first_endpoint,
+            pad: 0,
+        }
+    }
+
+    /// The snapshot's value this entry was made from.
+    pub const fn value(&self) -> BackendSetValue {
+        BackendSetValue {
+            endpoint_count: self.endpoint_count,
+            lb_policy: self.lb_policy,
+        }
+    }
+}
+
+/// Key of the endpoints table of a snapshot (the kernel's endpoints arrays are indexed by
+/// position: see [`BackendSetEntry`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EndpointKey {
@@ -308,9 +348,9 @@ pub mod map_names {
     pub const SERVICES: &str = "KM_SERVICES";
     /// `ArrayOfMaps<HashMap<u32, RouteValue>>`.
     pub const ROUTES: &str = "KM_ROUTES";
-    /// `ArrayOfMaps<HashMap<u32, BackendSetValue>>`.
+    /// `ArrayOfMaps<HashMap<u32, BackendSetEntry>>`.
     pub const BACKEND_SETS: &str = "KM_BACKEND_SETS";
-    /// `ArrayOfMaps<HashMap<EndpointKey, EndpointValue>>`.
+    /// `ArrayOfMaps<Array<EndpointValue>>` (see [`BackendSetEntry`](crate::BackendSetEntry)).
     pub const ENDPOINTS: &str = "KM_ENDPOINTS";
     /// `HashMap<u64, EnrolledNetns>`, not per generation: enrolment follows namespaces, not snapshots.
     pub const ENROLLED: &str = "KM_ENROLLED";
@@ -340,6 +380,10 @@ pub const GENERATION_SLOTS: u32 = 2;
 /// Flags of every per-generation inner hash map (template and instances must agree).
 /// `BPF_F_NO_PREALLOC`: a generation costs memory for what it holds, not for its capacity.
 pub const INNER_MAP_FLAGS: u32 = 1;
+
+/// Flags of the endpoints' inner arrays (template and instances must agree). `BPF_F_INNER_MAP`:
+/// the arrays may differ in length from the template (each is sized to its shard).
+pub const INNER_ARRAY_FLAGS: u32 = 1 << 12;
 
 /// Capacity of the enrolled map: network namespaces on one node.
 pub const MAX_ENROLLED_NETNS: u32 = 16_384;
@@ -381,6 +425,7 @@ const _: () = {
     assert!(size_of::<ServiceValue>() == 8);
     assert!(size_of::<RouteValue>() == 8 + 8 * MAX_ROUTE_DESTINATIONS);
     assert!(size_of::<BackendSetValue>() == 8);
+    assert!(size_of::<BackendSetEntry>() == 16);
     assert!(size_of::<EndpointKey>() == 8);
     assert!(size_of::<EndpointValue>() == 24);
     assert!(size_of::<EnrolledNetns>() == 24);
@@ -403,6 +448,7 @@ mod user {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for RouteValue {}
     unsafe impl aya::Pod for BackendSetValue {}
+    unsafe impl aya::Pod for BackendSetEntry {}
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for EnrolledNetns {}

@@ -26,13 +26,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use kmesh_common::{
-    BackendSetValue, EndpointKey, EndpointValue, EnrolledNetns, GENERATION_SLOTS, GenerationValue,
-    INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, RouteValue, ServiceKey, ServiceValue, counter, lb_policy,
-    mode,
-    shard::{
-        CLUSTER_SHARDS, outer_index, shard_of_backend_set, shard_of_endpoint, shard_of_route,
-        shard_of_service,
-    },
+    BackendSetEntry, EndpointValue, EnrolledNetns, GENERATION_SLOTS, GenerationValue,
+    INNER_ARRAY_FLAGS, INNER_MAP_FLAGS, IPPROTO_TCP, Ip16, RouteValue, ServiceKey, ServiceValue,
+    counter, lb_policy, mode,
+    shard::{CLUSTER_SHARDS, outer_index, shard_of_backend_set, shard_of_route, shard_of_service},
     source_hash,
 };
 
@@ -45,9 +42,10 @@ const SLOTS: usize = GENERATION_SLOTS as usize;
 /// Entries of a cluster table's outer map: every shard of both slots.
 const SHARDED_SLOTS: usize = SLOTS * CLUSTER_SHARDS as usize;
 const INNER_FLAGS: usize = INNER_MAP_FLAGS as usize;
+const ARRAY_FLAGS: usize = INNER_ARRAY_FLAGS as usize;
 // The inner templates' max_entries only describe the template: the agent creates each
-// generation's hash maps with the capacity that generation needs (hash inner maps may differ
-// in max_entries, not in type, key/value size or flags).
+// generation's maps with the capacity that generation needs (hash inner maps may differ in
+// max_entries, and arrays flagged BPF_F_INNER_MAP too; not in type, key/value size or flags).
 const TEMPLATE_ENTRIES: usize = 1;
 
 /// Allow the connect (possibly rewritten).
@@ -75,12 +73,12 @@ static KM_ROUTES: ArrayOfMaps<
 > = ArrayOfMaps::new();
 #[btf_map]
 static KM_BACKEND_SETS: ArrayOfMaps<
-    HashMap<u32, BackendSetValue, TEMPLATE_ENTRIES, INNER_FLAGS>,
+    HashMap<u32, BackendSetEntry, TEMPLATE_ENTRIES, INNER_FLAGS>,
     SHARDED_SLOTS,
 > = ArrayOfMaps::new();
 #[btf_map]
 static KM_ENDPOINTS: ArrayOfMaps<
-    HashMap<EndpointKey, EndpointValue, TEMPLATE_ENTRIES, INNER_FLAGS>,
+    Array<EndpointValue, TEMPLATE_ENTRIES, ARRAY_FLAGS>,
     SHARDED_SLOTS,
 > = ArrayOfMaps::new();
 #[btf_map]
@@ -271,14 +269,16 @@ fn choose_endpoint(
         // SAFETY: helper without arguments.
         unsafe { bpf_get_prandom_u32() }
     };
-    let key = EndpointKey {
-        set_id,
-        index: pick
-            .checked_rem(set.endpoint_count)
-            .ok_or(counter::REFUSED_NO_ENDPOINT)?,
-    };
+    let index = pick
+        .checked_rem(set.endpoint_count)
+        .ok_or(counter::REFUSED_NO_ENDPOINT)?;
+    // The set's endpoints are its shard's array elements from `first_endpoint` on (see
+    // `BackendSetEntry`); an element past the array's end is not found.
     let ep = KM_ENDPOINTS
-        .get_value_ptr_mut(outer_index(slot, shard_of_endpoint(&key)), &key)
+        .get_value_ptr_mut(
+            outer_index(slot, shard_of_backend_set(set_id)),
+            &set.first_endpoint.wrapping_add(index),
+        )
         .ok_or(counter::INCONSISTENT)?;
     // SAFETY: pointer from a successful lookup; read by copy.
     Ok(unsafe { *ep })

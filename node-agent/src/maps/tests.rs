@@ -255,12 +255,13 @@ fn a_change_rebuilds_only_its_shards_in_both_slots() {
     let stats = maps.apply(&three, hash_of(3), Some(&two)).unwrap();
 
     assert_eq!(
-        stats.maps_rebuilt, 2,
-        "the generation header and one endpoint shard"
+        stats.maps_rebuilt, 3,
+        "the generation header, one endpoint shard and its backend sets"
     );
     let mut expected = all_shards(2);
     expected.insert((SlotTable::Generation, 0), 3);
     expected.insert((SlotTable::Endpoints, shard), 3);
+    expected.insert((SlotTable::BackendSets, shard), 3);
     let fake = maps.slots();
     assert_eq!(fake.contents(Slot::Zero), expected);
     assert_eq!(fake.contents(Slot::One), expected);
@@ -269,7 +270,7 @@ fn a_change_rebuilds_only_its_shards_in_both_slots() {
         .into_iter()
         .filter(|op| matches!(op, Op::Install { .. }))
         .collect();
-    assert_eq!(installs.len(), 4, "two tables, each slot: {installs:?}");
+    assert_eq!(installs.len(), 6, "three tables, each slot: {installs:?}");
     // What the live slot serves is the new snapshot's, shard by shard.
     assert_eq!(
         fake.read(SlotTable::Endpoints, fake.active()).unwrap(),

@@ -4,7 +4,7 @@
 //!
 //! Run as root after `cargo build --workspace --bins` (scripts/test.sh does both).
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU8, Ordering},
@@ -265,6 +265,56 @@ fn load_balancing_reaches_every_endpoint_and_honours_weights() {
         counters["rewritten"].as_u64().unwrap() >= 5300,
         "{counters}"
     );
+}
+
+/// Many backend sets share each shard of the kernel's endpoints arrays (192 sets over 64 shards):
+/// a set's endpoints are found at its offset in its shard's array (`BackendSetEntry`), so each
+/// service must reach its own set's pods and never a neighbour's. The sets alternate between one
+/// and two endpoints, so an offset is not a set's position in its shard, and neighbours in a
+/// shard name different pods, so a wrong offset lands on a pod the service does not have.
+#[test]
+fn every_backend_set_reaches_its_own_endpoints_when_sets_share_shards() {
+    const PODS: [&str; 3] = ["a", "b", "c"];
+    const SETS: u8 = 192;
+    let w = World::new("shards", &PODS);
+    let mut b = w.builder(1, mode::KERNEL_NATIVE);
+    let mut services = Vec::new();
+    let mut sets_per_shard = BTreeMap::<u32, u32>::new();
+    for i in 0..SETS {
+        let first = PODS[usize::from(i) % 3];
+        let pods: Vec<&str> = if i % 2 == 0 {
+            vec![first]
+        } else {
+            vec![first, PODS[(usize::from(i) + 1) % 3]]
+        };
+        let set = b.backend_set(lb_policy::RANDOM, &w.endpoints(&pods));
+        *sets_per_shard
+            .entry(kmesh_common::shard::shard_of_backend_set(set))
+            .or_default() += 1;
+        let vip = Ipv4Addr::new(10, 96, 7, i);
+        b.service(vip.into(), 80, &[(1, set)]);
+        services.push((vip, pods));
+    }
+    let shared = sets_per_shard.values().filter(|&&n| n >= 2).count();
+    assert!(
+        shared >= 32,
+        "the sets must share shards: {sets_per_shard:?}"
+    );
+    w.write(&b.build());
+    let mut agent = w.start_agent(&[]);
+    wait_enrolled(&mut agent, 1);
+
+    for (vip, pods) in &services {
+        let report = w.probe(&target(*vip), 6);
+        assert_eq!(report.ok, 6, "{vip}: {report:?}");
+        for pod in PODS.iter().filter(|p| !pods.contains(p)) {
+            assert_eq!(
+                report.replies(pod),
+                0,
+                "{vip} (set of {pods:?}) reached {pod}: {report:?}"
+            );
+        }
+    }
 }
 
 /// Clients of a `consistentHash.useSourceIp` service for which `source_hash(ip) % 3` (the one

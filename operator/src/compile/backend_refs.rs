@@ -68,7 +68,7 @@ impl Compiler<'_> {
         &mut self,
         refs: &BackendRefs<'_, 'c>,
         backend_refs: &[BackendRef],
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         let resolved =
             self.weighted_route(&refs.at, "backendRefs", backend_refs, |c, j, backend| {
@@ -102,7 +102,7 @@ impl Compiler<'_> {
         refs: &BackendRefs<'_, 'c>,
         j: usize,
         backend: &BackendRef,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Weighted<'c> {
         let field = format!("{}[{j}]", refs.at.field);
         let Some(weight) = u32::try_from(backend.weight())
@@ -179,7 +179,7 @@ impl Compiler<'_> {
         refs: &BackendRefs<'_, 'c>,
         field: &str,
         backend: &Backend<'_>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> SetRef<'c> {
         let v6 = refs.target.v6;
         let fqdn = if backend.is_service {

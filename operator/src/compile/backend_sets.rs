@@ -74,13 +74,13 @@ impl BackendSetKey {
 pub(super) struct SetRef<'c> {
     pub(super) key: BackendSetKey,
     /// `Some` exactly for `SetOrigin::Service` keys (the constructors keep them together).
-    endpoints_of: Option<(&'c CatalogService, &'c CatalogPort)>,
+    endpoints_of: Option<(&'c CatalogService<'c>, &'c CatalogPort)>,
 }
 
 impl<'c> SetRef<'c> {
     /// The endpoints of `port` of `service` (of its `subset`, when given).
     pub(super) fn endpoints(
-        service: &'c CatalogService,
+        service: &'c CatalogService<'c>,
         port: &'c CatalogPort,
         subset: Option<String>,
         v6: bool,
@@ -237,7 +237,7 @@ impl<'a> Compiler<'a> {
     }
 
     /// Whether the DestinationRule for `service` defines subset `name`.
-    pub(super) fn has_subset(&self, service: &CatalogService, name: &str) -> bool {
+    pub(super) fn has_subset(&self, service: &CatalogService<'_>, name: &str) -> bool {
         self.destination_rule(&service.fqdn, &service.namespace)
             .and_then(|dr| subset(dr, name))
             .is_some()
@@ -248,7 +248,7 @@ impl<'a> Compiler<'a> {
     /// such a rule is not compiled; say so rather than drop it.
     pub(super) fn report_client_namespace_destination_rules(
         &mut self,
-        catalog: &BTreeMap<String, CatalogService>,
+        catalog: &BTreeMap<String, CatalogService<'_>>,
     ) {
         let inputs: &'a Inputs = self.inputs;
         for dr in &inputs.destination_rules {
@@ -372,7 +372,7 @@ impl<'a> Compiler<'a> {
 /// The endpoints of `service` carrying `labels`, in family `v6`, each with `port`'s target on it
 /// (a named target port is resolved per endpoint; one that does not expose it is left out).
 fn endpoints(
-    service: &CatalogService,
+    service: &CatalogService<'_>,
     port: &CatalogPort,
     labels: &BTreeMap<String, String>,
     v6: bool,

@@ -29,21 +29,21 @@ use crate::{
     kinds::Kind,
 };
 
-/// The mesh services by host (FQDN).
-pub(super) type Catalog = BTreeMap<String, CatalogService>;
+/// The mesh services by host (FQDN), borrowing from the inputs (`'a`).
+pub(super) type Catalog<'a> = BTreeMap<String, CatalogService<'a>>;
 
 /// A service the data plane can steer.
 #[derive(Clone, Debug)]
-pub(super) struct CatalogService {
+pub(super) struct CatalogService<'a> {
     pub(super) object: ObjectRef,
     pub(super) namespace: String,
     pub(super) fqdn: String,
     pub(super) vips: Vec<IpAddr>,
     pub(super) ports: Vec<CatalogPort>,
-    pub(super) endpoints: Vec<CatalogEndpoint>,
+    pub(super) endpoints: Vec<CatalogEndpoint<'a>>,
 }
 
-impl CatalogService {
+impl CatalogService<'_> {
     /// The port numbered `number` (the first, should two share it).
     pub(super) fn port(&self, number: u16) -> Option<&CatalogPort> {
         self.ports.iter().find(|p| p.port == number)
@@ -111,9 +111,11 @@ impl PortProtocol {
 
 /// An endpoint before a port is chosen.
 #[derive(Clone, Debug)]
-pub(super) struct CatalogEndpoint {
+pub(super) struct CatalogEndpoint<'a> {
     pub(super) ips: Vec<IpAddr>,
-    pub(super) labels: BTreeMap<String, String>,
+    /// The labels of its pod or WorkloadEntry, borrowed: a copy per pod would be 100,000 maps in
+    /// a large cluster, made and freed in every compile.
+    pub(super) labels: &'a BTreeMap<String, String>,
     /// "namespace/serviceaccount".
     pub(super) identity: String,
     /// Container (or ServiceEntry endpoint) ports by name.
@@ -137,6 +139,9 @@ pub(super) fn port_number<N: TryInto<u16>>(number: N) -> Option<u16> {
 const ENDPOINT_PORT_OUT_OF_RANGE: &str =
     "port out of range: left out, so a target port naming it does not resolve to it";
 
+/// The labels of an endpoint that has none (an EndpointSlice's).
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
 /// The identity of a workload: "namespace/serviceaccount".
 pub(super) fn identity(namespace: &str, service_account: Option<&str>) -> String {
     format!("{namespace}/{}", service_account.unwrap_or("default"))
@@ -145,7 +150,7 @@ pub(super) fn identity(namespace: &str, service_account: Option<&str>) -> String
 impl<'a> Compiler<'a> {
     /// Services first (sorted by namespace/name), then ServiceEntries, whose hosts a Service
     /// already has are reported and left out.
-    pub(super) fn catalog(&mut self) -> Catalog {
+    pub(super) fn catalog(&mut self) -> Catalog<'a> {
         let inputs: &'a crate::inputs::Inputs = self.inputs;
         self.report_endpoint_ports();
         let mut catalog = Catalog::new();
@@ -207,17 +212,21 @@ impl<'a> Compiler<'a> {
     fn report_endpoint_ports(&mut self) {
         let inputs: &'a crate::inputs::Inputs = self.inputs;
         for pod in &inputs.pods {
-            let object = ObjectRef::new(
-                Kind::Pod,
-                Some(namespace_of(&pod.metadata)),
-                name_of(&pod.metadata),
-            );
+            // Named only when there is something to report: most pods have nothing, and naming
+            // each copies two strings.
+            let object = || {
+                ObjectRef::new(
+                    Kind::Pod,
+                    Some(namespace_of(&pod.metadata)),
+                    name_of(&pod.metadata),
+                )
+            };
             let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
             for (c, container) in containers.enumerate() {
                 for (i, p) in container.ports.iter().flatten().enumerate() {
                     if p.name.is_some() && port_number(p.container_port).is_none() {
                         let field = format!("spec.containers[{c}].ports[{i}].containerPort");
-                        self.reject(&object, &field, ENDPOINT_PORT_OUT_OF_RANGE);
+                        self.reject(&object(), &field, ENDPOINT_PORT_OUT_OF_RANGE);
                     }
                 }
             }
@@ -242,7 +251,7 @@ impl<'a> Compiler<'a> {
 
     // ---- Kubernetes Services ----
 
-    fn kubernetes_service(&mut self, svc: &Service) -> Option<CatalogService> {
+    fn kubernetes_service(&mut self, svc: &Service) -> Option<CatalogService<'a>> {
         let ns = namespace_of(&svc.metadata).to_string();
         let name = name_of(&svc.metadata).to_string();
         let object = ObjectRef::new(Kind::Service, Some(&ns), &name);
@@ -304,7 +313,11 @@ impl<'a> Compiler<'a> {
         Some(vips)
     }
 
-    fn pod_endpoints(&self, ns: &str, selector: &BTreeMap<String, String>) -> Vec<CatalogEndpoint> {
+    fn pod_endpoints(
+        &self,
+        ns: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Vec<CatalogEndpoint<'a>> {
         let Some((key, value)) = selector.iter().next() else {
             return Vec::new();
         };
@@ -325,7 +338,7 @@ impl<'a> Compiler<'a> {
             .collect()
     }
 
-    fn slice_endpoints(&self, ns: &str, service: &str) -> Vec<CatalogEndpoint> {
+    fn slice_endpoints(&self, ns: &str, service: &str) -> Vec<CatalogEndpoint<'a>> {
         let slices = self.inputs.endpoint_slices.iter().filter(|s| {
             namespace_of(&s.metadata) == ns
                 && s.metadata
@@ -356,7 +369,7 @@ impl<'a> Compiler<'a> {
                 }
                 let endpoint = CatalogEndpoint {
                     ips,
-                    labels: BTreeMap::new(),
+                    labels: &NO_LABELS,
                     identity: identity(ns, None),
                     named_ports: named_ports.clone(),
                 };
@@ -378,7 +391,7 @@ impl<'a> Compiler<'a> {
     // ---- ServiceEntries ----
 
     /// One mesh service per host of a valid STATIC ServiceEntry with addresses.
-    fn service_entry(&mut self, se: &ServiceEntry) -> Vec<CatalogService> {
+    fn service_entry(&mut self, se: &'a ServiceEntry) -> Vec<CatalogService<'a>> {
         let ns = se.namespace().to_string();
         let object = ObjectRef::new(Kind::ServiceEntry, Some(&ns), se.name());
         if let Err(crate::validate::Invalid { field, reason }) =
@@ -458,8 +471,8 @@ impl<'a> Compiler<'a> {
         &mut self,
         object: &ObjectRef,
         ns: &str,
-        declared: &[WorkloadEntry],
-    ) -> Vec<CatalogEndpoint> {
+        declared: &'a [WorkloadEntry],
+    ) -> Vec<CatalogEndpoint<'a>> {
         let mut endpoints = Vec::new();
         for (i, we) in declared.iter().enumerate() {
             for (name, _) in we.ports.iter().filter(|(_, p)| port_number(**p).is_none()) {
@@ -476,7 +489,7 @@ impl<'a> Compiler<'a> {
             };
             endpoints.push(CatalogEndpoint {
                 ips: vec![ip],
-                labels: we.labels.clone(),
+                labels: &we.labels,
                 identity: identity(ns, we.service_account.as_deref()),
                 named_ports: we
                     .ports
@@ -541,7 +554,7 @@ fn entry_port(p: &ServiceEntryPort) -> Result<CatalogPort, PortLeftOut> {
 
 /// A selected pod as an endpoint: its IPs, labels, identity and named container ports; `None`
 /// when it has no IP yet.
-fn pod_endpoint(pod: &Pod) -> Option<CatalogEndpoint> {
+fn pod_endpoint(pod: &Pod) -> Option<CatalogEndpoint<'_>> {
     let ips = workloads::pod_ips(pod);
     if ips.is_empty() {
         return None;
@@ -555,7 +568,7 @@ fn pod_endpoint(pod: &Pod) -> Option<CatalogEndpoint> {
         .collect();
     Some(CatalogEndpoint {
         ips,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
         identity: workloads::pod_identity(pod),
         named_ports,
     })

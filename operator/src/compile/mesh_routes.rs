@@ -127,7 +127,7 @@ pub(super) fn object_of<S>(route: &gateway_api::Object<S>, kind: RouteKind) -> O
 impl<'a> Compiler<'a> {
     /// The Gateway API mesh routes attached to each service port `(fqdn, port)`. Reports parents
     /// that are not compiled (Gateways, consumer routes, unknown Services and ports).
-    pub(super) fn mesh_routes(&mut self, catalog: &Catalog) -> BTreeMap<PortKey, Attached<'a>> {
+    pub(super) fn mesh_routes(&mut self, catalog: &Catalog<'_>) -> BTreeMap<PortKey, Attached<'a>> {
         let inputs: &'a Inputs = self.inputs;
         let mut out: BTreeMap<PortKey, Attached<'a>> = BTreeMap::new();
         for (route, ports) in self.attach(&inputs.http_routes, RouteKind::Http, catalog) {
@@ -156,7 +156,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         routes: &'a [gateway_api::Object<S>],
         kind: RouteKind,
-        catalog: &Catalog,
+        catalog: &Catalog<'_>,
     ) -> Vec<(&'a gateway_api::Object<S>, BTreeSet<PortKey>)> {
         let mut sorted: Vec<&'a gateway_api::Object<S>> = routes.iter().collect();
         sorted.sort_by_key(|r| age_order(&r.metadata));
@@ -180,7 +180,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         route: &Attaching<'_>,
         parents: &[ParentReference],
-        catalog: &Catalog,
+        catalog: &Catalog<'_>,
     ) -> BTreeSet<PortKey> {
         if parents.is_empty() {
             self.note(
@@ -208,8 +208,8 @@ impl<'a> Compiler<'a> {
         route: &Attaching<'_>,
         field: &str,
         parent: &ParentReference,
-        catalog: &'c Catalog,
-    ) -> Option<&'c CatalogService> {
+        catalog: &'c Catalog<'_>,
+    ) -> Option<&'c CatalogService<'c>> {
         let ns = route.namespace_of(parent);
         if !parent.is_service() {
             if parent.kind() == "Service" {
@@ -277,7 +277,7 @@ impl<'a> Compiler<'a> {
         route: &Attaching<'_>,
         field: &str,
         parent: &ParentReference,
-        service: &CatalogService,
+        service: &CatalogService<'_>,
     ) -> Vec<u16> {
         let service_ref = route.service_ref(parent);
         let selected: Vec<_> = service

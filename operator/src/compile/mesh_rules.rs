@@ -52,7 +52,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         attached: &Attached<'a>,
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         if attached.http.is_empty() {
             return self.route_from_tcp_routes(&attached.tcp, target, catalog);
@@ -79,7 +79,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         routes: &[&'a HttpRoute],
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         // `routes` is sorted oldest first, then by namespace/name; then rule order.
         let winner = routes.iter().enumerate().find_map(|(route_index, route)| {
@@ -151,7 +151,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         winner: &CatchAll<'a>,
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         let object = object_of(winner.route, RouteKind::Http);
         let i = winner.rule_index;
@@ -199,7 +199,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         routes: &[&'a TcpRoute],
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         let to = target.describe();
         let (route, others) = routes.split_first()?;

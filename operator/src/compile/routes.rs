@@ -22,7 +22,7 @@ use crate::{diagnostics::ObjectRef, istio::VirtualService, kinds::Kind};
 /// A service port in one address family: what a route is compiled for.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct PortTarget<'c> {
-    pub(super) service: &'c CatalogService,
+    pub(super) service: &'c CatalogService<'c>,
     pub(super) port: &'c CatalogPort,
     pub(super) v6: bool,
 }
@@ -120,7 +120,7 @@ pub(super) enum NoRoute {
 
 impl<'a> Compiler<'a> {
     /// A route for every service port and family with a VIP.
-    pub(super) fn routes<'c>(&mut self, catalog: &'c Catalog) -> Vec<RoutedPort<'c>> {
+    pub(super) fn routes<'c>(&mut self, catalog: &'c Catalog<'_>) -> Vec<RoutedPort<'c>> {
         let vs_by_host = self.virtual_services_by_host(catalog);
         let mesh_routes = self.mesh_routes(catalog);
         let mut routed = Vec::new();
@@ -159,7 +159,7 @@ impl<'a> Compiler<'a> {
         target: PortTarget<'c>,
         attached: Option<&Attached<'a>>,
         vs: Option<&'a VirtualService>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         let routed = match attached {
             Some(attached) => {

@@ -31,7 +31,7 @@ impl<'a> Compiler<'a> {
     /// the oldest (then by namespace/name), as a deterministic stand-in for Istio's IST0109 conflict.
     pub(super) fn virtual_services_by_host(
         &mut self,
-        catalog: &Catalog,
+        catalog: &Catalog<'_>,
     ) -> BTreeMap<String, &'a VirtualService> {
         let inputs: &'a Inputs = self.inputs;
         let mut candidates: Vec<&'a VirtualService> = inputs
@@ -72,7 +72,7 @@ impl<'a> Compiler<'a> {
 
     /// The hosts a VirtualService `host` names: itself, expanded, or the catalog's hosts a
     /// wildcard matches.
-    fn hosts_matching(&self, host: &str, namespace: &str, catalog: &Catalog) -> Vec<String> {
+    fn hosts_matching(&self, host: &str, namespace: &str, catalog: &Catalog<'_>) -> Vec<String> {
         let fqdn = self.options.fqdn(host, namespace);
         match fqdn.strip_prefix('*') {
             Some(suffix) => catalog
@@ -91,7 +91,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         vs: &VirtualService,
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         let object = object_of(vs);
         for (i, _) in vs.spec.tls.iter().enumerate() {
@@ -216,7 +216,7 @@ impl<'a> Compiler<'a> {
         rule: &RuleAt<'_>,
         destinations: &[RouteDestination],
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Option<Route<'c>> {
         let single = destinations.len() == 1;
         let resolved = self.weighted_route(rule, "destinations", destinations, |c, i, d| {
@@ -245,7 +245,7 @@ impl<'a> Compiler<'a> {
         d: &RouteDestination,
         single: bool,
         target: PortTarget<'c>,
-        catalog: &'c Catalog,
+        catalog: &'c Catalog<'_>,
     ) -> Weighted<'c> {
         let field = format!("{}[{i}]", rule.field);
         let Ok(weight) = u32::try_from(d.weight.unwrap_or(0)) else {

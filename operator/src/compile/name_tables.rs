@@ -26,14 +26,15 @@ use kmesh_snapshot::{NameTables, name_table::StringTable};
 
 use super::{Compiler, name_of, namespace_of, workloads::address_owners};
 
-/// The names of one pod, as strings.
+/// The names of one pod, borrowed from it (copies would be five strings per pod, made only to be
+/// interned).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct PodNames {
-    pub workload: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub app: String,
-    pub version: String,
+pub(super) struct PodNames<'p> {
+    pub workload: &'p str,
+    pub namespace: &'p str,
+    pub service_account: &'p str,
+    pub app: &'p str,
+    pub version: &'p str,
 }
 
 impl PodNames {
@@ -56,7 +57,7 @@ pub(super) struct ServiceNames {
     pub namespace: String,
 }
 
-impl Compiler<'_> {
+impl<'a> Compiler<'a> {
     /// The names sections: every named pod address, and `services` (by service id).
     pub(super) fn name_tables(&self, services: &BTreeMap<u32, ServiceNames>) -> NameTables {
         let pods = self.pod_names();
@@ -72,11 +73,11 @@ impl Compiler<'_> {
         for (ip, names) in pods {
             workloads.push(WorkloadNameRecord {
                 ip,
-                workload: strings.intern(&names.workload),
-                namespace: strings.intern(&names.namespace),
-                service_account: strings.intern(&names.service_account),
-                app: strings.intern(&names.app),
-                version: strings.intern(&names.version),
+                workload: strings.intern(names.workload),
+                namespace: strings.intern(names.namespace),
+                service_account: strings.intern(names.service_account),
+                app: strings.intern(names.app),
+                version: strings.intern(names.version),
             });
         }
         // A service must be named by a host; one whose host the table cannot hold (254 or 255
@@ -103,16 +104,15 @@ impl Compiler<'_> {
 
     /// The names of every pod address (see the module doc), sorted by address: its owner's
     /// ([`address_owners`]).
-    fn pod_names(&self) -> BTreeMap<Ip16, PodNames> {
-        let pods = self
-            .inputs
+    fn pod_names(&self) -> impl Iterator<Item = (Ip16, PodNames<'a>)> + use<'a> {
+        let inputs: &'a crate::inputs::Inputs = self.inputs;
+        let pods = inputs
             .pods
             .iter()
             .filter(|pod| pod.spec.as_ref().and_then(|s| s.host_network) != Some(true));
         address_owners(pods)
             .into_iter()
             .map(|(ip, pod)| (ip, pod_names(pod)))
-            .collect()
     }
 }
 
@@ -123,33 +123,32 @@ impl ServiceNames {
 }
 
 /// A pod's names, by Istio's rules (see the module doc).
-pub(super) fn pod_names(pod: &Pod) -> PodNames {
+pub(super) fn pod_names(pod: &Pod) -> PodNames<'_> {
     let labels = pod.metadata.labels.as_ref();
     let label = |key: &str| {
         labels
             .and_then(|l| l.get(key))
             .filter(|v| !v.is_empty())
-            .cloned()
+            .map(String::as_str)
     };
     let workload = label("service.istio.io/workload-name").unwrap_or_else(|| owner_name(pod));
     let app = label("service.istio.io/canonical-name")
         .or_else(|| label("app.kubernetes.io/name"))
         .or_else(|| label("app"))
-        .unwrap_or_else(|| workload.clone());
+        .unwrap_or(workload);
     let version = label("service.istio.io/canonical-revision")
         .or_else(|| label("app.kubernetes.io/version"))
         .or_else(|| label("version"))
-        .unwrap_or_else(|| "latest".to_string());
+        .unwrap_or("latest");
     let service_account = pod
         .spec
         .as_ref()
         .and_then(|s| s.service_account_name.as_deref())
         .filter(|s| !s.is_empty())
-        .unwrap_or("default")
-        .to_string();
+        .unwrap_or("default");
     PodNames {
         workload,
-        namespace: namespace_of(&pod.metadata).to_string(),
+        namespace: namespace_of(&pod.metadata),
         service_account,
         app,
         version,
@@ -158,7 +157,7 @@ pub(super) fn pod_names(pod: &Pod) -> PodNames {
 
 /// Istio's workload name of a pod without the override label: its controller's name, as the
 /// module doc says, for a pod with a generated name; else its own name.
-fn owner_name(pod: &Pod) -> String {
+fn owner_name(pod: &Pod) -> &str {
     let meta = &pod.metadata;
     let generated = meta.generate_name.as_deref().is_some_and(|g| !g.is_empty());
     let controller = meta
@@ -167,7 +166,7 @@ fn owner_name(pod: &Pod) -> String {
         .flatten()
         .find(|r| r.controller == Some(true));
     let (true, Some(owner)) = (generated, controller) else {
-        return name_of(meta).to_string();
+        return name_of(meta);
     };
     let label = |key: &str| meta.labels.as_ref().and_then(|l| l.get(key));
     let strip_hash = |key: &str| {
@@ -181,11 +180,7 @@ fn owner_name(pod: &Pod) -> String {
         "Job" => cron_job_name(&owner.name).unwrap_or(&owner.name),
         _ => &owner.name,
     };
-    if name.is_empty() {
-        name_of(meta).to_string()
-    } else {
-        name.to_string()
-    }
+    if name.is_empty() { name_of(meta) } else { name }
 }
 
 /// The CronJob of a Job named `<cronjob>-<8 to 10 digits>`.
@@ -226,7 +221,12 @@ mod tests {
         let names = |yaml: &str| {
             let n = pod(yaml);
             let n = pod_names(&n);
-            (n.workload, n.app, n.version, n.service_account)
+            (
+                n.workload.to_string(),
+                n.app.to_string(),
+                n.version.to_string(),
+                n.service_account.to_string(),
+            )
         };
         let s = |v: &str| v.to_string();
         // A Deployment's pod: the ReplicaSet without its pod-template-hash; app and version labels.

@@ -23,10 +23,11 @@ use kmesh_snapshot::{ClusterTables, NodeTables};
 use super::{
     Compiler, Names,
     backend_sets::{BackendSet, BackendSetKey},
-    catalog::Catalog,
+    catalog::{Catalog, identity},
     name_tables::ServiceNames,
+    namespace_of,
     routes::RoutedPort,
-    workloads::pod_identity,
+    workloads::pod_service_account,
 };
 use crate::diagnostics::ObjectRef;
 
@@ -58,13 +59,24 @@ pub(super) fn with_ids<V>(named: BTreeMap<String, V>) -> impl Iterator<Item = (u
 
 impl Compiler<'_> {
     /// The IDs of the identities of every endpoint and pod.
-    pub(super) fn identity_ids(&self, catalog: &Catalog) -> BTreeMap<String, u32> {
-        let names: BTreeMap<String, ()> = catalog
-            .values()
-            .flat_map(|s| s.endpoints.iter().map(|e| e.identity.clone()))
-            .chain(self.inputs.pods.iter().map(pod_identity))
-            .map(|name| (name, ()))
+    pub(super) fn identity_ids(&self, catalog: &Catalog<'_>) -> BTreeMap<String, u32> {
+        // There are far fewer identities (service accounts) than endpoints and pods: each is
+        // copied once, not once per endpoint and pod.
+        let mut names: BTreeMap<String, ()> = BTreeMap::new();
+        for endpoint in catalog.values().flat_map(|s| &s.endpoints) {
+            if !names.contains_key(&endpoint.identity) {
+                names.insert(endpoint.identity.clone(), ());
+            }
+        }
+        let pod_accounts: BTreeSet<(&str, Option<&str>)> = self
+            .inputs
+            .pods
+            .iter()
+            .map(|pod| (namespace_of(&pod.metadata), pod_service_account(pod)))
             .collect();
+        for (namespace, service_account) in pod_accounts {
+            names.insert(identity(namespace, service_account), ());
+        }
         with_ids(names).map(|(id, name, ())| (name, id)).collect()
     }
 

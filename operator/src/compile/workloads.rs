@@ -165,11 +165,14 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 }
 
 pub(super) fn pod_identity(pod: &Pod) -> String {
-    let service_account = pod
-        .spec
+    catalog::identity(namespace_of(&pod.metadata), pod_service_account(pod))
+}
+
+/// The service account a pod runs as, when set.
+pub(super) fn pod_service_account(pod: &Pod) -> Option<&str> {
+    pod.spec
         .as_ref()
-        .and_then(|s| s.service_account_name.as_deref());
-    catalog::identity(namespace_of(&pod.metadata), service_account)
+        .and_then(|s| s.service_account_name.as_deref())
 }
 
 /// Whether a pod is in the mesh (Kmesh's rules): its own label, else its namespace's; the pod value

@@ -10,7 +10,8 @@ use kmesh_common::names::{MAX_NAME_LEN, NAME_LEN_BYTES, NO_NAME};
 #[derive(Clone, Debug, Default)]
 pub struct StringTable {
     bytes: Vec<u8>,
-    offsets: HashMap<String, u32>,
+    /// Only looked up, never iterated: the hash order cannot reach the bytes.
+    offsets: HashMap<String, u32, foldhash::fast::RandomState>,
 }
 
 impl StringTable {

@@ -16,11 +16,11 @@
 //!
 //! The `KmeshConfig` follows the same rule, applied as it is read (`Inputs::add_config`, since
 //! the inputs hold one); here its conflict is reported.
-use std::{borrow::Cow, collections::HashSet};
+use std::borrow::Cow;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{name_of, namespace_of};
+use super::{LookupSet, name_of, namespace_of};
 use crate::{
     diagnostics::{Diagnostic, ObjectRef},
     inputs::{Inputs, config_ref},
@@ -158,7 +158,7 @@ fn groups<T: PartialEq>(kind: Kind, objects: &[T], meta: impl Fn(&T) -> &ObjectM
             )
         })
         .collect();
-    let mut seen = HashSet::with_capacity(keyed.len());
+    let mut seen = LookupSet::with_capacity_and_hasher(keyed.len(), Default::default());
     if keyed.iter().all(|&(key, _, _)| seen.insert(key)) {
         return Vec::new();
     }

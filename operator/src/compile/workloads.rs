@@ -2,22 +2,22 @@
 //! workloads table. Also the pod facts the catalog shares: health as istiod's ambient controller
 //! sees it, addresses, identity.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
 use k8s_openapi::api::core::v1::Pod;
 use kmesh_common::{Ip16, WorkloadRecord, ip16};
 
-use super::{Compiler, catalog, name_of, namespace_of};
+use super::{Compiler, LookupMap, catalog, name_of, namespace_of};
 
 /// Healthy pods by (namespace, label key, label value), each list in input order. Only looked up,
 /// never iterated, so a hash map (one hash instead of a dozen string comparisons per pod label).
-pub(super) type PodsByLabel<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>;
+pub(super) type PodsByLabel<'a> = LookupMap<(&'a str, &'a str, &'a str), Vec<&'a Pod>>;
 
 /// Indexes the healthy `pods` by each of their labels, once per compile.
 pub(super) fn pods_by_label(pods: &[Pod]) -> PodsByLabel<'_> {
-    let mut index = PodsByLabel::new();
+    let mut index = PodsByLabel::default();
     for pod in pods.iter().filter(|p| healthy(p)) {
         for (k, v) in pod.metadata.labels.iter().flatten() {
             index

@@ -68,12 +68,12 @@ impl Compiler<'_> {
                 names.insert(endpoint.identity.clone(), ());
             }
         }
-        let pod_accounts: BTreeSet<(&str, Option<&str>)> = self
-            .inputs
-            .pods
-            .iter()
-            .map(|pod| (namespace_of(&pod.metadata), pod_service_account(pod)))
-            .collect();
+        // Inserted one by one into the small set, rather than collected, which would sort a
+        // list of every pod first.
+        let mut pod_accounts: BTreeSet<(&str, Option<&str>)> = BTreeSet::new();
+        for pod in &self.inputs.pods {
+            pod_accounts.insert((namespace_of(&pod.metadata), pod_service_account(pod)));
+        }
         for (namespace, service_account) in pod_accounts {
             names.insert(identity(namespace, service_account), ());
         }

@@ -122,8 +122,8 @@ impl<'c> SetRef<'c> {
 }
 
 /// A backend set's endpoints and how one is chosen, before IDs.
-pub(super) struct BackendSet {
-    pub(super) endpoints: Vec<EndpointValueDraft>,
+pub(super) struct BackendSet<'c> {
+    pub(super) endpoints: Vec<EndpointValueDraft<'c>>,
     pub(super) load_balancing: LoadBalancing,
 }
 
@@ -148,10 +148,12 @@ impl LoadBalancing {
 
 /// An endpoint with its port chosen, before IDs.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct EndpointValueDraft {
+pub(super) struct EndpointValueDraft<'c> {
     pub(super) ip: IpAddr,
     pub(super) port: u16,
-    pub(super) identity: String,
+    /// Borrowed from the catalog's endpoint: a copy per endpoint of every set would be made
+    /// only to be looked up and freed.
+    pub(super) identity: &'c str,
 }
 
 /// The valid DestinationRules by namespace, then host.
@@ -271,10 +273,10 @@ impl<'a> Compiler<'a> {
     }
 
     /// Every backend set the routes send connections to, by key, each computed once.
-    pub(super) fn backend_sets(
+    pub(super) fn backend_sets<'c>(
         &mut self,
-        routed: &[RoutedPort<'_>],
-    ) -> BTreeMap<BackendSetKey, BackendSet> {
+        routed: &[RoutedPort<'c>],
+    ) -> BTreeMap<BackendSetKey, BackendSet<'c>> {
         let mut sets = BTreeMap::new();
         for set in routed.iter().flat_map(|r| r.route.sets()) {
             if !sets.contains_key(&set.key) {
@@ -286,7 +288,7 @@ impl<'a> Compiler<'a> {
     }
 
     /// The endpoints of a backend set and its load-balancing policy.
-    fn backend_set(&mut self, set: &SetRef<'_>) -> BackendSet {
+    fn backend_set<'c>(&mut self, set: &SetRef<'c>) -> BackendSet<'c> {
         let Some((service, port)) = set.endpoints_of else {
             // Refuses its share of connections.
             return BackendSet {
@@ -371,12 +373,12 @@ impl<'a> Compiler<'a> {
 
 /// The endpoints of `service` carrying `labels`, in family `v6`, each with `port`'s target on it
 /// (a named target port is resolved per endpoint; one that does not expose it is left out).
-fn endpoints(
-    service: &CatalogService<'_>,
+fn endpoints<'c>(
+    service: &'c CatalogService<'_>,
     port: &CatalogPort,
     labels: &BTreeMap<String, String>,
     v6: bool,
-) -> Vec<EndpointValueDraft> {
+) -> Vec<EndpointValueDraft<'c>> {
     let mut endpoints = Vec::new();
     for ep in &service.endpoints {
         if !labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v)) {
@@ -398,7 +400,7 @@ fn endpoints(
             endpoints.push(EndpointValueDraft {
                 ip: *ip,
                 port: target,
-                identity: ep.identity.clone(),
+                identity: &ep.identity,
             });
         }
     }

@@ -84,7 +84,7 @@ impl Compiler<'_> {
     pub(super) fn tables(
         &mut self,
         routed: &[RoutedPort<'_>],
-        sets: &BTreeMap<BackendSetKey, BackendSet>,
+        sets: &BTreeMap<BackendSetKey, BackendSet<'_>>,
         identities: &BTreeMap<String, u32>,
     ) -> Tables {
         let mut t = Tables::default();
@@ -261,10 +261,10 @@ impl Compiler<'_> {
 /// A backend set record and its endpoints for each backend set; returns the set IDs by key.
 fn backend_set_records<'s>(
     t: &mut Tables,
-    sets: &'s BTreeMap<BackendSetKey, BackendSet>,
+    sets: &'s BTreeMap<BackendSetKey, BackendSet<'_>>,
     identities: &BTreeMap<String, u32>,
 ) -> BTreeMap<&'s BackendSetKey, u32> {
-    let mut by_name: BTreeMap<String, Vec<(&BackendSetKey, &BackendSet)>> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, Vec<(&BackendSetKey, &BackendSet<'_>)>> = BTreeMap::new();
     for (key, set) in sets {
         by_name.entry(key.name()).or_default().push((key, set));
     }
@@ -290,7 +290,7 @@ fn backend_set_records<'s>(
                         ip: ip16(ep.ip),
                         port: ep.port,
                         pad: 0,
-                        identity: identities.get(&ep.identity).copied().unwrap_or(0),
+                        identity: identities.get(ep.identity).copied().unwrap_or(0),
                     },
                 });
             }

@@ -47,7 +47,7 @@ impl StringTable {
         let mut unique: Vec<&str> = strings
             .into_iter()
             .filter(|s| Self::can_hold(s))
-            .collect::<HashSet<_>>()
+            .collect::<HashSet<_, foldhash::fast::RandomState>>()
             .into_iter()
             .collect();
         unique.sort_unstable();

@@ -37,14 +37,14 @@ pub(super) struct PodNames<'p> {
     pub version: &'p str,
 }
 
-impl PodNames {
-    fn strings(&self) -> [&str; 5] {
+impl<'p> PodNames<'p> {
+    fn strings(&self) -> [&'p str; 5] {
         [
-            &self.workload,
-            &self.namespace,
-            &self.service_account,
-            &self.app,
-            &self.version,
+            self.workload,
+            self.namespace,
+            self.service_account,
+            self.app,
+            self.version,
         ]
     }
 }
@@ -60,10 +60,10 @@ pub(super) struct ServiceNames {
 impl<'a> Compiler<'a> {
     /// The names sections: every named pod address, and `services` (by service id).
     pub(super) fn name_tables(&self, services: &BTreeMap<u32, ServiceNames>) -> NameTables {
-        let pods = self.pod_names();
+        let pods: Vec<(Ip16, PodNames<'a>)> = self.pod_names().collect();
         // Every name the records will intern, so that the table is in sorted order (see
         // `StringTable::of_sorted`): the names of a service without a host are not stored.
-        let pod_strings = pods.values().flat_map(PodNames::strings);
+        let pod_strings = pods.iter().flat_map(|(_, names)| names.strings());
         let service_strings = services
             .values()
             .filter(|names| StringTable::can_hold(&names.host))

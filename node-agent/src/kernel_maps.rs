@@ -17,7 +17,9 @@ use kmesh_common::{
     AuthzSourceKey, AuthzSourceRecord, AuthzVerdictRecord, AuthzWorkloadRecord, BackendSetEntry,
     BackendSetRecord, EndpointKey, EndpointRecord, EndpointValue, EnrolledNetns, GenerationValue,
     INNER_ARRAY_FLAGS, INNER_MAP_FLAGS, Ip16, RouteRecord, ServiceRecord, counter, map_names,
-    shard::{CLUSTER_SHARDS, shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service},
+    shard::{
+        CLUSTER_SHARDS, shard_of_backend_set, shard_of_endpoint, shard_of_route, shard_of_service,
+    },
 };
 use kmesh_snapshot::Snapshot;
 
@@ -106,7 +108,10 @@ impl KernelSlots {
         let mut records = Vec::new();
         let mut any = false;
         for shard in 0..endpoints.shards() {
-            let Some(id) = self.outer(endpoints).inner_id(endpoints.entry(slot, shard))? else {
+            let Some(id) = self
+                .outer(endpoints)
+                .inner_id(endpoints.entry(slot, shard))?
+            else {
                 continue;
             };
             any = true;
@@ -359,14 +364,14 @@ fn read_inner(table: SlotTable, id: u32) -> Result<TableRecords, MapsError> {
         SlotTable::Routes => TableRecords::Routes(read_hash(name, inner, |route_id, value| {
             RouteRecord { route_id, value }
         })?),
-        SlotTable::BackendSets => TableRecords::BackendSets(read_hash(
-            name,
-            inner,
-            |set_id, entry: BackendSetEntry| BackendSetRecord {
-                set_id,
-                value: entry.value(),
-            },
-        )?),
+        SlotTable::BackendSets => {
+            TableRecords::BackendSets(read_hash(name, inner, |set_id, entry: BackendSetEntry| {
+                BackendSetRecord {
+                    set_id,
+                    value: entry.value(),
+                }
+            })?)
+        }
         // Read with their backend sets ([`KernelSlots::read_endpoints`]).
         SlotTable::Endpoints => unreachable!("the endpoints are read by read_endpoints"),
         SlotTable::AuthzWorkloads => {

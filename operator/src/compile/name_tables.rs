@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 use kmesh_common::{
     Ip16,
-    names::{ServiceNameRecord, WorkloadNameRecord},
+    names::{NO_NAME, ServiceNameRecord, WorkloadNameRecord},
 };
-use kmesh_snapshot::{NameTables, name_table::StringTable};
+use kmesh_snapshot::{NameTables, name_table::StringSet};
 
 use super::{Compiler, name_of, namespace_of, workloads::address_owners};
 
@@ -60,43 +60,54 @@ pub(super) struct ServiceNames {
 impl<'a> Compiler<'a> {
     /// The names sections: every named pod address, and `services` (by service id).
     pub(super) fn name_tables(&self, services: &BTreeMap<u32, ServiceNames>) -> NameTables {
-        let pods: Vec<(Ip16, PodNames<'a>)> = self.pod_names().collect();
-        // Every name the records will intern, so that the table is in sorted order (see
-        // `StringTable::of_sorted`): the names of a service without a host are not stored.
-        let pod_strings = pods.iter().flat_map(|(_, names)| names.strings());
-        let service_strings = services
-            .values()
-            .filter(|names| StringTable::can_hold(&names.host))
-            .flat_map(ServiceNames::strings);
-        let mut strings = StringTable::of_sorted(pod_strings.chain(service_strings));
-        let mut workloads = Vec::new();
-        for (ip, names) in pods {
-            workloads.push(WorkloadNameRecord {
-                ip,
-                workload: strings.intern(names.workload),
-                namespace: strings.intern(names.namespace),
-                service_account: strings.intern(names.service_account),
-                app: strings.intern(names.app),
-                version: strings.intern(names.version),
-            });
-        }
+        // The strings are gathered first and written in an order of the set's own (see
+        // `StringSet`), so that a pod moving to another address keeps every offset.
+        let mut strings = StringSet::default();
+        let pods: Vec<(Ip16, [u32; 5])> = self
+            .pod_names()
+            .map(|(ip, names)| (ip, names.strings().map(|s| strings.id(s))))
+            .collect();
         // A service must be named by a host; one whose host the table cannot hold (254 or 255
         // bytes: valid for Istio, longer than the format's names) gets no record and reads as
         // unknown, rather than making the node's snapshot invalid (fuzz finding 7).
-        let services = services
+        let services: Vec<(u32, [u32; 3])> = services
             .iter()
             .filter_map(|(&service_id, names)| {
-                let host = strings.intern(&names.host);
-                (host != kmesh_common::names::NO_NAME).then(|| ServiceNameRecord {
+                let host = strings.id(&names.host);
+                (host != NO_NAME).then(|| {
+                    let (name, namespace) = (strings.id(&names.name), strings.id(&names.namespace));
+                    (service_id, [host, name, namespace])
+                })
+            })
+            .collect();
+        let strings = strings.finish();
+        let workloads = pods
+            .into_iter()
+            .map(
+                |(ip, [workload, namespace, service_account, app, version])| WorkloadNameRecord {
+                    ip,
+                    workload: strings.offset(workload),
+                    namespace: strings.offset(namespace),
+                    service_account: strings.offset(service_account),
+                    app: strings.offset(app),
+                    version: strings.offset(version),
+                },
+            )
+            .collect();
+        let services = services
+            .into_iter()
+            .filter_map(|(service_id, [host, name, namespace])| {
+                let host = strings.offset(host);
+                (host != NO_NAME).then(|| ServiceNameRecord {
                     service_id,
                     host,
-                    name: strings.intern(&names.name),
-                    namespace: strings.intern(&names.namespace),
+                    name: strings.offset(name),
+                    namespace: strings.offset(namespace),
                 })
             })
             .collect();
         NameTables {
-            strings: strings.finish(),
+            strings: strings.bytes,
             workloads,
             services,
         }
@@ -113,12 +124,6 @@ impl<'a> Compiler<'a> {
         address_owners(pods)
             .into_iter()
             .map(|(ip, pod)| (ip, pod_names(pod)))
-    }
-}
-
-impl ServiceNames {
-    fn strings(&self) -> [&str; 3] {
-        [&self.host, &self.name, &self.namespace]
     }
 }
 

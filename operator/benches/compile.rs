@@ -1,10 +1,10 @@
 //! Compiler benchmark: compile time and snapshot size for bookinfo and for generated clusters of
-//! 10,000 services and 100,000 endpoints (10 pods each) and, in the full run, 100,000 services,
-//! against a baseline in the same run: the time to encode and decode the resulting snapshot (the
+//! 1,000, 10,000 and (last) 100,000 services of 10 pods each, against a baseline in the same run: the time to encode and decode the resulting snapshot (the
 //! agent's share of the same data).
 //!
-//! `cargo bench -p kmesh-operator --bench compile` (`-- --smoke` compiles 1,000 services instead).
-//! Writes a chart of the every-node change against the number of nodes to
+//! `cargo bench -p kmesh-operator --bench compile` (`-- --smoke` compiles only 1,000 services).
+//! Writes charts of the every-node change against the number of nodes, and of the compile, the
+//! codec and the snapshot's size against the number of services, to
 //! `kmesh_bench_plots::plots_dir()`.
 use std::{path::Path, time::Instant};
 
@@ -39,25 +39,58 @@ fn main() {
         &bookinfo,
         20,
     );
-    let services = if smoke { 1_000 } else { 10_000 };
-    let cluster = generated(services, 10, 100);
-    measure(
-        &format!("generated: {services} services x 10 pods, 100 nodes"),
-        &cluster,
-        3,
-    );
-    drop(cluster);
+    let sizes: &[u32] = if smoke { &[1_000] } else { &[1_000, 10_000] };
+    let mut scale = Vec::new();
+    for &services in sizes {
+        let cluster = generated(services, 10, 100);
+        scale.push(measure(
+            &format!("generated: {services} services x 10 pods, 100 nodes"),
+            &cluster,
+            3,
+        ));
+    }
     every_node::run(smoke);
     if !smoke {
         // The largest cluster, last (its 6.5 GB would stay in the RSS the every-node
         // table reports): best of two, the first touching fresh memory.
         println!();
         let large = generated(100_000, 10, 100);
-        measure("generated: 100000 services x 10 pods, 100 nodes", &large, 2);
+        scale.push(measure(
+            "generated: 100000 services x 10 pods, 100 nodes",
+            &large,
+            2,
+        ));
     }
+    chart(&scale);
 }
 
-fn measure(label: &str, inputs: &Inputs, rounds: u32) {
+/// One generated cluster's figures: services, compile ms, encode + decode ms, snapshot bytes.
+type Scale = (u32, f64, f64, usize);
+
+/// The compile, the codec and the snapshot's size against the number of services.
+fn chart(scale: &[Scale]) {
+    use kmesh_bench_plots::{Series, log_log_lines, plots_dir};
+    let series = |name: &str, value: fn(&Scale) -> f64| Series {
+        name: name.to_string(),
+        points: scale.iter().map(|s| (f64::from(s.0), value(s))).collect(),
+    };
+    let path = plots_dir().join("compile-scale.png");
+    log_log_lines(
+        &path,
+        "The operator: one node's compile (10 pods per service)",
+        "services",
+        "ms, or MB",
+        &[
+            series("compile (ms)", |s| s.1),
+            series("encode + decode (ms)", |s| s.2),
+            series("snapshot (MB)", |s| s.3 as f64 / 1e6),
+        ],
+    )
+    .expect("chart");
+    println!("chart: {}", path.display());
+}
+
+fn measure(label: &str, inputs: &Inputs, rounds: u32) -> Scale {
     let node = vec!["node-1".to_string()];
     let options = CompileOptions::default();
     let mut best = f64::MAX;
@@ -87,6 +120,7 @@ fn measure(label: &str, inputs: &Inputs, rounds: u32) {
         codec,
         names
     );
+    (snapshot.services.len() as u32, best, codec, bytes.len())
 }
 
 fn bookinfo() -> Inputs {

@@ -33,6 +33,7 @@ mod validate;
 mod validate_authz;
 mod validate_names;
 pub mod view;
+pub mod waypoint;
 
 #[cfg(test)]
 mod delta_format_tests;

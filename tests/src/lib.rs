@@ -31,6 +31,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
 pub mod events_world;
+pub mod http_probe;
 pub mod names;
 pub mod netns;
 pub mod peer;

@@ -276,3 +276,30 @@ pub fn filter_type(filter: &Value) -> &str {
         .and_then(Value::as_str)
         .unwrap_or("(no type)")
 }
+
+pub type Gateway = Object<GatewaySpec>;
+
+/// The GatewayClass of ambient's waypoints: a Gateway of this class is a waypoint.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+
+/// `spec` of a Gateway: only waypoints (class [`WAYPOINT_CLASS`]) concern the mesh.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+}
+
+/// `spec.listeners[]` of a Gateway.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub port: i32,
+    #[serde(default)]
+    pub protocol: String,
+}

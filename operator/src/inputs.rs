@@ -20,7 +20,7 @@ use serde::{Deserialize as _, de::DeserializeOwned};
 use crate::{
     crd::{KmeshConfig, SINGLETON_NAME},
     diagnostics::{Diagnostic, ObjectRef},
-    gateway_api::{HttpRoute, ReferenceGrant, TcpRoute},
+    gateway_api::{Gateway, HttpRoute, ReferenceGrant, TcpRoute},
     istio::{
         AuthorizationPolicy, DestinationRule, PeerAuthentication, SecurityObject, ServiceEntry,
         VirtualService,
@@ -49,6 +49,8 @@ pub struct Inputs {
     pub tcp_routes: Vec<TcpRoute>,
     /// Gateway API ReferenceGrants: what permits a route's cross-namespace backendRef.
     pub reference_grants: Vec<ReferenceGrant>,
+    /// Gateway API Gateways; those of class `istio-waypoint` are waypoints (DualEngine).
+    pub gateways: Vec<Gateway>,
     /// Istio AuthorizationPolicies and PeerAuthentications, their specs typed by the compiler (an
     /// invalid one must still bind its workloads, which then fail closed).
     pub authorization_policies: Vec<AuthorizationPolicy>,
@@ -194,6 +196,7 @@ impl Inputs {
             Kind::HttpRoute => parse(value).map(|o| self.http_routes.push(o)),
             Kind::TcpRoute => parse(value).map(|o| self.tcp_routes.push(o)),
             Kind::ReferenceGrant => parse(value).map(|o| self.reference_grants.push(o)),
+            Kind::Gateway => parse(value).map(|o| self.gateways.push(o)),
             Kind::AuthorizationPolicy => {
                 self.authorization_policies
                     .push(SecurityObject::read(value));
@@ -245,6 +248,7 @@ impl Inputs {
             http_routes,
             tcp_routes,
             reference_grants,
+            gateways,
             authorization_policies,
             peer_authentications,
             not_yet_supported,
@@ -263,6 +267,7 @@ impl Inputs {
         self.http_routes.extend(http_routes);
         self.tcp_routes.extend(tcp_routes);
         self.reference_grants.extend(reference_grants);
+        self.gateways.extend(gateways);
         self.authorization_policies.extend(authorization_policies);
         self.peer_authentications.extend(peer_authentications);
         self.not_yet_supported.extend(not_yet_supported);

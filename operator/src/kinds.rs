@@ -202,6 +202,14 @@ kind_table! {
         scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
         if_unread: CompileWithout,
     },
+    // Only Gateways of class `istio-waypoint` (ambient's waypoints) are compiled; others are
+    // ingress or egress gateways, which the mesh does not serve.
+    Gateway => KindInfo {
+        group: "gateway.networking.k8s.io", versions: &["v1", "v1beta1"],
+        name: "Gateway", plural: "gateways",
+        scope: Namespaced, definition: Crd, handling: Compiled, watched: true,
+        if_unread: CompileWithout,
+    },
     // v1 from Gateway API v1.6 (which serves v1 only), v1alpha2 before: the same shape.
     TcpRoute => KindInfo {
         group: "gateway.networking.k8s.io", versions: &["v1", "v1alpha2"],
@@ -426,6 +434,10 @@ mod tests {
         );
         assert_eq!(
             Kind::of("gateway.networking.k8s.io", "Gateway").handling(),
+            Handling::Compiled
+        );
+        assert_eq!(
+            Kind::of("gateway.networking.k8s.io", "GatewayClass").handling(),
             Handling::Irrelevant
         );
         assert_eq!(
@@ -452,6 +464,7 @@ mod tests {
                 "AuthorizationPolicy",
                 "PeerAuthentication",
                 "HTTPRoute",
+                "Gateway",
                 "TCPRoute",
                 "ReferenceGrant",
             ]

@@ -46,6 +46,7 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
         http_routes,
         tcp_routes,
         reference_grants,
+        gateways,
         authorization_policies,
         peer_authentications,
         not_yet_supported: _, // only reported, once per definition: duplicates change nothing
@@ -63,6 +64,7 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
         groups(Kind::HttpRoute, http_routes, |o| &o.metadata),
         groups(Kind::TcpRoute, tcp_routes, |o| &o.metadata),
         groups(Kind::ReferenceGrant, reference_grants, |o| &o.metadata),
+        groups(Kind::Gateway, gateways, |o| &o.metadata),
         groups(Kind::AuthorizationPolicy, authorization_policies, |o| {
             &o.metadata
         }),
@@ -76,7 +78,7 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     for group in found.iter().flatten() {
         diagnostics.push(group.diagnostic(inputs));
     }
-    let [ns, no, po, sv, es, vs, dr, se, hr, tr, rg, ap, pa] = found;
+    let [ns, no, po, sv, es, vs, dr, se, hr, tr, rg, gw, ap, pa] = found;
     let mut out = inputs.clone();
     leave_out(&mut out.namespaces, &ns);
     leave_out(&mut out.nodes, &no);
@@ -89,6 +91,7 @@ pub(super) fn distinct(inputs: &Inputs) -> (Cow<'_, Inputs>, Vec<Diagnostic>) {
     leave_out(&mut out.http_routes, &hr);
     leave_out(&mut out.tcp_routes, &tr);
     leave_out(&mut out.reference_grants, &rg);
+    leave_out(&mut out.gateways, &gw);
     leave_out(&mut out.authorization_policies, &ap);
     leave_out(&mut out.peer_authentications, &pa);
     // A security policy left out would fail open: in its place, one that fails closed.

@@ -52,6 +52,7 @@ mod tables;
 #[cfg(test)]
 mod testing;
 mod virtual_service;
+mod waypoint_bindings;
 mod workloads;
 
 use std::{
@@ -182,6 +183,7 @@ pub fn compile(
     c.diagnostics.extend(duplicates);
     c.report_mode();
     let catalog = c.catalog();
+    let _waypoints = c.waypoint_bindings();
     c.report_client_namespace_destination_rules(&catalog);
     let routed = c.routes(&catalog);
     let sets = c.backend_sets(&routed);

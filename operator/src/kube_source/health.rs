@@ -280,7 +280,7 @@ mod tests {
             health.set(kind, state);
         }
         assert!(health.settled());
-        assert_eq!(health.unwatched().len(), 9);
+        assert_eq!(health.unwatched().len(), 10);
         // Forbidden and served-at-other-versions kinds do not hold the compile back either.
         health.set(&Kind::Pod, KindState::Forbidden("pods is forbidden".into()));
         let served = vec!["v3".to_string()];
@@ -403,7 +403,7 @@ mod tests {
 
     #[test]
     fn watched_kinds_and_resources() {
-        assert_eq!(watched_kinds().len(), 14);
+        assert_eq!(watched_kinds().len(), 15);
         let pod = Watched::preferred(&Kind::Pod).unwrap();
         assert_eq!(pod.api_version(), "v1");
         let ap = Watched::new(&Kind::AuthorizationPolicy, "v1").unwrap();

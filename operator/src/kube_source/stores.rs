@@ -510,7 +510,7 @@ mod tests {
             let store = stores.typed::<DynamicObject>(kind);
             store.is_some()
         });
-        assert_eq!(dynamic.count(), 8, "every Istio and Gateway API kind");
+        assert_eq!(dynamic.count(), 9, "every Istio and Gateway API kind");
     }
 
     /// A typed store's Rust type fixes the version it is read at, so discovery must have no other

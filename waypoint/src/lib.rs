@@ -5,3 +5,7 @@
 //! accepted socket, finds the service's routes in the configuration the operator compiled for it
 //! (`kmesh_snapshot::waypoint`), and proxies the connection: HTTP/1.1 and h2c request by request,
 //! anything else as TCP.
+
+pub mod identity;
+pub mod matching;
+pub mod table;

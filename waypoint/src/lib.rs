@@ -6,6 +6,7 @@
 //! (`kmesh_snapshot::waypoint`), and proxies the connection: HTTP/1.1 and h2c request by request,
 //! anything else as TCP.
 
+pub mod choice;
 pub mod identity;
 pub mod matching;
 pub mod table;

@@ -18,7 +18,7 @@ use kmesh_snapshot::waypoint::{
 };
 use regex::Regex;
 
-use crate::identity::canonical_address;
+use crate::{choice::ClusterTable, identity::canonical_address};
 
 /// Why a configuration cannot become a table. Each names the field, as the configuration's own
 /// validation does.
@@ -69,6 +69,7 @@ pub struct RouteTable {
     waypoint: WaypointName,
     trust_domain: String,
     ports: HashMap<PortKey, PortTable>,
+    clusters: Vec<ClusterTable>,
     workloads: Vec<Workload>,
     /// Canonical address (IPv4-mapped IPv6 as IPv4) → index into `workloads`.
     workload_by_address: HashMap<IpAddr, usize>,
@@ -151,6 +152,7 @@ impl RouteTable {
             waypoint,
             trust_domain,
             services,
+            clusters,
             workloads,
             ..
         } = config;
@@ -187,6 +189,7 @@ impl RouteTable {
             waypoint,
             trust_domain,
             ports,
+            clusters: clusters.into_iter().map(ClusterTable::new).collect(),
             workloads,
             workload_by_address,
         })
@@ -195,6 +198,11 @@ impl RouteTable {
     /// The routes of the service port a connection was going to; `None`: not served here.
     pub fn port(&self, key: PortKey) -> Option<&PortTable> {
         self.ports.get(&key)
+    }
+
+    /// A cluster by the index routes name it by.
+    pub fn cluster(&self, index: u32) -> Option<&ClusterTable> {
+        self.clusters.get(usize::try_from(index).ok()?)
     }
 
     /// The workload a connection comes from, by its source address (an IPv4-mapped IPv6 address

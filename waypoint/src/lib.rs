@@ -7,6 +7,7 @@
 //! anything else as TCP.
 
 pub mod choice;
+pub mod filters;
 pub mod identity;
 pub mod matching;
 pub mod table;

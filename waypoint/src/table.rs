@@ -13,12 +13,16 @@ use std::{
 };
 
 use kmesh_snapshot::waypoint::{
-    HeaderMatch, HttpRoute, PathMatch, Protocol, QueryParamMatch, RequestMatch, StringMatch,
-    WaypointConfig, WaypointConfigError, WaypointName, WeightedCluster, Workload,
+    HeaderMatch, HttpRoute, PathMatch, Protocol, QueryParamMatch, RequestMatch, RouteAction,
+    StringMatch, WaypointConfig, WaypointConfigError, WaypointName, WeightedCluster, Workload,
 };
 use regex::Regex;
 
-use crate::{choice::ClusterTable, identity::canonical_address};
+use crate::{
+    choice::ClusterTable,
+    filters::{HeaderEdits, PathRewriter, RouteEdits},
+    identity::canonical_address,
+};
 
 /// Why a configuration cannot become a table. Each names the field, as the configuration's own
 /// validation does.
@@ -91,6 +95,7 @@ pub struct PortTable {
 pub struct Route {
     pub spec: HttpRoute,
     pub(crate) matches: Vec<Conditions>,
+    pub(crate) edits: RouteEdits,
 }
 
 /// One [`RequestMatch`], compiled: every condition set must hold.
@@ -254,8 +259,88 @@ impl Route {
                 request_match,
             )?);
         }
-        Ok(Route { spec, matches })
+        let edits = compile_edits(field, &spec)?;
+        Ok(Route {
+            spec,
+            matches,
+            edits,
+        })
     }
+}
+
+/// The route's header operations, rewrites and redirect, compiled.
+fn compile_edits(field: &str, spec: &HttpRoute) -> Result<RouteEdits, TableError> {
+    let mut edits = RouteEdits {
+        request_headers: HeaderEdits::compile(
+            &format!("{field}.requestHeaders"),
+            &spec.request_headers,
+        )?,
+        response_headers: HeaderEdits::compile(
+            &format!("{field}.responseHeaders"),
+            &spec.response_headers,
+        )?,
+        ..RouteEdits::default()
+    };
+    match &spec.action {
+        RouteAction::Forward(destinations) => {
+            for (i, d) in destinations.iter().enumerate() {
+                let field = format!("{field}.action.forward[{i}]");
+                edits.destinations.push((
+                    HeaderEdits::compile(&format!("{field}.requestHeaders"), &d.request_headers)?,
+                    HeaderEdits::compile(&format!("{field}.responseHeaders"), &d.response_headers)?,
+                ));
+            }
+        }
+        RouteAction::Redirect(redirect) => {
+            let field = format!("{field}.action.redirect");
+            if let Some(host) = &redirect.authority {
+                check_host(&format!("{field}.authority"), host)?;
+            }
+            edits.redirect_path = redirect
+                .path
+                .as_ref()
+                .map(|p| PathRewriter::compile(&format!("{field}.path"), p))
+                .transpose()?;
+        }
+        RouteAction::DirectResponse(_) => {}
+    }
+    if let Some(rewrite) = &spec.rewrite {
+        let field = format!("{field}.rewrite");
+        edits.path_rewrite = rewrite
+            .path
+            .as_ref()
+            .map(|p| PathRewriter::compile(&format!("{field}.path"), p))
+            .transpose()?;
+        edits.authority_rewrite = rewrite
+            .authority
+            .as_ref()
+            .map(|a| authority_value(&format!("{field}.authority"), a))
+            .transpose()?;
+    }
+    Ok(edits)
+}
+
+/// A host name without port, as a redirect's authority must be.
+fn check_host(field: &str, host: &str) -> Result<(), TableError> {
+    match host.parse::<http::uri::Authority>() {
+        Ok(a) if a.port().is_none() && !host.contains('@') => Ok(()),
+        _ => Err(TableError::Unusable {
+            field: field.to_owned(),
+            problem: format!("{host:?} is not a host name without port"),
+        }),
+    }
+}
+
+/// A `Host` value: an authority (`host` or `host:port`).
+fn authority_value(field: &str, authority: &str) -> Result<http::HeaderValue, TableError> {
+    let unusable = || TableError::Unusable {
+        field: field.to_owned(),
+        problem: format!("{authority:?} is not a URI authority"),
+    };
+    authority
+        .parse::<http::uri::Authority>()
+        .map_err(|_| unusable())?;
+    http::HeaderValue::from_str(authority).map_err(|_| unusable())
 }
 
 impl Conditions {

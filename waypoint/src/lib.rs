@@ -10,4 +10,5 @@ pub mod choice;
 pub mod filters;
 pub mod identity;
 pub mod matching;
+pub mod retry;
 pub mod table;

@@ -78,7 +78,13 @@ fn retries(on: RetryOn, policy: &RetryPolicy, outcome: Outcome) -> bool {
                     Outcome::Reset | Outcome::ConnectFailure | Outcome::RefusedStream
                 )
         }
-        RetryOn::GatewayError => status.is_some_and(|s| matches!(s, 502..=504)),
+        RetryOn::GatewayError => {
+            status.is_some_and(|s| matches!(s, 502..=504))
+                || matches!(
+                    outcome,
+                    Outcome::Reset | Outcome::ConnectFailure | Outcome::RefusedStream
+                )
+        }
         RetryOn::Reset => matches!(outcome, Outcome::Reset | Outcome::RefusedStream),
         RetryOn::ConnectFailure => outcome == Outcome::ConnectFailure,
         RetryOn::RefusedStream => outcome == Outcome::RefusedStream,
@@ -187,7 +193,18 @@ mod tests {
                     Timeout,
                 ],
             ),
-            (RetryOn::GatewayError, vec![s(502), s(503), s(504), Timeout]),
+            (
+                RetryOn::GatewayError,
+                vec![
+                    s(502),
+                    s(503),
+                    s(504),
+                    ConnectFailure,
+                    Reset,
+                    RefusedStream,
+                    Timeout,
+                ],
+            ),
             (RetryOn::Reset, vec![Reset, RefusedStream]),
             (RetryOn::ConnectFailure, vec![ConnectFailure]),
             (RetryOn::RefusedStream, vec![RefusedStream]),

@@ -345,7 +345,8 @@ pub enum RetryOn {
     /// `5xx`: any 5xx answer, a reset, or a failed connect.
     #[serde(rename = "5xx")]
     FiveXx,
-    /// 502, 503 or 504.
+    /// 502, 503 or 504, a reset, or a failed connect: Envoy counts a reset as the 503 it turns
+    /// into (`wouldRetryFromReset` retries resets for `5xx` and `gateway-error` alike).
     GatewayError,
     /// The upstream reset the connection or stream before answering.
     Reset,

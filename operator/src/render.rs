@@ -44,10 +44,15 @@ pub fn summary(s: &Snapshot, compiled: &Compiled) -> String {
     for svc in &s.services {
         let _ = writeln!(
             out,
-            "  {}:{}  {}",
+            "  {}:{}  {}{}",
             ip(&svc.key.ip),
             svc.key.port,
-            name(&names.services, svc.value.service_id)
+            name(&names.services, svc.value.service_id),
+            if svc.value.flags & kmesh_common::service_flags::WAYPOINT != 0 {
+                "  (to its waypoint)"
+            } else {
+                ""
+            }
         );
         let Some(route) = s.routes.iter().find(|r| r.route_id == svc.value.route_id) else {
             continue;
@@ -174,11 +179,18 @@ pub fn json(s: &Snapshot, compiled: &Compiled) -> serde_json::Value {
         "accessLog": s.config.access_log == kmesh_common::access_log::ON,
         "logLevel": kmesh_common::log_level::name(s.config.log_level),
         "contentHash": s.encode().ok().and_then(|b| kmesh_snapshot::peek_header(&b).ok()).map(|h| format!("{:016x}", h.content_hash)),
-        "services": s.services.iter().map(|r| serde_json::json!({
-            "vip": ip(&r.key.ip).to_string(), "port": r.key.port,
-            "serviceId": r.value.service_id, "service": name(&names.services, r.value.service_id),
-            "routeId": r.value.route_id,
-        })).collect::<Vec<_>>(),
+        "services": s.services.iter().map(|r| {
+            let mut service = serde_json::json!({
+                "vip": ip(&r.key.ip).to_string(), "port": r.key.port,
+                "serviceId": r.value.service_id, "service": name(&names.services, r.value.service_id),
+                "routeId": r.value.route_id,
+            });
+            // Only when set: the flag is rare, and its absence says the kernel path.
+            if r.value.flags & kmesh_common::service_flags::WAYPOINT != 0 {
+                service["waypoint"] = true.into();
+            }
+            service
+        }).collect::<Vec<_>>(),
         "routes": s.routes.iter().map(|r| serde_json::json!({
             "routeId": r.route_id, "route": name(&names.routes, r.route_id),
             "totalWeight": r.value.total_weight,

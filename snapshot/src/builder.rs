@@ -38,7 +38,7 @@ use kmesh_common::authz::{
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
     NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord,
-    ip16, lb_policy,
+    ip16, lb_policy, service_flags,
 };
 
 use kmesh_common::names::{ServiceNameRecord, WorkloadNameRecord};
@@ -143,6 +143,20 @@ impl SnapshotBuilder {
 
     /// Adds a TCP service `ip:port` routed by `route_id` and returns its service id.
     pub fn service_with_route(&mut self, ip: IpAddr, port: u16, route_id: u32) -> u32 {
+        self.service_with_flags(ip, port, route_id, 0)
+    }
+
+    /// Adds a TCP service `ip:port` routed by `route_id` to its waypoint
+    /// (`kmesh_common::service_flags::WAYPOINT`: the route's backend sets are the waypoint's
+    /// replicas, and the client's SYN names the service) and returns its service id.
+    pub fn waypoint_service(&mut self, ip: IpAddr, port: u16, route_id: u32) -> u32 {
+        self.service_with_flags(ip, port, route_id, service_flags::WAYPOINT)
+    }
+
+    /// Adds a TCP service `ip:port` routed by `route_id` with `flags` (bits of
+    /// `kmesh_common::service_flags`; another bit makes a snapshot [`Snapshot::encode`] refuses)
+    /// and returns its service id.
+    pub fn service_with_flags(&mut self, ip: IpAddr, port: u16, route_id: u32, flags: u32) -> u32 {
         let service_id = next(&mut self.next_service_id);
         self.snapshot.services.push(ServiceRecord {
             key: ServiceKey {
@@ -154,6 +168,7 @@ impl SnapshotBuilder {
             value: ServiceValue {
                 service_id,
                 route_id,
+                flags,
             },
         });
         service_id

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use kmesh_common::authz::{
     ANY_CLASS, MAX_POLICY_NAME_LEN, UNKNOWN_SOURCE, authz_action, authz_policy_kind, authz_reason,
 };
-use kmesh_common::{IPPROTO_TCP, Ip16, MAX_ROUTE_DESTINATIONS, ServiceKey};
+use kmesh_common::{IPPROTO_TCP, Ip16, MAX_ROUTE_DESTINATIONS, ServiceKey, service_flags};
 
 /// The tables (sections) of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -200,6 +200,19 @@ pub enum ValidationError {
         index: usize,
         record: String,
         protocol: u8,
+    },
+
+    /// A service's flags have a bit `kmesh_common::service_flags` does not define: a snapshot of
+    /// a newer layout, or a corrupt one.
+    #[error(
+        "service {index} ({record}): flags are {flags:#x}, unknown bits {:#x} (known: {:#x} waypoint)",
+        .flags & !service_flags::ALL,
+        service_flags::ALL
+    )]
+    UnknownServiceFlags {
+        index: usize,
+        record: String,
+        flags: u32,
     },
 
     #[error(

@@ -399,7 +399,8 @@ fn service_text(out: &mut String, e: &Explanation) {
             .route
             .clone()
             .unwrap_or_else(|| format!("#{}", s.route_id));
-        let _ = writeln!(out, "service {name}, route {route}");
+        let waypoint = if s.waypoint { ", to its waypoint" } else { "" };
+        let _ = writeln!(out, "service {name}, route {route}{waypoint}");
     }
     if e.steering == Steering::ServiceWithoutEndpoints {
         let _ = writeln!(out, "  no endpoint: connect() is refused (ECONNREFUSED)");

@@ -82,7 +82,8 @@
 //!   `kmesh_common::access_log` (0, 1); `log_level` is one of `kmesh_common::log_level` (1..=5);
 //!   `reserved` is zero;
 //! - Services: strictly increasing by key (so keys are unique); `protocol == IPPROTO_TCP`;
-//!   `pad == 0`; `port != 0`; `route_id` names an existing route;
+//!   `pad == 0`; `port != 0`; `flags` has only bits of `kmesh_common::service_flags`; `route_id`
+//!   names an existing route;
 //! - Routes: strictly increasing by `route_id`; `1 <= destination_count <= MAX_ROUTE_DESTINATIONS`;
 //!   `cumulative_weight[0..count]` strictly increasing from a positive first value (every weight is
 //!   positive); `cumulative_weight[count - 1] == total_weight`; both arrays zero from index `count`

@@ -36,7 +36,7 @@ fn the_content_hash_spelled_out() {
     // (kind, record size, record bytes) of the seven cluster sections, in order.
     let n = &s.names;
     let sections: [(u32, usize, &[u8]); 7] = [
-        (2, 28, records_as_bytes(&s.services)),
+        (2, 32, records_as_bytes(&s.services)),
         (3, 140, records_as_bytes(&s.routes)),
         (4, 12, records_as_bytes(&s.backend_sets)),
         (5, 32, records_as_bytes(&s.endpoints)),
@@ -128,8 +128,8 @@ fn records_out_of_order_keep_the_hash_and_are_refused_by_the_rules() {
     let offset = cluster_offset(&bytes);
     let first = offset + 16; // the services section's first record
     let mut swapped = bytes.clone();
-    swapped.copy_within(first + 28..first + 56, first);
-    swapped[first + 28..first + 56].copy_from_slice(&bytes[first..first + 28]);
+    swapped.copy_within(first + 32..first + 64, first);
+    swapped[first + 32..first + 64].copy_from_slice(&bytes[first..first + 32]);
     assert_ne!(swapped, bytes);
     assert_eq!(
         computed_content_hash(&swapped),

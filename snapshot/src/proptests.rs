@@ -14,7 +14,7 @@ use kmesh_common::authz::{
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, LAYOUT_VERSION,
     MAX_ROUTE_DESTINATIONS, NodeConfig, RouteRecord, RouteValue, ServiceKey, ServiceRecord,
-    ServiceValue, WorkloadRecord, ip16, ipv4_mapped,
+    ServiceValue, WorkloadRecord, ip16, ipv4_mapped, service_flags,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -186,7 +186,11 @@ fn arb_valid_snapshot() -> impl Strategy<Value = Snapshot> {
                         .map(|(weight, pick)| (weight, set_ids[pick % set_ids.len()]))
                         .collect();
                     let route = b.route(&destinations);
-                    let service_id = b.service_with_route(ip, port, route);
+                    let service_id = if port % 3 == 0 {
+                        b.waypoint_service(ip, port, route)
+                    } else {
+                        b.service_with_route(ip, port, route)
+                    };
                     if port % 2 == 0 {
                         let host = pick(port as usize);
                         let host = if host.is_empty() { "host" } else { host };
@@ -399,8 +403,9 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
         prop_oneof![30 => Just(6u8), 1 => Just(17u8)],
         prop_oneof![30 => Just(0u8), 1 => Just(1u8)],
         0u32..4,
+        prop_oneof![20 => Just(0u32), 10 => Just(service_flags::WAYPOINT), 1 => 2u32..8],
     )
-        .prop_map(|(ip, port, protocol, pad, route_id)| ServiceRecord {
+        .prop_map(|(ip, port, protocol, pad, route_id, flags)| ServiceRecord {
             key: ServiceKey {
                 ip,
                 port,
@@ -410,6 +415,7 @@ fn arb_raw_snapshot() -> impl Strategy<Value = Snapshot> {
             value: ServiceValue {
                 service_id: 1,
                 route_id,
+                flags,
             },
         });
     let route = (

@@ -109,7 +109,7 @@ pub(crate) fn add_sample_authz(b: &mut SnapshotBuilder) {
 }
 
 /// Length of the sample's encoding.
-const SAMPLE_LEN: usize = 2744;
+const SAMPLE_LEN: usize = 2752;
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
     Snapshot::decode(bytes, &Limits::default()).map(|d| d.snapshot)
@@ -290,20 +290,20 @@ fn hash_is_stable() {
         peek_header(&bytes).unwrap().content_hash,
         content_hash(&bytes[40..])
     );
-    assert_eq!(content_hash(&bytes[40..]), 0xb46c_1474_4340_a547);
+    assert_eq!(content_hash(&bytes[40..]), 0x3ae1_ae0f_7349_e55b);
     // Format 3: the same sections in two parts and 8 bytes more of header.
     let bytes = sample().encode_as(Format::V3).unwrap();
     assert_eq!(bytes.len(), SAMPLE_LEN + 8);
     assert_eq!(
         peek_header(&bytes).unwrap().content_hash,
-        0xa3ea_7433_f5b8_b42b
+        0x1e21_1c3b_6a29_3fca
     );
     // Format 4: format 3's bytes, the cluster part hashed by sections.
     let bytes = sample().encode().unwrap();
     assert_eq!(bytes.len(), SAMPLE_LEN + 8);
     assert_eq!(
         peek_header(&bytes).unwrap().content_hash,
-        0xb480_2696_bf0f_f80a
+        0x83c8_acd3_8d2d_7a60
     );
 }
 
@@ -687,7 +687,7 @@ fn sections_must_come_in_order() {
 fn record_size_must_match() {
     let bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
-    let sizes = [8, 28, 140, 12, 32, 24, 24, 24, 20, 328, 8, 36, 16];
+    let sizes = [8, 32, 140, 12, 32, 24, 24, 24, 20, 328, 8, 36, 16];
     for (i, table) in Table::ALL.iter().enumerate() {
         let mut b = bytes.clone();
         put_u32(&mut b, offsets[i] + 4, sizes[i] + 1);
@@ -722,15 +722,15 @@ fn section_reserved_must_be_zero() {
 fn section_padding_must_be_zero() {
     let mut bytes = v2(&sample());
     let offsets = section_offsets(&bytes);
-    // Services: 16 + 3 * 28 = 100 bytes, then 4 bytes of padding.
-    let padding = offsets[1] + 100;
-    assert_eq!(offsets[2], padding + 4);
+    // Routes: 16 + 3 * 140 = 436 bytes, then 4 bytes of padding.
+    let padding = offsets[2] + 436;
+    assert_eq!(offsets[3], padding + 4);
     bytes[padding + 3] = 0xaa;
     fix(&mut bytes);
     assert_eq!(
         decode(&bytes),
         Err(DecodeError::NonZeroPadding {
-            what: "services section".into(),
+            what: "routes section".into(),
             offset: padding as u64
         })
     );
@@ -1018,6 +1018,36 @@ fn services_pad() {
             value: 1,
         },
     );
+}
+
+#[test]
+fn services_flags_only_known_bits() {
+    let expected = ValidationError::UnknownServiceFlags {
+        index: 0,
+        record: "10.96.0.10:80/6".into(),
+        flags: 0x5,
+    };
+    assert_eq!(
+        expected.to_string(),
+        "service 0 (10.96.0.10:80/6): flags are 0x5, unknown bits 0x4 (known: 0x1 waypoint)"
+    );
+    invalid_with(|s| s.services[0].value.flags = 0x5, expected);
+    invalid_with(
+        |s| s.services[0].value.flags = 1 << 31,
+        ValidationError::UnknownServiceFlags {
+            index: 0,
+            record: "10.96.0.10:80/6".into(),
+            flags: 1 << 31,
+        },
+    );
+}
+
+#[test]
+fn a_waypoint_service_round_trips() {
+    let mut s = sample();
+    s.services[0].value.flags = kmesh_common::service_flags::WAYPOINT;
+    let decoded = Snapshot::decode(&s.encode().unwrap(), &Limits::default()).unwrap();
+    assert_eq!(decoded.snapshot, s);
 }
 
 #[test]

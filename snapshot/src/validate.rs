@@ -6,6 +6,7 @@
 
 use kmesh_common::{
     IPPROTO_TCP, MAX_ROUTE_DESTINATIONS, RouteRecord, access_log, lb_policy, log_level, mode,
+    service_flags,
 };
 
 use crate::Snapshot;
@@ -140,6 +141,13 @@ impl ClusterView<'_> {
                     table: T,
                     index,
                     record: describe_service(&s.key),
+                });
+            }
+            if s.value.flags & !service_flags::ALL != 0 {
+                return Err(ValidationError::UnknownServiceFlags {
+                    index,
+                    record: describe_service(&s.key),
+                    flags: s.value.flags,
                 });
             }
         }

@@ -17,7 +17,7 @@ use kmesh_common::{
     BackendSetRecord, EndpointRecord, GenerationValue, Ip16, RouteRecord, ServiceKey,
     ServiceRecord, WorkloadRecord, access_log,
     authz::{ANY_CLASS, ANY_PORT, authz_action, authz_policy_kind, authz_reason},
-    lb_policy, log_level, mode,
+    lb_policy, log_level, mode, service_flags,
 };
 use serde::Serialize;
 
@@ -241,6 +241,10 @@ pub struct ServiceRow {
     pub service: Option<String>,
     pub route_id: u32,
     pub route: Option<String>,
+    /// Connections go to the service's waypoint (`kmesh_common::service_flags::WAYPOINT`); left
+    /// out of the JSON when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waypoint: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -382,6 +386,7 @@ pub fn service(r: &ServiceRecord, names: &dyn Names) -> ServiceRow {
         service: names.service(r.value.service_id, &r.key),
         route_id: r.value.route_id,
         route: names.route(r.value.route_id),
+        waypoint: r.value.flags & service_flags::WAYPOINT != 0,
     }
 }
 

@@ -592,6 +592,7 @@ fn alternating_snapshot(w: &World, generation: u64) -> kmesh_snapshot::Snapshot 
         value: ServiceValue {
             service_id: shape.service_id,
             route_id: shape.route_id,
+            flags: 0,
         },
     });
     snapshot.sort();

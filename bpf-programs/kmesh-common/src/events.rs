@@ -75,8 +75,10 @@ pub struct ConnEvent {
 }
 
 /// What the programs keep per socket of an enrolled workload (`KM_SOCK_STATE`, socket storage):
-/// written by connect4/6 (the dialed service) and `sock_ops` (start, direction, and what the state
-/// changes tell about FINs), read when the socket closes. The kernel frees it with the socket.
+/// written by connect4/6 (the dialed service, and whether they steered it to a waypoint) and
+/// `sock_ops` (start, direction, and what the state changes tell about FINs), read by `sock_ops`
+/// when it writes the SYN's origin option and when the socket closes. The kernel frees it with the
+/// socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
@@ -91,7 +93,9 @@ pub struct SockState {
     pub direction: u8,
     /// Bits of [`sock_flags`].
     pub flags: u8,
-    pub pad: u32,
+    /// The dialed service's id (`ServiceValue::service_id`) when connect4/6 rewrote it; 0 when
+    /// they did not. Written into the SYN's origin option ([`sock_flags::WAYPOINT`]).
+    pub service_id: u32,
 }
 
 /// What the state changes of a socket told so far ([`SockState::flags`]).
@@ -100,6 +104,11 @@ pub mod sock_flags {
     pub const PEER_FIN: u8 = 1;
     /// The socket entered FIN_WAIT2 ([`super::SockState::fin_wait2_received`] is set).
     pub const FIN_WAIT2: u8 = 2;
+    /// connect4/6 steered this socket to a waypoint (its service has
+    /// [`crate::service_flags::WAYPOINT`]): `sock_ops` writes the origin option
+    /// ([`crate::waypoint_origin`]) with [`super::SockState::service_id`] and
+    /// [`super::SockState::service_port`] on its SYN.
+    pub const WAYPOINT: u8 = 4;
 }
 
 /// Default size of the events ring buffer in bytes (a power of two, a multiple of the page size):

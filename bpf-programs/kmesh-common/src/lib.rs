@@ -17,6 +17,7 @@ mod choice;
 pub mod events;
 pub mod names;
 pub mod shard;
+pub mod waypoint_origin;
 pub use authz::{
     AuthzCounterKey, AuthzPolicyRecord, AuthzSourceKey, AuthzSourceRecord, AuthzSourceValue,
     AuthzVerdict, AuthzVerdictKey, AuthzVerdictRecord, AuthzWorkloadRecord, AuthzWorkloadValue,
@@ -27,7 +28,7 @@ pub use events::{ConnEvent, SockState};
 
 /// Version of the map layout and of the snapshot records. Part of the snapshot header; the agent
 /// refuses to adopt pinned maps or load snapshots of another layout.
-pub const LAYOUT_VERSION: u16 = 2;
+pub const LAYOUT_VERSION: u16 = 3;
 
 /// An IPv4 or IPv6 address in 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
 pub type Ip16 = [u8; 16];
@@ -78,7 +79,8 @@ pub mod mode {
     pub const DISABLED: u32 = 0;
     /// Everything the kernel can enforce is enforced in the kernel.
     pub const KERNEL_NATIVE: u32 = 1;
-    /// As kernel-native, plus waypoint redirection for L7 (waypoint support comes later).
+    /// As kernel-native, plus waypoint redirection for L7 (see [`super::service_flags::WAYPOINT`];
+    /// the operator does not bind services to waypoints yet).
     pub const DUAL_ENGINE: u32 = 2;
 }
 
@@ -111,6 +113,19 @@ pub struct ServiceValue {
     pub service_id: u32,
     /// The route that chooses among backend sets for connections to this VIP:port.
     pub route_id: u32,
+    /// Bits of [`service_flags`]; no other bit may be set.
+    pub flags: u32,
+}
+
+/// What a service's connections get besides load balancing ([`ServiceValue::flags`]).
+pub mod service_flags {
+    /// Connections to this service go to its waypoint (DualEngine, docs/dual-engine.md): the
+    /// route's backend sets hold the waypoint's ready replicas (at its listener port), and the
+    /// client's SYN carries the origin option ([`crate::waypoint_origin`]) naming the service id
+    /// and the port the client dialled, from which the waypoint learns the original destination.
+    pub const WAYPOINT: u32 = 1;
+    /// Every bit that has a meaning; a snapshot with another bit set is refused.
+    pub const ALL: u32 = WAYPOINT;
 }
 
 /// The most backend sets one route may split over. The programs search the cumulative weights
@@ -415,14 +430,18 @@ pub mod counter {
     pub const AUTHZ_NODE_EXEMPT: u32 = 6;
     /// A decided connection could not be counted per policy: the counters map is full.
     pub const AUTHZ_COUNTERS_FULL: u32 = 7;
+    /// A SYN of a connection steered to a waypoint left without its origin option
+    /// ([`crate::waypoint_origin`]): the option could not be reserved or written (no room left
+    /// in the SYN's option space). The waypoint sees the connection without an origin.
+    pub const WAYPOINT_ORIGIN_FAILED: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 // The records' bytes are copied as they are: no implicit padding anywhere.
 const _: () = {
     assert!(size_of::<ServiceKey>() == 20);
-    assert!(size_of::<ServiceValue>() == 8);
+    assert!(size_of::<ServiceValue>() == 12);
     assert!(size_of::<RouteValue>() == 8 + 8 * MAX_ROUTE_DESTINATIONS);
     assert!(size_of::<BackendSetValue>() == 8);
     assert!(size_of::<BackendSetEntry>() == 16);
@@ -432,7 +451,7 @@ const _: () = {
     assert!(size_of::<NodeConfig>() == 8);
     assert!(size_of::<SnapshotMeta>() == 16);
     assert!(size_of::<GenerationValue>() == 24);
-    assert!(size_of::<ServiceRecord>() == 28);
+    assert!(size_of::<ServiceRecord>() == 32);
     assert!(size_of::<RouteRecord>() == 4 + size_of::<RouteValue>());
     assert!(size_of::<BackendSetRecord>() == 12);
     assert!(size_of::<EndpointRecord>() == 32);

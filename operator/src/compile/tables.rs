@@ -162,9 +162,11 @@ impl Compiler<'_> {
                         self.reject(object, "spec", reason);
                         continue;
                     }
+                    // No waypoint binding yet (issue #11): every service stays on the kernel path.
                     let value = ServiceValue {
                         service_id,
                         route_id,
+                        flags: 0,
                     };
                     t.services.push(ServiceRecord { key, value });
                     t.names.services.insert(service_id, fqdn.clone());

@@ -2,13 +2,20 @@
 //!
 //! The kernel steers connections to services bound to a waypoint to one of its replicas, and marks
 //! each connection's SYN with the service the client dialled. The waypoint reads that mark from the
-//! accepted socket, finds the service's routes in the configuration the operator compiled for it
-//! (`kmesh_snapshot::waypoint`), and proxies the connection: HTTP/1.1 and h2c request by request,
-//! anything else as TCP.
+//! accepted socket ([`origin`]), finds the service's routes in the configuration the operator
+//! compiled for it (`kmesh_snapshot::waypoint`, made ready for requests by [`table`]), and proxies
+//! the connection: HTTP/1.1 and h2c request by request, anything else as TCP.
+//!
+//! - [`origin`]: the original destination of an accepted connection, from its saved SYN.
+//! - [`sys`]: the raw syscalls, nothing else.
+//! - [`table`], [`matching`], [`choice`], [`filters`], [`retry`], [`identity`]: the L7 engine,
+//!   pure: configuration and request in, decisions out.
 
 pub mod choice;
 pub mod filters;
 pub mod identity;
 pub mod matching;
+pub mod origin;
 pub mod retry;
+pub mod sys;
 pub mod table;

@@ -48,6 +48,10 @@ enum SetOrigin {
     /// A Gateway API rule that sends nothing anywhere (no backendRefs, every weight 0), keyed by
     /// the routed service port: no endpoints.
     NoBackends,
+    /// A service port bound to a waypoint whose Service (or its port) does not exist, keyed by
+    /// the waypoint's host and port: no endpoints, so its connections are refused, never sent
+    /// around the waypoint.
+    NoWaypoint,
 }
 
 impl BackendSetKey {
@@ -59,6 +63,12 @@ impl BackendSetKey {
             }
             (_, SetOrigin::NoBackends) => {
                 format!("{}:{} no backends ({family})", self.fqdn, self.port)
+            }
+            (_, SetOrigin::NoWaypoint) => {
+                format!(
+                    "{}:{} waypoint without a Service ({family})",
+                    self.fqdn, self.port
+                )
             }
             (Some(s), SetOrigin::Service) => {
                 format!("{}:{} subset {s} ({family})", self.fqdn, self.port)
@@ -105,6 +115,12 @@ impl<'c> SetRef<'c> {
     /// The set of a service port whose rule sends nothing anywhere: no endpoints.
     pub(super) fn no_backends(fqdn: &str, port: u16, v6: bool) -> Self {
         SetRef::refusing(fqdn, port, v6, SetOrigin::NoBackends)
+    }
+
+    /// The set of a waypoint (host `fqdn`, listening on `port`) that has no Service with that
+    /// port: no endpoints.
+    pub(super) fn no_waypoint(fqdn: &str, port: u16, v6: bool) -> Self {
+        SetRef::refusing(fqdn, port, v6, SetOrigin::NoWaypoint)
     }
 
     fn refusing(fqdn: &str, port: u16, v6: bool, origin: SetOrigin) -> Self {

@@ -183,9 +183,9 @@ pub fn compile(
     c.diagnostics.extend(duplicates);
     c.report_mode();
     let catalog = c.catalog();
-    let _waypoints = c.waypoint_bindings();
+    let waypoints = c.waypoint_bindings();
     c.report_client_namespace_destination_rules(&catalog);
-    let routed = c.routes(&catalog);
+    let routed = c.routes(&catalog, &waypoints);
     let sets = c.backend_sets(&routed);
     let identities = c.identity_ids(&catalog);
     let tables = c.tables(&routed, &sets, &identities);

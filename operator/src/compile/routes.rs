@@ -17,7 +17,10 @@ use super::{
     catalog::{Catalog, CatalogPort, CatalogService},
     mesh_routes::Attached,
 };
-use crate::{diagnostics::ObjectRef, istio::VirtualService, kinds::Kind};
+use crate::{crd::Mode, diagnostics::ObjectRef, istio::VirtualService, kinds::Kind};
+use kmesh_snapshot::waypoint::WaypointName;
+
+use super::waypoint_bindings::{Waypoint, WaypointBindings};
 
 /// A service port in one address family: what a route is compiled for.
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +93,9 @@ pub(super) struct RoutedPort<'c> {
     pub(super) target: PortTarget<'c>,
     pub(super) vips: Vec<IpAddr>,
     pub(super) route: Route<'c>,
+    /// The route goes to the service's waypoint (DualEngine): its connections carry their
+    /// original destination (`kmesh_common::service_flags::WAYPOINT`).
+    pub(super) via_waypoint: bool,
 }
 
 /// Where a list of weighted destinations is written: the object, the list's field, and the
@@ -120,7 +126,11 @@ pub(super) enum NoRoute {
 
 impl<'a> Compiler<'a> {
     /// A route for every service port and family with a VIP.
-    pub(super) fn routes<'c>(&mut self, catalog: &'c Catalog<'_>) -> Vec<RoutedPort<'c>> {
+    pub(super) fn routes<'c>(
+        &mut self,
+        catalog: &'c Catalog<'_>,
+        waypoints: &WaypointBindings,
+    ) -> Vec<RoutedPort<'c>> {
         let vs_by_host = self.virtual_services_by_host(catalog);
         let mesh_routes = self.mesh_routes(catalog);
         let mut routed = Vec::new();
@@ -139,17 +149,74 @@ impl<'a> Compiler<'a> {
                         continue;
                     }
                     let target = PortTarget { service, port, v6 };
-                    if let Some(route) = self.route_for(target, attached, vs, catalog) {
+                    let waypoint = self.steered_waypoint(service, waypoints);
+                    let route = match waypoint {
+                        Some((name, at)) => self.route_to_waypoint(target, name, at, catalog),
+                        None => self.route_for(target, attached, vs, catalog),
+                    };
+                    if let Some(route) = route {
                         routed.push(RoutedPort {
                             target,
                             vips,
                             route,
+                            via_waypoint: waypoint.is_some(),
                         });
                     }
                 }
             }
         }
         routed
+    }
+
+    /// The waypoint `service`'s connections are steered to: only in DualEngine, and only for a
+    /// Kubernetes Service bound to a waypoint (`waypoint_bindings.rs`).
+    fn steered_waypoint<'w>(
+        &self,
+        service: &CatalogService<'_>,
+        waypoints: &'w WaypointBindings,
+    ) -> Option<(&'w WaypointName, &'w Waypoint)> {
+        if self.mode != Mode::DualEngine || service.object.kind != Kind::Service {
+            return None;
+        }
+        let key = (service.namespace.clone(), service.object.name.clone());
+        let name = waypoints.services.get(&key)?;
+        Some((name, waypoints.waypoints.get(name)?))
+    }
+
+    /// Every connection to `target` goes to a ready replica of its waypoint: the endpoints of the
+    /// waypoint's Service (the Gateway's name and namespace) at the waypoint's port. Without that
+    /// Service or port, or without ready replicas, connections are refused: they never go around
+    /// the waypoint's routes and policies.
+    fn route_to_waypoint<'c>(
+        &mut self,
+        target: PortTarget<'c>,
+        name: &WaypointName,
+        waypoint: &Waypoint,
+        catalog: &'c Catalog<'_>,
+    ) -> Option<Route<'c>> {
+        let fqdn = self.options.service_fqdn(&name.name, &name.namespace);
+        let port = catalog
+            .get(&fqdn)
+            .and_then(|s| Some((s, s.port(waypoint.port)?)));
+        let set = match port {
+            Some((service, port)) => SetRef::endpoints(service, port, None, target.v6),
+            None => {
+                let reason = format!(
+                    "uses waypoint {}/{}, which has no Service {fqdn} with port {}: connections to {} are refused until it has",
+                    name.namespace,
+                    name.name,
+                    waypoint.port,
+                    target.describe()
+                );
+                self.reject(
+                    &target.service.object,
+                    "metadata.labels[istio.io/use-waypoint]",
+                    reason,
+                );
+                SetRef::no_waypoint(&fqdn, waypoint.port, target.v6)
+            }
+        };
+        self.single_route(&target.service.object, set)
     }
 
     /// The Gateway API routes attached to the port, else the host's VirtualService, else (also

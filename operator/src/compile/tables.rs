@@ -16,7 +16,7 @@ use std::{
 use kmesh_common::{
     BackendSetRecord, BackendSetValue, EndpointKey, EndpointRecord, EndpointValue, IPPROTO_TCP,
     NodeConfig, RouteRecord, ServiceKey, ServiceRecord, ServiceValue, WorkloadRecord, access_log,
-    ip16,
+    ip16, service_flags,
 };
 use kmesh_snapshot::{ClusterTables, NodeTables};
 
@@ -162,11 +162,15 @@ impl Compiler<'_> {
                         self.reject(object, "spec", reason);
                         continue;
                     }
-                    // No waypoint binding yet (issue #11): every service stays on the kernel path.
+                    let flags = if routed.via_waypoint {
+                        service_flags::WAYPOINT
+                    } else {
+                        0
+                    };
                     let value = ServiceValue {
                         service_id,
                         route_id,
-                        flags: 0,
+                        flags,
                     };
                     t.services.push(ServiceRecord { key, value });
                     t.names.services.insert(service_id, fqdn.clone());

@@ -89,6 +89,15 @@ impl Compiler<'_> {
             let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
             let name = service.metadata.name.as_deref().unwrap_or("");
             let own = ObjectRef::new(Kind::Service, Some(namespace), name);
+            let this = WaypointName {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            };
+            if waypoints.contains_key(&this) {
+                // A waypoint's own Service (its replicas): never steered to a waypoint, which
+                // would loop.
+                continue;
+            }
             let (wanted, labelled) = match choice(&service.metadata, namespace) {
                 Choice::OptOut => continue,
                 Choice::Use(w) => (w, own),
@@ -422,5 +431,133 @@ spec:
         ] {
             assert!(all.contains(expected), "{expected} not in {all}");
         }
+    }
+}
+
+/// Steering (`routes.rs`): what the node snapshots say about bound services, by mode.
+#[cfg(test)]
+mod steering_tests {
+    use kmesh_common::service_flags;
+
+    use crate::compile::testing::{NODE, REVIEWS, compile_yaml, diagnostics};
+
+    const WAYPOINT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
+"#;
+
+    const WAYPOINT_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: default}
+spec:
+  clusterIP: 10.96.0.50
+  ports: [{port: 15008, name: mesh}]
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-1
+  namespace: default
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, gateway.istio.io/managed: istio.io-mesh-controller}
+spec:
+  nodeName: node-1
+  containers: [{name: waypoint, ports: [{containerPort: 15008}]}]
+status:
+  podIP: 10.244.0.50
+  conditions: [{type: Ready, status: "True"}]
+"#;
+
+    fn mode(mode: &str) -> String {
+        format!(
+            "apiVersion: kmesh.net/v1alpha1\nkind: KmeshConfig\nmetadata: {{name: default}}\nspec: {{mode: {mode}}}\n"
+        )
+    }
+
+    /// reviews' VIP in the node's snapshot: its flags and the endpoints its route reaches.
+    fn reviews_steering(yaml: &str) -> (u32, Vec<String>) {
+        let compiled = compile_yaml(yaml);
+        let snapshot = compiled.snapshot(NODE).unwrap();
+        let vip = kmesh_common::ipv4_mapped([10, 96, 0, 13]);
+        let service = snapshot
+            .services
+            .iter()
+            .find(|s| s.key.ip == vip && s.key.port == 9080)
+            .expect("reviews is in the snapshot");
+        let route = snapshot
+            .routes
+            .iter()
+            .find(|r| r.route_id == service.value.route_id)
+            .unwrap();
+        let set = route.value.backend_set[0];
+        let endpoints = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| e.key.set_id == set)
+            .map(|e| {
+                let ip = std::net::IpAddr::from(e.value.ip).to_canonical();
+                format!("{ip}:{}", e.value.port)
+            })
+            .collect();
+        (service.value.flags, endpoints)
+    }
+
+    #[test]
+    fn dual_engine_sends_bound_services_to_their_waypoint_s_replicas_marked() {
+        let yaml = format!(
+            "{}---{REVIEWS}---{WAYPOINT}---{WAYPOINT_SERVICE}",
+            mode("DualEngine")
+        );
+        assert_eq!(
+            reviews_steering(&yaml),
+            (
+                service_flags::WAYPOINT,
+                vec!["10.244.0.50:15008".to_string()]
+            )
+        );
+        // The waypoint's own Service, in the labelled namespace, is not steered to itself.
+        let compiled = compile_yaml(&yaml);
+        let snapshot = compiled.snapshot(NODE).unwrap();
+        let waypoint_vip = kmesh_common::ipv4_mapped([10, 96, 0, 50]);
+        let own = snapshot
+            .services
+            .iter()
+            .find(|s| s.key.ip == waypoint_vip)
+            .unwrap();
+        assert_eq!(own.value.flags, 0);
+    }
+
+    #[test]
+    fn kernel_native_keeps_bound_services_on_the_kernel_path() {
+        let yaml = format!(
+            "{}---{REVIEWS}---{WAYPOINT}---{WAYPOINT_SERVICE}",
+            mode("KernelNative")
+        );
+        assert_eq!(
+            reviews_steering(&yaml),
+            (0, vec!["10.244.0.21:9080".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_waypoint_without_its_service_refuses_rather_than_bypasses() {
+        let yaml = format!("{}---{REVIEWS}---{WAYPOINT}", mode("DualEngine"));
+        assert_eq!(reviews_steering(&yaml), (service_flags::WAYPOINT, vec![]));
+        let diagnostics = diagnostics(&compile_yaml(&yaml));
+        assert!(
+            diagnostics.iter().any(|d| d.contains(
+                "uses waypoint default/waypoint, which has no Service waypoint.default.svc.cluster.local with port 15008: connections to reviews.default.svc.cluster.local:9080 are refused until it has"
+            )),
+            "{diagnostics:#?}"
+        );
     }
 }

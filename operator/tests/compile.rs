@@ -885,8 +885,8 @@ fn unenforced_l7_wording_follows_the_mode() {
     assert_eq!(
         unenforced(&dual),
         [
-            "not enforced: HTTPRoute default/foo spec.rules[0].matches: request matching needs L7; marked for the waypoint (L7 waypoint support comes in a later release); until then connections to foo.default.svc.cluster.local:8080 follow HTTPRoute default/foo spec.rules[1]",
-            "not enforced: HTTPRoute default/foo spec.rules[1].filters[0]: filter RequestHeaderModifier needs L7 (an HTTP proxy); marked for the waypoint (L7 waypoint support comes in a later release)",
+            "not enforced: HTTPRoute default/foo spec.rules[0].matches: request matching needs L7; enforced only by a waypoint, and the service is bound to none (label istio.io/use-waypoint); connections to foo.default.svc.cluster.local:8080 follow HTTPRoute default/foo spec.rules[1]",
+            "not enforced: HTTPRoute default/foo spec.rules[1].filters[0]: filter RequestHeaderModifier needs L7 (an HTTP proxy); enforced only by a waypoint, and the service is bound to none (label istio.io/use-waypoint)",
         ]
     );
     assert_eq!(foo_route(&dual), vec![(1, V1.to_string())]);
@@ -924,7 +924,7 @@ fn unenforced_l7_wording_follows_the_mode() {
             .diagnostics
             .iter()
             .all(|d| d.severity != Severity::Unenforced
-                || d.reason.contains("marked for the waypoint")),
+                || d.reason.contains("enforced only by a waypoint")),
         "{:?}",
         diagnostics_text(&compiled)
     );

@@ -29,8 +29,9 @@
 //!
 //! Unenforced L7 features are worded after the mode (one helper, `Compiler::l7_unenforced`,
 //! reported through `Compiler::needs_l7`):
-//! "not enforced in KernelNative", "marked for the waypoint" in DualEngine, and in Disabled mode
-//! that the mesh is disabled.
+//! "not enforced in KernelNative", in DualEngine "enforced only by a waypoint" (for a service
+//! bound to none: the routes of bound services are the waypoint's, `waypoint_bindings.rs`), and in
+//! Disabled mode that the mesh is disabled.
 //!
 //! Nothing here panics on input: no `unwrap`, `expect` or indexing. What one object gets wrong is
 //! a diagnostic on that object; the rest of the cluster still compiles, for every node.
@@ -281,10 +282,10 @@ impl<'a> Compiler<'a> {
                 format!("{feature}; not enforced in KernelNative; {k}")
             }
             (Mode::DualEngine, None) => format!(
-                "{feature}; marked for the waypoint (L7 waypoint support comes in a later release)"
+                "{feature}; enforced only by a waypoint, and the service is bound to none (label istio.io/use-waypoint)"
             ),
             (Mode::DualEngine, Some(k)) => format!(
-                "{feature}; marked for the waypoint (L7 waypoint support comes in a later release); until then {k}"
+                "{feature}; enforced only by a waypoint, and the service is bound to none (label istio.io/use-waypoint); {k}"
             ),
             (Mode::Disabled, _) => {
                 format!("{feature}; the mesh is disabled (mode Disabled): nothing is enforced")

@@ -1,9 +1,11 @@
 //! The parts of the Gateway API (`gateway.networking.k8s.io`) the compiler reads, as serde types:
 //! `HTTPRoute` (v1, v1beta1), `TCPRoute` (v1alpha2, v1) and `ReferenceGrant` (v1beta1, v1).
 //!
-//! Only the fields the compiler honours are typed. Fields that only a proxy can enforce (filters,
-//! header and query matches, timeouts, retries) are kept as raw JSON values: the compiler needs to
-//! know that they are present, to report them, not what they hold. Defaults are the CRD's
+//! The fields the compiler honours are typed, the L7 ones included (matches, filters, timeouts and
+//! the experimental `retry`: the waypoint's routes are compiled from them). What no part of the
+//! mesh supports (an `ExtensionRef` filter's target, `sessionPersistence`, filter types this
+//! version does not know) is kept as raw JSON or by name, to be reported. Durations are read
+//! strictly ([`GatewayDuration`]). Defaults are the CRD's
 //! (`gateway-api` v1.6 standard channel), because objects read from YAML files have not been
 //! through the API server's defaulting: a `parentRef` without `group`/`kind` is a
 //! `gateway.networking.k8s.io` `Gateway`, a `backendRef` without them is a core `Service`, an
@@ -12,6 +14,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::durations::GatewayDuration;
 
 /// The API group of the Gateway API.
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -101,12 +105,12 @@ pub struct HttpRouteRule {
     /// Omitted (or empty) means one match, `PathPrefix /`: every request.
     pub matches: Option<Vec<HttpRouteMatch>>,
     #[serde(default)]
-    pub filters: Vec<Value>,
+    pub filters: Vec<HttpRouteFilter>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
-    pub timeouts: Option<Value>,
+    pub timeouts: Option<HttpRouteTimeouts>,
     /// Experimental channel.
-    pub retry: Option<Value>,
+    pub retry: Option<HttpRouteRetry>,
     /// Experimental channel.
     pub session_persistence: Option<Value>,
 }
@@ -148,9 +152,9 @@ impl HttpRouteRule {
 pub struct HttpRouteMatch {
     pub path: Option<HttpPathMatch>,
     #[serde(default)]
-    pub headers: Vec<Value>,
+    pub headers: Vec<HttpHeaderMatch>,
     #[serde(default)]
-    pub query_params: Vec<Value>,
+    pub query_params: Vec<HttpHeaderMatch>,
     pub method: Option<String>,
 }
 
@@ -158,7 +162,7 @@ impl HttpRouteMatch {
     /// `PathPrefix /` (the default path) and nothing else: matches every request.
     pub fn is_catch_all(&self) -> bool {
         let path_all = self.path.as_ref().is_none_or(|p| {
-            p.type_.as_deref().unwrap_or("PathPrefix") == "PathPrefix"
+            p.type_.unwrap_or_default() == PathMatchType::PathPrefix
                 && p.value.as_deref().unwrap_or("/") == "/"
         });
         path_all && self.headers.is_empty() && self.query_params.is_empty() && self.method.is_none()
@@ -167,11 +171,176 @@ impl HttpRouteMatch {
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct HttpPathMatch {
-    /// `Exact`, `PathPrefix` (the default) or `RegularExpression`.
+    /// Defaults to `PathPrefix`.
     #[serde(rename = "type")]
-    pub type_: Option<String>,
+    pub type_: Option<PathMatchType>,
     /// Defaults to `/`.
     pub value: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum PathMatchType {
+    Exact,
+    #[default]
+    PathPrefix,
+    RegularExpression,
+}
+
+/// A header or query parameter match: `type` (`Exact`, the default, or `RegularExpression`),
+/// `name`, `value`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpHeaderMatch {
+    #[serde(rename = "type")]
+    pub type_: Option<ValueMatchType>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum ValueMatchType {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+/// A filter of a rule or of a backendRef: its `type` and the field of that type.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteFilter {
+    #[serde(rename = "type")]
+    pub type_: FilterType,
+    pub request_header_modifier: Option<HeaderModifier>,
+    pub response_header_modifier: Option<HeaderModifier>,
+    pub request_redirect: Option<RequestRedirect>,
+    pub url_rewrite: Option<UrlRewrite>,
+    pub request_mirror: Option<RequestMirror>,
+    pub extension_ref: Option<Value>,
+}
+
+/// The `type` of a filter; a type this version does not know is kept by name, to be reported.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub enum FilterType {
+    RequestHeaderModifier,
+    ResponseHeaderModifier,
+    RequestRedirect,
+    UrlRewrite,
+    RequestMirror,
+    ExtensionRef,
+    Other(String),
+}
+
+impl From<String> for FilterType {
+    fn from(name: String) -> Self {
+        match name.as_str() {
+            "RequestHeaderModifier" => FilterType::RequestHeaderModifier,
+            "ResponseHeaderModifier" => FilterType::ResponseHeaderModifier,
+            "RequestRedirect" => FilterType::RequestRedirect,
+            "URLRewrite" => FilterType::UrlRewrite,
+            "RequestMirror" => FilterType::RequestMirror,
+            "ExtensionRef" => FilterType::ExtensionRef,
+            _ => FilterType::Other(name),
+        }
+    }
+}
+
+impl FilterType {
+    /// The type as written in the object.
+    pub fn name(&self) -> &str {
+        match self {
+            FilterType::RequestHeaderModifier => "RequestHeaderModifier",
+            FilterType::ResponseHeaderModifier => "ResponseHeaderModifier",
+            FilterType::RequestRedirect => "RequestRedirect",
+            FilterType::UrlRewrite => "URLRewrite",
+            FilterType::RequestMirror => "RequestMirror",
+            FilterType::ExtensionRef => "ExtensionRef",
+            FilterType::Other(name) => name,
+        }
+    }
+}
+
+/// `RequestHeaderModifier` / `ResponseHeaderModifier`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HeaderModifier {
+    #[serde(default)]
+    pub set: Vec<HttpHeader>,
+    #[serde(default)]
+    pub add: Vec<HttpHeader>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRedirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<HttpPathModifier>,
+    pub port: Option<i32>,
+    /// Defaults to 302.
+    pub status_code: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<HttpPathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPathModifier {
+    #[serde(rename = "type")]
+    pub type_: PathModifierType,
+    pub replace_full_path: Option<String>,
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum PathModifierType {
+    ReplaceFullPath,
+    ReplacePrefixMatch,
+}
+
+/// `RequestMirror`: a backend and the share of requests copied to it (`percent`, or `fraction`;
+/// neither: all).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMirror {
+    pub backend_ref: BackendRef,
+    pub percent: Option<i32>,
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Fraction {
+    pub numerator: i32,
+    /// Defaults to 100.
+    pub denominator: Option<i32>,
+}
+
+/// `rules[].timeouts`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteTimeouts {
+    pub request: Option<GatewayDuration>,
+    pub backend_request: Option<GatewayDuration>,
+}
+
+/// `rules[].retry` (experimental channel).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpRouteRetry {
+    #[serde(default)]
+    pub codes: Vec<i32>,
+    pub attempts: Option<i32>,
+    pub backoff: Option<GatewayDuration>,
 }
 
 /// `backendRefs[]` of an HTTPRoute or TCPRoute rule.
@@ -189,7 +358,7 @@ pub struct BackendRef {
     pub weight: Option<i32>,
     /// HTTPRoute only: filters applied when the request goes to this backend.
     #[serde(default)]
-    pub filters: Vec<Value>,
+    pub filters: Vec<HttpRouteFilter>,
 }
 
 impl BackendRef {
@@ -267,14 +436,6 @@ impl ReferenceGrant {
                     && t.name.as_deref().is_none_or(|n| n == service)
             })
     }
-}
-
-/// The `type` of a filter (`RequestHeaderModifier`, `RequestMirror`, …), for diagnostics.
-pub fn filter_type(filter: &Value) -> &str {
-    filter
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("(no type)")
 }
 
 pub type Gateway = Object<GatewaySpec>;

@@ -190,10 +190,14 @@ impl Inputs {
             Kind::Service => parse(value).map(|o| self.services.push(o)),
             Kind::EndpointSlice => parse(value).map(|o| self.endpoint_slices.push(o)),
             Kind::KmeshConfig => parse(value).and_then(|o| self.add_config(o)),
-            Kind::VirtualService => parse(value).map(|o| self.virtual_services.push(o)),
+            Kind::VirtualService => parse_locating::<_, crate::istio::HttpRoute>(&value, "http")
+                .map(|o| self.virtual_services.push(o)),
             Kind::DestinationRule => parse(value).map(|o| self.destination_rules.push(o)),
             Kind::ServiceEntry => parse(value).map(|o| self.service_entries.push(o)),
-            Kind::HttpRoute => parse(value).map(|o| self.http_routes.push(o)),
+            Kind::HttpRoute => {
+                parse_locating::<_, crate::gateway_api::HttpRouteRule>(&value, "rules")
+                    .map(|o| self.http_routes.push(o))
+            }
             Kind::TcpRoute => parse(value).map(|o| self.tcp_routes.push(o)),
             Kind::ReferenceGrant => parse(value).map(|o| self.reference_grants.push(o)),
             Kind::Gateway => parse(value).map(|o| self.gateways.push(o)),
@@ -354,6 +358,13 @@ enum Unreadable {
     },
     #[error("does not match its schema: {0}")]
     Schema(#[source] serde_json::Error),
+    /// A schema error located at `field` (see [`schema_error_field`]).
+    #[error("does not match its schema: {error}")]
+    SchemaAt {
+        field: String,
+        #[source]
+        error: serde_json::Error,
+    },
     #[error("{0} is marked compiled, but the compiler's inputs have no place for it")]
     NoReader(Kind),
     #[error(
@@ -364,10 +375,11 @@ enum Unreadable {
 
 impl Unreadable {
     /// The field the reason is about; empty for the whole object.
-    fn field(&self) -> &'static str {
+    fn field(&self) -> &str {
         match self {
             Unreadable::NoName(_) | Unreadable::NotTheSingleton(_) => "metadata.name",
             Unreadable::BadName { field, .. } => field,
+            Unreadable::SchemaAt { field, .. } => field,
             Unreadable::NoKind | Unreadable::Schema(_) | Unreadable::NoReader(_) => "",
         }
     }
@@ -375,6 +387,42 @@ impl Unreadable {
 
 fn parse<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Unreadable> {
     serde_json::from_value(value).map_err(Unreadable::Schema)
+}
+
+/// [`parse`] for a route object whose routes are `spec.{list}[]` of type `Entry`: an error is
+/// placed at the route and field it comes from, when it comes from one ([`schema_error_field`]).
+fn parse_locating<T: DeserializeOwned, Entry: DeserializeOwned>(
+    value: &serde_json::Value,
+    list: &str,
+) -> Result<T, Unreadable> {
+    T::deserialize(value).map_err(|error| match schema_error_field::<Entry>(value, list) {
+        Some(field) => Unreadable::SchemaAt { field, error },
+        None => Unreadable::Schema(error),
+    })
+}
+
+/// Where a route object's schema error is, when it is in one of its routes (`spec.{list}[i]`,
+/// read as `Entry`): the first entry that does not read on its own, and in it the first field
+/// that does not (each read alone, which works because every field of `Entry` is optional). serde
+/// reports what is wrong but not where; a user with a misspelt duration in the fortieth route
+/// needs the where. Called only for an object that does not read.
+fn schema_error_field<Entry: DeserializeOwned>(
+    value: &serde_json::Value,
+    list: &str,
+) -> Option<String> {
+    let reads = |v: &serde_json::Value| Entry::deserialize(v).is_ok();
+    let entries = value.get("spec")?.get(list)?.as_array()?;
+    let (i, entry) = entries.iter().enumerate().find(|(_, e)| !reads(e))?;
+    let key = entry.as_object().and_then(|fields| {
+        fields.iter().find_map(|(key, v)| {
+            let alone = serde_json::Value::Object([(key.clone(), v.clone())].into_iter().collect());
+            (!reads(&alone)).then_some(key)
+        })
+    });
+    Some(match key {
+        Some(key) => format!("spec.{list}[{i}].{key}"),
+        None => format!("spec.{list}[{i}]"),
+    })
 }
 
 #[cfg(test)]
@@ -509,6 +557,57 @@ spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
         );
         assert_eq!(inputs.services.len(), 1, "the valid Service is read");
         assert!(inputs.authorization_policies.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_l7_field_is_refused_at_its_route_and_field_and_the_rest_is_read() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    timeout: 10s
+  - route: [{destination: {host: reviews}}]
+    timeout: 10 seconds
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  rules:
+  - matches: [{headers: [{name: end-user, value: jason, type: Regex}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http: [{match: [{headers: {end-user: {exat: jason}}}], route: [{destination: {host: ratings}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: details, namespace: default}
+spec: {hosts: [details], http: [{timeout: 0.5s, route: [{destination: {host: details}}]}]}
+"#;
+        let mut inputs = Inputs::default();
+        let diagnostics: Vec<String> = inputs
+            .add_yaml(yaml, "f.yaml", "default")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            diagnostics,
+            [
+                "rejected: VirtualService default/reviews spec.http[1].timeout: does not match its schema: \"10 seconds\" is not a duration: Istio durations are seconds with an optional fraction and the unit s, e.g. \"10s\" or \"0.5s\"",
+                "rejected: HTTPRoute default/reviews spec.rules[0].matches: does not match its schema: unknown variant `Regex`, expected `Exact` or `RegularExpression`",
+                "rejected: VirtualService default/ratings spec.http[0].match: does not match its schema: unknown field `exat`, expected one of `exact`, `prefix`, `regex`",
+            ],
+        );
+        let read: Vec<&str> = inputs.virtual_services.iter().map(|vs| vs.name()).collect();
+        assert_eq!(read, ["details"], "the valid VirtualService is read");
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! The parts of Istio's networking API the compiler reads, as serde types.
 //!
 //! Istio publishes no Rust types, so these follow the proto definitions (`networking/v1`) for the
-//! fields the compiler honours. Fields that only a proxy can enforce are kept as raw JSON values:
-//! the compiler needs to know that they are present, to report them, not what they hold. Unknown
-//! fields are ignored, as the API server's structural schema would prune them anyway.
+//! fields the compiler honours, the L7 ones included (the waypoint's routes are compiled from
+//! them). Fields no part of the mesh supports (`corsPolicy`, `delegate`, …) are kept as raw JSON
+//! values: the compiler needs to know that they are present, to report them, not what they hold.
+//! Unknown fields are ignored, as the API server's structural schema would prune them anyway,
+//! except in a [`StringMatch`], where an ignored misspelt key would turn a condition into one that
+//! matches everything. Durations are read strictly ([`ProtoDuration`]).
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::durations::ProtoDuration;
 
 /// An Istio object: metadata plus a typed spec.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -52,21 +57,21 @@ pub struct VirtualServiceSpec {
 pub struct HttpRoute {
     pub name: Option<String>,
     #[serde(rename = "match")]
-    pub matches: Option<Vec<Value>>,
+    pub matches: Option<Vec<HttpMatchRequest>>,
     #[serde(default)]
     pub route: Vec<RouteDestination>,
-    pub redirect: Option<Value>,
-    pub direct_response: Option<Value>,
+    pub redirect: Option<HttpRedirect>,
+    pub direct_response: Option<HttpDirectResponse>,
     pub delegate: Option<Value>,
-    pub rewrite: Option<Value>,
-    pub timeout: Option<Value>,
-    pub retries: Option<Value>,
-    pub fault: Option<Value>,
-    pub mirror: Option<Value>,
-    pub mirrors: Option<Value>,
-    pub mirror_percentage: Option<Value>,
+    pub rewrite: Option<HttpRewrite>,
+    pub timeout: Option<ProtoDuration>,
+    pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFaultInjection>,
+    pub mirror: Option<Destination>,
+    pub mirrors: Option<Vec<HttpMirrorPolicy>>,
+    pub mirror_percentage: Option<Percent>,
     pub cors_policy: Option<Value>,
-    pub headers: Option<Value>,
+    pub headers: Option<Headers>,
 }
 
 impl HttpRoute {
@@ -97,13 +102,196 @@ impl HttpRoute {
     pub fn is_catch_all(&self) -> bool {
         match &self.matches {
             None => true,
-            Some(m) => {
-                m.is_empty()
-                    || m.iter()
-                        .all(|v| v.as_object().is_some_and(|o| o.is_empty()))
-            }
+            Some(m) => m.is_empty() || m.iter().all(HttpMatchRequest::is_empty),
         }
     }
+}
+
+/// `http[].match[]`: the conditions of one entry are ANDed, the entries ORed.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    /// Names the match (for logs); not a condition.
+    pub name: Option<String>,
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    /// By header name (lowercase); an empty match means "present".
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+    pub ignore_uri_case: Option<bool>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub stat_prefix: Option<String>,
+}
+
+impl HttpMatchRequest {
+    /// Whether the entry sets no condition (`{}`): it matches every request.
+    pub fn is_empty(&self) -> bool {
+        let HttpMatchRequest {
+            name: _,
+            stat_prefix: _,
+            uri,
+            scheme,
+            method,
+            authority,
+            headers,
+            without_headers,
+            query_params,
+            port,
+            source_labels,
+            source_namespace,
+            ignore_uri_case,
+            gateways,
+        } = self;
+        uri.is_none()
+            && scheme.is_none()
+            && method.is_none()
+            && authority.is_none()
+            && headers.is_empty()
+            && without_headers.is_empty()
+            && query_params.is_empty()
+            && port.is_none()
+            && source_labels.is_empty()
+            && source_namespace.is_none()
+            && ignore_uri_case.is_none()
+            && gateways.is_empty()
+    }
+}
+
+/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex` (RE2, whole value); none of them
+/// (`{}`) means "present" where presence is meaningful (headers, query parameters).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+/// `http[].redirect`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRedirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u32>,
+    /// `FROM_PROTOCOL_DEFAULT` or `FROM_REQUEST_PORT`.
+    pub derive_port: Option<String>,
+    pub scheme: Option<String>,
+    /// Defaults to 301.
+    pub redirect_code: Option<u32>,
+}
+
+/// `http[].rewrite`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct RegexRewrite {
+    #[serde(rename = "match", default)]
+    pub pattern: String,
+    #[serde(default)]
+    pub rewrite: String,
+}
+
+/// `http[].directResponse`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    pub body: Option<HttpBody>,
+}
+
+/// One of `string` and `bytes` (base64).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpBody {
+    pub string: Option<String>,
+    pub bytes: Option<String>,
+}
+
+/// `http[].retries`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: i32,
+    pub per_try_timeout: Option<ProtoDuration>,
+    /// Envoy's `retry_on` names and HTTP statuses, comma-separated.
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Option<bool>,
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<ProtoDuration>,
+}
+
+/// `http[].fault`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpFaultInjection {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed_delay: Option<ProtoDuration>,
+    pub exponential_delay: Option<Value>,
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage.
+    pub percent: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: Option<i32>,
+    pub grpc_status: Option<String>,
+    pub http2_error: Option<String>,
+    pub percentage: Option<Percent>,
+}
+
+/// Istio's `Percent`: 0 to 100, fractions allowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+pub struct Percent {
+    #[serde(default)]
+    pub value: f64,
+}
+
+/// `http[].mirrors[]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
+}
+
+/// `headers` of a route or of a destination.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -134,7 +322,7 @@ pub struct RouteDestination {
     pub destination: Destination,
     /// Relative weight; omitted means 0 (a single destination still gets everything).
     pub weight: Option<i64>,
-    pub headers: Option<Value>,
+    pub headers: Option<Headers>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -179,7 +367,18 @@ pub struct TrafficPolicy {
     pub outlier_detection: Option<Value>,
     pub tls: Option<Value>,
     #[serde(default)]
-    pub port_level_settings: Vec<Value>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// `trafficPolicy.portLevelSettings[]`: replaces (does not inherit) the policy for its port.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<Value>,
+    pub outlier_detection: Option<Value>,
+    pub tls: Option<Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -196,8 +395,16 @@ pub struct LoadBalancer {
 pub struct ConsistentHash {
     pub use_source_ip: Option<bool>,
     pub http_header_name: Option<String>,
-    pub http_cookie: Option<Value>,
+    pub http_cookie: Option<HttpCookie>,
     pub http_query_parameter_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct HttpCookie {
+    #[serde(default)]
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<ProtoDuration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

@@ -6,6 +6,7 @@ pub mod compile;
 pub mod crd;
 pub mod diagnostics;
 pub mod dir_source;
+pub mod durations;
 pub mod error;
 pub mod gateway_api;
 pub mod inputs;

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     diagnostics::ObjectRef,
-    gateway_api::{HttpRoute, HttpRouteRule, TcpRoute, filter_type},
+    gateway_api::{FilterType, HttpRoute, HttpRouteFilter, HttpRouteRule, TcpRoute},
 };
 
 /// The catch-all rule the kernel follows among the HTTPRoutes of one port.
@@ -161,7 +161,7 @@ impl<'a> Compiler<'a> {
             if rule
                 .filters
                 .iter()
-                .any(|f| filter_type(f) == "RequestRedirect")
+                .any(|f| f.type_ == FilterType::RequestRedirect)
             {
                 self.needs_l7(
                     &object,
@@ -249,8 +249,9 @@ impl<'a> Compiler<'a> {
     /// The L7 parts of an HTTPRoute rule: filters (its own and its backendRefs'), timeouts, retry,
     /// session persistence.
     fn report_gateway_l7(&mut self, object: &ObjectRef, index: usize, rule: &HttpRouteRule) {
-        let filter_needs_l7 =
-            |filter| format!("filter {} needs L7 (an HTTP proxy)", filter_type(filter));
+        let filter_needs_l7 = |filter: &HttpRouteFilter| {
+            format!("filter {} needs L7 (an HTTP proxy)", filter.type_.name())
+        };
         for (j, filter) in rule.filters.iter().enumerate() {
             let field = format!("spec.rules[{index}].filters[{j}]");
             self.needs_l7(object, &field, &filter_needs_l7(filter), None);

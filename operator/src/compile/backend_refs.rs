@@ -247,9 +247,20 @@ impl Compiler<'_> {
         from_namespace: &str,
         backend: &Backend<'_>,
     ) -> bool {
+        self.service_reference_granted(kind, from_namespace, backend.namespace, backend.name)
+    }
+
+    /// Whether a ReferenceGrant lets `kind`s in `from_namespace` refer to Service
+    /// `namespace/name`.
+    pub(super) fn service_reference_granted(
+        &self,
+        kind: RouteKind,
+        from_namespace: &str,
+        namespace: &str,
+        name: &str,
+    ) -> bool {
         self.inputs.reference_grants.iter().any(|g| {
-            g.namespace() == backend.namespace
-                && g.permits_service(kind.name(), from_namespace, backend.name)
+            g.namespace() == namespace && g.permits_service(kind.name(), from_namespace, name)
         })
     }
 }

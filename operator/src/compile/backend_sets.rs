@@ -205,11 +205,11 @@ impl<'a> DestinationRules<'a> {
 }
 
 /// The subset of `dr` named `name`.
-fn subset<'d>(dr: &'d DestinationRule, name: &str) -> Option<&'d Subset> {
+pub(super) fn subset<'d>(dr: &'d DestinationRule, name: &str) -> Option<&'d Subset> {
     dr.spec.subsets.iter().find(|s| s.name == name)
 }
 
-fn object_of(dr: &DestinationRule) -> ObjectRef {
+pub(super) fn object_of(dr: &DestinationRule) -> ObjectRef {
     ObjectRef::new(Kind::DestinationRule, Some(dr.namespace()), dr.name())
 }
 
@@ -249,7 +249,11 @@ impl<'a> Compiler<'a> {
 
     /// The DestinationRule for `fqdn`: the service's namespace first, then the root namespace;
     /// within one, exact hosts before wildcards, then the oldest.
-    fn destination_rule(&self, fqdn: &str, service_namespace: &str) -> Option<&'a DestinationRule> {
+    pub(super) fn destination_rule(
+        &self,
+        fqdn: &str,
+        service_namespace: &str,
+    ) -> Option<&'a DestinationRule> {
         let root = self.options.root_namespace.as_str();
         self.destination_rules.find(fqdn, [service_namespace, root])
     }
@@ -389,7 +393,7 @@ impl<'a> Compiler<'a> {
 
 /// The endpoints of `service` carrying `labels`, in family `v6`, each with `port`'s target on it
 /// (a named target port is resolved per endpoint; one that does not expose it is left out).
-fn endpoints<'c>(
+pub(super) fn endpoints<'c>(
     service: &'c CatalogService<'_>,
     port: &CatalogPort,
     labels: &BTreeMap<String, String>,

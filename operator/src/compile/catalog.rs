@@ -59,6 +59,17 @@ pub(super) struct CatalogPort {
     pub(super) target: TargetPort,
     /// The declared application protocol, which decides whether HTTPRoutes or TCPRoutes apply.
     pub(super) protocol: PortProtocol,
+    /// Declared HTTP/2 only (`http2`, `grpc`, `h2c`): how a waypoint speaks to its endpoints.
+    pub(super) http2: bool,
+}
+
+/// Whether a declared protocol (`appProtocol`, a port name's prefix, a ServiceEntry `protocol`)
+/// is HTTP/2 only, as Istio reads it.
+fn is_http2(protocol: &str) -> bool {
+    matches!(
+        protocol.to_ascii_lowercase().as_str(),
+        "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -526,6 +537,13 @@ fn service_port(p: &ServicePort) -> Result<CatalogPort, PortLeftOut> {
         name: p.name.clone(),
         target,
         protocol: PortProtocol::of_service_port(p.name.as_deref(), p.app_protocol.as_deref()),
+        http2: match p.app_protocol.as_deref() {
+            Some(app_protocol) => is_http2(app_protocol),
+            None => p
+                .name
+                .as_deref()
+                .is_some_and(|n| is_http2(n.split('-').next().unwrap_or(n))),
+        },
     })
 }
 
@@ -549,6 +567,7 @@ fn entry_port(p: &ServiceEntryPort) -> Result<CatalogPort, PortLeftOut> {
             .protocol
             .as_deref()
             .map_or(PortProtocol::Unknown, PortProtocol::named),
+        http2: p.protocol.as_deref().is_some_and(is_http2),
     })
 }
 

@@ -44,6 +44,9 @@ mod backend_refs;
 mod backend_sets;
 mod catalog;
 mod duplicates;
+// Called per waypoint-bound service by the waypoint bindings (issue #11, the next slice).
+#[cfg_attr(not(test), allow(dead_code))]
+mod l7;
 mod mesh_routes;
 mod mesh_rules;
 mod name_tables;

@@ -45,7 +45,6 @@ mod backend_sets;
 mod catalog;
 mod duplicates;
 // Called per waypoint-bound service by the waypoint bindings (issue #11, the next slice).
-#[cfg_attr(not(test), allow(dead_code))]
 mod l7;
 mod mesh_routes;
 mod mesh_rules;
@@ -57,6 +56,7 @@ mod tables;
 mod testing;
 mod virtual_service;
 mod waypoint_bindings;
+mod waypoint_configs;
 mod workloads;
 
 use std::{
@@ -66,7 +66,10 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kmesh_snapshot::{ClusterTables, NodeTables, Snapshot};
+use kmesh_snapshot::{
+    ClusterTables, NodeTables, Snapshot,
+    waypoint::{WaypointConfig, WaypointName},
+};
 
 use crate::{
     crd::Mode,
@@ -141,6 +144,8 @@ pub struct Compiled {
     /// By node: each workload's effective authorization (only workloads with an entry in the
     /// node's authorization tables), for `kmeshctl`.
     pub authz: BTreeMap<String, Vec<WorkloadAuthz>>,
+    /// Each waypoint's configuration (`waypoint_configs.rs`), by the waypoint's Gateway.
+    pub waypoints: BTreeMap<WaypointName, WaypointConfig>,
 }
 
 impl Compiled {
@@ -193,6 +198,13 @@ pub fn compile(
     let sets = c.backend_sets(&routed);
     let identities = c.identity_ids(&catalog);
     let tables = c.tables(&routed, &sets, &identities);
+    let service_ids: BTreeMap<&str, u32> = tables
+        .names
+        .services
+        .iter()
+        .map(|(id, host)| (host.as_str(), *id))
+        .collect();
+    let waypoint_configs = c.waypoint_configs(&catalog, &waypoints, &service_ids);
     let workloads = c.workloads(&identities);
     let authz_inputs = c.authz_inputs();
     let mut authz_tables = BTreeMap::new();
@@ -222,6 +234,7 @@ pub fn compile(
         diagnostics,
         names,
         authz,
+        waypoints: waypoint_configs,
     }
 }
 

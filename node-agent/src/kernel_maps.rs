@@ -617,6 +617,7 @@ pub struct Counters {
     pub authz_denied: u64,
     pub authz_node_exempt: u64,
     pub authz_counters_full: u64,
+    pub waypoint_origin_failed: u64,
 }
 
 pub struct CounterMap {
@@ -648,6 +649,7 @@ impl CounterMap {
             authz_denied: sum(counter::AUTHZ_DENIED)?,
             authz_node_exempt: sum(counter::AUTHZ_NODE_EXEMPT)?,
             authz_counters_full: sum(counter::AUTHZ_COUNTERS_FULL)?,
+            waypoint_origin_failed: sum(counter::WAYPOINT_ORIGIN_FAILED)?,
         })
     }
 }

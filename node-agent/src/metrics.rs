@@ -241,6 +241,7 @@ fn register_counters(registry: &mut Registry, c: &Counters) {
         ("authz_denied", c.authz_denied),
         ("authz_node_exempt", c.authz_node_exempt),
         ("authz_counters_full", c.authz_counters_full),
+        ("waypoint_origin_failed", c.waypoint_origin_failed),
     ] {
         events.get_or_create(&EventLabel { event }).inc_by(value);
     }
@@ -248,7 +249,8 @@ fn register_counters(registry: &mut Registry, c: &Counters) {
         "datapath_events",
         "Connections the kernel programs handled, by outcome: connect()s rewritten to an endpoint, \
          refused (no endpoint, address family), read across generations (inconsistent), and \
-         inbound connections allowed, denied or exempt (from the node itself) by authorization",
+         inbound connections allowed, denied or exempt (from the node itself) by authorization, \
+         and SYNs to a waypoint that left without their origin option",
         events,
     );
 }

@@ -3,13 +3,16 @@
 //! workload into the `KM_EVENTS` ring buffer. Part of `programs.rs` (it shares `KM_ENROLLED`).
 //!
 //! - connect4/6 ([`remember_service`]): when they rewrite a service address, they keep it in the
-//!   socket's storage (`KM_SOCK_STATE`), so the close event names the service the client dialed;
-//!   when they refuse one ([`no_endpoint`]), they report it at once.
+//!   socket's storage (`KM_SOCK_STATE`), so the close event names the service the client dialed,
+//!   with the service's id and, for a service bound to a waypoint, `sock_flags::WAYPOINT`; when
+//!   they refuse one ([`no_endpoint`]), they report it at once.
 //! - `kmesh_sockops`, attached to the same cgroup: on `TCP_CONNECT_CB` (outbound) and
 //!   `PASSIVE_ESTABLISHED_CB` (inbound) of a socket of an enrolled network namespace it records the
-//!   start and direction and turns on `BPF_SOCK_OPS_STATE_CB_FLAG`; it follows the state changes
-//!   (which tell the FINs apart, see [`payload_bytes`]) and on the change to CLOSE reports the
-//!   connection. The state it leaves tells how it ended (see `kmesh_common::events::outcome`).
+//!   start and direction and turns on `BPF_SOCK_OPS_STATE_CB_FLAG` (and, for an outbound socket
+//!   steered to a waypoint, `BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG`: `waypoint.rs` then writes the
+//!   origin option on its SYN); it follows the state changes (which tell the FINs apart, see
+//!   [`payload_bytes`]) and on the change to CLOSE reports the connection. The state it leaves
+//!   tells how it ended (see `kmesh_common::events::outcome`).
 //! - `kmesh_authz` ([`denied`]): a refused inbound connection.
 //!
 //! Never blocking, never changing a verdict: `bpf_ringbuf_output` fails at once when the ring is
@@ -21,8 +24,10 @@ use core::ptr::{self, read_volatile};
 use aya_ebpf::{
     bindings::{
         BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
-        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sock_ops,
     },
     btf_maps::{PerCpuArray, RingBuf, SkStorage},
     helpers::{
@@ -33,12 +38,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use kmesh_common::{
-    ConnEvent, Ip16, SockState,
+    ConnEvent, Ip16, ServiceValue, SockState,
     events::{DEFAULT_EVENTS_RING_BYTES, direction, events_dropped, outcome, sock_flags},
-    ipv4_mapped,
+    ipv4_mapped, service_flags,
 };
 
-use super::{KM_ENROLLED, authz::words_to_ip};
+use super::{KM_ENROLLED, authz::words_to_ip, waypoint};
 
 /// The events. Its size is the default; the agent sets another at load time (`--events-ring-bytes`).
 #[btf_map]
@@ -70,6 +75,9 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => start(&ctx, direction::OUTBOUND),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => start(&ctx, direction::INBOUND),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => waypoint::reserve_origin(&ctx),
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB => waypoint::write_origin(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => waypoint::established(&ctx),
         _ => {}
     }
     // The return value only matters for ops that ask for a reply; none of ours does.
@@ -78,14 +86,14 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
 
 /// The socket of a sock_ops context (a full socket for every op we handle), or null.
 #[inline(always)]
-fn sock_of(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
+pub(super) fn sock_of(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
     // SAFETY: one whole-field read of the context.
     unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) }.cast()
 }
 
 /// The socket's state in `KM_SOCK_STATE`, created when `create`.
 #[inline(always)]
-fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut SockState> {
+pub(super) fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut SockState> {
     if sk.is_null() {
         return None;
     }
@@ -110,7 +118,9 @@ fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut S
 }
 
 /// The connect (outbound) or establishment (inbound) of a socket: if its network namespace is
-/// enrolled, record the start and ask for the state changes.
+/// enrolled, record the start and ask for the state changes; for a connect connect4/6 steered to
+/// a waypoint, also for the header option callbacks of its SYN (the flags read once, written
+/// once).
 #[inline(always)]
 fn start(ctx: &SockOpsContext, dir: u8) {
     // SAFETY: the helper only reads the context.
@@ -126,13 +136,18 @@ fn start(ctx: &SockOpsContext, dir: u8) {
     // SAFETY: helper without arguments.
     state.start_ns = unsafe { bpf_ktime_get_ns() };
     state.direction = dir;
+    let waypoint = state.flags & sock_flags::WAYPOINT != 0;
     // SAFETY: one whole-field read of the context.
     let flags = unsafe { read_volatile(&raw const (*ctx.ops).bpf_sock_ops_cb_flags) };
-    if ctx
-        .set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-        .is_err()
-    {
+    let mut wanted = flags | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if waypoint {
+        wanted |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+    }
+    if ctx.set_cb_flags(wanted as i32).is_err() {
         count_dropped(events_dropped::NO_STORAGE);
+        if waypoint {
+            super::count(kmesh_common::counter::WAYPOINT_ORIGIN_FAILED);
+        }
     }
 }
 
@@ -298,9 +313,15 @@ fn close_outcome(old_state: u32) -> u8 {
     }
 }
 
-/// connect4/6 rewrote `service`:`port` for this socket: keep it for the close event.
+/// connect4/6 rewrote `service`:`port` (the service `value`) for this socket: keep it for the
+/// close event and, when the service is bound to a waypoint, for the SYN's origin option.
 #[inline(always)]
-pub(super) fn remember_service(ctx: &SockAddrContext, service: &Ip16, port: u16) {
+pub(super) fn remember_service(
+    ctx: &SockAddrContext,
+    service: &Ip16,
+    port: u16,
+    value: &ServiceValue,
+) {
     // SAFETY: the context's socket is valid for the program's run; a created value starts zeroed.
     let state = unsafe { KM_SOCK_STATE.get_or_insert_ptr_mut(ctx, None) };
     // SAFETY: a non-null result points at this socket's value.
@@ -308,8 +329,19 @@ pub(super) fn remember_service(ctx: &SockAddrContext, service: &Ip16, port: u16)
         Some(state) => {
             state.service = *service;
             state.service_port = port;
+            state.service_id = value.service_id;
+            if value.flags & service_flags::WAYPOINT != 0 {
+                state.flags |= sock_flags::WAYPOINT;
+            } else {
+                state.flags &= !sock_flags::WAYPOINT;
+            }
         }
-        None => count_dropped(events_dropped::NO_STORAGE),
+        None => {
+            count_dropped(events_dropped::NO_STORAGE);
+            if value.flags & service_flags::WAYPOINT != 0 {
+                super::count(kmesh_common::counter::WAYPOINT_ORIGIN_FAILED);
+            }
+        }
     }
 }
 

@@ -11,6 +11,9 @@
 //!
 //! `sock_ops` `kmesh_sockops` (`events.rs`, a child module too) reports every finished connection of
 //! an enrolled workload into a ring buffer; connect4/6 tell it the service they rewrote or refused.
+//! For a connection connect4/6 steered to a waypoint (a service with
+//! `kmesh_common::service_flags::WAYPOINT`), it also writes the origin option
+//! (`kmesh_common::waypoint_origin`) on the SYN (`waypoint.rs`, a child module).
 //!
 //! Generations: every table below except `KM_ENROLLED` and `KM_COUNTERS` is an array of inner
 //! maps per generation slot: one for `KM_GENERATION`, and `CLUSTER_SHARDS` for each cluster table
@@ -37,6 +40,8 @@ use kmesh_common::{
 mod authz;
 #[path = "events.rs"]
 mod events;
+#[path = "waypoint.rs"]
+mod waypoint;
 
 const SLOTS: usize = GENERATION_SLOTS as usize;
 /// Entries of a cluster table's outer map: every shard of both slots.
@@ -91,8 +96,8 @@ static KM_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray:
 enum Verdict {
     /// Not ours: leave the connect alone.
     Pass,
-    /// Connect to this endpoint instead.
-    Rewrite(EndpointValue),
+    /// Connect to this endpoint instead, for this service.
+    Rewrite(EndpointValue, ServiceValue),
     /// A known service that cannot be served: fail the connect at once.
     Refuse(Refusal),
 }
@@ -120,12 +125,12 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
             events::no_endpoint(&ctx, r.netns_cookie, &r.workload_ip, &service, port);
             refuse()
         }
-        Verdict::Rewrite(ep) => match kmesh_common::as_ipv4(&ep.ip) {
+        Verdict::Rewrite(ep, value) => match kmesh_common::as_ipv4(&ep.ip) {
             Some(v4) => {
                 sa.user_ip4 = u32::from_ne_bytes(v4);
                 sa.user_port = u32::from(ep.port.to_be());
                 count(counter::REWRITTEN);
-                events::remember_service(&ctx, &service, port);
+                events::remember_service(&ctx, &service, port, &value);
                 ALLOW
             }
             // An IPv4 socket cannot reach an IPv6 endpoint.
@@ -171,7 +176,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
             events::no_endpoint(&ctx, r.netns_cookie, &r.workload_ip, &ip, port);
             refuse()
         }
-        Verdict::Rewrite(ep) => {
+        Verdict::Rewrite(ep, value) => {
             let dst_is_v4 = kmesh_common::as_ipv4(&ip).is_some();
             let ep_is_v4 = kmesh_common::as_ipv4(&ep.ip).is_some();
             if dst_is_v4 != ep_is_v4 {
@@ -186,7 +191,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
             sa.user_ip6[3] = w(12);
             sa.user_port = u32::from(ep.port.to_be());
             count(counter::REWRITTEN);
-            events::remember_service(&ctx, &ip, port);
+            events::remember_service(&ctx, &ip, port, &value);
             ALLOW
         }
     }
@@ -226,7 +231,7 @@ fn decide(ctx: &SockAddrContext, ip: Ip16, port: u16) -> Verdict {
     // SAFETY: as above.
     let service = unsafe { *service };
     match choose_endpoint(slot, &service, &enrolled) {
-        Ok(ep) => Verdict::Rewrite(ep),
+        Ok(ep) => Verdict::Rewrite(ep, service),
         Err(reason) => {
             count(reason);
             Verdict::Refuse(Refusal {

@@ -100,7 +100,8 @@ fn long_names() -> Snapshot {
 }
 
 /// The names sections: pods of both families, one without version, a service named by a Service
-/// and one by a ServiceEntry host, strings of 1 and of 253 bytes, multi-byte UTF-8.
+/// (bound to a waypoint) and one by a ServiceEntry host, strings of 1 and of 253 bytes, multi-byte
+/// UTF-8.
 fn names() -> Snapshot {
     let mut b = SnapshotBuilder::new("node-3", 4, mode::KERNEL_NATIVE);
     let set = b.backend_set(
@@ -108,7 +109,7 @@ fn names() -> Snapshot {
         &[Endpoint::new(ip("10.244.1.20"), 9080, 1)],
     );
     let route = b.route(&[(1, set)]);
-    let reviews = b.service_with_route(ip("10.96.0.13"), 9080, route);
+    let reviews = b.waypoint_service(ip("10.96.0.13"), 9080, route);
     let external = b.service_with_route(ip("240.240.0.1"), 443, route);
     b.workload(ip("10.244.1.20"), 1);
     let long = "w".repeat(253);

@@ -196,7 +196,16 @@ impl Drop for World {
 }
 
 fn v6(prefix: u16, subnet: u8, host: u8) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, prefix, 0, 0, 0, 0, u16::from(subnet), u16::from(host))
+    Ipv6Addr::new(
+        0xfd00,
+        prefix,
+        0,
+        0,
+        0,
+        0,
+        u16::from(subnet),
+        u16::from(host),
+    )
 }
 
 /// The reply line a connection to a bound service must get.
@@ -379,7 +388,10 @@ fn origins_reach_the_waypoint(name: &str, family: Family, subnet: u8) {
     // (which would alternate 3 times).
     let alternations = waypoint.alternations();
     println!("{family:?}: A and B alternated {alternations} times at the waypoint");
-    assert!(alternations >= 20, "{family:?}: {alternations} alternations");
+    assert!(
+        alternations >= 20,
+        "{family:?}: {alternations} alternations"
+    );
 
     // C is routed to the same waypoint but not bound: no option. Nor on a plain connect.
     let c = w.spawn_probe(&w.clients[0], &w.target(C), UNBOUND);

@@ -45,7 +45,10 @@ pub fn set_save_syn(fd: BorrowedFd<'_>) -> Result<(), SysError> {
 
 /// Reads `TCP_SAVED_SYN` of the accepted socket `fd` into `buf` and returns its length: 0 when the
 /// socket has no saved SYN (its listener did not have `TCP_SAVE_SYN`, or it was read already).
-pub fn saved_syn(fd: BorrowedFd<'_>, buf: &mut [u8; SAVED_SYN_CAPACITY]) -> Result<usize, SysError> {
+pub fn saved_syn(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8; SAVED_SYN_CAPACITY],
+) -> Result<usize, SysError> {
     let mut len = SAVED_SYN_CAPACITY as libc::socklen_t;
     // SAFETY: a valid descriptor, and a buffer of `len` bytes we own with its length.
     let r = unsafe {

@@ -122,8 +122,7 @@ pub fn find(options: &[u8]) -> Result<Option<Origin>, OriginError> {
         let option = options
             .get(offset..offset + usize::from(len))
             .ok_or(OriginError::PastEnd { offset, len })?;
-        if kind == KIND && option.len() >= 4 && u16::from_be_bytes([option[2], option[3]]) == EXID
-        {
+        if kind == KIND && option.len() >= 4 && u16::from_be_bytes([option[2], option[3]]) == EXID {
             if len != LEN {
                 return Err(OriginError::BadOriginLength { offset, len });
             }

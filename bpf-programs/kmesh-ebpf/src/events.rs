@@ -93,7 +93,10 @@ pub(super) fn sock_of(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
 
 /// The socket's state in `KM_SOCK_STATE`, created when `create`.
 #[inline(always)]
-pub(super) fn sock_state(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut SockState> {
+pub(super) fn sock_state(
+    sk: *mut core::ffi::c_void,
+    create: bool,
+) -> Option<&'static mut SockState> {
     if sk.is_null() {
         return None;
     }

@@ -78,8 +78,7 @@ pub(super) fn write_origin(ctx: &SockOpsContext) {
         return;
     };
     // SAFETY: `option` is LEN bytes on our stack; the helper copies them into the packet.
-    let written =
-        unsafe { bpf_store_hdr_opt(ctx.ops, option.as_ptr().cast(), u32::from(LEN), 0) };
+    let written = unsafe { bpf_store_hdr_opt(ctx.ops, option.as_ptr().cast(), u32::from(LEN), 0) };
     if written != 0 {
         count(counter::WAYPOINT_ORIGIN_FAILED);
     }

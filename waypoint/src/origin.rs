@@ -163,7 +163,7 @@ mod tests {
     /// and the given flags.
     fn tcp(options: &[u8], flags: u8) -> Vec<u8> {
         let mut opts = options.to_vec();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(1);
         }
         let mut h = vec![0u8; 20];

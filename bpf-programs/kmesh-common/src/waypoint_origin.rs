@@ -157,7 +157,7 @@ mod tests {
         out[..20].copy_from_slice(&fixed);
         out[20..20 + origin.len()].copy_from_slice(origin);
         let mut n = 20 + origin.len();
-        while n % 4 != 0 {
+        while !n.is_multiple_of(4) {
             out[n] = 1;
             n += 1;
         }

@@ -26,5 +26,6 @@ pub mod tokenreview;
 pub mod uninstall;
 pub mod validate;
 pub mod watch_backoff;
+pub mod waypoints;
 
 pub use error::{Error, Result};

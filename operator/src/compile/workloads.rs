@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kmesh_common::{Ip16, WorkloadRecord, ip16};
 
 use super::{Compiler, LookupMap, catalog, name_of, namespace_of};
+use crate::waypoints::objects::{MANAGED_BY_KMESH, MANAGED_LABEL};
 
 /// Healthy pods by (namespace, label key, label value), each list in input order. Only looked up,
 /// never iterated, so a hash map (one hash instead of a dozen string comparisons per pod label).
@@ -177,15 +178,17 @@ pub(super) fn pod_service_account(pod: &Pod) -> Option<&str> {
 }
 
 /// Whether a pod is in the mesh (Kmesh's rules): its own label, else its namespace's; the pod value
-/// `none` opts out; host-network pods, pods with a sidecar and Istio waypoints are never enrolled.
+/// `none` opts out; host-network pods, pods with a sidecar and waypoints (Istio's, and this
+/// operator's: `waypoints/objects.rs`) are never enrolled: a waypoint's own connections must not be
+/// steered back to a waypoint.
 fn enrolled(pod: &Pod, label: &str, value: &str, namespace_enrolled: &BTreeSet<&str>) -> bool {
     let labels = pod.metadata.labels.as_ref();
     let annotations = pod.metadata.annotations.as_ref();
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
         || annotations.is_some_and(|a| a.contains_key("sidecar.istio.io/status"))
         || labels
-            .and_then(|l| l.get("gateway.istio.io/managed"))
-            .is_some_and(|v| v == "istio.io-mesh-controller")
+            .and_then(|l| l.get(MANAGED_LABEL))
+            .is_some_and(|v| v == "istio.io-mesh-controller" || v == MANAGED_BY_KMESH)
     {
         return false;
     }
@@ -194,5 +197,41 @@ fn enrolled(pod: &Pod, label: &str, value: &str, namespace_enrolled: &BTreeSet<&
         Some(v) if v.eq_ignore_ascii_case(value) => true,
         Some(_) => false,
         None => namespace_enrolled.contains(namespace_of(&pod.metadata)),
+    }
+}
+
+#[cfg(test)]
+mod enrolment_tests {
+    use std::collections::BTreeSet;
+
+    use super::enrolled;
+
+    fn pod(labels: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "bookinfo", "labels": labels}
+        }))
+        .unwrap()
+    }
+
+    /// Waypoint pods, Istio's and this operator's, are never enrolled: their connections to
+    /// endpoints must not be steered back to a waypoint.
+    #[test]
+    fn waypoint_pods_are_never_enrolled() {
+        let namespaces = BTreeSet::from(["bookinfo"]);
+        let enrol = |labels| {
+            enrolled(
+                &pod(labels),
+                "istio.io/dataplane-mode",
+                "Kmesh",
+                &namespaces,
+            )
+        };
+        assert!(enrol(serde_json::json!({"app": "reviews"})));
+        for managed in ["istio.io-mesh-controller", "kmesh.net-waypoint-controller"] {
+            assert!(
+                !enrol(serde_json::json!({"gateway.istio.io/managed": managed})),
+                "{managed}"
+            );
+        }
     }
 }

@@ -25,6 +25,7 @@ use kmesh_operator::{
     server::{self, Authenticator, NoAuth, SnapshotStore, StaticTokens},
     tokenreview::TokenReviewAuth,
     uninstall::{self, AgentDaemonSet},
+    waypoints::{apply::WaypointApplier, objects::WaypointSettings},
 };
 use kube::runtime::events::Reporter;
 use tracing::{debug, error, info, warn};
@@ -109,6 +110,17 @@ struct Cli {
     /// Istio's root namespace.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// The image of the waypoints the operator runs for Gateways of class `istio-waypoint`
+    /// (kube); without it, the operator runs none and waypoints are deployed by other means.
+    #[arg(long)]
+    waypoint_image: Option<String>,
+    /// Replicas of each waypoint.
+    #[arg(long, default_value_t = 2)]
+    waypoint_replicas: i32,
+    /// The snapshot server as waypoints reach it; default
+    /// `https://kmesh-operator.<namespace>.svc:<--listen port>`.
+    #[arg(long)]
+    waypoint_operator_url: Option<String>,
 }
 
 /// `--source`: where objects come from.
@@ -603,6 +615,30 @@ async fn run_dir(path: PathBuf, mut operator: Operator<'_>) -> Result<()> {
     }
 }
 
+/// The applier of waypoint objects, when `--waypoint-image` names the image to run.
+fn waypoint_applier(cli: &Cli, client: &kube::Client) -> Option<WaypointApplier> {
+    let image = cli.waypoint_image.clone()?;
+    let operator_url = cli.waypoint_operator_url.clone().unwrap_or_else(|| {
+        format!(
+            "https://kmesh-operator.{}.svc:{}",
+            cli.namespace,
+            cli.listen.port()
+        )
+    });
+    let settings = WaypointSettings {
+        image,
+        operator_url,
+        token_audience: cli.token_audience.clone(),
+        ca_pem: None,
+        replicas: cli.waypoint_replicas,
+    };
+    Some(WaypointApplier::new(
+        client.clone(),
+        settings,
+        Some(cli.namespace.clone()),
+    ))
+}
+
 /// Watches the API server, recompiles on (debounced) changes, serves the leader's decisions, and
 /// (leader only) decides, keeps the certificates and the KmeshConfig status current, also while
 /// agents report their rollout progress.
@@ -635,6 +671,7 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
         controller: "kmesh-operator".into(),
         instance: cli.pod_name.clone(),
     };
+    let mut waypoints = waypoint_applier(cli, &client);
     let mut reconciler = Reconciler::new(client, reporter).gated_by(leadership.clone());
     let mut gate_report = GateReport::default();
     loop {
@@ -668,6 +705,15 @@ async fn run_kube(client: kube::Client, mut operator: Operator<'_>) -> Result<()
                     // Logged by the reconciler, once per condition.
                     Ok(Err(e)) => debug!(error = %e, "KmeshConfig status not written"),
                     Err(_) => warn!("updating the KmeshConfig status: no answer within 10 s"),
+                }
+                if let Some(applier) = waypoints.as_mut() {
+                    let apply = applier.apply(&snapshot.inputs.gateways, compiled.waypoints.keys());
+                    if tokio::time::timeout(Duration::from_secs(10), apply)
+                        .await
+                        .is_err()
+                    {
+                        warn!("applying the waypoints' objects: no answer within 10 s");
+                    }
                 }
             }
             // Recompile on a change; meanwhile follow decisions, leadership and agents' progress

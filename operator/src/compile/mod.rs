@@ -81,6 +81,7 @@ use crate::{
 pub use authorization::{EffectiveAction, EffectivePolicy, WorkloadAuthz};
 use backend_sets::DestinationRules;
 pub use name_tables::names_bytes;
+pub use waypoint_bindings::waypoint_port;
 use workloads::PodsByLabel;
 pub use workloads::{address_owners, pod_ips};
 

@@ -20,7 +20,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kmesh_snapshot::waypoint::WaypointName;
 
 use super::Compiler;
-use crate::{crd::Mode, diagnostics::ObjectRef, gateway_api::WAYPOINT_CLASS, kinds::Kind};
+use crate::{
+    crd::Mode,
+    diagnostics::ObjectRef,
+    gateway_api::{Gateway, WAYPOINT_CLASS},
+    kinds::Kind,
+};
 
 /// The label that binds a Service (or every Service of a namespace) to a waypoint.
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -46,6 +51,22 @@ pub struct WaypointBindings {
     pub waypoints: BTreeMap<WaypointName, Waypoint>,
     /// Bound Services by (namespace, name); every waypoint named here is in `waypoints`.
     pub services: BTreeMap<(String, String), WaypointName>,
+}
+
+/// A waypoint Gateway's `HBONE` listener: its index and its port (`Err`: not a valid port).
+fn hbone_listener(gateway: &Gateway) -> Option<(usize, Result<u16, std::num::TryFromIntError>)> {
+    let (i, listener) = gateway
+        .spec
+        .listeners
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.protocol == HBONE)?;
+    Some((i, u16::try_from(listener.port)))
+}
+
+/// The port a waypoint's replicas listen on: its `HBONE` listener's, when valid.
+pub fn waypoint_port(gateway: &Gateway) -> Option<u16> {
+    hbone_listener(gateway)?.1.ok().filter(|p| *p != 0)
 }
 
 /// What a label set says about the waypoint to use.
@@ -184,14 +205,7 @@ impl Compiler<'_> {
                     continue;
                 }
             }
-            let listener = gateway
-                .spec
-                .listeners
-                .iter()
-                .enumerate()
-                .find(|(_, l)| l.protocol == HBONE);
-            let port = listener.map(|(i, l)| (i, u16::try_from(l.port)));
-            match port {
+            match hbone_listener(gateway) {
                 Some((_, Ok(port))) if port != 0 => {
                     let name = WaypointName {
                         namespace: gateway.namespace().to_string(),

@@ -107,3 +107,119 @@ impl Latency {
         }
     }
 }
+
+/// A workspace binary running inside a pod's netns (and a cgroup, when given): a server such as
+/// `kmesh-echo` or `kmesh-waypoint`. Killed when dropped; its stderr is kept in a file so that a
+/// failing test can show it ([`Daemon::stderr`]).
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    desc: String,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Starts workspace binary `bin` with `args` in the netns named `netns`.
+    pub fn spawn(
+        netns: &str,
+        cgroup: Option<&crate::TestCgroup>,
+        bin: &str,
+        args: &[&str],
+    ) -> std::io::Result<Daemon> {
+        use std::process::{Command, Stdio};
+        let path = crate::probe::workspace_bin(bin)?;
+        let stderr_path = std::env::temp_dir().join(format!(
+            "kmt-{bin}-{netns}-{}-{}.log",
+            std::process::id(),
+            args.len()
+        ));
+        let stderr = std::fs::File::create(&stderr_path)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        if let Some(cgroup) = cgroup {
+            crate::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup.path())?;
+        }
+        let desc = format!("{bin} {} in {netns}", args.join(" "));
+        let child = cmd
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("spawn {desc}: {e}")))?;
+        Ok(Daemon {
+            child: Some(child),
+            desc,
+            stderr_path,
+        })
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Fails if it has exited (with its stderr).
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("{} exited ({status}): {}", self.desc, self.stderr());
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for it to exit; its exit status.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        // SAFETY: a signal to our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Runs `kmesh-http ARGS...` in the netns named `netns` and the test cgroup (so that its connects
+/// go through the kernel programs) and parses its report.
+pub fn run_http(
+    netns: &str,
+    cgroup: &crate::TestCgroup,
+    args: &[&str],
+) -> std::io::Result<HttpReport> {
+    use std::process::{Command, Stdio};
+    let bin = crate::probe::workspace_bin("kmesh-http")?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    crate::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup.path())?;
+    let desc = format!("kmesh-http {} in {netns}", args.join(" "));
+    let out = cmd
+        .output()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{desc}: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).map_err(|e| {
+        std::io::Error::other(format!(
+            "{desc}: {e}; stdout {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    })
+}

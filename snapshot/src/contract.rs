@@ -30,9 +30,19 @@
 //! - `401` no or unknown token; `403` a token bound to another node; `404` no snapshot for the node
 //!   yet; `503` the server cannot check tokens right now. The agent retries all of these with backoff,
 //!   keeping the snapshot it has.
+//!
+//! DualEngine's waypoints fetch their configuration from the same server with the same long poll:
+//! `GET /v1/waypoints/{namespace}/{name}/config`, defined in [`crate::waypoint_contract`], whose
+//! names are re-exported here.
 use core::time::Duration;
 
 use crate::format::{FORMAT_VERSION, Format};
+
+pub use crate::waypoint_contract::{
+    WAYPOINT_CONFIG_MEDIA_TYPE, WAYPOINT_CONFIG_PATH_SUFFIX, WAYPOINT_PATH_PREFIX,
+    parse_waypoint_config_etag, waypoint_config_etag, waypoint_config_path, waypoint_config_url,
+    waypoint_of_config_path,
+};
 
 /// The snapshot path is `SNAPSHOT_PATH_PREFIX + node + SNAPSHOT_PATH_SUFFIX`.
 pub const SNAPSHOT_PATH_PREFIX: &str = "/v1/nodes/";

@@ -10,7 +10,8 @@
 //! equal bytes, and the decoder accepts exactly one encoding of each snapshot.
 //!
 //! [`builder`] makes valid snapshots for tests, demos and benchmarks. [`contract`] is the HTTP
-//! contract by which agents fetch their snapshot from the operator; [`admin_contract`] the paths of
+//! contract by which agents fetch their snapshot from the operator ([`waypoint_contract`], re-exported
+//! there, the one by which DualEngine's waypoints fetch their configuration); [`admin_contract`] the paths of
 //! the agent's admin listener that `kmeshctl` reads. [`view`] renders a snapshot's records for
 //! people (the agent's `/debug/config_dump`); [`explain`] says where a connection goes and why.
 
@@ -34,6 +35,7 @@ mod validate_authz;
 mod validate_names;
 pub mod view;
 pub mod waypoint;
+pub mod waypoint_contract;
 
 #[cfg(test)]
 mod delta_format_tests;

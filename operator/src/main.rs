@@ -87,8 +87,11 @@ struct Cli {
     /// Seconds between election attempts and renewals.
     #[arg(long, default_value_t = 2)]
     leader_retry_seconds: u64,
-    /// How agents authenticate: `tokenreview` (service-account tokens checked with the API server),
-    /// `static:FILE` (lines of `<token> <node>`), or `none` (anyone may fetch any node; local use).
+    /// How agents and waypoints authenticate: `tokenreview` (service-account tokens checked with
+    /// the API server: the agents' account bound to a node fetches that node's snapshot, a
+    /// waypoint's account, named like its Gateway, that waypoint's configuration), `static:FILE`
+    /// (lines of `<token> <node>`, or `<token> waypoint:<namespace>/<name>` for a waypoint; `#`
+    /// starts a comment line), or `none` (anyone may fetch anything; local use).
     #[arg(long, default_value = "tokenreview")]
     auth: Auth,
     /// The agents' service account, `namespace/name` (tokenreview).
@@ -137,7 +140,8 @@ enum Source {
 enum Auth {
     /// `tokenreview`: service-account tokens, checked with the API server.
     TokenReview,
-    /// `static:FILE`: fixed tokens, a `<token> <node>` per line.
+    /// `static:FILE`: fixed tokens, a `<token> <node>` or `<token> waypoint:<namespace>/<name>`
+    /// per line (`server::StaticTokens`).
     Static(PathBuf),
     /// `none`: anyone may fetch any node's snapshot.
     None,

@@ -233,6 +233,9 @@ impl SnapshotStore {
 pub enum Caller {
     /// An agent allowed to fetch this node's snapshot only.
     Node(String),
+    /// A service account other than the agents'. A waypoint's is named like its Gateway, in its
+    /// namespace: it may read that waypoint's configuration only, and no node's snapshot.
+    ServiceAccount { namespace: String, name: String },
     /// Anyone (authentication is off: local use only).
     Anyone,
 }
@@ -264,15 +267,25 @@ impl Authenticator for NoAuth {
     }
 }
 
-/// Fixed tokens, one per node (`token node` per line of a file): for running without a cluster.
-pub struct StaticTokens(pub BTreeMap<String, String>);
+/// Fixed tokens, for running without a cluster: a line `<token> <node>` gives an agent of that
+/// node; a line `<token> waypoint:<namespace>/<name>` gives that waypoint
+/// ([`Caller::ServiceAccount`], which is how a waypoint's token is known with TokenReview). Blank
+/// lines and lines starting with `#` are skipped. Only the `waypoint:` prefix makes a
+/// service-account caller: every other second field is a node, as in files from before waypoints.
+pub struct StaticTokens(pub BTreeMap<String, Caller>);
 
-/// A line of a static token file that is not `<token> <node>`.
+/// A line of a static token file that is neither `<token> <node>` nor
+/// `<token> waypoint:<namespace>/<name>`.
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
-#[error("line {line}: expected `<token> <node>`")]
+#[error(
+    "line {line}: expected `<token> <node>` or `<token> {WAYPOINT_TOKEN_PREFIX}<namespace>/<name>`"
+)]
 pub struct BadTokenLine {
     pub line: usize,
 }
+
+/// What marks a static token as a waypoint's: `waypoint:<namespace>/<name>`.
+pub const WAYPOINT_TOKEN_PREFIX: &str = "waypoint:";
 
 impl StaticTokens {
     pub fn parse(text: &str) -> Result<Self, BadTokenLine> {
@@ -283,15 +296,31 @@ impl StaticTokens {
                 continue;
             }
             let mut fields = line.split_whitespace();
-            match (fields.next(), fields.next(), fields.next()) {
-                (Some(token), Some(node), None) => {
-                    tokens.insert(token.to_string(), node.to_string());
-                }
-                _ => return Err(BadTokenLine { line: i + 1 }),
-            }
+            let caller = match (fields.next(), fields.next(), fields.next()) {
+                (Some(token), Some(holder), None) => static_caller(holder).map(|c| (token, c)),
+                _ => None,
+            };
+            let (token, caller) = caller.ok_or(BadTokenLine { line: i + 1 })?;
+            tokens.insert(token.to_string(), caller);
         }
         Ok(StaticTokens(tokens))
     }
+}
+
+/// The caller a static token line's second field names; `None` for a `waypoint:` field that is
+/// not `waypoint:<namespace>/<name>`.
+fn static_caller(holder: &str) -> Option<Caller> {
+    let Some(waypoint) = holder.strip_prefix(WAYPOINT_TOKEN_PREFIX) else {
+        return Some(Caller::Node(holder.to_string()));
+    };
+    let (namespace, name) = waypoint.split_once('/')?;
+    if namespace.is_empty() || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    Some(Caller::ServiceAccount {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
 }
 
 impl Authenticator for StaticTokens {
@@ -299,7 +328,7 @@ impl Authenticator for StaticTokens {
         let token = token.ok_or(AuthError::Missing)?;
         self.0
             .get(token)
-            .map(|node| Caller::Node(node.clone()))
+            .cloned()
             .ok_or_else(|| AuthError::Rejected("unknown token".into()))
     }
 }
@@ -396,7 +425,7 @@ fn counted_node<'a>(
     let authenticated = match caller {
         Some(Caller::Anyone) => true,
         Some(Caller::Node(allowed)) => allowed == node,
-        None => false,
+        Some(Caller::ServiceAccount { .. }) | None => false,
     };
     (authenticated && store.publishes(node)).then_some(node)
 }
@@ -413,32 +442,58 @@ async fn serve_snapshot<A: Authenticator>(
     if req.method != hyper::Method::GET {
         return (text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"), None);
     }
+    let caller = match authenticate(req, auth, peer).await {
+        Ok(caller) => caller,
+        Err(refusal) => return (refusal, None),
+    };
+    if let Some(refusal) = snapshot_refusal(&caller, node) {
+        warn!(%peer, ?caller, requested = node, "{}", refusal.trim_end());
+        return (text(StatusCode::FORBIDDEN, &refusal), None);
+    }
+    (
+        serve_authenticated(req, node, store, metrics).await,
+        Some(caller),
+    )
+}
+
+/// The caller of a request, from its bearer token; or the answer refusing it: `401` without a
+/// token or with one the authenticator rejects, `503` when it cannot check tokens right now.
+pub(crate) async fn authenticate<A: Authenticator>(
+    req: &hyper::http::request::Parts,
+    auth: &A,
+    peer: SocketAddr,
+) -> Result<Caller, Response<Chunks>> {
     let token = req
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let caller = match auth.authenticate(token).await {
-        Ok(Caller::Node(allowed)) if allowed != node => {
-            warn!(%peer, token_node = allowed, requested = node, "agent asked for another node's snapshot");
-            let refusal = format!("this token is bound to node {allowed:?}, not {node:?}\n");
-            return (text(StatusCode::FORBIDDEN, &refusal), None);
-        }
-        Ok(caller) => caller,
+    match auth.authenticate(token).await {
+        Ok(caller) => Ok(caller),
         Err(e @ AuthError::Unavailable(_)) => {
             warn!(%peer, error = %e, "authentication unavailable");
-            return (
-                text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")),
-                None,
-            );
+            Err(text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n")))
         }
-        Err(e) => return (text(StatusCode::UNAUTHORIZED, &format!("{e}\n")), None),
-    };
-    (
-        serve_authenticated(req, node, store, metrics).await,
-        Some(caller),
-    )
+        Err(e) => Err(text(StatusCode::UNAUTHORIZED, &format!("{e}\n"))),
+    }
+}
+
+/// Why `caller` may not fetch `node`'s snapshot (the body of a `403`); `None` when it may: only
+/// that node's agents, or anyone when authentication is off. A service account's token (a
+/// waypoint's) never may: snapshots are the agents'.
+fn snapshot_refusal(caller: &Caller, node: &str) -> Option<String> {
+    match caller {
+        Caller::Anyone => None,
+        Caller::Node(allowed) if allowed == node => None,
+        Caller::Node(allowed) => Some(format!(
+            "this token is bound to node {allowed:?}, not {node:?}\n"
+        )),
+        Caller::ServiceAccount { namespace, name } => Some(format!(
+            "this token is service account {namespace}/{name}'s; only the node agents' service \
+             account may fetch node snapshots\n"
+        )),
+    }
 }
 
 /// How long a long poll is held, after a decision this replica has no bytes for, for its own
@@ -983,10 +1038,66 @@ mod tests {
     #[test]
     fn static_tokens() {
         let t = StaticTokens::parse("# comment\nabc node-1\n\nxyz node-2\n").unwrap();
-        assert_eq!(t.0.get("abc").map(String::as_str), Some("node-1"));
+        assert_eq!(t.0.get("abc"), Some(&Caller::Node("node-1".into())));
         assert_eq!(
             StaticTokens::parse("a n\nonly-one-field").err(),
             Some(BadTokenLine { line: 2 })
         );
+    }
+
+    /// Only a `waypoint:` line makes a service-account caller; a node's line, whatever its name,
+    /// stays a node's; a malformed waypoint line is refused, not taken for a node.
+    #[test]
+    fn static_tokens_of_waypoints() {
+        let t = StaticTokens::parse(
+            "wp waypoint:bookinfo/waypoint\nn1 node-1\nslash bookinfo/waypoint\n",
+        )
+        .unwrap();
+        assert_eq!(
+            t.0.get("wp"),
+            Some(&Caller::ServiceAccount {
+                namespace: "bookinfo".into(),
+                name: "waypoint".into()
+            })
+        );
+        assert_eq!(t.0.get("n1"), Some(&Caller::Node("node-1".into())));
+        assert_eq!(
+            t.0.get("slash"),
+            Some(&Caller::Node("bookinfo/waypoint".into())),
+            "without the prefix, a node (which no node is named, so it fetches nothing)"
+        );
+        for bad in [
+            "waypoint:bookinfo",
+            "waypoint:/waypoint",
+            "waypoint:bookinfo/",
+            "waypoint:a/b/c",
+            "waypoint:",
+        ] {
+            assert_eq!(
+                StaticTokens::parse(&format!("n1 node-1\nt {bad}\n")).err(),
+                Some(BadTokenLine { line: 2 }),
+                "{bad}"
+            );
+        }
+    }
+
+    /// A waypoint's token fetches no node's snapshot, and is counted under no node.
+    #[tokio::test]
+    async fn a_service_account_token_fetches_no_snapshot() {
+        let store = SnapshotStore::default();
+        store.publish("node-a", decided(1, true));
+        let tokens = StaticTokens::parse("wp waypoint:bookinfo/waypoint\n").unwrap();
+        let metrics = Metrics::default();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let response = respond(
+            &request("node-a", Some("wp")),
+            &store,
+            &tokens,
+            &metrics,
+            peer,
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert!(node_labels(&metrics, "kmesh_operator_snapshots_served_total").is_empty());
     }
 }

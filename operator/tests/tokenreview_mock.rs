@@ -90,17 +90,36 @@ async fn a_bound_agent_token_maps_to_its_node_and_is_cached() {
     assert_eq!(server.await.unwrap(), 1);
 }
 
+/// A token of another service account (a waypoint's: named like its Gateway) is that account,
+/// whether or not it is bound to a node, and is cached as the agents' are.
+#[tokio::test]
+async fn another_service_account_is_itself_and_is_cached() {
+    let (auth, server) = with_answers(vec![(
+        StatusCode::CREATED,
+        review(
+            true,
+            "system:serviceaccount:bookinfo:waypoint",
+            Some("node-1"),
+        ),
+    )])
+    .await;
+    let waypoint = Caller::ServiceAccount {
+        namespace: "bookinfo".into(),
+        name: "waypoint".into(),
+    };
+    assert_eq!(auth.authenticate(Some("t1")).await.unwrap(), waypoint);
+    assert_eq!(auth.authenticate(Some("t1")).await.unwrap(), waypoint);
+    drop(auth);
+    assert_eq!(server.await.unwrap(), 1);
+}
+
 #[tokio::test]
 async fn rejections_are_specific() {
     let cases = [
         (review(false, "", None), "token has expired"),
         (
-            review(
-                true,
-                "system:serviceaccount:default:default",
-                Some("node-1"),
-            ),
-            "not the agents' service account",
+            review(true, "alice", Some("node-1")),
+            "neither the agents' service account",
         ),
         (review(true, AGENT, None), "not bound to a pod on a node"),
     ];

@@ -26,6 +26,7 @@ pub mod tokenreview;
 pub mod uninstall;
 pub mod validate;
 pub mod watch_backoff;
+pub mod waypoint_server;
 pub mod waypoints;
 
 pub use error::{Error, Result};

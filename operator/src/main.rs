@@ -512,11 +512,20 @@ impl Operator<'_> {
         compiled
     }
 
-    /// Takes `compiled` as the content to roll out, under the rollout policy `inputs` set.
+    /// Takes `compiled` as the content to roll out, under the rollout policy `inputs` set; serves
+    /// its waypoint configurations at once (no decision or rollout applies to them: every replica
+    /// serves its own compile's, which agree since compiles are deterministic; see
+    /// `waypoint_server`).
     fn publish(&mut self, inputs: &Inputs, compiled: &Compiled) {
         let policy = RolloutPolicy::from_config(inputs.config.as_ref(), &node_labels(inputs));
         self.publisher.set_policy(policy);
         self.publisher.publish(compiled);
+        let waypoints = self
+            .store
+            .waypoint_configs()
+            .publish_all(&compiled.waypoints);
+        self.metrics
+            .waypoint_configs_published(waypoints.changed, waypoints.served);
     }
 
     /// Publishes the pending snapshots the rollout allows now, given what agents report live (a

@@ -39,6 +39,9 @@ pub struct Metrics {
     published_generation: Family<NodeLabel, Gauge>,
     live_generation: Family<NodeLabel, Gauge>,
     publishing_held: Gauge,
+    waypoint_config_requests: Family<CodeLabel, Counter>,
+    waypoint_configs_published: Counter,
+    waypoint_configs: Gauge,
 }
 
 impl Default for Metrics {
@@ -53,6 +56,25 @@ impl Default for Metrics {
         let published_generation = Family::<NodeLabel, Gauge>::default();
         let live_generation = Family::<NodeLabel, Gauge>::default();
         let publishing_held = Gauge::default();
+        let waypoint_config_requests = Family::<CodeLabel, Counter>::default();
+        let waypoint_configs_published = Counter::default();
+        let waypoint_configs = Gauge::default();
+        registry.register(
+            "waypoint_config_requests",
+            "Waypoint configuration requests answered, by HTTP status (never by the waypoint a \
+             request names: any client can make names up)",
+            waypoint_config_requests.clone(),
+        );
+        registry.register(
+            "waypoint_configs_published",
+            "Waypoint configurations published with new content (a new waypoint's included)",
+            waypoint_configs_published.clone(),
+        );
+        registry.register(
+            "waypoint_configs",
+            "Waypoints this replica serves a configuration to",
+            waypoint_configs.clone(),
+        );
         registry.register(
             "publishing_held",
             "1 while no new snapshot is published because objects authorization is compiled from \
@@ -113,6 +135,9 @@ impl Default for Metrics {
             published_generation,
             live_generation,
             publishing_held,
+            waypoint_config_requests,
+            waypoint_configs_published,
+            waypoint_configs,
         }
     }
 }
@@ -164,6 +189,20 @@ impl Metrics {
             None => self.unattributed.get_or_create(&CodeLabel { code }),
         }
         .inc();
+    }
+
+    /// Counts an answered waypoint configuration request.
+    pub fn waypoint_config_served(&self, code: u16) {
+        self.waypoint_config_requests
+            .get_or_create(&CodeLabel { code })
+            .inc();
+    }
+
+    /// Records a compile's publication of waypoint configurations: `changed` new contents, and
+    /// `served` waypoints served after it.
+    pub fn waypoint_configs_published(&self, changed: usize, served: usize) {
+        self.waypoint_configs_published.inc_by(changed as u64);
+        self.waypoint_configs.set(served as i64);
     }
 
     pub fn render(&self) -> String {

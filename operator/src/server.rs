@@ -1,5 +1,7 @@
 //! The snapshot server: each node agent long-polls `GET /v1/nodes/{node}/snapshot` for its node's
-//! snapshot (the contract is defined once, in `kmesh_snapshot::contract`).
+//! snapshot (the contract is defined once, in `kmesh_snapshot::contract`); DualEngine's waypoints
+//! long-poll `GET /v1/waypoints/{namespace}/{name}/config` for their configuration on the same
+//! listener, with the same authenticator (`waypoint_server.rs`).
 //!
 //! - `200` with the snapshot bytes and an `ETag` naming generation and content hash; `304` when the
 //!   agent's `If-None-Match` is still current after holding the request up to `?wait=` (at most
@@ -38,6 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::snapshot_body::{Chunks, SharedCluster, SnapshotBody};
+use crate::waypoint_server::{self, WaypointConfigStore};
 
 /// One node's current snapshot: the leader's decision, and its bytes when this replica has
 /// compiled that content (`None`: not yet; an agent holding the decision gets `304`, others wait).
@@ -71,6 +74,8 @@ pub struct SnapshotStore {
     uninstalling: Arc<watch::Sender<bool>>,
     /// Recent compiles' cluster parts: the bases of deltas.
     clusters: Arc<Mutex<ClusterHistory>>,
+    /// The waypoints' configurations (DualEngine), served on their own paths.
+    waypoint_configs: WaypointConfigStore,
 }
 
 /// How many of the latest compiles' cluster parts are kept for deltas beyond those that published
@@ -96,6 +101,7 @@ impl Default for SnapshotStore {
             ready: Arc::default(),
             uninstalling: Arc::new(watch::channel(false).0),
             clusters: Arc::default(),
+            waypoint_configs: WaypointConfigStore::default(),
         }
     }
 }
@@ -108,6 +114,12 @@ impl SnapshotStore {
 
     pub fn uninstalling(&self) -> bool {
         *self.uninstalling.borrow()
+    }
+
+    /// The waypoints' configurations: unlike node snapshots, each replica serves its own latest
+    /// compile's (see `waypoint_server`).
+    pub fn waypoint_configs(&self) -> &WaypointConfigStore {
+        &self.waypoint_configs
     }
 
     fn channel(&self, node: &str) -> watch::Sender<Option<Published>> {
@@ -394,15 +406,21 @@ async fn handle<A: Authenticator>(
     respond(&request, store, auth, metrics, peer).await
 }
 
-/// Answers one request (its head: a snapshot request has no body) and counts it.
-async fn respond<A: Authenticator>(
+/// Answers one request (its head: snapshot and waypoint configuration requests have no body) and
+/// counts it.
+pub(crate) async fn respond<A: Authenticator>(
     request: &hyper::http::request::Parts,
     store: &SnapshotStore,
     auth: &A,
     metrics: &Metrics,
     peer: SocketAddr,
 ) -> Response<Chunks> {
-    let Some(node) = contract::node_of_snapshot_path(request.uri.path()).map(str::to_string) else {
+    let path = request.uri.path();
+    if let Some(waypoint) = contract::waypoint_of_config_path(path) {
+        let configs = &store.waypoint_configs;
+        return waypoint_server::respond(request, &waypoint, configs, auth, metrics, peer).await;
+    }
+    let Some(node) = contract::node_of_snapshot_path(path).map(str::to_string) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
     let (response, caller) = serve_snapshot(request, &node, store, auth, metrics, peer).await;
@@ -654,7 +672,7 @@ fn is_news(published: Option<&Published>, if_none_match: Option<&str>) -> bool {
 }
 
 /// The contract's `wait`, capped at `contract::MAX_WAIT`; zero when absent or malformed.
-fn wait_param(query: Option<&str>) -> Duration {
+pub(crate) fn wait_param(query: Option<&str>) -> Duration {
     query
         .and_then(contract::parse_wait)
         .unwrap_or(Duration::ZERO)
@@ -669,7 +687,7 @@ fn gone() -> Response<Chunks> {
     )
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Chunks> {
+pub(crate) fn text(status: StatusCode, body: &str) -> Response<Chunks> {
     let mut resp = Response::new(Chunks::from(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp

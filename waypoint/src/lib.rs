@@ -10,6 +10,7 @@
 //! - [`sys`]: the raw syscalls, nothing else.
 //! - [`table`], [`matching`], [`choice`], [`filters`], [`retry`], [`identity`]: the L7 engine,
 //!   pure: configuration and request in, decisions out.
+//! - [`sniff`]: protocol detection of a connection's first bytes.
 
 pub mod choice;
 pub mod filters;
@@ -17,5 +18,6 @@ pub mod identity;
 pub mod matching;
 pub mod origin;
 pub mod retry;
+pub mod sniff;
 pub mod sys;
 pub mod table;

@@ -11,11 +11,15 @@
 //! - [`table`], [`matching`], [`choice`], [`filters`], [`retry`], [`identity`]: the L7 engine,
 //!   pure: configuration and request in, decisions out.
 //! - [`sniff`]: protocol detection of a connection's first bytes.
+//! - [`config_store`]: the current route table, swapped whole, and where configurations come
+//!   from; [`metrics`]: Istio's request and TCP metrics, and the waypoint's own.
 
 pub mod choice;
+pub mod config_store;
 pub mod filters;
 pub mod identity;
 pub mod matching;
+pub mod metrics;
 pub mod origin;
 pub mod retry;
 pub mod sniff;

@@ -13,15 +13,24 @@
 //! - [`sniff`]: protocol detection of a connection's first bytes.
 //! - [`config_store`]: the current route table, swapped whole, and where configurations come
 //!   from; [`metrics`]: Istio's request and TCP metrics, and the waypoint's own.
+//! - [`listener`]: accept, origin, protocol; [`tcp_proxy`]: TCP pass-through; [`http_proxy`]
+//!   and `forward`: HTTP request by request; [`upstream`]: the connection pools to endpoints;
+//!   [`proxy`]: what connections share.
 
 pub mod choice;
 pub mod config_store;
 pub mod filters;
+mod forward;
+pub mod http_proxy;
 pub mod identity;
+pub mod listener;
 pub mod matching;
 pub mod metrics;
 pub mod origin;
+pub mod proxy;
 pub mod retry;
 pub mod sniff;
 pub mod sys;
 pub mod table;
+pub mod tcp_proxy;
+pub mod upstream;

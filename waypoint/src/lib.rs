@@ -16,7 +16,9 @@
 //! - [`listener`]: accept, origin, protocol; [`tcp_proxy`]: TCP pass-through; [`http_proxy`]
 //!   and `forward`: HTTP request by request; [`upstream`]: the connection pools to endpoints;
 //!   [`proxy`]: what connections share.
+//! - [`admin`]: `/healthz`, `/readyz` and `/metrics`. The binary (`src/main.rs`) wires them up.
 
+pub mod admin;
 pub mod choice;
 pub mod config_store;
 pub mod filters;

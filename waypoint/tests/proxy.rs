@@ -252,7 +252,7 @@ struct Waypoint {
     addr: SocketAddr,
     store: Arc<ConfigStore>,
     metrics: Metrics,
-    _drain: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
 }
 
 const ORIGIN: Origin = Origin {
@@ -295,7 +295,7 @@ async fn waypoint_with_origin(config: WaypointConfig, origin: Option<Origin>) ->
         addr,
         store,
         metrics,
-        _drain: drain,
+        drain,
     }
 }
 
@@ -1214,4 +1214,92 @@ async fn a_refused_configuration_keeps_the_last_good_one() {
         "{metrics}"
     );
     follower.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_real_listener_closes_a_connection_whose_syn_has_no_origin() {
+    // The listener keeps SYNs (TCP_SAVE_SYN) and reads each one's origin: a plain connect on
+    // loopback carries none, so it is closed and counted, never proxied.
+    let v1 = Echo::start("v1").await;
+    let metrics = Metrics::new();
+    let store = Arc::new(ConfigStore::new(metrics.clone()));
+    store.install(
+        RouteTable::new(config(
+            Protocol::Http,
+            vec![forward_to(0)],
+            vec![cluster("v1", &[&v1])],
+        ))
+        .unwrap(),
+    );
+    let (drain, draining) = watch::channel(false);
+    let proxy = Arc::new(Proxy::new(
+        store,
+        metrics.clone(),
+        Settings::default(),
+        draining,
+    ));
+    let bound = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = bound.local_addr().unwrap();
+    let connections = Arc::new(listener::Connections::default());
+    let accepting = tokio::spawn(listener::accept_loop(
+        bound,
+        Arc::clone(&proxy),
+        Arc::clone(&connections),
+    ));
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let _ = client
+        .write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(read.is_err() || buf.is_empty(), "{buf:?}");
+    assert_eq!(
+        metrics.connections_refused_total(ConnectionRefusal::no_origin),
+        1
+    );
+    assert_eq!(v1.count(), 0);
+    // The drain stops the accept loop; no connection is left.
+    drain.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(2), accepting)
+        .await
+        .expect("the accept loop ends on drain")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), connections.idle())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_lets_the_requests_in_flight_finish() {
+    let v1 = Echo::start("v1").await;
+    let waypoint = waypoint(config(
+        Protocol::Http,
+        vec![forward_to(0)],
+        vec![cluster("v1", &[&v1])],
+    ))
+    .await;
+    let h1 = http1();
+    let h2 = h2c();
+    let slow = |client: HttpClient| {
+        let addr = waypoint.addr;
+        tokio::spawn(async move {
+            let request = Request::get(format!("http://{addr}/"))
+                .header("host", HOST)
+                .header("x-echo-delay-ms", "300")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status();
+            let _ = response.into_body().collect().await.unwrap();
+            status
+        })
+    };
+    let (first, second) = (slow(h1), slow(h2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    waypoint.drain.send(true).unwrap();
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    assert_eq!(second.await.unwrap(), StatusCode::OK);
+    assert_eq!(v1.count(), 2);
 }

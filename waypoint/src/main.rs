@@ -1,0 +1,150 @@
+//! `kmesh-waypoint`: the L7 proxy of DualEngine mode. It reads its configuration from a file
+//! (re-read when it changes), listens for the connections the kernel steers to it, and proxies
+//! them by the routes of the service each one was going to. SIGTERM or SIGINT drains it: it stops
+//! accepting, answers `/readyz` 503, lets requests and connections in progress finish (up to
+//! `--drain-timeout-ms`) and exits 0.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use clap::Parser;
+use kmesh_waypoint::{
+    admin::{self, Admin, Readiness},
+    config_store::{self, ConfigStore, FileSource},
+    listener::{self, Connections},
+    metrics::Metrics,
+    proxy::{Proxy, Settings},
+};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+
+#[derive(Debug, Parser)]
+#[command(name = "kmesh-waypoint", version, about)]
+struct Args {
+    /// Where the kernel's steered connections arrive (repeat for several; `[::]` takes IPv4
+    /// too unless net.ipv6.bindv6only is set).
+    #[arg(long = "listen", default_value = "[::]:15008")]
+    listen: Vec<SocketAddr>,
+    /// The admin endpoint: /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "[::]:15020")]
+    admin: SocketAddr,
+    /// The configuration (kmesh_snapshot::waypoint JSON), read again when its content changes.
+    #[arg(long)]
+    config_file: PathBuf,
+    /// How often the configuration file is read, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    config_poll_ms: u64,
+    /// How long a `Detect` port waits for the client's first bytes before it takes the
+    /// connection as TCP (server-first protocols then work).
+    #[arg(long, default_value_t = 100)]
+    sniff_timeout_ms: u64,
+    /// How long a connect to an endpoint may take (then 503, `UF`).
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// The largest request body kept in memory to be retried or mirrored; larger bodies are
+    /// streamed once.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_replay_body_bytes: usize,
+    /// How long the drain lets requests and connections in progress finish.
+    #[arg(long, default_value_t = 5_000)]
+    drain_timeout_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let store = Arc::new(ConfigStore::new(metrics.clone()));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let settings = Settings {
+        sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        max_replay_body: args.max_replay_body_bytes,
+        seed: None,
+    };
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&store),
+        metrics.clone(),
+        settings,
+        drain_rx,
+    ));
+    let readiness = Arc::new(Readiness::default());
+    let admin = Arc::new(Admin {
+        store: Arc::clone(&store),
+        metrics,
+        readiness: Arc::clone(&readiness),
+    });
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("--admin {}: {e}", args.admin))?;
+    tokio::spawn(admin::serve(admin_listener, admin));
+    tokio::spawn(config_store::follow(
+        FileSource::new(
+            &args.config_file,
+            Duration::from_millis(args.config_poll_ms),
+        ),
+        Arc::clone(&store),
+    ));
+
+    let connections = Arc::new(Connections::default());
+    let mut loops = Vec::new();
+    for address in &args.listen {
+        let listener =
+            listener::bind(*address).map_err(|e| anyhow::anyhow!("--listen {address}: {e}"))?;
+        tracing::info!(%address, "listening");
+        loops.push(tokio::spawn(listener::accept_loop(
+            listener,
+            Arc::clone(&proxy),
+            Arc::clone(&connections),
+        )));
+    }
+    readiness.listening.store(true, Ordering::SeqCst);
+
+    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+    readiness.draining.store(true, Ordering::SeqCst);
+    let _ = drain_tx.send(true);
+    for accept_loop in loops {
+        let _ = accept_loop.await;
+    }
+    let drain_timeout = Duration::from_millis(args.drain_timeout_ms);
+    match tokio::time::timeout(drain_timeout, connections.idle()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(
+            open = connections.active(),
+            "drain timeout: closing the connections left"
+        ),
+    }
+    Ok(())
+}

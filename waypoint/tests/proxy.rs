@@ -53,6 +53,7 @@ struct Seen {
     path: String,
     authority: String,
     headers: HeaderMap,
+    body_len: usize,
 }
 
 /// An HTTP/1.1 and h2c server answering with its version (`x-echo-version` and the body).
@@ -122,7 +123,7 @@ impl Echo {
 
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
-        let _ = body.collect().await;
+        let body_len = body.collect().await.map_or(0, |b| b.to_bytes().len());
         self.count.fetch_add(1, Ordering::SeqCst);
         let authority = parts
             .uri
@@ -139,6 +140,7 @@ impl Echo {
             path: parts.uri.path_and_query().unwrap().to_string(),
             authority,
             headers: parts.headers.clone(),
+            body_len,
         });
         let header = |name: &str| parts.headers.get(name).map(|v| v.to_str().unwrap());
         let mut delay = self.delay;
@@ -509,6 +511,47 @@ async fn a_failed_first_try_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_body_is_sent_again_and_a_body_too_large_to_keep_is_sent_once() {
+    let v1 = Echo::start("v1").await;
+    let mut retried = forward_to(0);
+    retried.retries = Some(retries(2, None, RetryOn::FiveXx));
+    let waypoint = waypoint(config(
+        Protocol::Http,
+        vec![retried],
+        vec![cluster("v1", &[&v1])],
+    ))
+    .await;
+    let post = |key: &str, len: usize| {
+        Request::post(format!("http://{}/", waypoint.addr))
+            .header("host", HOST)
+            .header("x-echo-fail-first", key)
+            .body(Full::new(Bytes::from(vec![b'x'; len])))
+            .unwrap()
+    };
+    let client = http1();
+    let within = Duration::from_secs(5);
+    let response = tokio::time::timeout(within, client.request(post("small", 10_000)))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(v1.count(), 2);
+    assert_eq!(
+        v1.last().body_len,
+        10_000,
+        "the retry carries the whole body"
+    );
+    // Past the 1 MiB kept for replay: streamed once, so the first try's 503 is the answer.
+    let response = tokio::time::timeout(within, client.request(post("large", 3 << 20)))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v1.count(), 3);
+    assert_eq!(v1.last().body_len, 3 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn timeouts_answer_504_and_a_slow_try_is_retried() {
     let v1 = Echo::start("v1").await;
     let mut route_timeout = forward_to(0);
@@ -824,6 +867,39 @@ async fn a_consistent_hash_on_a_header_keeps_a_key_on_one_endpoint() {
         used.extend(versions);
     }
     assert_eq!(used.len(), 3, "keys spread over every endpoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cookie_hash_sets_its_cookie_and_keeps_the_client_on_one_endpoint() {
+    let echoes = [
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    ];
+    let mut hashed = cluster("all", &[&echoes[0], &echoes[1], &echoes[2]]);
+    hashed.load_balancer =
+        LoadBalancer::ConsistentHash(HashKey::Cookie(kmesh_snapshot::waypoint::HashCookie {
+            name: "session".into(),
+            path: Some("/".into()),
+            ttl_ms: Some(60_000),
+        }));
+    let waypoint = waypoint(config(Protocol::Http, vec![forward_to(0)], vec![hashed])).await;
+    let first = get(&waypoint, "/", &[]).await;
+    let cookie = first
+        .headers
+        .get("set-cookie")
+        .expect("a Set-Cookie for a client without the cookie")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.starts_with("session="), "{cookie}");
+    assert!(cookie.contains("Max-Age=60; Path=/"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap();
+    for _ in 0..10 {
+        let answer = get(&waypoint, "/", &[("cookie", pair)]).await;
+        assert_eq!(answer.version(), first.version());
+        assert!(answer.headers.get("set-cookie").is_none());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -19,7 +19,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header, request::Parts};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use kmesh_snapshot::waypoint::RouteAction;
@@ -47,6 +47,10 @@ pub struct Connection {
 /// `Http2` port, where HTTP/1.1 is refused.
 pub async fn serve(stream: TcpStream, connection: Arc<Connection>, http2_only: bool) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // With a timer, hyper bounds the wait for a request's head (30 s, its default): a client
+    // that opens a connection and trickles its headers does not hold it for ever.
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
     if http2_only {
         builder = builder.http2_only();
     }

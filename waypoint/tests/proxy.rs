@@ -76,7 +76,11 @@ impl Echo {
     }
 
     async fn start_with_delay(version: &str, delay: Duration) -> Arc<Echo> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Echo::start_at("127.0.0.1:0", version, delay).await
+    }
+
+    async fn start_at(address: &str, version: &str, delay: Duration) -> Arc<Echo> {
+        let listener = TcpListener::bind(address).await.unwrap();
         let echo = Arc::new(Echo {
             addr: listener.local_addr().unwrap(),
             version: version.into(),
@@ -264,6 +268,10 @@ const ORIGIN: Origin = Origin {
 
 /// A waypoint serving `config`, every connection with `origin`.
 async fn waypoint_with_origin(config: WaypointConfig, origin: Option<Origin>) -> Waypoint {
+    waypoint_at("127.0.0.1:0", config, origin).await
+}
+
+async fn waypoint_at(address: &str, config: WaypointConfig, origin: Option<Origin>) -> Waypoint {
     let metrics = Metrics::new();
     let store = Arc::new(ConfigStore::new(metrics.clone()));
     store.install(RouteTable::new(config).expect("a valid test configuration"));
@@ -280,7 +288,7 @@ async fn waypoint_with_origin(config: WaypointConfig, origin: Option<Origin>) ->
         settings,
         draining,
     ));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(address).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -407,6 +415,36 @@ async fn bookinfo_jason_goes_to_v2_and_everyone_else_to_v3() {
         metrics.contains("destination_service=\"reviews.default.svc.cluster.local\""),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ipv6_clients_and_endpoints() {
+    let v6 = Echo::start_at("[::1]:0", "v6", Duration::ZERO).await;
+    let mut h2_cluster = cluster("v6", &[&v6]);
+    h2_cluster.protocol = Protocol::Http2;
+    let waypoint = waypoint_at(
+        "[::1]:0",
+        config(
+            Protocol::Http,
+            vec![
+                route(
+                    vec![header_is("x-test", "h2")],
+                    RouteAction::Forward(vec![to(1, 1)]),
+                ),
+                forward_to(0),
+            ],
+            vec![cluster("v6", &[&v6]), h2_cluster],
+        ),
+        Some(ORIGIN),
+    )
+    .await;
+    assert!(waypoint.addr.is_ipv6());
+    for headers in [&[][..], &[("x-test", "h2")][..]] {
+        let answer = get(&waypoint, "/", headers).await;
+        assert_eq!((answer.status, answer.version()), (StatusCode::OK, "v6"));
+        assert_eq!(v6.last().authority, HOST);
+    }
+    assert_eq!(v6.count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,7 +13,7 @@ FROM scratch
 ARG VERSION=unknown
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="kmesh-rs" \
-      org.opencontainers.image.description="kmesh-rs, a sidecarless eBPF service mesh data plane: kmesh-operator, kmesh-agent and kmeshctl as static binaries" \
+      org.opencontainers.image.description="kmesh-rs, a sidecarless eBPF service mesh data plane: kmesh-operator, kmesh-agent, kmesh-waypoint and kmeshctl as static binaries" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
@@ -21,6 +21,7 @@ LABEL org.opencontainers.image.title="kmesh-rs" \
 COPY target/x86_64-unknown-linux-musl/release/kmesh-operator \
      target/x86_64-unknown-linux-musl/release/kmesh-agent \
      target/x86_64-unknown-linux-musl/release/kmeshctl \
+     target/x86_64-unknown-linux-musl/release/kmesh-waypoint \
      /usr/local/bin/
 
 ENV PATH=/usr/local/bin

@@ -18,7 +18,7 @@ EXPECTED_USER="65532:65532"
 EXPECTED_ENTRYPOINT='["/usr/local/bin/kmesh-operator"]'
 EXPECTED_PATH_ENV="PATH=/usr/local/bin"
 BIN_DIR=usr/local/bin
-EXPECTED_BINARIES=(kmesh-agent kmesh-operator kmeshctl)
+EXPECTED_BINARIES=(kmesh-agent kmesh-operator kmesh-waypoint kmeshctl)
 EXPECTED_LABELS=(org.opencontainers.image.title org.opencontainers.image.version
                  org.opencontainers.image.licenses org.opencontainers.image.revision)
 

@@ -18,7 +18,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 MUSL_TARGET=x86_64-unknown-linux-musl
 # The binaries the image holds; the Dockerfile COPYs exactly these from target/$MUSL_TARGET/release.
-IMAGE_BINARIES=(kmesh-operator kmesh-agent kmeshctl)
+IMAGE_BINARIES=(kmesh-operator kmesh-agent kmeshctl kmesh-waypoint)
 image_name=${KMESH_IMAGE_NAME:-docker.io/kmesh-rs/kmesh-rs}
 archive=${KMESH_IMAGE_ARCHIVE:-target/kmesh-rs-image.tar}
 

@@ -9,8 +9,8 @@
 //!   (`kmesh_waypoint_configs_refused_total{reason}`).
 //!
 //! Sources: a [`ConfigSource`] yields a configuration's bytes whenever there may be a new one;
-//! [`follow`] offers each to the store. The one source today is a file ([`FileSource`]); the
-//! operator's long poll is a later source of the same trait.
+//! [`follow`] offers each to the store. The sources are a file ([`FileSource`]) and the
+//! operator's long poll (`crate::operator_source::OperatorSource`).
 use std::{
     future::Future,
     path::PathBuf,

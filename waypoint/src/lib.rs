@@ -12,7 +12,8 @@
 //!   pure: configuration and request in, decisions out.
 //! - [`sniff`]: protocol detection of a connection's first bytes.
 //! - [`config_store`]: the current route table, swapped whole, and where configurations come
-//!   from; [`metrics`]: Istio's request and TCP metrics, and the waypoint's own.
+//!   from (a file); [`operator_source`]: the operator's long poll, the other source;
+//!   [`metrics`]: Istio's request and TCP metrics, and the waypoint's own.
 //! - [`listener`]: accept, origin, protocol; [`tcp_proxy`]: TCP pass-through; [`http_proxy`]
 //!   and `forward`: HTTP request by request; [`upstream`]: the connection pools to endpoints;
 //!   [`proxy`]: what connections share.
@@ -28,6 +29,7 @@ pub mod identity;
 pub mod listener;
 pub mod matching;
 pub mod metrics;
+pub mod operator_source;
 pub mod origin;
 pub mod proxy;
 pub mod retry;

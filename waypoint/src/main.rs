@@ -1,5 +1,6 @@
-//! `kmesh-waypoint`: the L7 proxy of DualEngine mode. It reads its configuration from a file
-//! (re-read when it changes), listens for the connections the kernel steers to it, and proxies
+//! `kmesh-waypoint`: the L7 proxy of DualEngine mode. It takes its configuration from the
+//! operator (`--operator`, long-polled) or from a file (`--config-file`, re-read when it changes),
+//! listens for the connections the kernel steers to it, and proxies
 //! them by the routes of the service each one was going to. SIGTERM or SIGINT drains it: it stops
 //! accepting, answers `/readyz` 503, lets requests and connections in progress finish (up to
 //! `--drain-timeout-ms`) and exits 0.
@@ -11,18 +12,21 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{ArgGroup, Parser};
+use kmesh_snapshot::waypoint::WaypointName;
 use kmesh_waypoint::{
     admin::{self, Admin, Readiness},
     config_store::{self, ConfigStore, FileSource},
     listener::{self, Connections},
     metrics::Metrics,
+    operator_source::{self, OperatorSettings, OperatorSource},
     proxy::{Proxy, Settings},
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 
 #[derive(Debug, Parser)]
 #[command(name = "kmesh-waypoint", version, about)]
+#[command(group(ArgGroup::new("source").required(true).args(["config_file", "operator"])))]
 struct Args {
     /// Where the kernel's steered connections arrive (repeat for several; `[::]` takes IPv4
     /// too unless net.ipv6.bindv6only is set).
@@ -32,8 +36,24 @@ struct Args {
     #[arg(long, default_value = "[::]:15020")]
     admin: SocketAddr,
     /// The configuration (kmesh_snapshot::waypoint JSON), read again when its content changes.
+    /// Exactly one of --config-file and --operator.
     #[arg(long)]
-    config_file: PathBuf,
+    config_file: Option<PathBuf>,
+    /// The operator's base URL (http:// or https://), long-polled for this waypoint's
+    /// configuration. Exactly one of --config-file and --operator.
+    #[arg(long, requires = "waypoint")]
+    operator: Option<String>,
+    /// The waypoint this is, NAMESPACE/NAME of its Gateway (with --operator).
+    #[arg(long, value_parser = operator_source::parse_waypoint, requires = "operator")]
+    waypoint: Option<WaypointName>,
+    /// PEM CA certificates of the operator's serving certificate (required for an https
+    /// --operator); re-read before each request.
+    #[arg(long, requires = "operator")]
+    operator_ca: Option<PathBuf>,
+    /// A bearer token for the operator, read for every request (projected tokens rotate).
+    /// Without it, requests carry no token.
+    #[arg(long, requires = "operator")]
+    token_file: Option<PathBuf>,
     /// How often the configuration file is read, in milliseconds.
     #[arg(long, default_value_t = 200)]
     config_poll_ms: u64,
@@ -97,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain_rx,
     ));
     let readiness = Arc::new(Readiness::default());
+    let metrics_for_source = metrics.clone();
     let admin = Arc::new(Admin {
         store: Arc::clone(&store),
         metrics,
@@ -106,13 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("--admin {}: {e}", args.admin))?;
     tokio::spawn(admin::serve(admin_listener, admin));
-    tokio::spawn(config_store::follow(
-        FileSource::new(
-            &args.config_file,
-            Duration::from_millis(args.config_poll_ms),
-        ),
-        Arc::clone(&store),
-    ));
+    spawn_source(&args, metrics_for_source, Arc::clone(&store))?;
 
     let connections = Arc::new(Connections::default());
     let mut loops = Vec::new();
@@ -147,4 +162,91 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Starts following the configuration source the flags name (clap lets exactly one through).
+fn spawn_source(args: &Args, metrics: Metrics, store: Arc<ConfigStore>) -> anyhow::Result<()> {
+    match (&args.config_file, &args.operator, &args.waypoint) {
+        (Some(path), _, _) => {
+            let interval = Duration::from_millis(args.config_poll_ms);
+            tokio::spawn(config_store::follow(FileSource::new(path, interval), store));
+        }
+        (None, Some(url), Some(waypoint)) => {
+            let settings = OperatorSettings {
+                url: url.clone(),
+                waypoint: waypoint.clone(),
+                ca_file: args.operator_ca.clone(),
+                token_file: args.token_file.clone(),
+                wait: operator_source::LONG_POLL,
+            };
+            let source = OperatorSource::new(settings, metrics)?;
+            tracing::info!(url = source.url(), "following the operator");
+            tokio::spawn(config_store::follow(source, store));
+        }
+        _ => anyhow::bail!("--config-file or --operator with --waypoint"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("kmesh-waypoint").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_operator_source_takes_its_flags() {
+        let args = parse(&[
+            "--operator=https://kmesh-operator.kmesh-system.svc:15300",
+            "--waypoint=bookinfo/reviews-waypoint",
+            "--token-file=/var/run/secrets/kmesh/token",
+            "--operator-ca=/etc/kmesh/ca/ca.crt",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.operator.as_deref(),
+            Some("https://kmesh-operator.kmesh-system.svc:15300")
+        );
+        let waypoint = args.waypoint.unwrap();
+        assert_eq!(
+            (waypoint.namespace.as_str(), waypoint.name.as_str()),
+            ("bookinfo", "reviews-waypoint")
+        );
+        assert_eq!(
+            args.token_file.as_deref(),
+            Some(std::path::Path::new("/var/run/secrets/kmesh/token"))
+        );
+        assert!(args.config_file.is_none());
+        assert!(parse(&["--config-file=/etc/wp.json"]).is_ok());
+    }
+
+    #[test]
+    fn exactly_one_source() {
+        let none = parse(&[]).unwrap_err();
+        assert_eq!(none.kind(), ErrorKind::MissingRequiredArgument, "{none}");
+        assert!(none.to_string().contains("--config-file"), "{none}");
+        let both = parse(&[
+            "--config-file=/etc/wp.json",
+            "--operator=http://op:15300",
+            "--waypoint=ns/wp",
+        ])
+        .unwrap_err();
+        assert_eq!(both.kind(), ErrorKind::ArgumentConflict, "{both}");
+    }
+
+    #[test]
+    fn the_operator_needs_a_waypoint_and_a_good_one() {
+        let missing = parse(&["--operator=http://op:15300"]).unwrap_err();
+        assert_eq!(missing.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(missing.to_string().contains("--waypoint"), "{missing}");
+        let bad = parse(&["--operator=http://op:15300", "--waypoint=reviews"]).unwrap_err();
+        assert_eq!(bad.kind(), ErrorKind::ValueValidation);
+        assert!(bad.to_string().contains("NAMESPACE/NAME"), "{bad}");
+        let stray = parse(&["--config-file=/etc/wp.json", "--token-file=/t"]).unwrap_err();
+        assert_eq!(stray.kind(), ErrorKind::MissingRequiredArgument, "{stray}");
+    }
 }

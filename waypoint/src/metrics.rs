@@ -254,6 +254,38 @@ struct RefusalLabel {
     reason: ConnectionRefusal,
 }
 
+/// What a request to the operator came to (`code` of `kmesh_waypoint_operator_requests_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum OperatorOutcome {
+    /// `200`: a configuration.
+    Ok,
+    /// `304`: unchanged within the wait.
+    NotModified,
+    /// `404`: no configuration for this waypoint.
+    NotFound,
+    /// Another status (401, 403, 503, ...).
+    Other,
+    /// No answer (connection, TLS, timeout, token file, body).
+    Error,
+}
+
+impl OperatorOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            OperatorOutcome::Ok => "200",
+            OperatorOutcome::NotModified => "304",
+            OperatorOutcome::NotFound => "404",
+            OperatorOutcome::Other => "other",
+            OperatorOutcome::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperatorLabel {
+    code: &'static str,
+}
+
 /// The metrics, cheap to clone (every family is shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -267,6 +299,8 @@ pub struct Metrics {
     configs_refused: Family<RefusedLabel, Counter>,
     connections_refused: Family<RefusalLabel, Counter>,
     config_loaded: Gauge,
+    config_adopted_at: Gauge,
+    operator_requests: Family<OperatorLabel, Counter>,
     registry: std::sync::Arc<Registry>,
 }
 
@@ -295,6 +329,8 @@ impl Metrics {
         let configs_refused = Family::default();
         let connections_refused = Family::default();
         let config_loaded = Gauge::default();
+        let config_adopted_at = Gauge::default();
+        let operator_requests = Family::default();
         registry.register("istio_requests", "Requests", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -341,6 +377,16 @@ impl Metrics {
             "1 once a configuration is loaded",
             config_loaded.clone(),
         );
+        registry.register(
+            "kmesh_waypoint_config_adopted_timestamp_seconds",
+            "When the current configuration was adopted (Unix time)",
+            config_adopted_at.clone(),
+        );
+        registry.register(
+            "kmesh_waypoint_operator_requests",
+            "Requests to the operator for the configuration, by answer",
+            operator_requests.clone(),
+        );
         Metrics {
             requests,
             durations,
@@ -352,6 +398,8 @@ impl Metrics {
             configs_refused,
             connections_refused,
             config_loaded,
+            config_adopted_at,
+            operator_requests,
             registry: std::sync::Arc::new(registry),
         }
     }
@@ -418,6 +466,28 @@ impl Metrics {
     pub fn config_adopted(&self) {
         self.configs_adopted.inc();
         self.config_loaded.set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.config_adopted_at
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    pub fn operator_request(&self, outcome: OperatorOutcome) {
+        self.operator_requests
+            .get_or_create(&OperatorLabel {
+                code: outcome.label(),
+            })
+            .inc();
+    }
+
+    /// Requests to the operator so far that came to `outcome`.
+    pub fn operator_requests(&self, outcome: OperatorOutcome) -> u64 {
+        self.operator_requests
+            .get_or_create(&OperatorLabel {
+                code: outcome.label(),
+            })
+            .get()
     }
 
     pub fn config_refused(&self, reason: RefusedReason) {

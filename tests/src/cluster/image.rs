@@ -210,7 +210,12 @@ mod tests {
             .stage_for("docker.io/kmesh-rs/kmesh-rs:0.1.0")
             .unwrap()
             .unwrap();
-        for bin in ["kmesh-operator", "kmesh-agent", "kmesh-waypoint", "kmeshctl"] {
+        for bin in [
+            "kmesh-operator",
+            "kmesh-agent",
+            "kmesh-waypoint",
+            "kmeshctl",
+        ] {
             assert!(
                 s.binaries.iter().any(|(b, _)| b == bin),
                 "{bin} missing: {s:?}"

@@ -3,66 +3,19 @@
 //! when the YAML changes, other callers are refused, and removing the Gateway answers `404`.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+mod waypoint_world;
+use waypoint_world::{TOKENS, free_addr, write_mesh};
 
 use kmesh_snapshot::{
     contract,
     waypoint::{WaypointConfig, WaypointName},
 };
-
-const MESH: &str = r#"
-apiVersion: kmesh.net/v1alpha1
-kind: KmeshConfig
-metadata: {name: default}
-spec: {mode: DualEngine}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: default}
-spec:
-  clusterIP: 10.96.0.13
-  ports: [{port: 9080, name: http}]
-  selector: {app: reviews}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1}}
-spec:
-  nodeName: node-1
-  containers: [{name: reviews, ports: [{containerPort: 9080}]}]
-status:
-  podIP: 10.244.0.21
-  conditions: [{type: Ready, status: "True"}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{headers: {end-user: {exact: USER}}}]
-    route: [{destination: {host: reviews}}]
-  - route: [{destination: {host: reviews}}]
-"#;
-
-const GATEWAY: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-"#;
-
-const TOKENS: &str = "wp waypoint:default/waypoint\nother waypoint:default/other\nnode node-1\n";
 
 struct Operator {
     child: Child,
@@ -76,20 +29,6 @@ impl Drop for Operator {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().unwrap()
-}
-
-fn write_mesh(dir: &Path, user: &str, with_gateway: bool) {
-    let gateway = if with_gateway { GATEWAY } else { "" };
-    let yaml = format!("{}---{gateway}", MESH.replace("USER", user));
-    // Written whole, then renamed: the source never reads half a file.
-    let staged = dir.join("../mesh.yaml.new");
-    std::fs::write(&staged, yaml).unwrap();
-    std::fs::rename(&staged, dir.join("mesh.yaml")).unwrap();
 }
 
 fn start() -> Operator {

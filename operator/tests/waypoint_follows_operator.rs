@@ -7,61 +7,14 @@
 //! for beside `kmesh-operator`, or at `KMESH_WAYPOINT_BIN`); a missing one fails the test.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-const MESH: &str = r#"
-apiVersion: kmesh.net/v1alpha1
-kind: KmeshConfig
-metadata: {name: default}
-spec: {mode: DualEngine}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
----
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: default}
-spec:
-  clusterIP: 10.96.0.13
-  ports: [{port: 9080, name: http}]
-  selector: {app: reviews}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1}}
-spec:
-  nodeName: node-1
-  containers: [{name: reviews, ports: [{containerPort: 9080}]}]
-status:
-  podIP: 10.244.0.21
-  conditions: [{type: Ready, status: "True"}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{headers: {end-user: {exact: USER}}}]
-    route: [{destination: {host: reviews}}]
-  - route: [{destination: {host: reviews}}]
-"#;
-
-const GATEWAY: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-"#;
-
-const TOKENS: &str = "wp waypoint:default/waypoint\nother waypoint:default/other\n";
+mod waypoint_world;
+use waypoint_world::{TOKENS, free_addr, write_mesh};
 
 /// A child process, killed when dropped.
 struct Running(Child);
@@ -71,19 +24,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().unwrap()
-}
-
-fn write_mesh(dir: &Path, user: &str) {
-    let yaml = format!("{}---{GATEWAY}", MESH.replace("USER", user));
-    // Written whole, then renamed: the source never reads half a file.
-    let staged = dir.join("../mesh.yaml.new");
-    std::fs::write(&staged, yaml).unwrap();
-    std::fs::rename(&staged, dir.join("mesh.yaml")).unwrap();
 }
 
 /// `kmesh-waypoint`, beside `kmesh-operator` in the target directory, or `KMESH_WAYPOINT_BIN`.
@@ -152,7 +92,7 @@ fn the_waypoint_adopts_the_operators_configuration() {
     let dir = std::env::temp_dir().join(format!("kmt-wpfollow-{}", std::process::id()));
     let source = dir.join("source");
     std::fs::create_dir_all(&source).unwrap();
-    write_mesh(&source, "jason");
+    write_mesh(&source, "jason", true);
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, TOKENS).unwrap();
     let (token, other_token) = (dir.join("token"), dir.join("other-token"));
@@ -194,7 +134,7 @@ fn the_waypoint_adopts_the_operators_configuration() {
     );
 
     // The YAML changes: the held poll returns with the new configuration, adopted.
-    write_mesh(&source, "alice");
+    write_mesh(&source, "alice", true);
     eventually("the changed configuration adopted", metrics, |_, text| {
         text.contains("kmesh_waypoint_configs_adopted_total 2\n")
             && text.contains("kmesh_waypoint_operator_requests_total{code=\"200\"} 2\n")

@@ -242,6 +242,7 @@ impl World {
                 service_account: "client".into(),
                 labels: Default::default(),
             }],
+            policies: vec![],
         }
     }
 

@@ -238,6 +238,7 @@ fn config(protocol: Protocol, http: Vec<HttpRoute>, clusters: Vec<Cluster>) -> W
         }],
         clusters,
         workloads: vec![],
+        policies: vec![],
     }
 }
 

@@ -65,6 +65,7 @@ impl<'a> Compiler<'a> {
                 services,
                 clusters: clusters.into_clusters(),
                 workloads: workloads.clone(),
+                policies: Vec::new(),
             };
             configs.insert(name.clone(), config);
         }

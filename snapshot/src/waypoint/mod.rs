@@ -22,10 +22,15 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod authz;
 #[cfg(test)]
 mod tests;
 mod validate;
 
+pub use authz::{
+    AuthorizationPolicy, Condition, ConditionKey, Operation, PolicyAction, PolicyTarget, Rule,
+    Source, cidr_contains, istio_string_match, parse_cidr,
+};
 pub use validate::WaypointConfigError;
 
 /// The version of this format; a waypoint refuses any other.
@@ -52,6 +57,10 @@ pub struct WaypointConfig {
     /// The mesh's workloads, by address: who a client is, from its source address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<Workload>,
+    /// The AuthorizationPolicies this waypoint enforces ([`AuthorizationPolicy`]), in no
+    /// particular order (their evaluation does not depend on it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<AuthorizationPolicy>,
 }
 
 /// A waypoint: its Gateway's namespace and name.

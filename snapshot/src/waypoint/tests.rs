@@ -68,6 +68,7 @@ fn jason() -> WaypointConfig {
         }],
         clusters: vec![cluster("v2", "10.0.0.2"), cluster("v3", "10.0.0.3")],
         workloads: vec![],
+        policies: vec![],
     }
 }
 
@@ -333,4 +334,209 @@ fn tcp_destinations_are_checked_like_routes() {
             problem: "cluster 5 does not exist (2 clusters)".into()
         })
     );
+}
+
+/// A policy that uses every field: DENY `GET /admin*` from outside `default`, for service 7.
+fn policy() -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        name: "default/deny-admin".into(),
+        action: PolicyAction::Deny,
+        applies_to: PolicyTarget::Services(vec![7]),
+        rules: vec![Rule {
+            from: vec![Source {
+                not_namespaces: vec!["default".into()],
+                ip_blocks: vec!["10.0.0.0/8".into()],
+                ..Source::default()
+            }],
+            to: vec![Operation {
+                methods: vec!["GET".into()],
+                paths: vec!["/admin*".into()],
+                ports: vec![9080],
+                ..Operation::default()
+            }],
+            when: vec![Condition {
+                key: ConditionKey::RequestHeader("x-user".into()),
+                values: vec!["*".into()],
+                not_values: vec![],
+            }],
+        }],
+    }
+}
+
+#[test]
+fn policies_read_back_and_spell_their_json_in_camel_case() {
+    let mut config = jason();
+    config.policies = vec![policy()];
+    let json = config.to_json();
+    assert_eq!(WaypointConfig::from_json(&json), Ok(config.clone()));
+    let text = String::from_utf8(json).unwrap();
+    for spelling in [
+        r#""policies":[{"name":"default/deny-admin","action":"deny","appliesTo":{"services":[7]}"#,
+        r#""notNamespaces":["default"],"ipBlocks":["10.0.0.0/8"]"#,
+        r#""when":[{"key":{"requestHeader":"x-user"},"values":["*"]}]"#,
+    ] {
+        assert!(text.contains(spelling), "{spelling} not in {text}");
+    }
+    // No policy: the field is not written, and a configuration without it reads.
+    assert!(
+        !String::from_utf8(jason().to_json())
+            .unwrap()
+            .contains("policies")
+    );
+    // Unknown fields are refused in policies too.
+    let unknown = text.replace(r#""ipBlocks""#, r#""remoteIpBlocks""#);
+    assert!(matches!(
+        WaypointConfig::from_json(unknown.as_bytes()),
+        Err(WaypointConfigError::Json(_))
+    ));
+}
+
+/// Each broken policy is refused with its field and the reason.
+#[test]
+fn invalid_policies_are_refused_with_their_field() {
+    fn r(config: &mut WaypointConfig) -> &mut Rule {
+        &mut config.policies[0].rules[0]
+    }
+    type Break = fn(&mut WaypointConfig);
+    let cases: Vec<(Break, &str, &str)> = vec![
+        (
+            |c| c.policies[0].name.clear(),
+            "policies[0].name",
+            "the name is empty",
+        ),
+        (
+            |c| c.policies[0].applies_to = PolicyTarget::Services(vec![7, 8]),
+            "policies[0].appliesTo.services[1]",
+            "service id 8 is not a service of this waypoint",
+        ),
+        (
+            |c| c.policies[0].applies_to = PolicyTarget::Services(vec![]),
+            "policies[0].appliesTo.services",
+            "no service: a policy for no service is not written",
+        ),
+        (
+            |c| r(c).from[0].not_ip_blocks = vec!["10.0.0.1/33".into()],
+            "policies[0].rules[0].from[0].notIpBlocks[0]",
+            "\"10.0.0.1/33\" is not an IP address or CIDR block",
+        ),
+        (
+            |c| r(c).from[0].ip_blocks = vec!["10.0.0.0/8".into(), "ten".into()],
+            "policies[0].rules[0].from[0].ipBlocks[1]",
+            "\"ten\" is not an IP address or CIDR block",
+        ),
+        (
+            |c| r(c).from.push(Source::default()),
+            "policies[0].rules[0].from[1]",
+            "a source sets no field",
+        ),
+        (
+            |c| r(c).to[0] = Operation::default(),
+            "policies[0].rules[0].to[0]",
+            "an operation sets no field",
+        ),
+        (
+            |c| r(c).to[0].not_ports = vec![0],
+            "policies[0].rules[0].to[0].notPorts[0]",
+            "port 0",
+        ),
+        (
+            |c| r(c).when[0].key = ConditionKey::RequestHeader("X-User".into()),
+            "policies[0].rules[0].when[0].key.requestHeader",
+            "\"X-User\" is not a lowercase HTTP header name",
+        ),
+        (
+            |c| r(c).when[0].values.clear(),
+            "policies[0].rules[0].when[0]",
+            "neither values nor notValues is set",
+        ),
+        (
+            |c| {
+                r(c).when[0] = Condition {
+                    key: ConditionKey::SourceIp,
+                    values: vec![],
+                    not_values: vec!["fd00::/129".into()],
+                }
+            },
+            "policies[0].rules[0].when[0].notValues[0]",
+            "\"fd00::/129\" is not an IP address or CIDR block",
+        ),
+        (
+            |c| {
+                r(c).when[0] = Condition {
+                    key: ConditionKey::DestinationPort,
+                    values: vec!["9080".into(), "0".into()],
+                    not_values: vec![],
+                }
+            },
+            "policies[0].rules[0].when[0].values[1]",
+            "\"0\" is not a port from 1 to 65535",
+        ),
+    ];
+    for (i, (break_it, field, problem)) in cases.into_iter().enumerate() {
+        let mut config = jason();
+        config.policies = vec![policy()];
+        assert_eq!(config.validate(), Ok(()), "case {i} before");
+        break_it(&mut config);
+        assert_eq!(
+            WaypointConfig::from_json(&config.to_json()),
+            Err(WaypointConfigError::Invalid {
+                field: field.into(),
+                problem: problem.into()
+            }),
+            "case {i}"
+        );
+    }
+}
+
+#[test]
+fn cidrs_parse_and_contain_as_written() {
+    let block = |t: &str| parse_cidr(t).unwrap();
+    assert!(cidr_contains(
+        block("10.1.0.0/16"),
+        "10.1.200.3".parse().unwrap()
+    ));
+    assert!(!cidr_contains(
+        block("10.1.0.0/16"),
+        "10.2.0.3".parse().unwrap()
+    ));
+    assert!(cidr_contains(
+        block("10.1.2.3"),
+        "10.1.2.3".parse().unwrap()
+    ));
+    assert!(!cidr_contains(
+        block("10.1.2.3"),
+        "10.1.2.4".parse().unwrap()
+    ));
+    assert!(cidr_contains(
+        block("0.0.0.0/0"),
+        "192.0.2.1".parse().unwrap()
+    ));
+    assert!(cidr_contains(block("::/0"), "fd00::1".parse().unwrap()));
+    assert!(cidr_contains(block("fd00::/8"), "fd12::1".parse().unwrap()));
+    // One family never contains the other's addresses.
+    assert!(!cidr_contains(
+        block("0.0.0.0/0"),
+        "fd00::1".parse().unwrap()
+    ));
+    for bad in [
+        "10.0.0.0/33",
+        "10.0.0/8",
+        "10.0.0.0/",
+        "10.0.0.0/+8",
+        "x",
+        "::/129",
+    ] {
+        assert_eq!(parse_cidr(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn istio_strings_match_exact_prefix_suffix_and_presence() {
+    assert!(istio_string_match("*", ""));
+    assert!(istio_string_match("/admin*", "/admin/users"));
+    assert!(!istio_string_match("/admin*", "/public"));
+    assert!(istio_string_match("*.local", "reviews.local"));
+    assert!(!istio_string_match("*.local", "reviews.com"));
+    assert!(istio_string_match("GET", "GET"));
+    assert!(!istio_string_match("GET", "GETS"));
 }

@@ -1,9 +1,14 @@
-//! What a waypoint configuration must satisfy before a waypoint uses it. Each error names the
+//! What a waypoint configuration must satisfy before a waypoint uses it (its AuthorizationPolicies
+//! included: their services exist, their address blocks and ports parse). Each error names the
 //! field (`services[2].ports[0].http[1].action.forward[0].cluster`) and what is wrong with it.
 //! Regular expressions are not compiled here (this crate has no regex engine): the waypoint compiles
 //! them when it adopts a configuration and refuses it whole if one does not compile.
 use std::collections::BTreeSet;
 
+use super::{
+    AuthorizationPolicy, Condition, ConditionKey, Operation, PolicyTarget, Source,
+    authz::parse_cidr,
+};
 use super::{
     DirectResponse, Fault, HashKey, Header, HeaderMatch, HeaderOps, HttpRoute, LoadBalancer,
     Mirror, PathRewrite, Redirect, RouteAction, Service, ServicePort, WAYPOINT_CONFIG_VERSION,
@@ -70,8 +75,143 @@ impl WaypointConfig {
                 }
             }
         }
+        for (i, policy) in self.policies.iter().enumerate() {
+            check_policy(&format!("policies[{i}]"), policy, &ids)?;
+        }
         Ok(())
     }
+}
+
+fn check_policy(
+    field: &str,
+    policy: &AuthorizationPolicy,
+    services: &BTreeSet<u32>,
+) -> Result<(), WaypointConfigError> {
+    if policy.name.is_empty() {
+        return Err(invalid(format!("{field}.name"), "the name is empty"));
+    }
+    if let PolicyTarget::Services(ids) = &policy.applies_to {
+        if ids.is_empty() {
+            return Err(invalid(
+                format!("{field}.appliesTo.services"),
+                "no service: a policy for no service is not written",
+            ));
+        }
+        for (j, id) in ids.iter().enumerate() {
+            if !services.contains(id) {
+                return Err(invalid(
+                    format!("{field}.appliesTo.services[{j}]"),
+                    format!("service id {id} is not a service of this waypoint"),
+                ));
+            }
+        }
+    }
+    for (r, rule) in policy.rules.iter().enumerate() {
+        let field = format!("{field}.rules[{r}]");
+        for (f, source) in rule.from.iter().enumerate() {
+            check_source(&format!("{field}.from[{f}]"), source)?;
+        }
+        for (t, operation) in rule.to.iter().enumerate() {
+            check_operation(&format!("{field}.to[{t}]"), operation)?;
+        }
+        for (w, condition) in rule.when.iter().enumerate() {
+            check_condition(&format!("{field}.when[{w}]"), condition)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_source(field: &str, source: &Source) -> Result<(), WaypointConfigError> {
+    let Source {
+        principals,
+        not_principals,
+        namespaces,
+        not_namespaces,
+        ip_blocks,
+        not_ip_blocks,
+    } = source;
+    let lists = [
+        principals,
+        not_principals,
+        namespaces,
+        not_namespaces,
+        ip_blocks,
+        not_ip_blocks,
+    ];
+    if lists.iter().all(|l| l.is_empty()) {
+        return Err(invalid(field, "a source sets no field"));
+    }
+    check_cidrs(&format!("{field}.ipBlocks"), ip_blocks)?;
+    check_cidrs(&format!("{field}.notIpBlocks"), not_ip_blocks)
+}
+
+fn check_operation(field: &str, operation: &Operation) -> Result<(), WaypointConfigError> {
+    let Operation {
+        hosts,
+        not_hosts,
+        ports,
+        not_ports,
+        methods,
+        not_methods,
+        paths,
+        not_paths,
+    } = operation;
+    let strings = [hosts, not_hosts, methods, not_methods, paths, not_paths];
+    if strings.iter().all(|l| l.is_empty()) && ports.is_empty() && not_ports.is_empty() {
+        return Err(invalid(field, "an operation sets no field"));
+    }
+    for (list, ports) in [("ports", ports), ("notPorts", not_ports)] {
+        if let Some(k) = ports.iter().position(|p| *p == 0) {
+            return Err(invalid(format!("{field}.{list}[{k}]"), "port 0"));
+        }
+    }
+    Ok(())
+}
+
+fn check_condition(field: &str, condition: &Condition) -> Result<(), WaypointConfigError> {
+    if condition.values.is_empty() && condition.not_values.is_empty() {
+        return Err(invalid(field, "neither values nor notValues is set"));
+    }
+    let lists = [
+        ("values", &condition.values),
+        ("notValues", &condition.not_values),
+    ];
+    match &condition.key {
+        ConditionKey::RequestHeader(name) => {
+            check_header_name(&format!("{field}.key.requestHeader"), name)?
+        }
+        ConditionKey::SourceIp => {
+            for (list, values) in lists {
+                check_cidrs(&format!("{field}.{list}"), values)?;
+            }
+        }
+        ConditionKey::DestinationPort => {
+            for (list, values) in lists {
+                for (k, v) in values.iter().enumerate() {
+                    if !v.parse::<u16>().is_ok_and(|p| p != 0) {
+                        return Err(invalid(
+                            format!("{field}.{list}[{k}]"),
+                            format!("{v:?} is not a port from 1 to 65535"),
+                        ));
+                    }
+                }
+            }
+        }
+        ConditionKey::SourceNamespace | ConditionKey::SourcePrincipal => {}
+    }
+    Ok(())
+}
+
+fn check_cidrs(field: &str, values: &[String]) -> Result<(), WaypointConfigError> {
+    for (k, v) in values.iter().enumerate() {
+        if parse_cidr(v).is_none() {
+            return Err(invalid(
+                format!("{field}[{k}]"),
+                format!("{v:?} is not an IP address or CIDR block"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_service(

@@ -60,6 +60,7 @@ pub(crate) fn config() -> WaypointConfig {
             cluster("v3", &["10.0.3.1:9080"]),
         ],
         workloads: vec![],
+        policies: vec![],
     }
 }
 

@@ -8,7 +8,8 @@
 //!
 //! - [`origin`]: the original destination of an accepted connection, from its saved SYN.
 //! - [`sys`]: the raw syscalls, nothing else.
-//! - [`table`], [`matching`], [`choice`], [`filters`], [`retry`], [`identity`]: the L7 engine,
+//! - [`table`], [`matching`], [`choice`], [`filters`], [`retry`], [`identity`], [`authz`]: the L7
+//!   engine,
 //!   pure: configuration and request in, decisions out.
 //! - [`sniff`]: protocol detection of a connection's first bytes.
 //! - [`config_store`]: the current route table, swapped whole, and where configurations come
@@ -20,6 +21,7 @@
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`. The binary (`src/main.rs`) wires them up.
 
 pub mod admin;
+pub mod authz;
 pub mod choice;
 pub mod config_store;
 pub mod filters;

@@ -35,7 +35,7 @@ use kmesh_snapshot::waypoint::{
     Source, cidr_contains, istio_string_match, parse_cidr,
 };
 
-use crate::{identity::Client, matching::RequestHead};
+use crate::{identity::Client, matching::RequestHead, table::RouteTable};
 
 /// What a connection or request is, as policies read it.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +65,29 @@ impl Decision {
     pub fn allowed(&self) -> bool {
         matches!(self, Decision::Allow)
     }
+}
+
+/// The verdict of `table`'s policies on a connection from `client` to the service port
+/// (`service_id`, `port`), with its request head when it is HTTP.
+pub fn authorize_in(
+    table: &RouteTable,
+    service_id: u32,
+    port: u16,
+    client: &Client<'_>,
+    request: Option<&RequestHead<'_>>,
+) -> Decision {
+    if table.policies().is_empty() {
+        return Decision::Allow;
+    }
+    let principal = client.principal(table.trust_domain());
+    let subject = Subject {
+        service_id,
+        port,
+        client,
+        principal: principal.as_ref().map(|p| p.as_str()),
+        request,
+    };
+    authorize(table.policies(), &subject)
 }
 
 /// Istio's evaluation of `policies` for `subject`.

@@ -4,9 +4,10 @@
 //! hands forwarding to [`crate::forward`].
 //!
 //! It promises, per request: one route table from start to end (taken once, when the request
-//! arrives); a route or a local answer, never a panic, whatever the request; Envoy's answers for
-//! what the waypoint decides itself (404 `route not found` with `NR`, the fault's status with
-//! `FI`, a redirect's status and `Location`). It adds no header of its own to requests or answers
+//! arrives); its AuthorizationPolicies judged before any route (`authz`); a route or a local
+//! answer, never a panic, whatever the request; Envoy's answers for what the waypoint decides
+//! itself (403 `RBAC: access denied` with no flag, as Envoy's RBAC filter, 404 `route not found`
+//! with `NR`, the fault's status with `FI`, a redirect's status and `Location`). It adds no header of its own to requests or answers
 //! (no `x-forwarded-for`, `x-request-id` or `x-envoy-*`): Istio's waypoint adds some of them,
 //! but nothing here reads them, and the headers a route sets are the route's.
 //!
@@ -26,6 +27,7 @@ use kmesh_snapshot::waypoint::RouteAction;
 use tokio::net::TcpStream;
 
 use crate::{
+    authz,
     filters::{self, RewriteError},
     forward,
     identity::Client,
@@ -35,6 +37,9 @@ use crate::{
     table::{PortKey, RouteTable},
     upstream::ProxyBody,
 };
+
+/// Envoy's body of a 403 its RBAC filter answers.
+pub const RBAC_DENIED: &str = "RBAC: access denied";
 
 /// One downstream connection: where it was going and where it comes from.
 pub struct Connection {
@@ -178,6 +183,11 @@ async fn route_request(
     };
     let head = RequestHead::from_parts(parts);
     let client = Client::identify(table, connection.peer.ip());
+    let decision = authz::authorize_in(table, port.service.id, port.port, &client, Some(&head));
+    if !decision.allowed() {
+        tracing::debug!(peer = %connection.peer, service = %port.service.hostname, ?decision, "request denied by AuthorizationPolicy");
+        return Answer::local(StatusCode::FORBIDDEN, RBAC_DENIED, ResponseFlags::default());
+    }
     let Some(matched) = first_match(port, &head, &client) else {
         return Answer::local(
             StatusCode::NOT_FOUND,

@@ -247,6 +247,8 @@ pub enum ConnectionRefusal {
     unknown_service_port,
     /// A TCP connection on a port without TCP destinations, or to a cluster without endpoints.
     no_tcp_destination,
+    /// A TCP connection an AuthorizationPolicy denies (`authz`).
+    authz_denied,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

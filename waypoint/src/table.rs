@@ -13,8 +13,9 @@ use std::{
 };
 
 use kmesh_snapshot::waypoint::{
-    HeaderMatch, HttpRoute, PathMatch, Protocol, QueryParamMatch, RequestMatch, RouteAction,
-    StringMatch, WaypointConfig, WaypointConfigError, WaypointName, WeightedCluster, Workload,
+    AuthorizationPolicy, HeaderMatch, HttpRoute, PathMatch, Protocol, QueryParamMatch,
+    RequestMatch, RouteAction, StringMatch, WaypointConfig, WaypointConfigError, WaypointName,
+    WeightedCluster, Workload,
 };
 use regex::Regex;
 
@@ -77,6 +78,8 @@ pub struct RouteTable {
     workloads: Vec<Workload>,
     /// Canonical address (IPv4-mapped IPv6 as IPv4) → index into `workloads`.
     workload_by_address: HashMap<IpAddr, usize>,
+    /// The AuthorizationPolicies the waypoint enforces (`authz`).
+    policies: Vec<AuthorizationPolicy>,
 }
 
 /// One port of a bound service: its routes, compiled, in the configuration's order.
@@ -159,6 +162,7 @@ impl RouteTable {
             services,
             clusters,
             workloads,
+            policies,
             ..
         } = config;
         let mut ports = HashMap::new();
@@ -197,6 +201,7 @@ impl RouteTable {
             clusters: clusters.into_iter().map(ClusterTable::new).collect(),
             workloads,
             workload_by_address,
+            policies,
         })
     }
 
@@ -215,6 +220,11 @@ impl RouteTable {
     pub fn workload(&self, address: IpAddr) -> Option<&Workload> {
         let index = *self.workload_by_address.get(&canonical_address(address))?;
         self.workloads.get(index)
+    }
+
+    /// The AuthorizationPolicies of the configuration.
+    pub fn policies(&self) -> &[AuthorizationPolicy] {
+        &self.policies
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -5,6 +5,8 @@
 //!   where the server speaks first (MySQL, SMTP) work;
 //! - a half-close is passed on: when one side ends its writes, the other side's writes are shut
 //!   down, and the other direction goes on until it ends too;
+//! - a connection the AuthorizationPolicies deny (judged on their L4 attributes, `authz`) is
+//!   closed at once, before any upstream connection (counted as `authz_denied`);
 //! - a port without `tcp` destinations, or a cluster without endpoints, closes the connection
 //!   (counted as `no_tcp_destination`); a failed connect closes it too (counted with `UF`).
 //!
@@ -16,6 +18,7 @@ use http::{HeaderMap, Method};
 use tokio::net::TcpStream;
 
 use crate::{
+    authz,
     choice::choose_destination,
     identity::Client,
     matching::RequestHead,
@@ -32,6 +35,15 @@ pub async fn serve(
     port: &PortTable,
     proxy: &Proxy,
 ) {
+    let client_identity = Client::identify(table, peer.ip());
+    let decision = authz::authorize_in(table, port.service.id, port.port, &client_identity, None);
+    if !decision.allowed() {
+        proxy
+            .metrics
+            .connection_refused(ConnectionRefusal::authz_denied);
+        tracing::debug!(%peer, service = %port.service.hostname, port = port.port, ?decision, "denied by AuthorizationPolicy: closed");
+        return;
+    }
     let mut draw = || proxy.draws.next();
     let Some((endpoint, in_flight)) = choose(table, port, peer, &mut draw) else {
         proxy

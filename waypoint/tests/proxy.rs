@@ -22,10 +22,11 @@ use hyper_util::{
     server::conn::auto,
 };
 use kmesh_snapshot::waypoint::{
-    AbortFault, Cluster, DelayFault, Endpoint, Fault, HashKey, Header, HeaderMatch, HeaderOps,
-    HttpRoute, LoadBalancer, Mirror, PathMatch, PathRewrite, Protocol, Redirect, RequestMatch,
-    RetryOn, RetryPolicy, Rewrite, RouteAction, Service, ServicePort, StringMatch,
-    WAYPOINT_CONFIG_VERSION, WaypointConfig, WaypointName, WeightedCluster,
+    AbortFault, AuthorizationPolicy, Cluster, Condition, ConditionKey, DelayFault, Endpoint, Fault,
+    HashKey, Header, HeaderMatch, HeaderOps, HttpRoute, LoadBalancer, Mirror, Operation, PathMatch,
+    PathRewrite, PolicyAction, PolicyTarget, Protocol, Redirect, RequestMatch, RetryOn,
+    RetryPolicy, Rewrite, RouteAction, Rule, Service, ServicePort, Source, StringMatch,
+    WAYPOINT_CONFIG_VERSION, WaypointConfig, WaypointName, WeightedCluster, Workload,
 };
 use kmesh_waypoint::{
     config_store::{self, ConfigStore, FileSource},
@@ -1077,6 +1078,165 @@ async fn a_detect_port_serves_http_by_its_routes() {
     assert_eq!((answer.status, answer.version()), (StatusCode::OK, "v1"));
     let answer = send(&h2c(), &waypoint, "/", &[]).await;
     assert_eq!((answer.status, answer.version()), (StatusCode::OK, "v1"));
+}
+
+// ---- AuthorizationPolicy ----
+
+/// The client's principal: the workload at 127.0.0.1 (where the tests' clients connect from, unless
+/// they bind 127.0.0.2, an address no workload has).
+const PRODUCTPAGE: &str = "cluster.local/ns/default/sa/bookinfo-productpage";
+
+fn productpage_at_loopback() -> Workload {
+    Workload {
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        namespace: "default".into(),
+        name: "productpage-1".into(),
+        service_account: "bookinfo-productpage".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn authz_policy(name: &str, action: PolicyAction, rule: Rule) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        name: format!("default/{name}"),
+        action,
+        applies_to: PolicyTarget::Services(vec![SERVICE_ID]),
+        rules: vec![rule],
+    }
+}
+
+/// ALLOW from productpage; DENY `/admin*`; DENY requests with `x-block`.
+fn guarded(mut config: WaypointConfig) -> WaypointConfig {
+    config.workloads = vec![productpage_at_loopback()];
+    config.policies = vec![
+        authz_policy(
+            "allow-productpage",
+            PolicyAction::Allow,
+            Rule {
+                from: vec![Source {
+                    principals: vec![PRODUCTPAGE.into()],
+                    ..Source::default()
+                }],
+                ..Rule::default()
+            },
+        ),
+        authz_policy(
+            "deny-admin",
+            PolicyAction::Deny,
+            Rule {
+                to: vec![Operation {
+                    paths: vec!["/admin*".into()],
+                    ..Operation::default()
+                }],
+                ..Rule::default()
+            },
+        ),
+        authz_policy(
+            "deny-blocked",
+            PolicyAction::Deny,
+            Rule {
+                when: vec![Condition {
+                    key: ConditionKey::RequestHeader("x-block".into()),
+                    values: vec!["*".into()],
+                    not_values: vec![],
+                }],
+                ..Rule::default()
+            },
+        ),
+    ];
+    config
+}
+
+/// An HTTP/1.1 client whose connections come from `source`.
+fn http1_from(source: &str) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(source.parse().unwrap()));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authorization_policies_answer_403_to_what_they_deny() {
+    let v1 = Echo::start("v1").await;
+    let waypoint = waypoint(guarded(config(
+        Protocol::Http,
+        vec![forward_to(0)],
+        vec![cluster("v1", &[&v1])],
+    )))
+    .await;
+    let allowed = get(&waypoint, "/reviews/1", &[]).await;
+    assert_eq!((allowed.status, allowed.version()), (StatusCode::OK, "v1"));
+    for (path, headers) in [
+        ("/admin/users", &[][..]),
+        ("/reviews/1", &[("x-block", "1")][..]),
+    ] {
+        let denied = get(&waypoint, path, headers).await;
+        assert_eq!(denied.status, StatusCode::FORBIDDEN, "{path} {headers:?}");
+        assert_eq!(denied.body, "RBAC: access denied");
+        assert_eq!(denied.version(), "-");
+    }
+    // A client that is no workload has no principal: the ALLOW policy does not allow it.
+    let stranger = send(&http1_from("127.0.0.2"), &waypoint, "/reviews/1", &[]).await;
+    assert_eq!(stranger.status, StatusCode::FORBIDDEN);
+    assert_eq!(stranger.body, "RBAC: access denied");
+    // h2c is judged the same.
+    let h2 = send(&h2c(), &waypoint, "/admin", &[]).await;
+    assert_eq!(h2.status, StatusCode::FORBIDDEN);
+    assert_eq!(v1.count(), 1, "no denied request reached the upstream");
+    let metrics = waypoint.metrics.render();
+    assert!(
+        metrics.contains("response_code=\"403\",response_flags=\"-\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tcp_connection_is_judged_on_the_l4_attributes_and_closed_when_denied() {
+    let upstream = banner_server(b"220 ready\r\n").await;
+    // productpage is allowed by its principal: the connection goes through.
+    let guarded_tcp = waypoint(guarded(tcp_config(Protocol::Tcp, upstream))).await;
+    let mut client = TcpStream::connect(guarded_tcp.addr).await.unwrap();
+    let mut banner = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(2), client.read_exact(&mut banner))
+        .await
+        .expect("the banner")
+        .unwrap();
+    assert_eq!(&banner, b"220 ready\r\n");
+    // A client that is no workload is not allowed: closed at once, nothing from the upstream.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut stranger = socket.connect(guarded_tcp.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), stranger.read_to_end(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(read.is_err() || buf.is_empty(), "{buf:?}");
+    assert_eq!(
+        guarded_tcp
+            .metrics
+            .connections_refused_total(ConnectionRefusal::authz_denied),
+        1
+    );
+    // An ALLOW policy with only L7 rules allows no TCP connection, productpage's included.
+    let mut l7_only = tcp_config(Protocol::Tcp, upstream);
+    l7_only.workloads = vec![productpage_at_loopback()];
+    l7_only.policies = vec![authz_policy(
+        "allow-get",
+        PolicyAction::Allow,
+        Rule {
+            to: vec![Operation {
+                methods: vec!["GET".into()],
+                ..Operation::default()
+            }],
+            ..Rule::default()
+        },
+    )];
+    let l7_only = waypoint(l7_only).await;
+    let mut client = TcpStream::connect(l7_only.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(read.is_err() || buf.is_empty(), "{buf:?}");
 }
 
 // ---- connections the waypoint refuses, and bad input ----

@@ -1,7 +1,8 @@
 //! AuthorizationPolicy specs into their L4 form (`authz_rules.rs`), as istiod's ambient
 //! conversion does (`convertAuthorizationPolicy`, `handleRule`), with the checks of the CRD
 //! schema and of Istio's validation. Decided here:
-//! - `targetRefs`, CUSTOM, AUDIT and dry-run policies are not node-enforced: reported, not bound;
+//! - `targetRefs`, CUSTOM, AUDIT and dry-run policies are not node-enforced: reported, not bound
+//!   (in DualEngine, `targetRefs` policies are the waypoint's: `waypoint_policies.rs` reports them);
 //! - an invalid policy is rejected and still binds (by its selector, or, when even that cannot be
 //!   read, every mesh workload of its namespace, all namespaces for the root namespace): its
 //!   workloads fail closed;
@@ -168,6 +169,10 @@ impl<'a> Compiler<'a> {
             };
             return (binding, uncompilable(i));
         }
+        if targets && self.mode == crate::crd::Mode::DualEngine {
+            // The waypoint enforces it (`waypoint_policies.rs`, which reports what it cannot).
+            return (binding, ReadPolicy::NotEnforced);
+        }
         if targets {
             self.unenforced(
                 object,
@@ -286,7 +291,7 @@ pub(super) fn read_binding(spec: &serde_json::Value) -> Result<(Binding, bool), 
 }
 
 /// The L4 form of a valid spec, or the first invalid field.
-fn convert(
+pub(super) fn convert(
     spec: &AuthorizationPolicySpec,
     action: Action,
     namespace: &str,

@@ -57,6 +57,7 @@ mod testing;
 mod virtual_service;
 mod waypoint_bindings;
 mod waypoint_configs;
+mod waypoint_policies;
 mod workloads;
 
 use std::{

@@ -11,6 +11,8 @@
 //!   waypoint-bound service are not compiled for the waypoint yet: reported);
 //! - the workloads are every pod with an address (each address with its one owner), so that the
 //!   waypoint can name any client.
+//! - the AuthorizationPolicies whose `targetRefs` name the waypoint or a service bound to it are
+//!   its own (`waypoint_policies.rs`), in DualEngine only.
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -40,6 +42,11 @@ impl<'a> Compiler<'a> {
         let sources = (self.mode == Mode::DualEngine && !bindings.services.is_empty())
             .then(|| self.l7_sources(catalog));
         let workloads = self.waypoint_workloads();
+        let mut policies = if self.mode == Mode::DualEngine {
+            self.waypoint_policies(catalog, bindings, service_ids)
+        } else {
+            BTreeMap::new()
+        };
         let mut configs = BTreeMap::new();
         for name in bindings.waypoints.keys() {
             let mut clusters = ClusterSet::default();
@@ -65,7 +72,7 @@ impl<'a> Compiler<'a> {
                 services,
                 clusters: clusters.into_clusters(),
                 workloads: workloads.clone(),
-                policies: Vec::new(),
+                policies: policies.remove(name).unwrap_or_default(),
             };
             configs.insert(name.clone(), config);
         }

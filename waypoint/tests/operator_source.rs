@@ -90,6 +90,7 @@ fn config(port: u16) -> Vec<u8> {
             }],
         }],
         workloads: vec![],
+        policies: vec![],
     }
     .to_json()
 }

@@ -48,3 +48,30 @@ pub(super) fn diagnostics(compiled: &Compiled) -> Vec<String> {
         .map(ToString::to_string)
         .collect()
 }
+
+/// The KmeshConfig `default` in `mode`.
+pub(super) fn mode_config(mode: &str) -> String {
+    format!(
+        "apiVersion: kmesh.net/v1alpha1\nkind: KmeshConfig\nmetadata: {{name: default}}\nspec: {{mode: {mode}}}\n"
+    )
+}
+
+/// Waypoint `default/waypoint` (a Gateway of class istio-waypoint, port 15008), and namespace
+/// `default` bound to it.
+pub(super) const BOUND_TO_WAYPOINT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
+"#;
+
+/// `mode_config(mode)` and [`BOUND_TO_WAYPOINT`].
+pub(super) fn bound_to_waypoint(mode: &str) -> String {
+    format!("{}---{BOUND_TO_WAYPOINT}", mode_config(mode))
+}

@@ -453,20 +453,9 @@ spec:
 mod steering_tests {
     use kmesh_common::service_flags;
 
-    use crate::compile::testing::{NODE, REVIEWS, compile_yaml, diagnostics};
-
-    const WAYPOINT: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
-"#;
+    use crate::compile::testing::{
+        BOUND_TO_WAYPOINT, NODE, REVIEWS, compile_yaml, diagnostics, mode_config,
+    };
 
     const WAYPOINT_SERVICE: &str = r#"
 apiVersion: v1
@@ -490,12 +479,6 @@ status:
   podIP: 10.244.0.50
   conditions: [{type: Ready, status: "True"}]
 "#;
-
-    fn mode(mode: &str) -> String {
-        format!(
-            "apiVersion: kmesh.net/v1alpha1\nkind: KmeshConfig\nmetadata: {{name: default}}\nspec: {{mode: {mode}}}\n"
-        )
-    }
 
     /// reviews' VIP in the node's snapshot: its flags and the endpoints its route reaches.
     fn reviews_steering(yaml: &str) -> (u32, Vec<String>) {
@@ -528,8 +511,8 @@ status:
     #[test]
     fn dual_engine_sends_bound_services_to_their_waypoint_s_replicas_marked() {
         let yaml = format!(
-            "{}---{REVIEWS}---{WAYPOINT}---{WAYPOINT_SERVICE}",
-            mode("DualEngine")
+            "{}---{REVIEWS}---{BOUND_TO_WAYPOINT}---{WAYPOINT_SERVICE}",
+            mode_config("DualEngine")
         );
         assert_eq!(
             reviews_steering(&yaml),
@@ -553,8 +536,8 @@ status:
     #[test]
     fn kernel_native_keeps_bound_services_on_the_kernel_path() {
         let yaml = format!(
-            "{}---{REVIEWS}---{WAYPOINT}---{WAYPOINT_SERVICE}",
-            mode("KernelNative")
+            "{}---{REVIEWS}---{BOUND_TO_WAYPOINT}---{WAYPOINT_SERVICE}",
+            mode_config("KernelNative")
         );
         assert_eq!(
             reviews_steering(&yaml),
@@ -564,7 +547,10 @@ status:
 
     #[test]
     fn a_waypoint_without_its_service_refuses_rather_than_bypasses() {
-        let yaml = format!("{}---{REVIEWS}---{WAYPOINT}", mode("DualEngine"));
+        let yaml = format!(
+            "{}---{REVIEWS}---{BOUND_TO_WAYPOINT}",
+            mode_config("DualEngine")
+        );
         assert_eq!(reviews_steering(&yaml), (service_flags::WAYPOINT, vec![]));
         let diagnostics = diagnostics(&compile_yaml(&yaml));
         assert!(

@@ -151,25 +151,10 @@ mod tests {
         HeaderMatch, Protocol, RequestMatch, RouteAction, StringMatch, WaypointConfig, WaypointName,
     };
 
-    use crate::compile::testing::{NODE, REVIEWS, compile_yaml};
+    use crate::compile::testing::{NODE, REVIEWS, bound_to_waypoint, compile_yaml};
 
-    const BOUND: &str = r#"
-apiVersion: kmesh.net/v1alpha1
-kind: KmeshConfig
-metadata: {name: default}
-spec: {mode: MODE}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
----
+    /// reviews' jason route.
+    const JASON: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: reviews, namespace: default}
@@ -190,7 +175,7 @@ spec:
 
     #[test]
     fn a_bound_service_is_served_under_its_snapshot_id_with_its_routes() {
-        let yaml = format!("{}---{REVIEWS}", BOUND.replace("MODE", "DualEngine"));
+        let yaml = format!("{}---{JASON}---{REVIEWS}", bound_to_waypoint("DualEngine"));
         let compiled = compile_yaml(&yaml);
         let config = &compiled.waypoints[&waypoint()];
         // What a waypoint would read is what it accepts.
@@ -242,7 +227,10 @@ spec:
 
     #[test]
     fn outside_dual_engine_a_waypoint_serves_nothing() {
-        let yaml = format!("{}---{REVIEWS}", BOUND.replace("MODE", "KernelNative"));
+        let yaml = format!(
+            "{}---{JASON}---{REVIEWS}",
+            bound_to_waypoint("KernelNative")
+        );
         let compiled = compile_yaml(&yaml);
         assert!(compiled.waypoints[&waypoint()].services.is_empty());
     }

@@ -491,26 +491,8 @@ mod tests {
 
     use crate::compile::{
         Compiled,
-        testing::{REVIEWS, compile_yaml},
+        testing::{REVIEWS, bound_to_waypoint, compile_yaml},
     };
-
-    const BOUND: &str = r#"
-apiVersion: kmesh.net/v1alpha1
-kind: KmeshConfig
-metadata: {name: default}
-spec: {mode: MODE}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
-"#;
 
     /// ALLOW productpage's GETs on `/reviews*` with `x-user`, for the whole waypoint.
     const ALLOW_GATEWAY: &str = r#"
@@ -528,7 +510,7 @@ spec:
     fn compile(mode: &str, policies: &str) -> Compiled {
         compile_yaml(&format!(
             "{}---{REVIEWS}---{policies}",
-            BOUND.replace("MODE", mode)
+            bound_to_waypoint(mode)
         ))
     }
 

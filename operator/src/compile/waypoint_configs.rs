@@ -2,9 +2,11 @@
 //! to it (`waypoint_bindings.rs`), under the ids the node snapshots' services table gives them
 //! (the id the kernel writes into the SYN), each port with its HTTP routes (`l7/`) and its TCP
 //! destination, the clusters those name, and the workloads that may be its clients. Decided here:
-//! - only DualEngine steers to waypoints, so only then does a waypoint serve services: in the
-//!   other modes its configuration lists none (and no L7 route is compiled for it, so nothing is
-//!   reported twice);
+//! - a waypoint's configuration is the same in every mode, although only DualEngine steers to
+//!   waypoints: the waypoint is kept warm, so that a switch to DualEngine needs only the nodes'
+//!   new steering, and a connect steered there by a node that switched first finds its routes
+//!   (a waypoint that listed nothing would refuse it). Its L7 diagnostics are DualEngine's only:
+//!   in the other modes the kernel path's wording of the same fields stands, said once;
 //! - a port's protocol is its declared one: HTTP (`Http`: HTTP/1.1 or h2c), opaque (`Tcp`), or
 //!   undeclared (`Detect`: the waypoint sniffs, as Istio does);
 //! - connections that are not HTTP go to the service itself (VirtualService `tcp` routes on a
@@ -39,14 +41,10 @@ impl<'a> Compiler<'a> {
         bindings: &WaypointBindings,
         service_ids: &BTreeMap<&str, u32>,
     ) -> BTreeMap<WaypointName, WaypointConfig> {
-        let sources = (self.mode == Mode::DualEngine && !bindings.services.is_empty())
-            .then(|| self.l7_sources(catalog));
+        let reported = self.diagnostics.len();
+        let sources = (!bindings.services.is_empty()).then(|| self.l7_sources(catalog));
         let workloads = self.waypoint_workloads();
-        let mut policies = if self.mode == Mode::DualEngine {
-            self.waypoint_policies(catalog, bindings, service_ids)
-        } else {
-            BTreeMap::new()
-        };
+        let mut policies = self.waypoint_policies(catalog, bindings, service_ids);
         let mut configs = BTreeMap::new();
         for name in bindings.waypoints.keys() {
             let mut clusters = ClusterSet::default();
@@ -75,6 +73,9 @@ impl<'a> Compiler<'a> {
                 policies: policies.remove(name).unwrap_or_default(),
             };
             configs.insert(name.clone(), config);
+        }
+        if self.mode != Mode::DualEngine {
+            self.diagnostics.truncate(reported);
         }
         configs
     }
@@ -151,7 +152,7 @@ mod tests {
         HeaderMatch, Protocol, RequestMatch, RouteAction, StringMatch, WaypointConfig, WaypointName,
     };
 
-    use crate::compile::testing::{NODE, REVIEWS, bound_to_waypoint, compile_yaml};
+    use crate::compile::testing::{NODE, REVIEWS, bound_to_waypoint, compile_yaml, diagnostics};
 
     /// reviews' jason route.
     const JASON: &str = r#"
@@ -225,13 +226,43 @@ spec:
         assert!(config.workloads.iter().any(|w| w.name == "reviews-v1"));
     }
 
+    /// The waypoint is kept warm: outside DualEngine its configuration is DualEngine's, so a
+    /// switch of mode needs only the nodes' steering; its L7 diagnostics are not repeated.
     #[test]
-    fn outside_dual_engine_a_waypoint_serves_nothing() {
-        let yaml = format!(
-            "{}---{JASON}---{REVIEWS}",
-            bound_to_waypoint("KernelNative")
+    fn outside_dual_engine_a_waypoint_keeps_the_dual_engine_configuration() {
+        // A field the waypoint reports (CORS), to see whose wording a mode gets.
+        let jason_with_cors = JASON.replace(
+            "  - route: [{destination: {host: reviews}}]",
+            "  - route: [{destination: {host: reviews}}]\n    corsPolicy: {allowOrigins: [{exact: x}]}",
         );
-        let compiled = compile_yaml(&yaml);
-        assert!(compiled.waypoints[&waypoint()].services.is_empty());
+        let compile_in = |mode: &str| {
+            let yaml = format!(
+                "{}---{jason_with_cors}---{REVIEWS}",
+                bound_to_waypoint(mode)
+            );
+            compile_yaml(&yaml)
+        };
+        let dual_engine = compile_in("DualEngine");
+        assert!(!dual_engine.waypoints[&waypoint()].services.is_empty());
+        let reports = diagnostics(&dual_engine);
+        assert!(
+            reports
+                .iter()
+                .any(|d| d.contains("CORS is not supported by the waypoint")),
+            "{reports:#?}"
+        );
+        for mode in ["KernelNative", "Disabled"] {
+            let compiled = compile_in(mode);
+            assert_eq!(
+                compiled.waypoints[&waypoint()],
+                dual_engine.waypoints[&waypoint()],
+                "{mode}"
+            );
+            let reports = diagnostics(&compiled);
+            assert!(
+                !reports.iter().any(|d| d.contains("by the waypoint")),
+                "{mode}: {reports:#?}"
+            );
+        }
     }
 }

@@ -572,9 +572,15 @@ spec:
     }
 
     #[test]
-    fn outside_dual_engine_it_stays_reported_and_no_waypoint_gets_it() {
+    fn outside_dual_engine_it_stays_reported_and_the_waypoint_keeps_it_warm() {
         let compiled = compile("KernelNative", ALLOW_GATEWAY);
-        assert!(config(&compiled).policies.is_empty());
+        // The waypoint holds it as in DualEngine (a switch needs only the nodes' steering) ...
+        assert_eq!(
+            config(&compiled).policies,
+            config(&compile("DualEngine", ALLOW_GATEWAY)).policies
+        );
+        assert!(!config(&compiled).policies.is_empty());
+        // ... while no node steers there: the kernel path's wording stands.
         let reports = diagnostics(&compiled);
         assert!(
             reports.iter().any(|d| d.contains("allow-productpage")

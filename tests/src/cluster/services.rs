@@ -65,7 +65,7 @@ pub async fn forward_kubernetes_service(
 
 /// Copies both ways between `inbound` and a new connection to `target` until either side closes.
 /// The thread never left the host's network namespace, so this dials the host.
-fn relay(inbound: std::net::TcpStream, target: SocketAddr) {
+pub fn relay(inbound: std::net::TcpStream, target: SocketAddr) {
     let Ok(outbound) = std::net::TcpStream::connect(target) else {
         return;
     };

@@ -28,7 +28,7 @@ pub mod authz_counters;
 pub mod connection;
 pub mod data_plane;
 pub mod enrol;
-pub mod error_chain;
+pub use kmesh_operator_client::error_chain; // shared with the waypoint
 pub mod established;
 pub mod events;
 #[cfg(test)]

@@ -39,7 +39,7 @@ use kmesh_snapshot::contract;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::error_chain;
+use kmesh_operator_client::{Connector, TrustedCa, client_of, error_chain, https_connector};
 
 /// How the agent gets its snapshot.
 #[derive(Clone, Debug)]
@@ -243,37 +243,6 @@ enum Fetched {
     Gone,
 }
 
-type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-
-/// Plain HTTP always; HTTPS verified against the CA certificates in `ca_file` when given.
-pub fn https_connector(ca_file: Option<&std::path::Path>) -> Result<Connector, String> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("{}: no CA certificate in it", path.display()));
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .build())
-}
-
 /// Start-up checks of a source, so that a bad flag fails the agent at once with a clear error.
 pub fn check(source: &Source) -> Result<(), String> {
     if let Source::Operator { url, ca_file, .. } = source {
@@ -288,43 +257,6 @@ pub fn check(source: &Source) -> Result<(), String> {
         https_connector(ca_file.as_deref())?;
     }
     Ok(())
-}
-
-/// The operator's CA file and the contents the client was last built with.
-struct TrustedCa {
-    file: Option<PathBuf>,
-    loaded: Option<Vec<u8>>,
-}
-
-impl TrustedCa {
-    fn new(file: Option<PathBuf>) -> TrustedCa {
-        let loaded = file.as_ref().and_then(|f| std::fs::read(f).ok());
-        TrustedCa { file, loaded }
-    }
-
-    /// A connector over the file's CAs if its contents changed since the last call and parse.
-    fn reloaded(&mut self) -> Option<Connector> {
-        let file = self.file.as_ref()?;
-        let now = std::fs::read(file).ok()?;
-        if self.loaded.as_ref() == Some(&now) {
-            return None;
-        }
-        self.loaded = Some(now);
-        match https_connector(Some(file)) {
-            Ok(connector) => {
-                info!(ca = %file.display(), "operator CA file changed; reloaded");
-                Some(connector)
-            }
-            Err(e) => {
-                warn!(ca = %file.display(), error = %e, "operator CA file changed but is unusable; keeping the previous CAs");
-                None
-            }
-        }
-    }
-}
-
-fn client_of(connector: Connector) -> Client<Connector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector)
 }
 
 async fn poll_operator(

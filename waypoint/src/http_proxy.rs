@@ -74,7 +74,7 @@ pub async fn serve(stream: TcpStream, connection: Arc<Connection>, http2_only: b
         }
     };
     if let Err(error) = result {
-        tracing::debug!(error = %crate::upstream::error_chain(&*error), "downstream HTTP connection ended");
+        tracing::debug!(error = %kmesh_operator_client::error_chain::chain(&*error), "downstream HTTP connection ended");
     }
 }
 

@@ -31,7 +31,8 @@ use std::{
 
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{Request, StatusCode, body::Bytes, header};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use hyper_util::client::legacy::Client;
+use kmesh_operator_client::{Connector, TrustedCa, client_of, error_chain, https_connector};
 use kmesh_snapshot::{
     waypoint::{MAX_WAYPOINT_CONFIG_BYTES, WaypointName},
     waypoint_contract::{
@@ -185,64 +186,13 @@ pub fn build_request(
     request.body(Empty::new())
 }
 
-type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-
-/// Plain HTTP always; HTTPS verified against the CA certificates in `ca_file` when given (no CA
-/// file: no root is trusted, so https fails; [`OperatorSource::new`] refuses that beforehand).
-fn connector(ca_file: Option<&Path>) -> Result<Connector, String> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| e.to_string())?;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            roots
-                .add(cert.map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-        }
-        if roots.is_empty() {
-            return Err("no CA certificate in it".into());
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .build())
-}
-
-fn client_of(connector: Connector) -> Client<Connector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build(connector)
-}
-
-/// An error and its causes on one line: hyper's client error alone says "client error
-/// (Connect)", its causes say "Connection refused".
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// The operator's configuration for one waypoint, long-polled.
 pub struct OperatorSource {
     settings: OperatorSettings,
     url: String,
     client: Client<Connector, Empty<Bytes>>,
-    /// The CA file's contents the client was built with.
-    ca_loaded: Option<Vec<u8>>,
+    /// The CA file, and what the client was built with.
+    ca: TrustedCa,
     /// The ETag of the last configuration received (adopted or refused).
     etag: Option<String>,
     backoff: Backoff,
@@ -263,17 +213,14 @@ impl OperatorSource {
             path: path.to_path_buf(),
             error,
         };
-        let ca_loaded = match &settings.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| ca_error(path, e.to_string()))?),
-            None => None,
-        };
-        let connector = connector(settings.ca_file.as_deref())
+        let connector = https_connector(settings.ca_file.as_deref())
             .map_err(|e| ca_error(settings.ca_file.as_deref().unwrap_or(Path::new("")), e))?;
+        let ca = TrustedCa::new(settings.ca_file.clone());
         Ok(OperatorSource {
             url: waypoint_config_url(&settings.url, &settings.waypoint, settings.wait),
             settings,
             client: client_of(connector),
-            ca_loaded,
+            ca,
             etag: None,
             backoff: Backoff::default(),
             metrics,
@@ -288,26 +235,8 @@ impl OperatorSource {
     /// Rebuilds the client when the CA file's contents changed and still parse (the kubelet
     /// updates the mounted copy in place when the operator changes its CA).
     fn reload_ca(&mut self) {
-        let Some(path) = self.settings.ca_file.clone() else {
-            return;
-        };
-        let Ok(now) = std::fs::read(&path) else {
-            return;
-        };
-        if self.ca_loaded.as_ref() == Some(&now) {
-            return;
-        }
-        self.ca_loaded = Some(now);
-        match connector(Some(&path)) {
-            Ok(connector) => {
-                tracing::info!(ca = %path.display(), "operator CA file changed; reloaded");
-                self.client = client_of(connector);
-            }
-            Err(error) => tracing::warn!(
-                ca = %path.display(),
-                %error,
-                "operator CA file changed but is unusable; keeping the previous CAs"
-            ),
+        if let Some(connector) = self.ca.reloaded() {
+            self.client = client_of(connector);
         }
     }
 
@@ -328,7 +257,7 @@ impl OperatorSource {
             .client
             .request(request)
             .await
-            .map_err(|e| FetchError::Transport(chain(&e)))?;
+            .map_err(|e| FetchError::Transport(error_chain::chain(&e)))?;
         let status = response.status();
         let etag = response
             .headers()

@@ -18,6 +18,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
 };
+use kmesh_operator_client::error_chain::chain as error_chain;
 use tokio::net::TcpStream;
 
 /// The error of a body the proxy relays.
@@ -146,16 +147,4 @@ fn classify_reset(error: &(dyn std::error::Error + 'static)) -> UpstreamError {
         source = e.source();
     }
     UpstreamError::Reset(error_chain(error))
-}
-
-/// An error and its sources, `: `-joined.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }

@@ -15,8 +15,10 @@
 //!   directory is read once a second, so about half of that is the operator noticing), and keeps
 //!   following it until the next switch.
 //!
-//! The waypoint's pod reaches the operator (on the host's loopback) through a relay listening in
-//! that pod, as a pod reaches the operator's Service in a cluster. Run as root after
+//! The operator serves over TLS, and the agent and the waypoint verify it against its CA
+//! (`--operator-ca`), with tokens of their own. The waypoint's pod reaches the operator (on the
+//! host's loopback) through a relay listening in that pod, as a pod reaches the operator's Service
+//! in a cluster. Run as root after
 //! `cargo build --workspace --bins` (scripts/test.sh does both).
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -29,7 +31,7 @@ use std::{
 };
 
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, Pod, TempPath, TestCgroup, TestNetwork,
+    Agent, AgentDir, AgentOptions, AgentSource, Pod, TempPath, TestCgroup, TestNetwork, TestTls,
     cluster::services::relay,
     http_probe::{Daemon, HttpReport, run_http},
     workspace_bin,
@@ -191,7 +193,7 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(source: &Path, listen: SocketAddr, tokens: &Path) -> Operator {
+    fn start(source: &Path, listen: SocketAddr, tokens: &Path, tls: &TestTls) -> Operator {
         let log = TempPath::new("wpmode-operator.log");
         let out = std::fs::File::create(log.path()).expect("operator log");
         let metrics = free_port();
@@ -200,6 +202,10 @@ impl Operator {
             .arg(format!("--listen={listen}"))
             .arg(format!("--metrics-addr=127.0.0.1:{metrics}"))
             .arg(format!("--auth=static:{}", tokens.display()))
+            .arg("--tls-cert")
+            .arg(&tls.cert_file)
+            .arg("--tls-key")
+            .arg(&tls.key_file)
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -404,15 +410,16 @@ fn switching_the_mode_under_load_fails_no_request_and_is_followed_within_2_s() {
     let mut mode = Mode::KernelNative;
     write_mesh(&source, mode);
     let operator_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let operator = Operator::start(&source, operator_addr, &tokens);
+    let tls = TestTls::new("wpmode").expect("certificates");
+    let operator = Operator::start(&source, operator_addr, &tokens, &tls);
 
     let agent_dir = AgentDir::new("wpmode").expect("pin directory");
     let mut agent = Agent::start(&AgentOptions {
         node_name: NODE,
         source: AgentSource::Operator {
-            url: format!("http://{operator_addr}"),
+            url: format!("https://{operator_addr}"),
             token_file: Some(&node_token),
-            ca_file: None,
+            ca_file: Some(&tls.ca_file),
         },
         dir: &agent_dir,
         cgroup: &w.cgroup,
@@ -427,8 +434,9 @@ fn switching_the_mode_under_load_fails_no_request_and_is_followed_within_2_s() {
     let _relay =
         PodToHostRelay::start(&w.waypoint, OPERATOR_IN_POD.parse().unwrap(), operator_addr);
     let listen = format!("0.0.0.0:{WAYPOINT_PORT}");
-    let operator_url = format!("http://{OPERATOR_IN_POD}");
+    let operator_url = format!("https://{OPERATOR_IN_POD}");
     let token = waypoint_token.to_string_lossy().into_owned();
+    let ca = tls.ca_file.to_string_lossy().into_owned();
     let mut waypoint = Daemon::spawn(
         w.waypoint.netns_name(),
         None,
@@ -444,6 +452,8 @@ fn switching_the_mode_under_load_fails_no_request_and_is_followed_within_2_s() {
             "default/waypoint",
             "--token-file",
             &token,
+            "--operator-ca",
+            &ca,
         ],
     )
     .expect("kmesh-waypoint");

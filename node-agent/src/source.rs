@@ -25,12 +25,7 @@
 //! poller hands the data plane [`Delivery::Uninstall`] once, and keeps asking, slowly. When the
 //! agent is stopped, [`ask_on_shutdown`] asks once more, without waiting, so that an agent stopped
 //! by an uninstall before its long poll heard of it still removes its pins.
-use std::{
-    fmt,
-    path::PathBuf,
-    sync::mpsc::Sender,
-    time::{Duration, SystemTime},
-};
+use std::{fmt, path::PathBuf, sync::mpsc::Sender, time::Duration};
 
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{Request, StatusCode, body::Bytes, header};
@@ -39,7 +34,9 @@ use kmesh_snapshot::contract;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use kmesh_operator_client::{Connector, TrustedCa, client_of, error_chain, https_connector};
+use kmesh_operator_client::{
+    Connector, TrustedCa, client_of, error_chain, full_jitter as jitter, https_connector,
+};
 
 /// How the agent gets its snapshot.
 #[derive(Clone, Debug)]
@@ -467,19 +464,6 @@ pub async fn ask_on_shutdown(source: &Source, node: &str, max_bytes: u64) -> Shu
             why: format!("the operator did not answer within {SHUTDOWN_ASK_TIMEOUT:?}"),
         },
     }
-}
-
-/// Full jitter: a uniform delay in [100 ms, ceiling]; spreads retries of many agents after an outage.
-fn jitter(ceiling: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    // Mix the clock's low bits so agents started together still spread out.
-    let mixed =
-        (u64::from(nanos) ^ u64::from(std::process::id())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let fraction = (mixed >> 11) as f64 / (1u64 << 53) as f64;
-    ceiling.mul_f64(fraction).max(Duration::from_millis(100))
 }
 
 #[cfg(test)]

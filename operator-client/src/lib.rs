@@ -6,11 +6,16 @@
 //! - [`https_connector`]: the connector, over the CA file's certificates;
 //! - [`TrustedCa`]: the CA file, re-read before each request and the connector rebuilt when its
 //!   contents change (a file that does not parse is logged, and the previous CAs kept);
+//! - [`full_jitter`]: the delay before a retry, so that clients that failed together (an operator
+//!   restarting) do not all ask again at once;
 //! - [`error_chain::chain`]: an error with its causes on one line, for logs.
 //!
 //! The contracts themselves (URLs, headers, statuses) are `kmesh_snapshot::contract` and
 //! `kmesh_snapshot::waypoint_contract`.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -90,5 +95,43 @@ impl TrustedCa {
                 None
             }
         }
+    }
+}
+
+/// Full jitter: a uniform delay in [100 ms, `ceiling`]; spreads the retries of many clients after
+/// an outage.
+pub fn full_jitter(ceiling: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // Mix the clock's low bits with the pid, so that clients started together still spread out.
+    let mixed =
+        (u64::from(nanos) ^ u64::from(std::process::id())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let fraction = (mixed >> 11) as f64 / (1u64 << 53) as f64;
+    ceiling.mul_f64(fraction).max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_its_bounds_and_spreads() {
+        let ceiling = Duration::from_secs(2);
+        let delays: Vec<Duration> = (0..200)
+            .map(|_| {
+                std::thread::sleep(Duration::from_micros(37));
+                full_jitter(ceiling)
+            })
+            .collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(100) && *d <= ceiling),
+            "{delays:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 100, "{} distinct of 200", distinct.len());
     }
 }

@@ -22,7 +22,8 @@
 //! - any other status (`401`, `403`, `503`, ...) or no answer: the current one stays, logged with
 //!   the status and the body's start (or the error with its causes), retried with backoff.
 //!
-//! The backoff ([`Backoff`]) doubles from 200 ms to 5 s, and is reset by a `200` or a `304`.
+//! The backoff ([`Backoff`]) doubles from 200 ms to 5 s, with full jitter below that ceiling, and
+//! is reset by a `200` or a `304`.
 //! Every answer is counted in `kmesh_waypoint_operator_requests_total{code}`.
 use std::{
     path::{Path, PathBuf},
@@ -32,7 +33,9 @@ use std::{
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{Request, StatusCode, body::Bytes, header};
 use hyper_util::client::legacy::Client;
-use kmesh_operator_client::{Connector, TrustedCa, client_of, error_chain, https_connector};
+use kmesh_operator_client::{
+    Connector, TrustedCa, client_of, error_chain, full_jitter, https_connector,
+};
 use kmesh_snapshot::{
     waypoint::{MAX_WAYPOINT_CONFIG_BYTES, WaypointName},
     waypoint_contract::{
@@ -143,8 +146,9 @@ impl Outcome {
     }
 }
 
-/// Capped exponential backoff: [`BACKOFF_MIN`], doubling to [`BACKOFF_MAX`]; no jitter (a
-/// waypoint has a few replicas, not a node's worth of agents).
+/// Capped exponential backoff with full jitter, as the node agents': the ceiling starts at
+/// [`BACKOFF_MIN`] and doubles to [`BACKOFF_MAX`]; each delay is uniform below it, so that the
+/// replicas of every waypoint do not all ask again at once when the operator comes back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     next: Duration,
@@ -157,11 +161,17 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay before the next retry; the one after it is twice as long, up to the cap.
+    /// The delay before the next retry (jittered below the ceiling); the next ceiling is twice
+    /// this one, up to the cap.
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
+        full_jitter(self.next_ceiling())
+    }
+
+    /// The current ceiling, doubling the next one.
+    fn next_ceiling(&mut self) -> Duration {
+        let ceiling = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
-        delay
+        ceiling
     }
 
     /// An answer that worked: the next failure waits [`BACKOFF_MIN`] again.
@@ -385,12 +395,14 @@ mod tests {
     #[test]
     fn the_backoff_doubles_to_its_cap_and_resets() {
         let mut backoff = Backoff::default();
-        let delays: Vec<u64> = (0..7)
-            .map(|_| backoff.next_delay().as_millis() as u64)
+        let ceilings: Vec<u64> = (0..7)
+            .map(|_| backoff.next_ceiling().as_millis() as u64)
             .collect();
-        assert_eq!(delays, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(ceilings, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert!(backoff.next_delay() <= BACKOFF_MAX);
         backoff.reset();
-        assert_eq!(backoff.next_delay(), BACKOFF_MIN);
+        assert_eq!(backoff.next_ceiling(), BACKOFF_MIN);
+        assert!(backoff.next_delay() <= BACKOFF_MIN * 2);
     }
 
     #[test]

@@ -22,6 +22,17 @@ use crate::{
     kinds::Kind,
 };
 
+/// What every part of one VirtualService's routes is compiled against: the object (for
+/// diagnostics), its namespace (short host names are relative to it), the service port being
+/// routed, and the services known.
+#[derive(Clone, Copy)]
+struct Scope<'s, 'c> {
+    object: &'s ObjectRef,
+    namespace: &'s str,
+    target: RoutedPort<'s>,
+    catalog: &'s Catalog<'c>,
+}
+
 impl Compiler<'_> {
     /// Every `http` route of `vs` the waypoint can follow, in order.
     pub(super) fn virtual_service_routes(
@@ -32,13 +43,19 @@ impl Compiler<'_> {
         clusters: &mut ClusterSet,
     ) -> Vec<HttpRoute> {
         let object = ObjectRef::new(Kind::VirtualService, Some(vs.namespace()), vs.name());
+        let scope = Scope {
+            object: &object,
+            namespace: vs.namespace(),
+            target,
+            catalog,
+        };
         let mut routes = Vec::new();
         for (i, route) in vs.spec.http.iter().enumerate() {
             let at = RouteAt {
                 object: &object,
                 field: format!("spec.http[{i}]"),
             };
-            let compiled = self.istio_route(&at, vs.namespace(), route, target, catalog, clusters);
+            let compiled = self.istio_route(&at, scope, route, clusters);
             if let Some(compiled) = compiled
                 && let Some(accepted) = self.accepted(&object, &at.field, compiled, clusters)
             {
@@ -52,10 +69,8 @@ impl Compiler<'_> {
     fn istio_route(
         &mut self,
         at: &RouteAt<'_>,
-        namespace: &str,
+        scope: Scope<'_, '_>,
         route: &istio::HttpRoute,
-        target: RoutedPort<'_>,
-        catalog: &Catalog<'_>,
         clusters: &mut ClusterSet,
     ) -> Option<HttpRoute> {
         if route.delegate.is_some() {
@@ -68,7 +83,7 @@ impl Compiler<'_> {
             self.unenforced(at.object, &at.at("corsPolicy"), reason);
         }
         let matches = self.istio_matches(at, route)?;
-        let action = self.istio_action(at, namespace, route, target, catalog, clusters)?;
+        let action = self.istio_action(at, scope, route, clusters)?;
         let forwards = matches!(action, RouteAction::Forward(_));
         let fault = match &route.fault {
             Some(fault) => self.fault(at, fault),
@@ -95,7 +110,7 @@ impl Compiler<'_> {
             timeout_ms,
             retries,
             fault,
-            mirrors: self.istio_mirrors(at, namespace, route, target, catalog, clusters)?,
+            mirrors: self.istio_mirrors(at, scope, route, clusters)?,
         })
     }
 
@@ -131,10 +146,8 @@ impl Compiler<'_> {
     fn istio_action(
         &mut self,
         at: &RouteAt<'_>,
-        namespace: &str,
+        scope: Scope<'_, '_>,
         route: &istio::HttpRoute,
-        target: RoutedPort<'_>,
-        catalog: &Catalog<'_>,
         clusters: &mut ClusterSet,
     ) -> Option<RouteAction> {
         if let Some(redirect) = &route.redirect {
@@ -154,9 +167,7 @@ impl Compiler<'_> {
         let mut destinations = Vec::new();
         for (k, d) in route.route.iter().enumerate() {
             let field = at.at(&format!("route[{k}]"));
-            destinations.push(self.istio_destination(
-                at.object, &field, namespace, d, single, target, catalog, clusters,
-            )?);
+            destinations.push(self.istio_destination(scope, &field, d, single, clusters)?);
         }
         if destinations.iter().all(|d| d.weight == 0) {
             let reason =
@@ -168,21 +179,17 @@ impl Compiler<'_> {
     }
 
     /// One weighted destination, with its own header operations.
-    #[allow(clippy::too_many_arguments)]
     fn istio_destination(
         &mut self,
-        object: &ObjectRef,
+        scope: Scope<'_, '_>,
         field: &str,
-        namespace: &str,
         d: &RouteDestination,
         single: bool,
-        target: RoutedPort<'_>,
-        catalog: &Catalog<'_>,
         clusters: &mut ClusterSet,
     ) -> Option<WeightedCluster> {
         let Ok(weight) = u32::try_from(d.weight.unwrap_or(0)) else {
             self.reject(
-                object,
+                scope.object,
                 &format!("{field}.weight"),
                 "weight must be between 0 and 2^32-1",
             );
@@ -191,12 +198,9 @@ impl Compiler<'_> {
         let headers = d.headers.as_ref();
         Some(WeightedCluster {
             cluster: self.istio_cluster(
-                object,
+                scope,
                 &format!("{field}.destination"),
-                namespace,
                 &d.destination,
-                target,
-                catalog,
                 clusters,
             ),
             // A single destination gets everything, whatever its weight.
@@ -209,24 +213,20 @@ impl Compiler<'_> {
     /// The cluster of a `Destination`: its host (short names relative to the VirtualService's
     /// namespace), its port (the one given, the service's only one, or the routed port) and its
     /// subset. One that names nothing known is reported and gets a cluster with no endpoints.
-    #[allow(clippy::too_many_arguments)]
     fn istio_cluster(
         &mut self,
-        object: &ObjectRef,
+        scope: Scope<'_, '_>,
         field: &str,
-        namespace: &str,
         destination: &Destination,
-        target: RoutedPort<'_>,
-        catalog: &Catalog<'_>,
         clusters: &mut ClusterSet,
     ) -> u32 {
-        let fqdn = self.options.fqdn(&destination.host, namespace);
-        let service = catalog.get(&fqdn);
+        let fqdn = self.options.fqdn(&destination.host, scope.namespace);
+        let service = scope.catalog.get(&fqdn);
         let given = destination.port.as_ref().and_then(|p| p.number);
         let port = match (given, service.map(|s| s.ports.as_slice())) {
             (Some(n), _) => u16::try_from(n).unwrap_or(0),
             (None, Some([only])) => only.port,
-            (None, _) => target.port.port,
+            (None, _) => scope.target.port.port,
         };
         let subset = destination.subset.clone();
         let problem = match service {
@@ -248,9 +248,9 @@ impl Compiler<'_> {
             let reason = format!(
                 "{reason}: its requests get a 503 from the waypoint (a cluster with no endpoints)"
             );
-            self.reject(object, &format!("{field}.{below}"), reason);
+            self.reject(scope.object, &format!("{field}.{below}"), reason);
         }
-        clusters.index(self, catalog, ClusterKey { fqdn, port, subset })
+        clusters.index(self, scope.catalog, ClusterKey { fqdn, port, subset })
     }
 
     /// `mirror` with `mirrorPercentage`, or `mirrors`; `None` when both are set (Istio refuses
@@ -258,10 +258,8 @@ impl Compiler<'_> {
     fn istio_mirrors(
         &mut self,
         at: &RouteAt<'_>,
-        namespace: &str,
+        scope: Scope<'_, '_>,
         route: &istio::HttpRoute,
-        target: RoutedPort<'_>,
-        catalog: &Catalog<'_>,
         clusters: &mut ClusterSet,
     ) -> Option<Vec<Mirror>> {
         let mut listed: Vec<(String, &Destination, f64)> = Vec::new();
@@ -300,15 +298,7 @@ impl Compiler<'_> {
                 );
                 return None;
             }
-            let cluster = self.istio_cluster(
-                at.object,
-                &field,
-                namespace,
-                destination,
-                target,
-                catalog,
-                clusters,
-            );
+            let cluster = self.istio_cluster(scope, &field, destination, clusters);
             mirrors.push(Mirror {
                 cluster,
                 percent: share,

@@ -53,6 +53,10 @@ pub struct HttpReport {
     pub by_version: BTreeMap<String, u64>,
     /// Failures without an answer → count: `connect: <error>`, `timeout`, `request: <error>`.
     pub errors: BTreeMap<String, u64>,
+    /// Connections opened (connects that succeeded): with `--h2c` and no `--new-connections`,
+    /// every request is a stream of one connection.
+    #[serde(default)]
+    pub connections: u64,
     /// Latency of answered requests, milliseconds.
     pub latency_ms: Latency,
     pub elapsed_ms: u64,
@@ -84,6 +88,8 @@ impl HttpReport {
 /// Latency percentiles, milliseconds (fractions kept).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
+    #[serde(default)]
+    pub min: f64,
     pub p50: f64,
     pub p99: f64,
     pub max: f64,
@@ -101,6 +107,7 @@ impl Latency {
             samples_us[i.min(samples_us.len() - 1)] as f64 / 1000.0
         };
         Latency {
+            min: at(0.0),
             p50: at(0.50),
             p99: at(0.99),
             max: at(1.0),

@@ -2,7 +2,10 @@
 //! port. Every answer carries the server's `--version` in `x-echo-version` and, as a JSON body
 //! (`kmesh_tests::http_probe::EchoBody`), the method, path, authority and headers it received, so
 //! that a test sees where a request went and what reached it. Request headers steer it: see the
-//! constants of `kmesh_tests::http_probe`. Run inside a pod netns.
+//! constants of `kmesh_tests::http_probe`. `--delay-ms` makes every answer wait (a slow server, e.g.
+//! a mirror target whose slowness a client must never see). `--tcp-echo` also listens for raw TCP
+//! and sends back every byte it reads, unaltered, until the client half-closes (a TCP service
+//! behind the waypoint). Run inside a pod netns.
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,15 +23,21 @@ use hyper_util::server::conn::auto;
 use kmesh_tests::http_probe::{
     COUNT_PATH, DELAY_HEADER, EchoBody, EchoCount, FAIL_FIRST_HEADER, STATUS_HEADER, VERSION_HEADER,
 };
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpListener;
 
 const USAGE: &str = "\
-usage: kmesh-echo --listen ADDR:PORT [--listen ADDR:PORT ...] --version NAME [--ready-file PATH]";
+usage: kmesh-echo --listen ADDR:PORT [--listen ADDR:PORT ...] --version NAME [--ready-file PATH]
+                  [--delay-ms MS] [--tcp-echo ADDR:PORT ...]";
 
 struct Opts {
     listen: Vec<SocketAddr>,
     version: String,
     ready_file: Option<PathBuf>,
+    /// Every HTTP answer waits this long (after being counted).
+    delay: Duration,
+    /// Raw TCP echo listeners.
+    tcp_echo: Vec<SocketAddr>,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts, String> {
@@ -36,6 +45,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts, String> {
         listen: vec![],
         version: String::new(),
         ready_file: None,
+        delay: Duration::ZERO,
+        tcp_echo: vec![],
     };
     while let Some(flag) = args.next() {
         let v = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -45,6 +56,13 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts, String> {
                 .push(v.parse().map_err(|e| format!("--listen {v:?}: {e}"))?),
             "--version" => o.version = v,
             "--ready-file" => o.ready_file = Some(v.into()),
+            "--delay-ms" => {
+                o.delay =
+                    Duration::from_millis(v.parse().map_err(|e| format!("--delay-ms {v:?}: {e}"))?)
+            }
+            "--tcp-echo" => o
+                .tcp_echo
+                .push(v.parse().map_err(|e| format!("--tcp-echo {v:?}: {e}"))?),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -57,6 +75,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts, String> {
 /// What every connection of the server shares.
 struct Server {
     version: String,
+    delay: Duration,
     answered: AtomicU64,
     failed_once: Mutex<HashSet<String>>,
 }
@@ -92,6 +111,7 @@ fn main() -> ExitCode {
 async fn run(opts: Opts) -> Result<(), String> {
     let server = Arc::new(Server {
         version: opts.version,
+        delay: opts.delay,
         answered: AtomicU64::new(0),
         failed_once: Mutex::new(HashSet::new()),
     });
@@ -103,12 +123,23 @@ async fn run(opts: Opts) -> Result<(), String> {
                 .map_err(|e| format!("bind {addr}: {e}"))?,
         );
     }
+    let mut tcp_listeners = vec![];
+    for addr in &opts.tcp_echo {
+        tcp_listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("bind {addr}: {e}"))?,
+        );
+    }
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready").map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_loop(listener, server.clone()));
+    }
+    for listener in tcp_listeners {
+        tasks.spawn(tcp_echo_loop(listener));
     }
     while let Some(done) = tasks.join_next().await {
         done.map_err(|e| e.to_string())??;
@@ -136,6 +167,22 @@ async fn accept_loop(listener: TcpListener, server: Arc<Server>) -> Result<(), S
     }
 }
 
+/// Raw TCP: every byte read is written back, until the client half-closes; then this side closes.
+async fn tcp_echo_loop(listener: TcpListener) -> Result<(), String> {
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        tokio::spawn(async move {
+            let (mut read, mut write) = stream.into_split();
+            if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                let _ = write.shutdown().await;
+            }
+        });
+    }
+}
+
 async fn answer(
     server: &Server,
     request: Request<Incoming>,
@@ -155,6 +202,9 @@ async fn answer(
         );
     }
     server.answered.fetch_add(1, Ordering::SeqCst);
+    if !server.delay.is_zero() {
+        tokio::time::sleep(server.delay).await;
+    }
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(ms) = header(DELAY_HEADER).and_then(|v| v.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -176,6 +176,9 @@ impl Tally {
     }
 }
 
+/// Connections opened by this process, for [`HttpReport::connections`].
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
 async fn run(opts: Opts) -> HttpReport {
     let started = Instant::now();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -198,6 +201,7 @@ async fn run(opts: Opts) -> HttpReport {
     let mut tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
     tally.report.latency_ms = Latency::of(std::mem::take(&mut tally.latencies_us));
     tally.report.elapsed_ms = started.elapsed().as_millis() as u64;
+    tally.report.connections = CONNECTIONS.load(Ordering::SeqCst);
     tally.report
 }
 
@@ -301,6 +305,7 @@ async fn connect_h1(opts: &Opts) -> Result<http1::SendRequest<Empty<Bytes>>, Str
     let stream = TcpStream::connect(opts.target)
         .await
         .map_err(|e| format!("connect: {}", e.kind()))?;
+    CONNECTIONS.fetch_add(1, Ordering::SeqCst);
     let _ = stream.set_nodelay(true);
     let (send, conn) = http1::handshake(TokioIo::new(stream))
         .await
@@ -313,6 +318,7 @@ async fn connect_h2(opts: &Opts) -> Result<http2::SendRequest<Empty<Bytes>>, Str
     let stream = TcpStream::connect(opts.target)
         .await
         .map_err(|e| format!("connect: {}", e.kind()))?;
+    CONNECTIONS.fetch_add(1, Ordering::SeqCst);
     let _ = stream.set_nodelay(true);
     let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await

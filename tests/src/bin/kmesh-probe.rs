@@ -16,7 +16,7 @@ use kmesh_tests::probe::{Outcome, TimedAttempt, monotonic_ns};
 const USAGE: &str = "\
 usage: kmesh-probe --target ADDR:PORT [--count N] [--duration-ms MS] [--until-file PATH]
                    [--timeout-ms T] [--interval-us U] [--socket v4|v6|auto]
-                   [--ready-file PATH] [--connect-only] [--timeline]
+                   [--ready-file PATH] [--connect-only] [--timeline] [--send-file PATH]
 
   --target       IPv4 `a.b.c.d:port` or IPv6 `[v6]:port`
   --count        stop after N attempts
@@ -31,6 +31,9 @@ usage: kmesh-probe --target ADDR:PORT [--count N] [--duration-ms MS] [--until-fi
   --connect-only connect() then close() with no read, closing with RST (SO_LINGER 0) so that
                  no TIME_WAIT state piles up; successes count under the reply \"connected\".
                  For benchmarks of the connect path.
+  --send-file    a byte-exact exchange instead of reading a line: write PATH's bytes, half-close,
+                 read to the end; the reply is \"echoed\" when the bytes read are exactly those
+                 sent, else \"altered: <n> bytes: <the first ones, escaped>\" (an echo server's test)
   --timeline     also report every attempt in order: CLOCK_MONOTONIC ns just before connect()
                  and just after it returned, and the reply or error (\"timeline\" in the report)
 
@@ -49,6 +52,8 @@ struct Opts {
     interval: Duration,
     connect_only: bool,
     timeline: bool,
+    /// `--send-file`'s content.
+    send: Option<Vec<u8>>,
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
@@ -62,6 +67,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
     let mut interval = Duration::ZERO;
     let mut connect_only = false;
     let mut timeline = false;
+    let mut send = None;
 
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
@@ -84,6 +90,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
             "--socket" | "--family" => socket = value()?,
             "--connect-only" => connect_only = true,
             "--timeline" => timeline = true,
+            "--send-file" => {
+                let path = value()?;
+                send = Some(std::fs::read(&path).map_err(|e| format!("--send-file {path}: {e}"))?);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -115,6 +125,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts, String> {
         interval,
         connect_only,
         timeline,
+        send,
     })
 }
 
@@ -211,6 +222,40 @@ fn attempt(
     Ok(line)
 }
 
+/// One connect, `bytes` written and the write side shut down, then everything read until the
+/// server closes: `echoed` when it sent back exactly `bytes`.
+fn exchange(
+    target: &SocketAddr,
+    timeout: Duration,
+    bytes: &[u8],
+    connect_ns: &mut [u64; 2],
+) -> Result<String, String> {
+    use std::io::Write as _;
+    connect_ns[0] = monotonic_ns();
+    let connected = TcpStream::connect_timeout(target, timeout);
+    connect_ns[1] = monotonic_ns();
+    let mut s = connected.map_err(|e| error_key(&e, "connect_timeout"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| error_key(&e, "read_timeout"))?;
+    s.write_all(bytes)
+        .map_err(|e| error_key(&e, "write_timeout"))?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| error_key(&e, "write_timeout"))?;
+    let mut got = Vec::with_capacity(bytes.len());
+    s.read_to_end(&mut got)
+        .map_err(|e| error_key(&e, "read_timeout"))?;
+    if got == bytes {
+        return Ok("echoed".into());
+    }
+    let start: String = got
+        .iter()
+        .take(40)
+        .flat_map(|b| b.escape_ascii())
+        .map(char::from)
+        .collect();
+    Ok(format!("altered: {} bytes: {start}", got.len()))
+}
+
 /// A blocking connect() and an immediate close() that sends RST (no TIME_WAIT left behind).
 fn connect_close(target: &SocketAddr, connect_ns: &mut [u64; 2]) -> Result<String, String> {
     use std::os::fd::AsRawFd as _;
@@ -255,6 +300,8 @@ fn run(o: &Opts) -> ProbeReport {
         let mut connect_ns = [0u64; 2];
         let result = if o.connect_only {
             connect_close(&o.target, &mut connect_ns)
+        } else if let Some(bytes) = &o.send {
+            exchange(&o.target, o.timeout, bytes, &mut connect_ns)
         } else {
             attempt(&o.target, o.timeout, &mut connect_ns)
         };

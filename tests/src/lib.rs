@@ -41,6 +41,7 @@ pub mod snapshot_server;
 pub mod sweep;
 pub mod temp;
 pub mod tls;
+pub mod waypoint_world;
 pub mod yaml_cluster;
 
 pub use agent::{Agent, AgentDir, AgentOptions, AgentSource, write_atomically};

@@ -18,9 +18,9 @@
 //! a connect the kernel does not steer fails locally. Run as root after
 //! `cargo build --workspace --bins` (scripts/test.sh does both).
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
 };
 
 use kmesh_common::{lb_policy, mode};
@@ -33,15 +33,11 @@ use kmesh_snapshot::{
     },
 };
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, Pod, TestCgroup, TestNetwork,
-    http_probe::{Daemon, HttpReport, run_http},
-    write_atomically,
+    Agent, Pod,
+    http_probe::{Daemon, HttpReport},
+    waypoint_world::{Family, NODE, WAYPOINT_PORT, WaypointConfigFile, WaypointNode},
 };
 
-const NODE: &str = "node-1";
-const READY: Duration = Duration::from_secs(20);
-const WAYPOINT_PORT: u16 = 15008;
-const ADMIN_PORT: u16 = 15021;
 /// reviews: HTTP, bound to the waypoint.
 const REVIEWS_PORT: u16 = 9080;
 /// A server-first TCP service, bound to the waypoint.
@@ -51,79 +47,36 @@ const ECHO_PORT: u16 = 9080;
 /// The port the banner server (v3's pod) listens on.
 const BANNER_SERVER_PORT: u16 = 9301;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Family {
-    V4,
-    V6,
-}
-
-/// One node: an enrolled client pod, the waypoint's pod, and reviews v2 and v3 pods, in
-/// 10.244.`subnet`.0/24 (and fd00:244::`subnet`:x); the agent's cgroup, pins and snapshot file,
-/// and the waypoint's configuration file.
+/// One node (`WaypointNode`): an enrolled client pod, the waypoint's pod, and reviews v2 and v3
+/// pods, and the waypoint's configuration file.
 struct World {
-    family: Family,
-    subnet: u8,
-    _net: TestNetwork,
-    cgroup: TestCgroup,
-    dir: AgentDir,
+    node: WaypointNode,
     client: Pod,
     waypoint: Pod,
     v2: Pod,
     v3: Pod,
-    snapshot_file: PathBuf,
-    config_file: PathBuf,
+    config_file: WaypointConfigFile,
 }
 
 impl World {
     fn new(name: &str, family: Family, subnet: u8) -> World {
-        let net = TestNetwork::new(name).expect("test network");
-        let cgroup = TestCgroup::new(name).expect("test cgroup");
-        let dir = AgentDir::new(name).expect("pin directory");
-        let pod = |pod: &str, host: u8| {
-            net.add_pod(
-                pod,
-                Ipv4Addr::new(10, 244, subnet, host),
-                Some(v6(0x244, subnet, host)),
-            )
-            .expect("pod")
-        };
-        let (client, waypoint, v2, v3) = (
-            pod("client", 10),
-            pod("waypoint", 100),
-            pod("reviews-v2", 22),
-            pod("reviews-v3", 23),
-        );
-        let file = |ext: &str| {
-            std::env::temp_dir().join(format!("kmt-{name}-{}.{ext}", std::process::id()))
-        };
+        let node = WaypointNode::new(name, family, subnet);
         World {
-            family,
-            subnet,
-            _net: net,
-            cgroup,
-            dir,
-            client,
-            waypoint,
-            v2,
-            v3,
-            snapshot_file: file("snap"),
-            config_file: file("json"),
+            client: node.pod("client", 10),
+            waypoint: node.pod("waypoint", 100),
+            v2: node.pod("reviews-v2", 22),
+            v3: node.pod("reviews-v3", 23),
+            config_file: WaypointConfigFile::new(name),
+            node,
         }
     }
 
     fn addr(&self, pod: &Pod) -> IpAddr {
-        match self.family {
-            Family::V4 => pod.ipv4().into(),
-            Family::V6 => pod.ipv6().expect("pods have IPv6").into(),
-        }
+        self.node.addr(pod)
     }
 
-    /// Service `n`'s VIP: outside every on-link prefix.
     fn vip(&self, n: u8) -> IpAddr {
-        match self.family {
-            Family::V4 => Ipv4Addr::new(10, 96, self.subnet, n).into(),
-            Family::V6 => v6(0x96, self.subnet, n).into(),
-        }
+        self.node.vip(n)
     }
 
     fn reviews(&self) -> String {
@@ -250,97 +203,34 @@ impl World {
     /// configuration file, all ready.
     fn start(&self, catch_all: &str) -> Running {
         let (snapshot, reviews, banner) = self.snapshot();
-        write_atomically(&self.snapshot_file, &snapshot.encode().expect("encode"))
-            .expect("write snapshot");
         self.write_config(reviews, banner, catch_all);
-        let mut agent = Agent::start(&AgentOptions {
-            node_name: NODE,
-            source: AgentSource::File(&self.snapshot_file),
-            dir: &self.dir,
-            cgroup: &self.cgroup,
-            extra_args: Vec::new(),
-        })
-        .expect("start kmesh-agent");
-        agent.wait_ready(READY).expect("agent ready");
-        let echo = |pod: &Pod, version: &str| {
-            let listen = SocketAddr::new(self.addr(pod), ECHO_PORT).to_string();
-            Daemon::spawn(
-                pod.netns_name(),
-                None,
-                "kmesh-echo",
-                &["--listen", &listen, "--version", version],
-            )
-            .expect("kmesh-echo")
-        };
-        let echoes = [echo(&self.v2, "v2"), echo(&self.v3, "v3")];
+        let agent = self.node.start_agent(&snapshot);
+        let echoes = [
+            self.node.echo(&self.v2, ECHO_PORT, "v2", &[]),
+            self.node.echo(&self.v3, ECHO_PORT, "v3", &[]),
+        ];
         let banner_server = self
             .v3
             .serve_tcp(BANNER_SERVER_PORT)
             .expect("banner server");
-        let listen = format!("[::]:{WAYPOINT_PORT}");
-        let admin = format!("127.0.0.1:{ADMIN_PORT}");
-        let config = self.config_file.to_string_lossy().into_owned();
-        let waypoint = Daemon::spawn(
-            self.waypoint.netns_name(),
-            None,
-            "kmesh-waypoint",
-            &[
-                "--listen",
-                &listen,
-                "--admin",
-                &admin,
-                "--config-file",
-                &config,
-            ],
-        )
-        .expect("kmesh-waypoint");
-        let mut running = Running {
+        let waypoint = self.node.waypoint(&self.waypoint, &self.config_file);
+        Running {
             _agent: agent,
             _echoes: echoes,
             _banner: banner_server,
             waypoint,
             reviews,
             banner,
-        };
-        self.wait_waypoint_ready(&mut running);
-        running
-    }
-
-    fn write_config(&self, reviews: u32, banner: u32, catch_all: &str) {
-        let config = self.config(reviews, banner, catch_all);
-        write_atomically(&self.config_file, &config.to_json()).expect("write config");
-    }
-
-    fn wait_waypoint_ready(&self, running: &mut Running) {
-        let target = format!("127.0.0.1:{ADMIN_PORT}");
-        let deadline = Instant::now() + READY;
-        loop {
-            running.waypoint.assert_running();
-            let report = self.http_in(
-                &self.waypoint,
-                &[
-                    "--target",
-                    &target,
-                    "--path",
-                    "/readyz",
-                    "--timeout-ms",
-                    "500",
-                ],
-            );
-            if report.status(200) == 1 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the waypoint is not ready after {READY:?}: {report:?}\n{}",
-                running.waypoint.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    fn write_config(&self, reviews: u32, banner: u32, catch_all: &str) {
+        self.config_file
+            .write(&self.config(reviews, banner, catch_all));
+    }
+
     fn http_in(&self, pod: &Pod, args: &[&str]) -> HttpReport {
-        run_http(pod.netns_name(), &self.cgroup, args).expect("kmesh-http")
+        self.node.http_in(pod, args)
     }
 
     /// `count` requests from the client pod to reviews' VIP, with `headers`.
@@ -362,13 +252,6 @@ impl World {
     }
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.snapshot_file);
-        let _ = std::fs::remove_file(&self.config_file);
-    }
-}
-
 /// The processes of a started world; stopped when dropped.
 struct Running {
     _agent: Agent,
@@ -377,19 +260,6 @@ struct Running {
     waypoint: Daemon,
     reviews: u32,
     banner: u32,
-}
-
-fn v6(prefix: u16, subnet: u8, host: u8) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0xfd00,
-        prefix,
-        0,
-        0,
-        0,
-        0,
-        u16::from(subnet),
-        u16::from(host),
-    )
 }
 
 fn jason_route(name: &str, family: Family, subnet: u8) {
@@ -432,7 +302,7 @@ fn a_server_first_protocol_passes_through_the_waypoint() {
     let report = w
         .client
         .run_probe(
-            &w.cgroup,
+            &w.node.cgroup,
             &[
                 "--target",
                 &target,
@@ -461,7 +331,7 @@ fn a_waypoint_without_a_ready_replica_refuses_the_connection() {
     let report = w
         .client
         .run_probe(
-            &w.cgroup,
+            &w.node.cgroup,
             &["--target", &target, "--count", "20", "--timeout-ms", "1000"],
         )
         .expect("probe");
@@ -478,7 +348,7 @@ fn a_waypoint_without_a_ready_replica_refuses_the_connection() {
 fn a_configuration_swap_under_load_fails_no_request() {
     let w = World::new("wpl7-swap", Family::V4, 224);
     let running = w.start("v3");
-    let stop = w.config_file.with_extension("stop");
+    let stop = w.config_file.path().with_extension("stop");
     let _ = std::fs::remove_file(&stop);
     let load = std::thread::scope(|s| {
         let clients: Vec<_> = (0..2)

@@ -16,9 +16,8 @@
 use std::{
     collections::BTreeMap,
     io::{self, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener},
     os::fd::AsRawFd,
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -31,14 +30,10 @@ use std::{
 use kmesh_common::{lb_policy, mode};
 use kmesh_snapshot::builder::{Endpoint, SnapshotBuilder};
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, Pod, ProbeReport, TestCgroup, TestNetwork,
-    write_atomically,
+    Agent, Pod, ProbeReport,
+    waypoint_world::{Family, NODE, WAYPOINT_PORT, WaypointNode},
 };
 
-const NODE: &str = "node-1";
-const READY: Duration = Duration::from_secs(20);
-/// The waypoint's listener port (where every service's route sends its connections).
-const WAYPOINT_PORT: u16 = 15008;
 /// Service A (bound to the waypoint): id and port.
 const A: (u32, u16) = (7001, 80);
 /// Service B (bound to the same waypoint): another id, another port.
@@ -51,70 +46,32 @@ const PER_PROBE: u32 = 250;
 /// Connections to C, and plain ones to the waypoint's address.
 const UNBOUND: u32 = 50;
 
-#[derive(Clone, Copy, Debug)]
-enum Family {
-    V4,
-    V6,
-}
-
-/// The node of one test: two enrolled client pods and the waypoint pod in 10.244.`subnet`.0/24
-/// (and fd00:244::`subnet`:x), the test cgroup, the agent's pins and its snapshot file.
+/// The node of one test (`WaypointNode`): two enrolled client pods and the waypoint pod.
 struct World {
-    family: Family,
-    subnet: u8,
-    // Owns the pods' namespaces: dropped (and deleted) with the world.
-    _net: TestNetwork,
-    cgroup: TestCgroup,
-    dir: AgentDir,
+    node: WaypointNode,
     clients: [Pod; 2],
     waypoint: Pod,
-    snapshot_file: PathBuf,
 }
 
 impl World {
     fn new(name: &str, family: Family, subnet: u8) -> World {
-        let net = TestNetwork::new(name).expect("test network");
-        let cgroup = TestCgroup::new(name).expect("test cgroup");
-        let dir = AgentDir::new(name).expect("pin directory");
-        let pod = |pod: &str, host: u8| {
-            net.add_pod(
-                pod,
-                Ipv4Addr::new(10, 244, subnet, host),
-                Some(v6(0x244, subnet, host)),
-            )
-            .expect("pod")
-        };
-        let clients = [pod("client-1", 10), pod("client-2", 11)];
-        let waypoint = pod("waypoint", 100);
-        let snapshot_file =
-            std::env::temp_dir().join(format!("kmt-{name}-{}.snap", std::process::id()));
+        let node = WaypointNode::new(name, family, subnet);
         World {
-            family,
-            subnet,
-            _net: net,
-            cgroup,
-            dir,
-            clients,
-            waypoint,
-            snapshot_file,
+            clients: [node.pod("client-1", 10), node.pod("client-2", 11)],
+            waypoint: node.pod("waypoint", 100),
+            node,
         }
     }
 
     /// The pod's address in this world's family.
     fn addr(&self, pod: &Pod) -> IpAddr {
-        match self.family {
-            Family::V4 => pod.ipv4().into(),
-            Family::V6 => pod.ipv6().expect("pods have IPv6").into(),
-        }
+        self.node.addr(pod)
     }
 
     /// The VIP of service `n` (1 for A, 2 for B, 3 for C): outside every pod's on-link prefix, so
     /// a connect that is not rewritten fails in the client pod (ENETUNREACH).
     fn vip(&self, n: u8) -> IpAddr {
-        match self.family {
-            Family::V4 => Ipv4Addr::new(10, 96, self.subnet, n).into(),
-            Family::V6 => v6(0x96, self.subnet, n).into(),
-        }
+        self.node.vip(n)
     }
 
     fn target(&self, (id, port): (u32, u16)) -> String {
@@ -149,20 +106,7 @@ impl World {
     }
 
     fn start_agent(&self) -> Agent {
-        write_atomically(
-            &self.snapshot_file,
-            &self.snapshot().encode().expect("encode"),
-        )
-        .expect("write snapshot");
-        let mut agent = Agent::start(&AgentOptions {
-            node_name: NODE,
-            source: AgentSource::File(&self.snapshot_file),
-            dir: &self.dir,
-            cgroup: &self.cgroup,
-            extra_args: Vec::new(),
-        })
-        .expect("start kmesh-agent");
-        agent.wait_ready(READY).expect("agent ready");
+        let mut agent = self.node.start_agent(&self.snapshot());
         agent
             .wait_for(Duration::from_secs(5), "2 enrolled netns", |a| {
                 Ok(a.debug_snapshot()?["enrolled_netns"].as_u64() == Some(2))
@@ -185,27 +129,8 @@ impl World {
             "--interval-us",
             "200",
         ];
-        pod.spawn_probe(&self.cgroup, &args).expect("probe")
+        pod.spawn_probe(&self.node.cgroup, &args).expect("probe")
     }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.snapshot_file);
-    }
-}
-
-fn v6(prefix: u16, subnet: u8, host: u8) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0xfd00,
-        prefix,
-        0,
-        0,
-        0,
-        0,
-        u16::from(subnet),
-        u16::from(host),
-    )
 }
 
 /// The reply line a connection to a bound service must get.

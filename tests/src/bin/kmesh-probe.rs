@@ -397,6 +397,17 @@ mod tests {
     }
 
     #[test]
+    fn send_file_is_read_once_at_parse() {
+        let file = std::env::temp_dir().join(format!("kmt-probe-send-{}", std::process::id()));
+        std::fs::write(&file, b"\x00GET\xff").unwrap();
+        let path = file.to_string_lossy().into_owned();
+        let o = p(&["--target", "10.0.0.1:80", "--send-file", &path]);
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(o.unwrap().send.as_deref(), Some(&b"\x00GET\xff"[..]));
+        assert!(p(&["--target", "10.0.0.1:80", "--send-file", &path]).is_err());
+    }
+
+    #[test]
     fn error_keys() {
         let e = io::Error::from_raw_os_error(libc::ENETUNREACH);
         assert_eq!(error_key(&e, "t"), "ENETUNREACH");

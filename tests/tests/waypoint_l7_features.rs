@@ -723,6 +723,7 @@ fn a_mirror_at_50_percent_gets_about_half_and_never_delays_the_client() {
     // The mirror counts a request when it arrives (before its delay); let the last ones land.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let mirrored = w.served(&w.mirror);
+    println!("the mirror saw {mirrored} of 400");
     // Half of 400 is 200, with a standard deviation of 10.
     assert!(
         (150..=250).contains(&mirrored),

@@ -1,5 +1,5 @@
 //! The node of the DualEngine end-to-end tests (issue #11), shared by `tests/waypoint_origin.rs`,
-//! `tests/waypoint_l7.rs` and `tests/waypoint_l7_features.rs`: pods on the test bridge, the test
+//! `tests/waypoint_l7.rs`, `tests/waypoint_l7_features.rs` and `tests/waypoint_mode_switch.rs`: pods on the test bridge, the test
 //! cgroup the real `kmesh-agent` attaches its programs to (with its pins and snapshot file), and
 //! the real `kmesh-waypoint` and `kmesh-echo` started in pods.
 //!
@@ -113,9 +113,14 @@ impl WaypointNode {
     /// The real agent on this node's cgroup, following `snapshot`, ready.
     pub fn start_agent(&self, snapshot: &Snapshot) -> Agent {
         self.write_snapshot(snapshot);
+        self.start_agent_from(AgentSource::File(self.snapshot_file.path()))
+    }
+
+    /// The real agent on this node's cgroup, following `source`, ready.
+    pub fn start_agent_from(&self, source: AgentSource<'_>) -> Agent {
         let mut agent = Agent::start(&AgentOptions {
             node_name: NODE,
-            source: AgentSource::File(self.snapshot_file.path()),
+            source,
             dir: &self.dir,
             cgroup: &self.cgroup,
             extra_args: Vec::new(),
@@ -141,23 +146,19 @@ impl WaypointNode {
     /// The real `kmesh-waypoint` in `pod` (not enrolled: outside the test cgroup), listening on
     /// [`WAYPOINT_PORT`] and following `config`; returned once `/readyz` answers 200.
     pub fn waypoint(&self, pod: &Pod, config: &WaypointConfigFile) -> Daemon {
+        let file = config.path().to_string_lossy().into_owned();
+        self.waypoint_following(pod, &["--config-file", &file])
+    }
+
+    /// As [`Self::waypoint`], following the configuration source `source` (`--config-file F`, or
+    /// `--operator URL --waypoint NS/NAME ...`).
+    pub fn waypoint_following(&self, pod: &Pod, source: &[&str]) -> Daemon {
         let listen = format!("[::]:{WAYPOINT_PORT}");
         let admin = format!("127.0.0.1:{WAYPOINT_ADMIN_PORT}");
-        let file = config.path().to_string_lossy().into_owned();
-        let mut waypoint = Daemon::spawn(
-            pod.netns_name(),
-            None,
-            "kmesh-waypoint",
-            &[
-                "--listen",
-                &listen,
-                "--admin",
-                &admin,
-                "--config-file",
-                &file,
-            ],
-        )
-        .expect("kmesh-waypoint");
+        let mut args = vec!["--listen", listen.as_str(), "--admin", admin.as_str()];
+        args.extend(source);
+        let mut waypoint =
+            Daemon::spawn(pod.netns_name(), None, "kmesh-waypoint", &args).expect("kmesh-waypoint");
         let target = format!("127.0.0.1:{WAYPOINT_ADMIN_PORT}");
         let deadline = Instant::now() + READY;
         loop {

@@ -21,7 +21,7 @@
 //! in a cluster. Run as root after
 //! `cargo build --workspace --bins` (scripts/test.sh does both).
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener},
     path::Path,
     sync::{
         Arc,
@@ -31,18 +31,16 @@ use std::{
 };
 
 use kmesh_tests::{
-    Agent, AgentDir, AgentOptions, AgentSource, Pod, TempPath, TestCgroup, TestNetwork, TestTls,
+    AgentSource, Pod, TempPath, TestTls,
     cluster::services::relay,
-    http_probe::{Daemon, HttpReport, run_http},
+    http_probe::HttpReport,
+    waypoint_world::{Family, NODE, WAYPOINT_PORT, WaypointNode},
     workspace_bin,
 };
 
-const NODE: &str = "node-1";
 /// This test's pods are 10.244.`SUBNET`.0/24, its VIPs 10.96.`SUBNET`.0/24.
 const SUBNET: u8 = 230;
 const REVIEWS_PORT: u16 = 9080;
-const WAYPOINT_PORT: u16 = 15008;
-const WAYPOINT_ADMIN: &str = "127.0.0.1:15021";
 /// Where the waypoint dials the operator, inside its pod (the relay's listener).
 const OPERATOR_IN_POD: &str = "127.0.0.1:15012";
 /// How soon after the KmeshConfig is written every request must follow the new mode.
@@ -175,10 +173,6 @@ status:
     )
 }
 
-fn pod_ip(host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, SUBNET, host)
-}
-
 /// Writes the mesh in `mode` into the operator's source directory, whole: staged, then renamed.
 fn write_mesh(source: &Path, mode: Mode) {
     let staged = source.with_extension("staged");
@@ -275,9 +269,9 @@ impl Drop for PodToHostRelay {
     }
 }
 
+/// The node (`WaypointNode`: network, cgroup, pins) and its pods.
 struct World {
-    _net: TestNetwork,
-    cgroup: TestCgroup,
+    node: WaypointNode,
     client: Pod,
     waypoint: Pod,
     v2: Pod,
@@ -286,28 +280,21 @@ struct World {
 
 impl World {
     fn new(name: &str) -> World {
-        let net = TestNetwork::new(name).expect("test network");
-        let cgroup = TestCgroup::new(name).expect("test cgroup");
-        let pod = |name: &str, host: u8| net.add_pod(name, pod_ip(host), None).expect("pod");
+        let node = WaypointNode::new(name, Family::V4, SUBNET);
         World {
-            client: pod("client", 10),
-            waypoint: pod("waypoint", 100),
-            v2: pod("reviews-v2", 22),
-            v3: pod("reviews-v3", 23),
-            _net: net,
-            cgroup,
+            client: node.pod("client", 10),
+            waypoint: node.pod("waypoint", 100),
+            v2: node.pod("reviews-v2", 22),
+            v3: node.pod("reviews-v3", 23),
+            node,
         }
-    }
-
-    fn http_in(&self, pod: &Pod, args: &[&str]) -> HttpReport {
-        run_http(pod.netns_name(), &self.cgroup, args).expect("kmesh-http")
     }
 
     /// `count` requests of jason's to reviews' VIP from the client pod, a connection each.
     fn jason_requests(&self, count: u32) -> HttpReport {
         let target = format!("10.96.{SUBNET}.13:{REVIEWS_PORT}");
         let count = count.to_string();
-        self.http_in(
+        self.node.http_in(
             &self.client,
             &[
                 "--target",
@@ -323,45 +310,6 @@ impl World {
                 "2000",
             ],
         )
-    }
-
-    fn echo(&self, pod: &Pod, version: &str) -> Daemon {
-        let listen = SocketAddr::from((pod.ipv4(), REVIEWS_PORT)).to_string();
-        Daemon::spawn(
-            pod.netns_name(),
-            None,
-            "kmesh-echo",
-            &["--listen", &listen, "--version", version],
-        )
-        .expect("kmesh-echo")
-    }
-
-    fn wait_waypoint_ready(&self, waypoint: &mut Daemon, operator: &Operator) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            waypoint.assert_running();
-            let report = self.http_in(
-                &self.waypoint,
-                &[
-                    "--target",
-                    WAYPOINT_ADMIN,
-                    "--path",
-                    "/readyz",
-                    "--timeout-ms",
-                    "500",
-                ],
-            );
-            if report.status(200) == 1 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the waypoint never became ready: {report:?}\nwaypoint:\n{}\noperator:\n{}",
-                waypoint.stderr(),
-                operator.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 }
 
@@ -413,39 +361,24 @@ fn switching_the_mode_under_load_fails_no_request_and_is_followed_within_2_s() {
     let tls = TestTls::new("wpmode").expect("certificates");
     let operator = Operator::start(&source, operator_addr, &tokens, &tls);
 
-    let agent_dir = AgentDir::new("wpmode").expect("pin directory");
-    let mut agent = Agent::start(&AgentOptions {
-        node_name: NODE,
-        source: AgentSource::Operator {
-            url: format!("https://{operator_addr}"),
-            token_file: Some(&node_token),
-            ca_file: Some(&tls.ca_file),
-        },
-        dir: &agent_dir,
-        cgroup: &w.cgroup,
-        extra_args: vec![],
-    })
-    .expect("start kmesh-agent");
-    agent
-        .wait_ready(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\noperator:\n{}", operator.log()));
-    let _echoes = [w.echo(&w.v2, "v2"), w.echo(&w.v3, "v3")];
+    let agent = w.node.start_agent_from(AgentSource::Operator {
+        url: format!("https://{operator_addr}"),
+        token_file: Some(&node_token),
+        ca_file: Some(&tls.ca_file),
+    });
+    let _echoes = [
+        w.node.echo(&w.v2, REVIEWS_PORT, "v2", &[]),
+        w.node.echo(&w.v3, REVIEWS_PORT, "v3", &[]),
+    ];
 
     let _relay =
         PodToHostRelay::start(&w.waypoint, OPERATOR_IN_POD.parse().unwrap(), operator_addr);
-    let listen = format!("0.0.0.0:{WAYPOINT_PORT}");
     let operator_url = format!("https://{OPERATOR_IN_POD}");
     let token = waypoint_token.to_string_lossy().into_owned();
     let ca = tls.ca_file.to_string_lossy().into_owned();
-    let mut waypoint = Daemon::spawn(
-        w.waypoint.netns_name(),
-        None,
-        "kmesh-waypoint",
+    let waypoint = w.node.waypoint_following(
+        &w.waypoint,
         &[
-            "--listen",
-            &listen,
-            "--admin",
-            WAYPOINT_ADMIN,
             "--operator",
             &operator_url,
             "--waypoint",
@@ -455,9 +388,7 @@ fn switching_the_mode_under_load_fails_no_request_and_is_followed_within_2_s() {
             "--operator-ca",
             &ca,
         ],
-    )
-    .expect("kmesh-waypoint");
-    w.wait_waypoint_ready(&mut waypoint, &operator);
+    );
 
     // KernelNative: the header route is not the kernel's; jason reaches v3 like everyone.
     let before = w.jason_requests(40);
@@ -476,7 +407,7 @@ fn switching_the_mode_under_load_fails_no_request_and_is_followed_within_2_s() {
                 s.spawn(move || {
                     let target = format!("10.96.{SUBNET}.13:{REVIEWS_PORT}");
                     let until = stop.to_string_lossy().into_owned();
-                    w.http_in(
+                    w.node.http_in(
                         &w.client,
                         &[
                             "--target",

@@ -192,6 +192,7 @@ impl World {
                 addresses: vec![self.addr(&self.client)],
                 namespace: "default".into(),
                 name: "client".into(),
+                workload: String::new(),
                 service_account: "client".into(),
                 labels: Default::default(),
             }],

@@ -265,6 +265,7 @@ impl World {
                 addresses: vec![self.node.addr(&self.client)],
                 namespace: "default".into(),
                 name: "client".into(),
+                workload: String::new(),
                 service_account: "client".into(),
                 labels: Default::default(),
             }],

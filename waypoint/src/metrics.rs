@@ -135,13 +135,12 @@ impl Peer {
         }
     }
 
-    /// The workload at `address` (a client or an endpoint), as `table` knows it. Istio's
-    /// `source_workload` is the pod's controller; the configuration names pods, so it is the
-    /// pod's name here.
+    /// The workload at `address` (a client or an endpoint), as `table` knows it: Istio's
+    /// `source_workload` is the pod's controller (a Deployment's name), as the operator names it.
     pub fn at(table: &RouteTable, address: std::net::IpAddr) -> Peer {
         match table.workload(address) {
             Some(w) => Peer {
-                workload: w.name.clone(),
+                workload: w.workload_name().to_string(),
                 namespace: w.namespace.clone(),
                 principal: Principal::of(table.trust_domain(), w).spiffe_id(),
             },

@@ -1091,6 +1091,7 @@ fn productpage_at_loopback() -> Workload {
         addresses: vec!["127.0.0.1".parse().unwrap()],
         namespace: "default".into(),
         name: "productpage-1".into(),
+        workload: "productpage".into(),
         service_account: "bookinfo-productpage".into(),
         labels: BTreeMap::new(),
     }
@@ -1185,6 +1186,12 @@ async fn authorization_policies_answer_403_to_what_they_deny() {
     let metrics = waypoint.metrics.render();
     assert!(
         metrics.contains("response_code=\"403\",response_flags=\"-\""),
+        "{metrics}"
+    );
+    // The client is named by its workload (the Deployment), not its pod, as Istio does.
+    assert!(
+        metrics.contains("source_workload=\"productpage\",")
+            && !metrics.contains("source_workload=\"productpage-1\""),
         "{metrics}"
     );
 }

@@ -28,6 +28,7 @@ use super::{
     Compiler,
     catalog::{Catalog, CatalogService, PortProtocol},
     l7::{ClusterKey, ClusterSet, L7Sources},
+    name_tables::pod_names,
     waypoint_bindings::WaypointBindings,
     workloads::{address_owners, pod_service_account},
 };
@@ -139,6 +140,7 @@ impl<'a> Compiler<'a> {
                 addresses,
                 namespace: namespace.to_string(),
                 name: name.to_string(),
+                workload: pod_names(pod).workload.to_string(),
                 service_account: pod_service_account(pod).unwrap_or("default").to_string(),
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
             })
@@ -224,6 +226,37 @@ spec:
         );
         assert_eq!(port.tcp[0].cluster, to[0].cluster);
         assert!(config.workloads.iter().any(|w| w.name == "reviews-v1"));
+    }
+
+    /// A Deployment's pod is named by its workload (the Deployment), as Istio's telemetry names
+    /// it; a pod with no controller by its own name.
+    #[test]
+    fn workloads_carry_their_workload_name() {
+        let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: ratings-v1-7f9d8-abcde
+  generateName: ratings-v1-7f9d8-
+  namespace: default
+  labels: {app: ratings, pod-template-hash: 7f9d8}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: ratings-v1-7f9d8, uid: u, controller: true}]
+spec: {nodeName: node-1}
+status: {podIP: 10.244.0.31, conditions: [{type: Ready, status: "True"}]}
+"#;
+        let yaml = format!(
+            "{}---{JASON}---{REVIEWS}---{pods}",
+            bound_to_waypoint("DualEngine")
+        );
+        let compiled = compile_yaml(&yaml);
+        let workloads = &compiled.waypoints[&waypoint()].workloads;
+        let by_pod = |name: &str| workloads.iter().find(|w| w.name == name).unwrap();
+        let ratings = by_pod("ratings-v1-7f9d8-abcde");
+        assert_eq!(
+            (ratings.workload.as_str(), ratings.workload_name()),
+            ("ratings-v1", "ratings-v1")
+        );
+        assert_eq!(by_pod("reviews-v1").workload_name(), "reviews-v1");
     }
 
     /// The waypoint is kept warm: outside DualEngine its configuration is DualEngine's, so a

@@ -483,9 +483,25 @@ pub struct Workload {
     pub namespace: String,
     /// The pod's name.
     pub name: String,
+    /// The workload's name as Istio's telemetry names it (`source_workload`): the pod's
+    /// controller (a Deployment's name for its pods), the same rule as the node snapshots'
+    /// names; empty means the pod's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload: String,
     pub service_account: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// Its name in telemetry (`source_workload`): the workload's, else the pod's.
+    pub fn workload_name(&self) -> &str {
+        if self.workload.is_empty() {
+            &self.name
+        } else {
+            &self.workload
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {

@@ -13,6 +13,7 @@ fn productpage() -> Workload {
         addresses: vec!["10.0.0.9".parse().unwrap()],
         namespace: "default".into(),
         name: "productpage-1".into(),
+        workload: "productpage".into(),
         service_account: "bookinfo-productpage".into(),
         labels: BTreeMap::new(),
     }

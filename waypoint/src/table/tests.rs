@@ -100,6 +100,7 @@ pub(crate) fn workload(name: &str, addresses: &[&str]) -> Workload {
             .collect(),
         namespace: "default".into(),
         name: name.into(),
+        workload: String::new(),
         service_account: format!("bookinfo-{name}"),
         labels: BTreeMap::from([("app".into(), name.into())]),
     }

@@ -6,8 +6,10 @@
 //! it copies (`COPY target/<triple>/release/<bin> ... <dir>/`): the kubelet bind-mounts the
 //! workspace's `target/<profile>/<bin>` at `<dir>/<bin>` in the container. So the manifests, the
 //! Dockerfile and the binaries are what runs; an image of the project's repository that the
-//! Dockerfile does not build is an error (as an image pull would be). Every other image is an
-//! application image, which the kubelet fakes (see `app_pod`).
+//! Dockerfile does not build is an error (as an image pull would be). The harness's own test
+//! images (`kmesh-tests/<bin>`, [`TEST_REPOSITORY`]) run the test instruments the same way: today
+//! `kmesh-tests/kmesh-echo`, the L7 tests' HTTP server that answers with its `--version` and what it
+//! received. Every other image is an application image, which the kubelet fakes (see `app_pod`).
 use std::{io, path::PathBuf};
 
 /// The project's image, without registry and tag (`scripts/image.sh` names it
@@ -16,6 +18,13 @@ pub const IMAGE: &str = "kmesh-rs/kmesh-rs";
 
 /// The image repository prefix of the project's images.
 pub const REPOSITORY: &str = "kmesh-rs/";
+
+/// The image repository prefix of the harness's test images: `kmesh-tests/<bin>` runs the
+/// workspace's test binary `<bin>` (one of [`TEST_BINARIES`]).
+pub const TEST_REPOSITORY: &str = "kmesh-tests/";
+
+/// The test binaries a test image may run.
+pub const TEST_BINARIES: [&str; 1] = ["kmesh-echo"];
 
 /// What a Dockerfile stage puts in its image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +94,9 @@ impl Catalog {
     /// repository that no stage builds is an error.
     pub fn stage_for(&self, image: &str) -> Result<Option<&Stage>, String> {
         let unqualified = image.strip_prefix("docker.io/").unwrap_or(image);
+        if let Some(rest) = unqualified.strip_prefix(TEST_REPOSITORY) {
+            return test_stage(image, rest).map(Some);
+        }
         let Some(rest) = unqualified.strip_prefix(REPOSITORY) else {
             return Ok(None);
         };
@@ -105,6 +117,35 @@ impl Catalog {
                 )
             })
     }
+}
+
+/// The stage of test image `kmesh-tests/<rest>`: its one binary at `/usr/local/bin/<bin>`, its
+/// entrypoint, run as the project's image's non-root user (kept in a static, so that the catalog
+/// hands out references as for the Dockerfile's stages).
+fn test_stage(image: &str, rest: &str) -> Result<&'static Stage, String> {
+    use std::sync::OnceLock;
+    static STAGES: OnceLock<Vec<Stage>> = OnceLock::new();
+    let name = rest.split([':', '@']).next().unwrap_or(rest);
+    let stages = STAGES.get_or_init(|| {
+        TEST_BINARIES
+            .iter()
+            .map(|bin| {
+                let path = PathBuf::from("/usr/local/bin").join(bin);
+                Stage {
+                    name: bin.to_string(),
+                    entrypoint: vec![path.display().to_string()],
+                    user: Some("65532:65532".into()),
+                    binaries: vec![(bin.to_string(), path)],
+                }
+            })
+            .collect()
+    });
+    stages.iter().find(|s| s.name == name).ok_or_else(|| {
+        format!(
+            "image {image}: no test binary `{name}` (test images: {})",
+            TEST_BINARIES.join(", ")
+        )
+    })
 }
 
 /// Records the binaries a `COPY target/<triple>/release/<bin>... <dir>/` (or `<path>` for one
@@ -201,6 +242,25 @@ mod tests {
         );
         let e = c.stage_for("kmesh-rs/kmesh-agent:latest").unwrap_err();
         assert!(e.contains("no stage `kmesh-agent`"), "{e}");
+    }
+
+    #[test]
+    fn a_test_image_runs_its_test_binary() {
+        let c = Catalog::parse("FROM scratch\n").unwrap();
+        let s = c
+            .stage_for("docker.io/kmesh-tests/kmesh-echo:test")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.entrypoint, ["/usr/local/bin/kmesh-echo"]);
+        assert_eq!(
+            s.binaries,
+            [(
+                "kmesh-echo".to_string(),
+                PathBuf::from("/usr/local/bin/kmesh-echo")
+            )]
+        );
+        let e = c.stage_for("kmesh-tests/kmesh-nothing").unwrap_err();
+        assert!(e.contains("no test binary `kmesh-nothing`"), "{e}");
     }
 
     #[test]

@@ -208,6 +208,15 @@ pub fn run_http(
     cgroup: &crate::TestCgroup,
     args: &[&str],
 ) -> std::io::Result<HttpReport> {
+    run_http_in_cgroup_dir(netns, cgroup.path(), args)
+}
+
+/// [`run_http`] in the cgroup directory `cgroup` (a cluster pod's, below its node's).
+pub fn run_http_in_cgroup_dir(
+    netns: &str,
+    cgroup: &std::path::Path,
+    args: &[&str],
+) -> std::io::Result<HttpReport> {
     use std::process::{Command, Stdio};
     let bin = crate::probe::workspace_bin("kmesh-http")?;
     let mut cmd = Command::new("ip");
@@ -217,7 +226,7 @@ pub fn run_http(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    crate::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup.path())?;
+    crate::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup)?;
     let desc = format!("kmesh-http {} in {netns}", args.join(" "));
     let out = cmd
         .output()

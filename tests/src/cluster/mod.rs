@@ -73,7 +73,10 @@ use self::{
     pki::ServingCert,
     services::ServiceNames,
 };
-use crate::{ProbeHandle, ProbeReport, TempPath, TestNetwork, probe::workspace_bin, progress};
+use crate::{
+    ProbeHandle, ProbeReport, TempPath, TestNetwork, http_probe::HttpReport, probe::workspace_bin,
+    progress,
+};
 
 /// The workspace binaries a cluster runs; checked before anything starts.
 const WORKSPACE_BINS: [&str; 4] = [
@@ -357,6 +360,14 @@ impl Cluster {
     ) -> io::Result<ProbeHandle> {
         let (netns, cgroup, _) = self.sandbox(namespace, name)?;
         crate::probe::spawn_in_cgroup_dir(&netns, &cgroup, args)
+    }
+
+    /// Runs `kmesh-http ARGS...` in pod `namespace/name` (its network namespace and cgroup, so
+    /// that its connects go through its node's kernel programs), as `kubectl exec` would, and
+    /// returns its report.
+    pub fn run_http(&self, namespace: &str, name: &str, args: &[&str]) -> io::Result<HttpReport> {
+        let (netns, cgroup, _) = self.sandbox(namespace, name)?;
+        crate::http_probe::run_http_in_cgroup_dir(&netns, &cgroup, args)
     }
 
     /// [`spawn_probe`](Self::spawn_probe), then wait for its report.

@@ -3,7 +3,9 @@
 //! that waypoint's configuration and nothing else), a Deployment of `kmesh-waypoint` replicas, a
 //! Service that selects them at the Gateway's `HBONE` port (the node snapshots' route to the
 //! waypoint is that Service's endpoints), and a copy of the operator's CA in the Gateway's
-//! namespace (a ConfigMap cannot be mounted across namespaces).
+//! namespace (a ConfigMap cannot be mounted across namespaces), one per waypoint
+//! ([`ca_config_map_name`]): a copy shared by the waypoints of a namespace would be owned by the
+//! last one applied, and deleting that Gateway would take every other waypoint's CA with it.
 //!
 //! Pure: a Gateway and settings in, objects out. Every object is owned by its Gateway (an owner
 //! reference with the Gateway's uid), so Kubernetes' garbage collector removes them when the
@@ -40,6 +42,13 @@ pub const ADMIN_PORT: u16 = 15021;
 const CA_DIR: &str = "/etc/kmesh/ca";
 const TOKEN_DIR: &str = "/var/run/secrets/kmesh";
 const TOKEN_FILE: &str = "token";
+
+/// The name of waypoint `name`'s copy of the operator's CA: its own, never the operator's
+/// `kmesh-ca-root-cert` (which a Gateway in the operator's namespace would otherwise take over)
+/// nor another waypoint's.
+pub fn ca_config_map_name(name: &str) -> String {
+    format!("{name}-{}", crate::certs::CA_CONFIG_MAP)
+}
 
 /// What every waypoint's objects share, from the operator's own settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,7 +100,7 @@ pub fn waypoint_objects(
         ..Default::default()
     };
     let ca = settings.ca_pem.as_ref().map(|pem| ConfigMap {
-        metadata: meta(crate::certs::CA_CONFIG_MAP),
+        metadata: meta(&ca_config_map_name(name)),
         data: Some(BTreeMap::from([("ca.crt".to_string(), pem.clone())])),
         ..Default::default()
     });
@@ -194,7 +203,7 @@ fn pod_spec(name: &str, namespace: &str, port: u16, settings: &WaypointSettings)
         volumes.push(Volume {
             name: "ca".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: crate::certs::CA_CONFIG_MAP.into(),
+                name: ca_config_map_name(name),
                 ..Default::default()
             }),
             ..Default::default()
@@ -308,8 +317,29 @@ mod tests {
         );
         assert_eq!(
             objects.ca.unwrap().metadata.name.as_deref(),
-            Some("kmesh-ca-root-cert")
+            Some("reviews-waypoint-kmesh-ca-root-cert")
         );
+    }
+
+    #[test]
+    fn two_waypoints_of_a_namespace_own_a_ca_copy_each() {
+        let other: Gateway = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ratings-waypoint", "namespace": "bookinfo", "uid": "u-2"},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+        }))
+        .unwrap();
+        let reviews = waypoint_objects(&gateway(Some("u-1")), 15008, &settings(true)).unwrap();
+        let ratings = waypoint_objects(&other, 15008, &settings(true)).unwrap();
+        let mounted = |o: &WaypointObjects| {
+            let pod = o.deployment.spec.clone().unwrap().template.spec.unwrap();
+            pod.volumes.unwrap()[1].config_map.clone().unwrap().name
+        };
+        let (a, b) = (reviews.ca.clone().unwrap(), ratings.ca.clone().unwrap());
+        assert_ne!(a.metadata.name, b.metadata.name);
+        assert_eq!(a.metadata.name.as_deref(), Some(mounted(&reviews).as_str()));
+        assert_eq!(b.metadata.name.as_deref(), Some(mounted(&ratings).as_str()));
+        assert_eq!(b.metadata.owner_references.unwrap()[0].uid, "u-2");
     }
 
     #[test]
@@ -360,7 +390,7 @@ mod tests {
         let volumes = pod.volumes.unwrap();
         assert_eq!(
             volumes[1].config_map.as_ref().unwrap().name,
-            "kmesh-ca-root-cert"
+            "reviews-waypoint-kmesh-ca-root-cert"
         );
         let token = volumes[0]
             .projected

@@ -25,6 +25,7 @@ use crate::{
     diagnostics::ObjectRef,
     gateway_api::{Gateway, WAYPOINT_CLASS},
     kinds::Kind,
+    waypoints::objects::MANAGED_LABEL,
 };
 
 /// The label that binds a Service (or every Service of a namespace) to a waypoint.
@@ -67,6 +68,13 @@ fn hbone_listener(gateway: &Gateway) -> Option<(usize, Result<u16, std::num::Try
 /// The port a waypoint's replicas listen on: its `HBONE` listener's, when valid.
 pub fn waypoint_port(gateway: &Gateway) -> Option<u16> {
     hbone_listener(gateway)?.1.ok().filter(|p| *p != 0)
+}
+
+/// Whether a waypoint controller (this operator's, or istiod's) made the object for a waypoint.
+fn managed_by_a_waypoint_controller(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(MANAGED_LABEL))
 }
 
 /// What a label set says about the waypoint to use.
@@ -114,9 +122,11 @@ impl Compiler<'_> {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
             };
-            if waypoints.contains_key(&this) {
+            if waypoints.contains_key(&this) || managed_by_a_waypoint_controller(&service.metadata)
+            {
                 // A waypoint's own Service (its replicas): never steered to a waypoint, which
-                // would loop.
+                // would loop. Known by its label too: after its Gateway is deleted it stays until
+                // the garbage collector removes it, and is no Service a label is meant for.
                 continue;
             }
             let (wanted, labelled) = match choice(&service.metadata, namespace) {
@@ -372,6 +382,29 @@ spec:
             Some(&name("bookinfo", "waypoint"))
         );
         assert_eq!(b.services.len(), 3);
+    }
+
+    #[test]
+    fn a_deleted_waypoint_s_own_service_is_never_bound_nor_reported() {
+        // Gateway `gone` was deleted; its Service waits for the garbage collector in a namespace
+        // whose label names it.
+        let yaml = format!(
+            "{DUAL_ENGINE}---{WAYPOINTS}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{istio.io/use-waypoint: gone}}}}\n{}{}",
+            service(
+                "shop",
+                "gone",
+                "gateway.istio.io/managed: kmesh.net-waypoint-controller, gateway.networking.k8s.io/gateway-name: gone"
+            ),
+            service("shop", "reviews", ""),
+        );
+        let (b, diagnostics) = bindings(&yaml);
+        assert!(b.services.is_empty(), "{b:?}");
+        assert_eq!(
+            diagnostics,
+            [
+                "rejected: Namespace shop metadata.labels[istio.io/use-waypoint]: waypoint shop/gone is not a Gateway of class istio-waypoint serving services: Service shop/reviews stays on the kernel path"
+            ]
+        );
     }
 
     #[test]

@@ -184,6 +184,12 @@ spec:
 
 #[test]
 fn a_gateway_brings_up_the_waypoint_and_use_waypoint_moves_a_namespace_behind_it() {
+    // Checked before anything starts: a missing one would otherwise show as a pod never ready.
+    for bin in ["kmesh-waypoint", "kmesh-echo", "kmesh-http"] {
+        if let Err(e) = workspace_bin(bin) {
+            panic!("{e} (build it: cargo build --workspace --bins)");
+        }
+    }
     run_cluster(NAME, &two_nodes(187, 188), |cluster| run_scenario(cluster));
 }
 

@@ -14,6 +14,7 @@
 //! | pod networking | one bridge in a namespace of its own; pods get IPs from their node's `10.244.<n>.0/24`, on-link routes only (no way out) |
 //! | application containers | a server per `containerPort` answering with the pod name ([`app_pod`]) |
 //! | the project's containers | the real binaries, with the spec's command, env, volumes, user ([`container`], [`runtime`]) |
+//! | test instruments (images `kmesh-tests/<bin>`, e.g. `kmesh-echo`) | the workspace's test binary, run as the project's are ([`image`]) |
 //! | `kubectl exec` | [`Cluster::spawn_probe`]: `kmesh-probe` in the pod's namespace and cgroup |
 //! | kube-proxy for the `kubernetes` Service | a userspace forwarder ([`services`]) |
 //! | kube-proxy for the operator's Service | a forwarder on its ClusterIP, relaying each connection to a ready endpoint in turn ([`services::forward_mapped_services`]) |

@@ -39,8 +39,8 @@ const WAYPOINT_ADMIN: u16 = 15021;
 /// Requests per check: every one is counted by version.
 const REQUESTS: u64 = 200;
 
-/// reviews v1 and v2 (real HTTP servers answering with their version), their DestinationRule
-/// subsets, bookinfo's jason route over them, and a client pod.
+/// reviews (its Deployments: [`reviews_deployment`]), its DestinationRule subsets v1 and v2,
+/// bookinfo's jason route over them, and a client pod.
 const APP: &str = r#"
 apiVersion: v1
 kind: Service
@@ -53,52 +53,6 @@ spec:
   ports:
   - name: http
     port: 9080
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: reviews-v1
-  namespace: shop
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {app: reviews, version: v1}
-  template:
-    metadata:
-      labels: {app: reviews, version: v1}
-    spec:
-      containers:
-      - name: reviews
-        image: docker.io/kmesh-tests/kmesh-echo:test
-        args: ["--listen", "0.0.0.0:9080", "--version", "v1"]
-        ports:
-        - containerPort: 9080
-        readinessProbe:
-          httpGet: {path: /ready, port: 9080}
-          periodSeconds: 1
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: reviews-v2
-  namespace: shop
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {app: reviews, version: v2}
-  template:
-    metadata:
-      labels: {app: reviews, version: v2}
-    spec:
-      containers:
-      - name: reviews
-        image: docker.io/kmesh-tests/kmesh-echo:test
-        args: ["--listen", "0.0.0.0:9080", "--version", "v2"]
-        ports:
-        - containerPort: 9080
-        readinessProbe:
-          httpGet: {path: /ready, port: 9080}
-          periodSeconds: 1
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -148,6 +102,36 @@ spec:
   - route:
     - destination: {host: reviews, subset: v1}
 "#;
+
+/// reviews `version`: a real HTTP server (`kmesh-echo`) answering with its version.
+fn reviews_deployment(version: &str) -> String {
+    format!(
+        r#"---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: reviews-{version}
+  namespace: shop
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: reviews, version: {version}}}
+  template:
+    metadata:
+      labels: {{app: reviews, version: {version}}}
+    spec:
+      containers:
+      - name: reviews
+        image: docker.io/kmesh-tests/kmesh-echo:test
+        args: ["--listen", "0.0.0.0:9080", "--version", "{version}"]
+        ports:
+        - containerPort: 9080
+        readinessProbe:
+          httpGet: {{path: /ready, port: 9080}}
+          periodSeconds: 1
+"#
+    )
+}
 
 /// A waypoint in the same namespace before `waypoint` comes, bound to nothing: deleting
 /// `waypoint` must leave it whole (its CA ConfigMap included).
@@ -214,7 +198,12 @@ fn run_scenario(cluster: &Cluster) {
 
     k.run(&["create", "namespace", NS]).unwrap();
     enrol(cluster, NS);
-    k.run_stdin(&["apply", "-f", "-"], APP).unwrap();
+    let app = format!(
+        "{APP}{}{}",
+        reviews_deployment("v1"),
+        reviews_deployment("v2")
+    );
+    k.run_stdin(&["apply", "-f", "-"], &app).unwrap();
     wait_available(cluster, NS);
     let client = only(cluster, "client-");
 

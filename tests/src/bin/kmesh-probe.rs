@@ -182,6 +182,22 @@ fn error_key(e: &io::Error, timeout_key: &str) -> String {
     }
 }
 
+/// One connect with `timeout` for it and for reads; `connect_ns` gets the monotonic times just
+/// before connect() and just after it returned.
+fn connect(
+    target: &SocketAddr,
+    timeout: Duration,
+    connect_ns: &mut [u64; 2],
+) -> Result<TcpStream, String> {
+    connect_ns[0] = monotonic_ns();
+    let connected = TcpStream::connect_timeout(target, timeout);
+    connect_ns[1] = monotonic_ns();
+    let s = connected.map_err(|e| error_key(&e, "connect_timeout"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| error_key(&e, "read_timeout"))?;
+    Ok(s)
+}
+
 /// One connect + read of the reply line. Ok(reply) or Err(error key); `connect_ns` gets the
 /// monotonic times just before connect() and just after it returned.
 fn attempt(
@@ -189,12 +205,7 @@ fn attempt(
     timeout: Duration,
     connect_ns: &mut [u64; 2],
 ) -> Result<String, String> {
-    connect_ns[0] = monotonic_ns();
-    let connected = TcpStream::connect_timeout(target, timeout);
-    connect_ns[1] = monotonic_ns();
-    let mut s = connected.map_err(|e| error_key(&e, "connect_timeout"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| error_key(&e, "read_timeout"))?;
+    let mut s = connect(target, timeout, connect_ns)?;
     let mut buf = Vec::with_capacity(64);
     let mut chunk = [0u8; 256];
     let deadline = Instant::now() + timeout;
@@ -231,12 +242,7 @@ fn exchange(
     connect_ns: &mut [u64; 2],
 ) -> Result<String, String> {
     use std::io::Write as _;
-    connect_ns[0] = monotonic_ns();
-    let connected = TcpStream::connect_timeout(target, timeout);
-    connect_ns[1] = monotonic_ns();
-    let mut s = connected.map_err(|e| error_key(&e, "connect_timeout"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| error_key(&e, "read_timeout"))?;
+    let mut s = connect(target, timeout, connect_ns)?;
     s.write_all(bytes)
         .map_err(|e| error_key(&e, "write_timeout"))?;
     s.shutdown(std::net::Shutdown::Write)

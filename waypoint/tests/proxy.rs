@@ -1585,3 +1585,92 @@ async fn a_drain_lets_the_requests_in_flight_finish() {
     assert_eq!(second.await.unwrap(), StatusCode::OK);
     assert_eq!(v1.count(), 2);
 }
+
+/// An HTTP/2 upstream that refuses its first `refuse` streams (`RST_STREAM` with
+/// `REFUSED_STREAM`, as a server past its stream limit does) and answers the others `200 ok`;
+/// with the count of streams it saw.
+async fn refusing_h2_upstream(refuse: u64) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let seen = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let response = Response::builder()
+                        .status(StatusCode::OK)
+                        .header("x-echo-version", "h2")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut body) = respond.send_response(response, false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A cluster of HTTP/2 endpoint `address`.
+fn h2_cluster_at(address: SocketAddr) -> Cluster {
+    Cluster {
+        protocol: Protocol::Http2,
+        endpoints: vec![Endpoint { address }],
+        ..cluster("h2", &[])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_http2_stream_is_retried_by_refused_stream_and_else_answered_503() {
+    // retryOn: refused-stream: the refused first try is retried and answered.
+    let (upstream, seen) = refusing_h2_upstream(1).await;
+    let mut retried = forward_to(0);
+    retried.retries = Some(retries(1, None, RetryOn::RefusedStream));
+    let retrying = waypoint(config(
+        Protocol::Http,
+        vec![retried],
+        vec![h2_cluster_at(upstream)],
+    ))
+    .await;
+    let answer = get(&retrying, "/", &[]).await;
+    assert_eq!((answer.status, answer.version()), (StatusCode::OK, "h2"));
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "the refused try and its retry"
+    );
+
+    // No retry: Envoy's answer for a refused stream.
+    let (upstream, seen) = refusing_h2_upstream(1).await;
+    let waypoint = waypoint(config(
+        Protocol::Http,
+        vec![forward_to(0)],
+        vec![h2_cluster_at(upstream)],
+    ))
+    .await;
+    let answer = get(&waypoint, "/", &[]).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        answer.body,
+        "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+    assert!(
+        waypoint
+            .metrics
+            .render()
+            .contains("response_code=\"503\",response_flags=\"UR\""),
+        "{}",
+        waypoint.metrics.render()
+    );
+}

@@ -34,6 +34,30 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
+# 1a. nginx for the waypoint benchmark's baseline (an L7 reverse proxy with the same route): the
+# benchmark runs its own nginx, with its own configuration, in a test pod. Debian's package starts
+# a system nginx on port 80 when installed; service starts are forbidden for the install (unless a
+# policy-rc.d already decides), and the service is disabled at boot.
+if [ ! -x /usr/sbin/nginx ]; then
+  log "installing nginx-light (the waypoint benchmark's baseline; no system service)"
+  own_policy=no
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=yes
+  fi
+  apt-get update -qq
+  installed=yes
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null || installed=no
+  [ "$own_policy" = yes ] && rm -f /usr/sbin/policy-rc.d
+  [ "$installed" = yes ] || { echo "setup: apt-get install nginx-light failed" >&2; exit 1; }
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  else
+    update-rc.d nginx disable >/dev/null 2>&1 || true
+  fi
+fi
+
 # 1b. The image build (scripts/image.sh): buildah, and musl-gcc for ring's C code in the static
 # (musl) binaries; jq reads the image's JSON. Without recommends: buildah's are container runtimes,
 # and a FROM scratch image built by COPY alone never runs a container.

@@ -42,8 +42,12 @@ use kmesh_tests::{Agent, AgentDir, AgentOptions, AgentSource, Pod, TestCgroup, T
 mod http;
 #[path = "authz/http_server.rs"]
 mod http_server;
+#[path = "shared/listening.rs"]
+mod listening;
 #[path = "authz/wrk.rs"]
 mod wrk;
+#[path = "shared/wrk_rounds.rs"]
+mod wrk_rounds;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const POD_PORT: u16 = 8080;

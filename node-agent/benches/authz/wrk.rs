@@ -86,6 +86,19 @@ pub fn run_in(
     seconds: u32,
     connections: usize,
 ) -> WrkRun {
+    run_with_headers(netns, cgroup, url, mode, seconds, connections, &[])
+}
+
+/// [`run_in`], every request carrying `headers` (`name: value`).
+pub fn run_with_headers(
+    netns: &str,
+    cgroup: Option<&Path>,
+    url: &str,
+    mode: Connections,
+    seconds: u32,
+    connections: usize,
+    headers: &[&str],
+) -> WrkRun {
     let mut cmd = Command::new("ip");
     if let Some(cgroup) = cgroup {
         kmesh_tests::cluster::process::join_cgroup_before_exec(&mut cmd, cgroup)
@@ -96,6 +109,9 @@ pub fn run_in(
         .arg(format!("-d{seconds}s"));
     if mode == Connections::PerRequest {
         cmd.args(["-H", "Connection: close"]);
+    }
+    for header in headers {
+        cmd.args(["-H", header]);
     }
     let out = cmd.arg(url).output().expect("run wrk in the client netns");
     let text = String::from_utf8_lossy(&out.stdout);

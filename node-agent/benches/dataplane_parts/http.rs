@@ -7,22 +7,22 @@
 //!   which wrk dials on loopback, forwards to haproxy in the server pod, which forwards to the
 //!   server on the pod's loopback.
 //!
-//! for HTTP keep-alive and for a new connection per request (`Connection: close`). Rounds alternate
-//! the paths in a rotating order; each round's figures are divided by the same round's baseline,
-//! and every ratio is printed as the min, median and max over the rounds. A wrk run that counted a
-//! failure is printed and left out.
+//! for HTTP keep-alive and for a new connection per request (`Connection: close`), in rounds
+//! (`shared/wrk_rounds.rs`: rotating order, each round over its own baseline, min / median / max of
+//! the ratios, runs with failures printed and left out).
 use std::{
     io::{self, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use kmesh_tests::{Pod, TestCgroup};
 
 use super::http_server::HttpServer;
-use super::wrk::{self, Connections, WrkResult};
+use super::listening::wait_listening;
+use super::wrk::{self, Connections};
+use super::wrk_rounds::{self, WrkPath};
 
 /// The server's HTTP port, in the server pod.
 pub const HTTP_PORT: u16 = 8081;
@@ -37,33 +37,6 @@ const WRK_CONNECTIONS: usize = 4;
 pub struct HttpPlan {
     pub rounds: usize,
     pub seconds: u32,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Path3 {
-    Direct,
-    Mesh,
-    ProxyPair,
-}
-
-impl Path3 {
-    const ALL: [Path3; 3] = [Path3::Direct, Path3::Mesh, Path3::ProxyPair];
-
-    fn short(self) -> &'static str {
-        match self {
-            Path3::Direct => "direct",
-            Path3::Mesh => "mesh (VIP)",
-            Path3::ProxyPair => "haproxy pair",
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Path3::Direct => "baseline: pod IP, no programs",
-            Path3::Mesh => "mesh: service VIP, cgroup/connect4",
-            Path3::ProxyPair => "proxy pair: haproxy in both pods",
-        }
-    }
 }
 
 /// One mode's medians (p50, p90, p99 in µs) per path, for the charts.
@@ -88,11 +61,38 @@ pub fn run(
     wrk::reuse_time_wait_ports(server);
     let _server = HttpServer::start(server, HTTP_PORT).expect("HTTP server in the server pod");
     let _proxies = ProxyPair::start(client, server, plain).expect("the haproxy pair");
-    let url = |path: Path3| match path {
-        Path3::Direct => format!("http://{}:{HTTP_PORT}/", server.ipv4()),
-        Path3::Mesh => format!("http://{vip}:{HTTP_PORT}/"),
-        Path3::ProxyPair => format!("http://127.0.0.1:{CLIENT_PROXY_PORT}/"),
-    };
+    let netns = client.netns_name();
+    let seconds = plan.seconds;
+    let direct = format!("http://{}:{HTTP_PORT}/", server.ipv4());
+    let through_vip = format!("http://{vip}:{HTTP_PORT}/");
+    let proxy_pair = format!("http://127.0.0.1:{CLIENT_PROXY_PORT}/");
+    let paths = [
+        WrkPath {
+            label: "baseline: pod IP, no programs",
+            short: "direct",
+            run: Box::new(|mode| wrk::run(netns, &direct, mode, seconds, WRK_CONNECTIONS)),
+        },
+        WrkPath {
+            label: "mesh: service VIP, cgroup/connect4",
+            short: "mesh (VIP)",
+            // In the mesh cgroup, where connect4 rewrites the VIP.
+            run: Box::new(|mode| {
+                wrk::run_in(
+                    netns,
+                    Some(mesh.path()),
+                    &through_vip,
+                    mode,
+                    seconds,
+                    WRK_CONNECTIONS,
+                )
+            }),
+        },
+        WrkPath {
+            label: "proxy pair: haproxy in both pods",
+            short: "haproxy pair",
+            run: Box::new(|mode| wrk::run(netns, &proxy_pair, mode, seconds, WRK_CONNECTIONS)),
+        },
+    ];
     println!();
     println!(
         "HTTP with wrk ({} rounds x {} s per path and mode, {WRK_CONNECTIONS} connections): \
@@ -101,119 +101,13 @@ pub fn run(
     );
     let mut figures = Vec::new();
     for mode in [Connections::KeepAlive, Connections::PerRequest] {
-        let mut rounds: Vec<[Option<WrkResult>; 3]> = Vec::new();
-        for round in 0..plan.rounds {
-            let mut results = [None; 3];
-            // Rotate the order, so that no path always runs first or last in a round.
-            for k in 0..Path3::ALL.len() {
-                let index = (round + k) % Path3::ALL.len();
-                let path = Path3::ALL[index];
-                let (netns, url) = (client.netns_name(), url(path));
-                let run = match path {
-                    // In the mesh cgroup, where connect4 rewrites the VIP.
-                    Path3::Mesh => wrk::run_in(
-                        netns,
-                        Some(mesh.path()),
-                        &url,
-                        mode,
-                        plan.seconds,
-                        WRK_CONNECTIONS,
-                    ),
-                    _ => wrk::run(netns, &url, mode, plan.seconds, WRK_CONNECTIONS),
-                };
-                if run.errors.any() {
-                    println!(
-                        "  round {round}, {}: left out, wrk counted failures: {}",
-                        path.label(),
-                        run.errors
-                    );
-                } else {
-                    results[index] = Some(run.result);
-                }
-            }
-            rounds.push(results);
-        }
-        figures.push(print_mode(mode, &rounds));
+        let results = wrk_rounds::measure(&paths, mode, plan.rounds);
+        figures.push(HttpFigures {
+            mode: wrk_rounds::label(mode),
+            paths: wrk_rounds::print_table(&paths, &results),
+        });
     }
     figures
-}
-
-/// Prints one mode's table; returns its medians.
-fn print_mode(mode: Connections, rounds: &[[Option<WrkResult>; 3]]) -> HttpFigures {
-    let label = match mode {
-        Connections::KeepAlive => "keep-alive",
-        Connections::PerRequest => "a new connection per request",
-    };
-    println!("  {label}:");
-    let mut medians = Vec::new();
-    println!(
-        "    {:<36} {:>9} {:>9} {:>9} {:>9}   {:>20} {:>20} {:>20} {:>20}",
-        "path",
-        "req/s",
-        "p50 us",
-        "p90 us",
-        "p99 us",
-        "req/s ratio",
-        "p50 ratio",
-        "p90 ratio",
-        "p99 ratio"
-    );
-    let figures = |r: &WrkResult| [r.requests_per_s, r.p50_us, r.p90_us, r.p99_us];
-    for (index, path) in Path3::ALL.iter().enumerate() {
-        let own: Vec<[f64; 4]> = rounds
-            .iter()
-            .filter_map(|r| r[index].as_ref().map(figures))
-            .collect();
-        let ratios: Vec<[f64; 4]> = rounds
-            .iter()
-            .filter_map(|r| {
-                let (this, base) = (r[index].as_ref()?, r[0].as_ref()?);
-                let (this, base) = (figures(this), figures(base));
-                Some(std::array::from_fn(|i| this[i] / base[i]))
-            })
-            .collect();
-        let median_of = |i: usize| median(own.iter().map(|f| f[i]).collect());
-        let spread = |i: usize| {
-            let v: Vec<f64> = ratios.iter().map(|f| f[i]).collect();
-            match (min(&v), max(&v)) {
-                (Some(lo), Some(hi)) => format!("{lo:.2} / {:.2} / {hi:.2}", median(v.clone())),
-                _ => "-".to_string(),
-            }
-        };
-        println!(
-            "    {:<36} {:>9.0} {:>9.1} {:>9.1} {:>9.1}   {:>20} {:>20} {:>20} {:>20}",
-            path.label(),
-            median_of(0),
-            median_of(1),
-            median_of(2),
-            median_of(3),
-            spread(0),
-            spread(1),
-            spread(2),
-            spread(3)
-        );
-        medians.push((path.short(), [median_of(1), median_of(2), median_of(3)]));
-    }
-    HttpFigures {
-        mode: label,
-        paths: medians,
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn min(v: &[f64]) -> Option<f64> {
-    v.iter().copied().min_by(f64::total_cmp)
-}
-
-fn max(v: &[f64]) -> Option<f64> {
-    v.iter().copied().max_by(f64::total_cmp)
 }
 
 /// Panics with a clear message when haproxy is not installed (never skips).
@@ -253,10 +147,11 @@ impl ProxyPair {
             &format!("127.0.0.1:{CLIENT_PROXY_PORT}"),
             &format!("{server_addr}"),
         )?;
-        wait_listening(server, server_addr)?;
+        wait_listening(server, server_addr, "haproxy")?;
         wait_listening(
             client,
             SocketAddr::from((Ipv4Addr::LOCALHOST, CLIENT_PROXY_PORT)),
+            "haproxy",
         )?;
         Ok(pair)
     }
@@ -301,25 +196,6 @@ impl Drop for ProxyPair {
         }
         for file in &self.files {
             let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
-/// Waits until `addr` accepts a connection in `pod`'s namespace (at most 10 s).
-fn wait_listening(pod: &Pod, addr: SocketAddr) -> io::Result<()> {
-    let started = Instant::now();
-    loop {
-        let connected =
-            pod.run_in(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)));
-        match connected {
-            Ok(_) => return Ok(()),
-            Err(e) if started.elapsed() > Duration::from_secs(10) => {
-                return Err(io::Error::other(format!(
-                    "haproxy in pod {} does not listen on {addr}: {e}",
-                    pod.name()
-                )));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }

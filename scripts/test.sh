@@ -61,6 +61,7 @@ step "benchmark smoke runs (test profile; measurements: cargo bench)"
 cargo test -p kmesh-agent --bench dataplane --locked -- --smoke
 cargo test -p kmesh-agent --bench events --locked -- --smoke
 cargo test -p kmesh-agent --bench authz --locked -- --smoke
+cargo test -p kmesh-agent --bench waypoint --locked -- --smoke
 cargo test -p kmesh-operator --bench compile --locked -- --smoke
 cargo test -p kmesh-operator --bench fanout --locked -- --smoke
 

@@ -108,13 +108,9 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, connections: 
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let _active = active;
-            let (stream, origin) = match read_origin(stream) {
-                Ok(read) => read,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "accepted socket unusable");
-                    return;
-                }
-            };
+            // The saved SYN is read on the socket as tokio holds it: taking it out of the
+            // reactor and back would cost two epoll_ctl calls per connection.
+            let origin = origin::of_accepted(&stream);
             let origin = match origin {
                 Ok(origin) => origin,
                 Err(error) => {
@@ -128,16 +124,6 @@ pub async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, connections: 
             serve_connection(stream, peer, origin, proxy).await;
         });
     }
-}
-
-/// The origin of an accepted connection, from its saved SYN. (The reader takes std's socket:
-/// the stream leaves tokio's reactor for the call and comes back.)
-fn read_origin(
-    stream: TcpStream,
-) -> std::io::Result<(TcpStream, Result<Option<Origin>, origin::OriginError>)> {
-    let stream = stream.into_std()?;
-    let origin = origin::of_accepted(&stream);
-    Ok((TcpStream::from_std(stream)?, origin))
 }
 
 /// Serves one accepted connection from `peer` whose SYN carried `origin`.

@@ -9,7 +9,7 @@
 //! (plain TCP to the waypoint's own address), or one whose option could not be written (the
 //! client node counts those, `waypoint_origin_failed`).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsFd;
 
 pub use kmesh_common::waypoint_origin::Origin;
@@ -73,8 +73,9 @@ pub fn enable_on_listener(listener: &TcpListener) -> Result<(), SysError> {
 
 /// The origin the SYN of `stream` (accepted from a listener with [`enable_on_listener`]) carried;
 /// `None` when it had no origin option. Reads the saved SYN, which the kernel then frees: a second
-/// call on the same stream is [`OriginError::NoSavedSyn`].
-pub fn of_accepted(stream: &TcpStream) -> Result<Option<Origin>, OriginError> {
+/// call on the same stream is [`OriginError::NoSavedSyn`]. Any accepted socket: std's, or
+/// tokio's as its reactor holds it.
+pub fn of_accepted(stream: &impl AsFd) -> Result<Option<Origin>, OriginError> {
     let mut buf = [0u8; SAVED_SYN_CAPACITY];
     let len = sys::saved_syn(stream.as_fd(), &mut buf)?;
     if len == 0 {

@@ -113,9 +113,13 @@ fn main() {
         "the full run measures the release waypoint, and {} is not one: run it with `cargo bench`",
         waypoint_bin.display()
     );
-    // The waypoint's runtime has a worker thread per CPU (tokio's default): nginx gets as many
-    // worker processes.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The waypoint's runtime has a worker thread per CPU (tokio's default), or as many as
+    // TOKIO_WORKER_THREADS says (tokio reads it; the waypoint inherits the bench's environment):
+    // nginx gets as many worker processes.
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!(
         "kmesh-rs waypoint benchmark ({}): {} rounds x {} s per path and mode, {WRK_CONNECTIONS} \
          wrk connections; waypoint {} ({} build), nginx with {threads} workers",

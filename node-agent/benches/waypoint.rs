@@ -282,6 +282,7 @@ impl World {
                 addresses: vec![self.client.ipv4().into()],
                 namespace: "default".into(),
                 name: "client".into(),
+                workload: "client".into(),
                 service_account: "client".into(),
                 labels: Default::default(),
             }],

@@ -21,7 +21,7 @@ use std::{
 };
 
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::Notify,
 };
 
@@ -46,6 +46,24 @@ pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     origin::enable_on_listener(&listener).map_err(std::io::Error::other)?;
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
+}
+
+/// Binds one of the listeners that share `address` (`SO_REUSEPORT`: the kernel spreads new
+/// connections over them), keeping SYNs as [`bind`]'s do: each of the waypoint's threads has its
+/// own. Within a tokio runtime (the listener registers with it). The address is shared only with
+/// sockets of the same user that also ask to share it: another program on the port still fails
+/// this with `EADDRINUSE`.
+pub fn bind_shared(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    origin::enable_on_listener(&socket).map_err(std::io::Error::other)?;
+    socket.bind(address)?;
+    socket.listen(1024)
 }
 
 /// Connections in progress, for the drain.
@@ -169,11 +187,7 @@ pub async fn serve_connection(
         Some(http2_only) => {
             // Each request takes the table anew.
             drop(table);
-            let connection = Arc::new(http_proxy::Connection {
-                proxy: Arc::clone(&proxy),
-                key,
-                peer,
-            });
+            let connection = Arc::new(http_proxy::Connection::new(Arc::clone(&proxy), key, peer));
             http_proxy::serve(stream, connection, http2_only).await;
         }
     }

@@ -6,6 +6,7 @@
 //! `--drain-timeout-ms`) and exits 0.
 use std::{
     net::SocketAddr,
+    num::NonZeroUsize,
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, atomic::Ordering},
@@ -71,6 +72,10 @@ struct Args {
     /// How long the drain lets requests and connections in progress finish.
     #[arg(long, default_value_t = 5_000)]
     drain_timeout_ms: u64,
+    /// The proxy's threads, each with its own listeners and upstream connections (default: one
+    /// per CPU).
+    #[arg(long, env = "TOKIO_WORKER_THREADS")]
+    workers: Option<NonZeroUsize>,
 }
 
 fn main() -> ExitCode {
@@ -81,7 +86,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread runs what is not the proxy's (the admin endpoint, the configuration source, the
+    // signals); the proxy runs on its workers (`serve_worker`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -110,14 +117,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_replay_body: args.max_replay_body_bytes,
         seed: None,
     };
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(&store),
-        metrics.clone(),
-        settings,
-        drain_rx,
-    ));
     let readiness = Arc::new(Readiness::default());
     let metrics_for_source = metrics.clone();
+    let metrics_for_workers = metrics.clone();
     let admin = Arc::new(Admin {
         store: Arc::clone(&store),
         metrics,
@@ -129,17 +131,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(admin_listener, admin));
     spawn_source(&args, metrics_for_source, Arc::clone(&store))?;
 
+    // The proxy's workers, nginx's model: a thread each, with a single-threaded runtime, its own
+    // listeners on the shared addresses and its own upstream pools (a `Proxy` each), so that a
+    // connection, its requests and their upstream connections stay on one thread: no request
+    // crosses threads, and no thread wakes another for it. The configuration, the metrics and the
+    // drain are shared.
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        NonZeroUsize::get,
+    );
     let connections = Arc::new(Connections::default());
-    let mut loops = Vec::new();
+    let mut bound = Vec::new();
+    for worker in 0..workers {
+        let proxy = Arc::new(Proxy::new(
+            Arc::clone(&store),
+            metrics_for_workers.clone(),
+            settings.clone(),
+            drain_rx.clone(),
+        ));
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let addresses = args.listen.clone();
+        let connections = Arc::clone(&connections);
+        std::thread::Builder::new()
+            .name(format!("waypoint-{worker}"))
+            .spawn(move || serve_worker(&addresses, proxy, connections, bound_tx))?;
+        bound.push(bound_rx);
+    }
+    for bound in bound {
+        bound
+            .await
+            .map_err(|_| anyhow::anyhow!("a worker thread ended before listening"))?
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
     for address in &args.listen {
-        let listener =
-            listener::bind(*address).map_err(|e| anyhow::anyhow!("--listen {address}: {e}"))?;
-        tracing::info!(%address, "listening");
-        loops.push(tokio::spawn(listener::accept_loop(
-            listener,
-            Arc::clone(&proxy),
-            Arc::clone(&connections),
-        )));
+        tracing::info!(%address, workers, "listening");
     }
     readiness.listening.store(true, Ordering::SeqCst);
 
@@ -150,9 +175,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     readiness.draining.store(true, Ordering::SeqCst);
     let _ = drain_tx.send(true);
-    for accept_loop in loops {
-        let _ = accept_loop.await;
-    }
     let drain_timeout = Duration::from_millis(args.drain_timeout_ms);
     match tokio::time::timeout(drain_timeout, connections.idle()).await {
         Ok(()) => tracing::info!("drained"),
@@ -162,6 +184,55 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// One worker of the proxy, on this thread until the process exits: binds its listeners (their
+/// outcome goes to `bound`), accepts until the waypoint drains, then serves the connections in
+/// progress.
+fn serve_worker(
+    addresses: &[SocketAddr],
+    proxy: Arc<Proxy>,
+    connections: Arc<Connections>,
+    bound: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let _ = bound.send(Err(format!("cannot start a worker's runtime: {error}")));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        for address in addresses {
+            match listener::bind_shared(*address) {
+                Ok(listener) => listeners.push(listener),
+                Err(error) => {
+                    let _ = bound.send(Err(format!("--listen {address}: {error}")));
+                    return;
+                }
+            }
+        }
+        let _ = bound.send(Ok(()));
+        let loops: Vec<_> = listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(listener::accept_loop(
+                    listener,
+                    Arc::clone(&proxy),
+                    Arc::clone(&connections),
+                ))
+            })
+            .collect();
+        for accept_loop in loops {
+            let _ = accept_loop.await;
+        }
+        // Drained: the connections in progress go on until they end or the process exits.
+        std::future::pending::<()>().await;
+    });
 }
 
 /// Starts following the configuration source the flags name (clap lets exactly one through).

@@ -9,7 +9,6 @@
 //! (plain TCP to the waypoint's own address), or one whose option could not be written (the
 //! client node counts those, `waypoint_origin_failed`).
 
-use std::net::TcpListener;
 use std::os::fd::AsFd;
 
 pub use kmesh_common::waypoint_origin::Origin;
@@ -67,7 +66,7 @@ pub enum SynError {
 /// Makes `listener` keep the SYN of every connection it accepts (`TCP_SAVE_SYN`), for
 /// [`of_accepted`]. Call it before the first client connects: a connection whose SYN arrived
 /// earlier has no saved SYN.
-pub fn enable_on_listener(listener: &TcpListener) -> Result<(), SysError> {
+pub fn enable_on_listener(listener: &impl AsFd) -> Result<(), SysError> {
     sys::set_save_syn(listener.as_fd())
 }
 

@@ -13,7 +13,12 @@
 //!
 //! When the waypoint drains, each connection is shut down gracefully: HTTP/1.1 closes after the
 //! request in flight, HTTP/2 sends GOAWAY and finishes its open streams.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header, request::Parts};
@@ -32,7 +37,7 @@ use crate::{
     forward,
     identity::Client,
     matching::{RequestHead, RouteMatch, first_match},
-    metrics::{Peer, RequestProtocol, RequestReport, ResponseFlags, ServiceLabels},
+    metrics::{Peer, RequestProtocol, RequestReport, RequestSeries, ResponseFlags, ServiceLabels},
     proxy::Proxy,
     table::{PortKey, RouteTable},
     upstream::ProxyBody,
@@ -41,11 +46,54 @@ use crate::{
 /// Envoy's body of a 403 its RBAC filter answers.
 pub const RBAC_DENIED: &str = "RBAC: access denied";
 
-/// One downstream connection: where it was going and where it comes from.
+/// One downstream connection: where it was going and where it comes from, and the series its
+/// last request was counted in.
 pub struct Connection {
     pub proxy: Arc<Proxy>,
     pub key: PortKey,
     pub peer: SocketAddr,
+    pub last_series: Mutex<Option<CountedIn>>,
+}
+
+impl Connection {
+    pub fn new(proxy: Arc<Proxy>, key: PortKey, peer: SocketAddr) -> Connection {
+        Connection {
+            proxy,
+            key,
+            peer,
+            last_series: Mutex::new(None),
+        }
+    }
+}
+
+/// What decides a request's metric labels on its connection (the client and the service are the
+/// connection's): the route table that named the workloads, the answering endpoint, the status,
+/// the flags and the protocol; and the series those labels name.
+pub struct CountedIn {
+    table: Arc<RouteTable>,
+    endpoint: Option<SocketAddr>,
+    status: StatusCode,
+    flags: ResponseFlags,
+    protocol: RequestProtocol,
+    series: RequestSeries,
+}
+
+impl CountedIn {
+    fn matches(
+        &self,
+        table: &Arc<RouteTable>,
+        endpoint: Option<SocketAddr>,
+        status: StatusCode,
+        flags: ResponseFlags,
+        protocol: RequestProtocol,
+    ) -> bool {
+        // The table is held, so its address cannot be reused by another one meanwhile.
+        Arc::ptr_eq(&self.table, table)
+            && self.endpoint == endpoint
+            && self.status == status
+            && self.flags == flags
+            && self.protocol == protocol
+    }
 }
 
 /// Serves HTTP on `stream` until the client closes it or the waypoint drains. `http2_only`: a
@@ -140,17 +188,37 @@ async fn handle(connection: Arc<Connection>, request: Request<Incoming>) -> Resp
     let Some(port) = table.port(connection.key) else {
         return answer.response;
     };
-    let report = RequestReport {
-        source: Peer::at(&table, connection.peer.ip()),
-        destination: answer
-            .endpoint
-            .map_or_else(Peer::unknown, |e| Peer::at(&table, e.ip())),
-        service: ServiceLabels::of(&port.service),
-        protocol,
-        status: answer.response.status().as_u16(),
-        flags: answer.flags,
-    };
-    connection.proxy.metrics.request(report, start.elapsed());
+    let (endpoint, status, flags) = (answer.endpoint, answer.response.status(), answer.flags);
+    let mut last = connection
+        .last_series
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match last.as_ref() {
+        Some(counted) if counted.matches(&table, endpoint, status, flags, protocol) => {
+            counted.series.observe(start.elapsed());
+        }
+        _ => {
+            let report = RequestReport {
+                source: Peer::at(&table, connection.peer.ip()),
+                destination: endpoint.map_or_else(Peer::unknown, |e| Peer::at(&table, e.ip())),
+                service: ServiceLabels::of(&port.service),
+                protocol,
+                status: status.as_u16(),
+                flags,
+            };
+            let series = RequestSeries::of(&connection.proxy.metrics, report);
+            series.observe(start.elapsed());
+            *last = Some(CountedIn {
+                table: Arc::clone(&table),
+                endpoint,
+                status,
+                flags,
+                protocol,
+                series,
+            });
+        }
+    }
+    drop(last);
     answer.response
 }
 

@@ -204,6 +204,33 @@ pub struct TcpLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// The request counter and duration histogram of one label set: what a request adds to, held so
+/// that the next request with the same labels adds to them without building and hashing the
+/// labels again (a connection's requests mostly share them: [`crate::http_proxy`] keeps the last
+/// one per connection).
+#[derive(Clone, Debug)]
+pub struct RequestSeries {
+    count: Counter,
+    duration: Histogram,
+}
+
+impl RequestSeries {
+    /// The series of `report`'s labels, made if new.
+    pub fn of(metrics: &Metrics, report: RequestReport) -> RequestSeries {
+        let labels = Metrics::request_labels(report);
+        RequestSeries {
+            count: metrics.requests.get_or_create(&labels).clone(),
+            duration: metrics.durations.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Counts a request and observes its duration.
+    pub fn observe(&self, duration: std::time::Duration) {
+        self.count.inc();
+        self.duration.observe(duration.as_secs_f64() * 1000.0);
+    }
+}
+
 /// One request's labels, before they become [`RequestLabels`].
 #[derive(Clone, Debug)]
 pub struct RequestReport {
@@ -407,7 +434,11 @@ impl Metrics {
 
     /// Counts a request and observes its duration.
     pub fn request(&self, report: RequestReport, duration: std::time::Duration) {
-        let labels = RequestLabels {
+        RequestSeries::of(self, report).observe(duration);
+    }
+
+    fn request_labels(report: RequestReport) -> RequestLabels {
+        RequestLabels {
             reporter: "waypoint",
             source_workload: report.source.workload,
             source_workload_namespace: report.source.namespace,
@@ -422,11 +453,7 @@ impl Metrics {
             response_code: report.status,
             response_flags: report.flags,
             connection_security_policy: "none",
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.durations
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64() * 1000.0);
+        }
     }
 
     pub fn tcp_labels(

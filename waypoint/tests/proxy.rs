@@ -1674,3 +1674,90 @@ async fn a_refused_http2_stream_is_retried_by_refused_stream_and_else_answered_5
         waypoint.metrics.render()
     );
 }
+
+/// The value of the `istio_requests_total` series whose labels contain every one of `labels`
+/// (0 when there is none; a failure when several match).
+fn requests_total(metrics: &str, labels: &[&str]) -> u64 {
+    let values: Vec<u64> = metrics
+        .lines()
+        .filter(|line| line.starts_with("istio_requests_total{"))
+        .filter(|line| labels.iter().all(|l| line.contains(l)))
+        .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        values.len() <= 1,
+        "{labels:?} names several series:\n{metrics}"
+    );
+    values.first().copied().unwrap_or(0)
+}
+
+/// A connection's requests are counted in the series of their own labels, whatever the labels of
+/// the request before on the same connection (the connection keeps its last series), and in the
+/// series the current configuration names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_request_on_a_connection_is_counted_under_its_own_labels() {
+    let v1 = Echo::start("v1").await;
+    let waypoint = waypoint(config(
+        Protocol::Http,
+        vec![forward_to(0)],
+        vec![cluster("v1", &[&v1])],
+    ))
+    .await;
+    let client = http1(); // one kept-alive connection: the requests are sent one after another
+    let mut statuses = Vec::new();
+    for status in ["200", "200", "503", "200", "503", "503", "404", "200"] {
+        let answer = send(&client, &waypoint, "/", &[("x-echo-status", status)]).await;
+        statuses.push(answer.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 503, 200, 503, 503, 404, 200]);
+    let metrics = waypoint.metrics.render();
+    let count = |code: &str, workload: &str| {
+        requests_total(
+            &metrics,
+            &[
+                &format!("response_code=\"{code}\""),
+                &format!("source_workload=\"{workload}\""),
+            ],
+        )
+    };
+    assert_eq!(
+        (
+            count("200", "unknown"),
+            count("503", "unknown"),
+            count("404", "unknown")
+        ),
+        (4, 3, 1),
+        "{metrics}"
+    );
+
+    // A new configuration names the client: the next request on the same connection is counted
+    // under the new name.
+    let mut named = config(
+        Protocol::Http,
+        vec![forward_to(0)],
+        vec![cluster("v1", &[&v1])],
+    );
+    named.workloads = vec![productpage_at_loopback()];
+    waypoint
+        .store
+        .install(RouteTable::new(named).expect("a valid test configuration"));
+    let answer = send(&client, &waypoint, "/", &[]).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let metrics = waypoint.metrics.render();
+    assert_eq!(
+        requests_total(
+            &metrics,
+            &["response_code=\"200\"", "source_workload=\"productpage\""]
+        ),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        requests_total(
+            &metrics,
+            &["response_code=\"200\"", "source_workload=\"unknown\""]
+        ),
+        4,
+        "{metrics}"
+    );
+}

@@ -17,7 +17,7 @@
 //! AuthorizationPolicy (403 for a denied path); plain TCP passed unaltered.
 //!
 //! Run as root after `cargo build --workspace --bins` (scripts/test.sh does both).
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use kmesh_common::{lb_policy, mode};
 use kmesh_snapshot::{
@@ -722,7 +722,7 @@ fn a_mirror_at_50_percent_gets_about_half_and_never_delays_the_client() {
         report.latency_ms
     );
     // The mirror counts a request when it arrives (before its delay); let the last ones land.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300));
     let mirrored = w.served(&w.mirror);
     println!("the mirror saw {mirrored} of 400");
     // Half of 400 is 200, with a standard deviation of 10.
@@ -844,4 +844,39 @@ fn plain_tcp_to_a_bound_service_passes_unaltered() {
         (5, 5),
         "HTTP on the detected port: {http:?}"
     );
+}
+
+/// SIGTERM drains the waypoint: requests in flight when it comes are answered (the backend holds
+/// them 800 ms), the waypoint stops listening (a new connect is refused: the kernel still steers
+/// to it, nothing else takes it), and it exits 0 once its connections ended.
+#[test]
+fn sigterm_lets_the_requests_in_flight_finish_then_exits_0() {
+    let (w, mut running) = World::start("wpf-drain", 243);
+    let (in_flight, exit) = std::thread::scope(|s| {
+        let in_flight = s.spawn(|| {
+            w.requests(
+                "/drain",
+                4,
+                &["x-echo-delay-ms: 800"],
+                &["--timeout-ms", "5000"],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let exit = running.waypoint.terminate(Duration::from_secs(5));
+        (in_flight.join().expect("client"), exit)
+    });
+    assert_eq!(
+        (in_flight.status(200), in_flight.requests),
+        (4, 4),
+        "{in_flight:?}\n{}",
+        log(&running)
+    );
+    assert!(
+        in_flight.latency_ms.min >= 800.0,
+        "they were in flight: {in_flight:?}"
+    );
+    let exit = exit.expect("the waypoint exits within its drain timeout");
+    assert!(exit.success(), "{exit:?}\n{}", log(&running));
+    let after = w.requests("/drain", 2, &[], &["--timeout-ms", "1000"]);
+    assert_eq!(after.status(200), 0, "{after:?}");
 }

@@ -39,7 +39,7 @@ use kmesh_tests::{
 };
 
 /// This test's pods are 10.244.`SUBNET`.0/24, its VIPs 10.96.`SUBNET`.0/24.
-const SUBNET: u8 = 230;
+const SUBNET: u8 = 242;
 const REVIEWS_PORT: u16 = 9080;
 /// Where the waypoint dials the operator, inside its pod (the relay's listener).
 const OPERATOR_IN_POD: &str = "127.0.0.1:15012";

@@ -25,6 +25,10 @@ use kmesh_waypoint::{
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 
+/// mimalloc (Cargo.toml says why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "kmesh-waypoint", version, about)]
 #[command(group(ArgGroup::new("source").required(true).args(["config_file", "operator"])))]
